@@ -1,0 +1,38 @@
+"""attrlab: why did the model produce this output?
+
+Attribute a target (a logit, a log-probability, a logit difference) to input
+units, model components and training examples, with one model wrapper, one
+result type and one evaluation.
+
+Example:
+    >>> import attrlab as al
+    >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+    >>> logits, cache = lm.run("When Mary and John went", cache=["blocks.0.attn.head_out"])
+    >>> cache["blocks.0.attn.head_out"].shape[2] == lm.cfg.n_heads
+    True
+"""
+
+from . import errors, methods, targets, testing, units
+from .attribute import attribute
+from .errors import AttrlabError
+from .model import LM, Batch, Cache, Intervention, load, wrap
+from .result import Attribution
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttrlabError",
+    "Attribution",
+    "Batch",
+    "Cache",
+    "Intervention",
+    "LM",
+    "attribute",
+    "errors",
+    "load",
+    "methods",
+    "targets",
+    "testing",
+    "units",
+    "wrap",
+]

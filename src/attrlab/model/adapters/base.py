@@ -1,0 +1,256 @@
+"""The adapter interface: where one architecture family keeps its modules.
+
+An adapter knows, for one family of Hugging Face causal LMs, which submodule
+is the token embedding, the list of blocks, each block's attention, output
+projection, MLP, norms, and the unembedding; how its fused projections split
+into per-head tensors; which norm formula it uses. Nothing else in attrlab
+names a model family. Adding a family = one file in this folder that
+subclasses :class:`Adapter` (usually only a few class attributes) + one entry in
+the test list of families.
+
+Example:
+    >>> from attrlab.model.adapters import adapter_for
+    >>> from attrlab.testing import tiny_model
+    >>> hf, tok = tiny_model("llama")
+    >>> adapter_for(hf).cfg.n_layers
+    2
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import transformers
+from torch import Tensor, nn
+
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+# Decoder layers return a tuple before transformers 5 and a tensor from 5 on.
+BLOCK_RETURNS_TUPLE = TRANSFORMERS_MAJOR < 5
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape facts about a wrapped model, read by methods instead of the HF config."""
+
+    family: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int | None
+    parallel_residual: bool
+    norm_kind: str  # "layernorm" | "rmsnorm" | "rmsnorm_plus_one"
+    post_block_norms: bool  # Gemma 2/3: norms on attn/MLP outputs before the residual add
+    final_logit_softcap: float | None
+
+
+def get_path(root: nn.Module, path: str) -> nn.Module:
+    """Follow a dotted attribute path (``"model.layers"``) from ``root``."""
+    obj: object = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    assert isinstance(obj, nn.Module), path
+    return obj
+
+
+def linear_in_out(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """Weight as ``[d_in, d_out]`` and bias ``[d_out]`` of a linear map.
+
+    Handles ``nn.Linear`` (weight stored ``[out, in]``) and GPT-2's ``Conv1D``
+    (weight stored ``[in, out]``).
+    """
+    weight = module.weight
+    if isinstance(module, nn.Linear):
+        return weight.T, module.bias
+    # transformers.pytorch_utils.Conv1D: y = x @ W + b with W [in, out]
+    return weight, getattr(module, "bias", None)
+
+
+class Adapter:
+    """Per-family knowledge. Subclasses set the class attributes below.
+
+    Paths are dotted attribute names, model-level ones from the HF causal-LM
+    model, block-level ones from one block.
+    """
+
+    family: ClassVar[str] = "base"
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    embed_path: ClassVar[str] = "model.embed_tokens"
+    blocks_path: ClassVar[str] = "model.layers"
+    final_norm_path: ClassVar[str] = "model.norm"
+    unembed_path: ClassVar[str] = "lm_head"
+
+    attn_name: ClassVar[str] = "self_attn"
+    o_proj_name: ClassVar[str] = "self_attn.o_proj"
+    q_name: ClassVar[str | None] = "self_attn.q_proj"
+    k_name: ClassVar[str | None] = "self_attn.k_proj"
+    v_name: ClassVar[str | None] = "self_attn.v_proj"
+    qkv_name: ClassVar[str | None] = None  # fused projection, if any
+    mlp_name: ClassVar[str] = "mlp"
+    down_proj_name: ClassVar[str] = "mlp.down_proj"
+    attn_in_norm_name: ClassVar[str] = "input_layernorm"
+    mlp_in_norm_name: ClassVar[str] = "post_attention_layernorm"
+    attn_out_norm_name: ClassVar[str | None] = None
+    mlp_out_norm_name: ClassVar[str | None] = None
+    norm_kind: ClassVar[str] = "rmsnorm"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.hf_config = model.config
+        self.cfg = self._make_config()
+
+    # ----------------------------------------------------------------- config
+    def _make_config(self) -> ModelConfig:
+        c = self.hf_config
+        n_heads = c.num_attention_heads
+        d_model = c.hidden_size
+        d_head = getattr(c, "head_dim", None) or d_model // n_heads
+        return ModelConfig(
+            family=self.family,
+            n_layers=c.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=getattr(c, "num_key_value_heads", None) or n_heads,
+            d_model=d_model,
+            d_head=d_head,
+            d_mlp=c.intermediate_size,
+            d_vocab=c.vocab_size,
+            n_ctx=getattr(c, "max_position_embeddings", None),
+            parallel_residual=self.parallel_residual(),
+            norm_kind=self.norm_kind,
+            post_block_norms=self.attn_out_norm_name is not None,
+            final_logit_softcap=getattr(c, "final_logit_softcapping", None),
+        )
+
+    def parallel_residual(self) -> bool:
+        return False
+
+    # --------------------------------------------------------------- modules
+    def token_embedding(self) -> nn.Module:
+        return get_path(self.model, self.embed_path)
+
+    def blocks(self) -> nn.ModuleList:
+        mods = get_path(self.model, self.blocks_path)
+        assert isinstance(mods, nn.ModuleList)
+        return mods
+
+    def block(self, layer: int) -> nn.Module:
+        return self.blocks()[layer]
+
+    def final_norm(self) -> nn.Module:
+        return get_path(self.model, self.final_norm_path)
+
+    def unembed(self) -> nn.Module:
+        return get_path(self.model, self.unembed_path)
+
+    def sub(self, layer: int, name: str | None) -> nn.Module | None:
+        return None if name is None else get_path(self.block(layer), name)
+
+    def attn(self, layer: int) -> nn.Module:
+        return get_path(self.block(layer), self.attn_name)
+
+    def o_proj(self, layer: int) -> nn.Module:
+        return get_path(self.block(layer), self.o_proj_name)
+
+    def mlp(self, layer: int) -> nn.Module:
+        return get_path(self.block(layer), self.mlp_name)
+
+    def down_proj(self, layer: int) -> nn.Module:
+        return get_path(self.block(layer), self.down_proj_name)
+
+    def mlp_in_norm(self, layer: int) -> nn.Module:
+        return get_path(self.block(layer), self.mlp_in_norm_name)
+
+    def attn_out_norm(self, layer: int) -> nn.Module | None:
+        return self.sub(layer, self.attn_out_norm_name)
+
+    def mlp_out_norm(self, layer: int) -> nn.Module | None:
+        return self.sub(layer, self.mlp_out_norm_name)
+
+    # ------------------------------------------------------------- q, k, v
+    def qkv_modules(self, layer: int) -> dict[str, nn.Module]:
+        """``{"q":, "k":, "v":}`` for separate projections or ``{"qkv":}`` if fused."""
+        if self.qkv_name is not None:
+            return {"qkv": get_path(self.block(layer), self.qkv_name)}
+        names = {"q": self.q_name, "k": self.k_name, "v": self.v_name}
+        return {k: get_path(self.block(layer), n) for k, n in names.items() if n}
+
+    def split_qkv(self, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Fused projection output ``[b, p, *]`` -> q ``[b,p,h,dh]``, k, v ``[b,p,kv,dh]``."""
+        c = self.cfg
+        q, k, v = out.split(
+            [c.n_heads * c.d_head, c.n_kv_heads * c.d_head, c.n_kv_heads * c.d_head], dim=-1
+        )
+        return (
+            q.unflatten(-1, (c.n_heads, c.d_head)),
+            k.unflatten(-1, (c.n_kv_heads, c.d_head)),
+            v.unflatten(-1, (c.n_kv_heads, c.d_head)),
+        )
+
+    def merge_qkv(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Inverse of :meth:`split_qkv`."""
+        return torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1)
+
+    # --------------------------------------------------------------- weights
+    def W_O(self, layer: int) -> Tensor:
+        """Attention output projection per head, ``[head, d_head, d_model]``."""
+        w, _ = linear_in_out(self.o_proj(layer))
+        return w.reshape(self.cfg.n_heads, self.cfg.d_head, w.shape[-1])
+
+    def b_O(self, layer: int) -> Tensor | None:
+        return linear_in_out(self.o_proj(layer))[1]
+
+    def W_out(self, layer: int) -> Tensor:
+        """MLP output projection, ``[d_mlp, d_model]``."""
+        return linear_in_out(self.down_proj(layer))[0]
+
+    def b_out(self, layer: int) -> Tensor | None:
+        return linear_in_out(self.down_proj(layer))[1]
+
+    def W_U(self) -> Tensor:
+        """Unembedding, ``[d_model, d_vocab]``."""
+        return linear_in_out(self.unembed())[0]
+
+    def b_U(self) -> Tensor | None:
+        return linear_in_out(self.unembed())[1]
+
+    # ----------------------------------------------------------------- norms
+    @staticmethod
+    def norm_eps(norm: nn.Module) -> float:
+        for name in ("variance_epsilon", "eps", "epsilon"):
+            if hasattr(norm, name):
+                return float(getattr(norm, name))
+        raise AttributeError(f"cannot find the epsilon of {type(norm).__name__}")
+
+    def norm_scale(self, norm: nn.Module, x: Tensor) -> Tensor:
+        """The reciprocal scale ``1/std`` the norm applies to ``x``, ``[..., 1]``."""
+        xf = x.float()
+        eps = self.norm_eps(norm)
+        if self.norm_kind == "layernorm":
+            var = xf.var(-1, keepdim=True, unbiased=False)
+        else:
+            var = xf.pow(2).mean(-1, keepdim=True)
+        return torch.rsqrt(var + eps).to(x.dtype)
+
+    def norm_affine(self, norm: nn.Module) -> tuple[Tensor, Tensor | None]:
+        """The effective elementwise weight and bias of a norm (``1 + w`` for Gemma)."""
+        w = norm.weight
+        if self.norm_kind == "rmsnorm_plus_one":
+            w = 1.0 + w
+        return w, getattr(norm, "bias", None)
+
+    def norm_linearized(self, norm: nn.Module, x: Tensor, scale: Tensor) -> Tensor:
+        """``norm(x)`` with its scale frozen to ``scale``: linear in ``x`` (affine with bias).
+
+        With ``scale = norm_scale(norm, x)`` this equals ``norm(x)`` up to rounding.
+        """
+        w, b = self.norm_affine(norm)
+        if self.norm_kind == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        y = (x.float() * scale.float() * w.float()).to(x.dtype)
+        return y if b is None else y + b

@@ -1,0 +1,43 @@
+"""GPT-2 (and its ``Conv1D`` layers, fused ``c_attn``, learned positions)."""
+
+from __future__ import annotations
+
+from .base import Adapter, ModelConfig
+
+
+class GPT2Adapter(Adapter):
+    family = "gpt2"
+    model_types = ("gpt2",)
+
+    embed_path = "transformer.wte"
+    blocks_path = "transformer.h"
+    final_norm_path = "transformer.ln_f"
+    unembed_path = "lm_head"
+
+    attn_name = "attn"
+    o_proj_name = "attn.c_proj"
+    q_name = k_name = v_name = None
+    qkv_name = "attn.c_attn"
+    mlp_name = "mlp"
+    down_proj_name = "mlp.c_proj"
+    attn_in_norm_name = "ln_1"
+    mlp_in_norm_name = "ln_2"
+    norm_kind = "layernorm"
+
+    def _make_config(self) -> ModelConfig:
+        c = self.hf_config
+        return ModelConfig(
+            family=self.family,
+            n_layers=c.n_layer,
+            n_heads=c.n_head,
+            n_kv_heads=c.n_head,
+            d_model=c.n_embd,
+            d_head=c.n_embd // c.n_head,
+            d_mlp=c.n_inner or 4 * c.n_embd,
+            d_vocab=c.vocab_size,
+            n_ctx=c.n_positions,
+            parallel_residual=False,
+            norm_kind=self.norm_kind,
+            post_block_norms=False,
+            final_logit_softcap=None,
+        )

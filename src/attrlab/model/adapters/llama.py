@@ -1,0 +1,10 @@
+"""Llama: separate q/k/v projections, RMSNorm, gated MLP, no biases."""
+
+from __future__ import annotations
+
+from .base import Adapter
+
+
+class LlamaAdapter(Adapter):
+    family = "llama"
+    model_types = ("llama",)

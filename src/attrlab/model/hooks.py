@@ -1,0 +1,323 @@
+"""One forward pass with caching and interventions, through module hooks.
+
+:class:`HookSession` registers PyTorch hooks on the modules an adapter names,
+for exactly the sites a run asks for, and removes them afterwards. The model's
+own forward runs unchanged: attrlab never re-derives it. Hooks that only read
+return nothing, so a run with an empty cache request is the model's own
+computation.
+
+Example:
+    >>> import attrlab as al
+    >>> lm = al.wrap(*al.testing.tiny_model("llama"))
+    >>> logits, cache = lm.run("a b c", cache=["blocks.0.attn.z"])
+    >>> tuple(cache["blocks.0.attn.z"].shape)
+    (1, 3, 4, 8)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ..errors import SiteNotExposedError
+from . import interventions as iv_mod
+from .adapters.base import BLOCK_RETURNS_TUPLE, Adapter
+from .interventions import Intervention
+from .sites import Site
+
+HEAD_AXIS = {"attn.q": 2, "attn.k": 2, "attn.v": 2, "attn.z": 2, "attn.head_out": 2}
+
+
+def _first(out: Any) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _replace_first(out: Any, new: Tensor) -> Any:
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+def _straight_through(live: Tensor, derived: Tensor) -> Tensor:
+    """``live`` unchanged in value, but gradients also reach ``derived``
+    (whose sum over the extra head axis equals part of ``live``)."""
+    return live + (derived - derived.detach())
+
+
+class HookSession:
+    """Hooks for one run. Use as a context manager around the model call."""
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        cache_sites: Iterable[Site],
+        interventions: Iterable[tuple[Site, Intervention]],
+        grad: bool,
+        start_layer: int | None = None,
+        start_resid: Tensor | None = None,
+        last_only: bool = False,
+    ):
+        self.a = adapter
+        self.cfg = adapter.cfg
+        self.grad = grad
+        self.cache: dict[str, Tensor] = {}
+        self.want: set[str] = {s.name for s in cache_sites}
+        self.ivs: dict[str, list[Intervention]] = defaultdict(list)
+        for site, iv in interventions:
+            self.ivs[site.name].append(iv)
+        self.start_layer = start_layer
+        self.start_resid = start_resid
+        self.last_only = last_only
+        self._handles: list[RemovableHandle] = []
+        self._saved_forwards: list[tuple[nn.Module, Any]] = []
+        # values shared between hooks of one layer within a forward
+        self._z: dict[int, Tensor] = {}
+        self._resid_pre: dict[int, Tensor] = {}
+
+    # ------------------------------------------------------------- helpers
+    def _needs(self, name: str) -> bool:
+        return name in self.want or name in self.ivs
+
+    def _process(self, name: str, x: Tensor, head_axis: int | None = None) -> Tensor:
+        """Apply the interventions on ``name`` to ``x``; cache the result."""
+        ivs = self.ivs.get(name)
+        if ivs:
+            x = iv_mod.apply(ivs, x, head_axis)
+        if name in self.want:
+            self.cache[name] = x if self.grad else x.detach()
+        return x
+
+    def _add(self, module: nn.Module, kind: str, fn: Any) -> None:
+        if kind == "pre":
+            h = module.register_forward_pre_hook(fn, with_kwargs=True)
+        else:
+            h = module.register_forward_hook(fn, with_kwargs=True)
+        self._handles.append(h)
+
+    # -------------------------------------------------------------- install
+    def __enter__(self) -> HookSession:
+        try:
+            self._install()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for module, fwd in self._saved_forwards:
+            if fwd is None:
+                del module.forward
+            else:
+                module.forward = fwd
+        self._saved_forwards.clear()
+
+    def _install(self) -> None:
+        a = self.a
+        if self._needs("embed"):
+            self._add(a.token_embedding(), "fwd", self._global_out_hook("embed"))
+        for layer in range(self.cfg.n_layers):
+            self._install_block(layer)
+        norm = a.final_norm()
+        if self._needs("final_norm.input") or "final_norm.scale" in self.want:
+            self._add(norm, "pre", self._final_norm_pre)
+        if self._needs("final_norm.output") or self.last_only:
+            self._add(norm, "fwd", self._final_norm_out)
+        if self._needs("unembed"):
+            self._add(a.unembed(), "fwd", self._global_out_hook("unembed"))
+
+    def _install_block(self, layer: int) -> None:
+        a, p = self.a, f"blocks.{layer}."
+        block = a.block(layer)
+        if self.start_layer is not None and layer < self.start_layer:
+            self._skip_block(block)
+            return
+        need_mid = self._needs(p + "resid_mid")
+        if need_mid and self.cfg.parallel_residual:
+            raise SiteNotExposedError(
+                f"{p}resid_mid does not exist: this model uses a parallel residual "
+                "(attention and MLP both read resid_pre)"
+            )
+        if (
+            self._needs(p + "resid_pre")
+            or need_mid
+            or (self.start_layer is not None and layer == self.start_layer)
+        ):
+            self._add(block, "pre", self._resid_pre_hook(layer))
+        if self._needs(p + "resid_post"):
+            self._add(block, "fwd", self._resid_post_hook(layer))
+        if any(self._needs(p + f"attn.{c}") for c in "qkv"):
+            for key, mod in a.qkv_modules(layer).items():
+                self._add(mod, "fwd", self._qkv_hook(layer, key))
+        need_head_out = self._needs(p + "attn.head_out")
+        if self._needs(p + "attn.z") or need_head_out:
+            self._add(a.o_proj(layer), "pre", self._z_hook(layer))
+        if self._needs(p + "attn.pattern"):
+            self._add(a.attn(layer), "fwd", self._pattern_hook(layer))
+        if self._needs(p + "attn.out") or need_head_out or need_mid:
+            out_norm = a.attn_out_norm(layer)
+            target = out_norm if out_norm is not None else a.attn(layer)
+            self._add(target, "fwd", self._attn_out_hook(layer, out_norm is not None))
+        if self._needs(p + "mlp.neurons"):
+            self._add(a.down_proj(layer), "pre", self._neurons_hook(layer))
+        if self._needs(p + "mlp.out"):
+            out_norm = a.mlp_out_norm(layer)
+            target = out_norm if out_norm is not None else a.mlp(layer)
+            self._add(target, "fwd", self._global_out_hook(p + "mlp.out"))
+
+    def _skip_block(self, block: nn.Module) -> None:
+        """Make ``block`` return its input: the run starts at a later layer."""
+        self._saved_forwards.append((block, block.__dict__.get("forward")))
+
+        def passthrough(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
+            return (hidden_states,) if BLOCK_RETURNS_TUPLE else hidden_states
+
+        block.forward = passthrough
+
+    # ---------------------------------------------------------------- hooks
+    def _global_out_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
+            x = _first(out)
+            new = self._process(name, x)
+            return None if new is x else _replace_first(out, new)
+
+        return hook
+
+    @staticmethod
+    def _get_hidden(args: tuple, kwargs: dict) -> Tensor:
+        return args[0] if args else kwargs["hidden_states"]
+
+    @staticmethod
+    def _set_hidden(args: tuple, kwargs: dict, new: Tensor) -> tuple[tuple, dict]:
+        if args:
+            return (new, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": new}
+
+    def _resid_pre_hook(self, layer: int) -> Any:
+        name = f"blocks.{layer}.resid_pre"
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            x = orig = self._get_hidden(args, kwargs)
+            if self.start_layer == layer and self.start_resid is not None:
+                x = self.start_resid.to(device=x.device, dtype=x.dtype).expand_as(x)
+            x = self._process(name, x)
+            self._resid_pre[layer] = x
+            return None if x is orig else self._set_hidden(args, kwargs, x)
+
+        return hook
+
+    def _resid_post_hook(self, layer: int) -> Any:
+        return self._global_out_hook(f"blocks.{layer}.resid_post")
+
+    def _qkv_hook(self, layer: int, key: str) -> Any:
+        p = f"blocks.{layer}.attn."
+
+        def hook(module: nn.Module, args: Any, kwargs: Any, out: Tensor) -> Any:
+            if key == "qkv":
+                q, k, v = self.a.split_qkv(out)
+                q = self._process(p + "q", q, 2)
+                k = self._process(p + "k", k, 2)
+                v = self._process(p + "v", v, 2)
+                return self.a.merge_qkv(q, k, v)
+            per_head = out.unflatten(-1, (-1, self.cfg.d_head))
+            new = self._process(p + key, per_head, 2)
+            return new.flatten(-2)
+
+        return hook
+
+    def _z_hook(self, layer: int) -> Any:
+        name = f"blocks.{layer}.attn.z"
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            z = args[0].unflatten(-1, (self.cfg.n_heads, self.cfg.d_head))
+            z = self._process(name, z, 2)
+            self._z[layer] = z
+            return (z.flatten(-2), *args[1:]), kwargs
+
+        return hook
+
+    def _pattern_hook(self, layer: int) -> Any:
+        name = f"blocks.{layer}.attn.pattern"
+
+        def hook(module: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
+            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if weights is None:
+                raise SiteNotExposedError(
+                    f"{name} is not exposed by this attention implementation "
+                    f"({getattr(self.a.hf_config, '_attn_implementation', '?')}); load the model "
+                    "with attn_implementation='eager' (al.load(..., attn_implementation='eager'))"
+                )
+            self._process(name, weights)
+            return None
+
+        return hook
+
+    def _head_out(self, layer: int, out_norm_input: Tensor | None, norm: nn.Module | None) -> Tensor:
+        """Per-head contribution to the residual, ``[batch, pos, head, d_model]``."""
+        z = self._z[layer]  # [b, p, h, dh]
+        W_O = self.a.W_O(layer)  # [h, dh, d_model]
+        head_out = torch.einsum("bphd,hdm->bphm", z, W_O.to(z.dtype))
+        if norm is not None and out_norm_input is not None:
+            # post-attention norm (Gemma 2/3): freeze its scale, it is then linear
+            scale = self.a.norm_scale(norm, out_norm_input)  # [b, p, 1]
+            w, _ = self.a.norm_affine(norm)
+            head_out = head_out * (scale * w).unsqueeze(2).to(head_out.dtype)
+        return head_out
+
+    def _attn_out_hook(self, layer: int, is_norm: bool) -> Any:
+        p = f"blocks.{layer}."
+
+        def hook(module: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
+            x = orig = _first(out)
+            if self._needs(p + "attn.head_out"):
+                norm_in = self._get_hidden(args, kwargs) if is_norm else None
+                head_out = self._head_out(layer, norm_in, module if is_norm else None)
+                new_head_out = self._process(p + "attn.head_out", head_out, 2)
+                if new_head_out is not head_out:
+                    x = x + (new_head_out - head_out).sum(2)
+                if self.grad:
+                    x = _straight_through(x, new_head_out.sum(2))
+            x = self._process(p + "attn.out", x)
+            if self._needs(p + "resid_mid"):
+                resid_pre = self._resid_pre[layer]
+                mid = resid_pre + x
+                new_mid = self._process(p + "resid_mid", mid)
+                if new_mid is not mid:
+                    x = new_mid - resid_pre
+                elif self.grad:
+                    x = _straight_through(x, new_mid)
+            return None if x is orig else _replace_first(out, x)
+
+        return hook
+
+    def _neurons_hook(self, layer: int) -> Any:
+        name = f"blocks.{layer}.mlp.neurons"
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            x = orig = args[0]
+            x = self._process(name, x)
+            return None if x is orig else ((x, *args[1:]), kwargs)
+
+        return hook
+
+    def _final_norm_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        x = orig = self._get_hidden(args, kwargs)
+        x = self._process("final_norm.input", x)
+        if "final_norm.scale" in self.want:
+            self.cache["final_norm.scale"] = self.a.norm_scale(module, x).detach()
+        return None if x is orig else self._set_hidden(args, kwargs, x)
+
+    def _final_norm_out(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
+        x = orig = _first(out)
+        if self.last_only:
+            x = x[:, -1:]
+            for key in ("final_norm.input", "final_norm.scale"):
+                if key in self.cache:
+                    self.cache[key] = self.cache[key][:, -1:]
+        x = self._process("final_norm.output", x)
+        return None if x is orig else _replace_first(out, x)

@@ -1,0 +1,1 @@
+"""Presentation: HTML rendering (escaped), plots and the report."""
