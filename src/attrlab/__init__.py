@@ -12,7 +12,7 @@ Example:
     True
 """
 
-from . import errors, methods, targets, testing, units
+from . import errors, evaluate, methods, targets, testing, units
 from .attribute import attribute
 from .errors import AttrlabError
 from .model import LM, Batch, Cache, Intervention, load, wrap
@@ -29,6 +29,7 @@ __all__ = [
     "LM",
     "attribute",
     "errors",
+    "evaluate",
     "load",
     "methods",
     "targets",

@@ -29,6 +29,17 @@ class Units:
         """JSON-able description, stored with results."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
+    def mask_values(self, lm: Any, inputs: Any, target: Any, masks: Any, **context: Any) -> Any:
+        """Evaluate ``f(S)``: the target with only the units in each mask kept.
+
+        ``masks`` is a bool tensor ``[n_masks, n_units]`` (True = keep, False =
+        ablate); returns a float tensor ``[n_masks]``. This is what LDS,
+        deletion/insertion curves and surrogate methods evaluate, for every
+        unit kind that can be ablated. Kinds override it; ``context`` carries
+        kind-specific needs (baseline, counterfactual, sources …).
+        """
+        raise NotImplementedError(f"units {self.kind!r} cannot be ablated by mask yet")
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"

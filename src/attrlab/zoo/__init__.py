@@ -1,0 +1,1 @@
+"""The model zoo: tiny trained models with known answers, bundled for offline use."""
