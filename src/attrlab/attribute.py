@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import InputError
+from .errors import EmptyPromptError, InputError
 from .methods.base import Method, find_method
 from .model.wrapper import LM, Inputs
 from .result import Attribution
@@ -52,6 +52,8 @@ def attribute(
         raise InputError(
             f"attribute() needs a wrapped model from al.load()/al.wrap(), got {type(lm).__name__}"
         )
+    if isinstance(inputs, str) and inputs == "":
+        raise EmptyPromptError("the prompt is empty: give at least one token")
     unit_obj = resolve_units(units)
     if isinstance(method, Method):
         if options:
@@ -67,9 +69,5 @@ def attribute(
             raise InputError(f"bad options for method {method!r}: {e}") from e
     else:
         raise InputError(f"method must be a name or an al.methods object, got {method!r}")
-    if isinstance(inputs, str) and inputs == "":
-        from .errors import EmptyPromptError
-
-        raise EmptyPromptError("the prompt is empty: give at least one token")
     tgt = resolve_target(target, lm) if m.target_kind == "lm" else target
     return m.attribute(lm, inputs, tgt, unit_obj, counterfactual=counterfactual)

@@ -47,7 +47,7 @@ FAMILIES: tuple[str, ...] = (
 
 
 @functools.lru_cache(maxsize=4)
-def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on a built-in text (no download).
 
     Adds ``<|endoftext|>`` as BOS/EOS/pad token; pads on the left.

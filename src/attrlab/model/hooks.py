@@ -126,8 +126,10 @@ class HookSession:
         norm = a.final_norm()
         if self._needs("final_norm.input") or "final_norm.scale" in self.want:
             self._add(norm, "pre", self._final_norm_pre)
-        if self._needs("final_norm.output") or self.last_only:
+        if self._needs("final_norm.output"):
             self._add(norm, "fwd", self._final_norm_out)
+        if self.last_only:
+            self._add(a.unembed(), "pre", self._last_only_pre)
         if self._needs("unembed"):
             self._add(a.unembed(), "fwd", self._global_out_hook("unembed"))
 
@@ -314,10 +316,10 @@ class HookSession:
 
     def _final_norm_out(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
         x = orig = _first(out)
-        if self.last_only:
-            x = x[:, -1:]
-            for key in ("final_norm.input", "final_norm.scale"):
-                if key in self.cache:
-                    self.cache[key] = self.cache[key][:, -1:]
         x = self._process("final_norm.output", x)
         return None if x is orig else _replace_first(out, x)
+
+    def _last_only_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """Unembed the last position only (saves the vocabulary projection)."""
+        x = self._get_hidden(args, kwargs)
+        return self._set_hidden(args, kwargs, x[:, -1:])
