@@ -228,3 +228,33 @@ def test_load_from_directory(tmp_path):
     b, _ = ref.run(PROMPT)
     torch.testing.assert_close(a, b)
     assert lm.name == str(tmp_path)
+
+
+def test_load_passes_device_map_and_dtype(tmp_path, monkeypatch):
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    hf, tok = tiny_model("llama")
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    seen = {}
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    lm = al.load(str(tmp_path), dtype=torch.float64, device_map={"": "cpu"})
+    assert seen["device_map"] == {"": "cpu"} and seen["dtype"] == torch.float64
+    assert lm.dtype == torch.float64
+    logits, cache = lm.run(PROMPT, cache=["blocks.1.attn.head_out"])
+    assert logits.dtype == torch.float64
+
+
+def test_unsupported_checkpoint_type(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path)
+    with pytest.raises(al.errors.UnsupportedArchitectureError, match="bert"):
+        al.load(str(tmp_path))

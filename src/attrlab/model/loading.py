@@ -62,7 +62,7 @@ def load(
     Example:
         >>> import attrlab as al, tempfile
         >>> hf, tok = al.testing.tiny_model("llama")
-        >>> d = tempfile.mkdtemp(); hf.save_pretrained(d); tok.save_pretrained(d)
+        >>> d = tempfile.mkdtemp(); hf.save_pretrained(d); _ = tok.save_pretrained(d)
         >>> al.load(d).cfg.family
         'llama'
     """
