@@ -84,3 +84,8 @@ class UnknownUnitsError(InputError):
 
 class FileFormatError(AttrlabError, OSError):
     """A saved attrlab file is corrupt, tampered with, or not an attrlab file."""
+
+
+class StoreMismatchError(InputError):
+    """A feature store was written for another checkpoint, projection, output
+    function or dataset than the one it is opened or resumed with."""
