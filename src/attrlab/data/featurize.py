@@ -466,8 +466,6 @@ def query_features(
     if not isinstance(queries, Examples):
         queries = Examples(queries)
     man = store.manifest
-    if check_checkpoint:
-        store.check({"checkpoint": checkpoint_hash(model)})
     want = man.get("example_shapes")
     got = queries.example_shapes()
     if want is not None and [s[0] for s in want] != [s[0] for s in got]:
@@ -476,6 +474,8 @@ def query_features(
             raise InputError(
                 f"query examples have shapes {got} but the training examples in {store.path} have {want}"
             )
+    if check_checkpoint:
+        store.check({"checkpoint": checkpoint_hash(model)})
     proj = Projector(
         man["projection"]["dim"],
         seed=man["projection"]["seed"],
