@@ -1,5 +1,20 @@
 """HTML rendering of results. Every string that reaches the page goes through
-:func:`esc`; nothing here loads anything from the network.
+:func:`esc`; nothing here loads anything from the network and nothing needs
+JavaScript. The same panel renderers serve the notebook view
+(``Attribution._repr_html_``) and the report (:mod:`attrlab.report`).
+
+A panel is chosen from the result's unit kind and label columns:
+
+=====================================  ==========================================
+tokens / words / sentences / spans      inline heatmap over the text (1-D scores)
+                                        or a prompt x generated-token grid (2-D)
+heads (``layer``, ``head``)             layer x head heatmap
+components with ``layer``+``position``  layer x position heatmap
+layers / attn / mlp / neurons           diverging bars
+sources, train (a ``text`` column)      ranked list with the text
+edges                                   circuit graph (SVG) and the top edges
+logit lens                              per-layer table of logprob, rank, top tokens
+=====================================  ==========================================
 
 Example:
     >>> from attrlab.viz.html import esc
@@ -11,15 +26,95 @@ from __future__ import annotations
 
 import html
 import json
+import math
+import re
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..result import Attribution
 
+TOKEN_KINDS = ("tokens", "words", "sentences", "spans")
+TEXT_KINDS = ("sources", "train", "examples", "training", "documents")
+LENS_METHODS = ("logit_lens", "logit-lens", "lens")
 
+CSS = """
+.al-root{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
+ color:#1f2328;font-size:14px;line-height:1.45}
+.al-root code,.al-root .al-mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;
+ font-size:12.5px}
+.al-panel{border:1px solid #d0d7de;border-radius:8px;padding:14px 16px;margin:14px 0;background:#fff}
+.al-panel h3{margin:0 0 4px 0;font-size:16px}
+.al-sub{color:#57606a;font-size:12.5px;margin-bottom:10px}
+.al-tok{white-space:pre;border-radius:3px;padding:1px 1px;margin:0 1px;font-family:ui-monospace,
+ SFMono-Regular,Menlo,Consolas,monospace;font-size:13px;line-height:2}
+.al-text{background:#f6f8fa;border-radius:6px;padding:8px 10px;word-wrap:break-word}
+.al-table{border-collapse:collapse;margin:8px 0;font-size:12.5px}
+.al-table th,.al-table td{border-bottom:1px solid #eaeef2;padding:3px 8px;text-align:left;
+ vertical-align:top}
+.al-table th{background:#f6f8fa;font-weight:600}
+.al-table td.al-num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.al-table td.al-long{max-width:620px;white-space:pre-wrap;word-break:break-word}
+.al-hm{border-collapse:separate;border-spacing:2px;margin:8px 0;font-size:11.5px}
+.al-hm td.al-cell{min-width:30px;height:24px;text-align:center;border-radius:3px;
+ font-variant-numeric:tabular-nums;color:#1f2328}
+.al-hm td.al-cell.al-na{background:repeating-linear-gradient(45deg,#f6f8fa,#f6f8fa 3px,#eaeef2 3px,
+ #eaeef2 6px)}
+.al-hm th{font-weight:500;color:#57606a;padding:0 4px;white-space:pre;font-family:ui-monospace,
+ SFMono-Regular,Menlo,Consolas,monospace}
+.al-hm th.al-col{writing-mode:vertical-rl;transform:rotate(180deg);text-align:left;
+ vertical-align:bottom;max-height:110px;overflow:hidden}
+.al-hm th.al-axis{color:#8c959f;font-family:inherit;font-style:italic}
+.al-bars{margin:8px 0;font-size:12.5px}
+.al-bar-row{display:flex;align-items:center;height:20px}
+.al-bar-label{width:190px;text-align:right;padding-right:8px;white-space:pre;overflow:hidden;
+ text-overflow:ellipsis;font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;
+ font-size:12px}
+.al-bar-track{position:relative;width:360px;height:14px;background:#f6f8fa;border-radius:2px}
+.al-bar-mid{position:absolute;left:50%;top:0;bottom:0;width:1px;background:#8c959f}
+.al-bar{position:absolute;top:2px;height:10px;border-radius:2px}
+.al-bar-val{width:80px;padding-left:8px;font-variant-numeric:tabular-nums;color:#57606a}
+.al-meta{margin-top:10px;font-size:12px;color:#57606a;display:grid;
+ grid-template-columns:max-content 1fr;gap:2px 10px}
+.al-meta dt{font-weight:600;color:#424a53}
+.al-meta dd{margin:0;word-break:break-word}
+.al-kv{display:inline-block;background:#f6f8fa;border:1px solid #eaeef2;border-radius:4px;
+ padding:0 5px;margin:1px 4px 1px 0;font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,
+ monospace;font-size:11.5px}
+.al-kv.al-warn{background:#fff8c5;border-color:#d4a72c}
+.al-legend{display:inline-flex;align-items:center;gap:6px;font-size:11.5px;color:#57606a}
+.al-legend span.al-sw{display:inline-block;width:90px;height:10px;border-radius:2px;
+ background:linear-gradient(90deg,rgba(40,90,220,1),rgba(40,90,220,0),rgba(220,40,40,0),
+ rgba(220,40,40,1))}
+.al-note{color:#57606a;font-style:italic}
+.al-minibar{width:90px;height:9px;background:#f6f8fa;border-radius:2px;margin-top:4px}
+.al-minibar div{height:9px;border-radius:2px}
+.al-circuit svg{max-width:100%;height:auto;border:1px solid #eaeef2;border-radius:6px;
+ background:#fcfcfd}
+"""
+
+
+# ----------------------------------------------------------------- basics
 def esc(x: Any) -> str:
     """Escape any value for HTML text or a quoted attribute."""
     return html.escape(str(x), quote=True)
+
+
+def fmt(v: Any, digits: int = 4) -> str:
+    """A compact number (``0.1235``, ``-3.2e-05``) or ``str(v)`` for non-numbers."""
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if f != f:
+        return "nan"
+    if math.isinf(f):
+        return "inf" if f > 0 else "-inf"
+    return f"{f:.{digits}g}"
 
 
 def color(score: float, scale: float) -> str:
@@ -30,19 +125,44 @@ def color(score: float, scale: float) -> str:
     return f"rgba(220,40,40,{a:.3f})" if score >= 0 else f"rgba(40,90,220,{a:.3f})"
 
 
+def _scale(values: Sequence[float]) -> float:
+    finite = [abs(v) for v in values if v == v and not math.isinf(v)]
+    return max(finite, default=0.0)
+
+
+def show_token(t: Any) -> str:
+    """A token as displayed: newlines and tabs made visible (the caller escapes)."""
+    return str(t).replace("\n", "\u21b5").replace("\t", "\u2192")
+
+
+def legend(scale: float) -> str:
+    """The colour legend: blue negative, red positive, with the scale."""
+    return (
+        f'<span class="al-legend">{esc(fmt(-scale, 3))}<span class="al-sw"></span>'
+        f"{esc(fmt(scale, 3))}</span>"
+    )
+
+
+def _fg(s: float, scale: float) -> str:
+    return ";color:#fff" if scale > 0 and s == s and abs(s) / scale > 0.6 else ""
+
+
+# ----------------------------------------------------------- primitives
 def render_tokens(tokens: list[str], scores: list[float]) -> str:
     """Inline token heatmap: one escaped ``<span>`` per token."""
-    scale = max((abs(s) for s in scores), default=0.0)
+    scale = _scale(scores)
     spans = [
-        f'<span class="al-tok" title="{esc(f"{s:.4g}")}" '
-        f'style="background:{color(s, scale)}">{esc(t)}</span>'
+        f'<span class="al-tok" title="{esc(fmt(s))}" '
+        f'style="background:{color(s, scale)}{_fg(s, scale)}">{esc(show_token(t))}</span>'
         for t, s in zip(tokens, scores)
     ]
     return "".join(spans)
 
 
-def render_table(columns: dict[str, list[Any]], max_rows: int = 20) -> str:
-    """An escaped HTML table from label columns."""
+def render_table(
+    columns: Mapping[str, Sequence[Any]], max_rows: int = 20, long: Sequence[str] = ()
+) -> str:
+    """An escaped HTML table from label columns (``long`` columns wrap their text)."""
     names = list(columns)
     n = len(next(iter(columns.values()), []))
     head = "".join(f"<th>{esc(c)}</th>" for c in names)
@@ -51,28 +171,675 @@ def render_table(columns: dict[str, list[Any]], max_rows: int = 20) -> str:
         cells = []
         for c in names:
             v = columns[c][i]
-            cells.append(f"<td>{esc(f'{v:.4g}' if isinstance(v, float) else v)}</td>")
+            if isinstance(v, float) or _is_number(v):
+                cells.append(f'<td class="al-num">{esc(fmt(v))}</td>')
+            elif c in long:
+                cells.append(f'<td class="al-long">{esc(v)}</td>')
+            else:
+                cells.append(f"<td>{esc(show_token(v) if isinstance(v, str) else v)}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    more = f'<div class="al-note">… {n - max_rows} more rows</div>' if n > max_rows else ""
+    return f'<table class="al-table"><tr>{head}</tr>{"".join(rows)}</table>{more}'
+
+
+def _is_number(v: Any) -> bool:
+    if isinstance(v, bool):
+        return False
+    try:
+        import numpy as np
+
+        return isinstance(v, (int, float, np.integer, np.floating))
+    except ImportError:  # pragma: no cover
+        return isinstance(v, (int, float))
+
+
+def render_heatmap(
+    matrix: Sequence[Sequence[float]],
+    row_labels: Sequence[Any],
+    col_labels: Sequence[Any],
+    row_title: str = "",
+    col_title: str = "",
+    values: bool | None = None,
+    vertical_cols: bool = False,
+) -> str:
+    """A coloured grid (HTML table): ``matrix[i][j]`` at row ``i``, column ``j``.
+
+    NaN cells are drawn hatched (e.g. a generated token cannot depend on later ones).
+    ``values`` prints the numbers in the cells (default: when the grid is small).
+    """
+    flat = [float(v) for row in matrix for v in row]
+    scale = _scale(flat)
+    n_cols = len(col_labels)
+    if values is None:
+        values = n_cols <= 16
+    col_cls = ' class="al-col"' if vertical_cols else ""
+    head = f'<th class="al-axis">{esc(row_title)} \\ {esc(col_title)}</th>' + "".join(
+        f"<th{col_cls}>{esc(show_token(c))}</th>" for c in col_labels
+    )
+    body = []
+    for i, row in enumerate(matrix):
+        cells = []
+        for j, v in enumerate(row):
+            v = float(v)
+            tip = f"{show_token(row_labels[i])} / {show_token(col_labels[j])}: {fmt(v)}"
+            if v != v:
+                cells.append(f'<td class="al-cell al-na" title="{esc(tip)}"></td>')
+                continue
+            text = esc(fmt(v, 2)) if values else ""
+            fg = ";color:#fff" if scale > 0 and abs(v) / scale > 0.6 else ""
+            cells.append(
+                f'<td class="al-cell" title="{esc(tip)}" style="background:{color(v, scale)}{fg}">'
+                f"{text}</td>"
+            )
+        body.append(f"<tr><th>{esc(show_token(row_labels[i]))}</th>{''.join(cells)}</tr>")
+    return f'<div>{legend(scale)}</div><table class="al-hm"><tr>{head}</tr>{"".join(body)}</table>'
+
+
+def render_bars(labels: Sequence[Any], scores: Sequence[float], max_rows: int = 40) -> str:
+    """Diverging horizontal bars (negative left, positive right of the centre line)."""
+    scores = [float(s) for s in scores]
+    scale = _scale(scores)
+    rows = []
+    for lab, s in list(zip(labels, scores))[:max_rows]:
+        frac = 0.0 if scale <= 0 or s != s else min(1.0, abs(s) / scale) * 50
+        side = (
+            f"left:50%;width:{frac:.2f}%" if s >= 0 else f"left:{50 - frac:.2f}%;width:{frac:.2f}%"
+        )
+        col = "rgba(220,40,40,.85)" if s >= 0 else "rgba(40,90,220,.85)"
+        rows.append(
+            f'<div class="al-bar-row" title="{esc(show_token(lab))}: {esc(fmt(s))}">'
+            f'<div class="al-bar-label">{esc(show_token(lab))}</div>'
+            f'<div class="al-bar-track"><div class="al-bar-mid"></div>'
+            f'<div class="al-bar" style="{side};background:{col}"></div></div>'
+            f'<div class="al-bar-val">{esc(fmt(s, 3))}</div></div>'
+        )
+    more = (
+        f'<div class="al-note">… {len(scores) - max_rows} more</div>'
+        if len(scores) > max_rows
+        else ""
+    )
+    return f'<div class="al-bars">{"".join(rows)}</div>{more}'
+
+
+def _kv(key: str, value: Any, warn: bool = False) -> str:
+    if isinstance(value, (dict, list, tuple)):
+        text = json.dumps(value, default=str)
+        if len(text) > 160:
+            text = text[:157] + "…"
+    else:
+        text = fmt(value)
+    cls = "al-kv al-warn" if warn else "al-kv"
+    return f'<span class="{cls}">{esc(key)}={esc(text)}</span>'
+
+
+def _warn_key(key: str, value: Any) -> bool:
+    """Flag large relative completeness errors and weak agreement."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return False
+    k = key.lower()
+    if "completeness" in k and "rel" in k:
+        return abs(v) > 0.05
+    if k.startswith(("pearson", "spearman", "agreement")):
+        return v < 0.5
+    return False
+
+
+def render_meta(r: Attribution) -> str:
+    """Method, target, model, parameters and diagnostics of a result."""
+    items = [
+        (
+            "method",
+            f"<code>{esc(r.method)}</code> over <code>{esc(r.unit_kind)}</code> "
+            f"({len(r)} units{_shape_note(r)})",
+        ),
+        ("target", f"<code>{esc(r.target)}</code>"),
+    ]
+    if r.model_id:
+        items.append(("model", f"<code>{esc(r.model_id)}</code>"))
+    params = {k: v for k, v in r.params.items() if k != "progress"}
+    items.append(
+        (
+            "parameters",
+            "".join(_kv(k, v) for k, v in params.items()) or '<span class="al-note">none</span>',
+        )
+    )
+    diag = _flatten(r.diagnostics)
+    items.append(
+        (
+            "diagnostics",
+            "".join(_kv(k, v, _warn_key(k, v)) for k, v in diag.items())
+            or '<span class="al-note">none reported</span>',
+        )
+    )
+    body = "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in items)
+    return f'<dl class="al-meta">{body}</dl>'
+
+
+def _shape_note(r: Attribution) -> str:
+    return f" x {r.scores.shape[0]} rows" if r.scores.dim() == 2 else ""
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "", depth: int = 0) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and depth < 2:
+            out.update(_flatten(v, key + ".", depth + 1))
+        else:
+            out[key] = v
+    return out
+
+
+# ------------------------------------------------------------- panels
+def unit_label(r: Attribution, i: int) -> str:
+    """A short label for unit ``i``: ``L3H2``, ``L1 mlp``, ``@4 ' Mary'`` (strings unquoted)."""
+    parts = []
+    for key in ordered_columns(list(r.units)):
+        x = r.units[key][i]
+        if key == "layer":
+            parts.append(f"L{x}")
+        elif key == "head":
+            parts.append(f"H{x}")
+        elif key == "position":
+            parts.append(f"@{x}")
+        elif isinstance(x, str):
+            parts.append(x)
+        else:
+            parts.append(f"{key}={x}")
+    return " ".join(parts)
+
+
+def _col(r: Attribution, *names: str) -> list[Any] | None:
+    for n in names:
+        if n in r.units:
+            return r.units[n]
+    return None
+
+
+def _row_scores(r: Attribution) -> list[float]:
+    s = r.scores if r.scores.dim() == 1 else r.scores.sum(0)
+    return [float(x) for x in s.tolist()]
+
+
+def _token_panel(r: Attribution, k: int) -> str:
+    tokens = _col(r, "token", "text", "word", "sentence", "span")
+    if tokens is None:
+        tokens = [unit_label(r, i) for i in range(len(r))]
+    tokens = [str(t) for t in tokens]
+    if r.scores.dim() == 1:
+        scores = r.scores.tolist()
+        return (
+            f"<div>{legend(_scale(scores))}</div>"
+            f'<div class="al-text">{render_tokens(tokens, scores)}</div>' + _top_table(r, min(k, 8))
+        )
+    rows = _row_labels(r)
+    matrix = r.scores.tolist()
+    return render_heatmap(
+        matrix,
+        rows,
+        tokens,
+        row_title="generated",
+        col_title="input token",
+        values=False,
+        vertical_cols=True,
+    )
+
+
+def _row_labels(r: Attribution) -> list[str]:
+    n = r.scores.shape[0]
+    for key in ("token", "text", "target", "label"):
+        if key in r.rows and len(r.rows[key]) == n:
+            return [str(x) for x in r.rows[key]]
+    if r.rows:
+        first = next(iter(r.rows.values()))
+        if len(first) == n:
+            return [str(x) for x in first]
+    return [f"row {i}" for i in range(n)]
+
+
+def _grid(
+    r: Attribution, row_key: str, col_key: str
+) -> tuple[list[Any], list[Any], list[list[float]]]:
+    """Sum scores into a ``row_key`` x ``col_key`` grid (NaN where no unit)."""
+    rk, ck = r.units[row_key], r.units[col_key]
+    rows = sorted(set(rk), key=_sort_key)
+    cols = sorted(set(ck), key=_sort_key)
+    ri = {v: i for i, v in enumerate(rows)}
+    ci = {v: i for i, v in enumerate(cols)}
+    grid = [[float("nan")] * len(cols) for _ in rows]
+    for a, b, s in zip(rk, ck, _row_scores(r)):
+        cur = grid[ri[a]][ci[b]]
+        grid[ri[a]][ci[b]] = s if cur != cur else cur + s
+    return rows, cols, grid
+
+
+def _sort_key(v: Any) -> tuple[int, Any]:
+    return (0, v) if isinstance(v, (int, float)) else (1, str(v))
+
+
+def _heads_panel(r: Attribution, k: int) -> str:
+    layers, heads, grid = _grid(r, "layer", "head")
+    note = ""
+    if "position" in r.units:
+        note = '<div class="al-note">summed over positions</div>'
+    grid_html = render_heatmap(
+        grid,
+        [f"L{x}" for x in layers],
+        [f"H{h}" for h in heads],
+        row_title="layer",
+        col_title="head",
+    )
+    return note + grid_html + _top_table(r, min(k, 10))
+
+
+def _layer_position_panel(r: Attribution, k: int) -> str:
+    pos_labels = None
+    tok = _col(r, "token")
+    layers, positions, grid = _grid(r, "layer", "position")
+    if tok is not None:
+        by_pos = {p: t for p, t in zip(r.units["position"], tok)}
+        pos_labels = [f"{p}:{by_pos.get(p, '')}" for p in positions]
+    return render_heatmap(
+        grid,
+        [f"L{x}" for x in layers],
+        pos_labels or positions,
+        row_title="layer",
+        col_title="position",
+        vertical_cols=tok is not None,
+    ) + _top_table(r, min(k, 10))
+
+
+def _bars_panel(r: Attribution, k: int) -> str:
+    labels = [unit_label(r, i) for i in range(len(r))]
+    scores = _row_scores(r)
+    if len(r) > 40:
+        order = sorted(range(len(r)), key=lambda i: -abs(scores[i]))[:k]
+        labels = [labels[i] for i in order]
+        scores = [scores[i] for i in order]
+        return '<div class="al-note">largest |score| first</div>' + render_bars(labels, scores)
+    return render_bars(labels, scores)
+
+
+def _text_panel(r: Attribution, k: int) -> str:
+    top = top_frame(r, k)
+    scores = [float(x) for x in top["score"].tolist()]
+    scale = _scale(scores)
+    long = [c for c in top.columns if c in ("text", "source_text", "document", "content")]
+    other = [c for c in top.columns if c != "score" and c not in long]
+    head = "<th>rank</th><th>score</th><th></th>" + "".join(
+        f"<th>{esc(c)}</th>" for c in other + long
+    )
+    rows = []
+    for i in range(len(top)):
+        s = scores[i]
+        frac = 0.0 if scale <= 0 or s != s else min(1.0, abs(s) / scale) * 100
+        col = "rgba(220,40,40,.85)" if s >= 0 else "rgba(40,90,220,.85)"
+        bar = (
+            f'<div class="al-minibar"><div style="width:{frac:.1f}%;background:{col}"></div></div>'
+        )
+        cells = [
+            f'<td class="al-num">{i + 1}</td>',
+            f'<td class="al-num">{esc(fmt(s))}</td>',
+            f"<td>{bar}</td>",
+        ]
+        for c in other:
+            v = top[c].iloc[i]
+            cells.append(
+                f'<td class="al-num">{esc(fmt(v))}</td>' if _is_number(v) else f"<td>{esc(v)}</td>"
+            )
+        for c in long:
+            cells.append(f'<td class="al-long">{esc(top[c].iloc[i])}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f'<table class="al-table"><tr>{head}</tr>{"".join(rows)}</table>'
 
 
-def render_attribution(r: Attribution, k: int = 15) -> str:
-    """The notebook / report view of one result: header, top units, token heatmap."""
-    parts = [
-        '<div class="al-result">',
-        f"<div><b>{esc(r.method)}</b> over <b>{esc(r.unit_kind)}</b> "
-        f"({len(r)} units) — target <code>{esc(r.target)}</code>"
-        f"{' — model ' + esc(r.model_id) if r.model_id else ''}</div>",
-    ]
-    if r.unit_kind in ("tokens", "words", "sentences", "spans") and "token" in r.units and r.scores.dim() == 1:
-        parts.append(f"<div>{render_tokens([str(t) for t in r.units['token']], r.scores.tolist())}</div>")
+_COLUMN_ORDER = ("row", "layer", "head", "position", "component", "site", "neuron", "src", "dst",
+                 "source", "id", "token", "word", "text")
+
+
+def ordered_columns(columns: Sequence[str]) -> list[str]:
+    """Label columns in reading order (layer before head …; saved files sort them)."""
+    rank = {c: i for i, c in enumerate(_COLUMN_ORDER)}
+    cols = [c for c in columns if c != "score"]
+    out = sorted(cols, key=lambda c: (rank.get(c, len(rank)), cols.index(c)))
+    return out + (["score"] if "score" in columns else [])
+
+
+def top_frame(r: Attribution, k: int) -> Any:
+    """``r.top(k)`` with its columns in reading order."""
     top = r.top(k)
-    parts.append(render_table({c: top[c].tolist() for c in top.columns}, max_rows=k))
-    if r.params:
-        parts.append(f"<div><small>params: {esc(json.dumps(r.params, default=str))}</small></div>")
-    if r.diagnostics:
-        parts.append(
-            f"<div><small>diagnostics: {esc(json.dumps(r.diagnostics, default=str))}</small></div>"
-        )
-    parts.append("</div>")
+    return top[ordered_columns(list(top.columns))]
+
+
+def _top_table(r: Attribution, k: int) -> str:
+    top = top_frame(r, k)
+    return render_table({c: top[c].tolist() for c in top.columns}, max_rows=k)
+
+
+def edge_list(r: Attribution) -> list[tuple[str, str, float]]:
+    """``(source node, destination node, score)`` for every edge of an edge result.
+
+    Reads ``src``/``dst`` (or ``upstream``/``downstream``, ``source``/``target``,
+    ``parent``/``child``) label columns, or an ``edge`` column ``"a->b"``.
+    """
+    pairs = (
+        ("src", "dst"),
+        ("upstream", "downstream"),
+        ("source", "target"),
+        ("parent", "child"),
+        ("from", "to"),
+        ("sender", "receiver"),
+    )
+    scores = _row_scores(r)
+    for a, b in pairs:
+        if a in r.units and b in r.units:
+            return [(str(x), str(y), s) for x, y, s in zip(r.units[a], r.units[b], scores)]
+    col = _col(r, "edge", "name", "label")
+    if col is not None:
+        out = []
+        for e, s in zip(col, scores):
+            parts = re.split(r"\s*(?:->|→|=>)\s*", str(e), maxsplit=1)
+            if len(parts) == 2:
+                out.append((parts[0], parts[1], s))
+        if out:
+            return out
+    return []
+
+
+def _edges_panel(r: Attribution, k: int) -> str:
+    edges = edge_list(r)
+    parts = []
+    svg = r.meta.get("svg") if isinstance(r.meta.get("svg"), str) else None
+    if svg:
+        parts.append(f'<div class="al-circuit">{sanitize_svg(svg)}</div>')
+    elif edges:
+        in_circuit = r.meta.get("circuit_edges") or r.meta.get("edges_in_circuit")
+        keep = None
+        if isinstance(in_circuit, list) and in_circuit:
+            keep = {(str(a), str(b)) for a, b in (_pair(e) for e in in_circuit) if a is not None}
+        parts.append(f'<div class="al-circuit">{render_circuit(edges, keep=keep)}</div>')
+    parts.append(_top_table(r, min(k, 12)))
     return "".join(parts)
+
+
+def _pair(e: Any) -> tuple[str | None, str | None]:
+    if isinstance(e, (list, tuple)) and len(e) >= 2:
+        return str(e[0]), str(e[1])
+    if isinstance(e, str):
+        p = re.split(r"\s*(?:->|→|=>)\s*", e, maxsplit=1)
+        if len(p) == 2:
+            return p[0], p[1]
+    return None, None
+
+
+def _lens_panel(r: Attribution, k: int) -> str:
+    cols = {c: list(v) for c, v in r.units.items()}
+    if r.scores.dim() == 1 and "score" not in cols:
+        cols["score"] = r.scores.tolist()
+    long = [c for c in cols if c.startswith("top")]
+    return render_table(cols, max_rows=200, long=long)
+
+
+def panel_body(r: Attribution, k: int = 15) -> str:
+    """The visualization of one result (without the header and metadata)."""
+    kind = r.unit_kind
+    if r.method.lower() in LENS_METHODS or kind in ("lens", "logit_lens"):
+        return _lens_panel(r, k)
+    if kind in TOKEN_KINDS:
+        return _token_panel(r, k)
+    if kind == "edges" or edge_list(r) and kind in ("circuit", "graph"):
+        return _edges_panel(r, k)
+    if kind in TEXT_KINDS or ("text" in r.units and kind not in ("heads", "layers")):
+        return _text_panel(r, k)
+    if r.scores.dim() == 2 and len(r) <= 64:
+        return render_heatmap(
+            r.scores.tolist(),
+            _row_labels(r),
+            [unit_label(r, i) for i in range(len(r))],
+            row_title="row",
+            col_title="unit",
+            values=False,
+            vertical_cols=True,
+        )
+    if "layer" in r.units and "head" in r.units:
+        return _heads_panel(r, k)
+    if "layer" in r.units and "position" in r.units:
+        return _layer_position_panel(r, k)
+    if len(r) <= 200:
+        return _bars_panel(r, k)
+    return _top_table(r, k)
+
+
+def render_panel(
+    r: Attribution, title: str | None = None, k: int = 15, note: str = "", anchor: str = ""
+) -> str:
+    """One report panel: title, one-line description, the view, and the method box."""
+    title = title or f"{r.method} over {r.unit_kind}"
+    aid = f' id="{esc(anchor)}"' if anchor else ""
+    sub = f'<div class="al-sub">{esc(note)}</div>' if note else ""
+    return (
+        f'<section class="al-panel" data-panel="{esc(r.unit_kind)}" data-method="{esc(r.method)}"{aid}>'
+        f"<h3>{esc(title)}</h3>{sub}{panel_body(r, k)}{render_meta(r)}</section>"
+    )
+
+
+def render_attribution(r: Attribution, k: int = 15) -> str:
+    """The notebook view of one result: the report's panel, with its stylesheet."""
+    return f'<div class="al-root"><style>{CSS}</style>{render_panel(r, k=k)}</div>'
+
+
+# ------------------------------------------------------------- circuit graph
+_LAYER_RE = re.compile(r"(\d+)")
+
+
+def _node_layer(name: str, n_max: int) -> float:
+    low = name.lower()
+    if low.startswith(("embed", "input", "tok", "wte", "emb")):
+        return -1
+    if low.startswith(("logit", "output", "unembed", "resid_post", "final")):
+        return n_max + 1
+    m = _LAYER_RE.search(low)
+    if not m:
+        return n_max + 0.5
+    layer = int(m.group(1))
+    # an MLP sits above the attention heads of its own layer
+    return layer + (0.5 if low.startswith(("m", "mlp")) else 0.0)
+
+
+def render_circuit(
+    edges: Sequence[tuple[str, str, float]],
+    keep: set[tuple[str, str]] | None = None,
+    max_edges: int = 40,
+) -> str:
+    """An SVG drawing of a circuit: nodes by layer (inputs at the bottom), edges
+    coloured by sign and drawn thicker for larger |score|.
+
+    ``keep`` restricts the drawing to the circuit's edges; otherwise the
+    ``max_edges`` largest |score| edges are drawn.
+    """
+    if keep:
+        chosen = [e for e in edges if (e[0], e[1]) in keep]
+    else:
+        chosen = sorted(edges, key=lambda e: -abs(e[2]))[:max_edges]
+    if not chosen:
+        return '<div class="al-note">no edges to draw</div>'
+    names = sorted({n for e in chosen for n in e[:2]})
+    nums = [int(m.group(1)) for n in names if (m := _LAYER_RE.search(n))]
+    n_max = max(nums, default=0)
+    levels: dict[float, list[str]] = {}
+    for n in names:
+        levels.setdefault(_node_layer(n, n_max), []).append(n)
+    ordered = sorted(levels)
+    width = max(520, 110 * max(len(v) for v in levels.values()))
+    row_h = 70
+    height = row_h * len(ordered) + 40
+    pos: dict[str, tuple[float, float]] = {}
+    for li, lvl in enumerate(ordered):
+        group = sorted(levels[lvl], key=_natural)
+        y = height - 30 - li * row_h
+        for j, n in enumerate(group):
+            x = width * (j + 1) / (len(group) + 1)
+            pos[n] = (x, y)
+    scale = max(abs(e[2]) for e in chosen) or 1.0
+    lines = []
+    for a, b, s in sorted(chosen, key=lambda e: abs(e[2])):
+        (x1, y1), (x2, y2) = pos[a], pos[b]
+        w = 0.8 + 4.2 * abs(s) / scale
+        c = "#d62828" if s >= 0 else "#2856dc"
+        op = 0.35 + 0.6 * abs(s) / scale
+        lines.append(
+            f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{c}" '
+            f'stroke-width="{w:.2f}" stroke-opacity="{op:.2f}"><title>{esc(a)} → {esc(b)}: '
+            f"{esc(fmt(s))}</title></line>"
+        )
+    nodes = []
+    for n, (x, y) in pos.items():
+        wbox = max(44, 8 * len(n) + 12)
+        nodes.append(
+            f'<g><rect x="{x - wbox / 2:.1f}" y="{y - 12:.1f}" width="{wbox}" height="24" rx="6" '
+            f'fill="#ffffff" stroke="#57606a"/><text x="{x:.1f}" y="{y + 4:.1f}" '
+            f'text-anchor="middle" font-size="12" font-family="monospace" fill="#1f2328">'
+            f"{esc(n)}</text></g>"
+        )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="circuit graph">'
+        f"{''.join(lines)}{''.join(nodes)}</svg>"
+    )
+
+
+def _natural(s: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+# ------------------------------------------------------------- SVG sanitizer
+_SVG_TAGS = {
+    "svg",
+    "g",
+    "path",
+    "line",
+    "polyline",
+    "polygon",
+    "rect",
+    "circle",
+    "ellipse",
+    "text",
+    "tspan",
+    "title",
+    "desc",
+    "defs",
+    "marker",
+    "lineargradient",
+    "stop",
+}
+_SVG_ATTRS = {
+    "x",
+    "y",
+    "x1",
+    "y1",
+    "x2",
+    "y2",
+    "cx",
+    "cy",
+    "r",
+    "rx",
+    "ry",
+    "width",
+    "height",
+    "d",
+    "points",
+    "fill",
+    "stroke",
+    "stroke-width",
+    "stroke-opacity",
+    "fill-opacity",
+    "opacity",
+    "stroke-dasharray",
+    "stroke-linecap",
+    "stroke-linejoin",
+    "transform",
+    "viewbox",
+    "text-anchor",
+    "font-size",
+    "font-family",
+    "font-weight",
+    "font-style",
+    "dominant-baseline",
+    "id",
+    "class",
+    "markerwidth",
+    "markerheight",
+    "refx",
+    "refy",
+    "orient",
+    "markerunits",
+    "marker-end",
+    "marker-start",
+    "offset",
+    "stop-color",
+    "stop-opacity",
+    "preserveaspectratio",
+    "xmlns",
+    "version",
+    "dx",
+    "dy",
+    "role",
+    "aria-label",
+}
+_SAFE_VALUE = re.compile(r"^[\w\s.,:;#%()+\-/'\"=]*$")
+
+
+def sanitize_svg(svg: str) -> str:
+    """Re-serialize an SVG keeping only drawing elements and presentation
+    attributes: no scripts, no event handlers, no links, no external
+    references (``url(#id)`` to the same document is kept). Text is escaped.
+    Returns a note instead when the input does not parse.
+    """
+    import xml.etree.ElementTree as ET
+
+    text = re.sub(r"<\?xml[^>]*\?>|<!DOCTYPE[^>]*>|<!--.*?-->", "", svg, flags=re.S)
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError:
+        return '<div class="al-note">(circuit drawing could not be read)</div>'
+
+    def local(tag: str) -> str:
+        return tag.rsplit("}", 1)[-1].lower() if isinstance(tag, str) else ""
+
+    def render(el: Any) -> str:
+        tag = local(el.tag)
+        if tag not in _SVG_TAGS:
+            return ""
+        attrs = []
+        for k, v in el.attrib.items():
+            name = local(k)
+            if name not in _SVG_ATTRS:
+                continue
+            v = str(v)
+            if "url(" in v.lower() and not re.fullmatch(r"\s*url\(#[\w\-]+\)\s*", v):
+                continue
+            if not _SAFE_VALUE.match(v) or "javascript" in v.lower():
+                continue
+            real = {
+                "viewbox": "viewBox",
+                "preserveaspectratio": "preserveAspectRatio",
+                "markerwidth": "markerWidth",
+                "markerheight": "markerHeight",
+                "refx": "refX",
+                "refy": "refY",
+                "markerunits": "markerUnits",
+            }.get(name, name)
+            if real == "xmlns":
+                continue
+            attrs.append(f' {real}="{esc(v)}"')
+        if tag == "svg":
+            attrs.insert(0, ' xmlns="http://www.w3.org/2000/svg"')
+        name = {"lineargradient": "linearGradient"}.get(tag, tag)
+        inner = esc(el.text or "") + "".join(render(c) + esc(c.tail or "") for c in el)
+        return f"<{name}{''.join(attrs)}>{inner}</{name}>"
+
+    if local(root.tag) != "svg":
+        return '<div class="al-note">(circuit drawing is not an SVG)</div>'
+    return render(root)

@@ -1,0 +1,467 @@
+"""``attrlab demo``: explain one IOI prompt with every method family available.
+
+Each section looks its method up in the registry (and the zoo) and runs it
+with a small budget; a section whose method is not available says so in one
+line of the report and of the summary instead of failing. Everything runs
+offline on the bundled zoo models (or on a tiny random model with ``tiny=True``
+or when the zoo is missing).
+
+Example:
+    >>> from attrlab.viz.demo import run_demo
+    >>> report, lines = run_demo(tiny=True)  # doctest: +SKIP
+    >>> report.save("attrlab-report.html")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import AttrlabError
+from ..report import Report
+from ..result import Attribution
+
+DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
+DEFAULT_CF = "When Mary and John went to the store, Mary gave a drink to"
+DEFAULT_ANSWER = (" Mary", " John")
+
+
+class Unavailable(Exception):
+    """A section cannot run in this install (method or zoo model missing)."""
+
+
+# ------------------------------------------------------------------ registry helpers
+
+
+def available(method: str, kind: str) -> bool:
+    """Whether ``method`` is registered for unit kind ``kind``."""
+    from ..methods.base import find_method
+
+    try:
+        find_method(method, kind)
+    except AttrlabError:
+        return False
+    return True
+
+
+def first_available(names: Sequence[str], kind: str) -> str | None:
+    """The first of ``names`` registered for ``kind``."""
+    return next((n for n in names if available(n, kind)), None)
+
+
+def method_options(method: str, kind: str, **wanted: Any) -> dict[str, Any]:
+    """The subset of ``wanted`` options that the method's constructor accepts."""
+    from ..methods.base import find_method
+
+    cls = find_method(method, kind)
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(wanted)
+    return {k: v for k, v in wanted.items() if k in params}
+
+
+def zoo_model(name: str) -> Any:
+    """A bundled zoo model, or raise :class:`Unavailable`."""
+    try:
+        from .. import zoo
+    except Exception as e:  # pragma: no cover
+        raise Unavailable(f"the model zoo does not import ({type(e).__name__})") from e
+    if not hasattr(zoo, "load") or name not in _zoo_tasks(zoo):
+        raise Unavailable(f"zoo model {name!r} is not bundled in this install")
+    return zoo.load(name)
+
+
+def _zoo_tasks(zoo: Any) -> list[str]:
+    try:
+        return list(zoo.tasks())
+    except Exception:  # pragma: no cover
+        return []
+
+
+def agreement(approx: Attribution, exact: Attribution, k: int = 10) -> dict[str, float]:
+    """Pearson, Spearman and top-``k`` recall of ``approx`` against ``exact`` scores.
+
+    Example:
+        >>> import torch
+        >>> a = Attribution(torch.tensor([1.0, 2.0, 3.0]), {"i": [0, 1, 2]}, "heads", "atp")
+        >>> agreement(a, a, k=2)["pearson"]
+        1.0
+    """
+    x = approx.scores.double().flatten()
+    y = exact.scores.double().flatten()
+    if x.shape != y.shape:
+        raise ValueError(f"cannot compare {tuple(x.shape)} scores with {tuple(y.shape)}")
+
+    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = a - a.mean(), b - b.mean()
+        d = float(a.norm() * b.norm())
+        return float((a * b).sum()) / d if d > 0 else float("nan")
+
+    def ranks(a: torch.Tensor) -> torch.Tensor:
+        return torch.argsort(torch.argsort(a)).double()
+
+    k = min(k, x.numel())
+    top_exact = set(torch.argsort(y.abs(), descending=True)[:k].tolist())
+    top_approx = set(torch.argsort(x.abs(), descending=True)[:k].tolist())
+    return {
+        "pearson": round(corr(x, y), 4),
+        "spearman": round(corr(ranks(x), ranks(y)), 4),
+        f"top{k}_recall": round(len(top_exact & top_approx) / max(k, 1), 4),
+    }
+
+
+# ------------------------------------------------------------------ the demo
+
+
+@dataclass
+class Demo:
+    """State shared by the sections: the IOI model, prompt, counterfactual and answers."""
+
+    lm: Any
+    prompt: str
+    counterfactual: str
+    answer: tuple[str, str]
+    model_label: str
+    report: Report
+    lines: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    debug: bool = False
+
+    def add(self, r: Attribution, title: str, note: str = "", k: int = 12) -> Attribution:
+        self.report.add(r, title, note=note, k=k)
+        self.lines.append(summary_line(title, r))
+        return r
+
+
+def summary_line(title: str, r: Attribution, k: int = 3) -> str:
+    """One terminal line: the top ``k`` units of ``r``."""
+    from .html import unit_label
+
+    s = r.scores if r.scores.dim() == 1 else r.scores.nan_to_num().sum(0)
+    order = torch.argsort(s.abs().double().nan_to_num(), descending=True)[:k].tolist()
+    tops = ", ".join(f"{_short(unit_label(r, i))} {float(s[i]):+.3g}" for i in order)
+    diag = _headline_diag(r.diagnostics)
+    return f"  {title:<30} [{r.method}] {tops}{'  (' + diag + ')' if diag else ''}"
+
+
+def _short(text: str, n: int = 28) -> str:
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _headline_diag(d: dict[str, Any]) -> str:
+    out = []
+    for key in ("completeness_error", "pearson", "spearman", "faithfulness"):
+        for k, v in _walk(d):
+            if k.endswith(key) and isinstance(v, (int, float)) and not isinstance(v, bool):
+                out.append(f"{key}={v:.3g}")
+                break
+    return ", ".join(out[:3])
+
+
+def _walk(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.extend(_walk(v, f"{prefix}{k}."))
+    else:
+        out.append((prefix.rstrip("."), d))
+    return out
+
+
+def _load_ioi(
+    tiny: bool, prompt: str | None, cf: str | None, answer: Sequence[str] | None
+) -> tuple[Any, str, str, tuple[str, str], str]:
+    import attrlab as al
+
+    lm = None
+    label = ""
+    if not tiny:
+        try:
+            lm = zoo_model("ioi")
+            label = "zoo ioi model"
+        except Unavailable:
+            lm = None
+    if lm is None:
+        lm = al.wrap(*al.testing.tiny_model("gpt2"), name="tiny-random-gpt2")
+        label = (
+            "tiny random GPT-2 (zoo IOI model not available)" if not tiny else "tiny random GPT-2"
+        )
+    p, c, a = DEFAULT_PROMPT, DEFAULT_CF, DEFAULT_ANSWER
+    if label.startswith("zoo"):
+        from .. import zoo
+
+        ex = zoo.task("ioi").examples(1, seed=0)[0]
+        p, c, a = ex.prompt, ex.counterfactual, (ex.answer, ex.wrong)
+    return lm, prompt or p, cf or c, (tuple(answer) if answer else a), label  # type: ignore[return-value]
+
+
+def run_demo(
+    prompt: str | None = None,
+    counterfactual: str | None = None,
+    answer: Sequence[str] | None = None,
+    tiny: bool = False,
+    progress: bool = False,
+    debug: bool = False,
+) -> tuple[Report, list[str]]:
+    """Run every available section; returns the report and the terminal summary lines."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    lm, p, cf, ans, label = _load_ioi(tiny, prompt, counterfactual, answer)
+    logits, _ = lm.run(p, last_only=True)
+    probs = logits[0, -1].float().softmax(-1)
+    top = probs.topk(5)
+    preds = [(lm.to_str_tokens([int(i)])[0], float(v)) for v, i in zip(top.values, top.indices)]
+    info = {
+        "model": f"{lm.name} — {label}",
+        "prompt": p,
+        "counterfactual": cf,
+        "target": f"logit({ans[0]!r}) - logit({ans[1]!r})",
+        "top predictions": "  ".join(f"{t!r} {v:.2f}" for t, v in preds),
+    }
+    report = Report("attrlab demo: why did the model say that?", info=info)
+    demo = Demo(lm, p, cf, (ans[0], ans[1]), label, report, debug=debug)
+    demo.lines += [
+        f"model: {lm.name} ({label})",
+        f"prompt: {p!r}",
+        "top predictions: " + ", ".join(f"{t!r} {v:.2f}" for t, v in preds),
+    ]
+    sections: list[tuple[str, str, Callable[[Demo], None]]] = [
+        ("Input tokens", "Tokens", _tokens),
+        ("Input tokens", "Continuation", _continuation),
+        ("Model components", "Heads", _heads),
+        ("Model components", "Layers", _layers),
+        ("Model components", "Logit lens", _logit_lens),
+        ("Model components", "Circuit", _circuit),
+        ("Context and data", "Context sources", _sources),
+        ("Context and data", "Training examples", _training),
+    ]
+    current = None
+    bar = tqdm(sections, desc="demo", disable=not progress, leave=False, unit="section")
+    for heading, title, fn in bar:
+        bar.set_postfix_str(title)
+        if heading != current:
+            report.heading(heading)
+            demo.lines.append(heading + ":")
+            current = heading
+        t = time.perf_counter()
+        try:
+            fn(demo)
+        except Unavailable as e:
+            report.missing(title, str(e))
+            demo.lines.append(f"  {title:<30} not available: {e}")
+        except Exception as e:
+            if debug:
+                raise
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            report.missing(title, f"failed: {type(e).__name__}: {msg}")
+            demo.lines.append(f"  {title:<30} failed: {type(e).__name__}: {msg}")
+        demo.timings[title] = round(time.perf_counter() - t, 2)
+    bar.close()
+    report.info["time"] = (
+        f"{time.perf_counter() - t0:.1f} s ("
+        + ", ".join(f"{k} {v:.1f}s" for k, v in demo.timings.items())
+        + ")"
+    )
+    return report, demo.lines
+
+
+# ------------------------------------------------------------------ sections
+
+
+def _attr(
+    demo: Demo,
+    method: str,
+    units: Any,
+    kind: str,
+    lm: Any = None,
+    prompt: Any = None,
+    target: Any = None,
+    counterfactual: Any = None,
+    **wanted: Any,
+) -> Attribution:
+    import attrlab as al
+
+    opts = method_options(method, kind, **wanted)
+    return al.attribute(
+        lm if lm is not None else demo.lm,
+        prompt if prompt is not None else demo.prompt,
+        target=target if target is not None else demo.answer,
+        units=units,
+        method=method,
+        counterfactual=counterfactual,
+        **opts,
+    )
+
+
+def _tokens(demo: Demo) -> None:
+    ran = False
+    for method, opts, note in (
+        ("ig", dict(steps=16), "Integrated Gradients: each token's share of the logit difference"),
+        ("occlusion", {}, "Occlusion: the change when each token is replaced"),
+    ):
+        if not available(method, "tokens"):
+            continue
+        demo.add(_attr(demo, method, "tokens", "tokens", **opts), f"Tokens — {method}", note)
+        ran = True
+    if not ran:
+        m = first_available(["saliency", "input_x_gradient", "ixg", "shapley", "loo"], "tokens")
+        if m is None:
+            raise Unavailable("no token attribution method (ig, occlusion …) is registered yet")
+        demo.add(_attr(demo, m, "tokens", "tokens"), f"Tokens — {m}")
+
+
+def _continuation(demo: Demo) -> None:
+    from ..targets import ContinuationLogProb
+
+    m = first_available(["ig", "input_x_gradient", "saliency"], "tokens")
+    if m is None:
+        raise Unavailable("no gradient method over tokens is registered yet")
+    gen = _greedy(demo.lm, demo.prompt, 4)
+    target = ContinuationLogProb(gen, reduce="none")
+    r = _attr(demo, m, "tokens", "tokens", target=target, steps=8)
+    if r.scores.dim() != 2:
+        raise Unavailable(f"{m} does not return per-generated-token rows yet")
+    demo.add(
+        r,
+        f"Continuation {gen!r} — {m}",
+        "each generated token (row) attributed to the prompt and the earlier generated tokens",
+    )
+
+
+def _greedy(lm: Any, prompt: str, n: int) -> str:
+    ids = lm.encode(prompt)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = lm.run(torch.tensor([ids + out]), last_only=True)
+            out.append(int(logits[0, -1].argmax()))
+    return "".join(lm.to_str_tokens(out))
+
+
+def _heads(demo: Demo) -> None:
+    found = False
+    exact = None
+    if available("dla", "heads"):
+        demo.add(
+            _attr(demo, "dla", "heads", "heads"),
+            "Heads — direct logit attribution",
+            "each head's direct contribution to the logit difference (sums exactly with the other parts)",
+        )
+        found = True
+    if available("patch", "heads"):
+        exact = _attr(demo, "patch", "heads", "heads", counterfactual=demo.counterfactual)
+        demo.add(
+            exact,
+            "Heads — exact activation patching",
+            "effect of patching each head's output from the counterfactual run",
+        )
+        found = True
+    for m in ("atp*", "atp"):
+        if not available(m, "heads"):
+            continue
+        r = _attr(demo, m, "heads", "heads", counterfactual=demo.counterfactual)
+        note = f"{m}: the patching effect estimated from gradients (two forwards, one backward)"
+        if exact is not None and exact.scores.shape == r.scores.shape:
+            r.diagnostics["agreement_with_patch"] = agreement(r, exact)
+            note += "; agreement with exact patching in the diagnostics"
+        demo.add(r, f"Heads — {m}", note)
+        found = True
+    if not found:
+        raise Unavailable("no head attribution method (dla, patch, atp*) is registered yet")
+
+
+def _layers(demo: Demo) -> None:
+    for kind in ("layers",):
+        m = first_available(["dla", "patch"], kind)
+        if m is None:
+            continue
+        kw = {"counterfactual": demo.counterfactual} if m == "patch" else {}
+        demo.add(
+            _attr(demo, m, kind, kind, **kw),
+            f"Layers — {m}",
+            "contribution of the embeddings and each layer's attention and MLP",
+        )
+        return
+    raise Unavailable("no layer attribution method (dla) is registered yet")
+
+
+def _logit_lens(demo: Demo) -> None:
+    import attrlab as al
+
+    fn = getattr(al, "logit_lens", None)
+    if fn is None:
+        raise Unavailable("al.logit_lens is not available yet")
+    res = fn(demo.lm, demo.prompt, **_accepts(fn, target=demo.answer[0], k=5))
+    if isinstance(res, Attribution):
+        demo.add(res, "Logit lens", f"the answer {demo.answer[0]!r} read out after every layer")
+        return
+    table = res.to_pandas() if hasattr(res, "to_pandas") else res
+    if hasattr(table, "columns"):
+        demo.report.add_table(
+            "Logit lens",
+            {c: table[c].tolist() for c in table.columns},
+            note=f"the answer {demo.answer[0]!r} read out after every layer",
+            panel="logit_lens",
+        )
+        demo.lines.append(f"  {'Logit lens':<30} {len(table)} rows")
+        return
+    raise Unavailable(f"al.logit_lens returned {type(res).__name__}, which the report cannot show")
+
+
+def _accepts(fn: Callable[..., Any], **wanted: Any) -> dict[str, Any]:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return {}
+    return {k: v for k, v in wanted.items() if k in params}
+
+
+def _circuit(demo: Demo) -> None:
+    m = first_available(["eap-ig", "eap", "atp"], "edges")
+    if m is None:
+        raise Unavailable("edge attribution (units='edges', eap / eap-ig) is not registered yet")
+    r = _attr(demo, m, "edges", "edges", counterfactual=demo.counterfactual, steps=4)
+    demo.add(r, f"Circuit — {m}", "edges between components; the strongest edges are drawn")
+
+
+def _sources(demo: Demo) -> None:
+    m = first_available(["contextcite", "loo"], "sources")
+    if m is None:
+        raise Unavailable(
+            "context attribution (units='sources', contextcite) is not registered yet"
+        )
+    lm = zoo_model("context_qa")
+    from .. import zoo
+
+    ex = zoo.task("context_qa").examples(1, seed=0)[0]
+    sources = getattr(ex, "sources", None) or getattr(ex, "documents", None)
+    kw = {"sources": sources, "response": ex.answer, "n_ablations": 32, "seed": 0}
+    r = _attr(demo, m, "sources", "sources", lm=lm, prompt=ex.prompt, target=ex.answer, **kw)
+    demo.add(r, f"Context sources — {m}", "which document of the prompt the answer comes from")
+
+
+def _training(demo: Demo) -> None:
+    m = first_available(["trak", "tracin", "grad_dot"], "train")
+    if m is None:
+        raise Unavailable("training-data attribution (units='train', trak) is not registered yet")
+    lm = zoo_model("facts")
+    from .. import zoo
+
+    ex = zoo.task("facts").examples(1, seed=0)[0]
+    r = _attr(demo, m, "train", "train", lm=lm, prompt=ex.prompt, target=ex.answer)
+    demo.add(r, f"Training examples — {m}", "the training documents that most support the answer")
+
+
+def _finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))
