@@ -282,23 +282,11 @@ class Attribution:
         return self._repr_html_()
 
     def plot(self, ax: Any = None, k: int = 20) -> Any:
-        """A matplotlib bar chart of the top ``k`` units (or a heatmap for 2-D scores)."""
-        import matplotlib.pyplot as plt
+        """A matplotlib view: layer x head heatmap for heads, a heatmap for 2-D
+        scores, bars in text order for tokens, else the top ``k`` units as bars."""
+        from .viz.plots import plot
 
-        if ax is None:
-            _, ax = plt.subplots(figsize=(8, 4))
-        if self.scores.dim() == 2:
-            ax.imshow(self.to_numpy(), aspect="auto", cmap="RdBu_r")
-            ax.set_xlabel(self.unit_kind)
-            ax.set_ylabel("row")
-        else:
-            df = self.top(k)
-            idx = [self.labels(i) for i in self._top_indices(k)]
-            ax.barh(range(len(df))[::-1], df["score"].to_numpy())
-            ax.set_yticks(range(len(df))[::-1], idx)
-            ax.set_xlabel(f"{self.method} score")
-        ax.set_title(html.unescape(f"{self.method}: {self.target}"))
-        return ax
+        return plot(self, ax=ax, k=k)
 
     def _top_indices(self, k: int) -> list[int]:
         s = self.scores if self.scores.dim() == 1 else self.scores.sum(0)
