@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import math
 from collections.abc import Mapping, Sequence
