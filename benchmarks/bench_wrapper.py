@@ -32,12 +32,18 @@ def main() -> None:
     lm = al.wrap(hf, None, name="gpt2-12x768-random")
     ids = torch.randint(0, cfg.vocab_size, (1, 64))
     batch = lm.tokenize(ids)
-    sites = [f"blocks.{l}.attn.head_out" for l in range(12)] + [f"blocks.{l}.mlp.out" for l in range(12)]
+    sites = [f"blocks.{l}.attn.head_out" for l in range(12)] + [
+        f"blocks.{l}.mlp.out" for l in range(12)
+    ]
 
     def plain():
         with torch.no_grad():
-            return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=batch.position_ids, use_cache=False).logits
+            return hf(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            ).logits
 
     def wrapped():
         return lm.run(batch)[0]

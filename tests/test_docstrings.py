@@ -40,6 +40,8 @@ def test_public_api_has_examples():
         obj = getattr(al, name)
         if callable(obj) and not isinstance(obj, type(al)):
             doc = obj.__doc__ or ""
-            if "Example" not in doc and "Example" not in (importlib.import_module(obj.__module__).__doc__ or ""):
+            if "Example" not in doc and "Example" not in (
+                importlib.import_module(obj.__module__).__doc__ or ""
+            ):
                 missing.append(name)
     assert not missing, f"public entry points without an example: {missing}"

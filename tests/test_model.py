@@ -14,7 +14,7 @@ from attrlab.testing import FAMILIES, tiny_model
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lm(family: str) -> al.LM:
     return al.wrap(*tiny_model(family), name=f"tiny-{family}")
 
@@ -96,7 +96,9 @@ def test_batched_interventions_equal_separate_runs(lm):
     batched_ivs = []
     for row, iv in enumerate(ivs):
         batched_ivs.append(
-            Intervention(iv.site, iv.value, iv.op, rows=[row], positions=iv.positions, heads=iv.heads)
+            Intervention(
+                iv.site, iv.value, iv.op, rows=[row], positions=iv.positions, heads=iv.heads
+            )
         )
     together, _ = lm.run([PROMPT] * len(ivs), interventions=batched_ivs)
     clean, _ = lm.run(PROMPT)
@@ -112,11 +114,16 @@ def test_paired_indices_patch_different_units_per_row(lm):
     value = torch.zeros(n, lm.cfg.d_head)
     together, _ = lm.run(
         [PROMPT] * n,
-        interventions=[Intervention("blocks.0.attn.z", value, rows=rows, positions=positions, heads=heads)],
+        interventions=[
+            Intervention("blocks.0.attn.z", value, rows=rows, positions=positions, heads=heads)
+        ],
     )
     for r in range(n):
         single, _ = lm.run(
-            PROMPT, interventions=[Intervention("blocks.0.attn.z", 0.0, positions=[positions[r]], heads=[heads[r]])]
+            PROMPT,
+            interventions=[
+                Intervention("blocks.0.attn.z", 0.0, positions=[positions[r]], heads=[heads[r]])
+            ],
         )
         torch.testing.assert_close(together[r], single[0], atol=1e-5, rtol=1e-5)
 
@@ -148,7 +155,13 @@ def test_last_only(lm):
 
 
 def test_grad_mode_gives_live_cache(lm):
-    sites = ["embed", "blocks.0.attn.head_out", "blocks.1.attn.z", "blocks.1.mlp.neurons", "blocks.0.attn.q"]
+    sites = [
+        "embed",
+        "blocks.0.attn.head_out",
+        "blocks.1.attn.z",
+        "blocks.1.mlp.neurons",
+        "blocks.0.attn.q",
+    ]
     logits, cache = lm.run(PROMPT, cache=sites, grad=True)
     metric = logits[0, -1, 5] - logits[0, -1, 7]
     grads = torch.autograd.grad(metric, [cache[s] for s in sites])
@@ -157,7 +170,9 @@ def test_grad_mode_gives_live_cache(lm):
     # the head_out gradient is the gradient of attn.out (a head's output is additive)
     logits, cache = lm.run(PROMPT, cache=["blocks.0.attn.head_out", "blocks.0.attn.out"], grad=True)
     metric = logits[0, -1, 5]
-    g_heads, g_out = torch.autograd.grad(metric, [cache["blocks.0.attn.head_out"], cache["blocks.0.attn.out"]])
+    g_heads, g_out = torch.autograd.grad(
+        metric, [cache["blocks.0.attn.head_out"], cache["blocks.0.attn.out"]]
+    )
     for h in range(lm.cfg.n_heads):
         torch.testing.assert_close(g_heads[:, :, h], g_out, atol=1e-6, rtol=1e-5)
 
@@ -194,9 +209,15 @@ def test_resid_mid_write_changes_mlp_input_and_residual():
     lm = _lm("gpt2")
     _, cache = lm.run(PROMPT, cache=["blocks.0.resid_mid"])
     new = cache["blocks.0.resid_mid"] * 0.5
-    logits, c2 = lm.run(PROMPT, interventions=[Intervention("blocks.0.resid_mid", new)], cache=["blocks.0.resid_mid", "blocks.0.resid_post", "blocks.0.mlp.out"])
+    logits, c2 = lm.run(
+        PROMPT,
+        interventions=[Intervention("blocks.0.resid_mid", new)],
+        cache=["blocks.0.resid_mid", "blocks.0.resid_post", "blocks.0.mlp.out"],
+    )
     torch.testing.assert_close(c2["blocks.0.resid_mid"], new)
-    torch.testing.assert_close(c2["blocks.0.resid_post"], new + c2["blocks.0.mlp.out"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        c2["blocks.0.resid_post"], new + c2["blocks.0.mlp.out"], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_sites_list_and_pattern_needs_eager():
@@ -214,7 +235,11 @@ def test_float64_and_bfloat16():
         hf, tok = tiny_model("llama", dtype=dtype)
         lm = al.wrap(hf, tok)
         assert lm.dtype == dtype
-        logits, cache = lm.run(PROMPT, cache=["blocks.0.attn.head_out"], interventions=[Intervention("blocks.1.attn.z", 0.0, heads=[0])])
+        logits, cache = lm.run(
+            PROMPT,
+            cache=["blocks.0.attn.head_out"],
+            interventions=[Intervention("blocks.1.attn.z", 0.0, heads=[0])],
+        )
         assert logits.dtype == dtype and cache["blocks.0.attn.head_out"].dtype == dtype
 
 
@@ -255,6 +280,8 @@ def test_load_passes_device_map_and_dtype(tmp_path, monkeypatch):
 def test_unsupported_checkpoint_type(tmp_path):
     from transformers import BertConfig
 
-    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path)
+    BertConfig(
+        hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8
+    ).save_pretrained(tmp_path)
     with pytest.raises(al.errors.UnsupportedArchitectureError, match="bert"):
         al.load(str(tmp_path))

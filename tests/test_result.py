@@ -13,10 +13,18 @@ from attrlab.result import Attribution
 
 
 def _result(two_d: bool = False) -> Attribution:
-    scores = torch.tensor([[0.5, -2.0, 1.0], [0.1, 0.2, -0.3]]) if two_d else torch.tensor([0.5, -2.0, 1.0])
+    scores = (
+        torch.tensor([[0.5, -2.0, 1.0], [0.1, 0.2, -0.3]])
+        if two_d
+        else torch.tensor([0.5, -2.0, 1.0])
+    )
     return Attribution(
         scores,
-        units={"layer": [0, 0, 1], "head": [0, 1, 0], "token": ["<script>", " Mary", '"><img onerror=x>']},
+        units={
+            "layer": [0, 0, 1],
+            "head": [0, 1, 0],
+            "token": ["<script>", " Mary", '"><img onerror=x>'],
+        },
         unit_kind="heads",
         method="dla",
         target="logit(' Mary')",

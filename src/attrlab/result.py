@@ -92,7 +92,9 @@ class Attribution:
     ):
         scores = torch.as_tensor(scores).detach().cpu()
         if scores.dim() not in (1, 2):
-            raise InputError(f"scores must be [n_units] or [n_rows, n_units], got {tuple(scores.shape)}")
+            raise InputError(
+                f"scores must be [n_units] or [n_rows, n_units], got {tuple(scores.shape)}"
+            )
         n = scores.shape[-1]
         cols = {k: list(v) for k, v in units.items()}
         for k, v in cols.items():
@@ -173,8 +175,10 @@ class Attribution:
         """
         if by not in ("abs", "pos", "neg"):
             raise InputError("by must be 'abs', 'pos' or 'neg'")
-        s = self.scores if self.scores.dim() == 1 else (
-            self.scores[row] if row is not None else self.scores.sum(0)
+        s = (
+            self.scores
+            if self.scores.dim() == 1
+            else (self.scores[row] if row is not None else self.scores.sum(0))
         )
         key = s.abs() if by == "abs" else (s if by == "pos" else -s)
         order = torch.argsort(key.double(), descending=True, stable=True)[: max(0, k)]
@@ -245,7 +249,9 @@ class Attribution:
         except json.JSONDecodeError as e:
             raise FileFormatError(f"{path}: bad metadata JSON: {e}") from e
         if m.get("format") != FORMAT or int(m.get("version", 0)) > FORMAT_VERSION:
-            raise FileFormatError(f"{path}: unsupported format {m.get('format')} v{m.get('version')}")
+            raise FileFormatError(
+                f"{path}: unsupported format {m.get('format')} v{m.get('version')}"
+            )
         extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
         return cls(
             tensors["scores"],

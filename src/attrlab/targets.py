@@ -37,7 +37,7 @@ from .errors import EmptyPromptError, InputError
 if TYPE_CHECKING:
     from .model.wrapper import LM, Batch
 
-TokenSpec = Union[str, int, Sequence[Union[str, int]]]
+TokenSpec = Union[str, int, Sequence[str | int]]
 
 
 class Target:
@@ -85,9 +85,7 @@ def _gather_last(values: Tensor, ids: Tensor | int) -> Tensor:
     ids = ids.to(last.device)
     if ids.numel() != last.shape[0]:
         if last.shape[0] % ids.numel():
-            raise InputError(
-                f"{ids.numel()} target tokens for a batch of {last.shape[0]} prompts"
-            )
+            raise InputError(f"{ids.numel()} target tokens for a batch of {last.shape[0]} prompts")
         # a batch of repeated prompt variants: ids repeat per original prompt
         ids = ids.repeat_interleave(last.shape[0] // ids.numel())
     return last.gather(-1, ids[:, None])[:, 0]

@@ -62,7 +62,9 @@ class Method:
 _REGISTRY: dict[tuple[str, str], type[Method]] = {}
 
 
-def register(name: str, units: tuple[str, ...], *aliases: str) -> Callable[[type[Method]], type[Method]]:
+def register(
+    name: str, units: tuple[str, ...], *aliases: str
+) -> Callable[[type[Method]], type[Method]]:
     """Class decorator: make ``method=name`` (and aliases) available for ``units``."""
 
     def deco(cls: type[Method]) -> type[Method]:

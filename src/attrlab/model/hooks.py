@@ -259,7 +259,9 @@ class HookSession:
 
         return hook
 
-    def _head_out(self, layer: int, out_norm_input: Tensor | None, norm: nn.Module | None) -> Tensor:
+    def _head_out(
+        self, layer: int, out_norm_input: Tensor | None, norm: nn.Module | None
+    ) -> Tensor:
         """Per-head contribution to the residual, ``[batch, pos, head, d_model]``."""
         z = self._z[layer]  # [b, p, h, dh]
         W_O = self.a.W_O(layer)  # [h, dh, d_model]

@@ -88,7 +88,7 @@ def load(
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     if device is not None and device_map is None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(name, **_hub_kwargs(from_pretrained_kwargs))
     return LM(model, tokenizer, name=name)

@@ -112,11 +112,13 @@ class LM:
     @property
     def device(self) -> torch.device:
         """Where inputs go: the device of the token embedding."""
-        return self.adapter.token_embedding().weight.device
+        weight: Tensor = self.adapter.token_embedding().weight  # type: ignore[assignment]
+        return weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.adapter.token_embedding().weight.dtype
+        weight: Tensor = self.adapter.token_embedding().weight  # type: ignore[assignment]
+        return weight.dtype
 
     @property
     def pad_token_id(self) -> int:
@@ -196,8 +198,9 @@ class LM:
         for i, r in enumerate(rows):
             if len(r) == 0:
                 raise EmptyPromptError(
-                    f"prompt {i} is empty: give at least one token" if len(rows) > 1 else
-                    "the prompt is empty: give at least one token"
+                    f"prompt {i} is empty: give at least one token"
+                    if len(rows) > 1
+                    else "the prompt is empty: give at least one token"
                 )
             bad = [t for t in r if not 0 <= t < self.cfg.d_vocab]
             if bad:
@@ -218,7 +221,7 @@ class LM:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         return Batch(ids, mask, pos).to(self.device)
 
-    def _token_rows(self, inputs: Inputs, prepend_bos: bool | None) -> list[list[int]]:
+    def _token_rows(self, inputs: Any, prepend_bos: bool | None) -> list[list[int]]:
         if isinstance(inputs, str):
             inputs = [inputs]
         if isinstance(inputs, Tensor):
@@ -228,7 +231,7 @@ class LM:
             raise EmptyPromptError("no prompts given")
         if all(isinstance(x, str) for x in inputs):
             tok = self._require_tokenizer()
-            rows = []
+            rows: list[list[int]] = []
             for text in inputs:
                 if text == "":
                     rows.append([])

@@ -77,8 +77,11 @@ def resolve(spec: Any) -> Units:
                 "or pass an al.units object"
             )
         return _KINDS[spec]()
-    if isinstance(spec, (list, tuple)) and spec and all(
-        isinstance(s, (list, tuple)) and len(s) == 2 for s in spec
-    ) and "spans" in _KINDS:
+    if (
+        isinstance(spec, (list, tuple))
+        and spec
+        and all(isinstance(s, (list, tuple)) and len(s) == 2 for s in spec)
+        and "spans" in _KINDS
+    ):
         return _KINDS["spans"](spec)  # type: ignore[call-arg]
     raise UnknownUnitsError(f"cannot read units {spec!r}: give a name like 'tokens' or an object")

@@ -32,9 +32,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     Gemma2Adapter,
     Phi3Adapter,
 )
-SUPPORTED_MODEL_TYPES: dict[str, type[Adapter]] = {
-    t: a for a in ADAPTERS for t in a.model_types
-}
+SUPPORTED_MODEL_TYPES: dict[str, type[Adapter]] = {t: a for a in ADAPTERS for t in a.model_types}
 
 
 def adapter_for(model: nn.Module) -> Adapter:

@@ -19,7 +19,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import transformers
@@ -64,7 +64,7 @@ def linear_in_out(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     Handles ``nn.Linear`` (weight stored ``[out, in]``) and GPT-2's ``Conv1D``
     (weight stored ``[in, out]``).
     """
-    weight = module.weight
+    weight: Tensor = module.weight  # type: ignore[assignment]
     if isinstance(module, nn.Linear):
         return weight.T, module.bias
     # transformers.pytorch_utils.Conv1D: y = x @ W + b with W [in, out]
@@ -101,8 +101,8 @@ class Adapter:
     norm_kind: ClassVar[str] = "rmsnorm"
 
     def __init__(self, model: nn.Module):
-        self.model = model
-        self.hf_config = model.config
+        self.model: Any = model
+        self.hf_config: Any = model.config
         self.cfg = self._make_config()
 
     # ----------------------------------------------------------------- config
@@ -239,7 +239,7 @@ class Adapter:
 
     def norm_affine(self, norm: nn.Module) -> tuple[Tensor, Tensor | None]:
         """The effective elementwise weight and bias of a norm (``1 + w`` for Gemma)."""
-        w = norm.weight
+        w: Tensor = norm.weight  # type: ignore[assignment]
         if self.norm_kind == "rmsnorm_plus_one":
             w = 1.0 + w
         return w, getattr(norm, "bias", None)

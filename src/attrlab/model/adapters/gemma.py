@@ -4,12 +4,14 @@ before the residual add, and Gemma 2 soft-caps the final logits."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from .base import Adapter
 
 
 class GemmaAdapter(Adapter):
     family = "gemma"
-    model_types = ("gemma",)
+    model_types: ClassVar[tuple[str, ...]] = ("gemma",)
     norm_kind = "rmsnorm_plus_one"
 
 
