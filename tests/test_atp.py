@@ -1,0 +1,284 @@
+"""AtP and AtP* against exact activation patching (the oracle)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import attrlab as al
+from attrlab.methods.atp import (
+    CounterfactualWarning,
+    NodeSet,
+    exact_node_effects,
+    false_negative_bound,
+    prepare_pair,
+)
+from attrlab.model.interventions import Intervention
+
+PROMPT = "When Mary and John went to the store, John gave a drink to"
+CF = "When Tom and Anna went to the park, Mary gave a ball to"
+
+
+def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """3-layer float64 GPT-2 with sharpened attention (saturating softmax)."""
+    hf, tok = al.testing.tiny_model("gpt2", dtype=torch.float64, n_layer=3)
+    with torch.no_grad():
+        for blk in hf.transformer.h:
+            blk.attn.c_attn.weight.mul_(6.0)
+        hf.transformer.wte.weight.mul_(3.0)
+    return al.wrap(hf, tok)
+
+
+_EXACT: dict = {}
+
+
+def exact(lm, units, head_site="z", direction="noising"):
+    key = (id(lm), repr(units), head_site, direction)
+    if key not in _EXACT:
+        _EXACT[key] = _exact(lm, units, head_site, direction)
+    return _EXACT[key]
+
+
+def _exact(lm, units, head_site, direction):
+    t = al.targets.resolve((" Mary", " John"), lm)
+    b, c = prepare_pair(lm, PROMPT, t, CF)
+    base, src = (b, c) if direction == "noising" else (c, b)
+    ns = NodeSet.build(lm, units, b.shape[1], head_site=head_site)
+    _, src_cache = lm.run(src, cache=ns.sites())
+    return exact_node_effects(lm, base, src_cache, t, ns, chunk=256)
+
+
+def run(lm, units, method="atp*", **kw):
+    return al.attribute(
+        lm, PROMPT, target=(" Mary", " John"), units=units, method=method, counterfactual=CF, **kw
+    )
+
+
+def test_exact_oracle_matches_hand_intervention(lm):
+    """exact_node_effects == patching one head/position by hand with an Intervention."""
+    units = al.units.Heads(per_position=True)
+    ex = exact(lm, units)
+    ns = NodeSet.build(lm, units, lm.tokenize(PROMPT).shape[1])
+    t = al.targets.resolve((" Mary", " John"), lm)
+    _, cf_cache = lm.run(CF, cache=["blocks.1.attn.z"])
+    base = t(lm.run(PROMPT)[0], lm.tokenize(PROMPT))
+    for i in (0, 17, ns.n_units // 2 + 3):
+        layer, pos, head = ns.unit(i)
+        if layer != 1:
+            continue
+        iv = Intervention(
+            "blocks.1.attn.z", cf_cache["blocks.1.attn.z"][0, pos, head], positions=pos, heads=head
+        )
+        m = t(lm.run(PROMPT, interventions=[iv])[0], lm.tokenize(PROMPT))
+        assert float(m - base) == pytest.approx(float(ex[i]), abs=1e-10)
+
+
+@pytest.mark.parametrize(
+    "units",
+    [
+        al.units.Heads(per_position=True),
+        al.units.Heads(),
+        al.units.AttnOut(per_position=True),
+        al.units.MlpOut(per_position=True),
+        al.units.MlpOut(),
+        al.units.Neurons(layers=[1]),
+    ],
+    ids=["heads-pos", "heads", "attn-pos", "mlp-pos", "mlp", "neurons"],
+)
+def test_atp_agrees_with_exact_patching(lm, units):
+    ex = exact(lm, units)
+    r = run(lm, units, method="atp")
+    assert len(r) == len(ex)
+    assert corr(r.scores, ex) > 0.9
+    assert torch.isfinite(r.scores).all()
+
+
+@pytest.mark.parametrize(
+    "units",
+    [
+        al.units.Heads(per_position=True),
+        al.units.Neurons(layers=[0], per_position=True),
+        al.units.Resid(),
+    ],
+    ids=["heads-pos", "neurons-pos", "resid"],
+)
+def test_atp_is_the_derivative_of_exact_patching(lm, units):
+    """Patching a tiny step toward the counterfactual: effect / step == AtP."""
+    t = al.targets.resolve((" Mary", " John"), lm)
+    b, c = prepare_pair(lm, PROMPT, t, CF)
+    ns = NodeSet.build(lm, units, b.shape[1])
+    _, src = lm.run(c, cache=ns.sites())
+    _, base = lm.run(b, cache=ns.sites())
+    step = 1e-5
+    near = {s: base[s] + step * (src[s] - base[s]) for s in ns.sites()}
+    idx = list(range(0, ns.n_units, max(1, ns.n_units // 40)))
+    fd = exact_node_effects(lm, b, near, t, ns, indices=idx, chunk=256) / step
+    r = run(lm, units, method="atp")
+    torch.testing.assert_close(r.scores[idx].double(), fd, atol=1e-6, rtol=1e-3)
+
+
+def test_atp_labels_and_order(lm):
+    r = run(lm, al.units.Heads(layers=[2], heads=[1, 3], per_position=True), method="atp")
+    n_pos = lm.tokenize(PROMPT).shape[1]
+    assert len(r) == 2 * n_pos
+    assert set(r.units["layer"]) == {2} and r.units["head"][:n_pos] == [1] * n_pos
+    full = run(lm, al.units.Heads(per_position=True), method="atp")
+    df = full.to_pandas().set_index(["layer", "head", "position"])["score"]
+    for i in range(len(r)):
+        key = (r.units["layer"][i], r.units["head"][i], r.units["position"][i])
+        assert df[key] == pytest.approx(float(r.scores[i]), abs=1e-6)
+
+
+@pytest.mark.parametrize("head_site", ["q", "k"])
+@pytest.mark.parametrize("per_position", [True, False])
+def test_qk_fix_is_exact_for_single_query_or_key(lm, head_site, per_position):
+    """With the softmax recomputed, the only linear step left is pattern -> metric;
+    on a saturated model the QK fix is far closer to exact than AtP."""
+    units = al.units.Heads(per_position=per_position)
+    ex = exact(lm, units, head_site=head_site)
+    r = run(lm, units, head_site=head_site)
+    err_qk = float((r.extra["atp_qk"] - ex).abs().max())
+    err_atp = float((r.extra["atp"] - ex).abs().max())
+    assert corr(r.extra["atp_qk"], ex) > 0.999
+    assert err_qk < 0.1 * err_atp
+
+
+def test_denoising_direction(lm):
+    units = al.units.Heads(per_position=True)
+    ex = exact(lm, units, direction="denoising")
+    r = run(lm, units, method="atp", direction="denoising")
+    assert corr(r.scores, ex) > 0.9
+    assert r.diagnostics["direction"] == "denoising"
+
+
+def test_graddrop_layers_match_manual_dropped_backward(lm):
+    """Each GradDrop row equals AtP computed with a hand-made detached layer."""
+    units = al.units.MlpOut(per_position=True)
+    r = run(lm, units)
+    drops = r.extra["graddrop_by_layer"]
+    assert drops.shape == (3, len(r))
+    t = al.targets.resolve((" Mary", " John"), lm)
+    b = lm.tokenize(PROMPT)
+    sites = [f"blocks.{i}.mlp.out" for i in range(3)]
+    _, cf_cache = lm.run(CF, cache=sites)
+    for drop in range(3):
+        ivs = [
+            Intervention(f"blocks.{drop}.{k}", lambda x: x.detach())
+            for k in ("attn.out", "mlp.out")
+        ]
+        logits, cache = lm.run(b, cache=sites, interventions=ivs, grad=True)
+        grads = torch.autograd.grad(
+            t(logits, b).sum(), [cache[s] for s in sites], allow_unused=True
+        )
+        manual = []
+        for s, g in zip(sites, grads):
+            g = torch.zeros_like(cache[s]) if g is None else g
+            manual.append(((cf_cache[s] - cache[s].detach()) * g).sum(-1)[0])
+        torch.testing.assert_close(
+            drops[drop].double(), torch.cat(manual).double(), atol=1e-6, rtol=1e-4
+        )
+    gd = drops.abs().sum(0) / 2
+    torch.testing.assert_close(r.scores.abs(), gd.float(), atol=1e-7, rtol=1e-5)
+
+
+def test_atp_star_tracks_exact_on_heads(lm):
+    units = al.units.Heads(per_position=True)
+    ex = exact(lm, units)
+    r = run(lm, units)
+    assert corr(r.scores, ex) > 0.9
+    top_exact = set(torch.argsort(ex.abs(), descending=True)[:10].tolist())
+    top_star = set(torch.argsort(r.scores.abs(), descending=True)[:20].tolist())
+    assert len(top_exact & top_star) >= 9
+
+
+def test_false_negative_bound_holds_against_full_sweep(lm):
+    units = al.units.Heads(per_position=True)
+    ex = exact(lm, units)
+    r = run(lm, units, bound_samples=40, bound_top=10, bound_bins=4, seed=1)
+    fb = r.diagnostics["false_negative_bound"]
+    theta = fb["theta"]
+    verified = set(fb["verified"]["index"])
+    assert len(verified) == 10 and fb["n_exact_patches"] == 50
+    # the bound's exact values are the exact sweep's
+    for i, e in zip(fb["verified"]["index"], fb["verified"]["effect"]):
+        assert e == pytest.approx(float(ex[i]), abs=1e-9)
+    actual_fn = sum(1 for i in range(len(ex)) if i not in verified and abs(ex[i]) > theta)
+    assert actual_fn <= fb["upper_total"]
+    assert fb["upper_total"] < len(ex) - 10  # informative, not vacuous
+
+
+def test_false_negative_bound_detects_a_planted_miss(lm):
+    """A ranking that hides the largest units gets a large bound."""
+    units = al.units.Heads(per_position=True)
+    ex = exact(lm, units)
+    ns = NodeSet.build(lm, units, lm.tokenize(PROMPT).shape[1])
+    t = al.targets.resolve((" Mary", " John"), lm)
+    _, src = lm.run(CF, cache=ns.sites())
+    bad = 1.0 / (ex.abs() + 1e-12)  # worst possible ranking: the true top units come last
+    fb = false_negative_bound(
+        lm,
+        lm.tokenize(PROMPT),
+        src,
+        t,
+        ns,
+        bad,
+        n_top=5,
+        n_samples=60,
+        n_bins=4,
+        theta=float(ex.abs().sort().values[-10]),
+    )
+    assert fb["bins"][-1]["exceed"] >= 1
+    assert fb["upper_total"] >= 5
+
+
+def test_same_counterfactual_warns_and_gives_zeros(lm):
+    with pytest.warns(CounterfactualWarning, match="does not change"):
+        r = al.attribute(
+            lm,
+            PROMPT,
+            target=(" Mary", " John"),
+            units="heads",
+            method="atp*",
+            counterfactual=PROMPT,
+        )
+    assert torch.isfinite(r.scores).all() and float(r.scores.abs().max()) == 0.0
+    assert r.diagnostics["counterfactual_changes_target"] is False
+
+
+def test_bad_inputs(lm):
+    with pytest.raises(al.errors.InputError, match="counterfactual"):
+        al.attribute(lm, PROMPT, target=" Mary", units="heads", method="atp")
+    with pytest.raises(al.errors.CounterfactualLengthError):
+        al.attribute(
+            lm, PROMPT, target=" Mary", units="heads", method="atp", counterfactual="When Mary went"
+        )
+    with pytest.raises(al.errors.UnknownMethodError):
+        al.attribute(lm, PROMPT, target=" Mary", units="tokens", method="atp", counterfactual=CF)
+    with pytest.raises(al.errors.InputError, match="head_site"):
+        run(lm, "heads", head_site="nope")
+
+
+def test_batch_of_prompts_and_save_roundtrip(lm, tmp_path):
+    prompts = [PROMPT, "When Tom and Anna went to the park, Anna gave a ball to"]
+    cfs = [CF, "When Tom and Anna went to the park, Tom gave a ball to"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CounterfactualWarning)
+        r = al.attribute(
+            lm, prompts, target=[" Mary", " Tom"], units="mlp", method="atp*", counterfactual=cfs
+        )
+    one = al.attribute(
+        lm, prompts[0], target=" Mary", units="mlp", method="atp", counterfactual=cfs[0]
+    )
+    two = al.attribute(
+        lm, prompts[1], target=" Tom", units="mlp", method="atp", counterfactual=cfs[1]
+    )
+    torch.testing.assert_close(r.extra["atp"], (one.scores + two.scores) / 2, atol=1e-6, rtol=1e-4)
+    back = al.Attribution.load(r.save(tmp_path / "r.attr"))
+    assert back.equals(r)
