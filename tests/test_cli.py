@@ -35,9 +35,10 @@ class _Occlusion(Method):
         big = Batch(ids, b.attention_mask.repeat(n + 1, 1), b.position_ids.repeat(n + 1, 1))
         with torch.no_grad():
             logits, _ = lm.run(big)
-        v = target(logits, big)
+        v = target(logits, big)  # [n + 1] or [n + 1, n_continuation]
+        scores = v[0] - v[1:]
         return al.Attribution(
-            v[0] - v[1:],
+            scores if scores.dim() == 1 else scores.T,
             {"position": list(range(n)), "token": lm.to_str_tokens(b.input_ids[0])},
             "tokens",
             "cli-test-occlusion",

@@ -92,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = e.add_mutually_exclusive_group()
     t.add_argument("--target", help="a single next token, e.g. ' Mary' (default: top prediction)")
     t.add_argument("--contrast", nargs=2, metavar=("A", "B"), help="logit difference A minus B")
-    t.add_argument("--continuation", help="a continuation whose log-probability is explained")
+    t.add_argument(
+        "--continuation",
+        help="a continuation: one row per continuation token, its log-probability "
+        "(target=al.targets.ContinuationLogProb(TEXT, reduce='none'))",
+    )
     e.add_argument("--counterfactual", help="a corrupted prompt of the same token length")
     e.add_argument(
         "--units",
@@ -202,7 +206,7 @@ def _target_spec(args: argparse.Namespace) -> Any:
     if args.continuation is not None:
         from .targets import ContinuationLogProb
 
-        return ContinuationLogProb(args.continuation)
+        return ContinuationLogProb(args.continuation, reduce="none")
     return args.target
 
 

@@ -150,7 +150,7 @@ def summary_line(title: str, r: Attribution, k: int = 3) -> str:
     order = torch.argsort(s.abs().double().nan_to_num(), descending=True)[:k].tolist()
     tops = ", ".join(f"{_short(unit_label(r, i))} {float(s[i]):+.3g}" for i in order)
     diag = _headline_diag(r.diagnostics)
-    return f"  {title:<30} [{r.method}] {tops}{'  (' + diag + ')' if diag else ''}"
+    return f"  {title:<34} [{r.method}] {tops}{'  (' + diag + ')' if diag else ''}"
 
 
 def _short(text: str, n: int = 28) -> str:
@@ -162,6 +162,8 @@ def _headline_diag(d: dict[str, Any]) -> str:
     out = []
     for key in ("completeness_error", "pearson", "spearman", "faithfulness"):
         for k, v in _walk(d):
+            if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+                v = max(v, key=abs)  # the worst row
             if k.endswith(key) and isinstance(v, (int, float)) and not isinstance(v, bool):
                 out.append(f"{key}={v:.3g}")
                 break
@@ -259,13 +261,13 @@ def run_demo(
             fn(demo)
         except Unavailable as e:
             report.missing(title, str(e))
-            demo.lines.append(f"  {title:<30} not available: {e}")
+            demo.lines.append(f"  {title:<34} not available: {e}")
         except Exception as e:
             if debug:
                 raise
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             report.missing(title, f"failed: {type(e).__name__}: {msg}")
-            demo.lines.append(f"  {title:<30} failed: {type(e).__name__}: {msg}")
+            demo.lines.append(f"  {title:<34} failed: {type(e).__name__}: {msg}")
         demo.timings[title] = round(time.perf_counter() - t, 2)
     bar.close()
     report.info["time"] = (

@@ -262,7 +262,10 @@ def render_bars(labels: Sequence[Any], scores: Sequence[float], max_rows: int = 
 
 
 def _kv(key: str, value: Any, warn: bool = False) -> str:
-    if isinstance(value, (dict, list, tuple)):
+    if isinstance(value, (list, tuple)) and value and all(_is_number(v) for v in value):
+        shown = [fmt(v, 3) for v in value[:8]]
+        text = "[" + ", ".join(shown) + (", …" if len(value) > 8 else "") + "]"
+    elif isinstance(value, (dict, list, tuple)):
         text = json.dumps(value, default=str)
         if len(text) > 160:
             text = text[:157] + "…"
@@ -298,7 +301,7 @@ def render_meta(r: Attribution) -> str:
     ]
     if r.model_id:
         items.append(("model", f"<code>{esc(r.model_id)}</code>"))
-    params = {k: v for k, v in r.params.items() if k != "progress"}
+    params = {k: v for k, v in r.params.items() if k != "progress" and v is not None}
     items.append(
         (
             "parameters",
@@ -337,7 +340,11 @@ def unit_label(r: Attribution, i: int) -> str:
     """A short label for unit ``i``: ``L3H2``, ``L1 mlp``, ``@4 ' Mary'`` (strings unquoted)."""
     parts = []
     for key in ordered_columns(list(r.units)):
+        if key in _QUIET_COLUMNS:
+            continue
         x = r.units[key][i]
+        if isinstance(x, bool):
+            continue
         if key == "layer":
             parts.append(f"L{x}")
         elif key == "head":
@@ -376,6 +383,13 @@ def _token_panel(r: Attribution, k: int) -> str:
         )
     rows = _row_labels(r)
     matrix = r.scores.tolist()
+    upos, rpos = r.units.get("position"), r.rows.get("position")
+    if upos is not None and rpos is not None and len(rpos) == len(matrix):
+        # a row's token cannot depend on itself or later tokens: hatch those cells
+        for i, p in enumerate(rpos):
+            for j, q in enumerate(upos):
+                if _is_number(p) and _is_number(q) and q >= p:
+                    matrix[i][j] = float("nan")
     return render_heatmap(
         matrix,
         rows,
@@ -495,8 +509,23 @@ def _text_panel(r: Attribution, k: int) -> str:
     return f'<table class="al-table"><tr>{head}</tr>{"".join(rows)}</table>'
 
 
-_COLUMN_ORDER = ("row", "layer", "head", "position", "component", "site", "neuron", "src", "dst",
-                 "source", "id", "token", "word", "text")
+_QUIET_COLUMNS = ("segment", "special", "kind_detail")
+_COLUMN_ORDER = (
+    "row",
+    "layer",
+    "head",
+    "position",
+    "component",
+    "site",
+    "neuron",
+    "src",
+    "dst",
+    "source",
+    "id",
+    "token",
+    "word",
+    "text",
+)
 
 
 def ordered_columns(columns: Sequence[str]) -> list[str]:
@@ -508,9 +537,16 @@ def ordered_columns(columns: Sequence[str]) -> list[str]:
 
 
 def top_frame(r: Attribution, k: int) -> Any:
-    """``r.top(k)`` with its columns in reading order."""
+    """``r.top(k)`` with its columns in reading order (flag columns such as
+    ``special`` / ``segment`` left out when they hold one value only)."""
     top = r.top(k)
-    return top[ordered_columns(list(top.columns))]
+    cols = []
+    for c in ordered_columns(list(top.columns)):
+        vals = r.units.get(c)
+        if c in _QUIET_COLUMNS and vals is not None and len({str(v) for v in vals}) <= 1:
+            continue
+        cols.append(c)
+    return top[cols]
 
 
 def _top_table(r: Attribution, k: int) -> str:
