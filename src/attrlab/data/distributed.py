@@ -12,7 +12,7 @@ same. Without a process group the same code runs single-process.
 Run the digits example on 2 local processes::
 
     torchrun --nproc_per_node=2 -m attrlab.data.distributed \
-        --model mlp.safetensors --out store/ --n 20000 --dim 128
+        --model mlp.safetensors --out store/ --examples 20000 --dim 128
 
 Example:
     >>> dist_info(None, None)
@@ -79,7 +79,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--out", required=True)
     ap.add_argument(
-        "--n", type=int, default=0, help="examples (0 = the digits train split; more = tiled)"
+        "--examples",
+        type=int,
+        default=0,
+        help="examples (0 = the digits train split; more = tiled)",
     )
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
@@ -95,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     model = DigitsMLP(a.hidden)
     model.load_state_dict(load_file(a.model))
     xtr, ytr, _, _ = load_digits_data()
-    data = tiled_examples(xtr, ytr, a.n) if a.n else (xtr, ytr)
+    data = tiled_examples(xtr, ytr, a.examples) if a.examples else (xtr, ytr)
     featurize(
         model,
         data,

@@ -1,0 +1,121 @@
+"""Featurization across processes: a real ``kill -9`` and resume, and 2 ranks under torch.distributed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import attrlab.data as ad
+from attrlab.data.digits import load_digits_data, tiled_examples, train_mlp
+
+N, DIM, SHARD, BATCH = 6000, 32, 200, 100
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A trained tiny MLP saved to disk, and the reference features of an uninterrupted 1-thread run."""
+    tmp = tmp_path_factory.mktemp("proc")
+    xtr, ytr, _, _ = load_digits_data()
+    model = train_mlp(xtr[:200], ytr[:200], hidden=8, epochs=2, seed=0)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "mlp.safetensors")
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = ad.featurize(
+            model,
+            tiled_examples(xtr, ytr, N),
+            tmp / "ref",
+            proj_dim=DIM,
+            shard_size=SHARD,
+            batch_size=BATCH,
+            model_id="digits-mlp",
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return tmp, ref
+
+
+def _cmd(tmp: Path, out: Path) -> list[str]:
+    return [
+        "-m", "attrlab.data.distributed", "--model", str(tmp / "mlp.safetensors"), "--hidden", "8",
+        "--out", str(out), "--examples", str(N), "--dim", str(DIM), "--shard-size", str(SHARD),
+        "--batch-size", str(BATCH), "--threads", "1",
+    ]  # fmt: skip
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    src = str(Path(ad.__file__).resolve().parents[2])
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_kill_9_then_resume_gives_identical_features(setup):
+    tmp, ref = setup
+    out = tmp / "killed"
+    proc = subprocess.Popen([sys.executable, *_cmd(tmp, out)], env=_env(), stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    shards = out / "shards"
+    while time.time() < deadline and proc.poll() is None:
+        if (
+            shards.exists() and len(list(shards.glob("*-*.npy"))) >= 4
+        ):  # some shards done, most to go
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, (
+        f"featurization ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    )
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    store = ad.FeatureStore.open(out)
+    assert 0 < len(store.done_ranges()) < len(ref.done_ranges()) and not store.complete
+    for (
+        a,
+        b,
+    ) in store.done_ranges():  # concurrent/crashed-writer safety: only complete shards are visible
+        assert np.load(store.shard_path(a, b), mmap_mode="r").shape == (b - a, DIM)
+    done = subprocess.run(
+        [sys.executable, *_cmd(tmp, out)], env=_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = ad.FeatureStore.open(out, expect=ref.manifest)
+    assert resumed.complete and resumed.manifest["finalized"]
+    assert np.array_equal(resumed.features(), ref.features())
+    assert np.array_equal(resumed.out_to_loss(), ref.out_to_loss())
+    np.testing.assert_allclose(resumed.gram(), ref.gram(), rtol=1e-12)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_under_torchrun_equal_single_process(setup):
+    tmp, ref = setup
+    out = tmp / "dist"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *_cmd(tmp, out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    store = ad.FeatureStore.open(out, expect=ref.manifest)
+    assert store.complete and store.manifest["finalized"]
+    assert np.array_equal(store.features(), ref.features())
+    assert np.array_equal(store.out_to_loss(), ref.out_to_loss())
+    np.testing.assert_allclose(store.gram(), ref.gram(), rtol=1e-10)  # all-reduced partial Grams
