@@ -29,7 +29,9 @@ class _Component(Units):
         out = []
         for layer in self.layers:
             if not -n_layers <= layer < n_layers:
-                raise IndexRangeError(f"layer {layer} out of range; the model has {n_layers} layers")
+                raise IndexRangeError(
+                    f"layer {layer} out of range; the model has {n_layers} layers"
+                )
             out.append(layer % n_layers)
         return out
 
@@ -81,4 +83,27 @@ class Resid(_Component):
 
 @register_units("neurons")
 class Neurons(_Component):
-    """MLP neurons (``blocks.{l}.mlp.neurons``)."""
+    """MLP neurons (``blocks.{l}.mlp.neurons``); ``neurons`` selects some (default all).
+
+    Example:
+        >>> Neurons(layers=[0], neurons=[3, 7]).neurons
+        [3, 7]
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int] | None = None,
+        neurons: Sequence[int] | None = None,
+        per_position: bool = False,
+    ):
+        super().__init__(layers, per_position)
+        self.neurons = list(neurons) if neurons is not None else None
+
+    def neuron_list(self, d_mlp: int) -> list[int]:
+        """The selected neurons, validated against the MLP width."""
+        if self.neurons is None:
+            return list(range(d_mlp))
+        for n in self.neurons:
+            if not 0 <= n < d_mlp:
+                raise IndexRangeError(f"neuron {n} out of range; the MLPs have {d_mlp} neurons")
+        return list(self.neurons)
