@@ -1,0 +1,389 @@
+"""ContextCite: attribute a response to the sources of its context with a sparse
+linear surrogate ("ContextCite: Attributing Model Generation to Context").
+
+Each of ``n_ablations`` random masks keeps every source with probability
+``keep_prob``; the response's per-token log-probabilities under every ablated
+context are computed once (see :mod:`attrlab.units.sources` for how the
+forwards share work), and a LASSO on standardized masks (scikit-learn) maps
+masks to the response's log-odds. The weights are the scores: how much the
+response's log-odds drop when a source is removed.
+
+The masks and the per-token log-probabilities are kept in the result
+(``r.extra["masks"]``, ``r.extra["logprobs"]``), so :func:`attribute_span`
+attributes any part of the response without new forwards, also after
+``r.save`` / ``Attribution.load``.
+
+How options are split: the unit object (:class:`attrlab.units.Sources`) says
+how the context is cut and how the prompt is built (``sources``, ``split``,
+``query``, ``template``, ``chat_template``); the response is the target
+(``target="..."``, ``al.targets.ContinuationLogProb(...)``, or ``response=``;
+generated greedily when absent); the method's own options say how to estimate
+(``n_ablations``, ``seed`` …). For convenience every method for
+``units="sources"`` also accepts ``sources=``, ``split=``, ``query=``,
+``template=`` and ``chat_template=`` and passes them on to the unit object.
+
+Example:
+    >>> import attrlab as al
+    >>> lm = al.wrap(*al.testing.tiny_model("llama"))
+    >>> ctx = "Paris is in France. Rome is in Italy. Bob likes tea."
+    >>> r = al.attribute(lm, ctx, units="sources", method="contextcite",
+    ...                  query="Where is Paris?", response=" France", n_ablations=16)
+    >>> list(r.top(2).columns)
+    ['source', 'text', 'score']
+    >>> attribute_span(r, 0, 1).scores.shape
+    torch.Size([3])
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+from ..result import Attribution
+from ..targets import ContinuationLogProb
+from ..units.sources import SourcePrompt, Sources, reduce_logprobs
+from .base import Method, register
+
+__all__ = ["ContextMethod", "ContextCite", "attribute_span", "fit_lasso", "random_masks"]
+
+
+class ContextMethod(Method):
+    """Shared options and plumbing of the methods for ``units="sources"``.
+
+    Args:
+        response: the response to explain (text or token ids); also accepted as
+            ``target=``. None: generate it from the full prompt.
+        sources, split, query, template, chat_template: passed on to
+            :class:`attrlab.units.Sources`.
+        max_new_tokens, do_sample: generation of the response when not given
+            (greedy by default; sampling is seeded by ``seed``).
+        seed: seeds the masks and any sampling.
+        batch_size: prompts per forward; ``"auto"`` picks 1 (prefix-tree walk)
+            for large models on CPU, 16 otherwise.
+        progress: show a progress bar.
+
+    Example:
+        >>> issubclass(ContextCite, ContextMethod)
+        True
+    """
+
+    target_kind = "raw"
+
+    def __init__(
+        self,
+        *,
+        response: str | Sequence[int] | None = None,
+        sources: Sequence[Any] | None = None,
+        split: str | None = None,
+        query: str | None = None,
+        template: str | None = None,
+        chat_template: bool | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        seed: int = 0,
+        batch_size: int | str = "auto",
+        progress: bool = False,
+    ):
+        self.response = (
+            list(response) if response is not None and not isinstance(response, str) else response
+        )
+        self.sources = list(sources) if sources is not None else None
+        self.split = split
+        self.query = query
+        self.template = template
+        self.chat_template = chat_template
+        self.max_new_tokens = int(max_new_tokens)
+        self.do_sample = bool(do_sample)
+        self.seed = int(seed)
+        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+            raise InputError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
+        self.batch_size = batch_size
+        self.progress = progress
+
+    # -------------------------------------------------------------- helpers
+    def prepare(
+        self, lm: Any, inputs: Any, target: Any, units: Any
+    ) -> tuple[Sources, SourcePrompt]:
+        """The unit object with this method's overrides, bound to the context and response."""
+        if not isinstance(units, Sources):
+            raise InputError(f"{self.name} needs units='sources', got {units!r}")
+        units = units.updated(
+            sources=self.sources,
+            split=self.split,
+            query=self.query,
+            template=self.template,
+            chat_template=self.chat_template,
+        )
+        if isinstance(target, ContinuationLogProb):
+            target = target.continuation
+        if target is not None and self.response is not None:
+            raise InputError("the response is given twice (target= and response=); give it once")
+        response = target if target is not None else self.response
+        if response is not None and not isinstance(response, str):
+            if isinstance(response, Tensor):
+                response = response.reshape(-1).tolist()
+            if not all(isinstance(t, (int, np.integer)) for t in response):
+                raise InputError(
+                    "the target of a sources attribution is the response: text, token ids or "
+                    "al.targets.ContinuationLogProb"
+                )
+        prompt = units.bind(lm, inputs, response, self.max_new_tokens, self.do_sample, self.seed)
+        return units, prompt
+
+    def _run_logprobs(self, prompt: SourcePrompt, masks: Tensor, stats: dict[str, int]) -> Tensor:
+        return prompt.logprobs(
+            masks, batch_size=self.batch_size, progress=self.progress, stats=stats
+        )
+
+    def result(
+        self,
+        lm: Any,
+        units: Sources,
+        prompt: SourcePrompt,
+        scores: Tensor | np.ndarray,
+        target: str,
+        diagnostics: dict[str, Any],
+        extra: dict[str, Tensor] | None = None,
+        rows: dict[str, list[Any]] | None = None,
+    ) -> Attribution:
+        """An :class:`Attribution` with ``source`` and ``text`` label columns."""
+        params = {**self.params(), "units": units.params()}
+        return Attribution(
+            torch.as_tensor(np.asarray(scores), dtype=torch.float64),
+            units={"source": list(range(prompt.n_sources)), "text": list(prompt.texts)},
+            unit_kind="sources",
+            method=self.name,
+            target=target,
+            params=params,
+            model_id=lm.name,
+            diagnostics=diagnostics,
+            rows=rows,
+            meta={
+                "context": prompt.context,
+                "spans": [list(s) for s in prompt.spans],
+                "prompt": prompt.prompt_text(),
+                "response": prompt.response,
+                "response_ids": list(prompt.response_ids),
+                "response_tokens": lm.to_str_tokens(prompt.response_ids),
+            },
+            extra=extra,
+        )
+
+
+def random_masks(n: int, n_sources: int, keep_prob: float = 0.5, seed: int = 0) -> Tensor:
+    """``[n, n_sources]`` bool masks, each source kept with probability ``keep_prob``.
+
+    Example:
+        >>> random_masks(4, 3, seed=1).shape
+        torch.Size([4, 3])
+    """
+    if not 0.0 < keep_prob < 1.0:
+        raise InputError(f"keep_prob must be in (0, 1), got {keep_prob}")
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.random((n, n_sources)) < keep_prob)
+
+
+def fit_lasso(
+    masks: Any, y: Any, n_tokens: int = 1, alpha: float = 0.01
+) -> tuple[np.ndarray, float]:
+    """Weights and bias of a LASSO from masks to outputs, ContextCite's way.
+
+    Masks are standardized (mean 0, variance 1 per source), the outputs divided
+    by ``n_tokens`` (so ``alpha`` means the same for long and short responses),
+    ``sklearn.linear_model.Lasso(alpha)`` fitted with an intercept, and the
+    weights mapped back to the unstandardized masks and rescaled by ``n_tokens``:
+    ``y ≈ masks @ w + b``.
+
+    Example:
+        >>> import numpy as np
+        >>> m = np.random.default_rng(0).random((64, 3)) < 0.5
+        >>> w, b = fit_lasso(m, 2.0 * m[:, 0] - 1.0, alpha=1e-6)
+        >>> (np.round(w, 3) + 0.0).tolist(), round(b, 3)
+        ([2.0, 0.0, 0.0], -1.0)
+    """
+    from sklearn.linear_model import Lasso
+
+    X = np.asarray(masks, dtype=np.float64)
+    Y = np.asarray(y, dtype=np.float64) / n_tokens
+    mean = X.mean(0)
+    scale = X.std(0)
+    scale[scale < 10 * np.finfo(np.float64).eps] = 1.0
+    lasso = Lasso(alpha=alpha, fit_intercept=True, random_state=0)
+    lasso.fit((X - mean) / scale, Y)
+    w = lasso.coef_ / scale
+    b = float(lasso.intercept_ - (mean / scale) @ lasso.coef_)
+    return w * n_tokens, b * n_tokens
+
+
+def _fit(
+    masks: Tensor, per_token: Tensor, start: int, end: int, output: str, alpha: float
+) -> tuple[np.ndarray, float]:
+    y = reduce_logprobs(per_token[:, start:end], output).numpy()
+    return fit_lasso(masks.numpy(), y, end - start, alpha)
+
+
+@register("contextcite", ("sources",), "context-cite", "context_cite")
+class ContextCite(ContextMethod):
+    """ContextCite: LASSO on random source ablations.
+
+    Args:
+        n_ablations: number of random masks (forwards).
+        keep_prob: probability of keeping each source in a mask.
+        alpha: LASSO regularization (ContextCite's default 0.01).
+        output: what the surrogate predicts: ``"logit_prob"`` (the response's
+            log-odds, ContextCite's default) or ``"log_prob"``.
+        masks: use these ``[n, n_sources]`` masks instead of random ones.
+        per_token: also fit one surrogate per response token: scores become
+            ``[n_response_tokens, n_sources]`` with a ``token`` row label.
+        **common: see :class:`ContextMethod`.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "A is red. B is blue.", " red", units="sources",
+        ...                  method="contextcite", n_ablations=8)
+        >>> r.scores.shape
+        torch.Size([2])
+    """
+
+    def __init__(
+        self,
+        n_ablations: int = 64,
+        keep_prob: float = 0.5,
+        alpha: float = 0.01,
+        output: str = "logit_prob",
+        masks: Any = None,
+        per_token: bool = False,
+        **common: Any,
+    ):
+        super().__init__(**common)
+        if int(n_ablations) < 2 and masks is None:
+            raise InputError("n_ablations must be at least 2")
+        if output not in ("logit_prob", "log_prob", "mean_log_prob"):
+            raise InputError(f"output must be 'logit_prob' or 'log_prob', got {output!r}")
+        self.n_ablations = int(n_ablations)
+        self.keep_prob = float(keep_prob)
+        self.alpha = float(alpha)
+        self.output = output
+        self._masks = masks
+        self.per_token = bool(per_token)
+
+    def attribute(
+        self, lm: Any, inputs: Any, target: Any, units: Any, counterfactual: Any = None
+    ) -> Attribution:
+        if counterfactual is not None:
+            raise InputError("contextcite ablates sources; it takes no counterfactual")
+        t0 = time.perf_counter()
+        units, prompt = self.prepare(lm, inputs, target, units)
+        if self._masks is not None:
+            masks = torch.as_tensor(np.asarray(self._masks)).bool()
+            if masks.dim() != 2 or masks.shape[1] != prompt.n_sources:
+                raise InputError(f"masks must be [n, {prompt.n_sources}], got {tuple(masks.shape)}")
+        else:
+            masks = random_masks(self.n_ablations, prompt.n_sources, self.keep_prob, self.seed)
+        stats: dict[str, int] = {}
+        per_token = self._run_logprobs(prompt, masks, stats)  # [n_masks, n_response]
+        t1 = time.perf_counter()
+        n = per_token.shape[1]
+        w, b = _fit(masks, per_token, 0, n, self.output, self.alpha)
+        rows = None
+        scores: np.ndarray = w
+        if self.per_token:
+            scores = np.stack(
+                [_fit(masks, per_token, i, i + 1, self.output, self.alpha)[0] for i in range(n)]
+            )
+            rows = {"token": lm.to_str_tokens(prompt.response_ids)}
+        diagnostics = {
+            "bias": b,
+            "seconds_forward": t1 - t0,
+            "seconds_fit": time.perf_counter() - t1,
+            **stats,
+        }
+        return self.result(
+            lm,
+            units,
+            prompt,
+            scores,
+            f"response_{self.output}({prompt.response!r})",
+            diagnostics,
+            extra={"masks": masks, "logprobs": per_token},
+            rows=rows,
+        )
+
+
+def _token_range_of_text(r: Attribution, text: str) -> tuple[int, int]:
+    tokens: list[str] = r.meta["response_tokens"]
+    response = "".join(tokens)
+    a = response.find(text)
+    if a < 0:
+        raise InputError(f"{text!r} is not part of the response {response!r}")
+    b = a + len(text)
+    ends = np.cumsum([len(t) for t in tokens])
+    starts = ends - np.array([len(t) for t in tokens])
+    idx = [i for i in range(len(tokens)) if starts[i] < b and ends[i] > a]
+    return idx[0], idx[-1] + 1
+
+
+def attribute_span(
+    r: Attribution,
+    start: int | None = None,
+    end: int | None = None,
+    text: str | None = None,
+    alpha: float | None = None,
+    output: str | None = None,
+) -> Attribution:
+    """Attribute part of the response, from a ContextCite result, without new forwards.
+
+    Args:
+        r: a result of ``method="contextcite"`` (also one loaded from disk).
+        start, end: response token range ``[start, end)`` (default: all).
+        text: instead of a token range, a piece of the response text.
+        alpha, output: override the surrogate's settings.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "A is red. B is blue.", " red and blue", units="sources",
+        ...                  method="contextcite", n_ablations=8)
+        >>> attribute_span(r, text="blue").meta["span_text"]
+        ' blue'
+    """
+    if "masks" not in r.extra or "logprobs" not in r.extra:
+        raise InputError("attribute_span needs a contextcite result (with masks and log-probs)")
+    per_token = r.extra["logprobs"].double()
+    n = per_token.shape[1]
+    if text is not None:
+        if start is not None or end is not None:
+            raise InputError("give either start/end or text")
+        start, end = _token_range_of_text(r, text)
+    start = 0 if start is None else start
+    end = n if end is None else end
+    if start < 0:
+        start += n
+    if end < 0:
+        end += n
+    if not 0 <= start < end <= n:
+        raise InputError(f"token range [{start}, {end}) is not inside the response (0..{n})")
+    alpha = float(r.params.get("alpha", 0.01)) if alpha is None else alpha
+    output = str(r.params.get("output", "logit_prob")) if output is None else output
+    w, b = _fit(r.extra["masks"].bool(), per_token, start, end, output, alpha)
+    tokens = r.meta.get("response_tokens", [])
+    piece = "".join(tokens[start:end])
+    return Attribution(
+        torch.as_tensor(w, dtype=torch.float64),
+        units=r.units,
+        unit_kind=r.unit_kind,
+        method=r.method,
+        target=f"response_{output}({piece!r})",
+        params={**r.params, "alpha": alpha, "output": output},
+        model_id=r.model_id,
+        diagnostics={"bias": b},
+        meta={**r.meta, "span": [start, end], "span_text": piece},
+        extra=r.extra,
+    )

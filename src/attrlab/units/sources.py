@@ -1,0 +1,842 @@
+"""Sources: the parts of a prompt's context (sentences, paragraphs, documents).
+
+A :class:`Sources` object says how a context is cut into units and how the
+prompt is built from it; :meth:`Sources.bind` turns it, a model, a context and
+a response into a :class:`SourcePrompt`, which builds the ablated prompts and
+evaluates the response's per-token log-probabilities under many of them.
+
+Ablation removes a source's text. The text between two sources belongs to the
+source after it (a separator such as ``" "`` or ``"\\n"``); the first kept
+source loses its separator, so ``"A. B. C."`` with ``A`` removed reads
+``"B. C."``. Text before the first and after the last source always stays.
+
+Speed: every ablated prompt is tokenized as text (so ablation sees exactly the
+tokens a user would get), then the prompts are run so that shared work is done
+once. With ``batch_size=1`` prompts are visited in lexicographic token order
+and the KV cache of the previous prompt is kept up to the longest common prefix
+(a walk over the prefix tree of the prompts: no padding, and every shared
+prefix is encoded once). With ``batch_size > 1`` the prefix common to all
+prompts (system prompt, instructions, the part before the first source) is
+encoded once and its KV cache reused by length-sorted batches. Only the
+response positions' logits are computed (``logits_to_keep``).
+
+Example:
+    >>> import attrlab as al
+    >>> lm = al.wrap(*al.testing.tiny_model("llama"))
+    >>> units = al.units.Sources(split="sentences")
+    >>> p = units.bind(lm, "Paris is in France. Rome is in Italy.", response=" Paris")
+    >>> p.texts
+    ['Paris is in France.', 'Rome is in Italy.']
+    >>> p.context_text([False, True])
+    'Rome is in Italy.'
+    >>> p.logprobs([[True, True], [False, True]]).shape
+    torch.Size([2, 1])
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import ContextTooLongError, EmptyPromptError, InputError
+from .base import Units, register_units
+
+__all__ = ["Sources", "SourcePrompt", "SourceNotFoundError", "split_text"]
+
+#: the prompt template used when a query is given (ContextCite's default)
+DEFAULT_TEMPLATE = "Context: {context}\n\nQuery: {query}"
+
+SPLITS = ("sentences", "paragraphs", "lines")
+
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st vs etc e.g i.e cf fig no inc ltd co corp dept approx est "
+    "jan feb mar apr jun jul aug sep sept oct nov dec".split()
+)
+_SENT_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)")
+
+
+class SourceNotFoundError(InputError):
+    """A source given as text does not occur verbatim in the context."""
+
+
+class EmptyResponseError(EmptyPromptError):
+    """The response to attribute is empty (given empty, or the model generated nothing)."""
+
+
+# ---------------------------------------------------------------- splitting
+def _sentence_spans(line: str, offset: int) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for m in _SENT_END.finditer(line):
+        end = m.end()
+        words = line[start : m.start()].split()
+        word = words[-1].rstrip(".") if words else ""
+        last = word.lower()
+        nxt = line[end:].lstrip()
+        if (
+            m.group().startswith(".")
+            and (
+                last in _ABBREVIATIONS
+                or (len(word) == 1 and word.isupper())  # an initial: "J. Smith"
+                or ("." in word and nxt[:1].islower())  # "p.m. today", "U.S. law"
+            )
+        ):
+            continue
+        seg = line[start:end]
+        if seg.strip():
+            lead = len(seg) - len(seg.lstrip())
+            spans.append((offset + start + lead, offset + end))
+        start = end
+    seg = line[start:]
+    if seg.strip():
+        lead = len(seg) - len(seg.lstrip())
+        spans.append((offset + start + lead, offset + start + len(seg.rstrip())))
+    return spans
+
+
+def split_text(text: str, by: str = "sentences") -> list[tuple[int, int]]:
+    """Character spans ``[(start, end), ...]`` of the sentences, paragraphs or
+    lines of ``text`` (offline, by regular expressions; no downloads).
+
+    Sentences never cross a line break; a full stop after a common abbreviation
+    (``Dr.``, ``e.g.``) or after an initial does not
+    end a sentence, nor does one after a dotted word (``p.m.``) before a
+    lower-case word. Paragraphs are separated by blank lines. Spans exclude
+    surrounding whitespace.
+
+    Example:
+        >>> t = "Dr. Smith went home. He slept!\\nNew line here"
+        >>> [t[a:b] for a, b in split_text(t)]
+        ['Dr. Smith went home.', 'He slept!', 'New line here']
+        >>> t = "a b\\n\\n c d \\n"
+        >>> [t[a:b] for a, b in split_text(t, "paragraphs")]
+        ['a b', 'c d']
+    """
+    if by not in SPLITS:
+        raise InputError(f"split must be one of {SPLITS}, got {by!r}")
+    spans: list[tuple[int, int]] = []
+    if by == "paragraphs":
+        pos = 0
+        for m in re.finditer(r"\n[ \t\r\f\v]*\n\s*", text + "\n\n"):
+            seg = text[pos : m.start()]
+            if seg.strip():
+                lead = len(seg) - len(seg.lstrip())
+                spans.append((pos + lead, pos + len(seg.rstrip())))
+            pos = m.end()
+        return spans
+    pos = 0
+    for line in text.splitlines(keepends=True):
+        body = line.rstrip("\r\n")
+        if by == "lines":
+            if body.strip():
+                lead = len(body) - len(body.lstrip())
+                spans.append((pos + lead, pos + len(body.rstrip())))
+        else:
+            spans.extend(_sentence_spans(body, pos))
+        pos += len(line)
+    return spans
+
+
+def _locate(context: str, sources: Sequence[Any]) -> list[tuple[int, int]]:
+    """Character spans of user-given sources (texts found verbatim, or spans)."""
+    spans: list[tuple[int, int]] = []
+    taken: list[tuple[int, int]] = []
+    cursor = 0
+    for i, s in enumerate(sources):
+        if isinstance(s, str):
+            if not s.strip():
+                raise InputError(f"source {i} is empty")
+            # the first occurrence at or after the previous source, else anywhere free
+            cands = [context.find(s, cursor)]
+            j = context.find(s)
+            while j >= 0:
+                cands.append(j)
+                j = context.find(s, j + 1)
+            hit = next(
+                (c for c in cands if c >= 0 and all(c + len(s) <= a or c >= b for a, b in taken)),
+                None,
+            )
+            if hit is None:
+                found = (
+                    "occurs only overlapping another source"
+                    if context.find(s) >= 0
+                    else ("does not occur")
+                )
+                raise SourceNotFoundError(
+                    f"source {i} ({s[:60]!r}{'...' if len(s) > 60 else ''}) {found} verbatim in "
+                    "the context; give sources as exact substrings of the context (or as "
+                    "(start, end) character spans)"
+                )
+            span = (hit, hit + len(s))
+        elif (
+            isinstance(s, (tuple, list))
+            and len(s) == 2
+            and all(isinstance(x, (int, np.integer)) for x in s)
+        ):
+            span = (int(s[0]), int(s[1]))
+            if not 0 <= span[0] < span[1] <= len(context):
+                raise InputError(
+                    f"source {i}: span {span} is outside the context (0..{len(context)})"
+                )
+            if any(span[0] < b and a < span[1] for a, b in taken):
+                raise InputError(f"source {i}: span {span} overlaps another source")
+        else:
+            raise InputError(f"source {i} must be a string or a (start, end) span, got {s!r}")
+        spans.append(span)
+        taken.append(span)
+        cursor = span[1]
+    return spans
+
+
+# ---------------------------------------------------------------- the engine
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _supports_logits_to_keep(model: Any) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _cache_from(kv: list[tuple[Tensor, Tensor]] | None, n: int, batch: int = 1) -> Any:
+    """A fresh DynamicCache holding the first ``n`` positions of ``kv`` (``batch`` copies)."""
+    from transformers import DynamicCache
+
+    if kv is None or n == 0:
+        return DynamicCache()
+    data = []
+    for k, v in kv:
+        k, v = k[:, :, :n], v[:, :, :n]
+        if batch != k.shape[0]:
+            k, v = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
+        data.append((k, v))
+    return DynamicCache(ddp_cache_data=data)
+
+
+def _kv_of(cache: Any) -> list[tuple[Tensor, Tensor]]:
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return list(zip(cache.key_cache, cache.value_cache))  # older transformers
+
+
+class _Runner:
+    """Runs ``rows`` (token lists) followed by a fixed response and applies ``fn``
+    to the response positions' logits, reusing KV caches of shared prefixes."""
+
+    def __init__(self, model: Any, n_ctx: int | None, chunk: int = 1024):
+        self.model = model
+        self.n_ctx = n_ctx
+        self.chunk = chunk
+        self.keep_ok = _supports_logits_to_keep(model)
+        self.device = next(model.parameters()).device
+        self.n_tokens = 0  # tokens run through the model (a cost measure)
+        self.n_forwards = 0
+
+    def _forward(
+        self, ids: Tensor, pos: Tensor, cache: Any, keep: int, mask: Tensor | None = None
+    ) -> Tensor:
+        kw: dict[str, Any] = {}
+        if self.keep_ok:
+            kw["logits_to_keep"] = max(1, keep)
+        if mask is not None:
+            kw["attention_mask"] = mask
+        out = self.model(
+            input_ids=ids.to(self.device),
+            position_ids=pos.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+            **kw,
+        )
+        self.n_tokens += int(ids.numel())
+        self.n_forwards += 1
+        logits = out.logits
+        return logits[:, logits.shape[1] - keep :] if keep > 0 else logits[:, :0]
+
+    def _check_len(self, rows: Sequence[Sequence[int]], n_resp: int) -> None:
+        longest = max(len(r) for r in rows) + n_resp - 1
+        if self.n_ctx is not None and longest > self.n_ctx:
+            raise ContextTooLongError(
+                f"a prompt with its response has {longest} tokens; this model's context is "
+                f"{self.n_ctx}. Use fewer or shorter sources."
+            )
+
+    @torch.no_grad()
+    def run(
+        self,
+        rows: Sequence[Sequence[int]],
+        response: Sequence[int],
+        fn: Callable[[Tensor, list[int]], Tensor],
+        batch_size: int = 1,
+        reuse: bool = True,
+        progress: bool = False,
+    ) -> list[Tensor]:
+        from tqdm.auto import tqdm
+
+        n = len(response)
+        if n == 0:
+            raise EmptyResponseError("the response is empty")
+        self._check_len(rows, n)
+        tail = list(response[:-1])
+        out: list[Tensor | None] = [None] * len(rows)
+        bar = tqdm(total=len(rows), disable=not progress, desc="ablations")
+        longest = max(len(r) for r in rows) + n
+        if batch_size <= 1 or longest > self.chunk:
+            order = (
+                sorted(range(len(rows)), key=lambda i: list(rows[i])) if reuse else range(len(rows))
+            )
+            kv: list[tuple[Tensor, Tensor]] | None = None
+            prev: Sequence[int] = []
+            for i in order:
+                row = list(rows[i])
+                k = min(_lcp(prev, row), len(row) - 1) if (reuse and kv is not None) else 0
+                new = row[k:] + tail
+                cache = _cache_from(kv, k)
+                pieces = []
+                for s in range(0, len(new), self.chunk):
+                    piece = new[s : s + self.chunk]
+                    keep = max(0, s + len(piece) - (len(new) - n))
+                    ids = torch.tensor([piece])
+                    pos = torch.arange(k + s, k + s + len(piece))[None]
+                    pieces.append(self._forward(ids, pos, cache, keep))
+                logits = torch.cat(pieces, 1)  # [1, n, vocab]
+                out[i] = fn(logits, [i])[0]
+                kv = _kv_of(cache) if reuse else None
+                prev = row
+                bar.update(1)
+        else:
+            # the prefix common to every row, encoded once
+            p = min(len(r) for r in rows) - 1
+            for r in rows[1:]:
+                p = min(p, _lcp(rows[0], r))
+            kv = None
+            if reuse and p > 0:
+                cache = _cache_from(None, 0)
+                for s in range(0, p, self.chunk):
+                    piece = list(rows[0][s : min(p, s + self.chunk)])
+                    pos = torch.arange(s, s + len(piece))[None]
+                    self._forward(torch.tensor([piece]), pos, cache, 0)
+                kv = _kv_of(cache)
+            else:
+                p = 0
+            order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+            for b0 in range(0, len(order), batch_size):
+                idx = order[b0 : b0 + batch_size]
+                seqs = [list(rows[i][p:]) + tail for i in idx]
+                lens = [len(s) for s in seqs]
+                width = max(lens)
+                # right padding: real tokens stay contiguous after the shared prefix
+                # (sliding-window attention counts cache slots, not positions)
+                ids = torch.full((len(idx), width), int(seqs[0][0]), dtype=torch.long)
+                mask = torch.zeros((len(idx), p + width), dtype=torch.long)
+                mask[:, :p] = 1
+                for j, s in enumerate(seqs):
+                    ids[j, : len(s)] = torch.tensor(s)
+                    mask[j, p : p + len(s)] = 1
+                pos = p + torch.arange(width).expand(len(idx), -1)
+                cache = _cache_from(kv, p, len(idx))
+                keep = n + width - min(lens)
+                logits = self._forward(ids, pos, cache, keep, mask.to(self.device))
+                sel = torch.stack([torch.arange(L - n, L) - (width - keep) for L in lens]).to(
+                    logits.device
+                )  # [b, n] indices into the kept positions
+                logits = logits.gather(1, sel[..., None].expand(-1, -1, logits.shape[-1]))
+                vals = fn(logits, idx)
+                for j, i in enumerate(idx):
+                    out[i] = vals[j]
+                bar.update(len(idx))
+        bar.close()
+        return [o for o in out if o is not None]
+
+
+def _token_logprobs(response: Sequence[int]) -> Callable[[Tensor, list[int]], Tensor]:
+    ids = torch.tensor(list(response), dtype=torch.long)
+
+    def fn(logits: Tensor, rows: list[int]) -> Tensor:
+        logp = logits.double().log_softmax(-1)  # [b, n, vocab]
+        return logp.gather(-1, ids.to(logp.device).expand(logp.shape[0], -1)[..., None])[
+            ..., 0
+        ].cpu()
+
+    return fn
+
+
+def auto_batch_size(lm: Any) -> int:
+    """Rows per forward: 1 on CPU for models above ~20M parameters (the prefix-tree
+    walk then wastes nothing), 16 otherwise (per-forward overhead dominates).
+
+    Example:
+        >>> import attrlab as al
+        >>> auto_batch_size(al.wrap(*al.testing.tiny_model("llama")))
+        16
+    """
+    if lm.device.type != "cpu":
+        return 16
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    return 1 if n_params > 20_000_000 else 16
+
+
+# ---------------------------------------------------------------- the prompt
+class SourcePrompt:
+    """A context cut into sources, bound to a model, a prompt format and a response.
+
+    Build with :meth:`Sources.bind`. Masks are ``[n_masks, n_sources]`` bools
+    (True = keep the source).
+
+    Attributes:
+        context: the context text.
+        spans: ``(start, end)`` character span of each source in ``context``.
+        texts: each source's text.
+        response_ids: the response's token ids (fixed under ablation).
+        response: the response text.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> p = al.units.Sources(query="Where?").bind(lm, "A is here. B is there.", " here")
+        >>> p.prompt_text([True, False])
+        'Context: A is here.\\n\\nQuery: Where?'
+    """
+
+    def __init__(
+        self,
+        lm: Any,
+        context: str,
+        spans: list[tuple[int, int]],
+        query: str | None,
+        template: str,
+        chat: bool,
+        response: str | Sequence[int] | None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        seed: int = 0,
+    ):
+        self.lm = lm
+        self.tokenizer = lm._require_tokenizer()
+        self.context = context
+        self.spans = spans
+        self.texts = [context[a:b] for a, b in spans]
+        self.query = query
+        self.template = template
+        self.chat = chat
+        order = sorted(range(len(spans)), key=lambda i: spans[i][0])
+        self._order = order
+        # text before each source (in position order), owned by that source
+        self._lead = context[: spans[order[0]][0]]
+        self._trail = context[spans[order[-1]][1] :]
+        self._seps = {}
+        prev_end = None
+        for i in order:
+            a, _ = spans[i]
+            self._seps[i] = "" if prev_end is None else context[prev_end:a]
+            prev_end = spans[i][1]
+        self.response_ids = self._response_ids(response, max_new_tokens, do_sample, seed)
+        self.response = self.tokenizer.decode(self.response_ids)
+
+    @property
+    def n_sources(self) -> int:
+        return len(self.spans)
+
+    # ------------------------------------------------------------ text
+    def _mask(self, mask: Any) -> list[bool]:
+        m = [bool(x) for x in (mask.tolist() if hasattr(mask, "tolist") else mask)]
+        if len(m) != self.n_sources:
+            raise InputError(f"a mask has {len(m)} entries for {self.n_sources} sources")
+        return m
+
+    def context_text(self, mask: Any = None) -> str:
+        """The context with the sources where ``mask`` is False removed."""
+        keep = [True] * self.n_sources if mask is None else self._mask(mask)
+        parts = [self._lead]
+        first = True
+        for i in self._order:
+            if keep[i]:
+                if not first:
+                    parts.append(self._seps[i])
+                parts.append(self.texts[i])
+                first = False
+        parts.append(self._trail)
+        return "".join(parts)
+
+    def _render(self, context: str) -> str:
+        fields = {"context": context, "query": self.query or ""}
+        try:
+            prompt = self.template.format(**fields)
+        except (KeyError, IndexError) as e:
+            raise InputError(
+                f"bad template {self.template!r}: use the fields {{context}} and {{query}} "
+                f"(double other braces): {e}"
+            ) from e
+        if not self.chat:
+            return prompt
+        return str(
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        )
+
+    def prompt_text(self, mask: Any = None) -> str:
+        """The full prompt (template and chat template applied) for one mask."""
+        return self._render(self.context_text(mask))
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        enc = self.tokenizer(texts, add_special_tokens=not self.chat)["input_ids"]
+        return [list(x) for x in enc]
+
+    def prompt_ids(self, masks: Any = None) -> list[list[int]]:
+        """Token ids of the ablated prompts, one list per mask (all sources kept if None).
+
+        A prompt that is empty once ablated (no template, no special tokens, every
+        source removed) becomes the BOS token alone, so the response's first token
+        still has a prediction.
+        """
+        if masks is None:
+            masks = [[True] * self.n_sources]
+        rows = self._encode([self.prompt_text(m) for m in masks])
+        for r in rows:
+            if not r:
+                r.append(self.lm.token_id(self._bos_id()))
+        return rows
+
+    def _bos_id(self) -> int:
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self.tokenizer, attr, None)
+            if v is not None:
+                return int(v)
+        return self.lm.pad_token_id
+
+    # -------------------------------------------------------- response
+    def _response_ids(
+        self, response: str | Sequence[int] | None, max_new_tokens: int, do_sample: bool, seed: int
+    ) -> list[int]:
+        prompt = self.prompt_text()
+        p_ids = self._encode([prompt])[0]
+        if response is None:
+            ids = self._generate(p_ids, max_new_tokens, do_sample, seed)
+            if not ids:
+                raise EmptyResponseError(
+                    "the model generated an empty response (it stopped at once); give "
+                    "response=... to attribute a fixed text"
+                )
+            return ids
+        if isinstance(response, str):
+            if response == "":
+                raise EmptyResponseError("the response is empty: give at least one token")
+            # tokenize prompt + response together, as the model would read it
+            full = self._encode([prompt + response])[0]
+            if full[: len(p_ids)] == p_ids and len(full) > len(p_ids):
+                return full[len(p_ids) :]
+            return list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
+        ids = [self.lm.token_id(int(t)) for t in response]
+        if not ids:
+            raise EmptyResponseError("the response is empty: give at least one token")
+        return ids
+
+    def _generate(
+        self, p_ids: list[int], max_new_tokens: int, do_sample: bool, seed: int
+    ) -> list[int]:
+        model = self.lm.model
+        ids = torch.tensor([p_ids], device=self.lm.device)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        kw: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            pad_token_id=self.lm.pad_token_id,
+        )
+        if not do_sample:
+            kw.update(temperature=None, top_p=None, top_k=None)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        new = out[0, len(p_ids) :].tolist()
+        stops = {eos} if eos is not None else set()
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        stops |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+        for j, t in enumerate(new):
+            if t in stops:
+                return new[:j]
+        return new
+
+    def source_token_ranges(self) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of the full prompt and, per source, its ``[start, end)`` token range.
+
+        Needs a fast tokenizer (offset mappings).
+        """
+        mark = "\ue000"
+        marked = self._render(mark)
+        prompt = self.prompt_text()
+        off = marked.find(mark)
+        if off < 0 or prompt[off : off + len(self.context)] != self.context:
+            off = prompt.find(self.context)
+        if off < 0:
+            raise InputError("cannot find the context inside the rendered prompt")
+        enc = self.tokenizer(prompt, add_special_tokens=not self.chat, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        ranges = []
+        for a, b in self.spans:
+            a, b = a + off, b + off
+            toks = [j for j, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
+            ranges.append((toks[0], toks[-1] + 1) if toks else (0, 0))
+        return list(enc["input_ids"]), ranges
+
+    # ------------------------------------------------------------- runs
+    def run(
+        self,
+        masks: Any,
+        fn: Callable[[Tensor, list[int]], Tensor] | None = None,
+        batch_size: int | str = "auto",
+        reuse: bool = True,
+        progress: bool = False,
+        stats: dict[str, int] | None = None,
+    ) -> list[Tensor]:
+        """Apply ``fn(logits [b, n_response, vocab], row_indices) -> [b, ...]`` to the
+        response positions of every ablated prompt; returns one tensor per mask."""
+        masks = _as_masks(masks, self.n_sources)
+        rows = self.prompt_ids(masks)
+        bs = auto_batch_size(self.lm) if batch_size == "auto" else int(batch_size)
+        runner = _Runner(self.lm.model, self.lm.cfg.n_ctx)
+        out = runner.run(
+            rows, self.response_ids, fn or _token_logprobs(self.response_ids), bs, reuse, progress
+        )
+        if stats is not None:
+            stats["n_tokens"] = stats.get("n_tokens", 0) + runner.n_tokens
+            stats["n_forwards"] = stats.get("n_forwards", 0) + runner.n_forwards
+            stats["n_prompts"] = stats.get("n_prompts", 0) + len(rows)
+        return out
+
+    def logprobs(
+        self,
+        masks: Any,
+        batch_size: int | str = "auto",
+        reuse: bool = True,
+        progress: bool = False,
+        stats: dict[str, int] | None = None,
+    ) -> Tensor:
+        """Per-token log-probabilities of the response under each mask, ``[n_masks, n_response]``
+        (float64)."""
+        return torch.stack(self.run(masks, None, batch_size, reuse, progress, stats))
+
+
+def _as_masks(masks: Any, n_sources: int) -> Tensor:
+    m = torch.as_tensor(np.asarray(masks.cpu() if isinstance(masks, Tensor) else masks))
+    if m.dim() == 1:
+        m = m[None]
+    if m.dim() != 2 or m.shape[1] != n_sources:
+        raise InputError(f"masks must be [n_masks, {n_sources}], got {tuple(m.shape)}")
+    if m.shape[0] == 0:
+        raise InputError("no masks given")
+    return m.bool()
+
+
+def reduce_logprobs(per_token: Tensor, output: str = "log_prob") -> Tensor:
+    """Sequence-level value from per-token log-probabilities ``[..., n_tokens]``.
+
+    ``"log_prob"``: the response's total log-probability; ``"logit_prob"``: the
+    log-odds ``log p - log(1 - p)`` of the whole response (ContextCite's
+    output); ``"mean_log_prob"``: the mean per token.
+
+    Example:
+        >>> import torch
+        >>> float(reduce_logprobs(torch.tensor([[0.5, 0.5]]).log(), "logit_prob")[0])
+        -1.0986...
+    """
+    s = per_token.double().sum(-1)
+    if output == "log_prob":
+        return s
+    if output == "mean_log_prob":
+        return s / per_token.shape[-1]
+    if output == "logit_prob":
+        return s - torch.log(-torch.expm1(s.clamp(max=-1e-12)))
+    raise InputError(f"output must be 'log_prob', 'logit_prob' or 'mean_log_prob', got {output!r}")
+
+
+# ---------------------------------------------------------------- the unit kind
+@register_units("sources", "source")
+class Sources(Units):
+    """Sources of a context: sentences, paragraphs, lines, or given documents.
+
+    Args:
+        sources: the sources as texts that occur verbatim in the context (e.g. the
+            documents of a RAG prompt), or ``(start, end)`` character spans;
+            None to split the context with ``split``.
+        split: ``"sentences"`` (default), ``"paragraphs"`` or ``"lines"``.
+        query: a question appended by ``template``; None when the context is the
+            whole prompt.
+        template: how the prompt is built, with fields ``{context}`` and
+            ``{query}``; default ``"Context: {context}\\n\\nQuery: {query}"`` with a
+            query and ``"{context}"`` without.
+        chat_template: wrap the prompt as a user message with the tokenizer's chat
+            template; None = when the tokenizer has one.
+
+    Example:
+        >>> import attrlab as al
+        >>> al.units.Sources(sources=["doc one", "doc two"]).kind
+        'sources'
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Any] | None = None,
+        split: str = "sentences",
+        query: str | None = None,
+        template: str | None = None,
+        chat_template: bool | None = None,
+    ):
+        if split not in SPLITS:
+            raise InputError(f"split must be one of {SPLITS}, got {split!r}")
+        if sources is not None and (isinstance(sources, str) or not isinstance(sources, Sequence)):
+            raise InputError("sources must be a list of texts or (start, end) spans")
+        self.sources = (
+            [s if isinstance(s, str) else list(s) for s in sources] if sources is not None else None
+        )
+        self.split = split
+        self.query = query
+        self.template = template
+        self.chat_template = chat_template
+        self._bound: tuple[Any, ...] | None = None
+
+    def updated(self, **changes: Any) -> Sources:
+        """A copy with some fields changed (None values are ignored).
+
+        Raises:
+            InputError: a field is set on the object and given again differently.
+
+        Example:
+            >>> Sources().updated(query="Why?").query
+            'Why?'
+        """
+        fields = {k: v for k, v in self.params().items()}
+        defaults = Sources().params()
+        for k, v in changes.items():
+            if v is None:
+                continue
+            if k not in fields:
+                raise InputError(f"unknown Sources option {k!r}")
+            if fields[k] != defaults[k] and fields[k] != v and k != "split":
+                raise InputError(
+                    f"{k}= is given both in the units object and as an option; give it once"
+                )
+            fields[k] = v
+        return Sources(**fields)
+
+    def bind(
+        self,
+        lm: Any,
+        context: str,
+        response: str | Sequence[int] | None = None,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        seed: int = 0,
+    ) -> SourcePrompt:
+        """Cut ``context`` into sources and fix the response (generated if None).
+
+        Raises:
+            EmptyPromptError: the context is empty.
+            InputError: fewer than two sources, or a bad option.
+            SourceNotFoundError: a source text is not in the context.
+            EmptyResponseError: the response is empty.
+        """
+        if not isinstance(context, str):
+            raise InputError(
+                "units='sources' attributes one context at a time: give the context as a string"
+            )
+        if not context.strip():
+            raise EmptyPromptError("the context is empty: give a text to cut into sources")
+        if self.sources is not None:
+            spans = _locate(context, self.sources)
+        else:
+            spans = split_text(context, self.split)
+        if len(spans) < 2:
+            raise InputError(
+                f"the context has {len(spans)} source(s); attributing among sources needs at "
+                "least two: split it finer (split='sentences') or give sources=[...]"
+            )
+        tok = lm._require_tokenizer()
+        has_chat = bool(getattr(tok, "chat_template", None))
+        if self.chat_template and not has_chat:
+            raise InputError("chat_template=True, but the tokenizer has no chat template")
+        chat = has_chat if self.chat_template is None else bool(self.chat_template)
+        template = self.template
+        if template is None:
+            template = DEFAULT_TEMPLATE if self.query is not None else "{context}"
+        elif "{context}" not in template:
+            raise InputError("the template must contain the field {context}")
+        prompt = SourcePrompt(
+            lm,
+            context,
+            spans,
+            self.query,
+            template,
+            chat,
+            response,
+            max_new_tokens,
+            do_sample,
+            seed,
+        )
+        self._bound = (id(lm), context, prompt)
+        return prompt
+
+    def _prompt_for(self, lm: Any, inputs: Any, target: Any, **kw: Any) -> SourcePrompt:
+        from ..targets import ContinuationLogProb
+
+        response = target.continuation if isinstance(target, ContinuationLogProb) else target
+        response = kw.pop("response", None) if response is None else response
+        b = self._bound
+        if (
+            b is not None
+            and b[0] == id(lm)
+            and b[1] == inputs
+            and (
+                response is None
+                or (isinstance(response, str) and response == b[2].response)
+                or (not isinstance(response, str) and list(response) == b[2].response_ids)
+            )
+        ):
+            return b[2]
+        return self.bind(lm, inputs, response, **kw)
+
+    def mask_values(
+        self,
+        lm: Any,
+        inputs: Any,
+        target: Any,
+        masks: Any,
+        output: str = "log_prob",
+        batch_size: int | str = "auto",
+        progress: bool = False,
+        **context: Any,
+    ) -> Tensor:
+        """``f(S)``: the response's log-probability with only the kept sources, ``[n_masks]``.
+
+        ``target`` is the response (text, token ids, or an
+        :class:`~attrlab.targets.ContinuationLogProb`); None reuses the response
+        of the last :meth:`bind` of the same context, or generates one.
+        ``output`` as in :func:`reduce_logprobs`.
+
+        Example:
+            >>> import attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("llama"))
+            >>> u = al.units.Sources()
+            >>> u.mask_values(lm, "A b c. D e f.", " A", [[1, 1], [0, 1]]).shape
+            torch.Size([2])
+        """
+        gen = {
+            k: context.pop(k)
+            for k in ("response", "max_new_tokens", "do_sample", "seed")
+            if k in context
+        }
+        prompt = self._prompt_for(lm, inputs, target, **gen)
+        per_token = prompt.logprobs(masks, batch_size=batch_size, progress=progress)
+        return reduce_logprobs(per_token, output)

@@ -1,0 +1,291 @@
+"""Context attribution: sources, the ablation engine, ContextCite, baselines."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+import attrlab as al
+from attrlab.methods.contextcite import attribute_span, fit_lasso, random_masks
+from attrlab.units.sources import (
+    EmptyResponseError,
+    SourceNotFoundError,
+    Sources,
+    reduce_logprobs,
+    split_text,
+)
+
+CTX = (
+    "Paris is the capital of France. Rome is the capital of Italy. "
+    "Berlin is in Germany. The cat sat on the mat. Bob likes tea."
+)
+QUERY = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return al.wrap(*al.testing.tiny_model("llama"))
+
+
+def _plain_logprobs(lm, prompt, masks):
+    """Per-token response log-probs, one ablated prompt at a time, through lm.run."""
+    target = al.targets.ContinuationLogProb(prompt.response_ids, reduce="none").bind(lm)
+    out = []
+    for ids in prompt.prompt_ids(masks):
+        batch = target.prepare(lm, lm.tokenize([ids]))
+        logits, _ = lm.run(batch)
+        out.append(target(logits, batch)[0].double())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["attrlab.units.sources", "attrlab.methods.contextcite", "attrlab.methods.context_baselines"],
+)
+def test_doctests(name):
+    res = doctest.testmod(
+        importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    )
+    assert res.failed == 0
+
+
+# ------------------------------------------------------------------ splitting
+def test_split_sentences_paragraphs_lines():
+    t = "Dr. Smith arrived at 3.5 p.m. today. Was it late? Yes!\nA new line. e.g. this one"
+    got = [t[a:b] for a, b in split_text(t)]
+    assert got == [
+        "Dr. Smith arrived at 3.5 p.m. today.",
+        "Was it late?",
+        "Yes!",
+        "A new line.",
+        "e.g. this one",
+    ]
+    t = "First para\nstill first.\n\n  Second para.\n\n\nThird."
+    assert [t[a:b] for a, b in split_text(t, "paragraphs")] == [
+        "First para\nstill first.",
+        "Second para.",
+        "Third.",
+    ]
+    assert [t[a:b] for a, b in split_text(t, "lines")][:2] == ["First para", "still first."]
+    with pytest.raises(al.errors.InputError):
+        split_text(t, "words")
+
+
+def test_ablated_context_text(llama):
+    p = Sources().bind(llama, CTX, response=" Paris")
+    assert len(p.texts) == 5 and p.context_text() == CTX
+    assert p.context_text([0, 1, 1, 1, 1]) == CTX[len("Paris is the capital of France. ") :]
+    assert p.context_text([1, 0, 0, 0, 1]) == "Paris is the capital of France. Bob likes tea."
+    assert p.context_text([0, 0, 0, 0, 0]) == ""
+
+
+def test_user_sources_verbatim_and_spans(llama):
+    prompt = "Answer from the documents.\n[1] Rome is in Italy.\n[2] Paris is in France.\nQ: Paris?"
+    docs = ["[2] Paris is in France.", "[1] Rome is in Italy."]
+    p = Sources(sources=docs).bind(llama, prompt, response=" France")
+    assert p.texts == docs  # user order is unit order
+    assert p.context_text([True, False]) == (
+        "Answer from the documents.\n[2] Paris is in France.\nQ: Paris?"
+    )
+    spans = [(prompt.index(d), prompt.index(d) + len(d)) for d in docs]
+    q = Sources(sources=spans).bind(llama, prompt, response=" France")
+    assert q.texts == docs
+    with pytest.raises(SourceNotFoundError, match="verbatim"):
+        Sources(sources=["[3] Not there.", docs[0]]).bind(llama, prompt, response=" x")
+
+
+def test_bad_inputs(llama):
+    with pytest.raises(al.errors.EmptyPromptError):
+        al.attribute(llama, "", units="sources", method="contextcite", response=" a")
+    with pytest.raises(al.errors.EmptyPromptError):
+        al.attribute(llama, "   \n ", units="sources", method="loo", response=" a")
+    with pytest.raises(al.errors.InputError, match="at least two"):
+        al.attribute(llama, "Only one sentence here.", units="sources", method="loo", response=" a")
+    with pytest.raises(EmptyResponseError):
+        al.attribute(llama, CTX, units="sources", method="contextcite", response="")
+    with pytest.raises(SourceNotFoundError):
+        al.attribute(
+            llama, CTX, units="sources", method="loo", response=" a", sources=["Nope.", "x"]
+        )
+    with pytest.raises(al.errors.InputError, match="twice"):
+        al.attribute(llama, CTX, " a", units="sources", method="loo", response=" b")
+    with pytest.raises(al.errors.InputError, match="one context"):
+        al.attribute(llama, [CTX, CTX], units="sources", method="loo", response=" b")
+    with pytest.raises(al.errors.InputError, match="both"):
+        al.attribute(llama, CTX, units=Sources(query="a"), method="loo", response=" b", query="c")
+
+
+# ------------------------------------------------------------------ the engine
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "gpt_neox"])
+def test_engine_equals_plain_forwards(family):
+    overrides = {"sliding_window": 8} if family == "gemma2" else {}
+    lm = al.wrap(*al.testing.tiny_model(family, **overrides))
+    p = Sources(query=QUERY).bind(lm, CTX, response=" Paris is the capital")
+    masks = random_masks(12, p.n_sources, seed=3)
+    masks[0] = True
+    masks[1] = masks[2]  # a duplicate row: the whole prompt is a shared prefix
+    plain = _plain_logprobs(lm, p, masks)
+    for bs, reuse in [(1, True), (4, True), (3, False), (1, False)]:
+        stats: dict = {}
+        got = p.logprobs(masks, batch_size=bs, reuse=reuse, stats=stats)
+        torch.testing.assert_close(got, plain, atol=2e-5, rtol=0)
+        if reuse and bs == 1:  # the prefix-tree walk runs fewer tokens than the plain runs
+            plain_tokens = sum(len(r) + len(p.response_ids) - 1 for r in p.prompt_ids(masks))
+            assert stats["n_tokens"] < plain_tokens
+
+
+def test_engine_chunked_long_prompt(llama):
+    from attrlab.units.sources import _Runner, _token_logprobs
+
+    p = Sources().bind(llama, CTX, response=" Paris is")
+    masks = random_masks(5, p.n_sources, seed=1)
+    rows = p.prompt_ids(masks)
+    ref = _plain_logprobs(llama, p, masks)
+    runner = _Runner(llama.model, llama.cfg.n_ctx, chunk=7)  # forces chunked prefill
+    got = torch.stack(runner.run(rows, p.response_ids, _token_logprobs(p.response_ids), 4))
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+
+
+def test_mask_values_and_response_handling(llama):
+    u = Sources(query=QUERY)
+    masks = [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
+    v = u.mask_values(llama, CTX, " Paris", masks)
+    p = u.bind(llama, CTX, " Paris")
+    torch.testing.assert_close(v, _plain_logprobs(llama, p, masks).sum(-1), atol=2e-5, rtol=0)
+    tgt = al.targets.ContinuationLogProb(" Paris")
+    torch.testing.assert_close(u.mask_values(llama, CTX, tgt, masks), v)
+    lp = u.mask_values(llama, CTX, " Paris", masks, output="logit_prob")
+    assert torch.allclose(lp, v - torch.log1p(-v.exp()))
+    # generated response: greedy, deterministic, reused by mask_values with target=None
+    g1 = Sources().bind(llama, CTX, None, max_new_tokens=5)
+    g2 = Sources().bind(llama, CTX, None, max_new_tokens=5)
+    assert g1.response_ids == g2.response_ids and 1 <= len(g1.response_ids) <= 5
+
+
+def test_chat_template(llama):
+    import copy
+
+    hf, tok = al.testing.tiny_model("llama")
+    tok = copy.deepcopy(tok)  # the tiny tokenizer is shared: do not change it
+    tok.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}A:"
+    lm = al.wrap(hf, tok)
+    p = Sources(query="Q?").bind(lm, CTX, " Paris")
+    assert (
+        p.chat
+        and p.prompt_text().startswith("<u>Context: Paris")
+        and p.prompt_text().endswith("A:")
+    )
+    with pytest.raises(al.errors.InputError, match="chat template"):
+        Sources(chat_template=True).bind(llama, CTX, " Paris")
+    assert not Sources(chat_template=False).bind(lm, CTX, " Paris").chat
+
+
+# ------------------------------------------------------------------ ContextCite
+def test_fit_lasso_recovers_a_linear_function():
+    rng = np.random.default_rng(0)
+    m = rng.random((256, 6)) < 0.5
+    w_true = np.array([3.0, 0.0, -1.5, 0.0, 0.5, 0.0])
+    y = m @ w_true + 2.0 + 0.01 * rng.standard_normal(256)
+    w, b = fit_lasso(m, y, alpha=1e-4)
+    np.testing.assert_allclose(w, w_true, atol=0.02)
+    assert b == pytest.approx(2.0, abs=0.02)
+
+
+def test_contextcite_is_lasso_on_plain_logprobs(llama):
+    r = al.attribute(
+        llama,
+        CTX,
+        units="sources",
+        method="contextcite",
+        query=QUERY,
+        response=" Paris is",
+        n_ablations=24,
+        seed=5,
+    )
+    masks = r.extra["masks"]
+    assert torch.equal(masks, random_masks(24, 5, seed=5))
+    p = Sources(query=QUERY).bind(llama, CTX, " Paris is")
+    per_token = _plain_logprobs(llama, p, masks)
+    torch.testing.assert_close(r.extra["logprobs"], per_token, atol=2e-5, rtol=0)
+    w, b = fit_lasso(masks.numpy(), reduce_logprobs(per_token, "logit_prob").numpy(), 2, 0.01)
+    np.testing.assert_allclose(r.scores.numpy(), w, atol=1e-5)
+    assert r.unit_kind == "sources" and r.units["text"][0] == "Paris is the capital of France."
+    top = r.top(3)
+    assert list(top.columns) == ["source", "text", "score"] and len(top) == 3
+    # span attribution from the cache equals a fit on those tokens
+    full = attribute_span(r)
+    np.testing.assert_allclose(full.scores.numpy(), r.scores.numpy())
+    second = attribute_span(r, 1, 2)
+    w1, _ = fit_lasso(
+        masks.numpy(), reduce_logprobs(per_token[:, 1:2], "logit_prob").numpy(), 1, 0.01
+    )
+    np.testing.assert_allclose(second.scores.numpy(), w1, atol=1e-5)
+    with pytest.raises(al.errors.InputError):
+        attribute_span(r, 2, 2)
+
+
+def test_contextcite_result_roundtrip_and_per_token(llama, tmp_path):
+    r = al.attribute(
+        llama,
+        CTX,
+        " Paris is",
+        units="sources",
+        method="contextcite",
+        n_ablations=16,
+        per_token=True,
+    )
+    assert r.scores.shape == (len(r.meta["response_ids"]), 5) and "token" in r.rows
+    path = r.save(tmp_path / "cc.attr")
+    back = al.Attribution.load(path)
+    assert back.equals(r)
+    np.testing.assert_allclose(
+        attribute_span(back, 0, 1).scores.numpy(), r.scores[0].numpy(), atol=1e-9
+    )
+
+
+def test_contextcite_finds_a_planted_source(llama):
+    """A source that repeats the response makes it (the copy) more likely."""
+    ctx = "The sky is blue. Tom has a dog. Ice is cold. Kate reads books."
+    resp = " Tom has a dog."
+    lp = Sources().mask_values(llama, ctx, resp, [[1, 1, 1, 1], [1, 0, 1, 1]])
+    r = al.attribute(llama, ctx, resp, units="sources", method="contextcite", n_ablations=32)
+    loo = al.attribute(llama, ctx, resp, units="sources", method="loo")
+    assert loo.scores[1] == pytest.approx(float(lp[0] - lp[1]), abs=1e-6)
+    assert int(loo.scores.argmax()) == int(r.scores.argmax()) or float(lp[0] - lp[1]) < 0.1
+
+
+# ------------------------------------------------------------------ baselines
+def test_loo_jsd_attention_hierarchical(llama):
+    p = Sources(query=QUERY).bind(llama, CTX, " Paris is")
+    plain = _plain_logprobs(llama, p, al.methods.context_baselines.loo_masks(5)).sum(-1)
+    loo = al.attribute(llama, CTX, " Paris is", units="sources", method="loo", query=QUERY)
+    np.testing.assert_allclose(loo.scores.numpy(), (plain[0] - plain[1:]).numpy(), atol=2e-5)
+    jsd = al.attribute(llama, CTX, " Paris is", units="sources", method="jsd", query=QUERY)
+    assert jsd.scores.shape == (5,) and bool((jsd.scores >= 0).all()) and jsd.scores.sum() > 0
+    att = al.attribute(llama, CTX, " Paris is", units="sources", method="attention", query=QUERY)
+    ranges = att.diagnostics["token_ranges"]
+    assert all(b > a for a, b in ranges) and ranges == sorted(ranges)
+    assert 0 < float(att.scores.sum()) <= 1.0 + 1e-6
+    # hierarchical with branching >= n is leave-one-out
+    h = al.attribute(
+        llama, CTX, " Paris is", units="sources", method="hierarchical", query=QUERY, branching=8
+    )
+    np.testing.assert_allclose(h.scores.numpy(), loo.scores.numpy(), atol=1e-9)
+    assert all(h.diagnostics["resolved"])
+
+
+def test_hierarchical_many_sources_finds_the_top_loo_source():
+    lm = al.wrap(*al.testing.tiny_model("llama", max_position_embeddings=4096))
+    words = ["red", "blue", "cat", "dog", "sun", "tea", "box", "pen"]
+    rng = np.random.default_rng(0)
+    ctx = " ".join(f"{rng.choice(words)} {rng.choice(words)}." for _ in range(120))
+    r = al.attribute(
+        lm, ctx, " cat dog", units="sources", method="hierarchical", keep=2, branching=4
+    )
+    assert len(r) == 120 and r.diagnostics["n_prompts"] < 60
+    best = int(np.argmax(r.scores.numpy()))
+    assert r.diagnostics["resolved"][best]
