@@ -135,6 +135,7 @@ class Demo:
     lines: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     debug: bool = False
+    tiny: bool = False
 
     def add(self, r: Attribution, title: str, note: str = "", k: int = 12) -> Attribution:
         self.report.add(r, title, note=note, k=k)
@@ -232,7 +233,7 @@ def run_demo(
         "top predictions": "  ".join(f"{t!r} {v:.2f}" for t, v in preds),
     }
     report = Report("attrlab demo: why did the model say that?", info=info)
-    demo = Demo(lm, p, cf, (ans[0], ans[1]), label, report, debug=debug)
+    demo = Demo(lm, p, cf, (ans[0], ans[1]), label, report, debug=debug, tiny=tiny)
     demo.lines += [
         f"model: {lm.name} ({label})",
         f"prompt: {p!r}",
@@ -281,6 +282,9 @@ def run_demo(
 # ------------------------------------------------------------------ sections
 
 
+_DEFAULT: Any = object()
+
+
 def _attr(
     demo: Demo,
     method: str,
@@ -288,7 +292,7 @@ def _attr(
     kind: str,
     lm: Any = None,
     prompt: Any = None,
-    target: Any = None,
+    target: Any = _DEFAULT,
     counterfactual: Any = None,
     **wanted: Any,
 ) -> Attribution:
@@ -298,7 +302,7 @@ def _attr(
     return al.attribute(
         lm if lm is not None else demo.lm,
         prompt if prompt is not None else demo.prompt,
-        target=target if target is not None else demo.answer,
+        target=demo.answer if target is _DEFAULT else target,
         units=units,
         method=method,
         counterfactual=counterfactual,
@@ -437,32 +441,84 @@ def _circuit(demo: Demo) -> None:
     demo.add(r, f"Circuit — {m}", "edges between components; the strongest edges are drawn")
 
 
+TOY_SOURCES = [
+    "Document 1: the meeting is on Monday.",
+    "Document 2: Paris is a city in France.",
+    "Document 3: the report is due Friday.",
+]
+TOY_CORPUS = [
+    "The capital of France is Paris.",
+    "Paris is a city in France.",
+    "The capital of Italy is Rome.",
+    "Rome is a city in Italy.",
+    "Berlin is in Germany.",
+    "A cat sat on the mat.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Alice and Bob talked about the weather.",
+]
+
+
 def _sources(demo: Demo) -> None:
     m = first_available(["contextcite", "loo"], "sources")
     if m is None:
         raise Unavailable(
             "context attribution (units='sources', contextcite) is not registered yet"
         )
-    lm = zoo_model("context_qa")
-    from .. import zoo
+    if demo.tiny:
+        lm, sources, gold = demo.lm, TOY_SOURCES, 1
+        prompt = " ".join(sources) + " Question: where is Paris? Answer:"
+        response, where = " France", "toy context on the tiny model"
+    else:
+        from .. import zoo
 
-    ex = zoo.task("context_qa").examples(1, seed=0)[0]
-    sources = getattr(ex, "sources", None) or getattr(ex, "documents", None)
-    kw = {"sources": sources, "response": ex.answer, "n_ablations": 32, "seed": 0}
-    r = _attr(demo, m, "sources", "sources", lm=lm, prompt=ex.prompt, target=ex.answer, **kw)
-    demo.add(r, f"Context sources — {m}", "which document of the prompt the answer comes from")
+        lm = zoo_model("context_qa")
+        ex = zoo.task("context_qa").examples(1, seed=0)[0]
+        prompt, sources, gold, response = ex.prompt, list(ex.sources), ex.gold, ex.answer
+        where = f"zoo context_qa; answer {response!r}"
+    wanted = {"sources": sources, "response": response, "n_ablations": 32, "seed": 0}
+    r = _attr(demo, m, "sources", "sources", lm=lm, prompt=prompt, target=None, **wanted)
+    if len(r) == len(sources):
+        r.units["answers the question"] = ["yes" if i == gold else "" for i in range(len(r))]
+    demo.add(r, f"Context sources — {m}", f"which document the answer comes from ({where})")
 
 
 def _training(demo: Demo) -> None:
-    m = first_available(["trak", "tracin", "grad_dot"], "train")
+    import tempfile
+
+    m = first_available(["trak", "tracin", "grad-dot"], "train")
     if m is None:
         raise Unavailable("training-data attribution (units='train', trak) is not registered yet")
-    lm = zoo_model("facts")
-    from .. import zoo
+    from .. import data as ad
+    from ..units.examples import TrainingExamples
 
-    ex = zoo.task("facts").examples(1, seed=0)[0]
-    r = _attr(demo, m, "train", "train", lm=lm, prompt=ex.prompt, target=ex.answer)
-    demo.add(r, f"Training examples — {m}", "the training documents that most support the answer")
+    if demo.tiny:
+        lm, texts, ids = demo.lm, TOY_CORPUS, list(range(len(TOY_CORPUS)))
+        prompt, answer, gold = "The capital of France is", " Paris", {0, 1}
+        where = "toy corpus on the tiny model"
+    else:
+        from .. import zoo
+
+        lm = zoo_model("facts")
+        task = zoo.task("facts")
+        ex = task.examples(1, seed=0)[0]
+        gold = set(ex.supporting_docs)
+        chosen = list(dict.fromkeys([*ex.supporting_docs, *ex.distractor_docs]))
+        for doc_id, _ in task.corpus():
+            if len(chosen) >= 48:
+                break
+            if doc_id not in chosen:
+                chosen.append(doc_id)
+        ids, texts = chosen, [task.document(i) for i in chosen]
+        prompt, answer = ex.prompt, ex.answer
+        where = f"zoo facts: {len(ids)} of {len(task.corpus())} training documents"
+    with tempfile.TemporaryDirectory(prefix="attrlab-demo-") as tmp:
+        store = ad.featurize(
+            lm, ad.Examples.from_texts(lm, texts, ids=ids), tmp, proj_dim=64, batch_size=16
+        )
+        r = _attr(demo, m, TrainingExamples(store), "train", lm=lm, prompt=prompt, target=answer)
+    if "id" in r.units:
+        r.units["states the fact"] = ["yes" if i in gold else "" for i in r.units["id"]]
+    demo.add(r, f"Training examples — {m}", f"training documents behind {answer!r} ({where})")
 
 
 def _finite(x: float) -> bool:

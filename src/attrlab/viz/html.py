@@ -267,8 +267,8 @@ def _kv(key: str, value: Any, warn: bool = False) -> str:
         text = "[" + ", ".join(shown) + (", …" if len(value) > 8 else "") + "]"
     elif isinstance(value, (dict, list, tuple)):
         text = json.dumps(value, default=str)
-        if len(text) > 160:
-            text = text[:157] + "…"
+        if len(text) > 110:
+            text = text[:107] + "…"
     else:
         text = fmt(value)
     cls = "al-kv al-warn" if warn else "al-kv"
