@@ -1,0 +1,488 @@
+"""Gradient family over input units: saliency, input x gradient, Integrated
+Gradients, SmoothGrad, expected gradients.
+
+All methods differentiate the target with respect to the token embeddings (the
+output of the ``embed`` site, i.e. the token-embedding module, before any
+position embedding or scaling the model adds), then reduce over the hidden
+dimension — by sum (default; keeps IG's completeness) or by L2 norm. Token
+scores are summed into words / sentences / spans for those unit kinds.
+
+Many points (interpolation steps, noise samples) go through the model in one
+batched forward (``batch_size`` per chunk). For a multi-token continuation
+(``ContinuationLogProb(..., reduce="none")`` or ``max_new_tokens``), every row
+shares the same forwards: one forward per chunk of points, then one backward
+per continuation token through the retained graph, instead of a whole IG per
+token.
+
+Integrated Gradients (Sundararajan et al., "Axiomatic Attribution for Deep
+Networks") integrates the gradient along the straight line from a baseline
+``x0`` to the input ``x``: ``attr_i = (x_i - x0_i) * int_0^1 df/dx_i(x0 +
+a (x - x0)) da``. Rules: ``gausslegendre`` (default), ``riemann_left``,
+``riemann_right``, ``riemann_middle``, ``riemann_trapezoid``. Note: our
+trapezoid rule has weights ``1/(n-1)`` (halved at both ends), which integrates
+exactly; Captum's uses ``1/n`` (so it sums to ``(n-1)/n``). The completeness
+error ``sum(attr) - (f(x) - f(x0))`` is reported per row in ``diagnostics``.
+
+Example:
+    >>> import attrlab as al
+    >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+    >>> r = al.attribute(lm, "When Mary and John went", target=" to", method="ig", steps=16)
+    >>> abs(r.diagnostics["completeness_error"]) < 0.05 * abs(r.diagnostics["delta"]) + 1e-3
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from ..units.tokens import EmbedForward, InputUnits, input_result, make_forward
+from .base import Method, register
+
+INPUT_KINDS = ("tokens", "words", "sentences", "spans")
+RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
+
+
+def quadrature(rule: str, steps: int) -> tuple[Tensor, Tensor]:
+    """Points ``alphas`` in [0, 1] and weights (float64, ``[steps]``) of a rule.
+
+    Example:
+        >>> a, w = quadrature("riemann_trapezoid", 3)
+        >>> a.tolist(), w.tolist()
+        ([0.0, 0.5, 1.0], [0.25, 0.5, 0.25])
+    """
+    if rule not in RULES:
+        raise InputError(f"unknown rule {rule!r}; choose from {', '.join(RULES)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
+    n = steps
+    if rule == "gausslegendre":
+        x, w = np.polynomial.legendre.leggauss(n)
+        return torch.from_numpy(0.5 * (x + 1.0)), torch.from_numpy(0.5 * w)
+    if rule == "riemann_trapezoid":
+        if n < 2:
+            raise InputError("the trapezoid rule needs steps >= 2")
+        w = torch.full((n,), 1.0 / (n - 1), dtype=torch.float64)
+        w[0] /= 2
+        w[-1] /= 2
+        return torch.linspace(0, 1, n, dtype=torch.float64), w
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    i = torch.arange(n, dtype=torch.float64)
+    shift = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}[rule]
+    return (i + shift) / n, w
+
+
+def grad_products(
+    fwd: EmbedForward,
+    points: Tensor,
+    mult: Tensor,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """``sum_k mult_k * grad f_r(points_k)`` for every target row ``r``.
+
+    Args:
+        points: ``[n, pos, d]`` embeddings where gradients are taken.
+        mult: ``[n, pos, d]`` (or broadcastable) multipliers of each point's gradient.
+
+    Returns:
+        ``([rows, pos, d], values [n, rows])``. One forward per chunk of points,
+        one backward per row through the retained graph.
+
+    Example:
+        >>> import torch, attrlab as al
+        >>> from attrlab.units.tokens import make_forward
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> f = make_forward(lm, "a b c", " a")
+        >>> x = f.inputs_embeds()[None]
+        >>> g, v = grad_products(f, x, torch.ones_like(x))
+        >>> tuple(g.shape) == (1, *x.shape[1:])
+        True
+    """
+    n = points.shape[0]
+    mult = mult.expand(n, *points.shape[1:]) if mult.shape[0] == 1 else mult
+    acc: Tensor | None = None
+    values = []
+    chunks = range(0, n, batch_size)
+    for i in tqdm(chunks, disable=not progress, desc="gradients", leave=False):
+        e = points[i : i + batch_size].detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = fwd(e)  # [c, rows]
+            rows = out.shape[1]
+            if acc is None:
+                acc = torch.zeros(rows, *points.shape[1:], dtype=points.dtype, device=points.device)
+            m = mult[i : i + batch_size]
+            for r in range(rows):
+                (g,) = torch.autograd.grad(out[:, r].sum(), e, retain_graph=r < rows - 1)
+                acc[r] += (m * g).sum(0)
+        values.append(out.detach())
+    assert acc is not None
+    return acc, torch.cat(values, 0)
+
+
+def _reduce(attr: Tensor, how: str) -> Tensor:
+    """``[rows, pos, d]`` -> ``[rows, pos]``."""
+    if how == "sum":
+        return attr.sum(-1)
+    if how == "l2":
+        return attr.norm(dim=-1)
+    raise InputError(f"reduce must be 'sum' or 'l2', got {how!r}")
+
+
+def _to_units(token_scores: Tensor, groups: list[list[int]]) -> Tensor:
+    """``[rows, pos]`` -> ``[rows, n_units]`` by summing each unit's positions."""
+    return torch.stack([token_scores[:, g].sum(-1) for g in groups], -1)
+
+
+class _GradientMethod(Method):
+    """Shared plumbing: build the forward, compute ``[rows, pos, d]``, reduce, group."""
+
+    reduce: str = "sum"
+    batch_size: int = 32
+    max_new_tokens: int | None = None
+    progress: bool = False
+
+    def _check(self) -> None:
+        if self.reduce not in ("sum", "l2"):
+            raise InputError(f"reduce must be 'sum' or 'l2', got {self.reduce!r}")
+
+    def attribute(
+        self, lm: Any, inputs: Any, target: Any, units: Any, counterfactual: Any = None
+    ) -> Any:
+        if not isinstance(units, InputUnits):
+            raise InputError(f"{self.name} works on input units, not {units.kind!r}")
+        fwd = make_forward(lm, inputs, target, max_new_tokens=self.max_new_tokens)
+        return self.attribute_fwd(lm, fwd, units, counterfactual)
+
+    def attribute_fwd(
+        self, lm: Any, fwd: EmbedForward, units: InputUnits, counterfactual: Any = None
+    ) -> Any:
+        """Attribute with a ready :class:`EmbedForward` (classifiers, encoders, custom targets)."""
+        self._check()
+        groups, _ = units.groups(fwd.view)
+        if not groups:
+            raise InputError("no units to attribute (every token excluded?)")
+        unit_pos = torch.zeros(fwd.view.n_pos, dtype=torch.bool)
+        for g in groups:
+            unit_pos[g] = True
+        attr, diag, extra = self._token_attr(fwd, unit_pos, counterfactual)  # [rows, pos, d]
+        attr = attr * unit_pos.to(attr.device)[None, :, None]
+        token_scores = _reduce(attr, self.reduce)
+        scores = _to_units(token_scores, groups)
+        return input_result(lm, fwd, units, scores, self, diag, extra)
+
+    def _token_attr(
+        self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
+    ) -> tuple[Tensor, dict[str, Any], dict[str, Tensor]]:
+        raise NotImplementedError
+
+
+@register("saliency", INPUT_KINDS)
+class Saliency(_GradientMethod):
+    """The gradient of the target at the input, reduced over the hidden
+    dimension (``reduce="l2"``: its norm, the default; ``"sum"``: its sum).
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "a b c", target=" a", method="saliency")
+        >>> bool((r.scores >= 0).all())
+        True
+    """
+
+    def __init__(
+        self,
+        reduce: str = "l2",
+        batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        progress: bool = False,
+    ):
+        self.reduce = reduce
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.progress = progress
+
+    def _token_attr(
+        self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
+    ) -> tuple[Tensor, dict[str, Any], dict[str, Tensor]]:
+        x = fwd.inputs_embeds()[None]
+        g, v = grad_products(fwd, x, torch.ones_like(x), self.batch_size, self.progress)
+        return g, {"value": _row_list(v[0])}, {}
+
+
+@register("input_x_gradient", INPUT_KINDS, "input_x_grad", "ixg")
+class InputXGradient(_GradientMethod):
+    """``x * df/dx`` at the input embeddings, summed (default) or L2-normed over
+    the hidden dimension.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> al.attribute(lm, "a b c", target=" a", method="input_x_gradient").scores.shape[0]
+        3
+    """
+
+    def __init__(
+        self,
+        reduce: str = "sum",
+        batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        progress: bool = False,
+    ):
+        self.reduce = reduce
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.progress = progress
+
+    def _token_attr(
+        self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
+    ) -> tuple[Tensor, dict[str, Any], dict[str, Tensor]]:
+        x = fwd.inputs_embeds()[None]
+        g, v = grad_products(fwd, x, x, self.batch_size, self.progress)
+        return g, {"value": _row_list(v[0])}, {}
+
+
+def _row_list(v: Tensor) -> Any:
+    """A per-row tensor ``[rows]`` as a float (one row) or a list."""
+    vals = [float(t) for t in v.reshape(-1)]
+    return vals[0] if len(vals) == 1 else vals
+
+
+def _resolve_baseline(fwd: EmbedForward, baseline: Any, unit_pos: Tensor, cf: Any) -> Tensor:
+    """Baseline ``[pos, d]``; equals the input outside the units (never interpolated)."""
+    x = fwd.inputs_embeds()
+    if cf is not None:
+        if baseline not in (None, "pad"):
+            raise InputError("give either a counterfactual or a baseline, not both")
+        ids = _counterfactual_ids(fwd, cf)
+        x0 = fwd.embed_ids(torch.tensor(ids, dtype=torch.long))
+    else:
+        x0 = fwd.baseline(baseline)
+    return torch.where(unit_pos.to(x.device)[:, None], x0, x)
+
+
+def _counterfactual_ids(fwd: EmbedForward, cf: Any) -> list[int]:
+    """Counterfactual prompt token ids + the continuation of the prepared input."""
+    lm = getattr(fwd, "lm", None)
+    if lm is None:
+        raise InputError("a counterfactual baseline needs a causal LM")
+    b = lm.tokenize(cf)
+    ids = b.input_ids[0].tolist()
+    if len(ids) != fwd.view.n_prompt:
+        raise InputError(
+            f"the counterfactual has {len(ids)} tokens, the prompt {fwd.view.n_prompt}; "
+            "they must match position by position"
+        )
+    return ids + fwd.view.ids[fwd.view.n_prompt :]
+
+
+@register("ig", INPUT_KINDS, "integrated_gradients")
+class IntegratedGradients(_GradientMethod):
+    """Integrated Gradients at the token embeddings.
+
+    Args:
+        steps: number of quadrature points.
+        rule: ``gausslegendre`` (default) or ``riemann_left|right|middle|trapezoid``.
+        baseline: ``"pad"`` (pad-token embedding, default), ``"zero"``, ``"mask"``,
+            a token id, or a tensor ``[pos, d_model]``. A ``counterfactual`` prompt
+            (same token length) can serve as the baseline instead.
+        reduce: ``"sum"`` (completeness-preserving) or ``"l2"``.
+        batch_size: points per forward.
+        max_new_tokens: with no target, generate this many tokens greedily and
+            attribute each of them (one row per token).
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "When Mary", target=None, method="ig", max_new_tokens=2)
+        >>> r.scores.shape[0]
+        2
+    """
+
+    def __init__(
+        self,
+        steps: int = 32,
+        rule: str = "gausslegendre",
+        baseline: Any = "pad",
+        reduce: str = "sum",
+        batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        progress: bool = False,
+    ):
+        quadrature(rule, steps)  # validates
+        self.steps = steps
+        self.rule = rule
+        self.baseline = baseline
+        self.reduce = reduce
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.progress = progress
+
+    def params(self) -> dict[str, Any]:
+        p = super().params()
+        if isinstance(p["baseline"], Tensor):
+            p["baseline"] = f"tensor{tuple(p['baseline'].shape)}"
+        return p
+
+    def _token_attr(
+        self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
+    ) -> tuple[Tensor, dict[str, Any], dict[str, Tensor]]:
+        x = fwd.inputs_embeds()
+        x0 = _resolve_baseline(fwd, self.baseline, unit_pos, counterfactual)
+        alphas, weights = quadrature(self.rule, self.steps)
+        a = alphas.to(device=x.device, dtype=x.dtype)[:, None, None]
+        w = weights.to(device=x.device, dtype=x.dtype)[:, None, None]
+        delta = x - x0
+        points = x0[None] + a * delta[None]  # [steps, pos, d]
+        g, _ = grad_products(fwd, points, w * delta[None], self.batch_size, self.progress)
+        ends = fwd.evaluate(torch.stack([x, x0]), 2)  # [2, rows]
+        change = ends[0] - ends[1]
+        err = g.sum((-1, -2)) - change.to(g.dtype)
+        rel = err.abs() / change.abs().clamp_min(1e-12).to(g.dtype)
+        diag = {
+            "completeness_error": _row_list(err),
+            "relative_completeness_error": _row_list(rel),
+            "delta": _row_list(change),
+            "value": _row_list(ends[0]),
+            "baseline_value": _row_list(ends[1]),
+        }
+        return g, diag, {}
+
+
+@register("smoothgrad", INPUT_KINDS)
+class SmoothGrad(_GradientMethod):
+    """SmoothGrad: the gradient averaged over ``samples`` noisy copies of the
+    input embeddings (Gaussian noise with std ``noise * (max - min)`` of the
+    embeddings), multiplied by the input (``multiply_by_inputs=True``, default)
+    and summed over the hidden dimension, or L2-normed (``reduce="l2"``).
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r1 = al.attribute(lm, "a b c", target=" a", method="smoothgrad", seed=1)
+        >>> r2 = al.attribute(lm, "a b c", target=" a", method="smoothgrad", seed=1)
+        >>> bool((r1.scores == r2.scores).all())
+        True
+    """
+
+    def __init__(
+        self,
+        samples: int = 16,
+        noise: float = 0.1,
+        multiply_by_inputs: bool = True,
+        seed: int = 0,
+        reduce: str = "sum",
+        batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        progress: bool = False,
+    ):
+        if samples < 1:
+            raise InputError("samples must be >= 1")
+        self.samples = samples
+        self.noise = noise
+        self.multiply_by_inputs = multiply_by_inputs
+        self.seed = seed
+        self.reduce = reduce
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.progress = progress
+
+    def _token_attr(
+        self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
+    ) -> tuple[Tensor, dict[str, Any], dict[str, Tensor]]:
+        x = fwd.inputs_embeds()
+        gen = torch.Generator().manual_seed(self.seed)
+        sigma = self.noise * float(x.max() - x.min())
+        eps = torch.randn((self.samples, *x.shape), generator=gen, dtype=torch.float64)
+        eps = (eps * sigma).to(device=x.device, dtype=x.dtype) * unit_pos.to(x.device)[:, None]
+        points = x[None] + eps
+        mult = (x if self.multiply_by_inputs else torch.ones_like(x))[None] / self.samples
+        g, _ = grad_products(fwd, points, mult, self.batch_size, self.progress)
+        return g, {"sigma": sigma}, {}
+
+
+@register("expected_gradients", INPUT_KINDS, "expected_grad")
+class ExpectedGradients(_GradientMethod):
+    """Expected gradients: IG averaged over baselines drawn from a reference
+    distribution, one random point on each path (Erion et al.). References:
+    ``"random_tokens"`` (embeddings of uniformly random vocabulary tokens at
+    each unit position, default) or a tensor ``[k, pos, d_model]``.
+    Seeded; ``samples`` (baseline, alpha) pairs.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "a b c", target=" a", method="expected_gradients", samples=8)
+        >>> len(r)
+        3
+    """
+
+    def __init__(
+        self,
+        samples: int = 32,
+        references: Any = "random_tokens",
+        seed: int = 0,
+        reduce: str = "sum",
+        batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        progress: bool = False,
+    ):
+        if samples < 1:
+            raise InputError("samples must be >= 1")
+        self.samples = samples
+        self.references = references
+        self.seed = seed
+        self.reduce = reduce
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.progress = progress
+
+    def params(self) -> dict[str, Any]:
+        p = super().params()
+        if isinstance(p["references"], Tensor):
+            p["references"] = f"tensor{tuple(p['references'].shape)}"
+        return p
+
+    def _token_attr(
+        self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
+    ) -> tuple[Tensor, dict[str, Any], dict[str, Tensor]]:
+        x = fwd.inputs_embeds()
+        gen = torch.Generator().manual_seed(self.seed)
+        k, p = self.samples, x.shape[0]
+        if isinstance(self.references, Tensor):
+            ref = self.references.to(device=x.device, dtype=x.dtype)
+            if ref.dim() != 3 or tuple(ref.shape[1:]) != tuple(x.shape):
+                raise InputError(
+                    f"references must be [k, pos, d_model] = [k, {p}, {x.shape[1]}], "
+                    f"got {tuple(ref.shape)}"
+                )
+            idx = torch.randint(ref.shape[0], (k,), generator=gen)
+            x0 = ref[idx]
+        elif self.references == "random_tokens":
+            vocab = _vocab(fwd)
+            ids = torch.randint(vocab, (k, p), generator=gen)
+            x0 = torch.stack([fwd.embed_ids(row) for row in ids])
+        else:
+            raise InputError("references must be 'random_tokens' or a tensor [k, pos, d_model]")
+        x0 = torch.where(unit_pos.to(x.device)[None, :, None], x0, x[None])
+        alpha = torch.rand(k, generator=gen, dtype=torch.float64).to(x.dtype).to(x.device)
+        delta = x[None] - x0
+        points = x0 + alpha[:, None, None] * delta
+        g, _ = grad_products(fwd, points, delta / k, self.batch_size, self.progress)
+        return g, {}, {}
+
+
+def _vocab(fwd: EmbedForward) -> int:
+    lm = getattr(fwd, "lm", None)
+    cfg = getattr(lm, "cfg", None)
+    if cfg is not None and getattr(cfg, "d_vocab", None):
+        return int(cfg.d_vocab)
+    vocab = getattr(fwd, "vocab_size", None)
+    if vocab is None:
+        raise InputError("cannot draw random tokens: unknown vocabulary size; pass references=")
+    return int(vocab)

@@ -1,0 +1,426 @@
+"""Perturbation family over input units: occlusion (leave-one-out), Shapley
+value sampling, KernelSHAP, LIME, and exact Shapley values by enumeration.
+
+Every method evaluates ``f(S)`` — the target with only the units in ``S`` kept —
+through :meth:`attrlab.units.tokens.InputUnits.mask_values`: dropped units get
+a baseline embedding (default: the pad token's), many masks per batched
+forward. See "Feature Removal Is a Unifying Principle for Model Explanation
+Methods" (Covert et al.) for the common frame.
+
+* ``occlusion`` / ``loo``: ``f(all) - f(all without u)``.
+* ``shapley``: Shapley value sampling over random permutations (seeded;
+  ``antithetic=True`` adds each permutation's reverse). Efficiency holds
+  exactly: the scores sum to ``f(all) - f(none)``.
+* ``kernelshap``: weighted least squares with the Shapley kernel and the
+  efficiency constraint; with every coalition (``samples=None`` and at most
+  ``max_exact_units`` units) it equals the exact Shapley values.
+* ``lime``: a ridge regression on random masks weighted by an exponential
+  kernel of the cosine distance to the full input (scikit-learn).
+* ``shapley_exact``: enumerates all ``2^n`` coalitions (n <= 16).
+
+Example:
+    >>> import attrlab as al
+    >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+    >>> r = al.attribute(lm, "When Mary and John", target=" went", method="shapley_exact")
+    >>> d = r.diagnostics
+    >>> abs(float(r.scores.sum()) - (d["value"] - d["empty_value"])) < 1e-4
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from ..units.tokens import EmbedForward, InputUnits, input_result, make_forward
+from .base import Method, register
+
+INPUT_KINDS = ("tokens", "words", "sentences", "spans")
+ValueFn = Callable[[Tensor], Tensor]
+
+
+def _row_list(v: Tensor) -> Any:
+    vals = [float(t) for t in v.reshape(-1)]
+    return vals[0] if len(vals) == 1 else vals
+
+
+def exact_shapley(value_fn: ValueFn, n_units: int, batch: int = 256) -> Tensor:
+    """Exact Shapley values ``[rows, n_units]`` by enumerating every coalition.
+
+    ``value_fn(masks [m, n_units] bool) -> [m]`` or ``[m, rows]``.
+
+    Example:
+        >>> import torch
+        >>> w = torch.tensor([1.0, 2.0, -3.0])
+        >>> exact_shapley(lambda m: m.double() @ w.double(), 3)[0].tolist()
+        [1.0, 2.0, -3.0]
+    """
+    if n_units > 16:
+        raise InputError(f"exact Shapley enumerates 2^{n_units} coalitions; use at most 16 units")
+    codes = torch.arange(2**n_units)
+    masks = ((codes[:, None] >> torch.arange(n_units)) & 1).bool()  # [2^n, n]
+    vals = torch.cat([_as_2d(value_fn(masks[i : i + batch])) for i in range(0, len(masks), batch)])
+    vals = vals.double()  # [2^n, rows]
+    sizes = masks.sum(-1)
+    n = n_units
+    fact = [math.factorial(k) for k in range(n + 1)]
+    phi = torch.zeros(vals.shape[1], n, dtype=torch.float64)
+    for i in range(n):
+        without = ~masks[:, i]
+        s = sizes[without]
+        w = torch.tensor(
+            [fact[k] * fact[n - k - 1] / fact[n] for k in s.tolist()], dtype=torch.float64
+        )
+        with_i = codes[without] | (1 << i)
+        phi[:, i] = (w[:, None] * (vals[with_i] - vals[without])).sum(0)
+    return phi
+
+
+def _as_2d(v: Tensor) -> Tensor:
+    return v[:, None] if v.dim() == 1 else v
+
+
+def kernelshap_weights(n: int) -> tuple[Tensor, Tensor]:
+    """Every proper coalition of ``n`` units ``[2^n - 2, n]`` and its Shapley-kernel
+    weight ``(n - 1) / (C(n, s) s (n - s))``.
+
+    Example:
+        >>> m, w = kernelshap_weights(3)
+        >>> m.shape[0], round(float(w[0]), 4)
+        (6, 0.3333)
+    """
+    codes = torch.arange(1, 2**n - 1)
+    masks = ((codes[:, None] >> torch.arange(n)) & 1).bool()
+    s = masks.sum(-1).double()
+    comb = torch.tensor([math.comb(n, int(k)) for k in s.tolist()], dtype=torch.float64)
+    return masks, (n - 1) / (comb * s * (n - s))
+
+
+def solve_kernelshap(
+    masks: Tensor, values: Tensor, weights: Tensor, v_empty: Tensor, v_full: Tensor
+) -> Tensor:
+    """Weighted least squares ``values ~ v_empty + masks @ phi`` with
+    ``sum(phi) = v_full - v_empty`` exactly. Shapes: masks ``[m, n]``, values
+    ``[m, rows]``, weights ``[m]``, v_empty/v_full ``[rows]``; returns ``[rows, n]``.
+
+    Example:
+        >>> import torch
+        >>> m, w = kernelshap_weights(3)
+        >>> phi = torch.tensor([1.0, 2.0, -3.0], dtype=torch.float64)
+        >>> vals = (m.double() @ phi)[:, None]
+        >>> solve_kernelshap(m, vals, w, torch.zeros(1), torch.zeros(1)).round(decimals=6).tolist()
+        [[1.0, 2.0, -3.0]]
+    """
+    z = masks.double()
+    n = z.shape[1]
+    v0, v1 = v_empty.double(), v_full.double()
+    total = v1 - v0  # [rows]
+    if n == 1:
+        return total[:, None]
+    y = values.double() - v0[None] - z[:, -1:] * total[None]  # [m, rows]
+    x = z[:, :-1] - z[:, -1:]  # [m, n-1]
+    sw = weights.double().sqrt()[:, None]
+    sol = torch.linalg.lstsq(x * sw, y * sw).solution  # [n-1, rows]
+    last = total - sol.sum(0)
+    return torch.cat([sol, last[None]], 0).T
+
+
+class _PerturbationMethod(Method):
+    """Shared plumbing: the forward, the unit groups, the value function."""
+
+    baseline: Any = "pad"
+    batch_size: int = 32
+    max_new_tokens: int | None = None
+    progress: bool = False
+
+    def attribute(
+        self, lm: Any, inputs: Any, target: Any, units: Any, counterfactual: Any = None
+    ) -> Any:
+        if not isinstance(units, InputUnits):
+            raise InputError(f"{self.name} works on input units, not {units.kind!r}")
+        if counterfactual is not None:
+            raise InputError(f"{self.name} does not take a counterfactual; use baseline=")
+        fwd = make_forward(lm, inputs, target, max_new_tokens=self.max_new_tokens)
+        return self.attribute_fwd(lm, fwd, units)
+
+    def attribute_fwd(self, lm: Any, fwd: EmbedForward, units: InputUnits) -> Any:
+        """Attribute with a ready :class:`EmbedForward`."""
+        groups, _ = units.groups(fwd.view)
+        n = len(groups)
+        if n == 0:
+            raise InputError("no units to attribute (every token excluded?)")
+        calls = {"masks": 0}
+
+        def value_fn(masks: Tensor) -> Tensor:
+            calls["masks"] += int(masks.shape[0])
+            v = units.mask_values_fwd(fwd, masks, self.baseline, self.batch_size)
+            return _as_2d(v).double()
+
+        ends = value_fn(
+            torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
+        )
+        v_full, v_empty = ends[0], ends[1]
+        scores, diag = self._scores(value_fn, n, v_full, v_empty)
+        diag.update(
+            value=_row_list(v_full), empty_value=_row_list(v_empty), n_evaluations=calls["masks"]
+        )
+        return input_result(lm, fwd, units, scores, self, diag)
+
+    def _scores(
+        self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+    def _eval(self, value_fn: ValueFn, masks: Tensor, chunk: int = 512) -> Tensor:
+        out = []
+        for i in tqdm(
+            range(0, masks.shape[0], chunk), disable=not self.progress, desc=self.name, leave=False
+        ):
+            out.append(value_fn(masks[i : i + chunk]))
+        return torch.cat(out, 0)
+
+
+@register("occlusion", INPUT_KINDS, "loo", "leave_one_out")
+class Occlusion(_PerturbationMethod):
+    """Leave-one-out: ``f(all) - f(all without unit u)`` for every unit.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> len(al.attribute(lm, "When Mary and John", target=" went", method="loo"))
+        4
+    """
+
+    def __init__(
+        self,
+        baseline: Any = "pad",
+        batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        progress: bool = False,
+    ):
+        self.baseline = baseline
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.progress = progress
+
+    def _scores(
+        self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
+        masks = ~torch.eye(n, dtype=torch.bool)
+        vals = self._eval(value_fn, masks)  # [n, rows]
+        return (v_full[None] - vals).T, {}
+
+
+@register("shapley", INPUT_KINDS, "shapley_sampling")
+class ShapleySampling(_PerturbationMethod):
+    """Shapley value sampling: average marginal contributions over random
+    permutations of the units (seeded). Each permutation costs ``n - 1``
+    evaluations (the empty and full coalitions are shared).
+
+    Args:
+        permutations: number of random permutations.
+        antithetic: also use each permutation reversed (lower variance).
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "When Mary and John", target=" went", method="shapley",
+        ...                  permutations=4)
+        >>> len(r)
+        4
+    """
+
+    def __init__(
+        self,
+        permutations: int = 32,
+        antithetic: bool = True,
+        seed: int = 0,
+        baseline: Any = "pad",
+        batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        progress: bool = False,
+    ):
+        if permutations < 1:
+            raise InputError("permutations must be >= 1")
+        self.permutations = permutations
+        self.antithetic = antithetic
+        self.seed = seed
+        self.baseline = baseline
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.progress = progress
+
+    def _scores(
+        self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
+        gen = torch.Generator().manual_seed(self.seed)
+        perms = torch.stack([torch.randperm(n, generator=gen) for _ in range(self.permutations)])
+        if self.antithetic:
+            perms = torch.cat([perms, perms.flip(-1)], 0)
+        k = perms.shape[0]
+        # prefix masks: after adding the first j units of each permutation, j = 1..n-1
+        rank = torch.empty_like(perms)
+        rank.scatter_(1, perms, torch.arange(n).expand(k, n))  # rank[p, unit]
+        j = torch.arange(1, n)
+        masks = rank[:, None, :] < j[None, :, None]  # [k, n-1, n]
+        vals = self._eval(value_fn, masks.reshape(-1, n)).reshape(k, n - 1, -1)
+        rows = v_full.shape[0]
+        chain = torch.cat(
+            [v_empty.expand(k, 1, rows), vals, v_full.expand(k, 1, rows)], 1
+        )  # [k, n+1, rows]
+        contrib = chain[:, 1:] - chain[:, :-1]  # [k, n, rows]: unit perms[:, i]
+        phi = torch.zeros(k, n, rows, dtype=torch.float64)
+        phi.scatter_(1, perms[..., None].expand(k, n, rows), contrib)
+        std = phi.std(0) / math.sqrt(k) if k > 1 else torch.zeros(n, rows)
+        return phi.mean(0).T, {"stderr": std.T.tolist(), "n_permutations": k}
+
+
+@register("kernelshap", INPUT_KINDS, "kernel_shap")
+class KernelShap(_PerturbationMethod):
+    """KernelSHAP (Lundberg & Lee): weighted linear regression with the Shapley
+    kernel and the efficiency constraint. ``samples=None`` uses every
+    coalition when there are at most ``max_exact_units`` units (then the result
+    is the exact Shapley values), else 512 coalitions drawn from the kernel
+    (seeded).
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "When Mary and John", target=" went", method="kernelshap")
+        >>> r.diagnostics["exact"]
+        True
+    """
+
+    def __init__(
+        self,
+        samples: int | None = None,
+        max_exact_units: int = 12,
+        seed: int = 0,
+        baseline: Any = "pad",
+        batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        progress: bool = False,
+    ):
+        self.samples = samples
+        self.max_exact_units = max_exact_units
+        self.seed = seed
+        self.baseline = baseline
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.progress = progress
+
+    def _scores(
+        self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
+        if n == 1:
+            return (v_full - v_empty)[:, None], {"exact": True}
+        exact = self.samples is None and n <= self.max_exact_units
+        if exact:
+            masks, weights = kernelshap_weights(n)
+        else:
+            m = self.samples or 512
+            gen = torch.Generator().manual_seed(self.seed)
+            sizes = torch.arange(1, n, dtype=torch.float64)
+            p = (n - 1) / (sizes * (n - sizes))
+            s = torch.multinomial(p / p.sum(), m, replacement=True, generator=gen) + 1
+            scores = torch.rand(m, n, generator=gen)
+            order = scores.argsort(-1)
+            rank = order.argsort(-1)
+            masks = rank < s[:, None]
+            weights = torch.ones(m, dtype=torch.float64)
+        vals = self._eval(value_fn, masks)
+        phi = solve_kernelshap(masks, vals, weights, v_empty, v_full)
+        return phi, {"exact": exact, "n_coalitions": int(masks.shape[0])}
+
+
+@register("lime", INPUT_KINDS)
+class Lime(_PerturbationMethod):
+    """LIME (Ribeiro et al.): ridge regression of ``f`` on random binary masks,
+    weighted by ``exp(-d^2 / width^2)`` with ``d`` the cosine distance of the
+    mask to the full input. The number of kept units is uniform in ``1..n``.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "When Mary and John", target=" went", method="lime", samples=64)
+        >>> "r2" in r.diagnostics
+        True
+    """
+
+    def __init__(
+        self,
+        samples: int = 256,
+        kernel_width: float = 0.25,
+        alpha: float = 1e-3,
+        seed: int = 0,
+        baseline: Any = "pad",
+        batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        progress: bool = False,
+    ):
+        self.samples = samples
+        self.kernel_width = kernel_width
+        self.alpha = alpha
+        self.seed = seed
+        self.baseline = baseline
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.progress = progress
+
+    def _scores(
+        self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
+        from sklearn.linear_model import Ridge
+
+        gen = torch.Generator().manual_seed(self.seed)
+        k = torch.randint(1, n + 1, (self.samples,), generator=gen)
+        rank = torch.rand(self.samples, n, generator=gen).argsort(-1).argsort(-1)
+        masks = rank < k[:, None]
+        masks[0] = True  # the input itself
+        vals = self._eval(value_fn, masks).numpy()
+        z = masks.double().numpy()
+        dist = 1.0 - np.sqrt(z.sum(-1) / n)  # cosine distance to the all-ones mask
+        w = np.exp(-(dist**2) / self.kernel_width**2)
+        model = Ridge(alpha=self.alpha).fit(z, vals, sample_weight=w)
+        coef = np.atleast_2d(model.coef_)  # [rows, n]
+        r2 = float(model.score(z, vals, sample_weight=w))
+        return torch.from_numpy(coef.copy()), {
+            "r2": r2,
+            "intercept": _row_list(torch.as_tensor(model.intercept_)),
+        }
+
+
+@register("shapley_exact", INPUT_KINDS, "exact_shapley")
+class ExactShapley(_PerturbationMethod):
+    """Exact Shapley values by enumerating all ``2^n`` coalitions (n <= 16).
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> len(al.attribute(lm, "a b c", target=" a", method="shapley_exact"))
+        3
+    """
+
+    def __init__(
+        self,
+        baseline: Any = "pad",
+        batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        progress: bool = False,
+    ):
+        self.baseline = baseline
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.progress = progress
+
+    def _scores(
+        self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
+        return exact_shapley(value_fn, n), {}
