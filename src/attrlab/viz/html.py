@@ -668,6 +668,7 @@ def render_attribution(r: Attribution, k: int = 15) -> str:
 
 # ------------------------------------------------------------- circuit graph
 _LAYER_RE = re.compile(r"(\d+)")
+_QKV = re.compile(r"[.:_](q|k|v)$")
 
 
 def _node_layer(name: str, n_max: int) -> float:
@@ -699,6 +700,12 @@ def render_circuit(
         chosen = [e for e in edges if (e[0], e[1]) in keep]
     else:
         chosen = sorted(edges, key=lambda e: -abs(e[2]))[:max_edges]
+    # a head's q / k / v inputs are drawn as one node; their edges are summed
+    merged: dict[tuple[str, str], float] = {}
+    for a, b, sc in chosen:
+        key = (_QKV.sub("", a), _QKV.sub("", b))
+        merged[key] = merged.get(key, 0.0) + sc
+    chosen = [(a, b, sc) for (a, b), sc in merged.items() if a != b]
     if not chosen:
         return '<div class="al-note">no edges to draw</div>'
     names = sorted({n for e in chosen for n in e[:2]})
@@ -731,11 +738,11 @@ def render_circuit(
             f"{esc(fmt(s))}</title></line>"
         )
     nodes = []
-    for n, (x, y) in pos.items():
+    for n, (nx, ny) in pos.items():
         wbox = max(44, 8 * len(n) + 12)
         nodes.append(
-            f'<g><rect x="{x - wbox / 2:.1f}" y="{y - 12:.1f}" width="{wbox}" height="24" rx="6" '
-            f'fill="#ffffff" stroke="#57606a"/><text x="{x:.1f}" y="{y + 4:.1f}" '
+            f'<g><rect x="{nx - wbox / 2:.1f}" y="{ny - 12:.1f}" width="{wbox}" height="24" rx="6" '
+            f'fill="#ffffff" stroke="#57606a"/><text x="{nx:.1f}" y="{ny + 4:.1f}" '
             f'text-anchor="middle" font-size="12" font-family="monospace" fill="#1f2328">'
             f"{esc(n)}</text></g>"
         )
