@@ -108,9 +108,14 @@ class Report:
         return self
 
     def add_table(
-        self, title: str, columns: Mapping[str, Iterable[Any]], note: str = "", panel: str = "table"
+        self,
+        title: str,
+        columns: Mapping[str, Iterable[Any]],
+        note: str = "",
+        panel: str = "table",
+        at: int | None = None,
     ) -> Report:
-        """Add a plain table panel (escaped), e.g. a summary."""
+        """Add a plain table panel (escaped), e.g. a summary; ``at`` inserts it at that index."""
         cols = {str(k): list(v) for k, v in columns.items()}
         body = render_table(cols, max_rows=200, long=[c for c in cols if c.startswith("top")])
         sub = f'<div class="al-sub">{esc(note)}</div>' if note else ""
@@ -118,7 +123,11 @@ class Report:
             f'<section class="al-panel" data-panel="{esc(panel)}"><h3>{esc(title)}</h3>'
             f"{sub}{body}</section>"
         )
-        self.items.append(_Item("html", title, _slug(title, self._used), html=html))
+        item = _Item("html", title, _slug(title, self._used), html=html)
+        if at is None:
+            self.items.append(item)
+        else:
+            self.items.insert(at, item)
         return self
 
     def missing(self, title: str, reason: str) -> Report:

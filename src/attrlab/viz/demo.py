@@ -137,19 +137,26 @@ class Demo:
     debug: bool = False
     tiny: bool = False
 
+    glance: list[tuple[str, str, str, str]] = field(default_factory=list)
+
     def add(self, r: Attribution, title: str, note: str = "", k: int = 12) -> Attribution:
         self.report.add(r, title, note=note, k=k)
         self.lines.append(summary_line(title, r))
+        self.glance.append((title, r.method, _tops(r), _headline_diag(r.diagnostics)))
         return r
 
 
-def summary_line(title: str, r: Attribution, k: int = 3) -> str:
-    """One terminal line: the top ``k`` units of ``r``."""
+def _tops(r: Attribution, k: int = 3) -> str:
     from .html import unit_label
 
     s = r.scores if r.scores.dim() == 1 else r.scores.nan_to_num().sum(0)
     order = torch.argsort(s.abs().double().nan_to_num(), descending=True)[:k].tolist()
-    tops = ", ".join(f"{_short(unit_label(r, i))} {float(s[i]):+.3g}" for i in order)
+    return ", ".join(f"{_short(unit_label(r, i))} {float(s[i]):+.3g}" for i in order)
+
+
+def summary_line(title: str, r: Attribution, k: int = 3) -> str:
+    """One terminal line: the top ``k`` units of ``r``."""
+    tops = _tops(r, k)
     diag = _headline_diag(r.diagnostics)
     return f"  {title:<34} [{r.method}] {tops}{'  (' + diag + ')' if diag else ''}"
 
@@ -222,14 +229,17 @@ def run_demo(
     t0 = time.perf_counter()
     lm, p, cf, ans, label = _load_ioi(tiny, prompt, counterfactual, answer)
     logits, _ = lm.run(p, last_only=True)
-    probs = logits[0, -1].float().softmax(-1)
+    last = logits[0, -1].float()
+    probs = last.softmax(-1)
+    diff = float(last[lm.token_id(ans[0])] - last[lm.token_id(ans[1])])
     top = probs.topk(5)
     preds = [(lm.to_str_tokens([int(i)])[0], float(v)) for v, i in zip(top.values, top.indices)]
     info = {
         "model": f"{lm.name} — {label}",
         "prompt": p,
         "counterfactual": cf,
-        "target": f"logit({ans[0]!r}) - logit({ans[1]!r})",
+        "target": f"logit({ans[0]!r}) - logit({ans[1]!r}) = {diff:.3f}"
+        + f" (the model prefers {ans[0] if diff >= 0 else ans[1]!r})",
         "top predictions": "  ".join(f"{t!r} {v:.2f}" for t, v in preds),
     }
     report = Report("attrlab demo: why did the model say that?", info=info)
@@ -271,6 +281,19 @@ def run_demo(
             demo.lines.append(f"  {title:<34} failed: {type(e).__name__}: {msg}")
         demo.timings[title] = round(time.perf_counter() - t, 2)
     bar.close()
+    if demo.glance:
+        report.add_table(
+            "At a glance",
+            {
+                "section": [g[0] for g in demo.glance],
+                "method": [g[1] for g in demo.glance],
+                "largest |score|": [g[2] for g in demo.glance],
+                "diagnostics": [g[3] for g in demo.glance],
+            },
+            note="the top three units of every panel below",
+            panel="summary",
+            at=0,
+        )
     report.info["time"] = (
         f"{time.perf_counter() - t0:.1f} s ("
         + ", ".join(f"{k} {v:.1f}s" for k, v in demo.timings.items())

@@ -445,7 +445,7 @@ def _heads_panel(r: Attribution, k: int) -> str:
         row_title="layer",
         col_title="head",
     )
-    return note + grid_html + _top_table(r, min(k, 10))
+    return note + grid_html + _top_table(r, min(k, 5))
 
 
 def _layer_position_panel(r: Attribution, k: int) -> str:
