@@ -16,6 +16,7 @@ from . import errors, evaluate, methods, targets, testing, units
 from .attribute import attribute
 from .errors import AttrlabError
 from .model import LM, Batch, Cache, Intervention, load, wrap
+from .methods.lens import logit_lens
 from .result import Attribution
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "errors",
     "evaluate",
     "load",
+    "logit_lens",
     "methods",
     "targets",
     "testing",
