@@ -73,37 +73,65 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 # ------------------------------------------------------------------ explain == Python API
 
-# real methods that are registered in this install (each with small options)
-REAL = [
-    (m, u, opts, cf)
-    for m, u, opts, cf in [
-        ("ig", "tokens", {"steps": 8}, False),
-        ("occlusion", "tokens", {}, False),
-        ("dla", "heads", {}, False),
-        ("dla", "layers", {}, False),
-        ("patch", "heads", {}, True),
-        ("atp", "heads", {}, True),
-    ]
-    if available(m, u)
+CONTEXT = "Document 1: the meeting is on Monday. Document 2: Paris is a city in France. Question: where is Paris? Answer:"
+IOI = {"prompt": PROMPT, "target": (" Mary", " John")}
+
+# (method, units, method options, unit options, prompt/target/counterfactual); real
+# methods only when registered in this install, plus a test-only method that always is
+CASES = [
+    ("cli-test-occlusion", "tokens", {"fill": 3}, {}, IOI),
+    ("ig", "tokens", {"steps": 8}, {}, IOI),
+    ("occlusion", "tokens", {}, {}, IOI),
+    ("dla", "heads", {}, {}, IOI),
+    ("dla", "layers", {}, {}, IOI),
+    ("patch", "heads", {}, {"layers": [1]}, {**IOI, "counterfactual": CF}),
+    ("atp*", "heads", {}, {}, {**IOI, "counterfactual": CF}),
+    ("eap", "edges", {}, {}, {**IOI, "counterfactual": CF}),
+    (
+        "contextcite",
+        "sources",
+        {"n_ablations": 8, "seed": 1},
+        {},
+        {"prompt": CONTEXT, "target": " France"},
+    ),
+    (
+        "trak",
+        "train",
+        {},
+        {"store": "{store}"},
+        {"prompt": "The capital of France is", "target": " Paris"},
+    ),
 ]
+CASES = [c for c in CASES if c[0] == "cli-test-occlusion" or available(c[0], c[1])]
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory, model_dir):
+    if not available("trak", "train"):
+        return ""
+    import attrlab.data as ad
+
+    lm = al.load(model_dir)
+    texts = ["The capital of France is Paris.", "Rome is in Italy.", "A cat sat on the mat."]
+    d = tmp_path_factory.mktemp("store")
+    ad.featurize(lm, ad.Examples.from_texts(lm, texts, ids=[0, 1, 2]), d, proj_dim=16)
+    return str(d)
 
 
 @pytest.mark.parametrize(
-    "method,units,opts,use_cf", [("cli-test-occlusion", "tokens", {"fill": 3}, False), *REAL]
+    "method,units,opts,uopts,case", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES]
 )
 def test_explain_equals_python_api(
-    capsys, tmp_path, model_dir, occlusion, method, units, opts, use_cf
+    capsys, tmp_path, model_dir, store_dir, occlusion, method, units, opts, uopts, case
 ):
+    uopts = {k: (store_dir if v == "{store}" else v) for k, v in uopts.items()}
     out = tmp_path / "r.attr"
     argv = [
         "explain",
         "--model",
         model_dir,
         "--prompt",
-        PROMPT,
-        "--contrast",
-        " Mary",
-        " John",
+        case["prompt"],
         "--units",
         units,
         "--method",
@@ -112,20 +140,27 @@ def test_explain_equals_python_api(
         str(out),
         "--quiet",
     ]
+    t = case["target"]
+    argv += ["--contrast", *t] if isinstance(t, tuple) else ["--target", t]
     for k, v in opts.items():
         argv += ["--option", f"{k}={json.dumps(v)}"]
-    if use_cf:
-        argv += ["--counterfactual", CF]
+    for k, v in uopts.items():
+        argv += ["-u", f"{k}={json.dumps(v)}"]
+    if "counterfactual" in case:
+        argv += ["--counterfactual", case["counterfactual"]]
     rc, stdout, err = run(capsys, *argv)
     assert rc == 0, err
     cli = al.Attribution.load(out)
+    unit_obj = al.units.resolve(units)
+    if uopts:
+        unit_obj = type(unit_obj)(**uopts)
     api = al.attribute(
         al.load(model_dir),
-        PROMPT,
-        target=(" Mary", " John"),
-        units=units,
+        case["prompt"],
+        target=t,
+        units=unit_obj,
         method=method,
-        counterfactual=CF if use_cf else None,
+        counterfactual=case.get("counterfactual"),
         **opts,
     )
     torch.testing.assert_close(cli.scores, api.scores, rtol=1e-6, atol=1e-7)

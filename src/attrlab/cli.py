@@ -105,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--method", default="ig", help="method name (default: %(default)s)")
     e.add_argument(
+        "--unit-option",
+        "-u",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the unit kind, e.g. -u layers=[0,1] for heads, -u store=DIR for "
+        "train, -u split=sentences for sources (builds al.units.<Kind>(KEY=VALUE, ...)). "
+        "Repeatable.",
+    )
+    e.add_argument(
         "--option",
         "-o",
         action="append",
@@ -210,7 +220,25 @@ def _target_spec(args: argparse.Namespace) -> Any:
     return args.target
 
 
-def _with_progress(method: str, units: str, options: dict[str, Any], quiet: bool) -> dict[str, Any]:
+def build_units(name: str, options: dict[str, Any]) -> Any:
+    """``name`` alone, or the unit object ``al.units.<Kind>(**options)``.
+
+    Example:
+        >>> build_units("heads", {"layers": [0]})
+        Heads(layers=[0], per_position=False, heads=None)
+    """
+    if not options:
+        return name
+    from .units.base import _KINDS, resolve
+
+    resolve(name)  # raises UnknownUnitsError with the list of kinds
+    try:
+        return _KINDS[name](**options)
+    except TypeError as e:
+        raise InputError(f"bad unit options for units={name!r}: {e}") from e
+
+
+def _with_progress(method: str, units: Any, options: dict[str, Any], quiet: bool) -> dict[str, Any]:
     """Ask the method for a progress bar when it has a ``progress`` option."""
     if quiet or "progress" in options:
         return options
@@ -294,17 +322,18 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from .units.base import resolve
 
     options = dict(parse_option(o) for o in args.option)
-    find_method(args.method, resolve(args.units).kind)  # fail before loading the model
+    units = build_units(args.units, dict(parse_option(o) for o in args.unit_option))
+    find_method(args.method, resolve(units).kind)  # fail before loading the model
     t0 = time.perf_counter()
     _status(args, f"loading {args.model} ...")
     lm = load_model(args.model)
-    options = _with_progress(args.method, args.units, options, args.quiet)
+    options = _with_progress(args.method, units, options, args.quiet)
     _status(args, f"running {args.method} over {args.units} ...")
     r = al.attribute(
         lm,
         args.prompt,
         target=_target_spec(args),
-        units=args.units,
+        units=units,
         method=args.method,
         counterfactual=args.counterfactual,
         **options,
