@@ -289,3 +289,56 @@ def test_hierarchical_many_sources_finds_the_top_loo_source():
     assert len(r) == 120 and r.diagnostics["n_prompts"] < 60
     best = int(np.argmax(r.scores.numpy()))
     assert r.diagnostics["resolved"][best]
+
+
+# ------------------------------------------------------------------ parity with context-cite
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_contextcite.py"
+    spec = importlib.util.spec_from_file_location("bench_contextcite", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_parity_with_context_cite_package():
+    """Same sources, response and masks: scores equal context-cite 0.0.4's (default LASSO)."""
+    import importlib.util
+
+    if importlib.util.find_spec("context_cite") is None:  # importing it needs the shims
+        pytest.skip("context-cite is not installed (pip install --no-deps context-cite==0.0.4)")
+    bench = _bench_module()
+    hf, _ = al.testing.tiny_model("llama", initializer_range=0.3)  # context matters more
+    tok = bench.chat_tokenizer()
+    gen = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
+    cc = bench.context_citer(
+        hf, tok, CTX, QUERY, num_ablations=16, batch_size=1, generate_kwargs=gen
+    )
+    cc_scores = cc.get_attributions(verbose=False)
+    lm = al.wrap(hf, tok)
+    r = al.attribute(
+        lm,
+        CTX,
+        cc._response_ids,
+        units="sources",
+        method="contextcite",
+        query=QUERY,
+        masks=cc._masks,
+    )
+    assert r.units["text"] == cc.sources
+    assert r.meta["prompt"] == cc._get_prompt_ids(return_prompt=True)[1]  # same chat prompt
+    assert r.meta["response"] == cc.response
+    assert (np.abs(cc_scores) > 1e-3).sum() >= 3  # not a trivial all-zero comparison
+    np.testing.assert_allclose(r.scores.numpy(), cc_scores, atol=1e-4, rtol=0)
+    # a span of the response, from the cached log-probs on both sides
+    span_cc = cc._get_attributions_for_ids_range(1, 4)[0]
+    np.testing.assert_allclose(attribute_span(r, 1, 4).scores.numpy(), span_cc, atol=1e-4, rtol=0)
+    # a generated response is the model's greedy continuation of the same prompt (context-cite
+    # re-tokenizes the decoded text, which can change ids of broken UTF-8 bytes)
+    ours = Sources(query=QUERY).bind(lm, CTX, None, max_new_tokens=6)
+    ids = torch.tensor([cc._get_prompt_ids()])
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), **gen, pad_token_id=0)[0]
+    n = len(ours.response_ids)
+    assert n >= 1 and ours.response_ids == ref[ids.shape[1] : ids.shape[1] + n].tolist()

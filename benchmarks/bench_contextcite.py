@@ -1,0 +1,210 @@
+"""attrlab's ContextCite vs the ``context-cite`` package (0.0.4).
+
+Part 1 (same masks): a 12-layer, 768-wide random Llama-architecture model with
+the local tiny tokenizer, 20 sources of ~25 tokens, a 4-token query and a
+20-token response, 2 threads. context-cite runs at batch sizes 1 and 8; attrlab
+runs on context-cite's masks and response. Prints the largest score difference
+and the time ratio (medians).
+
+Part 2 (same quality): on the zoo context_qa task (when it is available), the
+held-out LDS of context-cite's estimator at 64 ablations versus cheaper attrlab
+estimators, and the time each takes.
+
+context-cite downloads nltk data when imported and imports spacy and datasets;
+:func:`install_shims` replaces those three with small local stand-ins (its
+sentence splitter becomes attrlab's regex splitter), before importing it.
+Install it without its dependencies: ``pip install --no-deps context-cite==0.0.4``.
+
+Run: ``python benchmarks/bench_contextcite.py [--repeats 3] [--part 1|2|all]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import types
+from typing import Any
+
+import numpy as np
+import torch
+
+
+# ------------------------------------------------------------------ shims
+def install_shims() -> None:
+    """Stand-ins for nltk (no download), spacy and datasets, as context-cite uses them."""
+    from attrlab.units.sources import split_text
+
+    nltk = types.ModuleType("nltk")
+    nltk.download = lambda *a, **k: True  # type: ignore[attr-defined]
+    nltk.sent_tokenize = lambda text: [text[a:b] for a, b in split_text(text)]  # type: ignore[attr-defined]
+    sys.modules["nltk"] = nltk
+    try:
+        import spacy.lang.en  # noqa: F401
+    except ImportError:
+        spacy = types.ModuleType("spacy")
+        lang = types.ModuleType("spacy.lang")
+        en = types.ModuleType("spacy.lang.en")
+
+        class English:  # only the "word" source type needs it
+            def __init__(self) -> None:
+                raise RuntimeError("spacy is not installed (shim)")
+
+        en.English = English  # type: ignore[attr-defined]
+        sys.modules.update({"spacy": spacy, "spacy.lang": lang, "spacy.lang.en": en})
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        ds = types.ModuleType("datasets")
+
+        class Dataset:
+            def __init__(self, rows: list[dict[str, Any]]):
+                self.rows = rows
+
+            @classmethod
+            def from_dict(cls, d: dict[str, list[Any]]) -> Dataset:
+                keys = list(d)
+                return cls([dict(zip(keys, vals)) for vals in zip(*d.values())])
+
+            def __len__(self) -> int:
+                return len(self.rows)
+
+            def __getitem__(self, i: int) -> dict[str, Any]:
+                return self.rows[i]
+
+        ds.Dataset = Dataset  # type: ignore[attr-defined]
+        sys.modules["datasets"] = ds
+
+
+def chat_tokenizer() -> Any:
+    """A copy of attrlab's tiny tokenizer with a minimal chat template (context-cite needs one)."""
+    import copy
+
+    import attrlab as al
+
+    tok = copy.deepcopy(al.testing.tiny_tokenizer())
+    tok.chat_template = (
+        "{% for m in messages %}<|endoftext|>User: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}Assistant:{% endif %}"
+    )
+    return tok
+
+
+def context_citer(model: Any, tok: Any, context: str, query: str, **kw: Any) -> Any:
+    """A ``context_cite.ContextCiter`` (shims installed first)."""
+    install_shims()
+    import logging
+
+    from context_cite import ContextCiter
+
+    logging.getLogger("ContextCite").setLevel(logging.ERROR)
+    return ContextCiter(model, tok, context, query, **kw)
+
+
+# ------------------------------------------------------------------ part 1
+WORDS = (
+    "the quick brown fox jumps over lazy dog a cat sat on mat paris is city in france rome "
+    "italy berlin germany meeting monday report due friday alice bob talked about weather "
+    "sunny warm store park gave drink ball question answer capital went"
+).split()
+
+
+def make_sources(n: int = 20, tokens: int = 25, seed: int = 0) -> list[str]:
+    """``n`` sentences of about ``tokens`` tiny-tokenizer tokens each."""
+    import attrlab as al
+
+    tok = al.testing.tiny_tokenizer()
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        words: list[str] = []
+        while True:
+            s = " ".join(words).capitalize() + "."
+            if len(tok(s, add_special_tokens=False)["input_ids"]) >= tokens:
+                break
+            words.append(str(rng.choice(WORDS)))
+        out.append(s)
+    return out
+
+
+def big_llama(seed: int = 0) -> Any:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import attrlab as al
+
+    cfg = LlamaConfig(
+        vocab_size=len(al.testing.tiny_tokenizer()),
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=2048,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def part1(repeats: int) -> dict[str, Any]:
+    import attrlab as al
+
+    torch.set_num_threads(2)
+    model, tok = big_llama(), chat_tokenizer()
+    lm = al.wrap(model, tok)
+    context = " ".join(make_sources())
+    query = "Where is the cat?"
+    print(f"query tokens: {len(tok(query, add_special_tokens=False)['input_ids'])}")
+    gen = {"max_new_tokens": 20, "min_new_tokens": 20, "do_sample": False}
+    times: dict[str, list[float]] = {"cc_bs1": [], "cc_bs8": [], "attrlab": []}
+    diffs = []
+    for rep in range(repeats):
+        for bs in (1, 8):
+            cc = context_citer(
+                model, tok, context, query, num_ablations=64, batch_size=bs, generate_kwargs=gen
+            )
+            response_ids = cc._response_ids  # generation is not timed
+            t = time.perf_counter()
+            cc_scores = cc.get_attributions(verbose=False)
+            times[f"cc_bs{bs}"].append(time.perf_counter() - t)
+        assert cc.num_sources == 20 and len(response_ids) == 20
+        t = time.perf_counter()
+        r = al.attribute(
+            lm,
+            context,
+            response_ids,
+            units="sources",
+            method="contextcite",
+            query=query,
+            masks=cc._masks,
+        )
+        times["attrlab"].append(time.perf_counter() - t)
+        diffs.append(float(np.abs(r.scores.numpy() - cc_scores).max()))
+        print(
+            f"repeat {rep}: "
+            + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items())
+            + f", max |diff| {diffs[-1]:.2e}, tokens run {r.diagnostics['n_tokens']}"
+        )
+    med = {k: statistics.median(v) for k, v in times.items()}
+    best = min(med["cc_bs1"], med["cc_bs8"])
+    print(
+        f"median seconds: {med}; max |score diff| {max(diffs):.2e}; "
+        f"context-cite best / attrlab = {best / med['attrlab']:.2f}x"
+    )
+    return {"median": med, "max_diff": max(diffs)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--part", default="all", choices=["1", "2", "all"])
+    args = ap.parse_args()
+    if args.part in ("1", "all"):
+        part1(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
