@@ -260,10 +260,21 @@ class HookSession:
         return hook
 
     def _head_out(
-        self, layer: int, out_norm_input: Tensor | None, norm: nn.Module | None
+        self,
+        layer: int,
+        out_norm_input: Tensor | None,
+        norm: nn.Module | None,
+        detach: bool = False,
     ) -> Tensor:
-        """Per-head contribution to the residual, ``[batch, pos, head, d_model]``."""
+        """Per-head contribution to the residual, ``[batch, pos, head, d_model]``.
+
+        ``detach``: build it from detached inputs (a read-only cache under grad:
+        it then gets its gradient by a straight-through path, and ``z`` is not
+        reached twice)."""
         z = self._z[layer]  # [b, p, h, dh]
+        if detach:
+            z = z.detach()
+            out_norm_input = None if out_norm_input is None else out_norm_input.detach()
         W_O = self.a.W_O(layer)  # [h, dh, d_model]
         head_out = torch.einsum("bphd,hdm->bphm", z, W_O.to(z.dtype))
         if norm is not None and out_norm_input is not None:
@@ -280,16 +291,21 @@ class HookSession:
             x = orig = _first(out)
             if self._needs(p + "attn.head_out"):
                 norm_in = self._get_hidden(args, kwargs) if is_norm else None
-                head_out = self._head_out(layer, norm_in, module if is_norm else None)
+                plain = self.grad and not self.ivs.get(p + "attn.head_out")
+                head_out = self._head_out(layer, norm_in, module if is_norm else None, plain)
                 new_head_out = self._process(p + "attn.head_out", head_out, 2)
                 if new_head_out is not head_out:
                     x = x + (new_head_out - head_out).sum(2)
-                if self.grad:
+                elif self.grad:
                     x = _straight_through(x, new_head_out.sum(2))
             x = self._process(p + "attn.out", x)
             if self._needs(p + "resid_mid"):
                 resid_pre = self._resid_pre[layer]
                 mid = resid_pre + x
+                if self.grad and not self.ivs.get(p + "resid_mid"):
+                    # read-only cache: a leaf fed by the straight-through path below,
+                    # so resid_pre and attn.out are not reached twice
+                    mid = mid.detach().requires_grad_(True)
                 new_mid = self._process(p + "resid_mid", mid)
                 if new_mid is not mid:
                     x = new_mid - resid_pre

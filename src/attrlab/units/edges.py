@@ -1,0 +1,526 @@
+"""Edge units: the computational graph between model components.
+
+Upstream nodes write to the residual stream: ``embed`` (the residual entering
+block 0), every attention head ``a{l}.h{h}`` and every MLP ``m{l}``.
+Downstream nodes read it: every head's query, key and value input
+``a{l}.h{h}.q|k|v`` (or one input ``a{l}.h{h}`` with ``qkv=False``), every MLP
+``m{l}`` and the ``logits`` (the final norm's input). An edge ``u -> v``
+exists when ``u`` writes before ``v`` reads: the input of ``v`` is the sum of
+the outputs of its upstream nodes (plus constant biases).
+
+Patching an edge means: ``v`` sees ``u``'s reference (counterfactual or mean)
+output instead of its actual one, while every other reader of ``u`` is
+unchanged. :class:`EdgePatcher` runs a forward pass where every downstream
+node gets its own input,
+
+    x_v = x_v(actual) + sum_u (1 - mask[u, v]) * (a_u(reference) - a_u(actual)),
+
+computed from the model's own modules (its pre-attention norm and query / key /
+value projections are applied per head). ``mask`` may differ per batch row and
+may be a differentiable float tensor (``d metric / d mask[u, v] = -EAP(u, v)``).
+
+Supported: models without post-block norms and with one key/value head per
+query head (GPT-2, GPT-NeoX, Llama/Mistral/Qwen2/Phi-3 without grouped-query
+attention ...). Edges are summed over positions.
+
+Example:
+    >>> import attrlab as al
+    >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+    >>> g = al.units.Edges().graph(lm)
+    >>> g.upstream[:2], g.downstream[-1], g.n_edges
+    (['embed', 'a0.h0'], 'logits', 110)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError
+from ..model.adapters.base import linear_in_out
+from .base import Units, register_units
+
+__all__ = ["EdgeGraph", "EdgePatcher", "Edges", "edge_activations", "input_gradients"]
+
+
+@dataclass
+class EdgeGraph:
+    """Nodes and edges of a model's residual graph (see the module docs).
+
+    Attributes:
+        upstream: upstream node names ``[U]`` (``embed``, ``a{l}.h{h}``, ``m{l}``).
+        downstream: downstream node names ``[V]``.
+        adjacency: bool ``[U, V]``: ``u -> v`` is an edge.
+        up_layer, down_layer: layer of each node (embed: -1, logits: n_layers).
+    """
+
+    n_layers: int
+    n_heads: int
+    qkv: bool
+    parallel: bool
+    upstream: list[str] = field(default_factory=list)
+    downstream: list[str] = field(default_factory=list)
+    adjacency: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.bool))
+
+    @classmethod
+    def build(
+        cls, n_layers: int, n_heads: int, qkv: bool = True, parallel: bool = False
+    ) -> EdgeGraph:
+        """The graph of a model with these shapes.
+
+        Example:
+            >>> EdgeGraph.build(1, 1, qkv=False).downstream
+            ['a0.h0', 'm0', 'logits']
+        """
+        g = cls(n_layers, n_heads, qkv, parallel)
+        up_order: list[float] = [-1.0]  # when each upstream node writes
+        g.upstream = ["embed"]
+        for layer in range(n_layers):
+            for h in range(n_heads):
+                g.upstream.append(f"a{layer}.h{h}")
+                up_order.append(layer)
+            g.upstream.append(f"m{layer}")
+            up_order.append(layer + (0.0 if parallel else 0.5))
+        down_order: list[float] = []
+        for layer in range(n_layers):
+            for c in ("q", "k", "v") if qkv else ("",):
+                for h in range(n_heads):
+                    g.downstream.append(f"a{layer}.h{h}" + (f".{c}" if c else ""))
+                    down_order.append(layer)
+            g.downstream.append(f"m{layer}")
+            down_order.append(layer + (0.0 if parallel else 0.5))
+        g.downstream.append("logits")
+        down_order.append(n_layers + 1.0)
+        uo = torch.tensor(up_order)
+        do = torch.tensor(down_order)
+        g.adjacency = uo[:, None] < do[None, :]
+        return g
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.adjacency.sum())
+
+    def edge_index(self) -> Tensor:
+        """``[n_edges, 2]`` (upstream, downstream) indices of the edges, row-major."""
+        return self.adjacency.nonzero()
+
+    def labels(self) -> dict[str, list[Any]]:
+        idx = self.edge_index()
+        return {
+            "upstream": [self.upstream[i] for i in idx[:, 0].tolist()],
+            "downstream": [self.downstream[j] for j in idx[:, 1].tolist()],
+        }
+
+    def to_matrix(self, scores: Tensor) -> Tensor:
+        """Edge scores ``[..., n_edges]`` -> ``[..., U, V]`` (0 off the graph)."""
+        idx = self.edge_index()
+        out = torch.zeros(
+            *scores.shape[:-1], len(self.upstream), len(self.downstream), dtype=scores.dtype
+        )
+        out[..., idx[:, 0], idx[:, 1]] = scores
+        return out
+
+    def from_matrix(self, m: Tensor) -> Tensor:
+        """``[..., U, V]`` -> ``[..., n_edges]``."""
+        idx = self.edge_index()
+        return m[..., idx[:, 0], idx[:, 1]]
+
+    def down_slices(self) -> dict[str, Any]:
+        """Index ranges of each layer's downstream nodes (attention, MLP) and logits."""
+        per = (3 if self.qkv else 1) * self.n_heads + 1
+        return {"per_layer": per, "logits": self.n_layers * per}
+
+    def up_index(self, layer: int) -> tuple[int, int]:
+        """``(first head index, mlp index)`` of a layer in :attr:`upstream`."""
+        start = 1 + layer * (self.n_heads + 1)
+        return start, start + self.n_heads
+
+
+@register_units("edges")
+class Edges(Units):
+    """Edges of the residual graph (see the module docs).
+
+    Args:
+        qkv: separate query, key and value inputs per head (default) or one
+            input per head.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> al.units.Edges(qkv=False).graph(lm).n_edges
+        54
+    """
+
+    def __init__(self, qkv: bool = True):
+        self.qkv = qkv
+
+    def graph(self, lm: Any) -> EdgeGraph:
+        """The :class:`EdgeGraph` of ``lm`` (checks the architecture is supported)."""
+        check_supported(lm)
+        c = lm.cfg
+        return EdgeGraph.build(c.n_layers, c.n_heads, self.qkv, c.parallel_residual)
+
+    def mask_values(self, lm: Any, inputs: Any, target: Any, masks: Any, **context: Any) -> Tensor:
+        """Target with only the edges in each mask kept (others patched to the
+        ``counterfactual=`` given in ``context``); ``masks`` bool ``[n, n_edges]``."""
+        from ..targets import resolve
+
+        cf = context.get("counterfactual")
+        if cf is None:
+            raise InputError("edge masks need counterfactual= (the patched-in values)")
+        t = resolve(target, lm)
+        g = self.graph(lm)
+        batch = t.prepare(lm, lm.tokenize(inputs))
+        cfb = t.prepare(lm, lm.tokenize(cf))
+        ref = edge_activations(lm, cfb, g)
+        out = []
+        for m in torch.as_tensor(masks).bool():
+            with torch.no_grad(), EdgePatcher(lm, g, ref, g.to_matrix(m.float())[None]):
+                logits, _ = lm.run(batch)
+            out.append(t(logits, batch).float().mean())
+        return torch.stack(out)
+
+
+def check_supported(lm: Any) -> None:
+    """Raise :class:`InputError` for architectures edges do not support yet."""
+    c = lm.cfg
+    if c.post_block_norms:
+        raise InputError(
+            f"edge units need each component's output to add linearly to the residual; "
+            f"{c.family} normalizes attention/MLP outputs before adding them (not supported)"
+        )
+    if c.n_kv_heads != c.n_heads:
+        raise InputError(
+            f"edge units need one key/value head per query head; {c.family} uses grouped-query "
+            f"attention ({c.n_heads} query heads, {c.n_kv_heads} key/value heads)"
+        )
+
+
+# ------------------------------------------------------------------ helpers
+def _attn_in_norm(lm: Any, layer: int) -> nn.Module:
+    a = lm.adapter
+    norm = a.sub(layer, a.attn_in_norm_name)
+    assert norm is not None
+    return norm
+
+
+def _proj_weights(
+    lm: Any, layer: int
+) -> list[tuple[nn.Module, str, Tensor, Tensor, Tensor | None]]:
+    """Per projection module: (module, component(s), column index ``[3?, H, dh]``,
+    weight ``[d_in, d_out]``, bias)."""
+    a = lm.adapter
+    out = []
+    for key, mod in a.qkv_modules(layer).items():
+        w, b = linear_in_out(mod)
+        cols = torch.arange(w.shape[1])
+        if key == "qkv":
+            q, k, v = a.split_qkv(cols[None, None].float())
+            idx = torch.stack([q[0, 0], k[0, 0], v[0, 0]]).round().long()  # [3, H, dh]
+        else:
+            idx = cols.reshape(1, lm.cfg.n_heads, lm.cfg.d_head)
+        out.append((mod, key, idx, w, b))
+    return out
+
+
+def _head_weights(lm: Any, layer: int) -> dict[str, Tensor]:
+    """``{"q"|"k"|"v": W [d_model, H, d_head]}`` of one layer."""
+    res = {}
+    for _, key, idx, w, _ in _proj_weights(lm, layer):
+        comps = ("q", "k", "v") if key == "qkv" else (key,)
+        for i, c in enumerate(comps):
+            res[c] = w[:, idx[i]]  # [d, H, dh]
+    return res
+
+
+@contextmanager
+def _hooks(handles: list[Any]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def edge_activations(lm: Any, batch: Any, graph: EdgeGraph, grad: bool = False) -> Tensor:
+    """Upstream node outputs ``[U, batch, pos, d_model]`` of a run (no interventions).
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> g = al.units.Edges().graph(lm)
+        >>> edge_activations(lm, lm.tokenize("a b"), g).shape
+        torch.Size([11, 1, 2, 32])
+    """
+    L = graph.n_layers
+    sites = ["blocks.0.resid_pre"] + [f"blocks.{i}.attn.head_out" for i in range(L)]
+    sites += [f"blocks.{i}.mlp.out" for i in range(L)]
+    with torch.set_grad_enabled(grad):
+        _, cache = lm.run(batch, cache=sites, grad=grad)
+    parts = [cache["blocks.0.resid_pre"][None]]
+    for i in range(L):
+        parts.append(cache[f"blocks.{i}.attn.head_out"].permute(2, 0, 1, 3))
+        parts.append(cache[f"blocks.{i}.mlp.out"][None])
+    return torch.cat(parts)
+
+
+def _norm_vjp(norm: nn.Module, x: Tensor, cot: Tensor) -> Tensor:
+    """VJP of ``norm`` at ``x`` ``[b, p, d]`` for cotangents ``[n, b, p, d]``."""
+    xr = x.detach()[None].expand_as(cot).clone().requires_grad_(True)
+    with torch.enable_grad():
+        y = norm(xr)
+        (g,) = torch.autograd.grad(y, xr, grad_outputs=cot.to(y.dtype))
+    return g
+
+
+def input_gradients(
+    lm: Any,
+    batch: Any,
+    graph: EdgeGraph,
+    metric_fn: Any,
+    interventions: Sequence[Any] = (),
+) -> tuple[Tensor, Tensor]:
+    """Gradient of the metric w.r.t. each downstream node's input (through that
+    node only) ``[V, batch, pos, d_model]``, from one forward and one backward.
+
+    ``metric_fn(logits, batch) -> [batch]`` (summed for the backward). Head
+    inputs: the gradients at the head's (pre-rotary) q/k/v projections are
+    pulled back through the projection columns of that head and the
+    pre-attention norm (a batched vector-Jacobian product, exact). MLP inputs:
+    the gradient at the MLP's norm output pulled back through that norm.
+
+    Returns ``(grads, metric values [batch])``.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> g = al.units.Edges().graph(lm)
+        >>> t = al.targets.resolve(" a", lm)
+        >>> grads, m = input_gradients(lm, lm.tokenize("a b"), g, t)
+        >>> grads.shape
+        torch.Size([27, 1, 2, 32])
+    """
+    L = graph.n_layers
+    a = lm.adapter
+    captured: dict[str, Tensor] = {}
+    handles = []
+    for layer in range(L):
+
+        def pre_attn(mod: nn.Module, args: tuple, kwargs: dict, layer: int = layer) -> None:
+            captured[f"x_attn{layer}"] = args[0] if args else kwargs["hidden_states"]
+
+        def pre_mlp(mod: nn.Module, args: tuple, kwargs: dict, layer: int = layer) -> None:
+            captured[f"x_mlp{layer}"] = args[0] if args else kwargs["hidden_states"]
+
+        def post_mlp(
+            mod: nn.Module, args: tuple, kwargs: dict, out: Any, layer: int = layer
+        ) -> None:
+            captured[f"n_mlp{layer}"] = out[0] if isinstance(out, tuple) else out
+
+        handles.append(
+            _attn_in_norm(lm, layer).register_forward_pre_hook(pre_attn, with_kwargs=True)
+        )
+        norm = a.mlp_in_norm(layer)
+        handles.append(norm.register_forward_pre_hook(pre_mlp, with_kwargs=True))
+        handles.append(norm.register_forward_hook(post_mlp, with_kwargs=True))
+    comps = ("q", "k", "v")
+    sites = [f"blocks.{i}.attn.{c}" for i in range(L) for c in comps] + ["final_norm.input"]
+    with _hooks(handles), torch.enable_grad():
+        logits, cache = lm.run(batch, cache=sites, interventions=list(interventions), grad=True)
+        m = metric_fn(logits, cache.batch)
+        wrt = [cache[s] for s in sites] + [captured[f"n_mlp{i}"] for i in range(L)]
+        grads = torch.autograd.grad(m.sum(), wrt, allow_unused=True)
+    g = {s: (torch.zeros_like(cache[s]) if gr is None else gr) for s, gr in zip(sites, grads)}
+    g_mlp = [
+        torch.zeros_like(captured[f"n_mlp{i}"]) if gr is None else gr
+        for i, gr in enumerate(grads[len(sites) :])
+    ]
+    H = graph.n_heads
+    out = []
+    for layer in range(L):
+        W = _head_weights(lm, layer)
+        cots = []
+        for c in comps:
+            gc = g[f"blocks.{layer}.attn.{c}"].to(W[c].dtype)  # [b, p, H, dh]
+            cots.append(torch.einsum("bphe,dhe->hbpd", gc, W[c]))  # [H, b, p, d]
+        cot = torch.cat(cots)  # [3H, b, p, d]
+        gx = _norm_vjp(_attn_in_norm(lm, layer), captured[f"x_attn{layer}"], cot)
+        if not graph.qkv:
+            gx = gx.reshape(3, H, *gx.shape[1:]).sum(0)
+        out.append(gx)
+        gm = _norm_vjp(a.mlp_in_norm(layer), captured[f"x_mlp{layer}"], g_mlp[layer][None])
+        out.append(gm)
+    out.append(g["final_norm.input"][None])
+    return torch.cat(out).detach(), m.detach()
+
+
+# ------------------------------------------------------------- edge patcher
+class EdgePatcher:
+    """Context manager: during ``lm.run`` inside it, every downstream node sees
+    its own input with the edges where ``mask`` is 0 patched to ``reference``.
+
+    Args:
+        lm: the wrapped model.
+        graph: its :class:`EdgeGraph`.
+        reference: upstream outputs to patch in ``[U, ref_rows, pos, d_model]``;
+            ``ref_rows`` is 1 (broadcast) or divides the run's batch (row ``r``
+            uses reference row ``r // (batch / ref_rows)``: prompt-major repeats).
+        mask: ``[rows or 1, U, V]`` float (1 = keep the actual value, 0 = patch);
+            may require grad.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> g = al.units.Edges().graph(lm)
+        >>> ref = edge_activations(lm, lm.tokenize("a c"), g)
+        >>> keep = torch.ones(1, len(g.upstream), len(g.downstream))
+        >>> with EdgePatcher(lm, g, ref, keep):
+        ...     same, _ = lm.run("a b")
+        >>> bool(torch.allclose(same, lm.run("a b")[0], atol=1e-5))
+        True
+    """
+
+    def __init__(self, lm: Any, graph: EdgeGraph, reference: Tensor, mask: Tensor):
+        check_supported(lm)
+        self.lm, self.g = lm, graph
+        self.ref = reference
+        self.w = (1.0 - mask) * graph.adjacency.to(mask.dtype)  # [R, U, V] weight of patch
+        self.handles: list[Any] = []
+        self.actual: dict[int, Tensor] = {}  # upstream index -> [b, p, d]
+        self.normed: dict[int, Tensor] = {}  # layer -> per-head normed inputs [3H|H, b, p, d]
+
+    # rows of the reference / masks for a run of ``n`` rows
+    def _ref_rows(self, n: int) -> Tensor:
+        r = self.ref.shape[1]
+        if r == n:
+            return self.ref
+        if n % r:
+            raise InputError(f"reference has {r} rows; the run has {n}")
+        return self.ref.repeat_interleave(n // r, 1)
+
+    def _weights(self, n: int, cols: slice) -> Tensor:
+        w = self.w[:, :, cols]
+        if w.shape[0] not in (1, n):
+            raise InputError(f"mask has {w.shape[0]} rows; the run has {n}")
+        return w
+
+    def _delta(self, n_up: int, cols: slice, like: Tensor) -> Tensor:
+        """``[V_cols, b, p, d]`` sum over upstream < n_up of weighted (ref - actual)."""
+        n = like.shape[0]
+        ref = self._ref_rows(n)[:n_up].to(like.dtype)
+        act = torch.stack([self.actual[i] for i in range(n_up)])  # [u, b, p, d]
+        diff = ref - act
+        w = self._weights(n, cols)[:, :n_up].to(like.dtype)  # [R, u, v]
+        if w.shape[0] == 1:
+            return torch.einsum("uv,ubpd->vbpd", w[0], diff)
+        return torch.einsum("buv,ubpd->vbpd", w, diff)
+
+    def __enter__(self) -> EdgePatcher:
+        lm, g, a = self.lm, self.g, self.lm.adapter
+        H = g.n_heads
+        per = (3 if g.qkv else 1) * H + 1
+        for layer in range(g.n_layers):
+            first_head, mlp_idx = g.up_index(layer)
+            att = slice(layer * per, layer * per + per - 1)
+            mlp_col = slice(layer * per + per - 1, layer * per + per)
+
+            def pre_attn(
+                mod: nn.Module,
+                args: tuple,
+                kwargs: dict,
+                layer: int = layer,
+                first_head: int = first_head,
+                att: slice = att,
+            ) -> None:
+                x = args[0] if args else kwargs["hidden_states"]
+                if layer == 0:
+                    self.actual[0] = x
+                d = self._delta(first_head, att, x)  # [3H|H, b, p, d]
+                if not g.qkv:
+                    d = d.repeat(3, 1, 1, 1)
+                self.normed[layer] = mod.forward(x[None] + d)  # [3H, b, p, d] (no hooks)
+
+            def qkv_out(
+                mod: nn.Module, args: tuple, out: Tensor, layer: int = layer, spec: Any = None
+            ) -> Tensor:
+                key, idx, w, b = spec
+                n = self.normed[layer]
+                comps = range(3) if key == "qkv" else [("q", "k", "v").index(key)]
+                new = out.clone()
+                for slot, ci in enumerate(comps):
+                    cols = idx[slot]  # [H, dh]
+                    nn_ = n[ci * H : (ci + 1) * H].to(w.dtype)  # [H, b, p, d]
+                    val = torch.einsum("hbpd,dhe->bphe", nn_, w[:, cols])
+                    if b is not None:
+                        val = val + b[cols]
+                    new[..., cols.reshape(-1)] = val.reshape(*val.shape[:2], -1).to(out.dtype)
+                return new
+
+            def pre_oproj(
+                mod: nn.Module, args: tuple, layer: int = layer, first_head: int = first_head
+            ) -> None:
+                z = args[0].unflatten(-1, (H, lm.cfg.d_head))
+                W_O = a.W_O(layer).to(z.dtype)
+                ho = torch.einsum("bphe,hem->hbpm", z, W_O)
+                for h in range(H):
+                    self.actual[first_head + h] = ho[h]
+
+            def pre_mlp(
+                mod: nn.Module,
+                args: tuple,
+                kwargs: dict,
+                mlp_idx: int = mlp_idx,
+                mlp_col: slice = mlp_col,
+            ) -> Any:
+                x = args[0] if args else kwargs["hidden_states"]
+                d = self._delta(mlp_idx, mlp_col, x)[0]
+                new = x + d
+                return (
+                    ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+                )
+
+            def post_mlp(mod: nn.Module, args: tuple, out: Any, mlp_idx: int = mlp_idx) -> None:
+                self.actual[mlp_idx] = out[0] if isinstance(out, tuple) else out
+
+            self.handles.append(
+                _attn_in_norm(lm, layer).register_forward_pre_hook(pre_attn, with_kwargs=True)
+            )
+            for mod, key, idx, w, b in _proj_weights(lm, layer):
+
+                def hook(
+                    m: nn.Module,
+                    args: tuple,
+                    out: Tensor,
+                    layer: int = layer,
+                    spec: Any = (key, idx, w, b),
+                ) -> Tensor:
+                    return qkv_out(m, args, out, layer, spec)
+
+                self.handles.append(mod.register_forward_hook(hook))
+            self.handles.append(a.o_proj(layer).register_forward_pre_hook(pre_oproj))
+            self.handles.append(
+                a.mlp_in_norm(layer).register_forward_pre_hook(pre_mlp, with_kwargs=True)
+            )
+            self.handles.append(a.mlp(layer).register_forward_hook(post_mlp))
+        n_up = len(g.upstream)
+        logit_col = slice(g.n_layers * per, g.n_layers * per + 1)
+
+        def pre_final(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+            x = args[0] if args else kwargs["hidden_states"]
+            new = x + self._delta(n_up, logit_col, x)[0]
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+        self.handles.append(a.final_norm().register_forward_pre_hook(pre_final, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.actual.clear()
+        self.normed.clear()

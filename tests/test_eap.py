@@ -1,0 +1,167 @@
+"""EAP / EAP-IG edge scores against brute-force edge patching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attrlab as al
+from attrlab.methods.atp import CounterfactualWarning
+from attrlab.units.edges import EdgePatcher, edge_activations, input_gradients
+
+PROMPT = "When Mary and John went to the store, John gave a drink to"
+CF = "When Tom and Anna went to the park, Mary gave a ball to"
+
+
+@pytest.fixture(scope="module", params=["gpt2", "gpt_neox"])
+def lm(request):
+    return al.wrap(*al.testing.tiny_model(request.param, dtype=torch.float64))
+
+
+def eap(lm, units="edges", method="eap", **kw):
+    return al.attribute(
+        lm, PROMPT, target=(" Mary", " John"), units=units, method=method, counterfactual=CF, **kw
+    )
+
+
+def test_all_edges_patched_is_the_counterfactual_run(lm):
+    g = al.units.Edges().graph(lm)
+    ref = edge_activations(lm, lm.tokenize(CF), g)
+    zero = torch.zeros(1, len(g.upstream), len(g.downstream), dtype=torch.float64)
+    with EdgePatcher(lm, g, ref, zero):
+        patched, _ = lm.run(PROMPT)
+    with EdgePatcher(lm, g, ref, 1 - zero):
+        kept, _ = lm.run(PROMPT)
+    torch.testing.assert_close(patched, lm.run(CF)[0], atol=1e-10, rtol=0)
+    torch.testing.assert_close(kept, lm.run(PROMPT)[0], atol=1e-10, rtol=0)
+
+
+def test_eap_equals_brute_force_edge_patching_linearized(lm):
+    """One batch row per edge; each row patches its own edge by a gate alpha;
+    d metric / d alpha at 0 is the edge-patching effect linearized at the clean run."""
+    g = al.units.Edges().graph(lm)
+    r = eap(lm)
+    t = al.targets.resolve((" Mary", " John"), lm)
+    ref = edge_activations(lm, lm.tokenize(CF), g)
+    idx = g.edge_index()
+    n = len(idx)
+    alpha = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    onehot = torch.zeros(n, len(g.upstream), len(g.downstream), dtype=torch.float64)
+    onehot[torch.arange(n), idx[:, 0], idx[:, 1]] = 1.0
+    mask = 1.0 - alpha[:, None, None] * onehot
+    rows = lm.tokenize([PROMPT] * n)
+    with EdgePatcher(lm, g, ref, mask):
+        logits, _ = lm.run(rows, grad=True)
+    (brute,) = torch.autograd.grad(t(logits, rows).sum(), alpha)
+    assert float((r.scores.double() - brute).abs().max()) < 1e-4
+    torch.testing.assert_close(r.scores.double(), brute, atol=1e-7, rtol=1e-5)
+    assert float(brute.abs().max()) > 1e-4  # not a trivially zero comparison
+
+
+def test_eap_is_minus_the_mask_gradient(lm):
+    g = al.units.Edges(qkv=False).graph(lm)
+    r = eap(lm, units=al.units.Edges(qkv=False))
+    t = al.targets.resolve((" Mary", " John"), lm)
+    ref = edge_activations(lm, lm.tokenize(CF), g)
+    mask = torch.ones(
+        1, len(g.upstream), len(g.downstream), dtype=torch.float64, requires_grad=True
+    )
+    with EdgePatcher(lm, g, ref, mask):
+        logits, _ = lm.run(PROMPT, grad=True)
+    (gm,) = torch.autograd.grad(t(logits, lm.tokenize(PROMPT)).sum(), mask)
+    torch.testing.assert_close(r.scores.double(), -g.from_matrix(gm[0]), atol=1e-8, rtol=1e-5)
+
+
+def test_qkv_scores_sum_to_head_scores(lm):
+    sep = eap(lm)
+    joint = eap(lm, units=al.units.Edges(qkv=False))
+    df = sep.to_pandas()
+    df["head"] = df["downstream"].str.replace(r"\.[qkv]$", "", regex=True)
+    summed = df.groupby(["upstream", "head"], sort=False)["score"].sum()
+    jf = joint.to_pandas().set_index(["upstream", "downstream"])["score"]
+    for (u, v), s in summed.items():
+        assert jf[(u, v)] == pytest.approx(s, abs=1e-6)
+
+
+def test_head_input_gradients_sum_to_attention_path():
+    """Per-head q/k/v input gradients add up to the whole attention path's gradient."""
+    lm = al.wrap(*al.testing.tiny_model("gpt2", dtype=torch.float64))
+    g = al.units.Edges(qkv=True).graph(lm)
+    t = al.targets.resolve((" Mary", " John"), lm)
+    b = lm.tokenize(PROMPT)
+    grads, _ = input_gradients(lm, b, g, t)
+    logits, cache = lm.run(b, cache=["blocks.1.resid_pre", "blocks.1.resid_mid"], grad=True)
+    gp, gm = torch.autograd.grad(
+        t(logits, b).sum(), [cache["blocks.1.resid_pre"], cache["blocks.1.resid_mid"]]
+    )
+    per = 3 * lm.cfg.n_heads + 1
+    heads = grads[per : per + 3 * lm.cfg.n_heads].sum(0)
+    torch.testing.assert_close(heads, gp - gm, atol=1e-10, rtol=1e-7)
+
+
+def test_eap_ig_inputs_completeness_at_the_embedding(lm):
+    """IG over the block-0 input: the embed edges sum to the metric change."""
+    r = eap(lm, method="eap-ig", steps=32)
+    d = r.diagnostics
+    emb = r.scores[[i for i, u in enumerate(r.units["upstream"]) if u == "embed"]].sum()
+    change = d["metric_counterfactual"] - d["metric_clean"]
+    assert float(emb) == pytest.approx(change, rel=2e-3, abs=1e-6)
+
+
+def test_eap_ig_variants_and_one_step(lm):
+    base = eap(lm)
+    act = eap(lm, method="eap-ig", variant="activations", steps=4)
+    inp = eap(lm, method="eap-ig", steps=4)
+    assert torch.isfinite(act.scores).all() and torch.isfinite(inp.scores).all()
+    assert float(torch.corrcoef(torch.stack([act.scores, base.scores]))[0, 1]) > 0.5
+    assert float(torch.corrcoef(torch.stack([inp.scores, base.scores]))[0, 1]) > 0.5
+    with pytest.raises(al.errors.InputError, match="variant"):
+        eap(lm, method="eap-ig", variant="nope")
+
+
+def test_same_counterfactual_warns(lm):
+    with pytest.warns(CounterfactualWarning):
+        r = al.attribute(
+            lm,
+            PROMPT,
+            target=(" Mary", " John"),
+            units="edges",
+            method="eap",
+            counterfactual=PROMPT,
+        )
+    assert torch.isfinite(r.scores).all() and float(r.scores.abs().max()) == 0.0
+
+
+def test_unsupported_architectures_raise():
+    gqa = al.wrap(*al.testing.tiny_model("llama"))
+    with pytest.raises(al.errors.InputError, match="grouped-query"):
+        al.attribute(gqa, PROMPT, target=" Mary", units="edges", method="eap", counterfactual=CF)
+    post = al.wrap(*al.testing.tiny_model("gemma2"))
+    with pytest.raises(al.errors.InputError, match="normalizes"):
+        al.attribute(post, PROMPT, target=" Mary", units="edges", method="eap", counterfactual=CF)
+
+
+def test_llama_without_gqa_matches_mask_gradient():
+    lm = al.wrap(*al.testing.tiny_model("llama", dtype=torch.float64, num_key_value_heads=4))
+    test_eap_is_minus_the_mask_gradient(lm)
+
+
+@pytest.mark.parametrize("extra", ["blocks.0.attn.head_out", "blocks.0.resid_mid"])
+def test_caching_head_out_or_resid_mid_leaves_gradients_unchanged(extra):
+    """Regression: a cached head_out / resid_mid under grad once doubled upstream gradients."""
+    lm = al.wrap(*al.testing.tiny_model("gpt2", dtype=torch.float64))
+    t = al.targets.resolve(" a", lm)
+    b = lm.tokenize("a b c")
+    grads = []
+    for sites in (["blocks.0.attn.z"], ["blocks.0.attn.z", extra]):
+        logits, cache = lm.run(b, cache=sites, grad=True)
+        grads.append(torch.autograd.grad(t(logits, b).sum(), [cache[s] for s in sites]))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    _, cache = lm.run(b, cache=["blocks.0.attn.out"], grad=True)
+    logits, cache2 = lm.run(b, cache=["blocks.0.attn.out", extra], grad=True)
+    (g_out,) = torch.autograd.grad(t(logits, b).sum(), [cache2[extra]])
+    logits, cache3 = lm.run(b, cache=["blocks.0.attn.out"], grad=True)
+    (g_attn,) = torch.autograd.grad(t(logits, b).sum(), [cache3["blocks.0.attn.out"]])
+    if extra.endswith("head_out"):
+        g_out = g_out.sum(2) / lm.cfg.n_heads
+    torch.testing.assert_close(g_out, g_attn)
