@@ -139,10 +139,15 @@ class Demo:
 
     glance: list[tuple[str, str, str, str]] = field(default_factory=list)
 
-    def add(self, r: Attribution, title: str, note: str = "", k: int = 12) -> Attribution:
+    def add(
+        self, r: Attribution, title: str, note: str = "", k: int = 12, headline: str = ""
+    ) -> Attribution:
+        """Add a panel; ``headline`` replaces the top-units text of the summary."""
         self.report.add(r, title, note=note, k=k)
-        self.lines.append(summary_line(title, r))
-        self.glance.append((title, r.method, _tops(r), _headline_diag(r.diagnostics)))
+        tops = headline or _tops(r)
+        diag = _headline_diag(r.diagnostics)
+        self.lines.append(f"  {title:<34} [{r.method}] {tops}{'  (' + diag + ')' if diag else ''}")
+        self.glance.append((title, r.method, tops, diag))
         return r
 
 
@@ -433,7 +438,18 @@ def _logit_lens(demo: Demo) -> None:
         raise Unavailable("al.logit_lens is not available yet")
     res = fn(demo.lm, demo.prompt, **_accepts(fn, target=demo.answer[0], k=5))
     if isinstance(res, Attribution):
-        demo.add(res, "Logit lens", f"the answer {demo.answer[0]!r} read out after every layer")
+        ranks = res.extra.get("rank")
+        head = ""
+        if ranks is not None and ranks.numel() == len(res):
+            head = f"rank of {demo.answer[0]!r} by layer: " + " \u2192 ".join(
+                str(int(x)) for x in ranks.flatten().tolist()
+            )
+        demo.add(
+            res,
+            "Logit lens",
+            f"the answer {demo.answer[0]!r} read out of the residual stream after every layer",
+            headline=head,
+        )
         return
     table = res.to_pandas() if hasattr(res, "to_pandas") else res
     if hasattr(table, "columns"):

@@ -338,6 +338,9 @@ def _flatten(d: Mapping[str, Any], prefix: str = "", depth: int = 0) -> dict[str
 # ------------------------------------------------------------- panels
 def unit_label(r: Attribution, i: int) -> str:
     """A short label for unit ``i``: ``L3H2``, ``L1 mlp``, ``@4 ' Mary'`` (strings unquoted)."""
+    for a, b in (("upstream", "downstream"), ("src", "dst")):
+        if a in r.units and b in r.units:
+            return f"{r.units[a][i]}\u2192{r.units[b][i]}"
     parts = []
     for key in ordered_columns(list(r.units)):
         if key in _QUIET_COLUMNS:
@@ -611,11 +614,45 @@ def _pair(e: Any) -> tuple[str | None, str | None]:
 
 
 def _lens_panel(r: Attribution, k: int) -> str:
-    cols = {c: list(v) for c, v in r.units.items()}
-    if r.scores.dim() == 1 and "score" not in cols:
-        cols["score"] = r.scores.tolist()
-    long = [c for c in cols if c.startswith("top")]
-    return render_table(cols, max_rows=200, long=long)
+    """Logit lens: one row per layer (and position) with the target's
+    log-probability and rank, and the top tokens with their probabilities."""
+    try:
+        df = r.to_pandas()
+    except Exception:  # a plain Attribution from a file: labels + score
+        df = None
+    if df is None or r.scores.dim() != 1:
+        cols = {c: list(v) for c, v in r.units.items()}
+        if r.scores.dim() == 1:
+            cols["score"] = r.scores.tolist()
+        return render_table(cols, max_rows=200)
+    cols = {}
+    for c in ordered_columns([c for c in df.columns if not c.startswith("top_")]):
+        cols[c] = df[c].tolist()
+    if "score" in cols and "logprob" not in cols:
+        cols["logprob"] = cols.pop("score")
+    cols.pop("score", None)
+    if "logprob" in cols:
+        cols["target prob"] = [math.exp(float(v)) for v in cols["logprob"]]
+    if "top_tokens" in df.columns:
+        toks = df["top_tokens"].tolist()
+        lps = df["top_logprobs"].tolist() if "top_logprobs" in df.columns else [None] * len(toks)
+        cols["top tokens (prob)"] = [
+            "  ".join(
+                f"{show_token(t)!r} {math.exp(float(lp)):.2f}" if lp is not None else repr(t)
+                for t, lp in zip(ts, lp_row if lp_row is not None else [None] * len(ts))
+            )
+            for ts, lp_row in zip(toks, lps)
+        ]
+    body = render_table(cols, max_rows=200, long=["top tokens (prob)"])
+    if "logprob" in cols and "position" not in cols:
+        labels = [
+            f"L{lay} {site}" if site is not None else f"L{lay}"
+            for lay, site in zip(
+                cols.get("layer", range(len(df))), cols.get("site", [None] * len(df))
+            )
+        ]
+        body = render_bars(labels, cols["target prob"]) + body
+    return body
 
 
 def panel_body(r: Attribution, k: int = 15) -> str:
