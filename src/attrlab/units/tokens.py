@@ -67,6 +67,8 @@ class TokenView:
         text: the prompt text, when the prompt was given as text.
         offsets: character span of each prompt token in ``text`` (None for
             special tokens or when unknown); length ``n_prompt``.
+        segments: optional label of each position (default: ``"prompt"`` /
+            ``"continuation"``).
     """
 
     ids: list[int]
@@ -75,6 +77,7 @@ class TokenView:
     special: list[bool]
     text: str | None = None
     offsets: list[tuple[int, int] | None] = field(default_factory=list)
+    segments: list[str] | None = None
 
     @property
     def n_pos(self) -> int:
@@ -409,7 +412,10 @@ class Tokens(InputUnits):
         groups = [[p] for p in pos]
         labels = _labels_for_positions(view, groups)
         labels["special"] = [view.special[p] for p in pos]
-        labels["segment"] = ["prompt" if p < view.n_prompt else "continuation" for p in pos]
+        seg = view.segments or [
+            "prompt" if p < view.n_prompt else "continuation" for p in range(view.n_pos)
+        ]
+        labels["segment"] = [seg[p] for p in pos]
         return groups, labels
 
 
