@@ -406,3 +406,22 @@ def test_report_renders_in_browser_with_all_panels(tmp_path):
         "table",
     ]
     assert console == [], console
+
+
+def test_logit_lens_panel_same_from_file(tmp_path):
+    import re
+
+    import attrlab as al
+
+    lm = al.wrap(*al.testing.tiny_model("gpt2"))
+    r = al.logit_lens(lm, "When Mary and John went", target=" Mary")
+    r2 = al.Attribution.load(r.save(tmp_path / "lens.attr"))
+
+    def strip(h: str) -> str:
+        return re.sub(r'<dl class="al-meta">.*?</dl>', "", h)
+
+    a = render_attribution(r)
+    assert strip(a) == strip(render_attribution(r2))
+    assert "<th>rank</th>" in a and "top tokens (prob)" in a
+    ranks = r.extra["rank"].flatten().tolist()
+    assert all(f'<td class="al-num">{int(x)}</td>' in a for x in ranks)

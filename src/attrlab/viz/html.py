@@ -625,6 +625,16 @@ def _lens_panel(r: Attribution, k: int) -> str:
         if r.scores.dim() == 1:
             cols["score"] = r.scores.tolist()
         return render_table(cols, max_rows=200)
+    n = len(df)
+    # a result loaded from a file is a plain Attribution: rebuild the columns it keeps
+    if "rank" not in df.columns and "rank" in r.extra and r.extra["rank"].numel() == n:
+        df["rank"] = r.extra["rank"].flatten().tolist()
+    tk = r.meta.get("topk_tokens")
+    if "top_tokens" not in df.columns and isinstance(tk, list) and len(tk) == n:
+        df["top_tokens"] = tk
+        lp = r.extra.get("topk_logprobs")
+        if lp is not None and lp.dim() >= 1 and lp.reshape(n, -1).shape[0] == n:
+            df["top_logprobs"] = lp.reshape(n, -1).tolist()
     cols = {}
     for c in ordered_columns([c for c in df.columns if not c.startswith("top_")]):
         cols[c] = df[c].tolist()
@@ -643,6 +653,8 @@ def _lens_panel(r: Attribution, k: int) -> str:
             )
             for ts, lp_row in zip(toks, lps)
         ]
+    first = ["layer", "site", "position", "token", "logprob", "rank", "target prob"]
+    cols = {c: cols[c] for c in sorted(cols, key=lambda c: first.index(c) if c in first else 99)}
     body = render_table(cols, max_rows=200, long=["top tokens (prob)"])
     if "logprob" in cols and "position" not in cols:
         labels = [
