@@ -30,6 +30,7 @@ import attrlab.data as ad
 from attrlab.data.digits import digits_harness, load_digits_data, train_mlp
 
 OUT = Path(__file__).resolve().parent / "_out"
+SWEEP = (0.0, 0.01, 0.1, 1.0, 10.0)
 
 
 def traker_run(models, xtr, ytr, xq, yq, k, batch, save_dir):
@@ -151,6 +152,10 @@ def main() -> None:
                 models, xtr, ytr, xq, yq, a.dim, a.batch, tmp, reg
             )
             s_ours0 = ad.TRAK(stores, reg=0.0).scores(models, (xq, yq)).numpy()
+            tr = harness.score(ad.tracin(stores, models, (xq, yq)))
+            sweep = {
+                r: harness.score(ad.TRAK(stores, reg=r).scores(models, (xq, yq))).lds for r in SWEEP
+            }
         tk.append((f_peer, sc_peer))
         ours.append((f_ours, sc_ours))
     n_feat = a.models * len(ytr)
@@ -169,6 +174,8 @@ def main() -> None:
     print(f"LDS        traker {l_peer}")
     print(f"LDS        attrlab (reg={reg}) {l_ours}")
     print(f"LDS        attrlab (reg=0, traker's kernel) {l_ours0}")
+    print("LDS vs relative ridge reg: " + ", ".join(f"{r:g}: {v:.4f}" for r, v in sweep.items()))
+    print(f"LDS        attrlab TracIn-CP (final checkpoints) {tr}")
     print(f"score correlation attrlab(reg=0) vs traker (different random projections): {corr:.3f}")
 
     n_small, n_big = (2000, 20000) if a.quick else (10000, 100000)
@@ -185,6 +192,8 @@ def main() -> None:
             "attrlab": [l_ours.lds, *l_ours.ci],
             "attrlab_reg0": [l_ours0.lds, *l_ours0.ci],
             "reg": reg,
+            "sweep": sweep,
+            "tracin": [tr.lds, *tr.ci],
         },
         "peak_rss_kib": {str(n_small): p_small, str(n_big): p_big},
     }

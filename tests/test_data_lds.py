@@ -119,5 +119,8 @@ def test_lds_at_least_traker(digits_setup, tmp_path):
     xtr, ytr, xq, yq, models, stores, harness = digits_setup
     peer = harness.score(_traker_scores(models, xtr, ytr, xq, yq, K, tmp_path / "traker"))
     ours = harness.score(ad.TRAK(stores).attribute(models, (xq, yq)))
-    # same models, checkpoints, projection dimension and subsets; a small noise margin for this tiny setup
-    assert ours.lds >= peer.lds - 0.03, (ours, peer)
+    # same models, checkpoints, projection dimension and subsets
+    assert ours.lds >= peer.lds, (ours, peer)
+    # with traker's kernel (no ridge) the two agree up to projection noise
+    same_kernel = harness.score(ad.TRAK(stores, reg=0.0).attribute(models, (xq, yq)))
+    assert abs(same_kernel.lds - peer.lds) < 0.05, (same_kernel, peer)

@@ -82,7 +82,7 @@ class Trak(_DataMethod):
         0.001
     """
 
-    def __init__(self, lambda_: float | None = None, reg: float = 1e-6):
+    def __init__(self, lambda_: float | None = None, reg: float = 0.1):
         self.lambda_ = lambda_
         self.reg = reg
 
