@@ -82,9 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "explain",
         help="attribute a target on one prompt with one method",
-        description="Load a model (Hugging Face id or local directory; 'zoo:NAME' for a zoo "
-        "model) and run al.attribute(lm, prompt, target=..., units=..., method=..., "
+        description="Load a model (Hugging Face id or local directory; 'zoo:NAME' for a zoo\n"
+        "model) and run al.attribute(lm, prompt, target=..., units=..., method=...,\n"
         "counterfactual=..., **options).",
+        epilog="examples:\n"
+        "  attrlab explain --model zoo:ioi --prompt 'When Mary and John went to the store, "
+        "John gave a drink to' --contrast ' Mary' ' John' --units tokens --method ig -o steps=32\n"
+        "  attrlab explain --model gpt2 --prompt '...' --contrast ' Mary' ' John' --units heads "
+        "--method 'atp*' --counterfactual '...' --out heads.attr --html heads.html",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(e)
     e.add_argument("--model", required=True, help="HF model id, local path, or zoo:NAME")
