@@ -436,7 +436,50 @@ def _sort_key(v: Any) -> tuple[int, Any]:
     return (0, v) if isinstance(v, (int, float)) else (1, str(v))
 
 
+def _grid_by(
+    r: Attribution, row_fn: Any, col_key: str, rows_subset: Sequence[int] | None = None
+) -> tuple[list[Any], list[Any], list[list[float]]]:
+    """Grid of summed scores with rows keyed by ``row_fn(i)`` and columns by ``col_key``."""
+    idx = list(rows_subset) if rows_subset is not None else list(range(len(r)))
+    scores = _row_scores(r)
+    rkeys = [row_fn(i) for i in idx]
+    rows = list(dict.fromkeys(sorted(rkeys, key=_sort_key)))
+    cols = sorted({r.units[col_key][i] for i in idx}, key=_sort_key)
+    ri = {v: n for n, v in enumerate(rows)}
+    ci = {v: n for n, v in enumerate(cols)}
+    grid = [[float("nan")] * len(cols) for _ in rows]
+    for i, rk in zip(idx, rkeys):
+        a, b = ri[rk], ci[r.units[col_key][i]]
+        grid[a][b] = scores[i] if grid[a][b] != grid[a][b] else grid[a][b] + scores[i]
+    return rows, cols, grid
+
+
+def _position_labels(r: Attribution, positions: Sequence[Any]) -> tuple[list[Any], bool]:
+    tok = _col(r, "token")
+    if tok is None:
+        return list(positions), False
+    by_pos = {p: t for p, t in zip(r.units["position"], tok)}
+    return [f"{p}:{by_pos.get(p, '')}" for p in positions], True
+
+
 def _heads_panel(r: Attribution, k: int) -> str:
+    n_heads = len({(a, b) for a, b in zip(r.units["layer"], r.units["head"])})
+    if "position" in r.units and n_heads <= 64:
+        # per position: one row per head (L{l}H{h}), one column per position
+        rows, positions, grid = _grid_by(
+            r, lambda i: (r.units["layer"][i], r.units["head"][i]), "position"
+        )
+        labels, vertical = _position_labels(r, positions)
+        grid_html = render_heatmap(
+            grid,
+            [f"L{a}H{b}" for a, b in rows],
+            labels,
+            row_title="head",
+            col_title="position",
+            values=False,
+            vertical_cols=vertical,
+        )
+        return grid_html + _top_table(r, min(k, 8))
     layers, heads, grid = _grid(r, "layer", "head")
     note = ""
     if "position" in r.units:
@@ -452,20 +495,35 @@ def _heads_panel(r: Attribution, k: int) -> str:
 
 
 def _layer_position_panel(r: Attribution, k: int) -> str:
-    pos_labels = None
-    tok = _col(r, "token")
-    layers, positions, grid = _grid(r, "layer", "position")
-    if tok is not None:
-        by_pos = {p: t for p, t in zip(r.units["position"], tok)}
-        pos_labels = [f"{p}:{by_pos.get(p, '')}" for p in positions]
-    return render_heatmap(
-        grid,
-        [f"L{x}" for x in layers],
-        pos_labels or positions,
-        row_title="layer",
-        col_title="position",
-        vertical_cols=tok is not None,
-    ) + _top_table(r, min(k, 10))
+    """Layer x position heatmaps, one per site / component when there are several."""
+    group_key = next(
+        (c for c in ("site", "component", "kind") if c in r.units and len(set(r.units[c])) > 1),
+        None,
+    )
+    groups: list[tuple[str, list[int]]] = [("", list(range(len(r))))]
+    if group_key is not None:
+        values = list(dict.fromkeys(r.units[group_key]))
+        groups = [
+            (str(v), [i for i in range(len(r)) if r.units[group_key][i] == v]) for v in values
+        ]
+    parts = []
+    for name, idx in groups:
+        layers, positions, grid = _grid_by(r, lambda i: r.units["layer"][i], "position", idx)
+        labels, vertical = _position_labels(r, positions)
+        if name:
+            parts.append(f'<div class="al-sub"><code>{esc(name)}</code></div>')
+        parts.append(
+            render_heatmap(
+                grid,
+                [f"L{x}" for x in layers],
+                labels,
+                row_title="layer",
+                col_title="position",
+                values=len(positions) <= 12,
+                vertical_cols=vertical,
+            )
+        )
+    return "".join(parts) + _top_table(r, min(k, 8))
 
 
 def _bars_panel(r: Attribution, k: int) -> str:
