@@ -425,3 +425,25 @@ def test_logit_lens_panel_same_from_file(tmp_path):
     assert "<th>rank</th>" in a and "top tokens (prob)" in a
     ranks = r.extra["rank"].flatten().tolist()
     assert all(f'<td class="al-num">{int(x)}</td>' in a for x in ranks)
+
+
+def test_per_position_grids():
+    # heads x positions: one row per head, one column per position
+    n_l, n_h, n_p = 2, 3, 4
+    units = {
+        "layer": [l for l in range(n_l) for _ in range(n_h) for _ in range(n_p)],
+        "head": [h for _ in range(n_l) for h in range(n_h) for _ in range(n_p)],
+        "position": [p for _ in range(n_l * n_h) for p in range(n_p)],
+    }
+    scores = torch.arange(n_l * n_h * n_p, dtype=torch.float32)
+    out = render_attribution(Attribution(scores, units, "heads", "patch"))
+    assert out.count('class="al-cell"') == n_l * n_h * n_p
+    assert ">L1H2<" in out and 'title="L1H2 / 3: 23"' in out  # last head, last position
+    # two sites per layer x position: two grids, not one sum
+    units = {
+        "layer": [0, 0, 1, 1] * 2,
+        "position": [0, 1, 0, 1] * 2,
+        "site": ["attn.out"] * 4 + ["mlp.out"] * 4,
+    }
+    out = render_attribution(Attribution(torch.arange(8.0), units, "attn", "atp"))
+    assert out.count('<table class="al-hm">') == 2 and 'title="L1 / 1: 7"' in out
