@@ -82,24 +82,34 @@ def attrlab_run(models, xtr, ytr, xq, yq, k, batch, save_dir, reg):
 
 
 _RSS_CHILD = """
-import resource, sys, tempfile, torch
+import resource, sys, tempfile, threading, time, torch
 torch.set_num_threads(1)
 import attrlab.data as ad
 from attrlab.data.digits import DigitsMLP, load_digits_data, tiled_examples
 n, hidden, k, batch = map(int, sys.argv[1:5])
 xtr, ytr, _, _ = load_digits_data()
 model = DigitsMLP(hidden)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
+base, top, done = rss(), [0], []
+def watch():
+    while not done:
+        top[0] = max(top[0], rss())
+        time.sleep(0.005)
+th = threading.Thread(target=watch); th.start()
 ad.featurize(model, tiled_examples(xtr, ytr, n), tempfile.mkdtemp(), proj_dim=k, batch_size=batch, shard_size=4096)
-print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+done.append(1); th.join()
+print(base, max(top[0], rss()), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def peak_rss(n: int, hidden: int, k: int, batch: int) -> tuple[int, int]:
+def peak_rss(n: int, hidden: int, k: int, batch: int) -> tuple[int, int, int]:
+    """(RSS before featurizing, peak RSS while featurizing, process peak RSS) in KiB, in a fresh child."""
     out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(n), str(hidden), str(k), str(batch)],
                          capture_output=True, text=True, check=True)  # fmt: skip
-    before, peak = map(int, out.stdout.split())
-    return before, peak  # KiB
+    before, peak, maxrss = map(int, out.stdout.split())
+    return before, peak, maxrss
 
 
 def main() -> None:
@@ -179,10 +189,12 @@ def main() -> None:
     print(f"score correlation attrlab(reg=0) vs traker (different random projections): {corr:.3f}")
 
     n_small, n_big = (2000, 20000) if a.quick else (10000, 100000)
-    b_small, p_small = peak_rss(n_small, a.hidden, a.dim, a.batch)
-    b_big, p_big = peak_rss(n_big, a.hidden, a.dim, a.batch)
-    print(f"peak RSS   {n_small} ex: {p_small / 1024:.0f} MiB | {n_big} ex: {p_big / 1024:.0f} MiB | "
-          f"ratio {p_big / p_small:.3f} (after imports and data: {b_small / 1024:.0f} / {b_big / 1024:.0f} MiB)")  # fmt: skip
+    b_small, p_small, m_small = peak_rss(n_small, a.hidden, a.dim, a.batch)
+    b_big, p_big, m_big = peak_rss(n_big, a.hidden, a.dim, a.batch)
+    print(f"peak RSS while featurizing  {n_small} ex: {p_small / 1024:.0f} MiB | {n_big} ex: {p_big / 1024:.0f} MiB"
+          f" | ratio {p_big / p_small:.3f}; growth over the RSS before featurizing: "
+          f"{(p_small - b_small) / 1024:.1f} / {(p_big - b_big) / 1024:.1f} MiB; "
+          f"process peak {m_small / 1024:.0f} / {m_big / 1024:.0f} MiB")  # fmt: skip
     res = {
         "setup": vars(a) | {"n_train": len(ytr), "params": d, "test_acc": acc},
         "throughput_ex_s": {"traker": thr_peer, "attrlab": thr_ours},
@@ -195,7 +207,10 @@ def main() -> None:
             "sweep": sweep,
             "tracin": [tr.lds, *tr.ci],
         },
-        "peak_rss_kib": {str(n_small): p_small, str(n_big): p_big},
+        "peak_rss_kib": {
+            str(n_small): [b_small, p_small, m_small],
+            str(n_big): [b_big, p_big, m_big],
+        },
     }
     (OUT / "bench_trak.json").write_text(json.dumps(res, indent=1))
 
