@@ -189,7 +189,7 @@ class Examples:
             ids_t[i, : len(r)] = torch.tensor(r)
             att[i, : len(r)] = 1
             ans[i, : len(r)] = torch.tensor(m)
-        full = [t + (a or "") for t, a in zip(texts, answers or [None] * len(texts))]
+        full = [t + (answers[i] if answers is not None else "") for i, t in enumerate(texts)]
         return cls((ids_t, att, ans), ids=ids, texts=full)
 
 
@@ -404,7 +404,7 @@ def featurize(
 
     if hasattr(model, "model") and hasattr(model, "adapter"):  # an attrlab.LM
         model_id = model_id or getattr(model, "name", None)
-        model = model.model
+        model = model.model  # type: ignore[assignment]
     if not isinstance(data, Examples):
         data = Examples(data)
     if batch_size <= 0 or shard_size <= 0:
@@ -462,7 +462,7 @@ def query_features(
         InputError: the queries' shapes do not match the training examples'.
     """
     if hasattr(model, "model") and hasattr(model, "adapter"):
-        model = model.model
+        model = model.model  # type: ignore[assignment]
     if not isinstance(queries, Examples):
         queries = Examples(queries)
     man = store.manifest

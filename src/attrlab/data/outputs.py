@@ -57,7 +57,7 @@ class ClassificationMargin(ModelOutput):
 
     name = "classification_margin"
 
-    def __call__(
+    def __call__(  # type: ignore[override]
         self, model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor
     ) -> tuple[Tensor, Tensor]:
         logits = functional_call(model, params, (x.unsqueeze(0),)).squeeze(0)  # [classes]
@@ -82,7 +82,7 @@ class AnswerLogProb(ModelOutput):
 
     name = "answer_logprob"
 
-    def __call__(
+    def __call__(  # type: ignore[override]
         self, model: nn.Module, params: dict[str, Tensor], ids: Tensor, mask: Tensor, answer: Tensor
     ) -> tuple[Tensor, Tensor]:
         out = functional_call(
