@@ -348,3 +348,63 @@ def test_unrequested_warnings_are_silent() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         patch_sweep(lm, PROMPT, CF, TARGET, al.units.MlpOut(per_position=True))
+
+
+def test_parity_with_transformer_lens() -> None:
+    """Same GPT-2 weights in TransformerLens 2.x: per-head DLA, resid_pre patching by
+    layer x position and head output patching by position agree within 1e-4.
+    (Runs where transformer_lens is importable, e.g. the benchmark venv.)"""
+    pytest.importorskip("transformer_lens")
+    from transformer_lens import HookedTransformer, HookedTransformerConfig, patching
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+
+    hf, _ = al.testing.tiny_model("gpt2", initializer_range=0.3)
+    lm = al.wrap(hf, _)
+    c = hf.config
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layer,
+        d_model=c.n_embd,
+        n_heads=c.n_head,
+        d_head=c.n_embd // c.n_head,
+        d_mlp=4 * c.n_embd,
+        d_vocab=c.vocab_size,
+        n_ctx=c.n_positions,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        eps=c.layer_norm_epsilon,
+        original_architecture="GPT2LMHeadModel",
+        default_prepend_bos=False,
+    )
+    tl = HookedTransformer(cfg)
+    tl.load_and_process_state_dict(
+        convert_gpt2_weights(hf, cfg),
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+    )
+    clean = torch.tensor([lm.encode(PROMPT)])
+    corrupt = torch.tensor([lm.encode(CF)])
+    a, b = lm.token_id(" Mary"), lm.token_id(" John")
+
+    def metric(logits):
+        return logits[0, -1, a] - logits[0, -1, b]
+
+    with torch.no_grad():
+        _, cache = tl.run_with_cache(clean)
+        stack = cache.apply_ln_to_stack(
+            cache.stack_head_results(layer=-1, pos_slice=-1), layer=-1, pos_slice=-1
+        )
+        tl_dla = ((stack * tl.ln_final.w) @ (tl.W_U[:, a] - tl.W_U[:, b]))[:, 0]
+        tl_resid = patching.get_act_patch_resid_pre(tl, corrupt, cache, metric)
+        tl_heads = patching.get_act_patch_attn_head_out_by_pos(tl, corrupt, cache, metric)
+    L, H, P = lm.cfg.n_layers, lm.cfg.n_heads, clean.shape[1]
+    dla = al.attribute(lm, clean, target=(a, b), units="heads", method="dla").scores
+    assert torch.allclose(dla, tl_dla, atol=1e-4)
+    resid = patch_sweep(lm, clean, corrupt, (a, b), al.units.Resid(), direction="denoising")
+    assert torch.allclose(resid.patched[0].reshape(L, P), tl_resid, atol=1e-4)
+    heads = patch_sweep(
+        lm, clean, corrupt, (a, b), al.units.Heads(per_position=True), direction="denoising"
+    )
+    assert torch.allclose(heads.patched[0].reshape(L, P, H), tl_heads, atol=1e-4)
+    assert (tl_heads - metric(tl(corrupt))).abs().max() > 1e-3  # effects are not all zero

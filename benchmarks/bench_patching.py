@@ -1,0 +1,249 @@
+"""Benchmark: exact activation patching of every head x position, attrlab vs
+TransformerLens, on one random 12-layer GPT-2-architecture model.
+
+The model (GPT2Config: 12 layers, d_model 768, 12 heads, vocab 50257, seeded
+random weights, random LayerNorm weights/biases) is saved with
+``save_pretrained`` (safetensors). attrlab runs in this environment;
+TransformerLens 2.x needs transformers < 5, so it runs in its own venv
+(``benchmarks/_envs/tl``) on the same safetensors file: this script re-runs
+itself there with ``--peer`` and the two sides exchange tensors as
+safetensors files in ``benchmarks/_out/bench_patching/``.
+
+Compared, on a 16-token prompt with a counterfactual and a logit-difference
+metric (denoising, as TransformerLens' ``get_act_patch_*`` do):
+
+* head output (``z``) patching by layer x position x head
+  (``patching.get_act_patch_attn_head_out_by_pos``): values and time
+  (median of 3 runs each, 2 threads);
+* resid_pre patching by layer x position (``get_act_patch_resid_pre``): values;
+* per-head direct logit attribution (``stack_head_results`` + the final
+  LayerNorm's frozen scale): values.
+
+Build the peer environment once::
+
+    python -m venv benchmarks/_envs/tl
+    benchmarks/_envs/tl/bin/pip install torch==2.13.0 transformer-lens==2.18.0 \\
+        "transformers<5" "datasets<3" "pyarrow<16"
+
+Run::
+
+    python benchmarks/bench_patching.py            # writes benchmarks/_out/bench_patching/summary.json
+
+Example:
+    python benchmarks/bench_patching.py --runs 1   # quicker, one timing run each
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+OUT = ROOT / "_out" / "bench_patching"
+PEER_PY = ROOT / "_envs" / "tl" / "bin" / "python"
+N_LAYERS, D_MODEL, N_HEADS, VOCAB, N_POS = 12, 768, 12, 50257, 16
+SEED = 0
+ANSWER, WRONG = 1000, 2000  # token ids of the logit difference
+
+
+def _config_kwargs() -> dict:
+    return dict(
+        n_layer=N_LAYERS,
+        n_embd=D_MODEL,
+        n_head=N_HEADS,
+        vocab_size=VOCAB,
+        n_positions=1024,
+        initializer_range=0.05,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+    )
+
+
+# ------------------------------------------------------------------ peer side
+def peer(runs: int) -> None:
+    """TransformerLens side (runs in the TL venv): load the same weights, patch, time."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformer_lens import HookedTransformer, HookedTransformerConfig, patching
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.set_num_threads(2)
+    hf = GPT2LMHeadModel(GPT2Config(**_config_kwargs()))
+    sd = load_file(str(OUT / "model" / "model.safetensors"))
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and all("lm_head" in m or "attn.bias" in m for m in missing), missing
+    hf.tie_weights()
+    hf.eval()
+    cfg = HookedTransformerConfig(
+        n_layers=N_LAYERS,
+        d_model=D_MODEL,
+        n_heads=N_HEADS,
+        d_head=D_MODEL // N_HEADS,
+        d_mlp=4 * D_MODEL,
+        d_vocab=VOCAB,
+        n_ctx=1024,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        eps=1e-5,
+        original_architecture="GPT2LMHeadModel",
+        default_prepend_bos=False,
+    )
+    model = HookedTransformer(cfg)
+    model.load_and_process_state_dict(
+        convert_gpt2_weights(hf, cfg),
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+    )
+    model.eval()
+    toks = load_file(str(OUT / "tokens.safetensors"))
+    clean, corrupt = toks["clean"], toks["corrupt"]
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        return logits[0, -1, ANSWER] - logits[0, -1, WRONG]
+
+    with torch.no_grad():
+        clean_logits, clean_cache = model.run_with_cache(clean)
+        hf_logits = hf(clean).logits
+        # per-head DLA: head results at the last position, through the frozen final LN
+        stack = clean_cache.stack_head_results(layer=-1, pos_slice=-1)  # [L*H, 1, d]
+        normed = clean_cache.apply_ln_to_stack(stack, layer=-1, pos_slice=-1)
+        direction = model.W_U[:, ANSWER] - model.W_U[:, WRONG]
+        dla = (normed * model.ln_final.w) @ direction  # [L*H, 1]
+        resid = patching.get_act_patch_resid_pre(model, corrupt, clean_cache, metric)
+        early = {"resid_pre": resid.contiguous(), "dla_heads": dla[:, 0].contiguous()}
+        save_file(early, str(OUT / "peer_early.safetensors"))
+        print("peer: DLA and resid_pre done; timing head patching", flush=True)
+        times = []
+        heads = None
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            heads = patching.get_act_patch_attn_head_out_by_pos(model, corrupt, clean_cache, metric)
+            times.append(time.perf_counter() - t0)
+    assert heads is not None
+    save_file(
+        {
+            "heads_by_pos": heads.contiguous(),  # [L, pos, H]
+            "resid_pre": resid.contiguous(),  # [L, pos]
+            "dla_heads": dla[:, 0].contiguous(),  # [L*H]
+            "hf_vs_tl_logits": (hf_logits - clean_logits).abs().max().reshape(1),
+        },
+        str(OUT / "peer.safetensors"),
+    )
+    (OUT / "peer.json").write_text(json.dumps({"times": times}))
+
+
+# ------------------------------------------------------------------ our side
+def main(runs: int, batch_size: int, skip_peer: bool) -> dict:
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import attrlab as al
+    from attrlab.methods.patching import patch_sweep
+
+    torch.set_num_threads(2)
+    OUT.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED)
+    hf = GPT2LMHeadModel(GPT2Config(**_config_kwargs()))
+    g = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():  # random LayerNorm weights and biases, as tiny_model does
+        for name, p in hf.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    hf.eval()
+    hf.save_pretrained(str(OUT / "model"))
+    clean = torch.randint(0, VOCAB, (1, N_POS), generator=g)
+    corrupt = clean.clone()
+    corrupt[0, [3, 9]] = torch.randint(0, VOCAB, (2,), generator=g)  # two swapped tokens
+    save_file({"clean": clean, "corrupt": corrupt}, str(OUT / "tokens.safetensors"))
+
+    lm = al.wrap(hf)
+    target = al.targets.LogitDiff(ANSWER, WRONG)
+    units = al.units.Heads(per_position=True)
+    times, sweep = [], None
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sweep = patch_sweep(
+            lm, clean, corrupt, target, units, direction="denoising", batch_size=batch_size
+        )
+        times.append(time.perf_counter() - t0)
+    assert sweep is not None
+    ours_heads = sweep.patched[0].reshape(N_LAYERS, N_POS, N_HEADS)
+    ours_resid = (
+        patch_sweep(lm, clean, corrupt, target, al.units.Resid(), direction="denoising")
+        .patched[0]
+        .reshape(N_LAYERS, N_POS)
+    )
+    ours_dla = al.attribute(lm, clean, target=target, units="heads", method="dla").scores
+
+    summary: dict = {
+        "model": f"GPT-2 arch, {N_LAYERS} layers, d_model {D_MODEL}, {N_HEADS} heads, "
+        f"vocab {VOCAB}, random weights (seed {SEED})",
+        "prompt_tokens": N_POS,
+        "threads": 2,
+        "n_patches": int(sweep.patched.shape[1]),
+        "attrlab_forwards": sweep.n_forwards,
+        "attrlab_batch_size": batch_size,
+        "attrlab_times_s": times,
+        "attrlab_median_s": statistics.median(times),
+        "clean_logit_diff": float(sweep.clean[0]),
+        "corrupt_logit_diff": float(sweep.corrupt[0]),
+        "max_abs_head_patch_effect": float((sweep.patched - sweep.corrupt[0]).abs().max()),
+    }
+    if not skip_peer:
+        if not PEER_PY.exists():
+            raise SystemExit(
+                f"peer environment missing: build {PEER_PY.parent.parent} (see docstring)"
+            )
+        env = {**os.environ, "OMP_NUM_THREADS": "2"}
+        subprocess.run([str(PEER_PY), __file__, "--peer", "--runs", str(runs)], check=True, env=env)
+        peer_t = load_file(str(OUT / "peer.safetensors"))
+        peer_times = json.loads((OUT / "peer.json").read_text())["times"]
+        summary.update(
+            {
+                "transformer_lens_times_s": peer_times,
+                "transformer_lens_median_s": statistics.median(peer_times),
+                "speedup_median": statistics.median(peer_times) / statistics.median(times),
+                "max_abs_diff_heads_by_pos": float(
+                    (peer_t["heads_by_pos"] - ours_heads).abs().max()
+                ),
+                "max_abs_diff_resid_pre": float((peer_t["resid_pre"] - ours_resid).abs().max()),
+                "max_abs_diff_dla_heads": float((peer_t["dla_heads"] - ours_dla).abs().max()),
+                "max_abs_dla_head": float(ours_dla.abs().max()),
+                "tl_vs_hf_logits_max_abs": float(peer_t["hf_vs_tl_logits"][0]),
+            }
+        )
+        summary["parity_ok"] = all(
+            summary[k] < 1e-4
+            for k in (
+                "max_abs_diff_heads_by_pos",
+                "max_abs_diff_resid_pre",
+                "max_abs_diff_dla_heads",
+            )
+        )
+        summary["speed_ok"] = summary["speedup_median"] >= 8
+    (OUT / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--peer", action="store_true", help="run the TransformerLens side (TL venv)")
+    ap.add_argument("--skip-peer", action="store_true", help="time attrlab only")
+    a = ap.parse_args()
+    if a.peer:
+        peer(a.runs)
+        sys.exit(0)
+    s = main(a.runs, a.batch_size, a.skip_peer)
+    print(json.dumps(s, indent=2))
