@@ -199,6 +199,14 @@ def load_model(name: str) -> Any:
     p = Path(name).expanduser()
     if (name.startswith((".", "/", "~")) or p.exists()) and not p.exists():
         raise InputError(f"no model at {name!r}: the path does not exist")
+    if not p.exists():
+        # a hub id: use the local cache first (works offline, no network round trips)
+        try:
+            return al.load(name, local_files_only=True)
+        except AttrlabError:
+            raise
+        except (OSError, ValueError, KeyError):
+            pass
     try:
         return al.load(name)
     except AttrlabError:
@@ -418,6 +426,9 @@ def _silence_loaders() -> None:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
     except Exception:  # pragma: no cover - transformers is a hard dependency
         pass
 
