@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import attrlab as al
 import attrlab.data as ad
 from attrlab.data.digits import digits_harness, load_digits_data, train_mlp
 from attrlab.data.lds import LDSHarness, lds, lds_score, subset_masks
@@ -58,6 +59,11 @@ def test_harness_caches_retrained_outputs(tmp_path):
     assert lds(r, harness=h).lds == pytest.approx(1.0)
     with pytest.raises(InputError, match="harness"):
         lds(r)
+    # the generic evaluator dispatches training units here
+    assert al.evaluate.lds(r, harness=h).lds == pytest.approx(1.0)
+    assert al.evaluate.lds(r, harness=h, n_masks=6, alpha=0.5).lds == pytest.approx(1.0)
+    with pytest.raises(InputError, match="n_masks"):
+        al.evaluate.lds(r, harness=h, n_masks=7)
 
 
 @pytest.fixture(scope="module")

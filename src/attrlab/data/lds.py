@@ -236,11 +236,23 @@ def lds(
         raise InputError(
             f"attrlab.data.lds needs a training-data attribution, got units={result.unit_kind!r}"
         )
+    # n_masks / alpha (as al.evaluate.lds passes them) must agree with the retraining setup
+    n_masks, alpha = kwargs.pop("n_masks", None), kwargs.pop("alpha", None)
+    if harness is not None:
+        masks = harness.masks
+    if masks is not None:
+        m = np.asarray(masks, bool)
+        have_alpha = float(m.sum(1).mean() / m.shape[1])
+        if n_masks is not None and int(n_masks) != len(m):
+            raise InputError(f"n_masks={n_masks}, but the retraining setup has {len(m)} models")
+        if alpha is not None and abs(float(alpha) - have_alpha) > 0.01:
+            raise InputError(f"alpha={alpha}, but the retraining subsets keep {have_alpha:.3f}")
     if harness is not None:
         return harness.score(result, **kwargs)
     if masks is None or outputs is None:
         raise InputError(
-            "give harness=LDSHarness(...) or both masks=[M, N] and outputs=[M, n_queries]"
+            "LDS of training examples needs retrained models: give harness=LDSHarness(...) "
+            "(or attrlab.data.digits.digits_harness) or both masks=[M, N] and outputs=[M, n_queries]"
         )
     s = result.to_numpy() if hasattr(result, "to_numpy") else np.asarray(result)
     return lds_score(s, masks, outputs, **kwargs)
