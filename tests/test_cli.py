@@ -386,3 +386,29 @@ def test_demo_report_in_chromium(demo_report):
     page_panels = scan(path.read_text()).panels
     assert scan(dom).panels == page_panels
     assert "attrlab demo" in dom
+
+
+@needs_chromium
+def test_demo_with_payload_prompt_runs_no_script(capsys, tmp_path):
+    """End to end: a hostile prompt through the CLI and real methods into the browser."""
+    payload = (
+        "<script>document.title='PWNED'</script>\"><img src=x onerror=\"document.title='PWNED'\">"
+    )
+    out = tmp_path / "xss.html"
+    rc, stdout, err = run(
+        capsys,
+        "demo",
+        "--tiny",
+        "--quiet",
+        "--out",
+        str(out),
+        "--prompt",
+        "When Mary" + payload + " and John went to",
+    )
+    assert rc == 0, err
+    assert "needs a counterfactual" in stdout  # patching sections say why they are absent
+    dom, console = browse(out)
+    s = scan(dom)
+    assert "<title>attrlab demo" in dom and "<title>PWNED" not in dom
+    assert not {"script", "img"} & set(s.tags) and not any(k.startswith("on") for k, _ in s.attrs)
+    assert "tokens" in s.panels and console == []

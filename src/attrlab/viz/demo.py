@@ -128,7 +128,7 @@ class Demo:
 
     lm: Any
     prompt: str
-    counterfactual: str
+    counterfactual: str | None
     answer: tuple[str, str]
     model_label: str
     report: Report
@@ -195,7 +195,7 @@ def _walk(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 def _load_ioi(
     tiny: bool, prompt: str | None, cf: str | None, answer: Sequence[str] | None
-) -> tuple[Any, str, str, tuple[str, str], str]:
+) -> tuple[Any, str, str | None, tuple[str, str] | None, str]:
     import attrlab as al
 
     lm = None
@@ -211,13 +211,15 @@ def _load_ioi(
         label = (
             "tiny random GPT-2 (zoo IOI model not available)" if not tiny else "tiny random GPT-2"
         )
+    if prompt is not None:  # the user's prompt: their counterfactual and answers (or none)
+        return lm, prompt, cf, (tuple(answer) if answer else None), label  # type: ignore[return-value]
     p, c, a = DEFAULT_PROMPT, DEFAULT_CF, DEFAULT_ANSWER
     if label.startswith("zoo"):
         from .. import zoo
 
         ex = zoo.task("ioi").examples(1, seed=0)[0]
         p, c, a = ex.prompt, ex.counterfactual, (ex.answer, ex.wrong)
-    return lm, prompt or p, cf or c, (tuple(answer) if answer else a), label  # type: ignore[return-value]
+    return lm, p, cf or c, (tuple(answer) if answer else a), label  # type: ignore[return-value]
 
 
 def run_demo(
@@ -235,16 +237,20 @@ def run_demo(
     lm, p, cf, ans, label = _load_ioi(tiny, prompt, counterfactual, answer)
     logits, _ = lm.run(p, last_only=True)
     last = logits[0, -1].float()
+    if ans is None:  # no answers given: the model's top two predictions
+        top2 = last.topk(2).indices.tolist()
+        ans = (int(top2[0]), int(top2[1]))  # ids: a token's text may not round-trip
     probs = last.softmax(-1)
     diff = float(last[lm.token_id(ans[0])] - last[lm.token_id(ans[1])])
+    names = [a if isinstance(a, str) else lm.to_str_tokens([a])[0] for a in ans]
     top = probs.topk(5)
     preds = [(lm.to_str_tokens([int(i)])[0], float(v)) for v, i in zip(top.values, top.indices)]
     info = {
         "model": f"{lm.name} — {label}",
         "prompt": p,
-        "counterfactual": cf,
-        "target": f"logit({ans[0]!r}) - logit({ans[1]!r}) = {diff:.3f}"
-        + f" (the model prefers {ans[0] if diff >= 0 else ans[1]!r})",
+        "counterfactual": cf or "(none: patching sections skipped)",
+        "target": f"logit({names[0]!r}) - logit({names[1]!r}) = {diff:.3f}"
+        + f" (the model prefers {names[0] if diff >= 0 else names[1]!r})",
         "top predictions": "  ".join(f"{t!r} {v:.2f}" for t, v in preds),
     }
     report = Report("attrlab demo: why did the model say that?", info=info)
@@ -393,7 +399,7 @@ def _heads(demo: Demo) -> None:
             "each head's direct contribution to the logit difference (sums exactly with the other parts)",
         )
         found = True
-    if available("patch", "heads"):
+    if available("patch", "heads") and demo.counterfactual:
         exact = _attr(demo, "patch", "heads", "heads", counterfactual=demo.counterfactual)
         demo.add(
             exact,
@@ -402,7 +408,7 @@ def _heads(demo: Demo) -> None:
         )
         found = True
     for m in ("atp*", "atp"):
-        if not available(m, "heads"):
+        if not available(m, "heads") or not demo.counterfactual:
             continue
         r = _attr(demo, m, "heads", "heads", counterfactual=demo.counterfactual)
         note = f"{m}: the patching effect estimated from gradients (two forwards, one backward)"
@@ -476,6 +482,8 @@ def _circuit(demo: Demo) -> None:
     m = first_available(["eap-ig", "eap", "atp"], "edges")
     if m is None:
         raise Unavailable("edge attribution (units='edges', eap / eap-ig) is not registered yet")
+    if not demo.counterfactual:
+        raise Unavailable("edge attribution needs a counterfactual prompt (--counterfactual)")
     r = _attr(demo, m, "edges", "edges", counterfactual=demo.counterfactual, steps=4)
     demo.add(r, f"Circuit — {m}", "edges between components; the strongest edges are drawn")
 
