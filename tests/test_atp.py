@@ -161,7 +161,7 @@ def test_denoising_direction(lm):
 def test_graddrop_layers_match_manual_dropped_backward(lm):
     """Each GradDrop row equals AtP computed with a hand-made detached layer."""
     units = al.units.MlpOut(per_position=True)
-    r = run(lm, units)
+    r = run(lm, units, combine="mean")
     drops = r.extra["graddrop_by_layer"]
     assert drops.shape == (3, len(r))
     t = al.targets.resolve((" Mary", " John"), lm)
@@ -186,6 +186,13 @@ def test_graddrop_layers_match_manual_dropped_backward(lm):
         )
     gd = drops.abs().sum(0) / 2
     torch.testing.assert_close(r.scores.abs(), gd.float(), atol=1e-7, rtol=1e-5)
+    default = run(lm, units)  # combine="max"
+    torch.testing.assert_close(
+        default.scores.abs(),
+        torch.maximum(gd.float(), default.extra["atp_qk"].abs()),
+        atol=1e-7,
+        rtol=1e-5,
+    )
 
 
 def test_atp_star_tracks_exact_on_heads(lm):

@@ -24,8 +24,9 @@ AtP* adds two fixes for AtP's false negatives:
   ``sum_l |AtP_l(i)| / (L - 1)``. All ``L + 1`` backward passes run as one
   batched forward/backward (one group of rows per dropped layer).
 
-AtP* scores carry the sign of the (QK-fixed) AtP estimate and the GradDrop
-magnitude. The plain AtP, QK-fixed and GradDrop estimates are kept side by
+AtP* scores carry the sign of the (QK-fixed) AtP estimate and a magnitude
+from GradDrop (``combine="mean"``: the paper's estimate; ``"max"``, the
+default: the larger of it and the QK-fixed AtP magnitude, see :class:`AtPStar`). The plain AtP, QK-fixed and GradDrop estimates are kept side by
 side in ``result.extra``.
 
 The **false-negative diagnostic** (``bound_samples > 0``) verifies the top
@@ -407,6 +408,7 @@ def _attribution_patching(
     star: bool,
     graddrop: bool,
     qk_fix: bool,
+    combine: str = "max",
 ) -> tuple[NodeSet, dict[str, Tensor], dict[str, Any], Batch, Batch]:
     if direction not in ("noising", "denoising"):
         raise InputError(f"direction must be 'noising' or 'denoising', got {direction!r}")
@@ -486,7 +488,8 @@ def _attribution_patching(
         out["graddrop"] = gd
         sign = torch.sign(out["atp_qk"])
         sign[sign == 0] = 1.0
-        out["atp*"] = sign * gd
+        mag = gd if combine == "mean" else torch.maximum(gd, out["atp_qk"].abs())
+        out["atp*"] = sign * mag
     return nodes, out, diagnostics, base, src
 
 
@@ -588,6 +591,12 @@ class AtPStar(Method):
         direction, head_site: as for :class:`AtP`.
         qk_fix: recompute the attention softmax for query/key units.
         graddrop: combine the ``L`` dropped-gradient backward passes.
+        combine: ``"mean"``: the magnitude is the paper's GradDrop estimate
+            ``sum_l |AtP_l| / (L - 1)``; ``"max"`` (default): the larger of that
+            and the QK-fixed AtP magnitude. In shallow models the GradDrop mean
+            keeps only part of a unit's paths (in a 2-layer model a layer-0
+            unit keeps only its direct effect), so ``"max"`` keeps AtP's
+            estimate where it is larger and uses GradDrop to flag cancellations.
         bound_samples: units sampled (besides the top ones) and patched exactly
             for the false-negative bound; 0 skips the diagnostic.
         bound_top: units with the largest estimates verified exactly.
@@ -612,6 +621,7 @@ class AtPStar(Method):
         head_site: str = "z",
         qk_fix: bool = True,
         graddrop: bool = True,
+        combine: str = "max",
         bound_samples: int = 0,
         bound_top: int = 10,
         bound_bins: int = 4,
@@ -624,6 +634,9 @@ class AtPStar(Method):
         self.head_site = head_site
         self.qk_fix = qk_fix
         self.graddrop = graddrop
+        if combine not in ("max", "mean"):
+            raise InputError(f"combine must be 'max' or 'mean', got {combine!r}")
+        self.combine = combine
         self.bound_samples = bound_samples
         self.bound_top = bound_top
         self.bound_bins = bound_bins
@@ -650,6 +663,7 @@ class AtPStar(Method):
             head_site=self.head_site,
             star=True,
             graddrop=self.graddrop,
+            combine=self.combine,
             qk_fix=self.qk_fix,
         )
         scores = out.pop("atp*")
@@ -759,8 +773,8 @@ def false_negative_bound(
         else torch.zeros(0)
     )
     eff = dict(zip(all_idx, exact.tolist()))
-    if theta is None:
-        theta = min((abs(eff[i]) for i in top), default=0.0)
+    if theta is None:  # the smallest non-zero verified effect
+        theta = min((abs(eff[i]) for i in top if abs(eff[i]) > 0), default=0.0)
     alpha = delta / max(1, len(bins))
     rows = []
     upper_total = 0.0

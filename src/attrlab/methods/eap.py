@@ -47,7 +47,7 @@ from ..result import Attribution
 from ..targets import Target
 from ..units.base import Units
 from ..units.edges import EdgeGraph, Edges, edge_activations, input_gradients
-from .atp import prepare_pair, warn_if_same
+from .atp import prepare_pair, uses_last_only, warn_if_same
 from .base import Method, register
 
 __all__ = ["EAP", "EAPIG", "edge_scores"]
@@ -63,9 +63,9 @@ def edge_scores(diff: Tensor, grads: Tensor, graph: EdgeGraph) -> Tensor:
         [8.0, 8.0, 8.0, 8.0, 8.0, 8.0]
     """
     n_b = diff.shape[1]
-    u = diff.reshape(diff.shape[0], -1).double()
-    v = grads.reshape(grads.shape[0], -1).double()
-    full = (u @ v.T) / n_b  # [U, V]
+    u = diff.reshape(diff.shape[0], -1)
+    v = grads.reshape(grads.shape[0], -1).to(u.dtype)
+    full = (u @ v.T) / n_b  # [U, V] (in the model's dtype)
     return graph.from_matrix(full).float()
 
 
@@ -125,11 +125,13 @@ class EAP(Method):
     ) -> Attribution:
         graph = _graph(lm, units)
         clean, cf = prepare_pair(lm, inputs, target, counterfactual)
+        last = uses_last_only(target)
         with torch.no_grad():
-            ref = edge_activations(lm, cf, graph)
-            act = edge_activations(lm, clean, graph)
-            m_cf = target(lm.run(cf)[0], cf).float().mean()
-        grads, m = input_gradients(lm, clean, graph, target)
+            ref, logits_cf = edge_activations(lm, cf, graph, return_logits=True, last_only=last)
+            m_cf = target(logits_cf, cf).float().mean()
+        grads, m, act = input_gradients(
+            lm, clean, graph, target, last_only=last, with_activations=True
+        )
         same = warn_if_same(float(m.float().mean()), float(m_cf))
         diag = {
             "metric_clean": float(m.float().mean()),
@@ -175,11 +177,12 @@ class EAPIG(Method):
     ) -> Attribution:
         graph = _graph(lm, units)
         clean, cf = prepare_pair(lm, inputs, target, counterfactual)
+        last = uses_last_only(target)
         with torch.no_grad():
-            ref = edge_activations(lm, cf, graph)
-            act = edge_activations(lm, clean, graph)
-            m_cf = target(lm.run(cf)[0], cf).float().mean()
-            m_clean = target(lm.run(clean)[0], clean).float().mean()
+            ref, logits_cf = edge_activations(lm, cf, graph, return_logits=True, last_only=last)
+            act, logits = edge_activations(lm, clean, graph, return_logits=True, last_only=last)
+            m_cf = target(logits_cf, cf).float().mean()
+            m_clean = target(logits, clean).float().mean()
         same = warn_if_same(float(m_clean), float(m_cf))
         diff = ref - act  # [U, b, p, d]
         n_b, k = clean.shape[0], self.steps
@@ -210,7 +213,7 @@ class EAPIG(Method):
                         op="add",
                     )
                 )
-        grads, _ = input_gradients(lm, rows, graph, target, interventions=ivs)
+        grads, _ = input_gradients(lm, rows, graph, target, interventions=ivs, last_only=last)
         g = grads.reshape(grads.shape[0], n_b, k, *grads.shape[2:]).mean(2)
         scores = edge_scores(diff, g, graph)
         diag = {

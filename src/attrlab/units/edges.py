@@ -247,8 +247,29 @@ def _hooks(handles: list[Any]) -> Iterator[None]:
             h.remove()
 
 
-def edge_activations(lm: Any, batch: Any, graph: EdgeGraph, grad: bool = False) -> Tensor:
-    """Upstream node outputs ``[U, batch, pos, d_model]`` of a run (no interventions).
+def _upstream_sites(n_layers: int) -> list[str]:
+    sites = ["blocks.0.resid_pre"] + [f"blocks.{i}.attn.head_out" for i in range(n_layers)]
+    return sites + [f"blocks.{i}.mlp.out" for i in range(n_layers)]
+
+
+def _stack_upstream(cache: Any, n_layers: int) -> Tensor:
+    parts = [cache["blocks.0.resid_pre"][None]]
+    for i in range(n_layers):
+        parts.append(cache[f"blocks.{i}.attn.head_out"].permute(2, 0, 1, 3))
+        parts.append(cache[f"blocks.{i}.mlp.out"][None])
+    return torch.cat(parts)
+
+
+def edge_activations(
+    lm: Any,
+    batch: Any,
+    graph: EdgeGraph,
+    grad: bool = False,
+    return_logits: bool = False,
+    last_only: bool = False,
+) -> Any:
+    """Upstream node outputs ``[U, batch, pos, d_model]`` of a run (no interventions);
+    with ``return_logits``, ``(outputs, logits)``.
 
     Example:
         >>> import attrlab as al
@@ -258,15 +279,10 @@ def edge_activations(lm: Any, batch: Any, graph: EdgeGraph, grad: bool = False) 
         torch.Size([11, 1, 2, 32])
     """
     L = graph.n_layers
-    sites = ["blocks.0.resid_pre"] + [f"blocks.{i}.attn.head_out" for i in range(L)]
-    sites += [f"blocks.{i}.mlp.out" for i in range(L)]
     with torch.set_grad_enabled(grad):
-        _, cache = lm.run(batch, cache=sites, grad=grad)
-    parts = [cache["blocks.0.resid_pre"][None]]
-    for i in range(L):
-        parts.append(cache[f"blocks.{i}.attn.head_out"].permute(2, 0, 1, 3))
-        parts.append(cache[f"blocks.{i}.mlp.out"][None])
-    return torch.cat(parts)
+        logits, cache = lm.run(batch, cache=_upstream_sites(L), grad=grad, last_only=last_only)
+    act = _stack_upstream(cache, L)
+    return (act, logits) if return_logits else act
 
 
 def _norm_vjp(norm: nn.Module, x: Tensor, cot: Tensor) -> Tensor:
@@ -284,7 +300,9 @@ def input_gradients(
     graph: EdgeGraph,
     metric_fn: Any,
     interventions: Sequence[Any] = (),
-) -> tuple[Tensor, Tensor]:
+    last_only: bool = False,
+    with_activations: bool = False,
+) -> Any:
     """Gradient of the metric w.r.t. each downstream node's input (through that
     node only) ``[V, batch, pos, d_model]``, from one forward and one backward.
 
@@ -294,7 +312,9 @@ def input_gradients(
     pre-attention norm (a batched vector-Jacobian product, exact). MLP inputs:
     the gradient at the MLP's norm output pulled back through that norm.
 
-    Returns ``(grads, metric values [batch])``.
+    Returns ``(grads, metric values [batch])``, and the run's upstream outputs
+    ``[U, batch, pos, d_model]`` as a third item with ``with_activations``.
+    ``last_only``: the metric reads the last position only (cheaper unembedding).
 
     Example:
         >>> import attrlab as al
@@ -330,8 +350,15 @@ def input_gradients(
         handles.append(norm.register_forward_hook(post_mlp, with_kwargs=True))
     comps = ("q", "k", "v")
     sites = [f"blocks.{i}.attn.{c}" for i in range(L) for c in comps] + ["final_norm.input"]
+    extra = _upstream_sites(L) if with_activations else []
     with _hooks(handles), torch.enable_grad():
-        logits, cache = lm.run(batch, cache=sites, interventions=list(interventions), grad=True)
+        logits, cache = lm.run(
+            batch,
+            cache=sites + extra,
+            interventions=list(interventions),
+            grad=True,
+            last_only=last_only,
+        )
         m = metric_fn(logits, cache.batch)
         wrt = [cache[s] for s in sites] + [captured[f"n_mlp{i}"] for i in range(L)]
         grads = torch.autograd.grad(m.sum(), wrt, allow_unused=True)
@@ -356,6 +383,9 @@ def input_gradients(
         gm = _norm_vjp(a.mlp_in_norm(layer), captured[f"x_mlp{layer}"], g_mlp[layer][None])
         out.append(gm)
     out.append(g["final_norm.input"][None])
+    if with_activations:
+        act = _stack_upstream({s: cache[s].detach() for s in extra}, L)
+        return torch.cat(out).detach(), m.detach(), act
     return torch.cat(out).detach(), m.detach()
 
 
