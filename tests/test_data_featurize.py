@@ -239,3 +239,25 @@ def test_lm_training_examples_through_attribute(tmp_path):
         al.attribute(lm, "Rome is", target=None, units=units, method="trak")
     with pytest.raises(InputError, match="feature stores"):
         al.attribute(lm, "Rome is", target=" a", units="train", method="trak")
+
+
+def test_manual_rank_split_and_float16_store(digits, tmp_path):
+    model, xtr, ytr, _, _ = digits
+    ref = ad.featurize(
+        model, (xtr, ytr), tmp_path / "ref", proj_dim=16, shard_size=25, batch_size=25
+    )
+    for rank in (1, 0):  # two independent jobs, then one finalize
+        part = ad.featurize(
+            model, (xtr, ytr), tmp_path / "split", proj_dim=16, shard_size=25, batch_size=25,
+            rank=rank, world_size=2, finalize=False,
+        )  # fmt: skip
+    assert part.complete and not part.manifest["finalized"]
+    part.finalize()
+    assert np.array_equal(part.features(), ref.features())
+    np.testing.assert_allclose(part.gram(), ref.gram(), rtol=1e-12)
+    half = ad.featurize(model, (xtr, ytr), tmp_path / "half", proj_dim=16, dtype="float16")
+    np.testing.assert_allclose(
+        half.features(), ref.features(), rtol=2e-3, atol=2e-3 * np.abs(ref.features()).max()
+    )
+    with pytest.raises(InputError, match="rank"):
+        ad.featurize(model, (xtr, ytr), tmp_path / "bad", proj_dim=16, rank=2, world_size=2)

@@ -414,9 +414,9 @@ def featurize(
     projector = projector or Projector(proj_dim, seed=seed)
     feat = GradientFeaturizer(model, output or _default_output(data), projector, modules, mode)
     config = store_config(model, data, feat, batch_size, shard_size, dtype, model_id)
+    r, w, use_dist = dist_info(rank, world_size)
     store = FeatureStore.create(path, config)
     _write_labels(store, data)
-    r, w, use_dist = dist_info(rank, world_size)
     n = len(data)
     planned = [(a, min(n, a + shard_size)) for a in range(0, n, shard_size)]
     mine = [rng for j, rng in enumerate(planned) if j % w == r]
