@@ -277,6 +277,8 @@ def _kv(key: str, value: Any, warn: bool = False) -> str:
 
 def _warn_key(key: str, value: Any) -> bool:
     """Flag large relative completeness errors and weak agreement."""
+    if isinstance(value, (list, tuple)) and value and all(_is_number(x) for x in value):
+        value = max(value, key=lambda x: abs(float(x)))
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -349,6 +351,8 @@ def unit_label(r: Attribution, i: int) -> str:
         if isinstance(x, bool):
             continue
         if key == "layer":
+            if isinstance(x, int) and x < 0 and len(r.units) > 1:
+                continue  # embeddings / final-norm terms: their other label says it
             parts.append(f"L{x}")
         elif key == "head":
             parts.append(f"H{x}")
@@ -603,8 +607,7 @@ def top_frame(r: Attribution, k: int) -> Any:
     top = r.top(k)
     cols = []
     for c in ordered_columns(list(top.columns)):
-        vals = r.units.get(c)
-        if c in _QUIET_COLUMNS and vals is not None and len({str(v) for v in vals}) <= 1:
+        if c in _QUIET_COLUMNS:
             continue
         cols.append(c)
     return top[cols]
