@@ -447,3 +447,18 @@ def test_per_position_grids():
     }
     out = render_attribution(Attribution(torch.arange(8.0), units, "attn", "atp"))
     assert out.count('<table class="al-hm">') == 2 and 'title="L1 / 1: 7"' in out
+
+
+def test_plot_logit_lens():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import attrlab as al
+
+    lm = al.wrap(*al.testing.tiny_model("gpt2"))
+    r = al.logit_lens(lm, "When Mary and John went", target=" Mary")
+    line = r.plot().lines[0]
+    assert list(line.get_ydata()) == pytest.approx(r.scores.tolist())
+    plt.close("all")

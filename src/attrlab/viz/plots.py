@@ -2,6 +2,7 @@
 as the HTML panels.
 
 =====================================  ==========================================
+logit lens                              target log-probability by layer
 heads (``layer``, ``head``)             layer x head heatmap
 2-D scores (e.g. generated tokens)      rows x units heatmap
 components with ``layer``+``position``  layer x position heatmap
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .html import TOKEN_KINDS, _grid, _row_labels, unit_label
+from .html import LENS_METHODS, TOKEN_KINDS, _grid, _row_labels, unit_label
 
 if TYPE_CHECKING:
     from ..result import Attribution
@@ -63,7 +64,13 @@ def plot(r: Attribution, ax: Any = None, k: int = 20) -> Any:
 
     if ax is None:
         _, ax = plt.subplots(figsize=(8, 4))
-    if r.scores.dim() == 2:
+    if r.method in LENS_METHODS and "layer" in r.units and "position" not in r.units:
+        layers = [int(x) for x in r.units["layer"]]
+        ax.plot(layers, r.scores.double().numpy(), marker="o", color="#d62828")
+        ax.set_xticks(layers)
+        ax.set_xlabel("layer (residual stream read out after it)")
+        ax.set_ylabel("target log-probability")
+    elif r.scores.dim() == 2:
         cols = r.units.get("token") or [unit_label(r, i) for i in range(len(r))]
         _imshow(
             ax,
