@@ -12,7 +12,7 @@ Example:
     True
 """
 
-from . import errors, evaluate, methods, targets, testing, units
+from . import errors, evaluate, methods, targets, testing, units, zoo
 from .attribute import attribute
 from .errors import AttrlabError
 from .model import LM, Batch, Cache, Intervention, load, wrap
@@ -38,4 +38,5 @@ __all__ = [
     "testing",
     "units",
     "wrap",
+    "zoo",
 ]
