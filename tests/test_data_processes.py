@@ -69,12 +69,17 @@ def test_kill_9_then_resume_gives_identical_features(setup):
     proc = subprocess.Popen([sys.executable, *_cmd(tmp, out)], env=_env(), stderr=subprocess.PIPE)
     deadline = time.time() + 120
     shards = out / "shards"
+    reads = 0
     while time.time() < deadline and proc.poll() is None:
-        if (
-            shards.exists() and len(list(shards.glob("*-*.npy"))) >= 4
-        ):  # some shards done, most to go
+        if (out / "manifest.json").exists():  # a concurrent reader sees only complete shards
+            live = ad.FeatureStore.open(out)
+            for a, b in live.done_ranges():
+                assert np.load(live.shard_path(a, b)).shape == (b - a, DIM)
+                reads += 1
+        if shards.exists() and len(list(shards.glob("*-*.npy"))) >= 4:  # some done, most to go
             break
         time.sleep(0.005)
+    assert reads > 0
     assert proc.poll() is None, (
         f"featurization ended before it could be killed: {proc.stderr.read()[-2000:]}"
     )
