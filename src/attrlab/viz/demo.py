@@ -367,7 +367,7 @@ def _continuation(demo: Demo) -> None:
     m = first_available(["ig", "input_x_gradient", "saliency"], "tokens")
     if m is None:
         raise Unavailable("no gradient method over tokens is registered yet")
-    gen = _greedy(demo.lm, demo.prompt, 4)
+    gen = _greedy(demo.lm, demo.prompt, 3)
     target = ContinuationLogProb(gen, reduce="none")
     r = _attr(demo, m, "tokens", "tokens", target=target, steps=8)
     if r.scores.dim() != 2:
