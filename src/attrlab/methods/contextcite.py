@@ -165,6 +165,7 @@ class ContextMethod(Method):
             diagnostics=diagnostics,
             rows=rows,
             meta={
+                "units_params": units.params(),  # al.evaluate rebuilds the units from these
                 "context": prompt.context,
                 "spans": [list(s) for s in prompt.spans],
                 "prompt": prompt.prompt_text(),
