@@ -462,3 +462,21 @@ def test_plot_logit_lens():
     line = r.plot().lines[0]
     assert list(line.get_ydata()) == pytest.approx(r.scores.tolist())
     plt.close("all")
+
+
+def test_saved_circuit_draws_only_its_edges():
+    edges = {
+        "upstream": ["embed", "embed", "a0.h0", "a0.h1"],
+        "downstream": ["a0.h0", "a0.h1", "logits", "logits"],
+    }
+    r = Attribution(
+        torch.tensor([3.0, 1.0, 2.0, 0.5]),
+        edges,
+        "edges",
+        "circuit",
+        extra={"mask": torch.tensor([1, 0, 1, 0], dtype=torch.uint8)},
+    )
+    out = render_attribution(r)
+    svg = out[out.index("<svg") : out.index("</svg>")]
+    assert svg.count("<line") == 2 and "a0.h1" not in svg
+    assert "circuit: 2 of 4 edges" in out

@@ -659,6 +659,12 @@ def _edges_panel(r: Attribution, k: int) -> str:
         keep = None
         if isinstance(in_circuit, list) and in_circuit:
             keep = {(str(a), str(b)) for a, b in (_pair(e) for e in in_circuit) if a is not None}
+        mask = r.extra.get("mask")
+        if keep is None and mask is not None and mask.numel() == len(edges):
+            # a saved circuit (attrlab.methods.circuits.Circuit): its keep-mask over all edges
+            keep = {(a, b) for (a, b, _), m in zip(edges, mask.flatten().tolist()) if m}
+        if keep is not None:
+            parts.append(f'<div class="al-sub">circuit: {len(keep)} of {len(edges)} edges</div>')
         parts.append(f'<div class="al-circuit">{render_circuit(edges, keep=keep)}</div>')
     parts.append(_top_table(r, min(k, 12)))
     return "".join(parts)
