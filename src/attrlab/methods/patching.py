@@ -377,8 +377,8 @@ def _selection_value(
     rows = torch.tensor([r for r, _, _ in u_rows], dtype=torch.long)
     prompts = torch.tensor([p for _, p, _ in u_rows], dtype=torch.long, device=donor.device)
     all_pos = u_rows[0][2].position is None
-    pos = None if all_pos else [u.position for _, _, u in u_rows]
-    pos_t = None if all_pos else torch.tensor(pos, dtype=torch.long, device=donor.device)
+    pos: list[int] | None = None if all_pos else [int(u.position or 0) for _, _, u in u_rows]
+    pos_t = None if pos is None else torch.tensor(pos, dtype=torch.long, device=donor.device)
     kind = u_rows[0][2].kind
     idx = [u.index for _, _, u in u_rows]
     has_idx = idx[0] is not None
@@ -487,13 +487,14 @@ def patch_sweep(
     else:
         corrupt_val = torch.full_like(clean_val, float("nan"))
 
+    donor_cache: dict[str, Tensor]
     if direction == "noising":
-        base_batch, base_cache, donor_cache = batch, clean_cache, corrupt_cache
+        base_batch, base_cache, donor_cache = batch, dict(clean_cache), corrupt_cache
         if cname == "zero":
             donor_cache = {s: torch.zeros_like(clean_cache[s]) for s in sites}
     else:
         assert cbatch is not None
-        base_batch, base_cache, donor_cache = cbatch, corrupt_cache, clean_cache
+        base_batch, base_cache, donor_cache = cbatch, corrupt_cache, dict(clean_cache)
 
     patched = torch.empty(n_prompts, len(plist))
     by_layer: dict[int, list[int]] = {}
@@ -547,9 +548,9 @@ def _metric_target(metric: str, target: Target, lm: LM, batch: Batch) -> Target:
                 f"metric={metric!r} needs a single-token target (e.g. target=' Mary'); "
                 f"got {target.describe()}"
             )
-        tok = target.ids if isinstance(target, TopToken) else target.token
+        tok: Any = target.ids if isinstance(target, TopToken) else target.token
         cls = LogProb if metric == "logprob" else Prob
-        return cls(tok if not isinstance(tok, Tensor) else tok.tolist()).bind(lm)
+        return cls(tok.tolist() if isinstance(tok, Tensor) else tok).bind(lm)
     # kl: reference = clean next-token distribution
     logits, _ = lm.run(batch, last_only=True)
     return KL(reference_logits=logits[:, -1].detach())
