@@ -65,7 +65,7 @@ class ContextMethod(Method):
             (greedy by default; sampling is seeded by ``seed``).
         seed: seeds the masks and any sampling.
         batch_size: prompts per forward; ``"auto"`` picks 1 (prefix-tree walk)
-            for large models on CPU, 16 otherwise.
+            for large models on CPU, otherwise up to 64 prompts (8192 tokens).
         progress: show a progress bar.
 
     Example:

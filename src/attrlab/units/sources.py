@@ -373,19 +373,20 @@ def _token_logprobs(response: Sequence[int]) -> Callable[[Tensor, list[int]], Te
     return fn
 
 
-def auto_batch_size(lm: Any) -> int:
-    """Rows per forward: 1 on CPU for models above ~20M parameters (the prefix-tree
-    walk then wastes nothing), 16 otherwise (per-forward overhead dominates).
+def auto_batch_size(lm: Any, longest: int = 128) -> int:
+    """Rows per forward: 1 on CPU for models above ~20M parameters (compute-bound:
+    the prefix-tree walk then wastes nothing); otherwise as many rows as fit in
+    8192 tokens (at most 64), since per-forward overhead dominates.
 
     Example:
         >>> import attrlab as al
-        >>> auto_batch_size(al.wrap(*al.testing.tiny_model("llama")))
-        16
+        >>> auto_batch_size(al.wrap(*al.testing.tiny_model("llama")), longest=256)
+        32
     """
-    if lm.device.type != "cpu":
-        return 16
     n_params = sum(p.numel() for p in lm.model.parameters())
-    return 1 if n_params > 20_000_000 else 16
+    if lm.device.type == "cpu" and n_params > 20_000_000:
+        return 1
+    return max(1, min(64, 8192 // max(1, longest)))
 
 
 # ---------------------------------------------------------------- the prompt
@@ -602,19 +603,29 @@ class SourcePrompt:
         stats: dict[str, int] | None = None,
     ) -> list[Tensor]:
         """Apply ``fn(logits [b, n_response, vocab], row_indices) -> [b, ...]`` to the
-        response positions of every ablated prompt; returns one tensor per mask."""
+        response positions of every ablated prompt; returns one tensor per mask.
+
+        Identical prompts are run once (``row_indices`` index the distinct prompts).
+        ``stats`` (if given) accumulates ``n_tokens`` run through the model,
+        ``n_forwards`` and ``n_prompts`` (distinct prompts).
+        """
         masks = _as_masks(masks, self.n_sources)
         rows = self.prompt_ids(masks)
-        bs = auto_batch_size(self.lm) if batch_size == "auto" else int(batch_size)
+        # identical prompts (repeated masks) are run once
+        first: dict[tuple[int, ...], int] = {}
+        where = [first.setdefault(tuple(r), len(first)) for r in rows]
+        unique = [list(r) for r in first]
+        longest = max(len(r) for r in unique) + len(self.response_ids)
+        bs = auto_batch_size(self.lm, longest) if batch_size == "auto" else int(batch_size)
         runner = _Runner(self.lm.model, self.lm.cfg.n_ctx)
         out = runner.run(
-            rows, self.response_ids, fn or _token_logprobs(self.response_ids), bs, reuse, progress
+            unique, self.response_ids, fn or _token_logprobs(self.response_ids), bs, reuse, progress
         )
         if stats is not None:
             stats["n_tokens"] = stats.get("n_tokens", 0) + runner.n_tokens
             stats["n_forwards"] = stats.get("n_forwards", 0) + runner.n_forwards
-            stats["n_prompts"] = stats.get("n_prompts", 0) + len(rows)
-        return out
+            stats["n_prompts"] = stats.get("n_prompts", 0) + len(unique)
+        return [out[w] for w in where]
 
     def logprobs(
         self,
