@@ -289,6 +289,7 @@ def _one_line_error(rc: int, err: str) -> str:
         (["show", "{d}/config.json"], "not a readable attrlab file"),
         (["frobnicate"], "invalid choice"),
         (["show", "x.attr", "--top", "many"], "invalid int"),
+        (["demo", "--only", "nope"], "unknown demo section"),
     ],
 )
 def test_bad_input_one_line_exit_2(capsys, model_dir, occlusion, argv, expect):
@@ -404,6 +405,10 @@ def test_demo_with_payload_prompt_runs_no_script(capsys, tmp_path):
         str(out),
         "--prompt",
         "When Mary" + payload + " and John went to",
+        "--only",
+        "tokens",
+        "heads",
+        "lens",
     )
     assert rc == 0, err
     assert "needs a counterfactual" in stdout  # patching sections say why they are absent

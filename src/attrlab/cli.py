@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use a tiny random model instead of the zoo models (fast smoke test)",
     )
+    d.add_argument(
+        "--only",
+        nargs="+",
+        metavar="SECTION",
+        help="run only these sections: tokens continuation heads layers lens circuit sources "
+        "training",
+    )
     d.set_defaults(func=_cmd_demo)
 
     e = sub.add_parser(
@@ -399,6 +406,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         tiny=args.tiny,
         progress=not args.quiet,
         debug=args.debug,
+        only=args.only,
     )
     path = report.save(args.out)
     print("\n".join(lines))

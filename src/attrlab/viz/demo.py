@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..errors import AttrlabError
+from ..errors import AttrlabError, InputError
 from ..report import Report
 from ..result import Attribution
 
@@ -222,6 +222,22 @@ def _load_ioi(
     return lm, p, cf or c, (tuple(answer) if answer else a), label  # type: ignore[return-value]
 
 
+SECTIONS = ("tokens", "continuation", "heads", "layers", "lens", "circuit", "sources", "training")
+
+
+def _sections() -> dict[str, tuple[str, str, Callable[[Demo], None]]]:
+    return {
+        "tokens": ("Input tokens", "Tokens", _tokens),
+        "continuation": ("Input tokens", "Continuation", _continuation),
+        "heads": ("Model components", "Heads", _heads),
+        "layers": ("Model components", "Layers", _layers),
+        "lens": ("Model components", "Logit lens", _logit_lens),
+        "circuit": ("Model components", "Circuit", _circuit),
+        "sources": ("Context and data", "Context sources", _sources),
+        "training": ("Context and data", "Training examples", _training),
+    }
+
+
 def run_demo(
     prompt: str | None = None,
     counterfactual: str | None = None,
@@ -229,8 +245,10 @@ def run_demo(
     tiny: bool = False,
     progress: bool = False,
     debug: bool = False,
+    only: Sequence[str] | None = None,
 ) -> tuple[Report, list[str]]:
-    """Run every available section; returns the report and the terminal summary lines."""
+    """Run every available section (or the ``only`` ones, see :data:`SECTIONS`);
+    returns the report and the terminal summary lines."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -260,16 +278,13 @@ def run_demo(
         f"prompt: {p!r}",
         "top predictions: " + ", ".join(f"{t!r} {v:.2f}" for t, v in preds),
     ]
-    sections: list[tuple[str, str, Callable[[Demo], None]]] = [
-        ("Input tokens", "Tokens", _tokens),
-        ("Input tokens", "Continuation", _continuation),
-        ("Model components", "Heads", _heads),
-        ("Model components", "Layers", _layers),
-        ("Model components", "Logit lens", _logit_lens),
-        ("Model components", "Circuit", _circuit),
-        ("Context and data", "Context sources", _sources),
-        ("Context and data", "Training examples", _training),
-    ]
+    chosen = set(only) if only else set(SECTIONS)
+    unknown = chosen - set(SECTIONS)
+    if unknown:
+        raise InputError(
+            f"unknown demo section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}"
+        )
+    sections = [(h, t, f) for key, (h, t, f) in _sections().items() if key in chosen]
     current = None
     bar = tqdm(sections, desc="demo", disable=not progress, leave=False, unit="section")
     for heading, title, fn in bar:
@@ -417,6 +432,13 @@ def _heads(demo: Demo) -> None:
             note += "; agreement with exact patching in the diagnostics"
         demo.add(r, f"Heads — {m}", note)
         found = True
+    if not demo.counterfactual and (available("patch", "heads") or available("atp*", "heads")):
+        why = "needs a counterfactual prompt (--counterfactual)"
+        if found:
+            demo.report.missing("Heads — patching and AtP", why)
+            demo.lines.append(f"  {'Heads — patching and AtP':<34} not available: {why}")
+        else:
+            raise Unavailable(why)
     if not found:
         raise Unavailable("no head attribution method (dla, patch, atp*) is registered yet")
 
