@@ -90,7 +90,7 @@ def _run_masks(
         m = masks[s : s + chunk]
         k = m.shape[0]
         rows = batch.repeat(k)  # row b * k + j
-        tiled = m.repeat(n_b, 1, 1).to(lm.dtype)  # row b * k + j -> mask j
+        tiled = m.repeat(n_b, *([1] * (m.dim() - 1))).to(lm.dtype)  # row b * k + j -> mask j
         r = ref if ref.shape[1] == 1 else ref
         with torch.no_grad(), EdgePatcher(lm, graph, r, tiled):
             logits, _ = lm.run(rows)
@@ -220,7 +220,7 @@ def completeness(
     t, batch, ref, _ = _setup(lm, inputs, target, counterfactual, ablation, mean_inputs, g)
     nodes = [n for n in circuit.nodes() if n not in ("embed", "logits")]
     gen = torch.Generator().manual_seed(seed)
-    full = g.adjacency.float()
+    full = g.to_matrix(torch.ones(g.n_edges))
     cm = circuit.matrix()
     masks, subsets = [], []
     for _ in range(n_subsets):

@@ -109,9 +109,15 @@ class Circuit:
     def fraction(self) -> float:
         return self.n_edges / max(1, self.graph.n_edges)
 
+    def base_mask(self) -> Tensor:
+        """``[n_base_edges]``: ``u -> v`` is kept at some position."""
+        if self.graph.n_pos:
+            return self.mask.reshape(-1, self.graph.n_pos).any(1)
+        return self.mask
+
     def edges(self) -> list[tuple[str, str]]:
-        """``(upstream, downstream)`` names of the edges in the circuit."""
-        idx = self.graph.edge_index()[self.mask]
+        """``(upstream, downstream)`` names of the edges in the circuit (at any position)."""
+        idx = self.graph.edge_index()[self.base_mask()]
         g = self.graph
         return [(g.upstream[u], g.downstream[v]) for u, v in idx.tolist()]
 
@@ -145,6 +151,7 @@ class Circuit:
                     "n_heads": g.n_heads,
                     "qkv": g.qkv,
                     "parallel": g.parallel,
+                    "n_pos": g.n_pos,
                 },
                 "circuit": self.meta,
             },
@@ -157,7 +164,9 @@ class Circuit:
         if "mask" not in attr.extra or "graph" not in attr.meta:
             raise FileFormatError("this attribution does not hold a circuit (no mask / graph)")
         gm = attr.meta["graph"]
-        g = EdgeGraph.build(gm["n_layers"], gm["n_heads"], gm["qkv"], gm["parallel"])
+        g = EdgeGraph.build(
+            gm["n_layers"], gm["n_heads"], gm["qkv"], gm["parallel"], gm.get("n_pos", 0)
+        )
         return cls(g, attr.extra["mask"].bool(), attr.scores, attr.meta.get("circuit", {}))
 
     def save(self, path: str | Path) -> Path:
@@ -183,7 +192,11 @@ class Circuit:
     def _draw_edges(self) -> list[tuple[str, str, str, float]]:
         """(upstream node, downstream node, input kind, score) of circuit edges."""
         out = []
-        sc = self.scores[self.mask].tolist()
+        if self.graph.n_pos:
+            kept = (self.scores * self.mask).reshape(-1, self.graph.n_pos).sum(1)
+            sc = kept[self.base_mask()].tolist()
+        else:
+            sc = self.scores[self.mask].tolist()
         for (u, v), s in zip(self.edges(), sc):
             kind = v[-1] if v.endswith((".q", ".k", ".v")) else ""
             out.append((u, _node_of(v), kind, float(s)))
@@ -315,12 +328,19 @@ def _graph_from(attr: Attribution) -> EdgeGraph:
     if attr.unit_kind != "edges" or "upstream" not in m:
         raise InputError("extract_circuit needs an edge attribution (units='edges')")
     qkv = bool(attr.params.get("units", {}).get("qkv", True))
-    return EdgeGraph.build(m["n_layers"], m["n_heads"], qkv, m.get("parallel", False))
+    return EdgeGraph.build(
+        m["n_layers"], m["n_heads"], qkv, m.get("parallel", False), int(m.get("n_pos", 0))
+    )
 
 
 def prune_dangling(graph: EdgeGraph, mask: Tensor) -> Tensor:
     """Drop edges from nodes nothing in the mask feeds (except ``embed``) and
     into nodes that feed nothing (except ``logits``), until none is left."""
+    if graph.n_pos:  # prune whole u -> v edges (at every position)
+        base = mask.reshape(-1, graph.n_pos).any(1)
+        flat = EdgeGraph.build(graph.n_layers, graph.n_heads, graph.qkv, graph.parallel)
+        keep = prune_dangling(flat, base)
+        return mask & keep.repeat_interleave(graph.n_pos)
     idx = graph.edge_index()
     ups = [graph.upstream[u] for u in idx[:, 0].tolist()]
     downs = [_node_of(graph.downstream[v]) for v in idx[:, 1].tolist()]
@@ -385,8 +405,9 @@ def extract_circuit(
         mask[order] = True
     else:
         idx = graph.edge_index()
-        ups = [graph.upstream[u] for u in idx[:, 0].tolist()]
-        downs = [_node_of(graph.downstream[v]) for v in idx[:, 1].tolist()]
+        rep = max(1, graph.n_pos)
+        ups = [graph.upstream[u] for u in idx[:, 0].tolist() for _ in range(rep)]
+        downs = [_node_of(graph.downstream[v]) for v in idx[:, 1].tolist() for _ in range(rep)]
         mask = torch.zeros(n, dtype=torch.bool)
         in_circuit = {"logits"}
         order = torch.argsort(mag, descending=True, stable=True).tolist()
@@ -441,6 +462,8 @@ def acdc(
     from tqdm.auto import tqdm
 
     units = units or Edges()
+    if units.per_position:
+        raise InputError("ACDC here prunes edges summed over positions; use Edges()")
     graph = units.graph(lm)
     batch = lm.tokenize(inputs)
     cf = lm.tokenize(counterfactual)

@@ -63,6 +63,9 @@ def edge_scores(diff: Tensor, grads: Tensor, graph: EdgeGraph) -> Tensor:
         [8.0, 8.0, 8.0, 8.0, 8.0, 8.0]
     """
     n_b = diff.shape[1]
+    if graph.n_pos:
+        full = torch.einsum("ubpd,vbpd->uvp", diff, grads.to(diff.dtype)) / n_b
+        return graph.from_matrix(full).float()
     u = diff.reshape(diff.shape[0], -1)
     v = grads.reshape(grads.shape[0], -1).to(u.dtype)
     full = (u @ v.T) / n_b  # [U, V] (in the model's dtype)
@@ -83,23 +86,27 @@ def _result(
         unit_kind="edges",
         method=method.name,
         target=target.describe(),
-        params={**method.params(), "units": {"kind": "edges", "qkv": graph.qkv}},
+        params={
+            **method.params(),
+            "units": {"kind": "edges", "qkv": graph.qkv, "n_pos": graph.n_pos},
+        },
         model_id=lm.name,
         diagnostics=diagnostics,
         meta={
             "upstream": graph.upstream,
             "downstream": graph.downstream,
             "n_layers": graph.n_layers,
+            "n_pos": graph.n_pos,
             "n_heads": graph.n_heads,
             "parallel": graph.parallel,
         },
     )
 
 
-def _graph(lm: LM, units: Units) -> EdgeGraph:
+def _graph(lm: LM, units: Units, n_pos: int) -> EdgeGraph:
     if not isinstance(units, Edges):
         raise InputError(f"edge attribution needs units='edges', got {units.kind!r}")
-    return units.graph(lm)
+    return units.graph(lm, n_pos=n_pos)
 
 
 @register("eap", ("edges",), "edge-attribution-patching")
@@ -123,8 +130,8 @@ class EAP(Method):
         units: Units,
         counterfactual: Inputs | None = None,
     ) -> Attribution:
-        graph = _graph(lm, units)
         clean, cf = prepare_pair(lm, inputs, target, counterfactual)
+        graph = _graph(lm, units, clean.shape[1])
         last = uses_last_only(target)
         with torch.no_grad():
             ref, logits_cf = edge_activations(lm, cf, graph, return_logits=True, last_only=last)
@@ -175,8 +182,8 @@ class EAPIG(Method):
         units: Units,
         counterfactual: Inputs | None = None,
     ) -> Attribution:
-        graph = _graph(lm, units)
         clean, cf = prepare_pair(lm, inputs, target, counterfactual)
+        graph = _graph(lm, units, clean.shape[1])
         last = uses_last_only(target)
         with torch.no_grad():
             ref, logits_cf = edge_activations(lm, cf, graph, return_logits=True, last_only=last)

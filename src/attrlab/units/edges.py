@@ -63,13 +63,19 @@ class EdgeGraph:
     n_heads: int
     qkv: bool
     parallel: bool
+    n_pos: int = 0  # > 0: one edge per (u, v, position); 0: edges summed over positions
     upstream: list[str] = field(default_factory=list)
     downstream: list[str] = field(default_factory=list)
     adjacency: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.bool))
 
     @classmethod
     def build(
-        cls, n_layers: int, n_heads: int, qkv: bool = True, parallel: bool = False
+        cls,
+        n_layers: int,
+        n_heads: int,
+        qkv: bool = True,
+        parallel: bool = False,
+        n_pos: int = 0,
     ) -> EdgeGraph:
         """The graph of a model with these shapes.
 
@@ -77,7 +83,7 @@ class EdgeGraph:
             >>> EdgeGraph.build(1, 1, qkv=False).downstream
             ['a0.h0', 'm0', 'logits']
         """
-        g = cls(n_layers, n_heads, qkv, parallel)
+        g = cls(n_layers, n_heads, qkv, parallel, n_pos)
         up_order: list[float] = [-1.0]  # when each upstream node writes
         g.upstream = ["embed"]
         for layer in range(n_layers):
@@ -102,32 +108,53 @@ class EdgeGraph:
         return g
 
     @property
-    def n_edges(self) -> int:
+    def n_base_edges(self) -> int:
+        """Edges ``u -> v`` not counting positions."""
         return int(self.adjacency.sum())
 
+    @property
+    def n_edges(self) -> int:
+        return self.n_base_edges * max(1, self.n_pos)
+
     def edge_index(self) -> Tensor:
-        """``[n_edges, 2]`` (upstream, downstream) indices of the edges, row-major."""
+        """``[n_base_edges, 2]`` (upstream, downstream) indices, row-major. Per-position
+        edges are ordered edge-major: edge ``e`` at position ``p`` is ``e * n_pos + p``."""
         return self.adjacency.nonzero()
 
     def labels(self) -> dict[str, list[Any]]:
         idx = self.edge_index()
+        ups = [self.upstream[i] for i in idx[:, 0].tolist()]
+        downs = [self.downstream[j] for j in idx[:, 1].tolist()]
+        if not self.n_pos:
+            return {"upstream": ups, "downstream": downs}
+        P = self.n_pos
         return {
-            "upstream": [self.upstream[i] for i in idx[:, 0].tolist()],
-            "downstream": [self.downstream[j] for j in idx[:, 1].tolist()],
+            "upstream": [u for u in ups for _ in range(P)],
+            "downstream": [d for d in downs for _ in range(P)],
+            "position": [p for _ in ups for p in range(P)],
         }
 
     def to_matrix(self, scores: Tensor) -> Tensor:
-        """Edge scores ``[..., n_edges]`` -> ``[..., U, V]`` (0 off the graph)."""
+        """Edge scores ``[..., n_edges]`` -> ``[..., U, V]`` (or ``[..., U, V, n_pos]``
+        per position; 0 off the graph)."""
         idx = self.edge_index()
-        out = torch.zeros(
-            *scores.shape[:-1], len(self.upstream), len(self.downstream), dtype=scores.dtype
-        )
+        U, V = len(self.upstream), len(self.downstream)
+        if self.n_pos:
+            out = torch.zeros(*scores.shape[:-1], U, V, self.n_pos, dtype=scores.dtype)
+            out[..., idx[:, 0], idx[:, 1], :] = scores.reshape(
+                *scores.shape[:-1], len(idx), self.n_pos
+            )
+            return out
+        out = torch.zeros(*scores.shape[:-1], U, V, dtype=scores.dtype)
         out[..., idx[:, 0], idx[:, 1]] = scores
         return out
 
     def from_matrix(self, m: Tensor) -> Tensor:
-        """``[..., U, V]`` -> ``[..., n_edges]``."""
+        """``[..., U, V]`` (or ``[..., U, V, n_pos]``) -> ``[..., n_edges]``."""
         idx = self.edge_index()
+        if self.n_pos:
+            x = m[..., idx[:, 0], idx[:, 1], :]
+            return x.reshape(*x.shape[:-2], -1)
         return m[..., idx[:, 0], idx[:, 1]]
 
     def down_slices(self) -> dict[str, Any]:
@@ -148,6 +175,9 @@ class Edges(Units):
     Args:
         qkv: separate query, key and value inputs per head (default) or one
             input per head.
+        per_position: one edge per ``(u, v, position)`` (the residual stream is
+            position-wise, so ``u`` at position ``p`` feeds ``v``'s input at ``p``)
+            instead of summing over positions.
 
     Example:
         >>> import attrlab as al
@@ -156,14 +186,20 @@ class Edges(Units):
         54
     """
 
-    def __init__(self, qkv: bool = True):
+    def __init__(self, qkv: bool = True, per_position: bool = False):
         self.qkv = qkv
+        self.per_position = per_position
 
-    def graph(self, lm: Any) -> EdgeGraph:
-        """The :class:`EdgeGraph` of ``lm`` (checks the architecture is supported)."""
+    def graph(self, lm: Any, n_pos: int | None = None) -> EdgeGraph:
+        """The :class:`EdgeGraph` of ``lm`` (checks the architecture is supported);
+        per-position edges need the prompt length ``n_pos``."""
         check_supported(lm)
         c = lm.cfg
-        return EdgeGraph.build(c.n_layers, c.n_heads, self.qkv, c.parallel_residual)
+        if self.per_position and not n_pos:
+            raise InputError("per-position edges need the prompt length (n_pos=)")
+        return EdgeGraph.build(
+            c.n_layers, c.n_heads, self.qkv, c.parallel_residual, n_pos if self.per_position else 0
+        )
 
     def mask_values(self, lm: Any, inputs: Any, target: Any, masks: Any, **context: Any) -> Tensor:
         """Target with only the edges in each mask kept (others patched to the
@@ -174,8 +210,8 @@ class Edges(Units):
         if cf is None:
             raise InputError("edge masks need counterfactual= (the patched-in values)")
         t = resolve(target, lm)
-        g = self.graph(lm)
         batch = t.prepare(lm, lm.tokenize(inputs))
+        g = self.graph(lm, n_pos=batch.shape[1])
         cfb = t.prepare(lm, lm.tokenize(cf))
         ref = edge_activations(lm, cfb, g)
         out = []
@@ -400,8 +436,8 @@ class EdgePatcher:
         reference: upstream outputs to patch in ``[U, ref_rows, pos, d_model]``;
             ``ref_rows`` is 1 (broadcast) or divides the run's batch (row ``r``
             uses reference row ``r // (batch / ref_rows)``: prompt-major repeats).
-        mask: ``[rows or 1, U, V]`` float (1 = keep the actual value, 0 = patch);
-            may require grad.
+        mask: ``[rows or 1, U, V]`` (or ``[rows or 1, U, V, pos]`` per position)
+            float (1 = keep the actual value, 0 = patch); may require grad.
 
     Example:
         >>> import attrlab as al
@@ -419,7 +455,10 @@ class EdgePatcher:
         check_supported(lm)
         self.lm, self.g = lm, graph
         self.ref = reference
-        self.w = (1.0 - mask) * graph.adjacency.to(mask.dtype)  # [R, U, V] weight of patch
+        adj = graph.adjacency.to(mask.dtype)
+        if mask.dim() == 4:  # per position [R, U, V, P]
+            adj = adj[..., None]
+        self.w = (1.0 - mask) * adj  # [R, U, V(, P)] weight of the patch
         self.handles: list[Any] = []
         self.actual: dict[int, Tensor] = {}  # upstream index -> [b, p, d]
         self.normed: dict[int, Tensor] = {}  # layer -> per-head normed inputs [3H|H, b, p, d]
@@ -445,7 +484,11 @@ class EdgePatcher:
         ref = self._ref_rows(n)[:n_up].to(like.dtype)
         act = torch.stack([self.actual[i] for i in range(n_up)])  # [u, b, p, d]
         diff = ref - act
-        w = self._weights(n, cols)[:, :n_up].to(like.dtype)  # [R, u, v]
+        w = self._weights(n, cols)[:, :n_up].to(like.dtype)  # [R, u, v(, p)]
+        if w.dim() == 4:
+            if w.shape[0] == 1:
+                return torch.einsum("uvp,ubpd->vbpd", w[0], diff)
+            return torch.einsum("buvp,ubpd->vbpd", w, diff)
         if w.shape[0] == 1:
             return torch.einsum("uv,ubpd->vbpd", w[0], diff)
         return torch.einsum("buv,ubpd->vbpd", w, diff)
