@@ -72,7 +72,7 @@ class Projector:
         seed: int = 0,
         kind: str = "rademacher",
         chunk_rows: int = 8192,
-        cache_bytes: int = 64 * 2**20,
+        cache_bytes: int = 256 * 2**20,
     ):
         if dim is None:
             kind = "identity"
