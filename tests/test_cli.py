@@ -385,8 +385,25 @@ def test_demo_report_in_chromium(demo_report):
     dom, console = browse(path)
     assert console == [], console
     page_panels = scan(path.read_text()).panels
-    assert scan(dom).panels == page_panels
+    dom_panels = scan(dom).panels
+    assert dom_panels == page_panels
     assert "attrlab demo" in dom
+    # every method family registered in this install has its panel in the rendered page
+    from attrlab import zoo
+
+    bundled = set(zoo.tasks())
+    expected = {"summary"}
+    expected |= (
+        {"tokens"} if available("ig", "tokens") or available("occlusion", "tokens") else set()
+    )
+    expected |= {"heads"} if available("dla", "heads") or available("patch", "heads") else set()
+    expected |= {"layers"} if available("dla", "layers") or hasattr(al, "logit_lens") else set()
+    expected |= {"edges"} if available("eap-ig", "edges") or available("eap", "edges") else set()
+    expected |= (
+        {"sources"} if available("contextcite", "sources") and "context_qa" in bundled else set()
+    )
+    expected |= {"train"} if available("trak", "train") and "facts" in bundled else set()
+    assert expected <= set(dom_panels), (expected, dom_panels)
 
 
 @needs_chromium
