@@ -480,3 +480,15 @@ def test_saved_circuit_draws_only_its_edges():
     svg = out[out.index("<svg") : out.index("</svg>")]
     assert svg.count("<line") == 2 and "a0.h1" not in svg
     assert "circuit: 2 of 4 edges" in out
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["attrlab.viz.html", "attrlab.report", "attrlab.cli", "attrlab.viz.demo", "attrlab.viz.plots"],
+)
+def test_doctests(name):
+    import doctest
+    import importlib
+
+    res = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert res.failed == 0
