@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import IndexRangeError, InputError
 from ..result import Attribution
 from ..units.sources import reduce_logprobs
 from .base import register
@@ -210,11 +210,11 @@ class AttentionScore(ContextMethod):
         units, prompt = self.prepare(lm, inputs, target, units)
         ids, ranges = prompt.source_token_ranges()
         n_layers = lm.cfg.n_layers
-        layers = (
-            list(range(n_layers))
-            if self.layers is None
-            else [lm.site(f"blocks.{la}.resid_pre").layer for la in self.layers]
-        )
+        layers = list(range(n_layers)) if self.layers is None else list(self.layers)
+        for la in layers:
+            if not -n_layers <= la < n_layers:
+                raise IndexRangeError(f"layer {la} out of range; the model has {n_layers} layers")
+        layers = [la % n_layers for la in layers]
         resp = prompt.response_ids
         full = [ids + list(resp)]
         _, cache = lm.run(full, cache=[f"blocks.{la}.attn.pattern" for la in layers])

@@ -342,9 +342,9 @@ class _Runner:
                 ids = torch.full((len(idx), width), int(seqs[0][0]), dtype=torch.long)
                 mask = torch.zeros((len(idx), p + width), dtype=torch.long)
                 mask[:, :p] = 1
-                for j, s in enumerate(seqs):
-                    ids[j, : len(s)] = torch.tensor(s)
-                    mask[j, p : p + len(s)] = 1
+                for j, seq in enumerate(seqs):
+                    ids[j, : len(seq)] = torch.tensor(seq)
+                    mask[j, p : p + len(seq)] = 1
                 pos = p + torch.arange(width).expand(len(idx), -1)
                 cache = _cache_from(kv, p, len(idx))
                 keep = n + width - min(lens)
@@ -735,7 +735,7 @@ class Sources(Units):
                 continue
             if k not in fields:
                 raise InputError(f"unknown Sources option {k!r}")
-            if fields[k] != defaults[k] and fields[k] != v and k != "split":
+            if fields[k] != defaults[k] and fields[k] != v:
                 raise InputError(
                     f"{k}= is given both in the units object and as an option; give it once"
                 )
