@@ -1,0 +1,221 @@
+"""Circuits: extraction, evaluation by running the circuit, ACDC, files, drawing."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+
+import attrlab as al
+from attrlab.evaluate.circuits import (
+    circuit_metric,
+    completeness,
+    evaluate_circuit,
+    faithfulness,
+    minimality,
+)
+from attrlab.methods.atp import CounterfactualWarning
+from attrlab.methods.circuits import Circuit, acdc, extract_circuit, prune_dangling
+from attrlab.model.interventions import Intervention
+
+PROMPT = "When Mary and John went to the store, John gave a drink to"
+CF = "When Tom and Anna went to the park, Mary gave a ball to"
+TARGET = (" Mary", " John")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return al.wrap(*al.testing.tiny_model("gpt2", dtype=torch.float64))
+
+
+@pytest.fixture(scope="module")
+def eap(lm):
+    return al.attribute(lm, PROMPT, target=TARGET, units="edges", method="eap", counterfactual=CF)
+
+
+def metric(lm, prompt=PROMPT, ivs=()):
+    t = al.targets.resolve(TARGET, lm)
+    b = lm.tokenize(prompt)
+    return float(t(lm.run(b, interventions=list(ivs))[0], b)[0])
+
+
+def test_removing_a_nodes_edges_equals_patching_the_node(lm):
+    """Independent oracle: a circuit without any edge out of head (1, 2) == the
+    model with that head's output set to its counterfactual value."""
+    g = al.units.Edges().graph(lm)
+    mask = torch.ones(g.n_edges, dtype=torch.bool)
+    ups = g.labels()["upstream"]
+    mask[[i for i, u in enumerate(ups) if u == "a0.h2"]] = False
+    value = circuit_metric(lm, Circuit(g, mask), PROMPT, TARGET, CF)
+    _, cf_cache = lm.run(CF, cache=["blocks.0.attn.head_out"])
+    iv = Intervention(
+        "blocks.0.attn.head_out", cf_cache["blocks.0.attn.head_out"][:, :, 2:3], heads=2
+    )
+    assert value == pytest.approx(metric(lm, ivs=[iv]), abs=1e-10)
+    assert abs(value - metric(lm)) > 1e-6  # the patch matters
+
+
+def test_per_position_edges_patch_one_position(lm):
+    units = al.units.Edges(per_position=True)
+    n_pos = lm.tokenize(PROMPT).shape[1]
+    g = units.graph(lm, n_pos=n_pos)
+    lab = g.labels()
+    mask = torch.tensor(
+        [not (u == "m0" and p == 9) for u, p in zip(lab["upstream"], lab["position"])]
+    )
+    value = circuit_metric(lm, Circuit(g, mask), PROMPT, TARGET, CF)
+    _, cf_cache = lm.run(CF, cache=["blocks.0.mlp.out"])
+    iv = Intervention("blocks.0.mlp.out", cf_cache["blocks.0.mlp.out"][:, 9], positions=9)
+    assert value == pytest.approx(metric(lm, ivs=[iv]), abs=1e-10)
+
+
+def test_per_position_eap_sums_to_eap(lm, eap):
+    per = al.attribute(
+        lm,
+        PROMPT,
+        target=TARGET,
+        units=al.units.Edges(per_position=True),
+        method="eap",
+        counterfactual=CF,
+    )
+    n_pos = lm.tokenize(PROMPT).shape[1]
+    assert len(per) == len(eap) * n_pos
+    torch.testing.assert_close(
+        per.scores.reshape(-1, n_pos).sum(1), eap.scores, atol=1e-6, rtol=1e-5
+    )
+
+
+def test_full_and_empty_circuits(lm):
+    g = al.units.Edges().graph(lm)
+    full = Circuit(g, torch.ones(g.n_edges, dtype=torch.bool))
+    empty = Circuit(g, torch.zeros(g.n_edges, dtype=torch.bool))
+    f = faithfulness(lm, full, PROMPT, TARGET, CF)
+    e = faithfulness(lm, empty, PROMPT, TARGET, CF)
+    assert f["faithfulness"] == pytest.approx(1.0, abs=1e-9)
+    assert e["faithfulness"] == pytest.approx(0.0, abs=1e-9)
+    assert e["metric_circuit"] == pytest.approx(metric(lm, CF), abs=1e-10)
+    assert completeness(lm, full, PROMPT, TARGET, CF, n_subsets=3)["incompleteness"] < 1e-9
+    mini = minimality(lm, full, PROMPT, TARGET, CF)
+    assert set(mini["per_node"]) == {f"a{layer}.h{h}" for layer in range(2) for h in range(4)} | {
+        "m0",
+        "m1",
+    }
+
+
+def test_extraction_modes(lm, eap):
+    top = extract_circuit(eap, top_n=10, prune=False)
+    assert top.n_edges == 10
+    order = torch.argsort(eap.scores.abs(), descending=True)[:10]
+    assert set(torch.nonzero(top.mask)[:, 0].tolist()) == set(order.tolist())
+    thr = extract_circuit(eap, threshold=float(eap.scores.abs().median()), prune=False)
+    assert thr.n_edges == int((eap.scores.abs() >= eap.scores.abs().median()).sum())
+    greedy = extract_circuit(eap, top_n=12, greedy=True, prune=False)
+    nodes_fed = {u for u, _ in greedy.edges()} | {"logits"}
+    for _u, v in greedy.edges():  # every edge feeds a node already in the circuit
+        assert v.rsplit(".", 1)[0] in nodes_fed or v in nodes_fed
+    with pytest.raises(al.errors.InputError):
+        extract_circuit(eap, top_n=3, fraction=0.1)
+
+
+def test_pruning_dangling_edges_is_lossless(lm, eap):
+    raw = extract_circuit(eap, top_n=15, prune=False)
+    pruned = Circuit(raw.graph, prune_dangling(raw.graph, raw.mask), raw.scores)
+    assert pruned.n_edges <= raw.n_edges
+    a = circuit_metric(lm, raw, PROMPT, TARGET, CF)
+    b = circuit_metric(lm, pruned, PROMPT, TARGET, CF)
+    assert a == pytest.approx(b, abs=1e-10)
+
+
+def test_mean_ablation(lm):
+    g = al.units.Edges().graph(lm)
+    empty = Circuit(g, torch.zeros(g.n_edges, dtype=torch.bool))
+    others = [PROMPT, CF, "When Tom and Anna went to the park, Anna gave a ball to"]
+    r = evaluate_circuit(lm, empty, PROMPT, TARGET, ablation="mean", mean_inputs=others)
+    assert r["faithfulness"] == pytest.approx(0.0, abs=1e-9)
+    assert r["metric_circuit"] != pytest.approx(r["metric_clean"])
+
+
+def test_same_counterfactual_warns_not_nan(lm, eap):
+    c = extract_circuit(eap, top_n=5)
+    with pytest.warns(CounterfactualWarning):
+        r = faithfulness(lm, c, PROMPT, TARGET, PROMPT)
+    assert r["faithfulness"] == 1.0
+
+
+def test_acdc_exact_reference(lm):
+    units = al.units.Edges(qkv=False)
+    full, _ = lm.run(PROMPT)
+    p = full[0, -1].log_softmax(-1)
+    kl_all = float((p.exp() * (p - lm.run(CF)[0][0, -1].log_softmax(-1))).sum())
+    tau = kl_all / 30
+    c = acdc(lm, PROMPT, CF, tau=tau, units=units)
+    assert 0 < c.n_edges < c.graph.n_edges
+    # its recorded final KL is what running the circuit gives
+    from attrlab.units.edges import EdgePatcher, edge_activations
+
+    ref = edge_activations(lm, lm.tokenize(CF), c.graph)
+    with torch.no_grad(), EdgePatcher(lm, c.graph, ref, c.matrix()[None]):
+        logits, _ = lm.run(PROMPT)
+    kl = float((p.exp() * (p - logits[0, -1].log_softmax(-1))).sum())
+    assert kl == pytest.approx(c.meta["final_distance"], abs=1e-9)
+    r = al.attribute(
+        lm, PROMPT, target=None, units=units, method="acdc", counterfactual=CF, tau=tau
+    )
+    assert torch.equal(r.extra["mask"].bool(), c.mask)
+
+
+def test_save_load_and_draw(lm, eap, tmp_path):
+    c = extract_circuit(eap, top_n=12)
+    back = Circuit.load(c.save(tmp_path / "c.attr"))
+    assert torch.equal(back.mask, c.mask) and torch.equal(back.scores, c.scores)
+    assert back.edges() == c.edges()
+    assert circuit_metric(lm, back, PROMPT, TARGET, CF) == pytest.approx(
+        circuit_metric(lm, c, PROMPT, TARGET, CF)
+    )
+    dot = c.to_dot()
+    assert dot.startswith("digraph") and all(f'"{u}"' in dot for u, _ in c.edges())
+    svg = c.to_svg()
+    root = ET.fromstring(svg)  # well-formed XML
+    assert root.tag.endswith("svg")
+    assert len([e for e in root.iter() if e.tag.endswith("path")]) >= len(c.edges())
+    assert len([e for e in root.iter() if e.tag.endswith("rect")]) == len(c.nodes())
+
+
+# ---------------------------------------------------------------- zoo IOI model
+@pytest.fixture(scope="module")
+def ioi():
+    lm = al.zoo.load("ioi")
+    task = al.zoo.task("ioi")
+    return lm, task
+
+
+def _split(task, n, seed):
+    exs = task.examples(n, seed=seed)
+    return (
+        [e.prompt for e in exs],
+        [e.counterfactual for e in exs],
+        al.targets.LogitDiff([e.answer for e in exs], [e.wrong for e in exs]),
+    )
+
+
+def test_ioi_eap_ig_circuit_is_faithful_on_held_out_prompts(ioi):
+    """Acceptance: an EAP-IG circuit with <= 5% of the edges keeps >= 80% of the
+    clean-vs-counterfactual logit difference on held-out prompts, by running it."""
+    lm, task = ioi
+    p, c, t = _split(task, 16, seed=0)
+    p2, c2, t2 = _split(task, 16, seed=1)
+    r = al.attribute(
+        lm,
+        p,
+        target=t,
+        units=al.units.Edges(per_position=True),
+        method="eap-ig",
+        counterfactual=c,
+        steps=8,
+    )
+    circ = extract_circuit(r, fraction=0.05)
+    assert circ.fraction <= 0.05
+    res = evaluate_circuit(lm, circ, p2, t2, c2, completeness_subsets=4)
+    assert res["faithfulness"] >= 0.8
+    assert res["metric_clean"] - res["metric_ablated"] > 1.0  # a real gap to explain
