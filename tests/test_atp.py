@@ -303,12 +303,31 @@ def ioi():
 
 
 def _ioi_exact(ioi, head_site):
+    """Exact patching by the patching module's ``patch_sweep`` (the oracle),
+    aligned to AtP's unit order by labels."""
+    from attrlab.methods.patching import patch_sweep
+
+    lm, prompts, cfs, target = ioi
+    units = al.units.Heads(per_position=True)
+    sw = patch_sweep(lm, prompts, cfs, target, units, site=head_site)
+    eff = sw.effects.double().mean(0)
+    by_label = {(u.layer, u.index, u.position): float(e) for u, e in zip(sw.units, eff)}
+    ns = NodeSet.build(lm, units, lm.tokenize(prompts).shape[1], head_site=head_site)
+    return torch.tensor(
+        [by_label[(ly, h, p)] for ly, p, h in map(ns.unit, range(ns.n_units))], dtype=torch.float64
+    )
+
+
+def test_in_module_oracle_matches_patch_sweep(ioi):
+    """The exact oracle inside atp.py (used by the false-negative bound) equals
+    the patching module's sweep."""
     lm, prompts, cfs, target = ioi
     t = al.targets.resolve(target, lm)
     b, c = prepare_pair(lm, prompts, t, cfs)
-    ns = NodeSet.build(lm, al.units.Heads(per_position=True), b.shape[1], head_site=head_site)
+    ns = NodeSet.build(lm, al.units.Heads(per_position=True), b.shape[1])
     _, src = lm.run(c, cache=ns.sites())
-    return exact_node_effects(lm, b, src, t, ns, chunk=128)
+    mine = exact_node_effects(lm, b, src, t, ns, chunk=128)
+    torch.testing.assert_close(mine, _ioi_exact(ioi, "z"), atol=2e-4, rtol=1e-4)
 
 
 def test_ioi_atp_star_heads_by_position(ioi):
