@@ -14,8 +14,9 @@ Timed (median of ``--runs``):
 * ``atp*``: AtP* over all heads x positions (QK fix off for ``z`` units, as it
   only applies to query/key units; GradDrop on), and ``atp* (k)``: AtP* over all
   key units with the QK fix;
-* ``exact``: exact patching of heads x positions, extrapolated from a timed
-  chunk of 48 patches (12 x 12 x 16 = 2304 patches in all);
+* ``exact``: exact patching of heads x positions with
+  ``attrlab.methods.patching.patch_sweep``, extrapolated from a timed chunk of
+  128 patches (one batched forward; 12 x 12 x 16 = 2304 patches in all);
 * ``eap``: EAP over all edges (separate q/k/v inputs), and ``eap-ig``
   (8 steps, inputs variant).
 
@@ -115,11 +116,17 @@ def main() -> None:
     ns = NodeSet.build(lm, heads, N_POS)
     with torch.no_grad():
         _, src = lm.run(cfb, cache=ns.sites())
-    chunk = 48
-    t_chunk = timed(
-        lambda: exact_node_effects(lm, clean, src, t, ns, indices=range(chunk), chunk=chunk), 1
-    )
-    rows["exact (extrapolated)"] = t_chunk * ns.n_units / chunk
+    from attrlab.methods.patching import PatchUnit, patch_sweep
+
+    chunk = 128  # one batched forward of patch_sweep (its default batch size)
+    plist = [
+        PatchUnit(layer, "attn.z", position=p, index=h)
+        for layer in range(N_LAYERS)
+        for h in range(N_HEADS)
+        for p in range(N_POS)
+    ]
+    t_chunk = timed(lambda: patch_sweep(lm, ids, cf, target, plist[:chunk]), 2)
+    rows["exact (extrapolated)"] = t_chunk * len(plist) / chunk
 
     # agreement of AtP / AtP* with exact patching on a sample of units
     r_atp = run("atp*", heads)()

@@ -371,3 +371,18 @@ def test_ioi_qk_fix_on_key_units(ioi):
     )
     assert corr(r.scores, ex) >= 0.9
     assert corr(r.scores, ex) > corr(r.extra["atp"], ex) + 0.05
+
+
+def test_qk_fix_falls_back_on_rotary_models():
+    lm = al.wrap(*al.testing.tiny_model("llama", num_key_value_heads=4))
+    r = al.attribute(
+        lm,
+        PROMPT,
+        target=(" Mary", " John"),
+        units=al.units.Heads(per_position=True),
+        method="atp*",
+        counterfactual=CF,
+        head_site="k",
+    )
+    assert "unavailable" in r.diagnostics["qk_fix"]
+    torch.testing.assert_close(r.extra["atp_qk"], r.extra["atp"])

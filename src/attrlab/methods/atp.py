@@ -419,7 +419,7 @@ def _attribution_patching(
     comp = nodes.site_kind.split(".")[-1]
     use_qk = star and qk_fix and nodes.kind == "heads" and comp in ("q", "k")
     diagnostics: dict[str, Any] = {"direction": direction}
-    if use_qk and lm.adapter.__class__.__name__ != "GPT2Adapter" and lm.cfg.family != "gpt2":
+    if use_qk and not getattr(lm.adapter, "plain_qk_scores", False):
         # pre-rotary q/k sites: recomputing scores needs positions; not exposed yet
         use_qk = False
         diagnostics["qk_fix"] = (

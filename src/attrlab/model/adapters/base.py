@@ -99,6 +99,10 @@ class Adapter:
     attn_out_norm_name: ClassVar[str | None] = None
     mlp_out_norm_name: ClassVar[str | None] = None
     norm_kind: ClassVar[str] = "rmsnorm"
+    #: attention scores are exactly ``attn.scaling * q . k`` of the ``attn.q`` /
+    #: ``attn.k`` sites (no rotary or other position terms), so methods may
+    #: recompute them (AtP*'s QK fix)
+    plain_qk_scores: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model: Any = model

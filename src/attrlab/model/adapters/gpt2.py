@@ -23,6 +23,7 @@ class GPT2Adapter(Adapter):
     attn_in_norm_name = "ln_1"
     mlp_in_norm_name = "ln_2"
     norm_kind = "layernorm"
+    plain_qk_scores = True
 
     def _make_config(self) -> ModelConfig:
         c = self.hf_config
