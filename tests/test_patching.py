@@ -408,3 +408,21 @@ def test_parity_with_transformer_lens() -> None:
     )
     assert torch.allclose(heads.patched[0].reshape(L, P, H), tl_heads, atol=1e-4)
     assert (tl_heads - metric(tl(corrupt))).abs().max() > 1e-3  # effects are not all zero
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3"])
+def test_prefix_reuse_is_exact(family: str) -> None:
+    """Per-position patches reuse the base run's key/value cache of the earlier
+    positions; the values equal full recomputation (also with left padding)."""
+    lm = _lm(family)
+    prompts = [PROMPT, "When Tom and Anna went to the park, Anna gave a ball to"]
+    cfs = [CF, "When Tom and Anna went to the park, Tom gave a ball to"]
+    tgt = al.targets.LogitDiff([" Mary", " Tom"], [" John", " Anna"])
+    for units in (al.units.Heads(per_position=True), al.units.Resid()):
+        for direction in ("noising", "denoising"):
+            fast = patch_sweep(lm, prompts, cfs, tgt, units, direction=direction, batch_size=40)
+            slow = patch_sweep(
+                lm, prompts, cfs, tgt, units, direction=direction, reuse_prefix=False
+            )
+            assert fast.n_forwards > slow.n_forwards  # the prefix path was taken
+            assert torch.allclose(fast.patched, slow.patched, atol=1e-5)

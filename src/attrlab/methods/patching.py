@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Sequence
@@ -371,14 +372,16 @@ def _donor_acts(
 
 
 def _selection_value(
-    u_rows: list[tuple[int, int, PatchUnit]], donor: Tensor, site: str
+    u_rows: list[tuple[int, int, PatchUnit]], donor: Tensor, site: str, offset: int = 0
 ) -> Intervention:
-    """One intervention for rows whose units share site and position mode."""
+    """One intervention for rows whose units share site and position mode.
+    ``offset``: the run starts at this position (a cached prefix precedes it)."""
     rows = torch.tensor([r for r, _, _ in u_rows], dtype=torch.long)
     prompts = torch.tensor([p for _, p, _ in u_rows], dtype=torch.long, device=donor.device)
     all_pos = u_rows[0][2].position is None
-    pos: list[int] | None = None if all_pos else [int(u.position or 0) for _, _, u in u_rows]
-    pos_t = None if pos is None else torch.tensor(pos, dtype=torch.long, device=donor.device)
+    absolute = None if all_pos else [int(u.position or 0) % donor.shape[1] for _, _, u in u_rows]
+    pos_t = None if absolute is None else torch.tensor(absolute, device=donor.device)
+    pos: list[int] | None = None if absolute is None else [a - offset for a in absolute]
     kind = u_rows[0][2].kind
     idx = [u.index for _, _, u in u_rows]
     has_idx = idx[0] is not None
@@ -407,6 +410,40 @@ def _selection_value(
     return Intervention(site, vals, rows=rows, positions=pos)
 
 
+PREFIX_GROUPS = 4  # per-position units of a layer are split in this many forwards
+
+
+def _cropped(cache: Any, keep: int, n_pos: int, repeat: int) -> Any:
+    """A copy of ``cache`` holding its first ``keep`` positions, each row repeated."""
+    out = copy.deepcopy(cache)
+    out.crop(keep - n_pos)  # a negative crop removes that many trailing positions
+    if repeat > 1:
+        out.batch_repeat_interleave(repeat)
+    return out
+
+
+def _prefix_cache(lm: LM, batch: Batch) -> Any:
+    """The base run's key/value cache, or None if this model's cache cannot be
+    cropped to a prefix and repeated per row."""
+    try:
+        with torch.no_grad():
+            out = lm.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=True,
+            )
+        pkv = out.past_key_values
+        if pkv is None or not getattr(pkv, "is_croppable", False):
+            return None
+        trial = _cropped(pkv, 1, batch.shape[1], 2)
+        if trial.get_seq_length() != 1:
+            return None
+        return pkv
+    except Exception:  # caches differ between versions and families: fall back
+        return None
+
+
 def patch_sweep(
     lm: LM,
     clean: Inputs,
@@ -418,6 +455,7 @@ def patch_sweep(
     site: str = "z",
     batch_size: int = 128,
     progress: bool = False,
+    reuse_prefix: bool = True,
 ) -> PatchSweep:
     """Exact activation patching of every unit; raw target values, one forward row per unit.
 
@@ -437,6 +475,9 @@ def patch_sweep(
         site: for head units, ``"z"`` (output), ``"q"``, ``"k"`` or ``"v"``.
         batch_size: maximum rows (units x prompts) of one forward.
         progress: show a tqdm bar.
+        reuse_prefix: for per-position units, reuse the base run's key/value
+            cache of the positions before the patch (they are unchanged) instead
+            of recomputing them; falls back when the model's cache cannot be cropped.
 
     Returns:
         :class:`PatchSweep` with ``patched [n_prompts, n_units]``, ``clean``,
@@ -501,25 +542,49 @@ def patch_sweep(
     for j, u in enumerate(plist):
         by_layer.setdefault(u.layer, []).append(j)
     per_fwd = max(1, batch_size // n_prompts)
-    chunks = [
-        (layer, idx[s : s + per_fwd])
-        for layer, idx in sorted(by_layer.items())
-        for s in range(0, len(idx), per_fwd)
-    ]
+    prefix = _prefix_cache(lm, base_batch) if reuse_prefix and last_only else None
+    chunks = []
+    for layer, idx in sorted(by_layer.items()):
+        size = per_fwd
+        if prefix is not None and all(plist[j].position is not None for j in idx):
+            # sorted by position, split in PREFIX_GROUPS chunks: each reuses the
+            # cached keys/values of the positions before its first patch
+            idx = sorted(idx, key=lambda j: int(plist[j].position or 0) % n_pos)
+            size = min(per_fwd, max(1, -(-len(idx) // PREFIX_GROUPS)))
+        chunks += [(layer, idx[s : s + size]) for s in range(0, len(idx), size)]
     n_fwd = 0
     with torch.no_grad():
         for layer, cols in tqdm(chunks, disable=not progress, desc="patching"):
             k = len(cols)
             vb = base_batch.repeat(k)  # rows prompt-major: row = i * k + j
+            positions = [plist[c].position for c in cols]
+            p0 = 0
+            if prefix is not None and None not in positions:
+                p0 = min(int(p or 0) % n_pos for p in positions)
             groups: dict[tuple[str, bool], list[tuple[int, int, PatchUnit]]] = {}
             for i in range(n_prompts):
                 for j, col in enumerate(cols):
                     u = plist[col]
                     groups.setdefault((u.site, u.position is None), []).append((i * k + j, i, u))
-            ivs = [_selection_value(rows, donor_cache[s], s) for (s, _), rows in groups.items()]
+            ivs = [
+                _selection_value(rows, donor_cache[s], s, offset=p0)
+                for (s, _), rows in groups.items()
+            ]
             start = base_cache[f"blocks.{layer}.resid_pre"].repeat_interleave(k, 0)
+            past = None
+            if p0 > 0:
+                past = _cropped(prefix, p0, n_pos, k)
+                vb_run = Batch(vb.input_ids[:, p0:], vb.attention_mask, vb.position_ids[:, p0:])
+                start = start[:, p0:]
+            else:
+                vb_run = vb
             logits, _ = lm.run(
-                vb, interventions=ivs, start_layer=layer, start_resid=start, last_only=last_only
+                vb_run,
+                interventions=ivs,
+                start_layer=layer,
+                start_resid=start,
+                last_only=last_only,
+                past_key_values=past,
             )
             n_fwd += 1
             vals = tgt(logits, vb).detach().float().reshape(n_prompts, k)

@@ -274,6 +274,7 @@ class LM:
         start_resid: Tensor | None = None,
         last_only: bool = False,
         prepend_bos: bool | None = None,
+        past_key_values: Any = None,
     ) -> tuple[Tensor, Cache]:
         """Run the model; return ``(logits, cache)``.
 
@@ -288,6 +289,10 @@ class LM:
                 ``start_resid`` ``[batch, pos, d_model]`` (e.g. a cached
                 ``resid_pre``) into it instead.
             last_only: compute logits for the last position only (``[batch, 1, vocab]``).
+            past_key_values: a Hugging Face key/value cache of a shared prefix
+                (one row per batch row). ``inputs`` is then a :class:`Batch` of the
+                tokens after the prefix whose ``attention_mask`` covers prefix + new
+                tokens; sites, interventions and ``start_resid`` see the new tokens only.
 
         Returns:
             logits ``[batch, pos, d_vocab]`` (after any soft-capping) and a :class:`Cache`.
@@ -329,7 +334,8 @@ class LM:
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids,
-                use_cache=False,
+                past_key_values=past_key_values,
+                use_cache=past_key_values is not None,
             )
         result = Cache(session.cache)
         result.batch = batch
