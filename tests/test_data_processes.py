@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 import attrlab.data as ad
 from attrlab.data.digits import load_digits_data, tiled_examples, train_mlp
 
-N, DIM, SHARD, BATCH = 6000, 32, 200, 100
+N, DIM, SHARD, BATCH = 12000, 32, 200, 100
 
 
 @pytest.fixture(scope="module")
