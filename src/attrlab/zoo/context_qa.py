@@ -12,7 +12,10 @@ for every prompt, so nothing can be memorized::
     Mia lives in Oslo.
     Ben works as a baker.
     Question: Where does Mia live?
-    Answer:                                    -> " Oslo"
+    Answer: Mia lives in                       -> " Oslo"
+
+The answer line restates the question ("Mia lives in"), so the model has to
+find the document about the same person and relation and copy its value.
 
 ``sources`` are the document strings (each a line of the prompt, in order),
 ``gold`` the index of the answering one. ``counterfactual`` replaces the value
@@ -66,14 +69,16 @@ class ContextQAExample(Example):
     counterfactual_sources: list[str] = field(default_factory=list)
 
 
-def build_prompt(sources: list[str], question: str) -> str:
-    """The prompt made of ``sources`` (one per line) and ``question``.
+def build_prompt(sources: list[str], question: str, answer_start: str = "") -> str:
+    """The prompt made of ``sources`` (one per line), ``question`` and the start
+    of the answer sentence.
 
     Example:
-        >>> build_prompt(["Tom has a cat."], "What pet does Tom have?")
-        'Tom has a cat.\\nQuestion: What pet does Tom have?\\nAnswer:'
+        >>> build_prompt(["Tom has a cat."], "What pet does Tom have?", "Tom has a")
+        'Tom has a cat.\\nQuestion: What pet does Tom have?\\nAnswer: Tom has a'
     """
-    return "\n".join(sources) + f"\n{QUESTION_PREFIX}{question}\n{ANSWER_PREFIX}"
+    tail = f" {answer_start}" if answer_start else ""
+    return "\n".join(sources) + f"\n{QUESTION_PREFIX}{question}\n{ANSWER_PREFIX}{tail}"
 
 
 class ContextQA(Task):
@@ -112,11 +117,12 @@ class ContextQA(Task):
         cf_sources = list(sources)
         cf_sources[gold] = RELATIONS[gold_rel][0].format(P=people[gold], V=new_value)
         question = RELATIONS[gold_rel][1].format(P=people[gold])
+        start = RELATIONS[gold_rel][0].split(" {V}")[0].format(P=people[gold])
         return ContextQAExample(
-            prompt=build_prompt(sources, question),
+            prompt=build_prompt(sources, question, start),
             answer=" " + values[gold],
             wrong=" " + new_value,
-            counterfactual=build_prompt(cf_sources, question),
+            counterfactual=build_prompt(cf_sources, question, start),
             sources=sources,
             gold=gold,
             question=question,
