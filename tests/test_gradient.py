@@ -379,3 +379,20 @@ def test_minilm_similarity_ig_completeness():
     assert r.units["segment"].count("a") == len(enc.tokenizer(a)["input_ids"])
     words = al.attribute(enc, (a, b), units="words", method="ig", steps=4)
     assert "guitar." in words.units["text"] and "instrument" in words.units["text"]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_neox", "phi3"])
+def test_per_token_rows_equal_the_full_forward(family):
+    """Continuation rows read from the final norm's input equal the target on full logits."""
+    from attrlab.model.interventions import Intervention
+    from attrlab.units.tokens import make_forward
+
+    lm = al.wrap(*al.testing.tiny_model(family, dtype=torch.float64))
+    tgt = al.targets.ContinuationLogProb(" store and Mary", reduce="none")
+    f = make_forward(lm, PROMPT, tgt)
+    x = f.inputs_embeds()[None] + 0.01 * torch.randn(
+        3, *f.inputs_embeds().shape, dtype=torch.float64
+    )
+    logits, _ = lm.run(f.batch.repeat(3), interventions=[Intervention("embed", x)])
+    full = tgt(logits, f.batch.repeat(3))
+    torch.testing.assert_close(f(x), full.reshape(3, -1), atol=1e-6, rtol=0)

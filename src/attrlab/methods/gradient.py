@@ -112,15 +112,15 @@ def grad_products(
     for i in tqdm(chunks, disable=not progress, desc="gradients", leave=False):
         e = points[i : i + batch_size].detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            out = fwd(e)  # [c, rows]
-            rows = out.shape[1]
+            outs = fwd.rows(e)  # rows x [c]
+            rows = len(outs)
             if acc is None:
                 acc = torch.zeros(rows, *points.shape[1:], dtype=points.dtype, device=points.device)
             m = mult[i : i + batch_size]
-            for r in range(rows):
-                (g,) = torch.autograd.grad(out[:, r].sum(), e, retain_graph=r < rows - 1)
+            for r, out in enumerate(outs):
+                (g,) = torch.autograd.grad(out.sum(), e, retain_graph=r < rows - 1)
                 acc[r] += (m * g).sum(0)
-        values.append(out.detach())
+        values.append(torch.stack([o.detach() for o in outs], 1))
     assert acc is not None
     return acc, torch.cat(values, 0)
 

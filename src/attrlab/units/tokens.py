@@ -132,6 +132,12 @@ class EmbedForward:
         Differentiable when ``emb`` requires grad."""
         raise NotImplementedError
 
+    def rows(self, emb: Tensor) -> list[Tensor]:
+        """The target rows as separate tensors ``[n]`` (so that a backward from
+        one row need not run through the others' parts of the graph)."""
+        v = self(emb)
+        return [v[:, r] for r in range(v.shape[1])]
+
     def inputs_embeds(self) -> Tensor:
         """The real token embeddings ``[pos, d]``."""
         return self.embed_ids(torch.tensor(self.view.ids, dtype=torch.long))
@@ -283,6 +289,8 @@ class LMEmbedForward(EmbedForward):
     def __call__(self, emb: Tensor) -> Tensor:
         from ..model.interventions import Intervention
 
+        if self._per_token_path():
+            return torch.stack(self.rows(emb), 1)
         n = emb.shape[0]
         b = self.batch.repeat(n)
         logits, _ = self.lm.run(
@@ -293,6 +301,55 @@ class LMEmbedForward(EmbedForward):
         )
         v = self.target(logits, b)
         return v.reshape(n, -1)
+
+    def _per_token_path(self) -> bool:
+        from ..targets import ContinuationLogProb
+
+        return type(self.target) is ContinuationLogProb
+
+    def rows(self, emb: Tensor) -> list[Tensor]:
+        """Each row's values ``[n]``, each with its own graph after the shared blocks.
+
+        For a continuation, the blocks run once (the model's logits only at the
+        last position); each continuation token's log-probability is then read
+        from the cached input of the final norm through the model's own final
+        norm and unembedding at that one position. A backward from one row then
+        touches one position of the unembedding instead of ``pos x vocab``
+        logits. (Tried and dropped: an incremental key/value-cache forward, so
+        that row ``r``'s graph only spans ``prompt + r`` positions — its
+        one-token steps are memory-bound and it was slower; and a vmap-batched
+        backward over the rows — also slower on CPU.)
+        """
+        if not self._per_token_path():
+            return super().rows(emb)
+        return self._final_norm_rows(emb)
+
+    def _final_norm_rows(self, emb: Tensor) -> list[Tensor]:
+        from ..model.interventions import Intervention
+
+        n = emb.shape[0]
+        b = self.batch.repeat(n)
+        _, cache = self.lm.run(
+            b,
+            cache=["final_norm.input"],
+            interventions=[Intervention("embed", emb)],
+            grad=emb.requires_grad,
+            last_only=True,
+        )
+        h = cache["final_norm.input"]  # [n, pos, d]
+        ids = self.target.ids
+        assert ids is not None
+        k, width = len(ids), h.shape[1]
+        per_token = []
+        for r, tid in enumerate(ids):
+            pos = width - k - 1 + r  # predicts continuation token r
+            logits = self.lm.unembed(self.lm.apply_final_norm(h[:, pos]))  # [n, vocab]
+            per_token.append(logits.float().log_softmax(-1)[:, tid])
+        reduce = self.target.reduce
+        if reduce == "none":
+            return per_token
+        total = torch.stack(per_token, 0).sum(0)
+        return [total if reduce == "sum" else total / k]
 
 
 def make_forward(lm: Any, inputs: Any, target: Any = None, **options: Any) -> EmbedForward:

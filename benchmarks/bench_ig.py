@@ -1,0 +1,140 @@
+"""Integrated Gradients for a continuation: attrlab vs Captum.
+
+Model: GPT-2 architecture, 12 layers, d_model 768, 12 heads, vocab 50257, random
+weights (seed 0), float32, 2 threads. Input: a 16-token prompt and an 8-token
+continuation (ids from attrlab's offline test tokenizer). Both sides attribute
+each continuation token's log-probability to the prompt tokens at the token
+embedding (``transformer.wte``), baseline = the pad token (id 0), 50
+Gauss-Legendre steps, the earlier continuation tokens fixed (Captum's
+convention; attrlab ``units=Tokens(include_generated=False)``).
+
+* Captum: ``LLMGradientAttribution(LayerIntegratedGradients(model, wte))`` —
+  one full IG (forward + backward over the 50 steps) per continuation token.
+* attrlab: ``method="ig"`` with ``ContinuationLogProb(..., reduce="none")`` —
+  one batched forward over the 50 steps, then one backward per token through
+  the shared graph.
+
+Reports value agreement, median wall times and their ratio, and the
+time-to-accuracy table: for every quadrature rule, the fewest steps whose
+completeness error (max over rows) is at most the 50-step Gauss-Legendre
+(= Captum's default) error.
+
+Run:  python benchmarks/bench_ig.py [--repeats 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import attrlab as al
+from attrlab.methods.gradient import RULES
+
+PROMPT_TEXT = (
+    "When Mary and John went to the store, John gave a drink to Mary. "
+    "The capital of France is Paris. Alice and Bob talked about the weather."
+)
+
+
+def build() -> tuple[al.LM, list[int], list[int]]:
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+    hf = GPT2LMHeadModel(cfg).eval()
+    tok = al.testing.tiny_tokenizer()
+    lm = al.wrap(hf, tok, name="gpt2-12x768-random")
+    ids = lm.encode(PROMPT_TEXT)
+    assert len(ids) >= 24, len(ids)
+    return lm, ids[:16], ids[16:24]
+
+
+def captum_run(lm: al.LM, prompt: list[int], cont: list[int], steps: int) -> torch.Tensor:
+    from captum.attr import LayerIntegratedGradients, LLMGradientAttribution, TextTokenInput
+
+    tok = lm.tokenizer
+    text = tok.decode(prompt)
+    inp = TextTokenInput(text, tok)
+    assert inp.inp_tensor[0].tolist() == prompt, "prompt must re-tokenize to the same ids"
+    lig = LayerIntegratedGradients(lm.model, lm.model.transformer.wte)
+    llm = LLMGradientAttribution(lig, tok)
+    res = llm.attribute(inp, target=torch.tensor(cont), n_steps=steps, method="gausslegendre")
+    return res.token_attr.detach()
+
+
+def attrlab_run(
+    lm: al.LM, prompt: list[int], cont: list[int], steps: int, rule: str = "gausslegendre"
+) -> al.Attribution:
+    return al.attribute(
+        lm,
+        [prompt],
+        target=al.targets.ContinuationLogProb(cont, reduce="none"),
+        units=al.units.Tokens(include_generated=False),
+        method="ig",
+        steps=steps,
+        rule=rule,
+        batch_size=steps,
+    )
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--skip-captum", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lm, prompt, cont = build()
+    print(f"model {lm.name}: 12 layers, d_model 768, vocab 50257; prompt 16, continuation 8 tokens")
+    print(f"threads {args.threads}, IG {args.steps} Gauss-Legendre steps, baseline pad (id 0)\n")
+
+    attrlab_run(lm, prompt, cont, 4)  # warm up
+    t_ours, ours = timed(lambda: attrlab_run(lm, prompt, cont, args.steps), args.repeats)
+    err50 = torch.tensor(ours.diagnostics["completeness_error"]).abs()
+    delta = torch.tensor(ours.diagnostics["delta"]).abs()
+    print(f"attrlab  median {t_ours:7.2f} s  (shared forwards, {args.repeats} repeats)")
+    if not args.skip_captum:
+        t_cap, cap = timed(lambda: captum_run(lm, prompt, cont, args.steps), args.repeats)
+        diff = float((ours.scores - cap).abs().max())
+        scale = float(cap.abs().max())
+        print(f"captum   median {t_cap:7.2f} s  (LLMGradientAttribution(LayerIntegratedGradients))")
+        print(f"speed-up {t_cap / t_ours:.2f}x")
+        print(f"values: max |attrlab - captum| = {diff:.2e} (max |captum| = {scale:.2e}, "
+              f"relative {diff / scale:.1e})\n")
+
+    target = float(err50.max())
+    print(f"completeness error at {args.steps} Gauss-Legendre steps (= Captum's): "
+          f"max over rows {target:.2e} (|f(x) - f(x0)| up to {float(delta.max()):.2f})")
+    print("time-to-accuracy: fewest steps reaching that error")
+    print(f"{'rule':20s} {'steps':>6s} {'time (s)':>9s} {'max error':>10s}")
+    grid = [2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+    for rule in RULES:
+        found = None
+        for n in grid:
+            if rule == "riemann_trapezoid" and n < 2:
+                continue
+            t, r = timed(lambda n=n, rule=rule: attrlab_run(lm, prompt, cont, n, rule), 1)
+            e = float(torch.tensor(r.diagnostics["completeness_error"]).abs().max())
+            if e <= target:
+                found = (n, t, e)
+                break
+        if found:
+            print(f"{rule:20s} {found[0]:6d} {found[1]:9.2f} {found[2]:10.2e}")
+        else:
+            print(f"{rule:20s} {'>256':>6s} {'-':>9s} {e:10.2e} (at 256)")
+
+
+if __name__ == "__main__":
+    main()
