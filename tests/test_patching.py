@@ -426,3 +426,32 @@ def test_prefix_reuse_is_exact(family: str) -> None:
             )
             assert fast.n_forwards > slow.n_forwards  # the prefix path was taken
             assert torch.allclose(fast.patched, slow.patched, atol=1e-5)
+
+
+# docs/components.md, "Zoo IOI model": noising each head (all positions) with the
+# counterfactual (S2 replaced by the IO name), 16 test examples (seed 0)
+IOI_CLEAN, IOI_CORRUPT = 21.218, -20.649
+IOI_TOP_HEADS = {(0, 1): -23.393, (1, 3): -22.578, (1, 1): -21.073, (0, 0): -15.406}
+
+
+def test_zoo_ioi_top_heads_move_logit_diff_as_documented() -> None:
+    lm = al.zoo.load("ioi")
+    exs = al.zoo.task("ioi").examples(16, seed=0)
+    tgt = al.targets.LogitDiff([e.answer for e in exs], [e.wrong for e in exs])
+    r = al.attribute(
+        lm,
+        [e.prompt for e in exs],
+        target=tgt,
+        units="heads",
+        method="patch",
+        counterfactual=[e.counterfactual for e in exs],
+    )
+    assert r.diagnostics["clean"] == pytest.approx(IOI_CLEAN, abs=0.01)
+    assert r.diagnostics["corrupt"] == pytest.approx(IOI_CORRUPT, abs=0.01)
+    top = r.top(4)
+    got = {(int(a), int(b)): float(s) for a, b, s in zip(top["layer"], top["head"], top["score"])}
+    assert set(got) == set(IOI_TOP_HEADS)
+    for head, effect in IOI_TOP_HEADS.items():
+        assert got[head] == pytest.approx(effect, abs=0.01)
+    # every other head moves the logit difference by less than 1.5
+    assert (r.scores.abs() > 1.5).sum().item() == 4
