@@ -47,7 +47,7 @@ from torch import Tensor
 from ..errors import ContextTooLongError, EmptyPromptError, InputError
 from .base import Units, register_units
 
-__all__ = ["Sources", "SourcePrompt", "SourceNotFoundError", "split_text"]
+__all__ = ["Sources", "SourcePrompt", "SourceNotFoundError", "EmptyResponseError", "split_text"]
 
 #: the prompt template used when a query is given (ContextCite's default)
 DEFAULT_TEMPLATE = "Context: {context}\n\nQuery: {query}"
