@@ -25,6 +25,17 @@ Run::
     python benchmarks/bench_atp.py             # prints a table and the ratios
     python benchmarks/bench_atp.py --runs 1    # quicker
 
+Peer comparison (EAP vs auto-circuit's mask-gradient EAP, same weights, all
+edges with separate q/k/v inputs): auto-circuit needs TransformerLens 2.x and
+transformers < 5, so it runs in its own venv; this script re-runs itself there
+with ``--peer`` and the sides exchange safetensors files in
+``benchmarks/_out/bench_atp/``::
+
+    python -m venv benchmarks/_envs/ac
+    benchmarks/_envs/ac/bin/pip install torch==2.13.0 transformer-lens==2.18.0 \\
+        "transformers<5" auto-circuit==1.0.1
+    python benchmarks/bench_atp.py --autocircuit --runs 3 --threads 1
+
 Example:
     python benchmarks/bench_atp.py --runs 3
 """
@@ -32,20 +43,25 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 
-import attrlab as al
-from attrlab.methods.atp import NodeSet, exact_node_effects, prepare_pair
-
+ROOT = Path(__file__).resolve().parent
+OUT = ROOT / "_out" / "bench_atp"
+PEER_PY = ROOT / "_envs" / "ac" / "bin" / "python"
 N_LAYERS, D_MODEL, N_HEADS, VOCAB, N_POS = 12, 768, 12, 50257, 16
 ANSWER, WRONG = 1000, 2000
 
 
-def build() -> al.LM:
+def build():  # -> al.LM
     from transformers import GPT2Config, GPT2LMHeadModel
+
+    import attrlab as al
 
     torch.manual_seed(0)
     cfg = GPT2Config(
@@ -81,8 +97,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--autocircuit",
+        action="store_true",
+        help="compare EAP with auto-circuit's mask-gradient EAP (needs _envs/ac)",
+    )
+    ap.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.peer:
+        return peer(args.runs)
+    if args.autocircuit:
+        return compare_autocircuit(args.runs, args.threads)
+    import attrlab as al
+    from attrlab.methods.atp import NodeSet, prepare_pair
+
     lm = build()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(100, VOCAB, (1, N_POS), generator=g)
@@ -133,6 +162,8 @@ def main() -> None:
     sample = torch.randperm(ns.n_units, generator=g)[:96].tolist()
     top = torch.argsort(r_atp.scores.abs(), descending=True)[:32].tolist()
     idx = sorted(set(sample + top))
+    from attrlab.methods.atp import exact_node_effects
+
     ex = exact_node_effects(lm, clean, src, t, ns, indices=idx, chunk=48)
 
     def corr(a: torch.Tensor) -> float:
@@ -145,6 +176,143 @@ def main() -> None:
     print(
         f"Pearson with exact on {len(idx)} units: atp {corr(r_atp.extra['atp']):.4f}, "
         f"atp* {corr(r_atp.scores):.4f}"
+    )
+
+
+def _tokens():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(100, VOCAB, (1, N_POS), generator=g)
+    cf = ids.clone()
+    cf[0, [3, 7, 11]] = torch.randint(100, VOCAB, (3,), generator=g)
+    return ids, cf
+
+
+def compare_autocircuit(runs: int, threads: int) -> None:
+    """attrlab EAP vs auto-circuit's mask-gradient EAP on the same weights."""
+    from safetensors.torch import load_file, save_file
+
+    import attrlab as al
+
+    lm = build()
+    OUT.mkdir(parents=True, exist_ok=True)
+    lm.model.save_pretrained(OUT / "model")
+    ids, cf = _tokens()
+    save_file({"clean": ids, "corrupt": cf}, str(OUT / "tokens.safetensors"))
+    target = al.targets.LogitDiff(ANSWER, WRONG)
+    r = al.attribute(lm, ids, target=target, units="edges", method="eap", counterfactual=cf)
+    t_ours = timed(
+        lambda: al.attribute(
+            lm, ids, target=target, units="edges", method="eap", counterfactual=cf
+        ),
+        runs,
+    )
+    if not PEER_PY.exists():
+        print(f"auto-circuit environment missing ({PEER_PY}); see the module docs")
+        return
+    subprocess.run(
+        [str(PEER_PY), __file__, "--peer", "--runs", str(runs), "--threads", str(threads)],
+        check=True,
+    )
+    peer_scores = load_file(str(OUT / "ac_scores.safetensors"))["scores"]
+    peer_meta = json.loads((OUT / "ac_meta.json").read_text())
+    names = {"embed": "Resid Start", "logits": "Resid End"}
+
+    def ac_name(n: str) -> str:
+        if n in names:
+            return names[n]
+        if n.startswith("m"):
+            return f"MLP {n[1:]}"
+        parts = n[1:].split(".h")
+        layer, rest = parts[0], parts[1]
+        head, _, comp = rest.partition(".")
+        return f"A{layer}.{head}" + (f".{comp.upper()}" if comp else "")
+
+    index = {tuple(k.split("->")): i for i, k in enumerate(peer_meta["edges"])}
+    ours, theirs = [], []
+    for u, v, s in zip(r.units["upstream"], r.units["downstream"], r.scores.tolist()):
+        key = (ac_name(u), ac_name(v))
+        if key in index:
+            ours.append(s)
+            theirs.append(-float(peer_scores[index[key]]))  # their score: d(-metric)/d mask
+    a, b = torch.tensor(ours, dtype=torch.float64), torch.tensor(theirs, dtype=torch.float64)
+    pear = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+    print(f"edges matched: {len(ours)} of {len(r)} (auto-circuit: {len(index)})")
+    print(
+        f"Pearson {pear:.6f}, max |diff| {float((a - b).abs().max()):.3g}, "
+        f"max |score| {float(a.abs().max()):.3g}"
+    )
+    print(
+        f"time: attrlab {t_ours:.3f} s, auto-circuit {peer_meta['seconds']:.3f} s "
+        f"(ratio {peer_meta['seconds'] / t_ours:.2f}x)"
+    )
+
+
+def peer(runs: int) -> None:
+    """auto-circuit side (runs in _envs/ac: TransformerLens 2.x, transformers 4)."""
+    from auto_circuit.data import PromptDataLoader, PromptDataset
+    from auto_circuit.prune_algos.mask_gradient import mask_gradient_prune_scores
+    from auto_circuit.utils.graph_utils import patchable_model
+    from safetensors.torch import load_file, save_file
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(OUT / "model")
+    hf.eval()
+    cfg = HookedTransformerConfig(
+        n_layers=N_LAYERS,
+        d_model=D_MODEL,
+        n_heads=N_HEADS,
+        d_head=D_MODEL // N_HEADS,
+        d_mlp=4 * D_MODEL,
+        d_vocab=VOCAB,
+        n_ctx=1024,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        eps=1e-5,
+        original_architecture="GPT2LMHeadModel",
+        default_prepend_bos=False,
+    )
+    model = HookedTransformer(cfg)
+    model.load_and_process_state_dict(
+        convert_gpt2_weights(hf, cfg),
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+    )
+    model.cfg.use_attn_result = True
+    model.cfg.use_attn_in = True
+    model.cfg.use_split_qkv_input = True
+    model.cfg.use_hook_mlp_in = True
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad = False
+    toks = load_file(str(OUT / "tokens.safetensors"))
+    ds = PromptDataset(
+        toks["clean"], toks["corrupt"], [torch.tensor([ANSWER])], [torch.tensor([WRONG])]
+    )
+    loader = PromptDataLoader(ds, seq_len=None, diverge_idx=0, batch_size=1)
+    pm = patchable_model(
+        model,
+        factorized=True,
+        slice_output="last_seq",
+        separate_qkv=True,
+        device=torch.device("cpu"),
+    )
+
+    def run():
+        return mask_gradient_prune_scores(
+            pm, loader, None, grad_function="logit", answer_function="avg_diff", mask_val=0.0
+        )
+
+    scores = run()
+    seconds = timed(run, runs)
+    edges = sorted(pm.edges, key=lambda e: (e.dest.module_name, e.patch_idx))
+    vals = [float(scores[e.dest.module_name][e.patch_idx]) for e in edges]
+    save_file({"scores": torch.tensor(vals)}, str(OUT / "ac_scores.safetensors"))
+    (OUT / "ac_meta.json").write_text(
+        json.dumps({"edges": [f"{e.src.name}->{e.dest.name}" for e in edges], "seconds": seconds})
     )
 
 
