@@ -384,7 +384,7 @@ def _continuation(demo: Demo) -> None:
         raise Unavailable("no gradient method over tokens is registered yet")
     gen = _greedy(demo.lm, demo.prompt, 3)
     target = ContinuationLogProb(gen, reduce="none")
-    r = _attr(demo, m, "tokens", "tokens", target=target, steps=8)
+    r = _attr(demo, m, "tokens", "tokens", target=target, steps=32)
     if r.scores.dim() != 2:
         raise Unavailable(f"{m} does not return per-generated-token rows yet")
     demo.add(
