@@ -138,6 +138,7 @@ class NodeSet:
         }
         for klass, (kind, site) in table.items():
             if type(units) is klass:
+                assert isinstance(units, (AttnOut, MlpOut, Resid, Neurons))
                 width = cfg.d_mlp if kind == "neurons" else 1
                 return cls(
                     kind,

@@ -410,9 +410,9 @@ def extract_circuit(
         downs = [_node_of(graph.downstream[v]) for v in idx[:, 1].tolist() for _ in range(rep)]
         mask = torch.zeros(n, dtype=torch.bool)
         in_circuit = {"logits"}
-        order = torch.argsort(mag, descending=True, stable=True).tolist()
+        ranked: list[int] = torch.argsort(mag, descending=True, stable=True).tolist()
         for _ in range(int(top_n or 0)):
-            pick = next((i for i in order if not mask[i] and downs[i] in in_circuit), None)
+            pick = next((i for i in ranked if not mask[i] and downs[i] in in_circuit), None)
             if pick is None:
                 break
             mask[pick] = True
@@ -485,6 +485,7 @@ def acdc(
             logits, _ = lm.run(batch)
         if tgt is None:
             return float(_kl(logits, ref_logp).mean())
+        assert m_full is not None
         return float((tgt(logits, batch).double().mean() - m_full).abs())
 
     keep = graph.adjacency.clone().float()

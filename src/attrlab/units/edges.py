@@ -198,7 +198,11 @@ class Edges(Units):
         if self.per_position and not n_pos:
             raise InputError("per-position edges need the prompt length (n_pos=)")
         return EdgeGraph.build(
-            c.n_layers, c.n_heads, self.qkv, c.parallel_residual, n_pos if self.per_position else 0
+            c.n_layers,
+            c.n_heads,
+            self.qkv,
+            c.parallel_residual,
+            int(n_pos or 0) if self.per_position else 0,
         )
 
     def mask_values(self, lm: Any, inputs: Any, target: Any, masks: Any, **context: Any) -> Tensor:
