@@ -129,7 +129,7 @@ class Demo:
     lm: Any
     prompt: str
     counterfactual: str | None
-    answer: tuple[str, str]
+    answer: tuple[Any, Any]  # token texts, or ids
     model_label: str
     report: Report
     lines: list[str] = field(default_factory=list)
@@ -195,7 +195,7 @@ def _walk(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 def _load_ioi(
     tiny: bool, prompt: str | None, cf: str | None, answer: Sequence[str] | None
-) -> tuple[Any, str, str | None, tuple[str, str] | None, str]:
+) -> tuple[Any, str, str | None, tuple[Any, Any] | None, str]:
     import attrlab as al
 
     lm = None
@@ -252,12 +252,14 @@ def run_demo(
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    lm, p, cf, ans, label = _load_ioi(tiny, prompt, counterfactual, answer)
+    lm, p, cf, given, label = _load_ioi(tiny, prompt, counterfactual, answer)
     logits, _ = lm.run(p, last_only=True)
     last = logits[0, -1].float()
-    if ans is None:  # no answers given: the model's top two predictions
+    if given is None:  # no answers given: the model's top two predictions
         top2 = last.topk(2).indices.tolist()
-        ans = (int(top2[0]), int(top2[1]))  # ids: a token's text may not round-trip
+        ans: tuple[Any, Any] = (int(top2[0]), int(top2[1]))  # ids: text may not round-trip
+    else:
+        ans = given
     probs = last.softmax(-1)
     diff = float(last[lm.token_id(ans[0])] - last[lm.token_id(ans[1])])
     names = [a if isinstance(a, str) else lm.to_str_tokens([a])[0] for a in ans]
