@@ -219,3 +219,12 @@ def test_ioi_eap_ig_circuit_is_faithful_on_held_out_prompts(ioi):
     res = evaluate_circuit(lm, circ, p2, t2, c2, completeness_subsets=4)
     assert res["faithfulness"] >= 0.8
     assert res["metric_clean"] - res["metric_ablated"] > 1.0  # a real gap to explain
+
+
+def test_edges_mask_values(lm):
+    units = al.units.Edges(qkv=False)
+    n = units.graph(lm).n_edges
+    masks = torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
+    vals = units.mask_values(lm, PROMPT, TARGET, masks, counterfactual=CF)
+    assert float(vals[0]) == pytest.approx(metric(lm), abs=1e-6)  # float32 values
+    assert float(vals[1]) == pytest.approx(metric(lm, CF), abs=1e-6)
