@@ -266,7 +266,7 @@ class Circuit:
             f'<svg xmlns="http://www.w3.org/2000/svg" width="{w:.0f}" height="{h:.0f}" '
             f'viewBox="0 0 {w:.0f} {h:.0f}" font-family="sans-serif" font-size="12">',
             '<defs><marker id="arr" viewBox="0 0 10 10" refX="10" refY="5" '
-            'markerWidth="6" markerHeight="6" orient="auto-start-reverse">'
+            'markerUnits="userSpaceOnUse" markerWidth="8" markerHeight="8" orient="auto-start-reverse">'
             '<path d="M 0 0 L 10 5 L 0 10 z" fill="#555"/></marker></defs>',
         ]
         top = max((abs(s) for *_, s in self._draw_edges()), default=1.0) or 1.0
