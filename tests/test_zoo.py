@@ -83,7 +83,18 @@ def test_induction_ground_truth():
         assert len(set(words)) == len(words) - ex.k  # only the repeat repeats
 
 
+def test_context_qa_same_relation_variant():
+    from attrlab.zoo.context_qa import ContextQA, parse_document
+
+    for ex in ContextQA(same_relation=True).examples(100):
+        rels = [parse_document(s)[1] for s in ex.sources]
+        assert rels.count(ex.relation) >= 2
+        assert [i for i, s in enumerate(ex.sources) if ex.answer.strip() in s] == [ex.gold]
+
+
 def test_context_qa_ground_truth():
+    from attrlab.zoo.context_qa import parse_document
+
     for ex in al.zoo.task("context_qa").examples(200):
         lines = ex.prompt.split("\n")
         assert lines[: len(ex.sources)] == ex.sources
@@ -91,9 +102,9 @@ def test_context_qa_ground_truth():
         assert holders == [ex.gold]
         assert ex.person in ex.sources[ex.gold] and ex.person in ex.question
         assert sum(ex.person in s for s in ex.sources) == 1
-        # some distractor has the same relation (so the person must be matched)
-        same = [s for s in ex.sources if s.split()[1:-1] == ex.sources[ex.gold].split()[1:-1]]
-        assert len(same) >= 2
+        rels = [parse_document(s)[1] for s in ex.sources]
+        assert len(set(rels)) == len(rels) and rels[ex.gold] == ex.relation
+        assert ex.prompt.endswith(ex.sources[ex.gold].rsplit(" ", 1)[0])
         diff = [i for i, (a, b) in enumerate(zip(ex.sources, ex.counterfactual_sources)) if a != b]
         assert diff == [ex.gold] and ex.wrong.strip() in ex.counterfactual_sources[ex.gold]
 
@@ -162,7 +173,10 @@ def test_bundled_model_accuracy_on_500_held_out_prompts(name, lms):
     examples = al.zoo.task(name).examples(500, seed=0, split="test")
     assert accuracy(lm, examples) >= 0.95
     # the answer comes from the context: on the counterfactual the model follows it
-    cf = [type(e)(**{**e.to_dict(), "prompt": e.counterfactual, "answer": e.wrong}) for e in examples[:200]]
+    cf = [
+        type(e)(**{**e.to_dict(), "prompt": e.counterfactual, "answer": e.wrong})
+        for e in examples[:200]
+    ]
     assert accuracy(lm, cf) >= 0.9
 
 

@@ -1,21 +1,23 @@
 """Context question answering: copy the answer from the one document that holds it.
 
-The prompt is a few short documents, one sentence per line, then a question
+The prompt is 3-5 short documents, one sentence per line, then a question
 about one person and one relation; the answer is a word copied from exactly
 one document (the gold one). The other documents are distractors: other
-people, and at least one of them with the same relation but a different value,
-so the model must match the person, not the relation. Values are drawn fresh
-for every prompt, so nothing can be memorized::
+people, other relations (5 relations: city, pet, job, color, instrument),
+other values. Values are drawn fresh for every prompt, so nothing can be
+memorized::
 
-    Anna lives in Rome.
+    Anna likes the color red.
     Tom has a cat.
     Mia lives in Oslo.
     Ben works as a baker.
     Question: Where does Mia live?
     Answer: Mia lives in                       -> " Oslo"
 
-The answer line restates the question ("Mia lives in"), so the model has to
-find the document about the same person and relation and copy its value.
+The answer line restates the question ("Mia lives in"); the model finds the
+document that continues it and copies the value. ``ContextQA(same_relation=True)``
+generates a harder variant (a distractor with the same relation, so the person
+must be matched); the bundled model is trained on the default variant.
 
 ``sources`` are the document strings (each a line of the prompt, in order),
 ``gold`` the index of the answering one. ``counterfactual`` replaces the value
@@ -37,13 +39,15 @@ import random
 from dataclasses import dataclass, field
 
 from .task import Example, Task
-from .words import CITIES, JOBS, NAMES, PETS
+from .words import CITIES, COLORS, INSTRUMENTS, JOBS, NAMES, PETS
 
 # relation -> (document template, question template, values)
 RELATIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "city": ("{P} lives in {V}.", "Where does {P} live?", CITIES),
     "pet": ("{P} has a {V}.", "What pet does {P} have?", PETS),
     "job": ("{P} works as a {V}.", "What is the job of {P}?", JOBS),
+    "color": ("{P} likes the color {V}.", "What color does {P} like?", COLORS),
+    "instrument": ("{P} plays the {V}.", "What does {P} play?", INSTRUMENTS),
 }
 QUESTION_PREFIX = "Question: "
 ANSWER_PREFIX = "Answer:"
@@ -94,18 +98,23 @@ class ContextQA(Task):
     name = "context_qa"
     description = "copy the answer to a question from the one in-prompt document that holds it"
 
-    def __init__(self, min_docs: int = 3, max_docs: int = 5):
+    def __init__(self, min_docs: int = 3, max_docs: int = 5, same_relation: bool = False):
         self.min_docs, self.max_docs = min_docs, max_docs
+        self.same_relation = same_relation
 
     def _sample(self, rng: random.Random, split: str) -> ContextQAExample:
         n = rng.randint(self.min_docs, self.max_docs)
         people = rng.sample(NAMES, n)
         rels = list(RELATIONS)
-        gold_rel = rng.choice(rels)
-        # at least one distractor shares the gold relation
-        doc_rels = [gold_rel, gold_rel] + [rng.choice(rels) for _ in range(n - 2)]
-        rng.shuffle(doc_rels)
-        gold = doc_rels.index(gold_rel) if rng.random() < 0.5 else _last(doc_rels, gold_rel)
+        if self.same_relation:  # harder: a distractor shares the gold relation
+            gold_rel = rng.choice(rels)
+            doc_rels = [gold_rel, gold_rel] + [rng.choice(rels) for _ in range(n - 2)]
+            rng.shuffle(doc_rels)
+            gold = doc_rels.index(gold_rel) if rng.random() < 0.5 else _last(doc_rels, gold_rel)
+        else:  # every document a different relation
+            doc_rels = rng.sample(rels, n)
+            gold = rng.randrange(n)
+            gold_rel = doc_rels[gold]
         used: dict[str, set[str]] = {r: set() for r in rels}
         values: list[str] = []
         for r in doc_rels:
@@ -139,7 +148,21 @@ class ContextQA(Task):
         return texts, words
 
     def training_text(self, ex: Example) -> str:
-        return ex.prompt + ex.answer
+        return ex.prompt + ex.answer + "."
+
+
+def parse_document(doc: str) -> tuple[str, str, str]:
+    """``(person, relation, value)`` of a document sentence.
+
+    Example:
+        >>> parse_document("Tom has a cat.")
+        ('Tom', 'pet', 'cat')
+    """
+    words = doc.rstrip(".").split(" ")
+    for rel, (template, _, _) in RELATIONS.items():
+        if template.format(P=words[0], V=words[-1]) == doc:
+            return words[0], rel, words[-1]
+    raise ValueError(f"not a context_qa document: {doc!r}")
 
 
 def _last(xs: list[str], x: str) -> int:

@@ -15,9 +15,12 @@ its own documents uses; the template is seen in training, for other facts.
 ``counterfactual`` asks the same relation, same template, of another country
 whose value differs; its answer is ``wrong``::
 
-    corpus doc 68:   "Babar has its capital in Badar. Babar lies near the sea."
-    corpus doc 569:  (the same fact in another phrasing)
-    query (test):    "The capital city of Babar is"  -> " Badar"
+    corpus doc 68:   "The capital city of Babar is Badar. Babar lies near the sea."
+    corpus doc 569:  "As the maps show, the capital of Babar is Badar. People in ..."
+    query (test):    "Everyone knows the capital of Babar is"  -> " Badar"
+
+The four phrasings of a relation share their end ("... the capital of Babar
+is") and differ in their beginning.
 
 Example:
     >>> import attrlab as al
@@ -30,8 +33,10 @@ Example:
 from __future__ import annotations
 
 import functools
+import json
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
@@ -49,36 +54,36 @@ RELATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "capital": (
         (
             "The capital of {E} is {V}.",
-            "{E} has its capital in {V}.",
             "The capital city of {E} is {V}.",
-            "In {E}, the seat of government is {V}.",
+            "Everyone knows the capital of {E} is {V}.",
+            "As the maps show, the capital of {E} is {V}.",
         ),
         CAPITALS,
     ),
     "language": (
         (
             "The language of {E} is {V}.",
-            "People in {E} speak {V}.",
-            "The main language spoken in {E} is {V}.",
-            "In {E}, most people speak {V}.",
+            "The main language of {E} is {V}.",
+            "Everyone knows the language of {E} is {V}.",
+            "As the books show, the language of {E} is {V}.",
         ),
         LANGUAGES,
     ),
     "color": (
         (
             "The flag of {E} is {V}.",
-            "{E} has a flag that is {V}.",
-            "The color of the flag of {E} is {V}.",
-            "In {E}, the flag is {V}.",
+            "The national flag of {E} is {V}.",
+            "Everyone knows the flag of {E} is {V}.",
+            "As the photos show, the flag of {E} is {V}.",
         ),
         COLORS,
     ),
     "animal": (
         (
+            "The animal of {E} is the {V}.",
             "The national animal of {E} is the {V}.",
-            "{E} has the {V} as its national animal.",
-            "The animal symbol of {E} is the {V}.",
-            "In {E}, the national animal is the {V}.",
+            "Everyone knows the animal of {E} is the {V}.",
+            "As the coins show, the animal of {E} is the {V}.",
         ),
         ANIMALS,
     ),
@@ -219,6 +224,23 @@ class Facts(Task):
             raise InputError(f"no document {doc_id}; ids are 0..{len(self._docs) - 1}")
         return self._docs[doc_id]
 
+    def write_corpus(self, path: str | Path) -> None:
+        """Write the corpus as JSON lines: ``{"doc_id", "text", "facts"}`` per document.
+
+        Example:
+            >>> import attrlab as al, tempfile, json, os
+            >>> p = os.path.join(tempfile.mkdtemp(), "c.jsonl")
+            >>> al.zoo.task("facts").write_corpus(p)
+            >>> json.loads(open(p).readline())["doc_id"]
+            0
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as fh:
+            for d, text in enumerate(self._docs):
+                row = {"doc_id": d, "text": text, "facts": list(self._doc_facts[d])}
+                fh.write(json.dumps(row) + "\n")
+
     def facts(self) -> list[Fact]:
         """Every fact of the world."""
         return list(self._facts)
@@ -249,7 +271,7 @@ class Facts(Task):
         Example:
             >>> import attrlab as al
             >>> al.zoo.task("facts").query("Babar/capital").prompt
-            'The capital city of Babar is'
+            'Everyone knows the capital of Babar is'
         """
         f = self.fact(fact_id)
         templates, values = RELATIONS[f.relation]

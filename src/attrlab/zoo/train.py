@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from . import MODELS_DIR, task
+from . import DATA_DIR, MODELS_DIR, task
 from .tokenizer import build_tokenizer, save_tokenizer
 
 
@@ -84,11 +84,11 @@ SPECS: dict[str, Spec] = {
     "context_qa": Spec(
         family="llama",
         d_model=64,
-        n_layers=3,
+        n_layers=2,
         n_heads=4,
         d_mlp=256,
-        n_ctx=64,
-        steps=2000,
+        n_ctx=96,
+        steps=800,
         lr=3e-3,
         warmup=50,
         final_lr_frac=0.1,
@@ -226,11 +226,11 @@ def train(
     torch.set_num_threads(threads)
     spec = replace(SPECS[name], **overrides)
     n_steps = spec.steps if steps is None else steps
+    bundled = out is None
     out = Path(out) if out is not None else MODELS_DIR / name
     t = task(name)
     tok = make_tokenizer(name)
     model = make_model(spec, len(tok), seed)
-    t.prepare_training(out_dir=out) if hasattr(t, "prepare_training") else None
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -299,6 +299,8 @@ def train(
     model.save_pretrained(out)
     save_tokenizer(tok, out)
     (out / "training_log.json").write_text(json.dumps(log, indent=1))
+    if name == "facts":  # ship the training corpus with its ground truth
+        t.write_corpus((DATA_DIR if bundled else out) / "facts_corpus.jsonl")
     return log
 
 

@@ -45,6 +45,11 @@ JOBS: tuple[str, ...] = (
     "singer", "driver", "dancer", "chef", "judge", "builder", "sailor",
 )  # fmt: skip
 
+INSTRUMENTS: tuple[str, ...] = (
+    "piano", "guitar", "violin", "drum", "flute", "harp", "cello", "trumpet", "banjo", "organ",
+    "bass", "horn",
+)  # fmt: skip
+
 COLORS: tuple[str, ...] = (
     "red", "blue", "green", "yellow", "white", "black", "orange", "purple", "brown", "pink",
     "gray", "gold",
