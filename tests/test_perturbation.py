@@ -205,3 +205,26 @@ def test_seeds(lm64):
     assert torch.equal(c.scores, d.scores)
     assert c.diagnostics["n_evaluations"] == 2 + 2 * 3 * (len(c) - 1)
     assert math.isfinite(float(KernelShap().params()["max_exact_units"]))
+
+
+def test_ioi_zoo_model_attributes_the_indirect_object():
+    """On the IOI zoo model, occlusion and IG (logit difference IO - S) put the
+    largest score among the context tokens on the IO name (docs/inputs.md has
+    the 200-prompt numbers: occlusion 93%, IG 80.5% with the pad baseline)."""
+    lm = al.zoo.load("ioi")
+    exs = al.zoo.task("ioi").examples(50, seed=0)
+    hits = {"occlusion": 0, "ig": 0}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only add overhead
+    try:
+        for ex in exs:
+            for method in hits:
+                opts = {"steps": 16} if method == "ig" else {}
+                tgt = (ex.answer, ex.wrong)
+                r = al.attribute(lm, ex.prompt, target=tgt, method=method, **opts)
+                context = r.scores[:-1]  # the final " to" is the query position
+                hits[method] += int(context.argmax()) == ex.positions["IO"]
+    finally:
+        torch.set_num_threads(threads)
+    assert hits["occlusion"] >= 44
+    assert hits["ig"] >= 36

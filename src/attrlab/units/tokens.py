@@ -144,13 +144,21 @@ class EmbedForward:
 
     def baseline(self, spec: Any = "pad") -> Tensor:
         """A baseline embedding ``[pos, d]``: ``"pad"``, ``"zero"``, ``"mask"``,
-        a token id, or a tensor ``[pos, d]`` / ``[1, pos, d]``.
+        a token id, an integer tensor of token ids ``[pos]`` (e.g. a
+        counterfactual prompt), or a float tensor ``[pos, d]`` / ``[1, pos, d]``.
 
         Raises:
             InputError: unknown name, no mask token, or a tensor of the wrong shape.
         """
         x = self.inputs_embeds()
         n = x.shape[0]
+        if isinstance(spec, Tensor) and not spec.is_floating_point():
+            ids = spec.reshape(-1)
+            if ids.numel() != n:
+                raise InputError(
+                    f"baseline token ids have {ids.numel()} entries; the input has {n} tokens"
+                )
+            return self.embed_ids(ids.long())
         if isinstance(spec, Tensor):
             b = spec.detach()
             if b.dim() == 3 and b.shape[0] == 1:
