@@ -81,6 +81,26 @@ def test_ig_baselines_equal_captum(lm64):
     ref = lig.attribute(ids, baselines=torch.full_like(ids, 5), n_steps=10)
     r = al.attribute(lm64, PROMPT, target=" store", method="ig", steps=10, baseline=5)
     torch.testing.assert_close(r.scores, ref.sum(-1)[0], atol=1e-8, rtol=0)
+    same = al.attribute(
+        lm64,
+        PROMPT,
+        target=" store",
+        method="ig",
+        steps=10,
+        baseline=torch.full((ids.shape[1],), 5),
+    )  # token ids per position
+    torch.testing.assert_close(same.scores, r.scores, atol=0, rtol=0)
+    cf = al.attribute(
+        lm64,
+        PROMPT,
+        target=" store",
+        method="ig",
+        steps=10,
+        counterfactual="When John and Mary went to the",
+    )
+    cf_ids = lm64.tokenize("When John and Mary went to the").input_ids[0]
+    as_ids = al.attribute(lm64, PROMPT, target=" store", method="ig", steps=10, baseline=cf_ids)
+    torch.testing.assert_close(cf.scores, as_ids.scores, atol=0, rtol=0)
     # embedding-space baselines through IntegratedGradients on inputs_embeds
     ig = captum.IntegratedGradients(lambda e: hf(inputs_embeds=e).logits[:, -1, tid])
     emb = hf.transformer.wte(ids).detach()
