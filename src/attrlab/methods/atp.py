@@ -73,6 +73,8 @@ __all__ = [
     "NodeSet",
     "exact_node_effects",
     "false_negative_bound",
+    "layer_ig",
+    "verify_units",
 ]
 
 NODE_KINDS = ("heads", "attn", "mlp", "neurons", "resid")
@@ -410,6 +412,7 @@ def _attribution_patching(
     graddrop: bool,
     qk_fix: bool,
     combine: str = "max",
+    ig_steps: int = 0,
 ) -> tuple[NodeSet, dict[str, Tensor], dict[str, Any], Batch, Batch]:
     if direction not in ("noising", "denoising"):
         raise InputError(f"direction must be 'noising' or 'denoising', got {direction!r}")
@@ -490,8 +493,83 @@ def _attribution_patching(
         sign = torch.sign(out["atp_qk"])
         sign[sign == 0] = 1.0
         mag = gd if combine == "mean" else torch.maximum(gd, out["atp_qk"].abs())
+        if ig_steps > 0:
+            ig = layer_ig(lm, target, nodes, base, base_cache, src_cache, ig_steps)
+            out["ig"] = ig
+            sign = torch.sign(ig)
+            sign[sign == 0] = 1.0
+            mag = torch.maximum(mag, ig.abs())
+            diagnostics["ig_steps"] = ig_steps
         out["atp*"] = sign * mag
     return nodes, out, diagnostics, base, src
+
+
+def layer_ig(
+    lm: LM,
+    target: Target,
+    nodes: NodeSet,
+    base: Batch,
+    base_cache: dict[str, Tensor],
+    src_cache: dict[str, Tensor],
+    steps: int,
+) -> Tensor:
+    """Per-layer integrated gradients along the patch path (midpoint rule).
+
+    For every layer ``l`` of ``nodes`` and ``alpha_k = (k + 1/2) / steps``, one
+    group of batch rows runs the base prompt with *all* of layer ``l``'s units
+    shifted by ``alpha_k * (a(source) - a(base))`` (everything else free); the
+    unit score is ``delta . mean_k d metric / d a`` at those points. Unlike
+    AtP (gradient at ``alpha = 0`` only), the gradient is taken part of the way
+    toward the patched state, past a saturated MLP / LayerNorm downstream of the
+    unit. All ``len(layers) * steps`` groups run as one batched forward and
+    backward. The path moves a whole layer at once (not one unit), so this is
+    not the single-unit integral; see ``docs/circuits.md`` for its accuracy.
+
+    Returns ``[n_units]`` scores in the node set's unit order.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> t = al.targets.resolve(" a", lm)
+        >>> b, cf = lm.tokenize("a b c"), lm.tokenize("a c c")
+        >>> ns = NodeSet.build(lm, al.units.MlpOut(), n_pos=3)
+        >>> _, src = lm.run(cf, cache=ns.sites())
+        >>> _, bc = lm.run(b, cache=ns.sites())
+        >>> layer_ig(lm, t, ns, b, bc, src, steps=2).shape
+        torch.Size([2])
+    """
+    if steps < 1:
+        raise InputError(f"ig_steps must be >= 1, got {steps}")
+    sites = nodes.sites()
+    n_b = base.shape[0]
+    n_groups = len(sites) * steps
+    rows = base.repeat(n_groups)  # prompt-major: row b * n_groups + g, g = site * steps + k
+    ivs = []
+    deltas = {}
+    for si, s in enumerate(sites):
+        a_base = base_cache[s]
+        delta = src_cache[s].to(a_base.dtype) - a_base  # [b, p, *rest]
+        deltas[s] = delta
+        shift = torch.zeros((n_b, n_groups, *delta.shape[1:]), dtype=delta.dtype)
+        for k in range(steps):
+            shift[:, si * steps + k] = (k + 0.5) / steps * delta
+        shift = shift.reshape(n_b * n_groups, *delta.shape[1:])
+
+        def add(x: Tensor, shift: Tensor = shift) -> Tensor:
+            return x + shift.to(x.device, x.dtype)
+
+        ivs.append(Intervention(s, add))
+    m, cache = _metric(lm, target, rows, cache=sites, interventions=ivs, grad=True)
+    grads = torch.autograd.grad(m.sum() / n_b, [cache[s] for s in sites], allow_unused=True)
+    parts = []
+    for si, (s, gr) in enumerate(zip(sites, grads)):
+        delta = deltas[s]
+        if gr is None:
+            parts.append(nodes.reduce(torch.zeros_like(delta).float()))
+            continue
+        g = sum(gr[si * steps + k :: n_groups].detach() for k in range(steps)) * (n_b / steps)
+        parts.append(nodes.reduce((delta * g).float()))
+    return torch.cat(parts)
 
 
 def _detach(x: Tensor) -> Tensor:
@@ -606,6 +684,17 @@ class AtPStar(Method):
             smallest |exact effect| among the verified top units).
         delta: the bound holds with probability at least ``1 - delta``.
         seed: sampling seed.
+        ig_steps: ``> 0`` adds per-layer integrated gradients with this many
+            midpoint steps (:func:`layer_ig`; ``extra["ig"]``); the magnitude
+            becomes the larger of the AtP* magnitude and ``|ig|``, the sign that
+            of ``ig``. Off by default (see ``docs/circuits.md`` for when it helps).
+        verify: ``k > 0`` patches the ``k`` units with the largest ``|AtP*|``
+            exactly (``patch_sweep``, batched) and replaces their scores with the
+            exact effects. The pure estimate stays in ``extra["atp*"]``, the
+            replaced units in ``extra["verified"]`` (bool mask), and
+            ``diagnostics["verified"] = k``. This is the AtP* workflow (estimate,
+            then verify the top candidates); the scores are then no longer a pure
+            estimate, so compare estimators on ``extra["atp*"]``.
 
     Example:
         >>> import attrlab as al
@@ -614,6 +703,10 @@ class AtPStar(Method):
         ...                  counterfactual="a c c d", bound_samples=2, bound_top=1)
         >>> "false_negative_bound" in r.diagnostics
         True
+        >>> v = al.attribute(lm, "a b c d", target=" a", units="attn", method="atp*",
+        ...                  counterfactual="a c c d", verify=1)
+        >>> int(v.extra["verified"].sum()), v.diagnostics["verified"]
+        (1, 1)
     """
 
     def __init__(
@@ -630,7 +723,13 @@ class AtPStar(Method):
         delta: float = 0.05,
         seed: int = 0,
         progress: bool = False,
+        ig_steps: int = 0,
+        verify: int = 0,
     ):
+        if ig_steps < 0 or verify < 0:
+            raise InputError(f"ig_steps and verify must be >= 0, got {ig_steps}, {verify}")
+        self.ig_steps = ig_steps
+        self.verify = verify
         self.direction = direction
         self.head_site = head_site
         self.qk_fix = qk_fix
@@ -666,8 +765,10 @@ class AtPStar(Method):
             graddrop=self.graddrop,
             combine=self.combine,
             qk_fix=self.qk_fix,
+            ig_steps=self.ig_steps,
         )
         scores = out.pop("atp*")
+        estimate = scores
         if self.bound_samples > 0:
             with torch.no_grad():
                 _, src_cache = lm.run(src, cache=nodes.sites())
@@ -677,7 +778,7 @@ class AtPStar(Method):
                 src_cache,
                 target,
                 nodes,
-                scores,
+                estimate,
                 n_top=self.bound_top,
                 n_samples=self.bound_samples,
                 n_bins=self.bound_bins,
@@ -686,7 +787,56 @@ class AtPStar(Method):
                 seed=self.seed,
                 progress=self.progress,
             )
+        if self.verify > 0:
+            k = min(self.verify, int(estimate.numel()))
+            order = torch.argsort(estimate.abs().double(), descending=True, stable=True)
+            idx = order[:k].tolist()
+            exact = verify_units(
+                lm, inputs, counterfactual, target, nodes, idx, self.direction, self.progress
+            )
+            scores = estimate.clone()
+            scores[idx] = exact.to(scores.dtype)
+            mask = torch.zeros(estimate.numel(), dtype=torch.bool)
+            mask[idx] = True
+            out["atp*"] = estimate
+            out["verified"] = mask
+            diag["verified"] = k
         return _result(lm, nodes, scores, self, target, diag, out, base)
+
+
+def verify_units(
+    lm: LM,
+    inputs: Inputs,
+    counterfactual: Inputs | None,
+    target: Target,
+    nodes: NodeSet,
+    indices: Sequence[int],
+    direction: str = "noising",
+    progress: bool = False,
+) -> Tensor:
+    """Exact effects (mean over prompts) of the units ``indices`` of ``nodes``,
+    by :func:`attrlab.methods.patching.patch_sweep` (one batched forward row per
+    unit and prompt).
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> t = al.targets.resolve(" a", lm)
+        >>> ns = NodeSet.build(lm, al.units.MlpOut(), n_pos=3)
+        >>> verify_units(lm, "a b c", "a c c", t, ns, [1]).shape
+        torch.Size([1])
+    """
+    from .patching import PatchUnit, patch_sweep
+
+    plist = [
+        PatchUnit(layer, nodes.site_kind, pos, sub) for layer, pos, sub in map(nodes.unit, indices)
+    ]
+    if not plist:
+        return torch.zeros(0, dtype=torch.float64)
+    sw = patch_sweep(
+        lm, inputs, counterfactual, target, plist, direction=direction, progress=progress
+    )
+    return sw.effects.double().mean(0)
 
 
 # --------------------------------------------------------- diagnostic bound
