@@ -230,7 +230,7 @@ def lds(
     if result.unit_kind == "train":
         from ..data.lds import lds as data_lds
 
-        given = {
+        given: dict[str, Any] = {
             k: v
             for k, v in (("n_masks", n_masks), ("alpha", alpha), ("seed", seed))
             if v is not _UNSET

@@ -62,8 +62,8 @@ def quadrature(rule: str, steps: int) -> tuple[Tensor, Tensor]:
         raise InputError(f"steps must be a positive integer, got {steps!r}")
     n = steps
     if rule == "gausslegendre":
-        x, w = np.polynomial.legendre.leggauss(n)
-        return torch.from_numpy(0.5 * (x + 1.0)), torch.from_numpy(0.5 * w)
+        nodes, wts = np.polynomial.legendre.leggauss(n)
+        return torch.from_numpy(0.5 * (nodes + 1.0)), torch.from_numpy(0.5 * wts)
     if rule == "riemann_trapezoid":
         if n < 2:
             raise InputError("the trapezoid rule needs steps >= 2")
@@ -164,6 +164,8 @@ class _GradientMethod(Method):
     ) -> Any:
         """Attribute with a ready :class:`EmbedForward` (classifiers, encoders, custom targets)."""
         self._check()
+        if counterfactual is not None and not isinstance(self, IntegratedGradients):
+            raise InputError(f"{self.name} does not use a counterfactual; use method='ig'")
         groups, _ = units.groups(fwd.view)
         if not groups:
             raise InputError("no units to attribute (every token excluded?)")

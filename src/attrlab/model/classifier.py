@@ -72,7 +72,7 @@ class SequenceBatch:
 
 
 @contextlib.contextmanager
-def replace_embeddings(model: nn.Module, emb: Tensor | None) -> Iterator[None]:
+def replace_embeddings(model: Any, emb: Tensor | None) -> Iterator[None]:
     """Within the block, the token-embedding module of ``model`` returns ``emb``."""
     if emb is None:
         yield
@@ -100,7 +100,7 @@ class _Wrapper:
     def __init__(self, model: nn.Module, tokenizer: Any, name: str | None = None):
         if not hasattr(model, "get_input_embeddings"):
             raise InputError("the model must provide get_input_embeddings() (a Hugging Face model)")
-        self.model = model.eval()
+        self.model: Any = model.eval()
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.n_ctx: int | None = getattr(model.config, "max_position_embeddings", None)
@@ -270,8 +270,9 @@ class ClassifierForward(EmbedForward):
         self.clf = clf
         enc = clf._encode(inputs)
         self.batch = clf.tokenize(inputs)
-        self.target = resolve_target(target, clf)
-        self.target.prepare(clf, self.batch)
+        any_clf: Any = clf  # implements the parts of LM that targets use
+        self.target = resolve_target(target, any_clf)
+        self.target.prepare(any_clf, self.batch)  # type: ignore[arg-type]
         self.target_name = self.target.describe()
         self.view = _view(clf, enc, inputs)
         self.n_rows = 1
@@ -287,7 +288,7 @@ class ClassifierForward(EmbedForward):
         n = emb.shape[0]
         b = self.batch.repeat(n)
         logits, _ = self.clf.run(b, grad=emb.requires_grad, embeddings=emb)
-        return self.target(logits, b).reshape(n, -1)
+        return self.target(logits, b).reshape(n, -1)  # type: ignore[arg-type]
 
 
 class Encoder(_Wrapper):

@@ -345,7 +345,8 @@ class LMEmbedForward(EmbedForward):
             last_only=True,
         )
         h = cache["final_norm.input"]  # [n, pos, d]
-        ids = self.target.ids
+        tgt: Any = self.target  # a ContinuationLogProb
+        ids = tgt.ids
         assert ids is not None
         k, width = len(ids), h.shape[1]
         per_token = []
@@ -353,7 +354,7 @@ class LMEmbedForward(EmbedForward):
             pos = width - k - 1 + r  # predicts continuation token r
             logits = self.lm.unembed(self.lm.apply_final_norm(h[:, pos]))  # [n, vocab]
             per_token.append(logits.float().log_softmax(-1)[:, tid])
-        reduce = self.target.reduce
+        reduce = tgt.reduce
         if reduce == "none":
             return per_token
         total = torch.stack(per_token, 0).sum(0)
