@@ -386,3 +386,94 @@ def test_qk_fix_falls_back_on_rotary_models():
     )
     assert "unavailable" in r.diagnostics["qk_fix"]
     torch.testing.assert_close(r.extra["atp_qk"], r.extra["atp"])
+
+
+# ------------------------------------------------ verification and layer IG
+def test_verify_replaces_top_k_with_patch_sweep_values(ioi, tmp_path):
+    """verify=k: the k units with the largest pure AtP* estimate get patch_sweep's
+    exact effects; every other score is the untouched estimate."""
+    lm, prompts, cfs, target = ioi
+    ex = _ioi_exact(ioi, "z")
+    kw = dict(target=target, units=al.units.Heads(per_position=True), counterfactual=cfs)
+    pure = al.attribute(lm, prompts, method="atp*", **kw)
+    r = al.attribute(lm, prompts, method="atp*", verify=6, **kw)
+    mask = r.extra["verified"]
+    assert mask.dtype == torch.bool and int(mask.sum()) == 6 and r.diagnostics["verified"] == 6
+    torch.testing.assert_close(r.extra["atp*"], pure.scores)  # the pure estimate is kept
+    top = set(torch.argsort(pure.scores.abs(), descending=True)[:6].tolist())
+    assert set(torch.nonzero(mask).flatten().tolist()) == top
+    torch.testing.assert_close(r.scores[mask].double(), ex[mask], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(r.scores[~mask], pure.scores[~mask])
+    assert corr(r.scores, ex) > corr(pure.scores, ex)
+    assert al.Attribution.load(r.save(tmp_path / "v.attr")).equals(r)
+
+
+def test_layer_ig_converges_to_exact_patching_for_one_unit_per_layer(lm):
+    """With one unit per layer the layer path is the unit's own patch path, so
+    the midpoint rule converges to the exact effect; ``ig_steps=1`` in AtP* is
+    the one-step rule."""
+    from attrlab.methods.atp import layer_ig
+
+    units = al.units.MlpOut()
+    ex = exact(lm, units)
+    t = al.targets.resolve((" Mary", " John"), lm)
+    b, c = prepare_pair(lm, PROMPT, t, CF)
+    ns = NodeSet.build(lm, units, b.shape[1])
+    _, src = lm.run(c, cache=ns.sites())
+    _, base = lm.run(b, cache=ns.sites())
+    fine = layer_ig(lm, t, ns, b, base, src, steps=64)
+    torch.testing.assert_close(fine.double(), ex, atol=2e-3 * float(ex.abs().max()), rtol=0)
+    r = run(lm, units, ig_steps=1)
+    torch.testing.assert_close(r.extra["ig"], layer_ig(lm, t, ns, b, base, src, steps=1))
+    assert r.diagnostics["ig_steps"] == 1
+
+
+def test_ig_steps_cost_is_one_extra_batched_forward(lm):
+    """ig_steps=s adds one forward+backward of L * s row groups, nothing per unit."""
+    calls: list[int] = []
+    h = lm.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: (
+            calls.append(int(kwargs["input_ids"].shape[0]))
+            if "input_ids" in kwargs
+            else calls.append(int(args[0].shape[0]))
+        ),
+        with_kwargs=True,
+    )
+    try:
+        run(lm, al.units.Heads(per_position=True))
+        base_calls = list(calls)
+        calls.clear()
+        run(lm, al.units.Heads(per_position=True), ig_steps=2)
+    finally:
+        h.remove()
+    assert calls[: len(base_calls)] == base_calls
+    assert calls[len(base_calls) :] == [3 * 2]  # 3 layers x 2 steps, one prompt
+
+
+def test_ioi_ig_steps_lifts_pearson(ioi):
+    """Zoo IOI model, z units: per-layer IG (2 midpoint steps) moves the gradient
+    past the saturated final MLP/LayerNorm: Pearson 0.79 -> 0.94. Measured top-10
+    recall 0.9 (AtP* alone: 1.0); see docs/circuits.md."""
+    lm, prompts, cfs, target = ioi
+    ex = _ioi_exact(ioi, "z")
+    r = al.attribute(
+        lm,
+        prompts,
+        target=target,
+        units=al.units.Heads(per_position=True),
+        method="atp*",
+        counterfactual=cfs,
+        ig_steps=2,
+    )
+    assert corr(r.scores, ex) >= 0.9
+    assert corr(r.scores, ex) > corr(r.extra["atp"], ex) + 0.1
+    top_exact = set(torch.argsort(ex.abs(), descending=True)[:10].tolist())
+    top_ig = set(torch.argsort(r.scores.abs(), descending=True)[:10].tolist())
+    assert len(top_exact & top_ig) >= 9
+
+
+def test_bad_verify_and_ig_options(lm):
+    with pytest.raises(al.errors.InputError, match=">= 0"):
+        run(lm, "heads", verify=-1)
+    with pytest.raises(al.errors.InputError, match=">= 0"):
+        run(lm, "heads", ig_steps=-2)
