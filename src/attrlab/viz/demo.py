@@ -572,7 +572,7 @@ def _sources(demo: Demo) -> None:
         lm = zoo_model("context_qa")
         ex = zoo.task("context_qa").examples(1, seed=0)[0]
         prompt, sources, gold, response = ex.prompt, list(ex.sources), ex.gold, ex.answer
-        where = f"zoo context_qa; answer {response!r}"
+        where = f"zoo context_qa; question {ex.question!r}, answer {response!r}"
     wanted = {"sources": sources, "response": response, "n_ablations": 32, "seed": 0}
     r = _attr(demo, m, "sources", "sources", lm=lm, prompt=prompt, target=None, **wanted)
     if len(r) == len(sources):

@@ -114,7 +114,7 @@ def fmt(v: Any, digits: int = 4) -> str:
         return "nan"
     if math.isinf(f):
         return "inf" if f > 0 else "-inf"
-    return f"{f:.{digits}g}"
+    return f"{f + 0.0:.{digits}g}" if f != 0 else "0"
 
 
 def color(score: float, scale: float) -> str:
