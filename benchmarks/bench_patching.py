@@ -66,8 +66,12 @@ def _config_kwargs() -> dict:
 
 
 # ------------------------------------------------------------------ peer side
-def peer(runs: int) -> None:
-    """TransformerLens side (runs in the TL venv): load the same weights, patch, time."""
+def peer(runs: int, n_patches: int = 0) -> None:
+    """TransformerLens side (runs in the TL venv): load the same weights, patch, time.
+
+    ``n_patches > 0`` times an evenly spaced subset of the (layer, pos, head)
+    patches (each is one full forward in TransformerLens, so its time per patch
+    does not depend on which ones); 0 = all of them."""
     import torch
     from safetensors.torch import load_file, save_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig, patching
@@ -118,31 +122,60 @@ def peer(runs: int) -> None:
         normed = clean_cache.apply_ln_to_stack(stack, layer=-1, pos_slice=-1)
         direction = model.W_U[:, ANSWER] - model.W_U[:, WRONG]
         dla = (normed * model.ln_final.w) @ direction  # [L*H, 1]
-        resid = patching.get_act_patch_resid_pre(model, corrupt, clean_cache, metric)
+        import pandas as pd
+
+        def index_df(sizes: tuple[int, ...], names: list[str], n: int) -> pd.DataFrame | None:
+            total = 1
+            for x in sizes:
+                total *= x
+            if n <= 0 or n >= total:
+                return None
+            flat = torch.linspace(0, total - 1, n).round().long().unique()
+            rows = torch.stack(torch.unravel_index(flat, sizes), -1)
+            return pd.DataFrame(rows.numpy(), columns=names)
+
+        r_df = index_df((N_LAYERS, N_POS), ["layer", "pos"], n_patches // 12 if n_patches else 0)
+        resid = patching.get_act_patch_resid_pre(
+            model,
+            corrupt,
+            clean_cache,
+            metric,
+            **({"index_df": r_df, "index_axis_names": None} if r_df is not None else {}),
+        )
         early = {"resid_pre": resid.contiguous(), "dla_heads": dla[:, 0].contiguous()}
         save_file(early, str(OUT / "peer_early.safetensors"))
         print("peer: DLA and resid_pre done; timing head patching", flush=True)
+        h_df = index_df((N_LAYERS, N_POS, N_HEADS), ["layer", "pos", "head"], n_patches)
         times = []
         heads = None
         for _ in range(runs):
             t0 = time.perf_counter()
-            heads = patching.get_act_patch_attn_head_out_by_pos(model, corrupt, clean_cache, metric)
+            heads = patching.get_act_patch_attn_head_out_by_pos(
+                model,
+                corrupt,
+                clean_cache,
+                metric,
+                **({"index_df": h_df, "index_axis_names": None} if h_df is not None else {}),
+            )
             times.append(time.perf_counter() - t0)
     assert heads is not None
-    save_file(
-        {
-            "heads_by_pos": heads.contiguous(),  # [L, pos, H]
-            "resid_pre": resid.contiguous(),  # [L, pos]
-            "dla_heads": dla[:, 0].contiguous(),  # [L*H]
-            "hf_vs_tl_logits": (hf_logits - clean_logits).abs().max().reshape(1),
-        },
-        str(OUT / "peer.safetensors"),
-    )
-    (OUT / "peer.json").write_text(json.dumps({"times": times}))
+    n_done = N_LAYERS * N_POS * N_HEADS if h_df is None else len(h_df)
+    out = {
+        "heads_by_pos": heads.contiguous(),  # [L, pos, H] or [n_sampled]
+        "resid_pre": resid.contiguous(),  # [L, pos] or [n_sampled]
+        "dla_heads": dla[:, 0].contiguous(),  # [L*H]
+        "hf_vs_tl_logits": (hf_logits - clean_logits).abs().max().reshape(1),
+    }
+    if h_df is not None:
+        out["heads_index"] = torch.tensor(h_df.to_numpy())
+    if r_df is not None:
+        out["resid_index"] = torch.tensor(r_df.to_numpy())
+    save_file(out, str(OUT / "peer.safetensors"))
+    (OUT / "peer.json").write_text(json.dumps({"times": times, "n_patches": n_done}))
 
 
 # ------------------------------------------------------------------ our side
-def main(runs: int, batch_size: int, skip_peer: bool) -> dict:
+def main(runs: int, batch_size: int, skip_peer: bool, tl_patches: int = 0) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -205,18 +238,43 @@ def main(runs: int, batch_size: int, skip_peer: bool) -> dict:
                 f"peer environment missing: build {PEER_PY.parent.parent} (see docstring)"
             )
         env = {**os.environ, "OMP_NUM_THREADS": "2"}
-        subprocess.run([str(PEER_PY), __file__, "--peer", "--runs", str(runs)], check=True, env=env)
+        subprocess.run(
+            [
+                str(PEER_PY),
+                __file__,
+                "--peer",
+                "--runs",
+                str(runs),
+                "--tl-patches",
+                str(tl_patches),
+            ],
+            check=True,
+            env=env,
+        )
         peer_t = load_file(str(OUT / "peer.safetensors"))
-        peer_times = json.loads((OUT / "peer.json").read_text())["times"]
+        pj = json.loads((OUT / "peer.json").read_text())
+        peer_times, n_peer = pj["times"], pj["n_patches"]
+        n_all = N_LAYERS * N_POS * N_HEADS
+        tl_full = statistics.median(peer_times) * n_all / n_peer
+        if "heads_index" in peer_t:
+            i = peer_t["heads_index"]
+            ours_h = ours_heads[i[:, 0], i[:, 1], i[:, 2]]
+        else:
+            ours_h = ours_heads
+        if "resid_index" in peer_t:
+            i = peer_t["resid_index"]
+            ours_r = ours_resid[i[:, 0], i[:, 1]]
+        else:
+            ours_r = ours_resid
         summary.update(
             {
+                "transformer_lens_patches_timed": n_peer,
                 "transformer_lens_times_s": peer_times,
                 "transformer_lens_median_s": statistics.median(peer_times),
-                "speedup_median": statistics.median(peer_times) / statistics.median(times),
-                "max_abs_diff_heads_by_pos": float(
-                    (peer_t["heads_by_pos"] - ours_heads).abs().max()
-                ),
-                "max_abs_diff_resid_pre": float((peer_t["resid_pre"] - ours_resid).abs().max()),
+                "transformer_lens_full_sweep_s": tl_full,
+                "speedup_median": tl_full / statistics.median(times),
+                "max_abs_diff_heads_by_pos": float((peer_t["heads_by_pos"] - ours_h).abs().max()),
+                "max_abs_diff_resid_pre": float((peer_t["resid_pre"] - ours_r).abs().max()),
                 "max_abs_diff_dla_heads": float((peer_t["dla_heads"] - ours_dla).abs().max()),
                 "max_abs_dla_head": float(ours_dla.abs().max()),
                 "tl_vs_hf_logits_max_abs": float(peer_t["hf_vs_tl_logits"][0]),
@@ -241,9 +299,16 @@ if __name__ == "__main__":
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--peer", action="store_true", help="run the TransformerLens side (TL venv)")
     ap.add_argument("--skip-peer", action="store_true", help="time attrlab only")
+    ap.add_argument(
+        "--tl-patches",
+        type=int,
+        default=0,
+        help="time TransformerLens on an evenly spaced subset of this many head patches and "
+        "scale to all 2,304 (0 = the full sweep)",
+    )
     a = ap.parse_args()
     if a.peer:
-        peer(a.runs)
+        peer(a.runs, a.tl_patches)
         sys.exit(0)
-    s = main(a.runs, a.batch_size, a.skip_peer)
+    s = main(a.runs, a.batch_size, a.skip_peer, a.tl_patches)
     print(json.dumps(s, indent=2))
