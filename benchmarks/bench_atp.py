@@ -24,6 +24,8 @@ Run::
 
     python benchmarks/bench_atp.py             # prints a table and the ratios
     python benchmarks/bench_atp.py --runs 1    # quicker
+    python benchmarks/bench_atp.py --options-only --runs 3 --threads 1  # ig_steps / verify cost
+    python benchmarks/bench_atp.py --ioi       # accuracy of AtP* options on the zoo IOI model
 
 Peer comparison (EAP vs auto-circuit's mask-gradient EAP, same weights, all
 edges with separate q/k/v inputs): auto-circuit needs TransformerLens 2.x and
@@ -103,10 +105,22 @@ def main() -> None:
         help="compare EAP with auto-circuit's mask-gradient EAP (needs _envs/ac)",
     )
     ap.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--options-only",
+        action="store_true",
+        help="time only fwd+bwd, AtP* and its ig_steps / verify options",
+    )
+    ap.add_argument(
+        "--ioi",
+        action="store_true",
+        help="accuracy table on the zoo IOI model: AtP*, ig_steps, verify vs patch_sweep",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.peer:
         return peer(args.runs)
+    if args.ioi:
+        return ioi_table()
     if args.autocircuit:
         return compare_autocircuit(args.runs, args.threads)
     import attrlab as al
@@ -134,6 +148,15 @@ def main() -> None:
 
     t_fb = timed(fwd_bwd, args.runs)
     rows = {"fwd+bwd": t_fb}
+    if args.options_only:
+        rows["atp*"] = timed(run("atp*", heads), args.runs)
+        for steps in (1, 2):
+            rows[f"atp* ig_steps={steps}"] = timed(run("atp*", heads, ig_steps=steps), args.runs)
+        rows["atp* verify=10"] = timed(run("atp*", heads, verify=10), args.runs)
+        print(f"{'what':<24}{'seconds':>10}{'x fwd+bwd':>12}")
+        for k, v in rows.items():
+            print(f"{k:<24}{v:>10.3f}{v / t_fb:>12.2f}")
+        return None
     rows["atp"] = timed(run("atp", heads), args.runs)
     rows["atp*"] = timed(run("atp*", heads), args.runs)
     rows["atp* (k, QK fix)"] = timed(run("atp*", heads, head_site="k"), args.runs)
@@ -177,6 +200,60 @@ def main() -> None:
         f"Pearson with exact on {len(idx)} units: atp {corr(r_atp.extra['atp']):.4f}, "
         f"atp* {corr(r_atp.scores):.4f}"
     )
+
+
+def ioi_table() -> None:
+    """Zoo IOI model, heads x positions: Pearson / top-10 recall of AtP* and its
+    options against ``patch_sweep`` for every head site and direction."""
+    import attrlab as al
+    from attrlab.methods.atp import NodeSet
+    from attrlab.methods.patching import patch_sweep
+
+    lm = al.zoo.load("ioi")
+    exs = al.zoo.task("ioi").examples(8, seed=0)
+    prompts, cfs = [e.prompt for e in exs], [e.counterfactual for e in exs]
+    target = al.targets.LogitDiff([e.answer for e in exs], [e.wrong for e in exs])
+    units = al.units.Heads(per_position=True)
+    n_pos = lm.tokenize(prompts).shape[1]
+
+    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
+
+    def recall(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
+        top = set(torch.argsort(b.abs(), descending=True)[:k].tolist())
+        return len(top & set(torch.argsort(a.abs(), descending=True)[:k].tolist())) / k
+
+    options = {
+        "AtP*": {},
+        "ig_steps=1": {"ig_steps": 1},
+        "ig_steps=2": {"ig_steps": 2},
+        "ig_steps=4": {"ig_steps": 4},
+        "verify=10": {"verify": 10},
+    }
+    print("Pearson / top-10 recall with patch_sweep (verify=10: the returned scores)")
+    print("| site | direction | " + " | ".join(options) + " |")
+    for site in ("z", "q", "k", "v"):
+        for direction in ("noising", "denoising"):
+            sw = patch_sweep(lm, prompts, cfs, target, units, site=site, direction=direction)
+            eff = sw.effects.double().mean(0)
+            by = {(u.layer, u.index, u.position): float(e) for u, e in zip(sw.units, eff)}
+            ns = NodeSet.build(lm, units, n_pos, head_site=site)
+            ex = torch.tensor([by[(ly, h, p)] for ly, p, h in map(ns.unit, range(ns.n_units))])
+            cells = []
+            for kw in options.values():
+                r = al.attribute(
+                    lm,
+                    prompts,
+                    target=target,
+                    units=units,
+                    method="atp*",
+                    counterfactual=cfs,
+                    head_site=site,
+                    direction=direction,
+                    **kw,
+                )
+                cells.append(f"{corr(r.scores, ex):.3f} / {recall(r.scores, ex):.1f}")
+            print(f"| {site} | {direction} | " + " | ".join(cells) + " |", flush=True)
 
 
 def _tokens():
