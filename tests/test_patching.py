@@ -89,13 +89,13 @@ def test_sweep_equals_one_full_forward_per_patch(family: str, direction: str) ->
         )
         sites = sorted({u.site for u in sw.units})
         _, donor_cache = lm.run(donor, cache=sites)
-        step = max(1, len(sw.units) // 3)
+        step = max(1, len(sw.units) // 2)
         for j in range(0, len(sw.units), step):
             want = _brute(lm, base, donor_cache, sw.units[j], target)
             assert sw.patched[0, j].item() == pytest.approx(want, abs=1e-4)
             n_checked += 1
         assert torch.isfinite(sw.patched).all()
-    assert n_checked > 25
+    assert n_checked >= 15
 
 
 def test_effects_are_not_trivial() -> None:
