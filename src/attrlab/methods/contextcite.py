@@ -64,8 +64,8 @@ class ContextMethod(Method):
         max_new_tokens, do_sample: generation of the response when not given
             (greedy by default; sampling is seeded by ``seed``).
         seed: seeds the masks and any sampling.
-        batch_size: prompts per forward; ``"auto"`` picks 1 (prefix-tree walk)
-            for large models on CPU, otherwise up to 64 prompts (8192 tokens).
+        batch_size: prompts per forward; ``"auto"``: up to 64 prompts (8192
+            tokens) in length-sorted batches; 1 walks the prefix tree of the prompts.
         progress: show a progress bar.
 
     Example:

@@ -374,18 +374,18 @@ def _token_logprobs(response: Sequence[int]) -> Callable[[Tensor, list[int]], Te
 
 
 def auto_batch_size(lm: Any, longest: int = 128) -> int:
-    """Rows per forward: 1 on CPU for models above ~20M parameters (compute-bound:
-    the prefix-tree walk then wastes nothing); otherwise as many rows as fit in
-    8192 tokens (at most 64), since per-forward overhead dominates.
+    """Rows per forward: as many as fit in 8192 tokens (at most 64).
+
+    Length-sorted batches beat one prompt per forward on CPU too (measured on a
+    12-layer, 768-wide model with 2 threads: half the time at batch 8 to 16, for
+    a third more tokens); ``batch_size=1`` (the prefix-tree walk) runs the
+    fewest tokens and suits a single thread on an idle machine.
 
     Example:
         >>> import attrlab as al
         >>> auto_batch_size(al.wrap(*al.testing.tiny_model("llama")), longest=256)
         32
     """
-    n_params = sum(p.numel() for p in lm.model.parameters())
-    if lm.device.type == "cpu" and n_params > 20_000_000:
-        return 1
     return max(1, min(64, 8192 // max(1, longest)))
 
 
