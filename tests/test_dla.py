@@ -18,6 +18,15 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread avoids thread hand-off costs on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @functools.cache
 def _lm(family: str) -> al.LM:
     return al.wrap(*al.testing.tiny_model(family, initializer_range=0.3))
