@@ -413,6 +413,8 @@ def _attribution_patching(
     qk_fix: bool,
     combine: str = "max",
     ig_steps: int = 0,
+    tail_fix: bool = False,
+    tail_points: int = 16,
 ) -> tuple[NodeSet, dict[str, Tensor], dict[str, Any], Batch, Batch]:
     if direction not in ("noising", "denoising"):
         raise InputError(f"direction must be 'noising' or 'denoising', got {direction!r}")
@@ -429,11 +431,22 @@ def _attribution_patching(
         diagnostics["qk_fix"] = (
             f"unavailable for family {lm.cfg.family!r} (rotary positions); linear AtP used"
         )
+    last = lm.cfg.n_layers - 1
+    tail_sites = [f"blocks.{last}.resid_pre", f"blocks.{last}.attn.out"]
+    use_tail = star and tail_fix
+    if use_tail and (lm.cfg.parallel_residual or not uses_last_only(target)):
+        use_tail = False
+        diagnostics["tail_fix"] = (
+            "unavailable: needs a sequential-residual model and a target read at the last "
+            "position; AtP* without it"
+        )
     extra_sites: list[str] = []
     if use_qk:
         for layer in nodes.layers:
             extra_sites += [f"blocks.{layer}.attn.{c}" for c in ("q", "k", "pattern")]
-        extra_sites = [s for s in extra_sites if s not in sites]
+    if use_tail:
+        extra_sites += tail_sites
+    extra_sites = list(dict.fromkeys(s for s in extra_sites if s not in sites))
 
     # source run (no grad)
     with torch.no_grad():
@@ -456,7 +469,16 @@ def _attribution_patching(
     wrt = [cache[s] for s in sites]
     pat_sites = [f"blocks.{layer}.attn.pattern" for layer in nodes.layers] if use_qk else []
     wrt += [cache[s] for s in pat_sites]
-    grads = torch.autograd.grad(m_all.sum() / n_b, wrt, allow_unused=True)
+    if use_tail:
+        wrt.append(cache[tail_sites[1]])
+    grads = torch.autograd.grad(m_all.sum() / n_b, wrt, allow_unused=True, retain_graph=use_tail)
+    kappa: Tensor | None = None
+    if use_tail:
+        kappa = _tail_correction(
+            lm, target, nodes, base, cache, src_cache, grads[-1], groups, tail_points
+        )
+        grads = grads[:-1]
+        diagnostics["tail_fix"] = f"final MLP/norm at the last position, {tail_points} points"
     m_base = m_all[::groups].detach().float()
     diagnostics["metric_base"] = float(m_base.mean())
     diagnostics["metric_source"] = float(m_src.float().mean())
@@ -490,9 +512,12 @@ def _attribution_patching(
         else:
             gd = out["atp_qk"].abs()
         out["graddrop"] = gd
-        sign = torch.sign(out["atp_qk"])
+        first = out["atp_qk"]
+        if kappa is not None:
+            first = out["atp_tail"] = out["atp_qk"] + kappa
+        sign = torch.sign(first)
         sign[sign == 0] = 1.0
-        mag = gd if combine == "mean" else torch.maximum(gd, out["atp_qk"].abs())
+        mag = gd if combine == "mean" else torch.maximum(gd, first.abs())
         if ig_steps > 0:
             ig = layer_ig(lm, target, nodes, base, base_cache, src_cache, ig_steps)
             out["ig"] = ig
@@ -502,6 +527,80 @@ def _attribution_patching(
             diagnostics["ig_steps"] = ig_steps
         out["atp*"] = sign * mag
     return nodes, out, diagnostics, base, src
+
+
+def _tail_correction(
+    lm: LM,
+    target: Target,
+    nodes: NodeSet,
+    base: Batch,
+    cache: dict[str, Tensor],
+    src_cache: dict[str, Tensor],
+    grad_x: Tensor | None,
+    groups: int,
+    n_points: int,
+) -> Tensor:
+    """Non-linear remainder of the final MLP / norm along the direction of change.
+
+    ``x`` is the residual at the last position after the last attention layer
+    (``resid_mid`` of the last block, ``[b, d_model]``); everything the target
+    reads downstream of it is a function ``F_b(x)`` of that one vector (last
+    MLP, final norm, unembedding). With ``u_b`` the unit direction of
+    ``x(source) - x(base)``, a unit's linearized change of ``x`` is split into
+    ``c_i u_b`` plus a remainder; ``c_i`` comes from one more backward of
+    ``x . u_b`` on the same graph. ``F_b`` is evaluated exactly on a grid of
+    ``c`` values (one no-grad batched forward that sets ``x``), and the unit
+    gets ``F_b(x + c_i u_b) - F_b(x) - c_i dF_b/du`` added to its first-order
+    estimate: exact along ``u_b``, first order in the remainder.
+
+    Returns ``[n_units]`` (mean over prompts).
+    """
+    last = lm.cfg.n_layers - 1
+    pre, out = f"blocks.{last}.resid_pre", f"blocks.{last}.attn.out"
+    n_b, n_pos = base.shape
+    sites = nodes.sites()
+    x_graph = cache[pre][::groups, -1] + cache[out][::groups, -1]  # [b, d]
+    x0 = x_graph.detach()
+    x1 = (src_cache[pre][:, -1] + src_cache[out][:, -1]).to(x0.dtype)
+    dist = (x1 - x0).norm(dim=-1, keepdim=True)  # [b, 1]
+    u = (x1 - x0) / dist.clamp_min(1e-12)
+    gp = torch.autograd.grad((x_graph * u).sum(), [cache[s] for s in sites], allow_unused=True)
+    cols = []
+    for s, g in zip(sites, gp):
+        a_base = cache[s][::groups].detach()
+        delta = src_cache[s].to(a_base.dtype) - a_base
+        g = torch.zeros_like(a_base) if g is None else g[::groups].detach()
+        prod = (delta * g).float()
+        cols.append(torch.stack([nodes.reduce(prod[b : b + 1]) for b in range(n_b)]))
+    c = torch.cat(cols, 1).double()  # [b, units]
+    slope = (
+        torch.zeros(n_b, dtype=torch.float64)
+        if grad_x is None
+        else (grad_x[::groups, -1].double() * n_b * u.double()).sum(-1)
+    )  # dF_b/du at x0
+    k = max(2, n_points // 2 + 1)
+    lo = torch.minimum(c.min(1).values, torch.zeros(n_b, dtype=c.dtype))
+    hi = torch.maximum(c.max(1).values, torch.zeros(n_b, dtype=c.dtype))
+    steps = torch.linspace(0, 1, k, dtype=c.dtype)
+    grid = torch.cat([lo[:, None] * (1 - steps), hi[:, None] * steps[1:]], 1)  # [b, 2k-1]
+    n_g = grid.shape[1]
+    zero = k - 1  # grid[:, zero] == 0
+    vals = x0[:, None, :] + grid[:, :, None].to(x0.dtype) * u[:, None, :]  # [b, G, d]
+    rows = base.repeat(n_g)  # prompt-major: row b * n_g + g
+    iv = Intervention(
+        f"blocks.{last}.resid_mid", vals.reshape(n_b * n_g, 1, -1), positions=[n_pos - 1]
+    )
+    with torch.no_grad():
+        logits, _ = lm.run(rows, interventions=[iv], last_only=True)
+        f = target(logits, rows).double().reshape(n_b, n_g)
+    # piecewise-linear interpolation of F_b at c[b, i] (grid is sorted per prompt)
+    idx = torch.searchsorted(grid.contiguous(), c.contiguous()).clamp(1, n_g - 1)
+    g0, g1 = grid.gather(1, idx - 1), grid.gather(1, idx)
+    f0, f1 = f.gather(1, idx - 1), f.gather(1, idx)
+    w = ((c - g0) / (g1 - g0).clamp_min(1e-30)).clamp(0, 1)
+    f_c = f0 + w * (f1 - f0)
+    kappa = f_c - f[:, zero : zero + 1] - c * slope[:, None]
+    return kappa.mean(0).float()
 
 
 def layer_ig(
@@ -688,6 +787,14 @@ class AtPStar(Method):
             midpoint steps (:func:`layer_ig`; ``extra["ig"]``); the magnitude
             becomes the larger of the AtP* magnitude and ``|ig|``, the sign that
             of ``ig``. Off by default (see ``docs/circuits.md`` for when it helps).
+        tail_fix: add the non-linear remainder of the last MLP and the final
+            norm at the last position along the direction in which the
+            counterfactual moves that residual (:func:`_tail_correction`;
+            ``extra["atp_tail"]``): one more backward on the same graph and one
+            no-grad forward of ``~tail_points`` rows per prompt. Sequential
+            models and last-position targets only (else noted in
+            ``diagnostics["tail_fix"]``). Off by default.
+        tail_points: grid size for the exact evaluation along that direction.
         verify: ``k > 0`` patches the ``k`` units with the largest ``|AtP*|``
             exactly (``patch_sweep``, batched) and replaces their scores with the
             exact effects. The pure estimate stays in ``extra["atp*"]``, the
@@ -725,11 +832,17 @@ class AtPStar(Method):
         progress: bool = False,
         ig_steps: int = 0,
         verify: int = 0,
+        tail_fix: bool = False,
+        tail_points: int = 16,
     ):
         if ig_steps < 0 or verify < 0:
             raise InputError(f"ig_steps and verify must be >= 0, got {ig_steps}, {verify}")
         self.ig_steps = ig_steps
         self.verify = verify
+        self.tail_fix = tail_fix
+        if tail_points < 2:
+            raise InputError(f"tail_points must be >= 2, got {tail_points}")
+        self.tail_points = tail_points
         self.direction = direction
         self.head_site = head_site
         self.qk_fix = qk_fix
@@ -766,6 +879,8 @@ class AtPStar(Method):
             combine=self.combine,
             qk_fix=self.qk_fix,
             ig_steps=self.ig_steps,
+            tail_fix=self.tail_fix,
+            tail_points=self.tail_points,
         )
         scores = out.pop("atp*")
         estimate = scores
