@@ -66,7 +66,7 @@ def _config_kwargs() -> dict:
 
 
 # ------------------------------------------------------------------ peer side
-def peer(runs: int, n_patches: int = 0) -> None:
+def peer(runs: int, n_patches: int = 0, threads: int = 2) -> None:
     """TransformerLens side (runs in the TL venv): load the same weights, patch, time.
 
     ``n_patches > 0`` times an evenly spaced subset of the (layer, pos, head)
@@ -78,7 +78,7 @@ def peer(runs: int, n_patches: int = 0) -> None:
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     hf = GPT2LMHeadModel(GPT2Config(**_config_kwargs()))
     sd = load_file(str(OUT / "model" / "model.safetensors"))
     missing, unexpected = hf.load_state_dict(sd, strict=False)
@@ -175,7 +175,9 @@ def peer(runs: int, n_patches: int = 0) -> None:
 
 
 # ------------------------------------------------------------------ our side
-def main(runs: int, batch_size: int, skip_peer: bool, tl_patches: int = 0) -> dict:
+def main(
+    runs: int, batch_size: int, skip_peer: bool, tl_patches: int = 0, threads: int = 2
+) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -183,7 +185,7 @@ def main(runs: int, batch_size: int, skip_peer: bool, tl_patches: int = 0) -> di
     import attrlab as al
     from attrlab.methods.patching import patch_sweep
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     OUT.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
     hf = GPT2LMHeadModel(GPT2Config(**_config_kwargs()))
@@ -222,7 +224,7 @@ def main(runs: int, batch_size: int, skip_peer: bool, tl_patches: int = 0) -> di
         "model": f"GPT-2 arch, {N_LAYERS} layers, d_model {D_MODEL}, {N_HEADS} heads, "
         f"vocab {VOCAB}, random weights (seed {SEED})",
         "prompt_tokens": N_POS,
-        "threads": 2,
+        "threads": threads,
         "n_patches": int(sweep.patched.shape[1]),
         "attrlab_forwards": sweep.n_forwards,
         "attrlab_batch_size": batch_size,
@@ -237,7 +239,7 @@ def main(runs: int, batch_size: int, skip_peer: bool, tl_patches: int = 0) -> di
             raise SystemExit(
                 f"peer environment missing: build {PEER_PY.parent.parent} (see docstring)"
             )
-        env = {**os.environ, "OMP_NUM_THREADS": "2"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         subprocess.run(
             [
                 str(PEER_PY),
@@ -247,6 +249,8 @@ def main(runs: int, batch_size: int, skip_peer: bool, tl_patches: int = 0) -> di
                 str(runs),
                 "--tl-patches",
                 str(tl_patches),
+                "--threads",
+                str(threads),
             ],
             check=True,
             env=env,
@@ -299,6 +303,7 @@ if __name__ == "__main__":
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--peer", action="store_true", help="run the TransformerLens side (TL venv)")
     ap.add_argument("--skip-peer", action="store_true", help="time attrlab only")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
     ap.add_argument(
         "--tl-patches",
         type=int,
@@ -308,7 +313,7 @@ if __name__ == "__main__":
     )
     a = ap.parse_args()
     if a.peer:
-        peer(a.runs, a.tl_patches)
+        peer(a.runs, a.tl_patches, a.threads)
         sys.exit(0)
-    s = main(a.runs, a.batch_size, a.skip_peer, a.tl_patches)
+    s = main(a.runs, a.batch_size, a.skip_peer, a.tl_patches, a.threads)
     print(json.dumps(s, indent=2))
