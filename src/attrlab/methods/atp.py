@@ -509,12 +509,12 @@ def _attribution_patching(
             drops = torch.stack([atp_for_group(g, linear=False) for g in range(1, groups)])
             gd = drops.abs().sum(0) / (n_layers - 1)  # [units]
             out["graddrop_by_layer"] = drops
-        else:
-            gd = out["atp_qk"].abs()
-        out["graddrop"] = gd
         first = out["atp_qk"]
         if kappa is not None:
             first = out["atp_tail"] = out["atp_qk"] + kappa
+        if groups == 1:
+            gd = first.abs()
+        out["graddrop"] = gd
         sign = torch.sign(first)
         sign[sign == 0] = 1.0
         mag = gd if combine == "mean" else torch.maximum(gd, first.abs())
