@@ -126,7 +126,15 @@ def load(name: str, device: Any = None) -> LM:
             f"the zoo model {name!r} is not bundled at {path}; "
             f"train it with: python -m attrlab.zoo.train {name}"
         )
-    lm = _load(str(path), device=device, attn_implementation="eager")
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a few KB from disk: no "Loading weights" bar
+    try:
+        lm = _load(str(path), device=device, attn_implementation="eager")
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     lm.name = f"zoo/{name}"
     return lm
 
