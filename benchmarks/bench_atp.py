@@ -24,7 +24,7 @@ Run::
 
     python benchmarks/bench_atp.py             # prints a table and the ratios
     python benchmarks/bench_atp.py --runs 1    # quicker
-    python benchmarks/bench_atp.py --options-only --runs 3 --threads 1  # ig_steps / verify cost
+    python benchmarks/bench_atp.py --options-only --runs 3 --threads 1  # tail_fix / ig_steps / verify cost
     python benchmarks/bench_atp.py --ioi       # accuracy of AtP* options on the zoo IOI model
 
 Peer comparison (EAP vs auto-circuit's mask-gradient EAP, same weights, all
@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument(
         "--options-only",
         action="store_true",
-        help="time only fwd+bwd, AtP* and its ig_steps / verify options",
+        help="time only fwd+bwd, AtP* and its tail_fix / ig_steps / verify options",
     )
     ap.add_argument(
         "--ioi",
@@ -152,6 +152,7 @@ def main() -> None:
         rows["atp*"] = timed(run("atp*", heads), args.runs)
         for steps in (1, 2):
             rows[f"atp* ig_steps={steps}"] = timed(run("atp*", heads, ig_steps=steps), args.runs)
+        rows["atp* tail_fix"] = timed(run("atp*", heads, tail_fix=True), args.runs)
         rows["atp* verify=10"] = timed(run("atp*", heads, verify=10), args.runs)
         print(f"{'what':<24}{'seconds':>10}{'x fwd+bwd':>12}")
         for k, v in rows.items():
@@ -225,6 +226,7 @@ def ioi_table() -> None:
 
     options = {
         "AtP*": {},
+        "tail_fix": {"tail_fix": True},
         "ig_steps=1": {"ig_steps": 1},
         "ig_steps=2": {"ig_steps": 2},
         "ig_steps=4": {"ig_steps": 4},
