@@ -208,8 +208,9 @@ def test_lm_training_examples_through_attribute(tmp_path):
     docs = ["Paris is a city in France.", "Rome is a city in Italy.", "The cat sat on the mat."]
     data = ad.Examples.from_texts(lm, docs, ids=["paris", "rome", "cat"])
     store = ad.featurize(
-        lm, data, tmp_path / "lm", proj_dim=None, modules=["lm_head", "transformer.ln_f"]
-    )
+        lm, data, tmp_path / "lm", proj_dim=None, modules=["lm_head", "transformer.ln_f"],
+        output=ad.AnswerLogProb(),
+    )  # fmt: skip
     units = al.units.TrainingExamples(store)
     r = al.attribute(
         lm, "The capital of France is", target=" Paris", units=units, method="grad-dot"
@@ -261,3 +262,31 @@ def test_manual_rank_split_and_float16_store(digits, tmp_path):
     )
     with pytest.raises(InputError, match="rank"):
         ad.featurize(model, (xtr, ytr), tmp_path / "bad", proj_dim=16, rank=2, world_size=2)
+
+
+def test_lm_answer_margin_gradient_equals_autograd():
+    lm = al.wrap(*al.testing.tiny_model("gpt2"))
+    data = ad.Examples.from_texts(
+        lm, ["The capital of France is", "Rome is"], [" Paris", " a city"]
+    )
+    f = ad.GradientFeaturizer(
+        lm.model, ad.AnswerMargin(), ad.Projector(None), modules=["transformer.h.1.mlp"]
+    )
+    feats, q = f(*data.batch(0, 2))
+    params = [p for n, p in lm.model.named_parameters() if n.startswith("transformer.h.1.mlp")]
+    ids, _, ans = data.batch(0, 2)
+    for i in range(2):
+        n = int(data.batch(i, i + 1)[1].sum())
+        logits = lm.model(ids[i : i + 1, :n]).logits[0, :-1]
+        tok = ids[i, 1:n]
+        correct = logits.gather(-1, tok[:, None])[:, 0]
+        others = torch.logsumexp(logits.scatter(-1, tok[:, None], float("-inf")), -1)
+        keep = ans[i, 1:n].bool()
+        margin = (correct - others)[keep]
+        g = torch.autograd.grad(margin.sum(), params)
+        torch.testing.assert_close(
+            feats[i], torch.cat([t.reshape(-1) for t in g]), rtol=1e-4, atol=1e-5
+        )
+        torch.testing.assert_close(
+            q[i], (1 - torch.sigmoid(margin)).mean().detach(), rtol=1e-4, atol=1e-6
+        )

@@ -26,7 +26,7 @@ from .featurize import (
     query_features,
     select_params,
 )
-from .outputs import AnswerLogProb, ClassificationMargin, ModelOutput
+from .outputs import AnswerLogProb, AnswerMargin, ClassificationMargin, ModelOutput
 from .project import Projector
 from .store import FeatureStore
 from .tracin import grad_similarity, tracin
@@ -34,6 +34,7 @@ from .trak import TRAK
 
 __all__ = [
     "AnswerLogProb",
+    "AnswerMargin",
     "ClassificationMargin",
     "Examples",
     "FeatureStore",

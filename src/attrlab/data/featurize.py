@@ -34,7 +34,7 @@ from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from .outputs import AnswerLogProb, ClassificationMargin, ModelOutput
+from .outputs import AnswerLogProb, AnswerMargin, ClassificationMargin, ModelOutput
 from .project import Projector
 from .store import FeatureStore
 
@@ -149,7 +149,7 @@ class Examples:
 
         Without ``answers`` every token after the first is scored (the
         language-modelling loss of the whole text). The tensors are
-        ``(input_ids, attention_mask, answer_mask)`` for :class:`AnswerLogProb`.
+        ``(input_ids, attention_mask, answer_mask)`` for :class:`AnswerMargin` / :class:`AnswerLogProb`.
 
         Example:
             >>> import attrlab as al
@@ -314,7 +314,7 @@ class GradientFeaturizer:
 def _default_output(data: Examples) -> ModelOutput:
     shapes = data.example_shapes()
     if len(shapes) == 3 and shapes[0][1] == "int64":
-        return AnswerLogProb()
+        return AnswerMargin()
     return ClassificationMargin()
 
 
@@ -384,7 +384,7 @@ def featurize(
         data: :class:`Examples` (or a tuple of tensors ``(x, y)``; ids = row index).
         path: store directory.
         output: model output function (default: :class:`ClassificationMargin`, or
-            :class:`AnswerLogProb` for :meth:`Examples.from_texts` data).
+            :class:`AnswerMargin` for :meth:`Examples.from_texts` data).
         proj_dim, seed: projection dimension (None = raw gradients) and seed.
         projector: a :class:`Projector` (overrides ``proj_dim``/``seed``).
         modules: parameter-name prefixes to differentiate (default: all).
@@ -483,9 +483,11 @@ def query_features(
         chunk_rows=man["projection"]["chunk_rows"],
     )
     if output is None:
-        output = {"classification_margin": ClassificationMargin, "answer_logprob": AnswerLogProb}[
-            man["output"]["name"]
-        ]()
+        output = {
+            "classification_margin": ClassificationMargin,
+            "answer_logprob": AnswerLogProb,
+            "answer_margin": AnswerMargin,
+        }[man["output"]["name"]]()
     feat = GradientFeaturizer(model, output, proj, modules=man["params"], mode=mode)
     if feat.names != man["params"]:
         raise InputError(

@@ -93,3 +93,34 @@ class AnswerLogProb(ModelOutput):
         tok_lp = logp.gather(-1, ids[1:, None])[:, 0]  # [T-1]
         value = (tok_lp * answer[1:].to(tok_lp.dtype)).sum()
         return value, torch.ones((), dtype=value.dtype)
+
+
+class AnswerMargin(ModelOutput):
+    """Sum over answer tokens of the margin ``log(p_t / (1 - p_t))`` of a causal LM example.
+
+    TRAK's output function carried to language models: unlike the
+    log-probability, its gradient does not vanish on tokens the model has
+    memorized (``p_t -> 1``). ``out_to_loss`` is the mean of ``1 - p_t`` over
+    the answer tokens. Same example layout as :class:`AnswerLogProb`.
+
+    Example:
+        >>> AnswerMargin().spec()
+        {'name': 'answer_margin'}
+    """
+
+    name = "answer_margin"
+
+    def __call__(  # type: ignore[override]
+        self, model: nn.Module, params: dict[str, Tensor], ids: Tensor, mask: Tensor, answer: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        out = functional_call(
+            model, params, (), {"input_ids": ids.unsqueeze(0), "attention_mask": mask.unsqueeze(0)}
+        )
+        logits = (out.logits if hasattr(out, "logits") else out[0])[0, :-1].float()  # [T-1, vocab]
+        is_y = torch.arange(logits.shape[-1], device=logits.device)[None, :] == ids[1:, None]
+        correct = (logits * is_y).sum(-1)  # [T-1]
+        others = torch.logsumexp(logits.masked_fill(is_y, float("-inf")), dim=-1)
+        margin = correct - others
+        w = answer[1:].to(margin.dtype)
+        q = (torch.sigmoid(-margin) * w).sum() / w.sum().clamp_min(1.0)
+        return (margin * w).sum(), q.detach()
