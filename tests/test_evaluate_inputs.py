@@ -17,6 +17,15 @@ from attrlab.evaluate.lds import random_subsets, spearman, units_of
 PROMPT = "When Mary and John went to the"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: extra threads only add overhead (and spin on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def lm():
     return al.wrap(*al.testing.tiny_model("gpt2", dtype=torch.float64))

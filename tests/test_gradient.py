@@ -17,6 +17,15 @@ from attrlab.units import tokens as tokens_mod
 PROMPT = "When Mary and John went to the"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: extra threads only add overhead (and spin on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def lm64():
     hf, tok = al.testing.tiny_model("gpt2", dtype=torch.float64)
