@@ -129,16 +129,21 @@ def facts_benchmark(n_queries: int, dim: int, modules: list[str] | None, batch: 
         print(f"facts: {len(ids)} documents featurized in {feat_s:.1f}s ({len(ids) / feat_s:.1f} docs/s), "
               f"k={dim}, modules={modules}")  # fmt: skip
         units = al.units.TrainingExamples(store)
-        for method in ("trak", "grad-dot", "grad-cos"):
+        for method, opts in (
+            ("trak", {}),
+            ("trak", {"reg": 1.0}),
+            ("grad-dot", {}),
+            ("grad-cos", {}),
+        ):
             t = time.perf_counter()
             r = al.attribute(lm, [q.prompt for q in queries], target=[q.answer for q in queries],
-                             units=units, method=method)  # fmt: skip
+                             units=units, method=method, **opts)  # fmt: skip
             all_in = any_in = 0
             for i, q in enumerate(queries):
                 top = set(r.top(10, by="pos", row=i)["id"])
                 all_in += all(d in top for d in q.supporting_docs)
                 any_in += any(d in top for d in q.supporting_docs)
-            print(f"facts {method:9s}: all supporting docs in top-10 for {all_in / len(queries):.1%} of "
+            print(f"facts {method:9s} {opts}: all supporting docs in top-10 for {all_in / len(queries):.1%} of "
                   f"{len(queries)} held-out queries (any: {any_in / len(queries):.1%}); "
                   f"{time.perf_counter() - t:.1f}s")  # fmt: skip
 
