@@ -434,7 +434,7 @@ def _prefix_cache(lm: LM, batch: Batch) -> Any:
                 use_cache=True,
             )
         pkv = out.past_key_values
-        if pkv is None or not getattr(pkv, "is_croppable", False):
+        if pkv is None or not getattr(pkv, "is_croppable", hasattr(pkv, "crop")):
             return None
         trial = _cropped(pkv, 1, batch.shape[1], 2)
         if trial.get_seq_length() != 1:
