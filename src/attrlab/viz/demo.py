@@ -152,10 +152,11 @@ class Demo:
 
 
 def _tops(r: Attribution, k: int = 3) -> str:
-    from .html import unit_label
+    from .html import TEXT_KINDS, unit_label
 
     s = r.scores if r.scores.dim() == 1 else r.scores.nan_to_num().sum(0)
-    order = torch.argsort(s.abs().double().nan_to_num(), descending=True)[:k].tolist()
+    key = s.double() if r.unit_kind in TEXT_KINDS else s.abs().double()  # most supporting first
+    order = torch.argsort(key.nan_to_num(), descending=True)[:k].tolist()
     return ", ".join(f"{_short(unit_label(r, i))} {float(s[i]):+.3g}" for i in order)
 
 
@@ -602,16 +603,25 @@ def _training(demo: Demo) -> None:
         gold = set(ex.supporting_docs)
         chosen = list(dict.fromkeys([*ex.supporting_docs, *ex.distractor_docs]))
         for doc_id, _ in task.corpus():
-            if len(chosen) >= 48:
+            if len(chosen) >= 32:
                 break
             if doc_id not in chosen:
                 chosen.append(doc_id)
         ids, texts = chosen, [task.document(i) for i in chosen]
         prompt, answer = ex.prompt, ex.answer
         where = f"zoo facts: {len(ids)} of {len(task.corpus())} training documents"
+    # gradients of the last block only (a 256-d projection): fast, and on the zoo facts
+    # model it ranks the documents that state the fact first
+    last = lm.adapter.block(lm.cfg.n_layers - 1)
+    prefix = next(n for n, mod in lm.model.named_modules() if mod is last)
     with tempfile.TemporaryDirectory(prefix="attrlab-demo-") as tmp:
         store = ad.featurize(
-            lm, ad.Examples.from_texts(lm, texts, ids=ids), tmp, proj_dim=64, batch_size=16
+            lm,
+            ad.Examples.from_texts(lm, texts, ids=ids),
+            tmp,
+            proj_dim=256,
+            batch_size=64,
+            modules=[prefix],
         )
         r = _attr(demo, m, TrainingExamples(store), "train", lm=lm, prompt=prompt, target=answer)
     if "id" in r.units:

@@ -542,7 +542,8 @@ def _bars_panel(r: Attribution, k: int) -> str:
 
 
 def _text_panel(r: Attribution, k: int) -> str:
-    top = top_frame(r, k)
+    # sources / training examples: the most supporting first (positive = raises the target)
+    top = top_frame(r, k, by="pos")
     scores = [float(x) for x in top["score"].tolist()]
     scale = _scale(scores)
     long = [c for c in top.columns if c in ("text", "source_text", "document", "content")]
@@ -571,7 +572,10 @@ def _text_panel(r: Attribution, k: int) -> str:
         for c in long:
             cells.append(f'<td class="al-long">{esc(top[c].iloc[i])}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<table class="al-table"><tr>{head}</tr>{"".join(rows)}</table>'
+    return (
+        '<div class="al-note">most supporting first</div>'
+        f'<table class="al-table"><tr>{head}</tr>{"".join(rows)}</table>'
+    )
 
 
 _QUIET_COLUMNS = ("segment", "special", "kind_detail")
@@ -601,10 +605,10 @@ def ordered_columns(columns: Sequence[str]) -> list[str]:
     return out + (["score"] if "score" in columns else [])
 
 
-def top_frame(r: Attribution, k: int) -> Any:
-    """``r.top(k)`` with its columns in reading order (flag columns such as
-    ``special`` / ``segment`` left out when they hold one value only)."""
-    top = r.top(k)
+def top_frame(r: Attribution, k: int, by: str = "abs") -> Any:
+    """``r.top(k, by)`` with its columns in reading order (flag columns such as
+    ``special`` / ``segment`` left out)."""
+    top = r.top(k, by=by)
     cols = []
     for c in ordered_columns(list(top.columns)):
         if c in _QUIET_COLUMNS:
