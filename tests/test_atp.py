@@ -302,9 +302,19 @@ def ioi():
     return lm, prompts, cfs, target
 
 
+_IOI_EXACT: dict = {}
+
+
 def _ioi_exact(ioi, head_site):
     """Exact patching by the patching module's ``patch_sweep`` (the oracle),
-    aligned to AtP's unit order by labels."""
+    aligned to AtP's unit order by labels (cached per model and site)."""
+    key = (id(ioi[0]), head_site)
+    if key not in _IOI_EXACT:
+        _IOI_EXACT[key] = _ioi_exact_uncached(ioi, head_site)
+    return _IOI_EXACT[key].clone()
+
+
+def _ioi_exact_uncached(ioi, head_site):
     from attrlab.methods.patching import patch_sweep
 
     lm, prompts, cfs, target = ioi

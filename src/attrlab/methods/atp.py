@@ -454,11 +454,13 @@ def _attribution_patching(
     n_b = base.shape[0]
     n_layers = lm.cfg.n_layers
     groups = n_layers + 1 if (star and graddrop and n_layers > 1) else 1
-    run_batch = base.repeat(groups) if groups > 1 else base  # row b * groups + g
+    # one more row group (the plain base run) carries the tail fix's projection
+    stride = groups + 1 if use_tail else groups
+    run_batch = base.repeat(stride) if stride > 1 else base  # row b * stride + g
     ivs = []
     if groups > 1:
         for layer in range(n_layers):
-            rows = [b * groups + layer + 1 for b in range(n_b)]
+            rows = [b * stride + layer + 1 for b in range(n_b)]
             for kind in ("attn.out", "mlp.out"):
                 ivs.append(Intervention(f"blocks.{layer}.{kind}", _detach, rows=rows))
     m_all, cache = _metric(
@@ -466,38 +468,62 @@ def _attribution_patching(
     )
     if m_all.dim() != 1:
         raise InputError("attribution patching needs a target with one value per prompt")
+    loss = m_all.reshape(n_b, stride)[:, :groups].sum() / n_b
     wrt = [cache[s] for s in sites]
     pat_sites = [f"blocks.{layer}.attn.pattern" for layer in nodes.layers] if use_qk else []
     wrt += [cache[s] for s in pat_sites]
     if use_tail:
-        wrt.append(cache[tail_sites[1]])
-    grads = torch.autograd.grad(m_all.sum() / n_b, wrt, allow_unused=True, retain_graph=use_tail)
+        pre, aout = tail_sites
+        x_graph = cache[pre][groups::stride, -1] + cache[aout][groups::stride, -1]  # [b, d]
+        x0 = x_graph.detach()
+        x1 = (src_cache[pre][:, -1] + src_cache[aout][:, -1]).to(x0.dtype)
+        u = (x1 - x0) / (x1 - x0).norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        loss = loss + (x_graph * u).sum()  # its gradient lands in the last row group only
+        wrt.append(cache[aout])
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
     kappa: Tensor | None = None
     if use_tail:
-        kappa = _tail_correction(
-            lm, target, nodes, base, cache, src_cache, grads[-1], groups, tail_points
-        )
+        g_out = grads[-1]
         grads = grads[:-1]
+        slope = (
+            torch.zeros(n_b, dtype=torch.float64)
+            if g_out is None
+            else (g_out[::stride, -1].double() * n_b * u.double()).sum(-1)
+        )  # dF_b/du at x0
+        proj = [None if g is None else g[groups::stride].detach() for g in grads[: len(sites)]]
+        kappa = _tail_correction(
+            lm,
+            target,
+            nodes,
+            base,
+            {s: cache[s][::stride].detach() for s in sites},
+            src_cache,
+            proj,
+            x0,
+            u,
+            slope,
+            tail_points,
+        )
         diagnostics["tail_fix"] = f"final MLP/norm at the last position, {tail_points} points"
-    m_base = m_all[::groups].detach().float()
+    m_base = m_all[::stride].detach().float()
     diagnostics["metric_base"] = float(m_base.mean())
     diagnostics["metric_source"] = float(m_src.float().mean())
     same = warn_if_same(float(m_base.mean()), float(m_src.float().mean()))
     diagnostics["counterfactual_changes_target"] = not same
 
-    base_cache = {s: cache[s][::groups].detach() for s in sites + extra_sites}
+    base_cache = {s: cache[s][::stride].detach() for s in sites + extra_sites}
 
     def atp_for_group(gi: int, linear: bool) -> Tensor:
         if not linear and use_qk:
             gpat = {
-                layer: grads[len(sites) + i][gi::groups].detach() * n_b
+                layer: grads[len(sites) + i][gi::stride].detach() * n_b
                 for i, layer in enumerate(nodes.layers)
             }
             return _qk_fix(lm, nodes, base, base_cache, src_cache, gpat)
         parts = []
         for s, gr in zip(sites, grads[: len(sites)]):
             a_base = base_cache[s]
-            gsl = torch.zeros_like(a_base) if gr is None else gr[gi::groups].detach() * n_b
+            gsl = torch.zeros_like(a_base) if gr is None else gr[gi::stride].detach() * n_b
             delta = src_cache[s].to(a_base.dtype) - a_base
             parts.append(nodes.reduce((delta * gsl).float()))
         return torch.cat(parts)
@@ -534,50 +560,39 @@ def _tail_correction(
     target: Target,
     nodes: NodeSet,
     base: Batch,
-    cache: dict[str, Tensor],
+    base_cache: dict[str, Tensor],
     src_cache: dict[str, Tensor],
-    grad_x: Tensor | None,
-    groups: int,
+    proj_grads: Sequence[Tensor | None],
+    x0: Tensor,
+    u: Tensor,
+    slope: Tensor,
     n_points: int,
 ) -> Tensor:
     """Non-linear remainder of the final MLP / norm along the direction of change.
 
     ``x`` is the residual at the last position after the last attention layer
-    (``resid_mid`` of the last block, ``[b, d_model]``); everything the target
-    reads downstream of it is a function ``F_b(x)`` of that one vector (last
-    MLP, final norm, unembedding). With ``u_b`` the unit direction of
+    (``resid_mid`` of the last block, ``x0``: ``[b, d_model]``); everything the
+    target reads downstream of it is a function ``F_b(x)`` of that one vector
+    (last MLP, final norm, unembedding). With ``u`` the unit direction of
     ``x(source) - x(base)``, a unit's linearized change of ``x`` is split into
-    ``c_i u_b`` plus a remainder; ``c_i`` comes from one more backward of
-    ``x . u_b`` on the same graph. ``F_b`` is evaluated exactly on a grid of
-    ``c`` values (one no-grad batched forward that sets ``x``), and the unit
-    gets ``F_b(x + c_i u_b) - F_b(x) - c_i dF_b/du`` added to its first-order
-    estimate: exact along ``u_b``, first order in the remainder.
+    ``c_i u`` plus a remainder; ``c_i = delta_i . proj_grads`` (the gradient of
+    ``x . u``, one more row group of the main backward). ``F_b`` is evaluated
+    exactly on a grid of ``c`` values (one no-grad batched forward that sets
+    ``x``), and the unit gets ``F_b(x0 + c_i u) - F_b(x0) - c_i slope_b`` added
+    to its first-order estimate (``slope_b = dF_b/du`` at ``x0``): exact along
+    ``u``, first order in the remainder.
 
     Returns ``[n_units]`` (mean over prompts).
     """
     last = lm.cfg.n_layers - 1
-    pre, out = f"blocks.{last}.resid_pre", f"blocks.{last}.attn.out"
     n_b, n_pos = base.shape
-    sites = nodes.sites()
-    x_graph = cache[pre][::groups, -1] + cache[out][::groups, -1]  # [b, d]
-    x0 = x_graph.detach()
-    x1 = (src_cache[pre][:, -1] + src_cache[out][:, -1]).to(x0.dtype)
-    dist = (x1 - x0).norm(dim=-1, keepdim=True)  # [b, 1]
-    u = (x1 - x0) / dist.clamp_min(1e-12)
-    gp = torch.autograd.grad((x_graph * u).sum(), [cache[s] for s in sites], allow_unused=True)
     cols = []
-    for s, g in zip(sites, gp):
-        a_base = cache[s][::groups].detach()
+    for s, g in zip(nodes.sites(), proj_grads):
+        a_base = base_cache[s]
         delta = src_cache[s].to(a_base.dtype) - a_base
-        g = torch.zeros_like(a_base) if g is None else g[::groups].detach()
-        prod = (delta * g).float()
+        prod = (delta * (torch.zeros_like(a_base) if g is None else g)).float()
         cols.append(torch.stack([nodes.reduce(prod[b : b + 1]) for b in range(n_b)]))
     c = torch.cat(cols, 1).double()  # [b, units]
-    slope = (
-        torch.zeros(n_b, dtype=torch.float64)
-        if grad_x is None
-        else (grad_x[::groups, -1].double() * n_b * u.double()).sum(-1)
-    )  # dF_b/du at x0
     k = max(2, n_points // 2 + 1)
     lo = torch.minimum(c.min(1).values, torch.zeros(n_b, dtype=c.dtype))
     hi = torch.maximum(c.max(1).values, torch.zeros(n_b, dtype=c.dtype))
