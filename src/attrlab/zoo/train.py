@@ -116,11 +116,13 @@ def make_tokenizer(name: str) -> Any:
     return build_tokenizer(texts, words)
 
 
-def make_model(spec: Spec, vocab_size: int, seed: int) -> torch.nn.Module:
+def make_model(spec: Spec, vocab_size: int, seed: int) -> Any:
     """A freshly initialized Hugging Face causal LM for ``spec``."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-    common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0
+    )
     if spec.family == "gpt2":
         cfg: Any = GPT2Config(
             n_embd=spec.d_model,
