@@ -963,6 +963,8 @@ def verify_units(
     ]
     if not plist:
         return torch.zeros(0, dtype=torch.float64)
+    if counterfactual is None:
+        raise InputError("verification patches counterfactual values: pass counterfactual=")
     sw = patch_sweep(
         lm, inputs, counterfactual, target, plist, direction=direction, progress=progress
     )
