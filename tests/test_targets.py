@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import attrlab as al
 from attrlab import targets as T
@@ -74,3 +75,10 @@ def test_bad_targets(lm):
         T.resolve(3.5, lm)
     with pytest.raises(al.errors.EmptyPromptError):
         T.resolve(T.ContinuationLogProb(""), lm)
+
+
+def test_float64_precision_is_kept():
+    lm = al.wrap(*al.testing.tiny_model("llama", dtype=torch.float64))
+    for target in (T.LogProb(" Mary"), T.Prob(" Mary"), T.ContinuationLogProb(" Mary went"), T.KL()):
+        v, _, _ = _value(lm, target)
+        assert v.dtype == torch.float64
