@@ -71,7 +71,7 @@ class Target:
         return self.describe()
 
 
-def _upcast(x: Tensor) -> Tensor:
+def upcast(x: Tensor) -> Tensor:
     """At least float32 for softmax-type reductions; float64 stays float64."""
     return x if x.dtype == torch.float64 else x.float()
 
@@ -126,14 +126,14 @@ class LogProb(_TokenTarget):
     """The log-probability of ``token`` at the last position."""
 
     def value(self, logits: Tensor, batch: Batch) -> Tensor:
-        return _gather_last(_upcast(logits).log_softmax(-1), self._require())
+        return _gather_last(upcast(logits).log_softmax(-1), self._require())
 
 
 class Prob(_TokenTarget):
     """The probability of ``token`` at the last position."""
 
     def value(self, logits: Tensor, batch: Batch) -> Tensor:
-        return _gather_last(_upcast(logits).softmax(-1), self._require())
+        return _gather_last(upcast(logits).softmax(-1), self._require())
 
 
 class LogitDiff(Target):
@@ -199,7 +199,7 @@ class ContinuationLogProb(Target):
 
     def value(self, logits: Tensor, batch: Batch) -> Tensor:
         n = self.n_tokens
-        logp = _upcast(logits[:, -n - 1 : -1]).log_softmax(-1)
+        logp = upcast(logits[:, -n - 1 : -1]).log_softmax(-1)
         ids = batch.input_ids[:, -n:].to(logp.device)
         per_token = logp.gather(-1, ids[..., None])[..., 0]  # [batch, n]
         if self.reduce == "none":
@@ -226,10 +226,10 @@ class KL(Target):
     def value(self, logits: Tensor, batch: Batch) -> Tensor:
         if self.reference is None:
             raise InputError("KL target needs prepare() (or reference_logits) first")
-        ref = _upcast(self.reference.to(logits.device)).log_softmax(-1)
+        ref = upcast(self.reference.to(logits.device)).log_softmax(-1)
         if ref.shape[0] != logits.shape[0]:
             ref = ref.repeat_interleave(logits.shape[0] // ref.shape[0], 0)
-        cur = _upcast(logits[:, -1]).log_softmax(-1)
+        cur = upcast(logits[:, -1]).log_softmax(-1)
         return (ref.exp() * (ref - cur)).sum(-1)
 
     def describe(self) -> str:

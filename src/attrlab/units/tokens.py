@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ContextTooLongError, InputError
+from ..targets import upcast
 from .base import Units, register_units
 
 __all__ = [
@@ -353,7 +354,7 @@ class LMEmbedForward(EmbedForward):
         for r, tid in enumerate(ids):
             pos = width - k - 1 + r  # predicts continuation token r
             logits = self.lm.unembed(self.lm.apply_final_norm(h[:, pos]))  # [n, vocab]
-            per_token.append(logits.float().log_softmax(-1)[:, tid])
+            per_token.append(upcast(logits).log_softmax(-1)[:, tid])
         reduce = tgt.reduce
         if reduce == "none":
             return per_token
