@@ -69,6 +69,8 @@ def test_save_load_round_trip(tmp_path, two_d):
     path = r.save(tmp_path / "r.attr")
     back = Attribution.load(path)
     assert torch.equal(back.scores, r.scores)
+    assert list(back.units) == ["layer", "head", "token"]  # column order survives
+    assert list(back.to_pandas().columns) == list(r.to_pandas().columns)
     assert back.units == r.units and back.params == r.params and back.meta == r.meta
     assert back.rows == r.rows
     assert torch.equal(back.extra["rank"], r.extra["rank"])

@@ -194,14 +194,16 @@ class Attribution:
             {
                 "format": FORMAT,
                 "version": FORMAT_VERSION,
-                "units": self.units,
+                # lists of [name, values] pairs: JSON objects are saved with
+                # sorted keys, and the column order is part of the result
+                "units": [[k, v] for k, v in self.units.items()],
                 "unit_kind": self.unit_kind,
                 "method": self.method,
                 "target": self.target,
                 "params": self.params,
                 "model_id": self.model_id,
                 "diagnostics": self.diagnostics,
-                "rows": self.rows,
+                "rows": [[k, v] for k, v in self.rows.items()],
                 "meta": self.meta,
             }
         )
@@ -255,14 +257,14 @@ class Attribution:
         extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
         return cls(
             tensors["scores"],
-            units=m["units"],
+            units=_columns(m["units"]),
             unit_kind=m["unit_kind"],
             method=m["method"],
             target=m["target"],
             params=m["params"],
             model_id=m["model_id"],
             diagnostics=m["diagnostics"],
-            rows=m["rows"],
+            rows=_columns(m["rows"]),
             meta=m["meta"],
             extra=extra,
         )
@@ -296,6 +298,13 @@ class Attribution:
     def _top_indices(self, k: int) -> list[int]:
         s = self.scores if self.scores.dim() == 1 else self.scores.sum(0)
         return torch.argsort(s.abs().double(), descending=True, stable=True)[:k].tolist()
+
+
+def _columns(saved: Any) -> dict[str, list[Any]]:
+    """Label columns from a file: ``[[name, values], ...]`` (or a plain mapping)."""
+    if isinstance(saved, Mapping):
+        return {str(k): list(v) for k, v in saved.items()}
+    return {str(k): list(v) for k, v in saved}
 
 
 def _digest(body: str, tensors: Mapping[str, Tensor]) -> str:
