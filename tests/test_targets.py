@@ -79,6 +79,11 @@ def test_bad_targets(lm):
 
 def test_float64_precision_is_kept():
     lm = al.wrap(*al.testing.tiny_model("llama", dtype=torch.float64))
-    for target in (T.LogProb(" Mary"), T.Prob(" Mary"), T.ContinuationLogProb(" Mary went"), T.KL()):
+    for target in (
+        T.LogProb(" Mary"),
+        T.Prob(" Mary"),
+        T.ContinuationLogProb(" Mary went"),
+        T.KL(),
+    ):
         v, _, _ = _value(lm, target)
         assert v.dtype == torch.float64

@@ -15,8 +15,8 @@ Example:
 from . import errors, evaluate, methods, targets, testing, units, zoo
 from .attribute import attribute
 from .errors import AttrlabError
-from .model import LM, Batch, Cache, Intervention, load, wrap
 from .methods.lens import logit_lens
+from .model import LM, Batch, Cache, Intervention, load, wrap
 from .result import Attribution
 
 __version__ = "0.1.0"

@@ -89,8 +89,10 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
         Qwen2Config,
     )
 
-    common = dict(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    llama_like = dict(
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0
+    )
+    llama_like: dict[str, Any] = dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -99,10 +101,11 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
         max_position_embeddings=128,
         **common,
     )
+    cfg: Any
     if family == "gpt2":
         cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common)
     elif family in ("gpt_neox", "gpt_neox_sequential"):
-        cfg = GPTNeoXConfig(
+        cfg = GPTNeoXConfig(  # type: ignore[call-arg]  # rotary_pct: old name, still read
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=2,
