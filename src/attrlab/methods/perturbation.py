@@ -140,6 +140,18 @@ class _PerturbationMethod(Method):
     max_new_tokens: int | None = None
     progress: bool = False
 
+    def __init__(
+        self,
+        baseline: Any = "pad",
+        batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        progress: bool = False,
+    ):
+        self.baseline = baseline
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.progress = progress
+
     def attribute(
         self, lm: Any, inputs: Any, target: Any, units: Any, counterfactual: Any = None
     ) -> Any:
@@ -197,18 +209,6 @@ class Occlusion(_PerturbationMethod):
         >>> len(al.attribute(lm, "When Mary and John", target=" went", method="loo"))
         4
     """
-
-    def __init__(
-        self,
-        baseline: Any = "pad",
-        batch_size: int = 32,
-        max_new_tokens: int | None = None,
-        progress: bool = False,
-    ):
-        self.baseline = baseline
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.progress = progress
 
     def _scores(
         self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
@@ -407,18 +407,6 @@ class ExactShapley(_PerturbationMethod):
         >>> len(al.attribute(lm, "a b c", target=" a", method="shapley_exact"))
         3
     """
-
-    def __init__(
-        self,
-        baseline: Any = "pad",
-        batch_size: int = 32,
-        max_new_tokens: int | None = None,
-        progress: bool = False,
-    ):
-        self.baseline = baseline
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.progress = progress
 
     def _scores(
         self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
