@@ -268,7 +268,7 @@ def part2(n_prompts: int, threads: int = 1) -> dict[str, Any]:
         "attrlab contextcite n=64": dict(method="contextcite", n_ablations=64),
         "attrlab contextcite n=16": dict(method="contextcite", n_ablations=16),
         "attrlab contextcite n=8": dict(method="contextcite", n_ablations=8),
-        "attrlab loo": dict(method="loo"),
+        "attrlab occlusion": dict(method="occlusion"),
     }
 
     def add(key: str, t: Timer) -> None:

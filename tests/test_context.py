@@ -111,21 +111,25 @@ def test_bad_inputs(llama):
     with pytest.raises(al.errors.EmptyPromptError):
         al.attribute(llama, "", units="sources", method="contextcite", response=" a")
     with pytest.raises(al.errors.EmptyPromptError):
-        al.attribute(llama, "   \n ", units="sources", method="loo", response=" a")
+        al.attribute(llama, "   \n ", units="sources", method="occlusion", response=" a")
     with pytest.raises(al.errors.InputError, match="at least two"):
-        al.attribute(llama, "Only one sentence here.", units="sources", method="loo", response=" a")
+        al.attribute(
+            llama, "Only one sentence here.", units="sources", method="occlusion", response=" a"
+        )
     with pytest.raises(EmptyResponseError):
         al.attribute(llama, CTX, units="sources", method="contextcite", response="")
     with pytest.raises(SourceNotFoundError):
         al.attribute(
-            llama, CTX, units="sources", method="loo", response=" a", sources=["Nope.", "x"]
+            llama, CTX, units="sources", method="occlusion", response=" a", sources=["Nope.", "x"]
         )
     with pytest.raises(al.errors.InputError, match="twice"):
-        al.attribute(llama, CTX, " a", units="sources", method="loo", response=" b")
+        al.attribute(llama, CTX, " a", units="sources", method="occlusion", response=" b")
     with pytest.raises(al.errors.InputError, match="one context"):
-        al.attribute(llama, [CTX, CTX], units="sources", method="loo", response=" b")
+        al.attribute(llama, [CTX, CTX], units="sources", method="occlusion", response=" b")
     with pytest.raises(al.errors.InputError, match="both"):
-        al.attribute(llama, CTX, units=Sources(query="a"), method="loo", response=" b", query="c")
+        al.attribute(
+            llama, CTX, units=Sources(query="a"), method="occlusion", response=" b", query="c"
+        )
 
 
 # ------------------------------------------------------------------ the engine
@@ -197,7 +201,7 @@ def test_sampled_response_is_seeded(llama):
 
 
 def test_generic_lds_rebuilds_the_units(llama):
-    r = al.attribute(llama, CTX, " Paris is", units="sources", method="loo", query=QUERY)
+    r = al.attribute(llama, CTX, " Paris is", units="sources", method="occlusion", query=QUERY)
     s = al.evaluate.lds(llama, r, CTX, " Paris is", n_masks=12, seed=2)
     f = Sources(query=QUERY).mask_values(llama, CTX, " Paris is", s.masks)
     torch.testing.assert_close(s.values.double(), f.double())
@@ -291,7 +295,7 @@ def test_contextcite_finds_a_planted_source(llama):
     resp = " Tom has a dog."
     lp = Sources().mask_values(llama, ctx, resp, [[1, 1, 1, 1], [1, 0, 1, 1]])
     r = al.attribute(llama, ctx, resp, units="sources", method="contextcite", n_ablations=32)
-    loo = al.attribute(llama, ctx, resp, units="sources", method="loo")
+    loo = al.attribute(llama, ctx, resp, units="sources", method="occlusion")
     assert loo.scores[1] == pytest.approx(float(lp[0] - lp[1]), abs=1e-6)
     assert int(loo.scores.argmax()) == int(r.scores.argmax()) or float(lp[0] - lp[1]) < 0.1
 
@@ -300,7 +304,7 @@ def test_contextcite_finds_a_planted_source(llama):
 def test_loo_jsd_attention_hierarchical(llama):
     p = Sources(query=QUERY).bind(llama, CTX, " Paris is")
     plain = _plain_logprobs(llama, p, al.methods.context_baselines.loo_masks(5)).sum(-1)
-    loo = al.attribute(llama, CTX, " Paris is", units="sources", method="loo", query=QUERY)
+    loo = al.attribute(llama, CTX, " Paris is", units="sources", method="occlusion", query=QUERY)
     np.testing.assert_allclose(loo.scores.numpy(), (plain[0] - plain[1:]).numpy(), atol=2e-5)
     jsd = al.attribute(llama, CTX, " Paris is", units="sources", method="jsd", query=QUERY)
     assert jsd.scores.shape == (5,) and bool((jsd.scores >= 0).all()) and jsd.scores.sum() > 0
@@ -398,17 +402,17 @@ def zoo_qa():
 def test_zoo_top1_source_is_gold(zoo_qa):
     """ContextCite (64 ablations) and leave-one-out put the gold document first."""
     lm, examples = zoo_qa
-    hits = {"contextcite": 0, "loo": 0}
+    hits = {"contextcite": 0, "occlusion": 0}
     for ex in examples:
         units = Sources(sources=ex.sources)
-        for method, kw in (("contextcite", {"n_ablations": 64}), ("loo", {})):
+        for method, kw in (("contextcite", {"n_ablations": 64}), ("occlusion", {})):
             r = al.attribute(
                 lm, ex.prompt, ex.answer, units=units, method=method, batch_size=64, **kw
             )
             hits[method] += int(r.top(1, by="pos")["source"][0] == ex.gold)
     acc = {k: v / len(examples) for k, v in hits.items()}
     print(f"\nzoo context_qa top-1 == gold over {len(examples)} prompts: {acc}")
-    assert acc["contextcite"] >= 0.95 and acc["loo"] >= 0.95
+    assert acc["contextcite"] >= 0.95 and acc["occlusion"] >= 0.95
 
 
 def test_zoo_lds_and_topk_drop(zoo_qa):

@@ -102,6 +102,23 @@ def test_unknown_method_and_units(lm):
         al.attribute("not a model", "a b")
 
 
+def test_each_method_has_one_name_and_spelled_out_names_get_a_hint(lm):
+    from attrlab.methods.base import _REGISTRY
+
+    # one canonical name per method class and unit kind: no aliases
+    for cls in set(_REGISTRY.values()):
+        names = {n for (n, _), c in _REGISTRY.items() if c is cls}
+        assert names == {cls.name}, (cls, names)
+        assert cls.name == cls.name.lower() and "_" not in cls.name
+    for typed, canonical in [
+        ("integrated_gradients", "ig"),
+        ("loo", "occlusion"),
+        ("input_x_gradient", "input-x-gradient"),
+    ]:
+        with pytest.raises(UnknownMethodError, match=f"Did you mean '{canonical}'"):
+            al.attribute(lm, "a b", target=" a", method=typed)
+
+
 def test_errors_are_catchable_as_base_and_builtin():
     assert issubclass(UnknownSiteError, AttrlabError) and issubclass(UnknownSiteError, KeyError)
     assert issubclass(IndexRangeError, IndexError)

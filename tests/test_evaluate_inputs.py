@@ -73,7 +73,7 @@ def test_lds_prediction_is_sum_of_kept_scores(lm):
 
 def test_lds_ranks_methods(lm):
     """Exact Shapley predicts ablations better than a shuffled copy of itself."""
-    r = al.attribute(lm, PROMPT, target=" store", method="shapley_exact")
+    r = al.attribute(lm, PROMPT, target=" store", method="shapley-exact")
     good = al.evaluate.lds(lm, r, PROMPT, " store", n_masks=48)
     shuffled = al.Attribution(
         r.scores[torch.randperm(len(r), generator=torch.Generator().manual_seed(0))],
@@ -91,7 +91,9 @@ def test_lds_rows_words_spans(lm):
     r = al.attribute(lm, PROMPT, target=tgt, method="occlusion")
     s = al.evaluate.lds(lm, r, PROMPT, tgt, n_masks=16)
     assert len(s.per_row) == 2 and s.values.shape == (16, 2)
-    w = al.attribute(lm, PROMPT, target=" store", units=[(0, 4), (5, 9), (14, 18)], method="loo")
+    w = al.attribute(
+        lm, PROMPT, target=" store", units=[(0, 4), (5, 9), (14, 18)], method="occlusion"
+    )
     assert units_of(w).spans_list == [(0, 4), (5, 9), (14, 18)]
     s2 = al.evaluate.lds(lm, w, PROMPT, " store", n_masks=8)
     assert s2.masks.shape == (8, 3)

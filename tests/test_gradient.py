@@ -187,9 +187,9 @@ def test_saliency_and_input_x_gradient_equal_autograd(lm64):
     torch.testing.assert_close(sal.scores, g.norm(dim=-1), atol=1e-10, rtol=0)
     sal_sum = al.attribute(lm64, PROMPT, target=" store", method="saliency", reduce="sum")
     torch.testing.assert_close(sal_sum.scores, g.sum(-1), atol=1e-10, rtol=0)
-    ixg = al.attribute(lm64, PROMPT, target=" store", method="input_x_gradient")
+    ixg = al.attribute(lm64, PROMPT, target=" store", method="input-x-gradient")
     torch.testing.assert_close(ixg.scores, (g * x).sum(-1), atol=1e-10, rtol=0)
-    ixg2 = al.attribute(lm64, PROMPT, target=" store", method="input_x_gradient", reduce="l2")
+    ixg2 = al.attribute(lm64, PROMPT, target=" store", method="input-x-gradient", reduce="l2")
     torch.testing.assert_close(ixg2.scores, (g * x).norm(dim=-1), atol=1e-10, rtol=0)
 
 
@@ -250,7 +250,7 @@ def test_special_tokens_labeled_and_excludable(lm64):
 
 
 def test_smoothgrad_and_expected_gradients(lm64):
-    ixg = al.attribute(lm64, PROMPT, target=" store", method="input_x_gradient")
+    ixg = al.attribute(lm64, PROMPT, target=" store", method="input-x-gradient")
     sg0 = al.attribute(lm64, PROMPT, target=" store", method="smoothgrad", noise=0.0, samples=2)
     torch.testing.assert_close(sg0.scores, ixg.scores, atol=1e-12, rtol=0)
     a = al.attribute(lm64, PROMPT, target=" store", method="smoothgrad", seed=3)
@@ -265,20 +265,20 @@ def test_smoothgrad_and_expected_gradients(lm64):
         lm64,
         PROMPT,
         target=" store",
-        method="expected_gradients",
+        method="expected-gradients",
         references=ref,
         samples=256,
         batch_size=128,
     )
     err = float((eg.scores - ig.scores).abs().max())
     assert err < 0.2 * float(ig.scores.abs().max())
-    eg1 = al.attribute(lm64, PROMPT, target=" store", method="expected_gradients", seed=1)
-    eg2 = al.attribute(lm64, PROMPT, target=" store", method="expected_gradients", seed=1)
+    eg1 = al.attribute(lm64, PROMPT, target=" store", method="expected-gradients", seed=1)
+    eg2 = al.attribute(lm64, PROMPT, target=" store", method="expected-gradients", seed=1)
     assert torch.equal(eg1.scores, eg2.scores)
 
 
 def test_result_roundtrip(lm64, tmp_path):
-    r = al.attribute(lm64, PROMPT, target=" store", method="integrated_gradients", steps=4)
+    r = al.attribute(lm64, PROMPT, target=" store", method="ig", steps=4)
     assert r.method == "ig" and r.unit_kind == "tokens"
     back = al.Attribution.load(r.save(tmp_path / "r.attr"))
     assert back.equals(r)

@@ -110,7 +110,7 @@ def test_lime_recovers_an_additive_function():
 
 @pytest.mark.parametrize("units", ["tokens", "words"])
 def test_model_kernelshap_and_sampling_vs_exact(lm64, units):
-    exact = al.attribute(lm64, PROMPT, target=" store", units=units, method="shapley_exact")
+    exact = al.attribute(lm64, PROMPT, target=" store", units=units, method="shapley-exact")
     d = exact.diagnostics
     assert abs(float(exact.scores.sum()) - (d["value"] - d["empty_value"])) < 1e-10
     ks = al.attribute(lm64, PROMPT, target=" store", units=units, method="kernelshap")

@@ -177,7 +177,7 @@ def deletion_curve(
     Example:
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> r = al.attribute(lm, "a b c d", target=" a", method="loo")
+        >>> r = al.attribute(lm, "a b c d", target=" a", method="occlusion")
         >>> c = al.evaluate.deletion_curve(lm, r, "a b c d", " a", steps=2)
         >>> c.fractions
         [0.0, 0.5, 1.0]
@@ -200,7 +200,7 @@ def insertion_curve(
     Example:
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> r = al.attribute(lm, "a b c d", target=" a", method="loo")
+        >>> r = al.attribute(lm, "a b c d", target=" a", method="occlusion")
         >>> c = al.evaluate.insertion_curve(lm, r, "a b c d", " a")
         >>> abs(c.values[-1] - c.full) < 1e-6
         True
@@ -253,7 +253,7 @@ def comprehensiveness(
     Example:
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> r = al.attribute(lm, "a b c d", target=" a", method="loo")
+        >>> r = al.attribute(lm, "a b c d", target=" a", method="occlusion")
         >>> isinstance(al.evaluate.comprehensiveness(lm, r, "a b c d", " a"), float)
         True
     """
@@ -276,7 +276,7 @@ def sufficiency(
     Example:
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> r = al.attribute(lm, "a b c d", target=" a", method="loo")
+        >>> r = al.attribute(lm, "a b c d", target=" a", method="occlusion")
         >>> isinstance(al.evaluate.sufficiency(lm, r, "a b c d", " a"), float)
         True
     """

@@ -112,7 +112,7 @@ def units_of(result: Any, units: Any = None) -> Any:
     Example:
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> r = al.attribute(lm, "When Mary", target=" and", units=[(0, 4)], method="loo")
+        >>> r = al.attribute(lm, "When Mary", target=" and", units=[(0, 4)], method="occlusion")
         >>> units_of(r).spans_list
         [(0, 4)]
     """
@@ -160,7 +160,7 @@ def evaluate_masks(
     Example:
         >>> import torch, attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> r = al.attribute(lm, "a b c", target=" a", method="loo")
+        >>> r = al.attribute(lm, "a b c", target=" a", method="occlusion")
         >>> tuple(evaluate_masks(lm, r, "a b c", " a", torch.ones(2, 3).bool()).shape)
         (2, 1)
     """

@@ -111,7 +111,7 @@ def randomization_check(
     Example:
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> r = al.attribute(lm, "a b c", target=" a", method="loo")
+        >>> r = al.attribute(lm, "a b c", target=" a", method="occlusion")
         >>> c = al.evaluate.randomization_check(lm, r, "a b c", " a", seed=1)
         >>> c.randomized.method
         'occlusion'

@@ -724,7 +724,7 @@ def _result(
     )
 
 
-@register("atp", NODE_KINDS, "attribution-patching")
+@register("atp", NODE_KINDS)
 class AtP(Method):
     """Attribution patching: every unit's patching effect from one backward.
 
@@ -775,7 +775,7 @@ class AtP(Method):
         return _result(lm, nodes, out["atp"], self, target, diag, {}, base)
 
 
-@register("atp*", NODE_KINDS, "atp-star", "atpstar")
+@register("atp*", NODE_KINDS)
 class AtPStar(Method):
     """AtP*: attribution patching with the QK fix and GradDrop, plus a bound
     on the remaining false negatives (see the module docs).

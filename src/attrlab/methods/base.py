@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -65,7 +66,11 @@ _REGISTRY: dict[tuple[str, str], type[Method]] = {}
 def register(
     name: str, units: tuple[str, ...], *aliases: str
 ) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator: make ``method=name`` (and aliases) available for ``units``."""
+    """Class decorator: make ``method=name`` available for ``units``.
+
+    Each method has one canonical name (lower case, words joined by ``-``);
+    ``aliases`` exist only for plugins that must keep an old name.
+    """
 
     def deco(cls: type[Method]) -> type[Method]:
         cls.name = cls.name or name
@@ -94,6 +99,22 @@ def all_methods() -> dict[str, list[str]]:
     return out
 
 
+#: Spelled-out names users type, mapped to the one canonical name (error hints only).
+_SPELLED_OUT = {
+    "integrated-gradients": "ig",
+    "leave-one-out": "occlusion",
+    "loo": "occlusion",
+    "activation-patching": "patch",
+    "attribution-patching": "atp",
+    "atp-star": "atp*",
+    "direct-logit-attribution": "dla",
+    "edge-attribution-patching": "eap",
+    "context-cite": "contextcite",
+    "input-x-grad": "input-x-gradient",
+    "kernel-shap": "kernelshap",
+}
+
+
 def find_method(name: str, kind: str) -> type[Method]:
     """The method class registered as ``name`` for unit kind ``kind``.
 
@@ -109,8 +130,12 @@ def find_method(name: str, kind: str) -> type[Method]:
             f"method {name!r} does not work on units={kind!r}; it works on {', '.join(kinds)}. "
             f"Methods for {kind!r}: {', '.join(methods_for(kind)) or 'none yet'}"
         )
+    norm = name.lower().replace("_", "-").replace(" ", "-")
+    close = [_SPELLED_OUT[norm]] if norm in _SPELLED_OUT else []
+    close = close or difflib.get_close_matches(norm, list(all_methods()), n=1, cutoff=0.75)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
     raise UnknownMethodError(
-        f"unknown method {name!r}. Methods for units={kind!r}: "
+        f"unknown method {name!r}.{hint} Methods for units={kind!r}: "
         f"{', '.join(methods_for(kind)) or 'none yet'}; all methods: "
         f"{', '.join(all_methods()) or 'none yet'}"
     )

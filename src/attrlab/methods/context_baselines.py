@@ -5,7 +5,7 @@ Jensen-Shannon divergence score, a one-pass attention score, and a hierarchical
 =================  ===========================================  =====================
 method             score of source ``i``                        forwards
 =================  ===========================================  =====================
-``loo``            ``f(all) - f(all but i)``                    ``n + 1``
+``occlusion``      ``f(all) - f(all but i)`` (leave-one-out)    ``n + 1``
 ``jsd``            sum over response tokens of the JSD between  ``n + 1``
                    next-token distributions with and without i
 ``attention``      attention from the response positions to     1 (eager attention)
@@ -26,7 +26,7 @@ Example:
     >>> import attrlab as al
     >>> lm = al.wrap(*al.testing.tiny_model("llama"))
     >>> r = al.attribute(lm, "A is red. B is blue. C is green.", " red",
-    ...                  units="sources", method="loo")
+    ...                  units="sources", method="occlusion")
     >>> r.scores.shape
     torch.Size([3])
 """
@@ -75,7 +75,7 @@ def _no_cf(name: str, counterfactual: Any) -> None:
         raise InputError(f"{name} ablates sources; it takes no counterfactual")
 
 
-@register("loo", ("sources",), "leave-one-out", "occlusion")
+@register("occlusion", ("sources",))
 class LeaveOneOut(ContextMethod):
     """Leave-one-out: the drop in the response's log-probability when a source is removed.
 
@@ -86,7 +86,7 @@ class LeaveOneOut(ContextMethod):
     Example:
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> r = al.attribute(lm, "A is red. B is blue.", " red", units="sources", method="loo")
+        >>> r = al.attribute(lm, "A is red. B is blue.", " red", units="sources", method="occlusion")
         >>> r.top(1).columns.tolist()
         ['source', 'text', 'score']
     """
@@ -118,7 +118,7 @@ class LeaveOneOut(ContextMethod):
         )
 
 
-@register("jsd", ("sources",), "arc-jsd")
+@register("jsd", ("sources",))
 class JSDScore(ContextMethod):
     """Sum over response tokens of the Jensen-Shannon divergence (nats) between the
     next-token distributions with the full context and with one source removed.
@@ -177,7 +177,7 @@ class JSDScore(ContextMethod):
         )
 
 
-@register("attention", ("sources",), "attn")
+@register("attention", ("sources",))
 class AttentionScore(ContextMethod):
     """One forward: the attention paid by the response positions to each source's
     tokens, averaged over layers, heads and response positions.
@@ -240,7 +240,7 @@ def _split(group: list[int], k: int) -> list[list[int]]:
     return [list(g) for g in np.array_split(np.array(group), min(k, len(group))) if len(g)]
 
 
-@register("hierarchical", ("sources",), "tracllm")
+@register("hierarchical", ("sources",))
 class HierarchicalSearch(ContextMethod):
     """Hierarchical leave-one-group-out search for long contexts (TracLLM-like).
 

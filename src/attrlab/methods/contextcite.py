@@ -229,7 +229,7 @@ def _fit(
     return fit_lasso(masks.numpy(), y, end - start, alpha)
 
 
-@register("contextcite", ("sources",), "context-cite", "context_cite")
+@register("contextcite", ("sources",))
 class ContextCite(ContextMethod):
     """ContextCite: LASSO on random source ablations.
 

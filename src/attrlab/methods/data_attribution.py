@@ -95,7 +95,7 @@ class Trak(_DataMethod):
         )
 
 
-@register("tracin", ("train",), "tracin-cp")
+@register("tracin", ("train",))
 class TracIn(_DataMethod):
     """TracIn-CP: loss-gradient dot products summed over checkpoints, weighted by learning rates.
 
@@ -114,7 +114,7 @@ class TracIn(_DataMethod):
         return tracin(stores, u.models(lm, len(stores)), queries, self.lrs, texts=u.texts)
 
 
-@register("grad-dot", ("train",), "grad_dot")
+@register("grad-dot", ("train",))
 class GradDot(_DataMethod):
     """Dot product of query and training loss gradients.
 
@@ -130,7 +130,7 @@ class GradDot(_DataMethod):
         return grad_similarity(stores, u.models(lm, len(stores)), queries, "dot", texts=u.texts)
 
 
-@register("grad-cos", ("train",), "grad_cos")
+@register("grad-cos", ("train",))
 class GradCos(_DataMethod):
     """Cosine similarity of query and training loss gradients.
 

@@ -271,7 +271,7 @@ _COMPONENTS_OF = {
 }
 
 
-@register("dla", ("heads", "layers", "attn", "mlp", "neurons"), "direct_logit_attribution")
+@register("dla", ("heads", "layers", "attn", "mlp", "neurons"))
 class DirectLogitAttribution(Method):
     """Direct logit attribution (``method="dla"``): exact additive shares of a logit
     or logit difference at the last position.

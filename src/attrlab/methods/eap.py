@@ -109,7 +109,7 @@ def _graph(lm: LM, units: Units, n_pos: int) -> EdgeGraph:
     return units.graph(lm, n_pos=n_pos)
 
 
-@register("eap", ("edges",), "edge-attribution-patching")
+@register("eap", ("edges",))
 class EAP(Method):
     """EAP: every edge's patching effect linearized at the clean run.
 
@@ -148,7 +148,7 @@ class EAP(Method):
         return _result(lm, graph, edge_scores(ref - act, grads, graph), self, target, diag)
 
 
-@register("eap-ig", ("edges",), "eapig", "eap_ig")
+@register("eap-ig", ("edges",))
 class EAPIG(Method):
     """EAP-IG: EAP with the input gradient integrated from clean to counterfactual.
 

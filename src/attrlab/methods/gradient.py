@@ -217,7 +217,7 @@ class Saliency(_GradientMethod):
         return g, {"value": _row_list(v[0])}, {}
 
 
-@register("input_x_gradient", INPUT_KINDS, "input_x_grad", "ixg")
+@register("input-x-gradient", INPUT_KINDS)
 class InputXGradient(_GradientMethod):
     """``x * df/dx`` at the input embeddings, summed (default) or L2-normed over
     the hidden dimension.
@@ -225,7 +225,7 @@ class InputXGradient(_GradientMethod):
     Example:
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> al.attribute(lm, "a b c", target=" a", method="input_x_gradient").scores.shape[0]
+        >>> al.attribute(lm, "a b c", target=" a", method="input-x-gradient").scores.shape[0]
         3
     """
 
@@ -283,7 +283,7 @@ def _counterfactual_ids(fwd: EmbedForward, cf: Any) -> list[int]:
     return ids + fwd.view.ids[fwd.view.n_prompt :]
 
 
-@register("ig", INPUT_KINDS, "integrated_gradients")
+@register("ig", INPUT_KINDS)
 class IntegratedGradients(_GradientMethod):
     """Integrated Gradients at the token embeddings.
 
@@ -408,7 +408,7 @@ class SmoothGrad(_GradientMethod):
         return g, {"sigma": sigma}, {}
 
 
-@register("expected_gradients", INPUT_KINDS, "expected_grad")
+@register("expected-gradients", INPUT_KINDS)
 class ExpectedGradients(_GradientMethod):
     """Expected gradients: IG averaged over baselines drawn from a reference
     distribution, one random point on each path (Erion et al.). References:
@@ -419,7 +419,7 @@ class ExpectedGradients(_GradientMethod):
     Example:
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> r = al.attribute(lm, "a b c", target=" a", method="expected_gradients", samples=8)
+        >>> r = al.attribute(lm, "a b c", target=" a", method="expected-gradients", samples=8)
         >>> len(r)
         3
     """

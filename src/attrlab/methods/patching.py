@@ -621,7 +621,7 @@ def _metric_target(metric: str, target: Target, lm: LM, batch: Batch) -> Target:
     return KL(reference_logits=logits[:, -1].detach())
 
 
-@register("patch", ("heads", "resid", "attn", "mlp", "neurons"), "activation_patching", "patching")
+@register("patch", ("heads", "resid", "attn", "mlp", "neurons"))
 class ActivationPatching(Method):
     """Exact activation patching (``method="patch"``).
 

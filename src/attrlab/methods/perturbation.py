@@ -7,7 +7,7 @@ a baseline embedding (default: the pad token's), many masks per batched
 forward. See "Feature Removal Is a Unifying Principle for Model Explanation
 Methods" (Covert et al.) for the common frame.
 
-* ``occlusion`` / ``loo``: ``f(all) - f(all without u)``.
+* ``occlusion`` (leave-one-out): ``f(all) - f(all without u)``.
 * ``shapley``: Shapley value sampling over random permutations (seeded;
   ``antithetic=True`` adds each permutation's reverse). Efficiency holds
   exactly: the scores sum to ``f(all) - f(none)``.
@@ -16,12 +16,12 @@ Methods" (Covert et al.) for the common frame.
   ``max_exact_units`` units) it equals the exact Shapley values.
 * ``lime``: a ridge regression on random masks weighted by an exponential
   kernel of the cosine distance to the full input (scikit-learn).
-* ``shapley_exact``: enumerates all ``2^n`` coalitions (n <= 16).
+* ``shapley-exact``: enumerates all ``2^n`` coalitions (n <= 16).
 
 Example:
     >>> import attrlab as al
     >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-    >>> r = al.attribute(lm, "When Mary and John", target=" went", method="shapley_exact")
+    >>> r = al.attribute(lm, "When Mary and John", target=" went", method="shapley-exact")
     >>> d = r.diagnostics
     >>> abs(float(r.scores.sum()) - (d["value"] - d["empty_value"])) < 1e-4
     True
@@ -199,14 +199,14 @@ class _PerturbationMethod(Method):
         return torch.cat(out, 0)
 
 
-@register("occlusion", INPUT_KINDS, "loo", "leave_one_out")
+@register("occlusion", INPUT_KINDS)
 class Occlusion(_PerturbationMethod):
     """Leave-one-out: ``f(all) - f(all without unit u)`` for every unit.
 
     Example:
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> len(al.attribute(lm, "When Mary and John", target=" went", method="loo"))
+        >>> len(al.attribute(lm, "When Mary and John", target=" went", method="occlusion"))
         4
     """
 
@@ -218,7 +218,7 @@ class Occlusion(_PerturbationMethod):
         return (v_full[None] - vals).T, {}
 
 
-@register("shapley", INPUT_KINDS, "shapley_sampling")
+@register("shapley", INPUT_KINDS)
 class ShapleySampling(_PerturbationMethod):
     """Shapley value sampling: average marginal contributions over random
     permutations of the units (seeded). Each permutation costs ``n - 1``
@@ -282,7 +282,7 @@ class ShapleySampling(_PerturbationMethod):
         return phi.mean(0).T, {"stderr": std.T.tolist(), "n_permutations": k}
 
 
-@register("kernelshap", INPUT_KINDS, "kernel_shap")
+@register("kernelshap", INPUT_KINDS)
 class KernelShap(_PerturbationMethod):
     """KernelSHAP (Lundberg & Lee): weighted linear regression with the Shapley
     kernel and the efficiency constraint. ``samples=None`` uses every
@@ -397,14 +397,14 @@ class Lime(_PerturbationMethod):
         }
 
 
-@register("shapley_exact", INPUT_KINDS, "exact_shapley")
+@register("shapley-exact", INPUT_KINDS)
 class ExactShapley(_PerturbationMethod):
     """Exact Shapley values by enumerating all ``2^n`` coalitions (n <= 16).
 
     Example:
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> len(al.attribute(lm, "a b c", target=" a", method="shapley_exact"))
+        >>> len(al.attribute(lm, "a b c", target=" a", method="shapley-exact"))
         3
     """
 

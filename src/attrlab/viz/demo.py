@@ -373,7 +373,7 @@ def _tokens(demo: Demo) -> None:
         demo.add(_attr(demo, method, "tokens", "tokens", **opts), f"Tokens — {method}", note)
         ran = True
     if not ran:
-        m = first_available(["saliency", "input_x_gradient", "ixg", "shapley", "loo"], "tokens")
+        m = first_available(["saliency", "input-x-gradient", "shapley", "occlusion"], "tokens")
         if m is None:
             raise Unavailable("no token attribution method (ig, occlusion …) is registered yet")
         demo.add(_attr(demo, m, "tokens", "tokens"), f"Tokens — {m}")
@@ -382,7 +382,7 @@ def _tokens(demo: Demo) -> None:
 def _continuation(demo: Demo) -> None:
     from ..targets import ContinuationLogProb
 
-    m = first_available(["ig", "input_x_gradient", "saliency"], "tokens")
+    m = first_available(["ig", "input-x-gradient", "saliency"], "tokens")
     if m is None:
         raise Unavailable("no gradient method over tokens is registered yet")
     gen = _greedy(demo.lm, demo.prompt, 3)
@@ -558,7 +558,7 @@ TOY_CORPUS = [
 
 
 def _sources(demo: Demo) -> None:
-    m = first_available(["contextcite", "loo"], "sources")
+    m = first_available(["contextcite", "occlusion"], "sources")
     if m is None:
         raise Unavailable(
             "context attribution (units='sources', contextcite) is not registered yet"
