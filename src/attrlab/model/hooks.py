@@ -26,7 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import SiteNotExposedError
 from . import interventions as iv_mod
-from .adapters.base import BLOCK_RETURNS_TUPLE, Adapter
+from .adapters.base import Adapter
 from .interventions import Intervention
 from .sites import Site
 
@@ -73,6 +73,7 @@ class HookSession:
         self.last_only = last_only
         self._handles: list[RemovableHandle] = []
         self._saved_forwards: list[tuple[nn.Module, Any]] = []
+        self._block_tuple = False  # set in _install when blocks are skipped
         # values shared between hooks of one layer within a forward
         self._z: dict[int, Tensor] = {}
         self._resid_pre: dict[int, Tensor] = {}
@@ -119,6 +120,9 @@ class HookSession:
 
     def _install(self) -> None:
         a = self.a
+        # skipped blocks must return what the model expects; probe it (one
+        # one-token forward, cached) before any hook is installed
+        self._block_tuple = bool(self.start_layer) and a.block_returns_tuple()
         if self._needs("embed"):
             self._add(a.token_embedding(), "fwd", self._global_out_hook("embed"))
         for layer in range(self.cfg.n_layers):
@@ -174,10 +178,11 @@ class HookSession:
 
     def _skip_block(self, block: nn.Module) -> None:
         """Make ``block`` return its input: the run starts at a later layer."""
+        as_tuple = self._block_tuple
         self._saved_forwards.append((block, block.__dict__.get("forward")))
 
         def passthrough(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
-            return (hidden_states,) if BLOCK_RETURNS_TUPLE else hidden_states
+            return (hidden_states,) if as_tuple else hidden_states
 
         block.forward = passthrough
 

@@ -26,8 +26,6 @@ import transformers
 from torch import Tensor, nn
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
-# Decoder layers return a tuple before transformers 5 and a tensor from 5 on.
-BLOCK_RETURNS_TUPLE = TRANSFORMERS_MAJOR < 5
 
 
 @dataclass(frozen=True)
@@ -137,6 +135,30 @@ class Adapter:
     # --------------------------------------------------------------- modules
     def token_embedding(self) -> nn.Module:
         return get_path(self.model, self.embed_path)
+
+    def block_returns_tuple(self) -> bool:
+        """Whether a decoder block returns ``(hidden, ...)`` rather than ``hidden``.
+
+        This differs between families and ``transformers`` versions (GPT-2 blocks
+        return a tuple before transformers 5, Llama blocks already return a
+        tensor in 4.5x), so it is observed once with a one-token forward and
+        cached. Needed when a block is replaced by a pass-through (runs that
+        start at a later layer).
+        """
+        cached = self.__dict__.get("_block_returns_tuple")
+        if cached is None:
+            seen: list[bool] = []
+            handle = self.block(0).register_forward_hook(
+                lambda _m, _a, out: seen.append(isinstance(out, tuple))
+            )
+            try:
+                dev = next(self.model.parameters()).device
+                with torch.no_grad():
+                    self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=dev))
+            finally:
+                handle.remove()
+            cached = self.__dict__["_block_returns_tuple"] = bool(seen and seen[0])
+        return cached
 
     def blocks(self) -> nn.ModuleList:
         mods = get_path(self.model, self.blocks_path)
