@@ -552,3 +552,84 @@ def test_ioi_tail_fix_on_final_position_heads(ioi):
     top_exact = set(torch.argsort(ex.abs(), descending=True)[:10].tolist())
     top_tail = set(torch.argsort(r.scores.abs(), descending=True)[:10].tolist())
     assert len(top_exact & top_tail) >= 9
+
+
+# ------------------------------------------------------- next-layer attention
+def _linear_tail_model():
+    """2-layer float64 GPT-2, sharpened attention, whose metric is linear in the
+    last-position residual after layer 1's attention: layer 1's MLP writes
+    nothing and the final LayerNorm is made affine (huge eps, rescaled weight)."""
+    hf, tok = al.testing.tiny_model("gpt2", dtype=torch.float64, n_layer=2)
+    with torch.no_grad():
+        for blk in hf.transformer.h:
+            blk.attn.c_attn.weight.mul_(6.0)
+        hf.transformer.wte.weight.mul_(3.0)
+        hf.transformer.h[1].mlp.c_proj.weight.zero_()
+        hf.transformer.h[1].mlp.c_proj.bias.zero_()
+        hf.transformer.ln_f.eps = 1e12
+        hf.transformer.ln_f.weight.mul_(1e6)
+    return al.wrap(hf, tok)
+
+
+def test_next_attn_is_exact_when_the_rest_is_linear():
+    """Oracle: a layer-0 head at position p < last reaches the metric only
+    through layer 1's attention at the last query; with everything after that
+    attention linear, AtP + the next-layer fix (exact MLP 0, norm, q/k/v,
+    softmax, pattern x value term) is the exact patching effect, while AtP is
+    not. Last-layer units get no correction."""
+    lm2 = _linear_tail_model()
+    units = al.units.Heads(per_position=True)
+    t = al.targets.resolve((" Mary", " John"), lm2)
+    b, c = prepare_pair(lm2, PROMPT, t, CF)
+    n_pos = b.shape[1]
+    ns = NodeSet.build(lm2, units, n_pos)
+    _, src = lm2.run(c, cache=ns.sites())
+    ex = exact_node_effects(lm2, b, src, t, ns)
+    r = run(lm2, units, next_attn=True)
+    fixed, atp = r.extra["atp_qk"].double(), r.extra["atp"].double()
+    idx = [i for i in range(ns.n_units) if ns.unit(i)[0] == 0 and ns.unit(i)[1] < n_pos - 1]
+    torch.testing.assert_close(fixed[idx], ex[idx], atol=1e-6 * float(ex.abs().max()), rtol=1e-5)
+    assert float((atp[idx] - ex[idx]).abs().max()) > 0.05 * float(ex[idx].abs().max())
+    last_layer = [i for i in range(ns.n_units) if ns.unit(i)[0] == 1]
+    torch.testing.assert_close(fixed[last_layer], atp[last_layer])
+    assert "layers [1]" in r.diagnostics["next_attn"]
+
+
+def test_next_attn_head_out_matches_z():
+    """The fix sees the same residual change from z and head_out units."""
+    lm2 = _linear_tail_model()
+    units = al.units.Heads(per_position=True)
+    rz = run(lm2, units, next_attn=True)
+    ro = run(lm2, units, next_attn=True, head_site="head_out")
+    torch.testing.assert_close(rz.extra["atp_qk"], ro.extra["atp_qk"], atol=1e-6, rtol=1e-5)
+
+
+def test_next_attn_off_where_it_does_not_apply(lm):
+    r = run(lm, al.units.Heads(per_position=True), next_attn=True, head_site="k")
+    assert "only; off" in r.diagnostics["next_attn"]
+    r = run(lm, "heads", next_attn=True)
+    assert "only; off" in r.diagnostics["next_attn"]
+    lm2 = al.wrap(*al.testing.tiny_model("llama"))
+    r = al.attribute(
+        lm2,
+        PROMPT,
+        target=(" Mary", " John"),
+        units=al.units.Heads(per_position=True),
+        method="atp*",
+        counterfactual=CF,
+        next_attn=True,
+    )
+    assert "unavailable" in r.diagnostics["next_attn"]
+    torch.testing.assert_close(r.extra["atp_qk"], r.extra["atp"])
+
+
+def test_ioi_next_attn_with_tail_fix(ioi):
+    """Zoo IOI model, z units: the layer-0 heads at positions 11-13 act through
+    layer 1's attention (pattern x value); next_attn + tail_fix lifts Pearson
+    with exact patching from 0.86 (tail_fix alone) to about 0.997."""
+    lm, prompts, cfs, target = ioi
+    ex = _ioi_exact(ioi, "z")
+    kw = dict(target=target, units=al.units.Heads(per_position=True), counterfactual=cfs)
+    r = al.attribute(lm, prompts, method="atp*", tail_fix=True, next_attn=True, **kw)
+    assert corr(r.scores, ex) >= 0.98
+    assert corr(r.extra["atp_tail"], ex) >= 0.98

@@ -18,6 +18,10 @@ AtP* adds two fixes for AtP's false negatives:
   recomputed exactly with the patched query (one row) or key (one column),
   and only the step from the pattern to the metric is linearized:
   ``(pattern' - pattern) . d metric / d pattern``.
+* **Next-layer attention fix** (``next_attn=True``; attrlab's extension, off
+  by default): for per-position head units, the next attention layer's
+  queries, keys, values and softmax are recomputed exactly for each unit
+  (see :func:`_next_attn_fix`).
 * **GradDrop**: for every layer ``l`` a backward pass with the gradient through
   layer ``l``'s residual contributions (attention and MLP output) dropped,
   giving ``AtP_l(i)``; the magnitude estimate is
@@ -52,6 +56,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -398,6 +403,151 @@ def _qk_fix(
     return torch.cat(scores).float()
 
 
+# ------------------------------------------------ next-layer attention fix
+NEXT_ATTN_SITES = ("z", "head_out")
+
+
+def _next_attn_fix(
+    lm: LM,
+    nodes: NodeSet,
+    base: Batch,
+    base_cache: dict[str, Tensor],
+    src_cache: dict[str, Tensor],
+    cotangents: Sequence[dict[int, Tensor]],
+) -> list[Tensor]:
+    """Exact next attention layer for per-position head units (``next_attn``).
+
+    A head unit at layer ``l``, position ``p`` (site ``z`` or ``head_out``)
+    changes the residual stream at ``p`` only, by ``dr`` (its change through
+    the output projection). Up to the next attention layer ``l + 1`` the
+    stream at ``p`` passes position-wise modules only (block ``l``'s MLP and
+    block ``l + 1``'s pre-attention norm), so the query (row ``p``), key and
+    value (column ``p``) of every head of layer ``l + 1`` after patching are
+    computed exactly with the model's own modules (no architecture code
+    here), and so is the change of that layer's head outputs ``z`` at every
+    query position: row ``p`` by a full softmax, later rows by closed-form
+    renormalization of column ``p``, including the pattern x value cross
+    term. For each cotangent ``g`` on ``z`` of layer ``l + 1`` a unit gets
+    ``g . dz(exact) - g . dz(first order)`` (the first-order change is a
+    forward-mode JVP of the same function), which turns AtP's linearized
+    next-attention-layer term into the exact one; everything after that
+    layer stays first order.
+
+    Returns one ``[batch, n_units]`` tensor per cotangent (zero for units of
+    the last layer, which feed no later attention).
+    """
+    from torch.func import jvp
+
+    a = lm.adapter
+    cfg = lm.cfg
+    n_b, n_pos = base.shape
+    comp = nodes.site_kind.split(".")[1]
+    assert nodes.heads is not None and nodes.per_position
+    allowed = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()  # [q, k]
+    key_ok = base.attention_mask.bool()  # [b, k]
+    outs: list[list[Tensor]] = [[] for _ in cotangents]
+    for layer in nodes.layers:
+        nxt = layer + 1
+        hs = nodes.heads
+        zeros = torch.zeros(n_b, n_pos, len(hs), dtype=torch.float64)
+        if nxt >= cfg.n_layers:
+            for o in outs:
+                o.append(zeros)
+            continue
+        site = nodes.site(layer)
+        delta = (src_cache[site] - base_cache[site])[:, :, hs]  # [b, p, hu, *]
+        if comp == "z":
+            w_o = a.W_O(layer)[hs].to(delta.dtype)  # [hu, dh, d]
+            dr = torch.einsum("bphe,hed->bphd", delta, w_o)  # [b, p, hu, d]
+        else:
+            dr = delta
+        x = base_cache[f"blocks.{layer}.resid_mid"]  # [b, p, d]
+        shape = dr.shape
+        x_u = x[:, :, None].expand(shape).reshape(-1, shape[-1]).contiguous()
+        dr_u = dr.reshape(-1, shape[-1]).to(x.dtype).contiguous()
+        qkv = partial(_next_qkv, lm, layer, x_u)
+
+        with torch.no_grad():
+            (q0, k0, v0), (dq, dk, dv) = jvp(qkv, (torch.zeros_like(dr_u),), (dr_u,))
+            q1, k1, v1 = qkv(dr_u)
+        ush = (n_b, n_pos, len(hs), cfg.n_heads, cfg.d_head)  # [b, p, hu, j, dh]
+        dq_ex, dk_ex = (q1 - q0).double().reshape(ush), (k1 - k0).double().reshape(ush)
+        dv_ex = (v1 - v0).double().reshape(ush)
+        dq, dk, dv = dq.double().reshape(ush), dk.double().reshape(ush), dv.double().reshape(ush)
+        qb = base_cache[f"blocks.{nxt}.attn.q"].double()  # [b, p, j, dh]
+        kb = base_cache[f"blocks.{nxt}.attn.k"].double()
+        vb = base_cache[f"blocks.{nxt}.attn.v"].double()
+        pat = base_cache[f"blocks.{nxt}.attn.pattern"].double()  # [b, j, q, k]
+        scale = float(getattr(a.attn(nxt), "scaling", cfg.d_head**-0.5))
+        valid = allowed[None, None] & key_ok[:, None, None, :]  # [b, 1, q, k]
+        # row p (query p): scores against every key, key p patched too
+        q_new = qb[:, :, None] + dq_ex  # [b, p, hu, j, dh]
+        k_new_p = kb[:, :, None] + dk_ex
+        s_row = torch.einsum("bphje,bkje->bphjk", q_new, kb) * scale
+        eye = torch.eye(n_pos, dtype=torch.bool)[None, :, None, None, :]  # [1, p, 1, 1, k]
+        s_diag = (q_new * k_new_p).sum(-1, keepdim=True) * scale  # [b, p, hu, j, 1]
+        s_row = torch.where(eye, s_diag, s_row)
+        row_ok = valid[:, 0][:, :, None, None, :]  # [b, p, 1, 1, k]
+        p_row_new = s_row.masked_fill(~row_ok, float("-inf")).softmax(-1).nan_to_num(0.0)
+        p_row = pat.permute(0, 2, 1, 3)[:, :, None]  # [b, p, 1, j, k]
+        ds_row = torch.einsum("bphje,bkje->bphjk", dq, kb) * scale
+        ds_diag = (qb[:, :, None] * dk).sum(-1, keepdim=True) * scale
+        ds_row = ds_row + torch.where(eye, ds_diag, torch.zeros_like(ds_diag))
+        # later rows q > p: column p renormalized (closed form)
+        d_col = torch.einsum("bqje,bphje->bphjq", qb, dk_ex) * scale  # [b, p, hu, j, q]
+        dl_col = torch.einsum("bqje,bphje->bphjq", qb, dk) * scale
+        later = ~allowed  # [p, q]: q > p
+        col_ok = later[None, :, None, None, :] & key_ok[:, :, None, None, None]
+        p_col = pat.permute(0, 3, 1, 2)[:, :, None]  # [b, p(key), 1, j, q]
+        d_col = d_col.masked_fill(~col_ok, 0.0).clamp(max=80.0)
+        em = torch.expm1(d_col)
+        r = 1.0 + p_col * em
+        for ci, cot in enumerate(cotangents):
+            gz = cot[nxt].double()  # d metric / d z of layer l + 1: [b, q, j, dh]
+            g = torch.einsum("bqje,bkje->bjqk", gz, vb)  # d metric / d pattern
+            pg = (pat * g).sum(-1)  # [b, j, q]
+            gdv_col = torch.einsum("bqje,bphje->bphjq", gz, dv_ex)  # g_q . dv_p (exact)
+            gdl_col = torch.einsum("bqje,bphje->bphjq", gz, dv)  # (first order)
+            gdv_row = torch.einsum("bpje,bphje->bphj", gz, dv_ex)
+            gdl_row = torch.einsum("bpje,bphje->bphj", gz, dv)
+            pp_new = torch.where(eye, p_row_new, torch.zeros_like(p_row_new)).sum(-1)
+            pp_old = torch.where(eye, p_row, torch.zeros_like(p_row)).sum(-1)  # [b, p, 1, j]
+            g_row = g.permute(0, 2, 1, 3)[:, :, None]  # [b, p, 1, j, k]
+            pg_row = pg.permute(0, 2, 1)[:, :, None, :, None]  # [b, p, 1, j, 1]
+            ex_row = ((p_row_new - p_row) * g_row).sum(-1) + pp_new * gdv_row  # [b, p, hu, j]
+            lin_row = (p_row * (g_row - pg_row) * ds_row).masked_fill(~row_ok, 0.0).sum(-1)
+            lin_row = lin_row + pp_old * gdl_row
+            g_col = g.permute(0, 3, 1, 2)[:, :, None]  # [b, p(key), 1, j, q]
+            pg_col = pg[:, None, None]  # [b, 1, 1, j, q]
+            ex_col = (1.0 / r - 1.0) * pg_col + p_col * (g_col * em + gdv_col * (1 + em)) / r
+            lin_col = p_col * ((g_col - pg_col) * dl_col + gdl_col)
+            col = (ex_col - lin_col).masked_fill(~col_ok, 0.0).sum(-1)  # [b, p, hu, j]
+            outs[ci].append((ex_row - lin_row + col).sum(-1))  # [b, p, hu]
+    res = []
+    for o in outs:
+        x_all = torch.stack(o, 1)  # [b, layer, p, hu]
+        # unit order: layer, then head, then position
+        res.append(x_all.permute(0, 1, 3, 2).reshape(n_b, -1))
+    return res
+
+
+def _next_qkv(lm: LM, layer: int, x: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v ``[rows, head, d_head]`` of layer ``layer + 1`` at one position whose
+    ``resid_mid`` of block ``layer`` is ``x + r`` (``[rows, d_model]``): block
+    ``layer``'s MLP and block ``layer + 1``'s norm and projections, the model's
+    own modules (sequential blocks without post-block norms)."""
+    a, cfg = lm.adapter, lm.cfg
+    ln1 = a.sub(layer + 1, a.attn_in_norm_name)
+    assert ln1 is not None
+    y = x + r
+    h = ln1(y + a.mlp(layer)(a.mlp_in_norm(layer)(y)))
+    mods = a.qkv_modules(layer + 1)
+    if "qkv" in mods:
+        return a.split_qkv(mods["qkv"](h))
+    q, k, v = (mods[c](h).unflatten(-1, (cfg.n_heads, cfg.d_head)) for c in ("q", "k", "v"))
+    return q, k, v
+
+
 # ------------------------------------------------------------ core routine
 def _attribution_patching(
     lm: LM,
@@ -415,6 +565,7 @@ def _attribution_patching(
     ig_steps: int = 0,
     tail_fix: bool = False,
     tail_points: int = 16,
+    next_attn: bool = False,
 ) -> tuple[NodeSet, dict[str, Tensor], dict[str, Any], Batch, Batch]:
     if direction not in ("noising", "denoising"):
         raise InputError(f"direction must be 'noising' or 'denoising', got {direction!r}")
@@ -431,7 +582,8 @@ def _attribution_patching(
         diagnostics["qk_fix"] = (
             f"unavailable for family {lm.cfg.family!r} (rotary positions); linear AtP used"
         )
-    last = lm.cfg.n_layers - 1
+    n_layers_all = lm.cfg.n_layers
+    last = n_layers_all - 1
     tail_sites = [f"blocks.{last}.resid_pre", f"blocks.{last}.attn.out"]
     use_tail = star and tail_fix
     if use_tail and (lm.cfg.parallel_residual or not uses_last_only(target)):
@@ -440,7 +592,27 @@ def _attribution_patching(
             "unavailable: needs a sequential-residual model and a target read at the last "
             "position; AtP* without it"
         )
+    use_na = star and next_attn
+    if use_na and not (nodes.kind == "heads" and comp in NEXT_ATTN_SITES and nodes.per_position):
+        use_na = False
+        diagnostics["next_attn"] = (
+            "applies to per-position head units at sites 'z' / 'head_out' only; off"
+        )
+    if use_na and (
+        lm.cfg.parallel_residual
+        or lm.cfg.post_block_norms
+        or not getattr(lm.adapter, "plain_qk_scores", False)
+    ):
+        use_na = False
+        diagnostics["next_attn"] = (
+            f"unavailable for family {lm.cfg.family!r} (needs sequential blocks without "
+            "post-block norms and plain q.k scores); off"
+        )
+    na_next = sorted({ly + 1 for ly in nodes.layers if ly + 1 < n_layers_all}) if use_na else []
     extra_sites: list[str] = []
+    for nxt in na_next:
+        extra_sites += [f"blocks.{nxt - 1}.resid_mid"]
+        extra_sites += [f"blocks.{nxt}.attn.{c}" for c in ("q", "k", "v", "pattern", "z")]
     if use_qk:
         for layer in nodes.layers:
             extra_sites += [f"blocks.{layer}.attn.{c}" for c in ("q", "k", "pattern")]
@@ -472,6 +644,8 @@ def _attribution_patching(
     wrt = [cache[s] for s in sites]
     pat_sites = [f"blocks.{layer}.attn.pattern" for layer in nodes.layers] if use_qk else []
     wrt += [cache[s] for s in pat_sites]
+    n_main = len(wrt)
+    wrt += [cache[f"blocks.{nxt}.attn.z"] for nxt in na_next]
     if use_tail:
         pre, aout = tail_sites
         x_graph = cache[pre][groups::stride, -1] + cache[aout][groups::stride, -1]  # [b, d]
@@ -481,6 +655,22 @@ def _attribution_patching(
         loss = loss + (x_graph * u).sum()  # its gradient lands in the last row group only
         wrt.append(cache[aout])
     grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    g_na = grads[n_main : n_main + len(na_next)]
+    na_corr: list[Tensor] = []
+    if use_na:
+        base_c = {s: cache[s][::stride].detach() for s in sites + extra_sites}
+
+        def cot(gi: int) -> dict[int, Tensor]:
+            return {
+                nxt: torch.zeros_like(base_c[f"blocks.{nxt}.attn.z"])
+                if g is None
+                else g[gi::stride].detach() * n_b
+                for nxt, g in zip(na_next, g_na)
+            }
+
+        cots = [cot(0)] + ([cot(groups)] if use_tail else [])
+        na_corr = _next_attn_fix(lm, nodes, base, base_c, src_cache, cots)
+        diagnostics["next_attn"] = f"exact attention patterns of layers {na_next}"
     kappa: Tensor | None = None
     if use_tail:
         g_out = grads[-1]
@@ -503,6 +693,7 @@ def _attribution_patching(
             u,
             slope,
             tail_points,
+            na_corr[1] / n_b if use_na else None,
         )
         diagnostics["tail_fix"] = f"final MLP/norm at the last position, {tail_points} points"
     m_base = m_all[::stride].detach().float()
@@ -535,6 +726,8 @@ def _attribution_patching(
             drops = torch.stack([atp_for_group(g, linear=False) for g in range(1, groups)])
             gd = drops.abs().sum(0) / (n_layers - 1)  # [units]
             out["graddrop_by_layer"] = drops
+        if use_na:
+            out["atp_qk"] = out["atp_qk"] + na_corr[0].mean(0).float()
         first = out["atp_qk"]
         if kappa is not None:
             first = out["atp_tail"] = out["atp_qk"] + kappa
@@ -567,6 +760,7 @@ def _tail_correction(
     u: Tensor,
     slope: Tensor,
     n_points: int,
+    c_extra: Tensor | None = None,
 ) -> Tensor:
     """Non-linear remainder of the final MLP / norm along the direction of change.
 
@@ -593,6 +787,8 @@ def _tail_correction(
         prod = (delta * (torch.zeros_like(a_base) if g is None else g)).float()
         cols.append(torch.stack([nodes.reduce(prod[b : b + 1]) for b in range(n_b)]))
     c = torch.cat(cols, 1).double()  # [b, units]
+    if c_extra is not None:  # exact-pattern part of the projection (downstream QK fix)
+        c = c + c_extra.double()
     k = max(2, n_points // 2 + 1)
     lo = torch.minimum(c.min(1).values, torch.zeros(n_b, dtype=c.dtype))
     hi = torch.maximum(c.max(1).values, torch.zeros(n_b, dtype=c.dtype))
@@ -810,6 +1006,17 @@ class AtPStar(Method):
             models and last-position targets only (else noted in
             ``diagnostics["tail_fix"]``). Off by default.
         tail_points: grid size for the exact evaluation along that direction.
+        next_attn: attrlab's extension of the paper's QK fix to the attention
+            layer *after* a head unit (per-position ``z`` / ``head_out`` units of
+            sequential models with plain q.k scores; else noted in
+            ``diagnostics["next_attn"]``): the unit's change of the residual at
+            its position is carried exactly through its block's MLP and the next
+            block's norm, and that next layer's queries, keys, values, softmax
+            and head outputs are recomputed exactly for the unit
+            (:func:`_next_attn_fix`); only the step from them to the metric is
+            linearized. Combined with ``tail_fix`` the projection onto the
+            tail direction uses the exact change too. Off by default (the
+            paper's AtP*); see ``docs/circuits.md`` for its accuracy and cost.
         verify: ``k > 0`` patches the ``k`` units with the largest ``|AtP*|``
             exactly (``patch_sweep``, batched) and replaces their scores with the
             exact effects. The pure estimate stays in ``extra["atp*"]``, the
@@ -849,12 +1056,14 @@ class AtPStar(Method):
         verify: int = 0,
         tail_fix: bool = False,
         tail_points: int = 16,
+        next_attn: bool = False,
     ):
         if ig_steps < 0 or verify < 0:
             raise InputError(f"ig_steps and verify must be >= 0, got {ig_steps}, {verify}")
         self.ig_steps = ig_steps
         self.verify = verify
         self.tail_fix = tail_fix
+        self.next_attn = next_attn
         if tail_points < 2:
             raise InputError(f"tail_points must be >= 2, got {tail_points}")
         self.tail_points = tail_points
@@ -896,6 +1105,7 @@ class AtPStar(Method):
             ig_steps=self.ig_steps,
             tail_fix=self.tail_fix,
             tail_points=self.tail_points,
+            next_attn=self.next_attn,
         )
         scores = out.pop("atp*")
         estimate = scores
