@@ -26,6 +26,7 @@ Run::
     python benchmarks/bench_atp.py --runs 1    # quicker
     python benchmarks/bench_atp.py --options-only --runs 3 --threads 1  # tail_fix / ig_steps / verify cost
     python benchmarks/bench_atp.py --ioi       # accuracy of AtP* options on the zoo IOI model
+    python benchmarks/bench_atp.py --random-accuracy --threads 1  # same on the random model
 
 Peer comparison (EAP vs auto-circuit's mask-gradient EAP, same weights, all
 edges with separate q/k/v inputs): auto-circuit needs TransformerLens 2.x and
@@ -111,6 +112,11 @@ def main() -> None:
         help="time only fwd+bwd, AtP* and its tail_fix / ig_steps / verify options",
     )
     ap.add_argument(
+        "--random-accuracy",
+        action="store_true",
+        help="Pearson / top-10 recall of AtP* options on the random 12-layer model",
+    )
+    ap.add_argument(
         "--ioi",
         action="store_true",
         help="accuracy table on the zoo IOI model: AtP*, ig_steps, verify vs patch_sweep",
@@ -121,6 +127,8 @@ def main() -> None:
         return peer(args.runs)
     if args.ioi:
         return ioi_table()
+    if args.random_accuracy:
+        return random_accuracy()
     if args.autocircuit:
         return compare_autocircuit(args.runs, args.threads)
     import attrlab as al
@@ -153,6 +161,10 @@ def main() -> None:
         for steps in (1, 2):
             rows[f"atp* ig_steps={steps}"] = timed(run("atp*", heads, ig_steps=steps), args.runs)
         rows["atp* tail_fix"] = timed(run("atp*", heads, tail_fix=True), args.runs)
+        rows["atp* next_attn"] = timed(run("atp*", heads, next_attn=True), args.runs)
+        rows["atp* next_attn+tail"] = timed(
+            run("atp*", heads, next_attn=True, tail_fix=True), args.runs
+        )
         rows["atp* verify=10"] = timed(run("atp*", heads, verify=10), args.runs)
         print(f"{'what':<24}{'seconds':>10}{'x fwd+bwd':>12}")
         for k, v in rows.items():
@@ -231,6 +243,8 @@ def ioi_table() -> None:
         "ig_steps=2": {"ig_steps": 2},
         "ig_steps=4": {"ig_steps": 4},
         "verify=10": {"verify": 10},
+        "next_attn": {"next_attn": True},
+        "next_attn+tail_fix": {"next_attn": True, "tail_fix": True},
     }
     print("Pearson / top-10 recall with patch_sweep (verify=10: the returned scores)")
     print("| site | direction | " + " | ".join(options) + " |")
@@ -256,6 +270,59 @@ def ioi_table() -> None:
                 )
                 cells.append(f"{corr(r.scores, ex):.3f} / {recall(r.scores, ex):.1f}")
             print(f"| {site} | {direction} | " + " | ".join(cells) + " |", flush=True)
+
+
+def random_accuracy() -> None:
+    """Random 12-layer model, heads x positions (z): Pearson and top-10 recall of
+    AtP* options against exact patching on the union of each option's top 32
+    units and 96 random units (exact patching of all 2304 is slow on CPU)."""
+    import attrlab as al
+    from attrlab.methods.atp import NodeSet, exact_node_effects, prepare_pair
+
+    lm = build()
+    ids, cf = _tokens()
+    target = al.targets.LogitDiff(ANSWER, WRONG)
+    heads = al.units.Heads(per_position=True)
+    options = {
+        "AtP*": {},
+        "tail_fix": {"tail_fix": True},
+        "next_attn": {"next_attn": True},
+        "next_attn+tail_fix": {"next_attn": True, "tail_fix": True},
+    }
+    for direction in ("noising", "denoising"):
+        res = {
+            name: al.attribute(
+                lm,
+                ids,
+                target=target,
+                units=heads,
+                method="atp*",
+                counterfactual=cf,
+                direction=direction,
+                **kw,
+            ).scores
+            for name, kw in options.items()
+        }
+        t = target.bind(lm)
+        clean, cfb = prepare_pair(lm, ids, t, cf)
+        base, src = (clean, cfb) if direction == "noising" else (cfb, clean)
+        ns = NodeSet.build(lm, heads, N_POS)
+        with torch.no_grad():
+            _, src_cache = lm.run(src, cache=ns.sites())
+        g = torch.Generator().manual_seed(2)
+        idx = set(torch.randperm(ns.n_units, generator=g)[:96].tolist())
+        for sc in res.values():
+            idx |= set(torch.argsort(sc.abs(), descending=True)[:32].tolist())
+        order = sorted(idx)
+        ex = exact_node_effects(lm, base, src_cache, t, ns, indices=order, chunk=48)
+        top = set(torch.argsort(ex.abs(), descending=True)[:10].tolist())
+        cells = []
+        for name, sc in res.items():
+            a = sc[order].double()
+            pear = float(torch.corrcoef(torch.stack([a, ex]))[0, 1])
+            mine = set(torch.argsort(a.abs(), descending=True)[:10].tolist())
+            cells.append(f"{name} {pear:.3f} / {len(top & mine) / 10:.1f}")
+        print(f"{direction} ({len(order)} units): " + " | ".join(cells), flush=True)
 
 
 def _tokens():

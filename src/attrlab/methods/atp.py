@@ -56,7 +56,6 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -424,35 +423,35 @@ def _next_attn_fix(
     block ``l + 1``'s pre-attention norm), so the query (row ``p``), key and
     value (column ``p``) of every head of layer ``l + 1`` after patching are
     computed exactly with the model's own modules (no architecture code
-    here), and so is the change of that layer's head outputs ``z`` at every
-    query position: row ``p`` by a full softmax, later rows by closed-form
-    renormalization of column ``p``, including the pattern x value cross
-    term. For each cotangent ``g`` on ``z`` of layer ``l + 1`` a unit gets
-    ``g . dz(exact) - g . dz(first order)`` (the first-order change is a
-    forward-mode JVP of the same function), which turns AtP's linearized
-    next-attention-layer term into the exact one; everything after that
-    layer stays first order.
+    here; one batched pass over ``batch x pos x heads`` rows), and so is the
+    change of that layer's head outputs ``z`` at every query position: row
+    ``p`` by a full softmax, later rows by closed-form renormalization of
+    column ``p``, including the pattern x value cross term. For each
+    cotangent ``g`` on ``z`` of layer ``l + 1`` a unit gets
+    ``g . dz(exact) - dr . w_p``, where ``w_p`` is the gradient of
+    ``g . z`` (through the same modules and the softmax) with respect to the
+    residual at ``p``: one small backward per layer over positions, not per
+    unit. This turns AtP's first-order term for the next attention layer into
+    the exact one; everything after that layer stays first order.
 
     Returns one ``[batch, n_units]`` tensor per cotangent (zero for units of
     the last layer, which feed no later attention).
     """
-    from torch.func import jvp
-
     a = lm.adapter
     cfg = lm.cfg
     n_b, n_pos = base.shape
     comp = nodes.site_kind.split(".")[1]
     assert nodes.heads is not None and nodes.per_position
+    hs = nodes.heads
     allowed = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()  # [q, k]
     key_ok = base.attention_mask.bool()  # [b, k]
+    valid = allowed[None, None] & key_ok[:, None, None, :]  # [b, 1, q, k]
     outs: list[list[Tensor]] = [[] for _ in cotangents]
     for layer in nodes.layers:
         nxt = layer + 1
-        hs = nodes.heads
-        zeros = torch.zeros(n_b, n_pos, len(hs), dtype=torch.float64)
         if nxt >= cfg.n_layers:
             for o in outs:
-                o.append(zeros)
+                o.append(torch.zeros(n_b, n_pos, len(hs), dtype=torch.float64))
             continue
         site = nodes.site(layer)
         delta = (src_cache[site] - base_cache[site])[:, :, hs]  # [b, p, hu, *]
@@ -461,25 +460,35 @@ def _next_attn_fix(
             dr = torch.einsum("bphe,hed->bphd", delta, w_o)  # [b, p, hu, d]
         else:
             dr = delta
-        x = base_cache[f"blocks.{layer}.resid_mid"]  # [b, p, d]
+        x = base_cache[f"blocks.{layer}.resid_mid"].detach()  # [b, p, d]
         shape = dr.shape
         x_u = x[:, :, None].expand(shape).reshape(-1, shape[-1]).contiguous()
         dr_u = dr.reshape(-1, shape[-1]).to(x.dtype).contiguous()
-        qkv = partial(_next_qkv, lm, layer, x_u)
-
+        scale = float(getattr(a.attn(nxt), "scaling", cfg.d_head**-0.5))
+        # first order: w_p = d (g . z) / d resid_mid[p], one backward over positions
+        with torch.enable_grad():
+            xg = x.clone().requires_grad_(True)
+            q0, k0, v0 = _next_qkv(lm, layer, xg, torch.zeros_like(xg))  # [b, p, j, dh]
+            s0 = torch.einsum("bqje,bkje->bjqk", q0, k0) * scale
+            s0 = s0.masked_fill(~valid, torch.finfo(s0.dtype).min)
+            z0 = torch.einsum("bjqk,bkje->bqje", s0.softmax(-1), v0)  # [b, q, j, dh]
+            w = [
+                torch.autograd.grad(
+                    (z0 * cot[nxt].to(z0.dtype)).sum(), xg, retain_graph=i < len(cotangents) - 1
+                )[0].double()
+                for i, cot in enumerate(cotangents)
+            ]  # [b, p, d] each
         with torch.no_grad():
-            (q0, k0, v0), (dq, dk, dv) = jvp(qkv, (torch.zeros_like(dr_u),), (dr_u,))
-            q1, k1, v1 = qkv(dr_u)
+            q1, k1, v1 = _next_qkv(lm, layer, x_u, dr_u)  # [b * p * hu, j, dh]
         ush = (n_b, n_pos, len(hs), cfg.n_heads, cfg.d_head)  # [b, p, hu, j, dh]
-        dq_ex, dk_ex = (q1 - q0).double().reshape(ush), (k1 - k0).double().reshape(ush)
-        dv_ex = (v1 - v0).double().reshape(ush)
-        dq, dk, dv = dq.double().reshape(ush), dk.double().reshape(ush), dv.double().reshape(ush)
+        q0, k0, v0 = (t.detach().double()[:, :, None] for t in (q0, k0, v0))
+        dq_ex = q1.double().reshape(ush) - q0
+        dk_ex = k1.double().reshape(ush) - k0
+        dv_ex = v1.double().reshape(ush) - v0
         qb = base_cache[f"blocks.{nxt}.attn.q"].double()  # [b, p, j, dh]
         kb = base_cache[f"blocks.{nxt}.attn.k"].double()
         vb = base_cache[f"blocks.{nxt}.attn.v"].double()
         pat = base_cache[f"blocks.{nxt}.attn.pattern"].double()  # [b, j, q, k]
-        scale = float(getattr(a.attn(nxt), "scaling", cfg.d_head**-0.5))
-        valid = allowed[None, None] & key_ok[:, None, None, :]  # [b, 1, q, k]
         # row p (query p): scores against every key, key p patched too
         q_new = qb[:, :, None] + dq_ex  # [b, p, hu, j, dh]
         k_new_p = kb[:, :, None] + dk_ex
@@ -490,12 +499,9 @@ def _next_attn_fix(
         row_ok = valid[:, 0][:, :, None, None, :]  # [b, p, 1, 1, k]
         p_row_new = s_row.masked_fill(~row_ok, float("-inf")).softmax(-1).nan_to_num(0.0)
         p_row = pat.permute(0, 2, 1, 3)[:, :, None]  # [b, p, 1, j, k]
-        ds_row = torch.einsum("bphje,bkje->bphjk", dq, kb) * scale
-        ds_diag = (qb[:, :, None] * dk).sum(-1, keepdim=True) * scale
-        ds_row = ds_row + torch.where(eye, ds_diag, torch.zeros_like(ds_diag))
+        pp_new = torch.where(eye, p_row_new, torch.zeros_like(p_row_new)).sum(-1)  # [b,p,hu,j]
         # later rows q > p: column p renormalized (closed form)
         d_col = torch.einsum("bqje,bphje->bphjq", qb, dk_ex) * scale  # [b, p, hu, j, q]
-        dl_col = torch.einsum("bqje,bphje->bphjq", qb, dk) * scale
         later = ~allowed  # [p, q]: q > p
         col_ok = later[None, :, None, None, :] & key_ok[:, :, None, None, None]
         p_col = pat.permute(0, 3, 1, 2)[:, :, None]  # [b, p(key), 1, j, q]
@@ -505,24 +511,17 @@ def _next_attn_fix(
         for ci, cot in enumerate(cotangents):
             gz = cot[nxt].double()  # d metric / d z of layer l + 1: [b, q, j, dh]
             g = torch.einsum("bqje,bkje->bjqk", gz, vb)  # d metric / d pattern
-            pg = (pat * g).sum(-1)  # [b, j, q]
-            gdv_col = torch.einsum("bqje,bphje->bphjq", gz, dv_ex)  # g_q . dv_p (exact)
-            gdl_col = torch.einsum("bqje,bphje->bphjq", gz, dv)  # (first order)
-            gdv_row = torch.einsum("bpje,bphje->bphj", gz, dv_ex)
-            gdl_row = torch.einsum("bpje,bphje->bphj", gz, dv)
-            pp_new = torch.where(eye, p_row_new, torch.zeros_like(p_row_new)).sum(-1)
-            pp_old = torch.where(eye, p_row, torch.zeros_like(p_row)).sum(-1)  # [b, p, 1, j]
+            pg = (pat * g).sum(-1)  # [b, j, q]  (= g . z)
             g_row = g.permute(0, 2, 1, 3)[:, :, None]  # [b, p, 1, j, k]
-            pg_row = pg.permute(0, 2, 1)[:, :, None, :, None]  # [b, p, 1, j, 1]
+            gdv_row = torch.einsum("bpje,bphje->bphj", gz, dv_ex)  # g_p . dv_p
             ex_row = ((p_row_new - p_row) * g_row).sum(-1) + pp_new * gdv_row  # [b, p, hu, j]
-            lin_row = (p_row * (g_row - pg_row) * ds_row).masked_fill(~row_ok, 0.0).sum(-1)
-            lin_row = lin_row + pp_old * gdl_row
             g_col = g.permute(0, 3, 1, 2)[:, :, None]  # [b, p(key), 1, j, q]
             pg_col = pg[:, None, None]  # [b, 1, 1, j, q]
+            gdv_col = torch.einsum("bqje,bphje->bphjq", gz, dv_ex)  # g_q . dv_p
             ex_col = (1.0 / r - 1.0) * pg_col + p_col * (g_col * em + gdv_col * (1 + em)) / r
-            lin_col = p_col * ((g_col - pg_col) * dl_col + gdl_col)
-            col = (ex_col - lin_col).masked_fill(~col_ok, 0.0).sum(-1)  # [b, p, hu, j]
-            outs[ci].append((ex_row - lin_row + col).sum(-1))  # [b, p, hu]
+            col = ex_col.masked_fill(~col_ok, 0.0).sum(-1)  # [b, p, hu, j]
+            lin = torch.einsum("bphd,bpd->bph", dr.double(), w[ci])
+            outs[ci].append((ex_row + col).sum(-1) - lin)  # [b, p, hu]
     res = []
     for o in outs:
         x_all = torch.stack(o, 1)  # [b, layer, p, hu]
@@ -694,6 +693,7 @@ def _attribution_patching(
             slope,
             tail_points,
             na_corr[1] / n_b if use_na else None,
+            cache[pre][groups::stride].detach(),
         )
         diagnostics["tail_fix"] = f"final MLP/norm at the last position, {tail_points} points"
     m_base = m_all[::stride].detach().float()
@@ -761,6 +761,7 @@ def _tail_correction(
     slope: Tensor,
     n_points: int,
     c_extra: Tensor | None = None,
+    resid_pre: Tensor | None = None,
 ) -> Tensor:
     """Non-linear remainder of the final MLP / norm along the direction of change.
 
@@ -775,6 +776,10 @@ def _tail_correction(
     ``x``), and the unit gets ``F_b(x0 + c_i u) - F_b(x0) - c_i slope_b`` added
     to its first-order estimate (``slope_b = dF_b/du`` at ``x0``): exact along
     ``u``, first order in the remainder.
+    ``c_extra`` (``[b, units]``) is added to ``c`` (the exact-pattern part of
+    the projection from ``next_attn``); with ``resid_pre`` (the base residual
+    entering the last block, ``[b, pos, d_model]``) the grid forward runs the
+    last block only.
 
     Returns ``[n_units]`` (mean over prompts).
     """
@@ -801,8 +806,14 @@ def _tail_correction(
     iv = Intervention(
         f"blocks.{last}.resid_mid", vals.reshape(n_b * n_g, 1, -1), positions=[n_pos - 1]
     )
+    # with the base residual entering the last block, only that block runs
+    start = (
+        {}
+        if resid_pre is None
+        else {"start_layer": last, "start_resid": resid_pre.repeat_interleave(n_g, 0)}
+    )
     with torch.no_grad():
-        logits, _ = lm.run(rows, interventions=[iv], last_only=True)
+        logits, _ = lm.run(rows, interventions=[iv], last_only=True, **start)
         f = target(logits, rows).double().reshape(n_b, n_g)
     # piecewise-linear interpolation of F_b at c[b, i] (grid is sorted per prompt)
     idx = torch.searchsorted(grid.contiguous(), c.contiguous()).clamp(1, n_g - 1)
