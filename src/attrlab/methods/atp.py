@@ -792,7 +792,7 @@ def _tail_correction(
         prod = (delta * (torch.zeros_like(a_base) if g is None else g)).float()
         cols.append(torch.stack([nodes.reduce(prod[b : b + 1]) for b in range(n_b)]))
     c = torch.cat(cols, 1).double()  # [b, units]
-    if c_extra is not None:  # exact-pattern part of the projection (downstream QK fix)
+    if c_extra is not None:  # next_attn: exact next-attention part of the projection
         c = c + c_extra.double()
     k = max(2, n_points // 2 + 1)
     lo = torch.minimum(c.min(1).values, torch.zeros(n_b, dtype=c.dtype))
@@ -807,13 +807,15 @@ def _tail_correction(
         f"blocks.{last}.resid_mid", vals.reshape(n_b * n_g, 1, -1), positions=[n_pos - 1]
     )
     # with the base residual entering the last block, only that block runs
-    start = (
-        {}
-        if resid_pre is None
-        else {"start_layer": last, "start_resid": resid_pre.repeat_interleave(n_g, 0)}
-    )
+    start_resid = None if resid_pre is None else resid_pre.repeat_interleave(n_g, 0)
     with torch.no_grad():
-        logits, _ = lm.run(rows, interventions=[iv], last_only=True, **start)
+        logits, _ = lm.run(
+            rows,
+            interventions=[iv],
+            last_only=True,
+            start_layer=None if start_resid is None else last,
+            start_resid=start_resid,
+        )
         f = target(logits, rows).double().reshape(n_b, n_g)
     # piecewise-linear interpolation of F_b at c[b, i] (grid is sorted per prompt)
     idx = torch.searchsorted(grid.contiguous(), c.contiguous()).clamp(1, n_g - 1)
