@@ -165,6 +165,9 @@ def main() -> None:
         rows["atp* next_attn+tail"] = timed(
             run("atp*", heads, next_attn=True, tail_fix=True), args.runs
         )
+        rows["atp* next_attn+tail 32pt"] = timed(
+            run("atp*", heads, next_attn=True, tail_fix=True, tail_points=32), args.runs
+        )
         rows["atp* verify=10"] = timed(run("atp*", heads, verify=10), args.runs)
         print(f"{'what':<24}{'seconds':>10}{'x fwd+bwd':>12}")
         for k, v in rows.items():
@@ -245,6 +248,7 @@ def ioi_table() -> None:
         "verify=10": {"verify": 10},
         "next_attn": {"next_attn": True},
         "next_attn+tail_fix": {"next_attn": True, "tail_fix": True},
+        "next_attn+tail_fix, 32 points": {"next_attn": True, "tail_fix": True, "tail_points": 32},
     }
     print("Pearson / top-10 recall with patch_sweep (verify=10: the returned scores)")
     print("| site | direction | " + " | ".join(options) + " |")
@@ -288,6 +292,7 @@ def random_accuracy() -> None:
         "tail_fix": {"tail_fix": True},
         "next_attn": {"next_attn": True},
         "next_attn+tail_fix": {"next_attn": True, "tail_fix": True},
+        "next_attn+tail_fix 32pt": {"next_attn": True, "tail_fix": True, "tail_points": 32},
     }
     for direction in ("noising", "denoising"):
         res = {
