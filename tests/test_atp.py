@@ -571,14 +571,21 @@ def _linear_tail_model():
     return al.wrap(hf, tok)
 
 
-def test_next_attn_is_exact_when_the_rest_is_linear():
+@pytest.mark.parametrize(
+    "units",
+    [
+        al.units.Heads(per_position=True),
+        al.units.Heads(layers=[0], heads=[1, 2], per_position=True),
+    ],
+    ids=["all", "subset"],
+)
+def test_next_attn_is_exact_when_the_rest_is_linear(units):
     """Oracle: a layer-0 head at position p < last reaches the metric only
     through layer 1's attention at the last query; with everything after that
     attention linear, AtP + the next-layer fix (exact MLP 0, norm, q/k/v,
     softmax, pattern x value term) is the exact patching effect, while AtP is
     not. Last-layer units get no correction."""
     lm2 = _linear_tail_model()
-    units = al.units.Heads(per_position=True)
     t = al.targets.resolve((" Mary", " John"), lm2)
     b, c = prepare_pair(lm2, PROMPT, t, CF)
     n_pos = b.shape[1]
