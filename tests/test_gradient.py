@@ -425,3 +425,51 @@ def test_per_token_rows_equal_the_full_forward(family):
     logits, _ = lm.run(f.batch.repeat(3), interventions=[Intervention("embed", x)])
     full = tgt(logits, f.batch.repeat(3))
     torch.testing.assert_close(f(x), full.reshape(3, -1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_shared_activation_derivatives_equal_plain_autograd(family):
+    """Several backwards through one retained graph with the activations' derivatives
+    computed once give the plain-autograd gradients; the modules are restored."""
+    hf, _ = al.testing.tiny_model(family, dtype=torch.float64)
+    emb = hf.get_input_embeddings()
+    ids = torch.tensor([[3, 7, 1, 4, 9]])
+
+    def grads() -> list[torch.Tensor]:
+        e = emb(ids).detach().requires_grad_(True)
+        logits = hf(inputs_embeds=e).logits[0]
+        outs = [logits[p].log_softmax(-1)[t] for p, t in ((2, 5), (3, 1), (4, 8))]
+        return [torch.autograd.grad(o, e, retain_graph=True)[0] for o in outs]
+
+    plain = grads()
+    with gradient_mod.shared_activation_derivatives(hf) as n:
+        shared = grads()
+    assert n == hf.config.num_hidden_layers
+    assert not any("forward" in m.__dict__ for m in hf.modules())
+    for a, b in zip(plain, shared):
+        assert float(a.abs().max()) > 0
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+
+
+def test_continuation_rows_share_activation_derivatives(lm64, monkeypatch):
+    """Only multi-row targets use the shared derivatives, and the result is unchanged."""
+    calls = []
+    real = gradient_mod.shared_activation_derivatives
+
+    def spy(model):
+        calls.append(model)
+        return real(model)
+
+    tgt = al.targets.ContinuationLogProb(" store and Mary", reduce="none")
+    monkeypatch.setattr(gradient_mod, "shared_activation_derivatives", spy)
+    one = al.attribute(lm64, PROMPT, target=" store", method="ig", steps=6, batch_size=4)
+    assert calls == [] and one.scores.shape[0] == 7
+    monkeypatch.setattr(gradient_mod, "shared_activation_derivatives", real)
+    monkeypatch.setattr(gradient_mod, "_model_of", lambda fwd: None)
+    no_share = al.attribute(lm64, PROMPT, target=tgt, method="ig", steps=6, batch_size=4)
+    monkeypatch.setattr(gradient_mod, "_model_of", lambda fwd: fwd.lm.model)
+    monkeypatch.setattr(gradient_mod, "shared_activation_derivatives", spy)
+    shared = al.attribute(lm64, PROMPT, target=tgt, method="ig", steps=6, batch_size=4)
+    assert len(calls) == 2  # one per chunk of points
+    assert float(shared.scores.abs().max()) > 0
+    torch.testing.assert_close(shared.scores, no_share.scores, atol=1e-12, rtol=0)

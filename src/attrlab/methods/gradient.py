@@ -33,11 +33,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from tqdm.auto import tqdm
 
 from ..errors import InputError
@@ -77,6 +80,109 @@ def quadrature(rule: str, steps: int) -> tuple[Tensor, Tensor]:
     return (i + shift) / n, w
 
 
+class _SharedDerivative(torch.autograd.Function):
+    """``y = fn(x)`` for an elementwise ``fn``; the backward multiplies by
+    ``fn'(x)``, computed once (on the first backward) and kept for the next ones."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        ctx.fn = fn
+        ctx.deriv = None
+        ctx.save_for_backward(x)
+        return fn(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        if ctx.deriv is None:
+            (x,) = ctx.saved_tensors
+            with torch.enable_grad():
+                xd = x.detach().requires_grad_(True)
+                y = ctx.fn(xd)
+                (ctx.deriv,) = torch.autograd.grad(y, xd, torch.ones_like(y))
+        return grad * ctx.deriv, None
+
+
+def _elementwise_types() -> tuple[type, ...]:
+    """Parameter-free elementwise activation module types (PyTorch and Hugging Face)."""
+    types: list[type] = [
+        nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.Hardswish,
+        nn.LeakyReLU, nn.Mish, nn.Softplus,
+    ]  # fmt: skip
+    try:
+        from transformers import activations as hf_act
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return tuple(types)
+    for name in (
+        "AccurateGELUActivation", "ClippedGELUActivation", "FastGELUActivation",
+        "GELUActivation", "GELUTanh", "LaplaceActivation", "MishActivation",
+        "NewGELUActivation", "PytorchGELUTanh", "QuickGELUActivation",
+        "ReLUSquaredActivation", "SiLUActivation", "SqrtSoftplusActivation",
+    ):  # fmt: skip
+        t = getattr(hf_act, name, None)
+        if isinstance(t, type):
+            types.append(t)
+    return tuple(types)
+
+
+@contextlib.contextmanager
+def shared_activation_derivatives(model: nn.Module) -> Iterator[int]:
+    """While active, every parameter-free elementwise activation module of
+    ``model`` (GELU, SiLU, ReLU, ...) records one autograd node whose backward
+    multiplies by the activation's derivative, computed on the first backward and
+    reused by every later backward through the same (retained) graph.
+
+    Values are unchanged (the module's own forward computes them). With several
+    target rows sharing one forward, each row's backward then costs one multiply
+    per activation instead of the backward of its whole elementwise formula (for
+    GPT-2's tanh-GELU, about a fifth of a backward pass). Gradients agree with plain
+    autograd to float round-off. Yields the number of modules patched.
+
+    Example:
+        >>> import torch, attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> ids = torch.tensor([[1, 2, 3]])
+        >>> with shared_activation_derivatives(lm.model) as n:
+        ...     e = lm.model.transformer.wte(ids).detach().requires_grad_(True)
+        ...     out = lm.model(inputs_embeds=e).logits[0, -1]
+        >>> g1, = torch.autograd.grad(out[0], e, retain_graph=True)
+        >>> g2, = torch.autograd.grad(out[1], e)
+        >>> n == lm.cfg.n_layers, g1.shape == e.shape
+        (True, True)
+    """
+    types = _elementwise_types()
+    patched: list[tuple[nn.Module, Any]] = []
+    try:
+        for m in model.modules():
+            if not isinstance(m, types) or any(True for _ in m.parameters(recurse=False)):
+                continue
+            patched.append((m, m.__dict__.get("forward")))
+            m.forward = _shared_forward(m.forward)  # type: ignore[method-assign]
+        yield len(patched)
+    finally:
+        for m, fwd in patched:
+            if fwd is None:
+                del m.forward
+            else:
+                m.forward = fwd  # type: ignore[method-assign]
+
+
+def _shared_forward(orig: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if args or kwargs or not (torch.is_grad_enabled() and x.requires_grad):
+            return orig(x, *args, **kwargs)
+        out: Tensor = _SharedDerivative.apply(x, orig)
+        return out
+
+    return forward
+
+
+def _model_of(fwd: EmbedForward) -> nn.Module | None:
+    """The torch module behind an :class:`EmbedForward` (None if unknown)."""
+    model = getattr(getattr(fwd, "lm", None), "model", None)
+    return model if isinstance(model, nn.Module) else None
+
+
 def grad_products(
     fwd: EmbedForward,
     points: Tensor,
@@ -92,7 +198,9 @@ def grad_products(
 
     Returns:
         ``([rows, pos, d], values [n, rows])``. One forward per chunk of points,
-        one backward per row through the retained graph.
+        one backward per row through the retained graph. With several rows, the
+        activations' derivatives are computed once per forward and shared by the
+        rows' backwards (:func:`shared_activation_derivatives`).
 
     Example:
         >>> import torch, attrlab as al
@@ -109,10 +217,13 @@ def grad_products(
     acc: Tensor | None = None
     values = []
     chunks = range(0, n, batch_size)
+    model = _model_of(fwd) if getattr(fwd, "n_rows", 1) > 1 else None
     for i in tqdm(chunks, disable=not progress, desc="gradients", leave=False):
         e = points[i : i + batch_size].detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            outs = fwd.rows(e)  # rows x [c]
+            shared = shared_activation_derivatives(model) if model is not None else None
+            with shared or contextlib.nullcontext():
+                outs = fwd.rows(e)  # rows x [c]
             rows = len(outs)
             if acc is None:
                 acc = torch.zeros(rows, *points.shape[1:], dtype=points.dtype, device=points.device)

@@ -324,7 +324,8 @@ class LMEmbedForward(EmbedForward):
         from the cached input of the final norm through the model's own final
         norm and unembedding at that one position. A backward from one row then
         touches one position of the unembedding instead of ``pos x vocab``
-        logits. (Tried and dropped: an incremental key/value-cache forward, so
+        logits. The last continuation token predicts nothing that is asked
+        for, so it is left out of the forward (its gradient is exactly 0). (Tried and dropped: an incremental key/value-cache forward, so
         that row ``r``'s graph only spans ``prompt + r`` positions — its
         one-token steps are memory-bound and it was slower; and a vmap-batched
         backward over the rows — also slower on CPU.)
@@ -335,24 +336,27 @@ class LMEmbedForward(EmbedForward):
 
     def _final_norm_rows(self, emb: Tensor) -> list[Tensor]:
         from ..model.interventions import Intervention
+        from ..model.wrapper import Batch
 
         n = emb.shape[0]
         b = self.batch.repeat(n)
+        # the last token is read by no row (causal model): run the others only
+        b = Batch(b.input_ids[:, :-1], b.attention_mask[:, :-1], b.position_ids[:, :-1])
         _, cache = self.lm.run(
             b,
             cache=["final_norm.input"],
-            interventions=[Intervention("embed", emb)],
+            interventions=[Intervention("embed", emb[:, :-1])],
             grad=emb.requires_grad,
             last_only=True,
         )
-        h = cache["final_norm.input"]  # [n, pos, d]
+        h = cache["final_norm.input"]  # [n, pos - 1, d]
         tgt: Any = self.target  # a ContinuationLogProb
         ids = tgt.ids
         assert ids is not None
         k, width = len(ids), h.shape[1]
         per_token = []
         for r, tid in enumerate(ids):
-            pos = width - k - 1 + r  # predicts continuation token r
+            pos = width - k + r  # predicts continuation token r
             logits = self.lm.unembed(self.lm.apply_final_norm(h[:, pos]))  # [n, vocab]
             per_token.append(upcast(logits).log_softmax(-1)[:, tid])
         reduce = tgt.reduce
