@@ -11,9 +11,10 @@ Timed (median of ``--runs``):
 * ``fwd+bwd``: one forward with the graph kept and one backward of the metric
   to the attention outputs (the unit of cost);
 * ``atp``: AtP over all heads x positions (2 forwards + 1 backward);
-* ``atp*``: AtP* over all heads x positions (QK fix off for ``z`` units, as it
-  only applies to query/key units; GradDrop on), and ``atp* (k)``: AtP* over all
-  key units with the QK fix;
+* ``atp*``: attrlab's AtP* (default: GradDrop, ``next_attn``, ``tail_fix``)
+  over all heads x positions, ``atp* (paper)`` the paper's AtP* (QK fix, which
+  only applies to query/key units, and GradDrop), and ``atp* (k)``: AtP* over
+  all key units with the QK fix;
 * ``exact``: exact patching of heads x positions with
   ``attrlab.methods.patching.patch_sweep``, extrapolated from a timed chunk of
   128 patches (one batched forward; 12 x 12 x 16 = 2304 patches in all);
@@ -27,6 +28,7 @@ Run::
     python benchmarks/bench_atp.py --options-only --runs 3 --threads 1  # tail_fix / ig_steps / verify cost
     python benchmarks/bench_atp.py --ioi       # accuracy of AtP* options on the zoo IOI model
     python benchmarks/bench_atp.py --random-accuracy --threads 1  # same on the random model
+    python benchmarks/bench_atp.py --ioi-prompt-sets --threads 1  # z units on 7 prompt sets
 
 Peer comparison (EAP vs auto-circuit's mask-gradient EAP, same weights, all
 edges with separate q/k/v inputs): auto-circuit needs TransformerLens 2.x and
@@ -121,12 +123,19 @@ def main() -> None:
         action="store_true",
         help="accuracy table on the zoo IOI model: AtP*, ig_steps, verify vs patch_sweep",
     )
+    ap.add_argument(
+        "--ioi-prompt-sets",
+        action="store_true",
+        help="z units on the zoo IOI model over several prompt sets: AtP, paper AtP*, default",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.peer:
         return peer(args.runs)
     if args.ioi:
         return ioi_table()
+    if args.ioi_prompt_sets:
+        return ioi_prompt_sets()
     if args.random_accuracy:
         return random_accuracy()
     if args.autocircuit:
@@ -157,24 +166,24 @@ def main() -> None:
     t_fb = timed(fwd_bwd, args.runs)
     rows = {"fwd+bwd": t_fb}
     if args.options_only:
-        rows["atp*"] = timed(run("atp*", heads), args.runs)
+        paper = dict(next_attn=False, tail_fix=False)
+        rows["atp* (paper)"] = timed(run("atp*", heads, **paper), args.runs)
         for steps in (1, 2):
-            rows[f"atp* ig_steps={steps}"] = timed(run("atp*", heads, ig_steps=steps), args.runs)
-        rows["atp* tail_fix"] = timed(run("atp*", heads, tail_fix=True), args.runs)
-        rows["atp* next_attn"] = timed(run("atp*", heads, next_attn=True), args.runs)
-        rows["atp* next_attn+tail"] = timed(
-            run("atp*", heads, next_attn=True, tail_fix=True), args.runs
-        )
-        rows["atp* next_attn+tail 32pt"] = timed(
-            run("atp*", heads, next_attn=True, tail_fix=True, tail_points=32), args.runs
-        )
-        rows["atp* verify=10"] = timed(run("atp*", heads, verify=10), args.runs)
+            rows[f"paper ig_steps={steps}"] = timed(
+                run("atp*", heads, ig_steps=steps, **paper), args.runs
+            )
+        rows["paper + tail_fix"] = timed(run("atp*", heads, next_attn=False), args.runs)
+        rows["paper + next_attn"] = timed(run("atp*", heads, tail_fix=False), args.runs)
+        rows["next_attn+tail 16pt"] = timed(run("atp*", heads, tail_points=16), args.runs)
+        rows["atp* (default)"] = timed(run("atp*", heads), args.runs)
+        rows["paper verify=10"] = timed(run("atp*", heads, verify=10, **paper), args.runs)
         print(f"{'what':<24}{'seconds':>10}{'x fwd+bwd':>12}")
         for k, v in rows.items():
             print(f"{k:<24}{v:>10.3f}{v / t_fb:>12.2f}")
         return None
     rows["atp"] = timed(run("atp", heads), args.runs)
     rows["atp*"] = timed(run("atp*", heads), args.runs)
+    rows["atp* (paper)"] = timed(run("atp*", heads, next_attn=False, tail_fix=False), args.runs)
     rows["atp* (k, QK fix)"] = timed(run("atp*", heads, head_site="k"), args.runs)
     rows["eap"] = timed(run("eap", "edges"), args.runs)
     rows["eap-ig (8 steps)"] = timed(run("eap-ig", "edges", steps=8), max(1, args.runs // 2))
@@ -240,15 +249,15 @@ def ioi_table() -> None:
         return len(top & set(torch.argsort(a.abs(), descending=True)[:k].tolist())) / k
 
     options = {
-        "AtP*": {},
-        "tail_fix": {"tail_fix": True},
-        "ig_steps=1": {"ig_steps": 1},
-        "ig_steps=2": {"ig_steps": 2},
-        "ig_steps=4": {"ig_steps": 4},
-        "verify=10": {"verify": 10},
-        "next_attn": {"next_attn": True},
-        "next_attn+tail_fix": {"next_attn": True, "tail_fix": True},
-        "next_attn+tail_fix, 32 points": {"next_attn": True, "tail_fix": True, "tail_points": 32},
+        "paper AtP*": {"next_attn": False, "tail_fix": False},
+        "+tail_fix": {"next_attn": False},
+        "+ig_steps=1": {"ig_steps": 1, "next_attn": False, "tail_fix": False},
+        "+ig_steps=2": {"ig_steps": 2, "next_attn": False, "tail_fix": False},
+        "+ig_steps=4": {"ig_steps": 4, "next_attn": False, "tail_fix": False},
+        "+verify=10": {"verify": 10, "next_attn": False, "tail_fix": False},
+        "+next_attn": {"tail_fix": False},
+        "+next_attn+tail_fix, 16 points": {"tail_points": 16},
+        "attrlab AtP* (default: next_attn+tail_fix, 32 points)": {},
     }
     print("Pearson / top-10 recall with patch_sweep (verify=10: the returned scores)")
     print("| site | direction | " + " | ".join(options) + " |")
@@ -276,6 +285,64 @@ def ioi_table() -> None:
             print(f"| {site} | {direction} | " + " | ".join(cells) + " |", flush=True)
 
 
+def ioi_prompt_sets() -> None:
+    """Zoo IOI model, heads x positions (z): Pearson / top-10 recall with
+    ``patch_sweep`` on five 8-prompt sets and two 32-prompt sets, for AtP, the
+    paper's AtP*, its tail fix, and attrlab's default AtP* at 16 / 32 / 64 tail
+    points (is the result stable across prompt sets and grid sizes?)."""
+    import attrlab as al
+    from attrlab.methods.atp import NodeSet
+    from attrlab.methods.patching import patch_sweep
+
+    lm = al.zoo.load("ioi")
+    units = al.units.Heads(per_position=True)
+    paper = {"next_attn": False, "tail_fix": False}
+    options = {
+        "AtP": ("atp", {}),
+        "paper AtP*": ("atp*", paper),
+        "paper + tail_fix": ("atp*", {"next_attn": False}),
+        "default, 16 points": ("atp*", {"tail_points": 16}),
+        "default (32 points)": ("atp*", {}),
+        "default, 64 points": ("atp*", {"tail_points": 64}),
+    }
+
+    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
+
+    def recall(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
+        top = set(torch.argsort(b.abs(), descending=True)[:k].tolist())
+        return len(top & set(torch.argsort(a.abs(), descending=True)[:k].tolist())) / k
+
+    print("| prompts | direction | " + " | ".join(options) + " |")
+    for n, seed in [(8, 0), (8, 1), (8, 2), (8, 3), (8, 4), (32, 0), (32, 1)]:
+        exs = al.zoo.task("ioi").examples(n, seed=seed)
+        prompts, cfs = [e.prompt for e in exs], [e.counterfactual for e in exs]
+        target = al.targets.LogitDiff([e.answer for e in exs], [e.wrong for e in exs])
+        n_pos = lm.tokenize(prompts).shape[1]
+        ns = NodeSet.build(lm, units, n_pos, head_site="z")
+        for direction in ("noising", "denoising"):
+            sw = patch_sweep(lm, prompts, cfs, target, units, site="z", direction=direction)
+            eff = sw.effects.double().mean(0)
+            by = {(u.layer, u.index, u.position): float(e) for u, e in zip(sw.units, eff)}
+            ex = torch.tensor([by[(ly, h, p)] for ly, p, h in map(ns.unit, range(ns.n_units))])
+            cells = []
+            for method, kw in options.values():
+                r = al.attribute(
+                    lm,
+                    prompts,
+                    target=target,
+                    units=units,
+                    method=method,
+                    counterfactual=cfs,
+                    head_site="z",
+                    direction=direction,
+                    **kw,
+                )
+                cells.append(f"{corr(r.scores, ex):.3f} / {recall(r.scores, ex):.1f}")
+            row = f"| {n}, seed {seed} | {direction} | " + " | ".join(cells) + " |"
+            print(row, flush=True)
+
+
 def random_accuracy() -> None:
     """Random 12-layer model, heads x positions (z): Pearson and top-10 recall of
     AtP* options against exact patching on the union of each option's top 32
@@ -288,11 +355,11 @@ def random_accuracy() -> None:
     target = al.targets.LogitDiff(ANSWER, WRONG)
     heads = al.units.Heads(per_position=True)
     options = {
-        "AtP*": {},
-        "tail_fix": {"tail_fix": True},
-        "next_attn": {"next_attn": True},
-        "next_attn+tail_fix": {"next_attn": True, "tail_fix": True},
-        "next_attn+tail_fix 32pt": {"next_attn": True, "tail_fix": True, "tail_points": 32},
+        "paper AtP*": {"next_attn": False, "tail_fix": False},
+        "+tail_fix": {"next_attn": False},
+        "+next_attn": {"tail_fix": False},
+        "+next_attn+tail_fix 16pt": {"tail_points": 16},
+        "default (next_attn+tail_fix 32pt)": {},
     }
     for direction in ("noising", "denoising"):
         res = {

@@ -341,24 +341,22 @@ def test_in_module_oracle_matches_patch_sweep(ioi):
 
 
 def test_ioi_atp_star_heads_by_position(ioi):
-    """Zoo IOI model, heads x positions (z): AtP* finds the units with the largest
-    exact effects, and its false-negative bound holds against the exact sweep."""
+    """Zoo IOI model, heads x positions (z), issue floor: AtP* (attrlab's default,
+    with next_attn and tail_fix) has Pearson >= 0.9 with exact patching and finds
+    >= 9 of the 10 largest exact units; the paper's AtP* (both fixes off) does
+    worse on this saturated model; the false-negative bound holds against the
+    exact sweep."""
     lm, prompts, cfs, target = ioi
     ex = _ioi_exact(ioi, "z")
-    r = al.attribute(
-        lm,
-        prompts,
-        target=target,
-        units=al.units.Heads(per_position=True),
-        method="atp*",
-        counterfactual=cfs,
-        bound_samples=30,
-        bound_top=10,
-    )
+    kw = dict(target=target, units=al.units.Heads(per_position=True), counterfactual=cfs)
+    r = al.attribute(lm, prompts, method="atp*", bound_samples=30, bound_top=10, **kw)
+    paper = al.attribute(lm, prompts, method="atp*", next_attn=False, tail_fix=False, **kw)
     top_exact = set(torch.argsort(ex.abs(), descending=True)[:10].tolist())
     top_star = set(torch.argsort(r.scores.abs(), descending=True)[:10].tolist())
     assert len(top_exact & top_star) >= 9
-    assert corr(r.scores, ex) > 0.7  # saturated logit differences (+-20): see docs/circuits.md
+    assert corr(r.scores, ex) >= 0.9
+    assert corr(paper.scores, ex) < corr(r.scores, ex) - 0.1  # 0.79 vs 0.997: docs/circuits.md
+    assert "unavailable" not in str(r.diagnostics.get("next_attn", ""))
     fb = r.diagnostics["false_negative_bound"]
     verified = set(fb["verified"]["index"])
     actual = sum(1 for i in range(len(ex)) if i not in verified and abs(ex[i]) > fb["theta"])

@@ -154,7 +154,8 @@ class Adapter:
             try:
                 dev = next(self.model.parameters()).device
                 with torch.no_grad():
-                    self.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=dev))
+                    one = torch.ones(1, 1, dtype=torch.long, device=dev)
+                    self.model(input_ids=one, attention_mask=one)
             finally:
                 handle.remove()
             cached = self.__dict__["_block_returns_tuple"] = bool(seen and seen[0])
