@@ -473,3 +473,48 @@ def test_continuation_rows_share_activation_derivatives(lm64, monkeypatch):
     assert len(calls) == 2  # one per chunk of points
     assert float(shared.scores.abs().max()) > 0
     torch.testing.assert_close(shared.scores, no_share.scores, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_prefix_linears_skip_only_gradient_free_positions(family):
+    """A target read at position p of a causal LM: the linear layers' backward over
+    positions <= p only gives the plain gradients; cutting at p (too short) does not."""
+    hf, _ = al.testing.tiny_model(family, dtype=torch.float64)
+    emb = hf.get_input_embeddings()
+    ids = torch.tensor([[3, 7, 1, 4, 9, 2]])
+    reads = ((2, 5), (4, 1))
+
+    def grads(prefixes) -> list[torch.Tensor]:
+        e = emb(ids.repeat(2, 1)).detach().requires_grad_(True)
+        logits = hf(inputs_embeds=e).logits
+        out = []
+        for (p, t), k in zip(reads, prefixes):
+            gradient_mod._LIVE_PREFIX[0] = k
+            try:
+                y = logits[:, p].log_softmax(-1)[:, t].sum()
+                out.append(torch.autograd.grad(y, e, retain_graph=True)[0])
+            finally:
+                gradient_mod._LIVE_PREFIX[0] = None
+        return out
+
+    plain = grads([None, None])
+    with gradient_mod._prefix_linears(hf) as n:
+        assert n >= 4 * hf.config.num_hidden_layers
+        exact = grads([p + 1 for p, _ in reads])
+        short = grads([p for p, _ in reads])
+    assert not any("forward" in m.__dict__ for m in hf.modules())
+    for a, b, c in zip(plain, exact, short):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+        assert float((c - a).abs().max()) > 1e-6
+
+
+def test_live_prefixes_are_the_continuation_positions(lm64):
+    from attrlab.units.tokens import make_forward
+
+    tgt = al.targets.ContinuationLogProb(" store and Mary", reduce="none")
+    f = make_forward(lm64, PROMPT, tgt)
+    n = len(lm64.encode(PROMPT))
+    assert gradient_mod._live_prefixes(f, 3) == [n, n + 1, n + 2]
+    total = make_forward(lm64, PROMPT, al.targets.ContinuationLogProb(" store and Mary"))
+    assert gradient_mod._live_prefixes(total, 1) is None
+    assert gradient_mod._live_prefixes(make_forward(lm64, PROMPT, " store"), 1) is None

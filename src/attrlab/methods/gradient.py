@@ -177,6 +177,99 @@ def _shared_forward(orig: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return forward
 
 
+#: in the running backward, positions from this one on carry no gradient (None: unknown)
+_LIVE_PREFIX: list[int | None] = [None]
+
+
+class _PrefixLinear(torch.autograd.Function):
+    """``y = fn(x)`` for a linear layer ``fn``; the backward (input gradient only)
+    multiplies only the first ``_LIVE_PREFIX`` positions of ``[batch, pos, out]``
+    gradients by the weight and fills the rest with zeros."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, fn: Callable[[Tensor], Tensor], weight: Tensor, w_in_out: bool
+    ) -> Tensor:
+        ctx.weight = weight
+        ctx.w_in_out = w_in_out
+        ctx.x_shape = x.shape
+        return fn(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        w = ctx.weight.t() if ctx.w_in_out else ctx.weight  # [out, in]
+        k = _LIVE_PREFIX[0]
+        if k is None or grad.dim() != 3 or k >= grad.shape[1]:
+            return grad @ w, None, None, None
+        gx = grad.new_empty(ctx.x_shape)  # [batch, pos, in]
+        gx[:, k:] = 0
+        gx[:, :k] = grad[:, :k] @ w
+        return gx, None, None, None
+
+
+def _linear_types() -> dict[type, bool]:
+    """Linear layer types whose forward is ``x @ W.T + b`` (False) or ``x @ W + b`` (True)."""
+    types: dict[type, bool] = {nn.Linear: False}
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return types
+    types[Conv1D] = True
+    return types
+
+
+@contextlib.contextmanager
+def _prefix_linears(model: nn.Module) -> Iterator[int]:
+    """While active, plain linear layers (``nn.Linear``, GPT-2's ``Conv1D``) of
+    ``model`` record a node whose input-gradient backward skips the positions
+    at and after ``_LIVE_PREFIX`` (exact when those positions carry no gradient,
+    as the later positions of a causal LM for a target read at an earlier one).
+    No gradient reaches the weights through these nodes."""
+    types = _linear_types()
+    patched: list[tuple[nn.Module, Any]] = []
+    try:
+        for m in model.modules():
+            w_in_out = types.get(type(m))
+            weight = getattr(m, "weight", None)
+            if w_in_out is None or not isinstance(weight, Tensor):
+                continue
+            patched.append((m, m.__dict__.get("forward")))
+            m.forward = _prefix_forward(m.forward, weight, w_in_out)  # type: ignore[method-assign]
+        yield len(patched)
+    finally:
+        for m, fwd in patched:
+            if fwd is None:
+                del m.forward
+            else:
+                m.forward = fwd  # type: ignore[method-assign]
+
+
+def _prefix_forward(
+    orig: Callable[..., Tensor], weight: Tensor, w_in_out: bool
+) -> Callable[..., Tensor]:
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if args or kwargs or x.dim() != 3 or not (torch.is_grad_enabled() and x.requires_grad):
+            return orig(x, *args, **kwargs)
+        out: Tensor = _PrefixLinear.apply(x, orig, weight, w_in_out)
+        return out
+
+    return forward
+
+
+def _live_prefixes(fwd: EmbedForward, rows: int) -> list[int] | None:
+    """For continuation rows of a causal LM: row ``r`` reads the position before
+    its token's, so every position from its token's on has no gradient."""
+    from ..units.tokens import LMEmbedForward
+
+    if not isinstance(fwd, LMEmbedForward) or not fwd._per_token_path():
+        return None
+    pos = fwd.row_labels.get("position") if fwd.row_labels else None
+    if pos is None or len(pos) != rows:
+        return None
+    return [int(p) for p in pos]
+
+
 def _model_of(fwd: EmbedForward) -> nn.Module | None:
     """The torch module behind an :class:`EmbedForward` (None if unknown)."""
     model = getattr(getattr(fwd, "lm", None), "model", None)
@@ -200,7 +293,9 @@ def grad_products(
         ``([rows, pos, d], values [n, rows])``. One forward per chunk of points,
         one backward per row through the retained graph. With several rows, the
         activations' derivatives are computed once per forward and shared by the
-        rows' backwards (:func:`shared_activation_derivatives`).
+        rows' backwards (:func:`shared_activation_derivatives`); for the
+        continuation rows of a causal LM, the linear layers' backwards also skip
+        the positions from the row's own token on (they carry no gradient).
 
     Example:
         >>> import torch, attrlab as al
@@ -217,19 +312,28 @@ def grad_products(
     acc: Tensor | None = None
     values = []
     chunks = range(0, n, batch_size)
-    model = _model_of(fwd) if getattr(fwd, "n_rows", 1) > 1 else None
+    n_rows = getattr(fwd, "n_rows", 1)
+    model = _model_of(fwd) if n_rows > 1 else None
+    prefixes = _live_prefixes(fwd, n_rows) if model is not None else None
     for i in tqdm(chunks, disable=not progress, desc="gradients", leave=False):
         e = points[i : i + batch_size].detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            shared = shared_activation_derivatives(model) if model is not None else None
-            with shared or contextlib.nullcontext():
+            with contextlib.ExitStack() as stack:
+                if model is not None:
+                    stack.enter_context(shared_activation_derivatives(model))
+                if prefixes is not None and model is not None:
+                    stack.enter_context(_prefix_linears(model))
                 outs = fwd.rows(e)  # rows x [c]
             rows = len(outs)
             if acc is None:
                 acc = torch.zeros(rows, *points.shape[1:], dtype=points.dtype, device=points.device)
             m = mult[i : i + batch_size]
             for r, out in enumerate(outs):
-                (g,) = torch.autograd.grad(out.sum(), e, retain_graph=r < rows - 1)
+                _LIVE_PREFIX[0] = prefixes[r] if prefixes is not None else None
+                try:
+                    (g,) = torch.autograd.grad(out.sum(), e, retain_graph=r < rows - 1)
+                finally:
+                    _LIVE_PREFIX[0] = None
                 acc[r] += (m * g).sum(0)
         values.append(torch.stack([o.detach() for o in outs], 1))
     assert acc is not None
