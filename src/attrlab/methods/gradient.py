@@ -183,8 +183,9 @@ _LIVE_PREFIX: list[int | None] = [None]
 
 class _PrefixLinear(torch.autograd.Function):
     """``y = fn(x)`` for a linear layer ``fn``; the backward (input gradient only)
-    multiplies only the first ``_LIVE_PREFIX`` positions of ``[batch, pos, out]``
-    gradients by the weight and fills the rest with zeros."""
+    multiplies only the positions of ``[batch, pos, out]`` gradients before
+    ``_LIVE_PREFIX`` and from the first nonzero one on by the weight, and fills
+    the rest with zeros."""
 
     @staticmethod
     def forward(
@@ -200,11 +201,19 @@ class _PrefixLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         w = ctx.weight.t() if ctx.w_in_out else ctx.weight  # [out, in]
         k = _LIVE_PREFIX[0]
-        if k is None or grad.dim() != 3 or k >= grad.shape[1]:
+        if k is None or grad.dim() != 3:
             return grad @ w, None, None, None
-        gx = grad.new_empty(ctx.x_shape)  # [batch, pos, in]
-        gx[:, k:] = 0
-        gx[:, :k] = grad[:, :k] @ w
+        k = min(k, grad.shape[1])
+        lo = 0  # leading positions with no gradient (e.g. the last block: one position)
+        while lo < k and not bool(grad[:, lo].any()):
+            lo += 1
+        if lo == 0 and k == grad.shape[1]:
+            return grad @ w, None, None, None
+        gx = grad.new_zeros(ctx.x_shape) if lo == k else grad.new_empty(ctx.x_shape)
+        if lo < k:
+            gx[:, :lo] = 0
+            gx[:, k:] = 0
+            gx[:, lo:k] = grad[:, lo:k] @ w
         return gx, None, None, None
 
 
