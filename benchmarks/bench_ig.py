@@ -11,15 +11,22 @@ convention; attrlab ``units=Tokens(include_generated=False)``).
 * Captum: ``LLMGradientAttribution(LayerIntegratedGradients(model, wte))`` —
   one full IG (forward + backward over the 50 steps) per continuation token.
 * attrlab: ``method="ig"`` with ``ContinuationLogProb(..., reduce="none")`` —
-  one batched forward over the 50 steps, then one backward per token through
-  the shared graph.
+  one batched forward over the 50 steps (without the last token, which no row
+  reads), then one backward per token through the shared graph; the
+  activations' derivatives are computed once and shared by the 8 backwards, and
+  the linear layers' backwards skip the positions a row's gradient cannot reach.
+
+Both run the model in the same attention implementation (``--attn``; default
+``sdpa``, Hugging Face's default and the faster one for both here).
 
 Reports value agreement, median wall times and their ratio, and the
 time-to-accuracy table: for every quadrature rule, the fewest steps whose
-completeness error (max over rows) is at most the 50-step Gauss-Legendre
-(= Captum's default) error.
+completeness error (max over rows) is at most ``--tta-slack`` (1.25) times the
+50-step Gauss-Legendre (= Captum's default) error. That error is already at
+float32 round-off (~2e-6), where a converged rule lands just above or below it
+by chance, hence the slack.
 
-Run:  python benchmarks/bench_ig.py [--repeats 3] [--threads 2] [--skip-tta]
+Run:  python benchmarks/bench_ig.py [--repeats 3] [--threads 2] [--skip-tta] [--attn sdpa]
 """
 
 from __future__ import annotations
@@ -40,10 +47,14 @@ PROMPT_TEXT = (
 )
 
 
-def build() -> tuple[al.LM, list[int], list[int]]:
+def build(attn: str = "sdpa") -> tuple[al.LM, list[int], list[int]]:
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+    cfg = GPT2Config(
+        n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024,
+        attn_implementation=attn,
+    )  # fmt: skip
     hf = GPT2LMHeadModel(cfg).eval()
+    assert hf.config._attn_implementation == attn
     tok = al.testing.tiny_tokenizer()
     lm = al.wrap(hf, tok, name="gpt2-12x768-random")
     ids = lm.encode(PROMPT_TEXT)
@@ -95,11 +106,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--skip-captum", action="store_true")
     ap.add_argument("--skip-tta", action="store_true", help="skip the time-to-accuracy table")
+    ap.add_argument("--tta-slack", type=float, default=1.25)
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lm, prompt, cont = build()
+    lm, prompt, cont = build(args.attn)
     print(f"model {lm.name}: 12 layers, d_model 768, vocab 50257; prompt 16, continuation 8 tokens")
-    print(f"threads {args.threads}, IG {args.steps} Gauss-Legendre steps, baseline pad (id 0)\n")
+    print(
+        f"threads {args.threads}, IG {args.steps} Gauss-Legendre steps, baseline pad (id 0), "
+        f"{args.attn} attention (both sides)\n"
+    )
 
     attrlab_run(lm, prompt, cont, 4)  # warm up
     walls: dict[str, list[float]] = {"attrlab": [], "captum": []}
@@ -142,12 +158,12 @@ def main() -> None:
     if args.skip_tta:
         return
 
-    target = float(err50.max())
+    target = args.tta_slack * float(err50.max())
     print(
         f"completeness error at {args.steps} Gauss-Legendre steps (= Captum's): "
-        f"max over rows {target:.2e} (|f(x) - f(x0)| up to {float(delta.max()):.2f})"
+        f"max over rows {float(err50.max()):.2e} (|f(x) - f(x0)| up to {float(delta.max()):.2f})"
     )
-    print("time-to-accuracy: fewest steps reaching that error")
+    print(f"time-to-accuracy: fewest steps reaching {args.tta_slack} x that error = {target:.2e}")
     print(f"{'rule':20s} {'steps':>6s} {'time (s)':>9s} {'max error':>10s}")
     grid = [4, 6, 8, 12, 16, 24, 32, 48, 64]
     for rule in RULES:
