@@ -452,13 +452,27 @@ def test_shared_activation_derivatives_equal_plain_autograd(family):
 
 
 def test_continuation_rows_share_activation_derivatives(lm64, monkeypatch):
-    """Only multi-row targets use the shared derivatives, and the result is unchanged."""
+    """Only multi-row targets use the shared derivatives and the causal linear
+    backward (on the run's activations), and the result is unchanged."""
     calls = []
     real = gradient_mod.shared_activation_derivatives
+    real_shape = gradient_mod._run_shape
+    seen: list[bool] = []
 
     def spy(model):
         calls.append(model)
         return real(model)
+
+    def shape_spy(e):
+        lead = real_shape(e)
+
+        def check(x):
+            seen.append(lead(x))
+            return seen[-1]
+
+        return check
+
+    monkeypatch.setattr(gradient_mod, "_run_shape", shape_spy)
 
     tgt = al.targets.ContinuationLogProb(" store and Mary", reduce="none")
     monkeypatch.setattr(gradient_mod, "shared_activation_derivatives", spy)
@@ -471,6 +485,8 @@ def test_continuation_rows_share_activation_derivatives(lm64, monkeypatch):
     monkeypatch.setattr(gradient_mod, "shared_activation_derivatives", spy)
     shared = al.attribute(lm64, PROMPT, target=tgt, method="ig", steps=6, batch_size=4)
     assert len(calls) == 2  # one per chunk of points
+    # every block's linear layers on [batch, pos, d]; not the final [batch, 1, d] unembedding
+    assert seen.count(True) >= 2 * 4 * lm64.cfg.n_layers and not all(seen)
     assert float(shared.scores.abs().max()) > 0
     torch.testing.assert_close(shared.scores, no_share.scores, atol=1e-12, rtol=0)
 
@@ -498,7 +514,7 @@ def test_prefix_linears_skip_only_gradient_free_positions(family):
         return out
 
     plain = grads([None, None])
-    with gradient_mod._prefix_linears(hf) as n:
+    with gradient_mod._prefix_linears(hf, lambda x: x.shape[:2] == (2, 6)) as n:
         assert n >= 4 * hf.config.num_hidden_layers
         exact = grads([p + 1 for p, _ in reads])
         short = grads([p for p, _ in reads])

@@ -229,12 +229,13 @@ def _linear_types() -> dict[type, bool]:
 
 
 @contextlib.contextmanager
-def _prefix_linears(model: nn.Module) -> Iterator[int]:
+def _prefix_linears(model: nn.Module, lead: Callable[[Tensor], bool]) -> Iterator[int]:
     """While active, plain linear layers (``nn.Linear``, GPT-2's ``Conv1D``) of
     ``model`` record a node whose input-gradient backward skips the positions
     at and after ``_LIVE_PREFIX`` (exact when those positions carry no gradient,
     as the later positions of a causal LM for a target read at an earlier one).
-    No gradient reaches the weights through these nodes."""
+    Only inputs ``[batch, pos, d]`` for which ``lead(x)`` holds (the run's batch
+    and positions) get such nodes. No gradient reaches the weights through them."""
     types = _linear_types()
     patched: list[tuple[nn.Module, Any]] = []
     try:
@@ -244,7 +245,7 @@ def _prefix_linears(model: nn.Module) -> Iterator[int]:
             if w_in_out is None or not isinstance(weight, Tensor):
                 continue
             patched.append((m, m.__dict__.get("forward")))
-            m.forward = _prefix_forward(m.forward, weight, w_in_out)  # type: ignore[method-assign]
+            m.forward = _prefix_forward(m.forward, weight, w_in_out, lead)  # type: ignore[method-assign]
         yield len(patched)
     finally:
         for m, fwd in patched:
@@ -255,15 +256,23 @@ def _prefix_linears(model: nn.Module) -> Iterator[int]:
 
 
 def _prefix_forward(
-    orig: Callable[..., Tensor], weight: Tensor, w_in_out: bool
+    orig: Callable[..., Tensor], weight: Tensor, w_in_out: bool, lead: Callable[[Tensor], bool]
 ) -> Callable[..., Tensor]:
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if args or kwargs or x.dim() != 3 or not (torch.is_grad_enabled() and x.requires_grad):
+        plain = args or kwargs or x.dim() != 3 or not lead(x)
+        if plain or not (torch.is_grad_enabled() and x.requires_grad):
             return orig(x, *args, **kwargs)
         out: Tensor = _PrefixLinear.apply(x, orig, weight, w_in_out)
         return out
 
     return forward
+
+
+def _run_shape(e: Tensor) -> Callable[[Tensor], bool]:
+    """True for a ``[batch, pos, ...]`` activation of the run fed with ``e``
+    (``pos``: all positions, or all but the last, which continuation rows skip)."""
+    n, width = e.shape[0], e.shape[1]
+    return lambda x: x.shape[0] == n and x.shape[1] in (width - 1, width)
 
 
 def _live_prefixes(fwd: EmbedForward, rows: int) -> list[int] | None:
@@ -331,7 +340,7 @@ def grad_products(
                 if model is not None:
                     stack.enter_context(shared_activation_derivatives(model))
                 if prefixes is not None and model is not None:
-                    stack.enter_context(_prefix_linears(model))
+                    stack.enter_context(_prefix_linears(model, _run_shape(e)))
                 outs = fwd.rows(e)  # rows x [c]
             rows = len(outs)
             if acc is None:
