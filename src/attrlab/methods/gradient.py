@@ -44,6 +44,7 @@ from torch.autograd.function import once_differentiable
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..model.adapters.base import linear_layout
 from ..units.tokens import EmbedForward, InputUnits, input_result, make_forward
 from .base import Method, register
 
@@ -217,17 +218,6 @@ class _PrefixLinear(torch.autograd.Function):
         return gx, None, None, None
 
 
-def _linear_types() -> dict[type, bool]:
-    """Linear layer types whose forward is ``x @ W.T + b`` (False) or ``x @ W + b`` (True)."""
-    types: dict[type, bool] = {nn.Linear: False}
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return types
-    types[Conv1D] = True
-    return types
-
-
 @contextlib.contextmanager
 def _prefix_linears(model: nn.Module, lead: Callable[[Tensor], bool]) -> Iterator[int]:
     """While active, plain linear layers (``nn.Linear``, GPT-2's ``Conv1D``) of
@@ -236,11 +226,10 @@ def _prefix_linears(model: nn.Module, lead: Callable[[Tensor], bool]) -> Iterato
     as the later positions of a causal LM for a target read at an earlier one).
     Only inputs ``[batch, pos, d]`` for which ``lead(x)`` holds (the run's batch
     and positions) get such nodes. No gradient reaches the weights through them."""
-    types = _linear_types()
     patched: list[tuple[nn.Module, Any]] = []
     try:
         for m in model.modules():
-            w_in_out = types.get(type(m))
+            w_in_out = linear_layout(m)
             weight = getattr(m, "weight", None)
             if w_in_out is None or not isinstance(weight, Tensor):
                 continue

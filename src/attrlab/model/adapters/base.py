@@ -69,6 +69,25 @@ def linear_in_out(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     return weight, getattr(module, "bias", None)
 
 
+def linear_layout(module: nn.Module) -> bool | None:
+    """How a plain linear layer stores its weight: ``False`` for ``nn.Linear``
+    (``y = x @ W.T + b``), ``True`` for GPT-2's ``Conv1D`` (``y = x @ W + b``),
+    ``None`` for anything else (not a plain linear map).
+
+    Example:
+        >>> from torch import nn
+        >>> linear_layout(nn.Linear(2, 3)), linear_layout(nn.ReLU())
+        (False, None)
+    """
+    if type(module) is nn.Linear:
+        return False
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return True if type(module) is Conv1D else None
+
+
 class Adapter:
     """Per-family knowledge. Subclasses set the class attributes below.
 
