@@ -500,21 +500,21 @@ def test_prefix_linears_skip_only_gradient_free_positions(family):
     ids = torch.tensor([[3, 7, 1, 4, 9, 2]])
     reads = ((2, 5), (4, 1))
 
+    cut: list = [None]
+
     def grads(prefixes) -> list[torch.Tensor]:
         e = emb(ids.repeat(2, 1)).detach().requires_grad_(True)
         logits = hf(inputs_embeds=e).logits
         out = []
         for (p, t), k in zip(reads, prefixes):
-            gradient_mod._LIVE_PREFIX[0] = k
-            try:
-                y = logits[:, p].log_softmax(-1)[:, t].sum()
-                out.append(torch.autograd.grad(y, e, retain_graph=True)[0])
-            finally:
-                gradient_mod._LIVE_PREFIX[0] = None
+            cut[0] = k
+            y = logits[:, p].log_softmax(-1)[:, t].sum()
+            out.append(torch.autograd.grad(y, e, retain_graph=True)[0])
+        cut[0] = None
         return out
 
     plain = grads([None, None])
-    with gradient_mod._prefix_linears(hf, lambda x: x.shape[:2] == (2, 6)) as n:
+    with gradient_mod._prefix_linears(hf, lambda x: x.shape[:2] == (2, 6), cut) as n:
         assert n >= 4 * hf.config.num_hidden_layers
         exact = grads([p + 1 for p, _ in reads])
         short = grads([p for p, _ in reads])

@@ -178,20 +178,23 @@ def _shared_forward(orig: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return forward
 
 
-#: in the running backward, positions from this one on carry no gradient (None: unknown)
-_LIVE_PREFIX: list[int | None] = [None]
-
-
 class _PrefixLinear(torch.autograd.Function):
     """``y = fn(x)`` for a linear layer ``fn``; the backward (input gradient only)
     multiplies only the positions of ``[batch, pos, out]`` gradients before
-    ``_LIVE_PREFIX`` and from the first nonzero one on by the weight, and fills
-    the rest with zeros."""
+    ``cut[0]`` and from the first nonzero one on by the weight, and fills the
+    rest with zeros. ``cut`` is a one-element list owned by the caller
+    (:func:`grad_products`), set before each row's backward (None: no cut)."""
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, fn: Callable[[Tensor], Tensor], weight: Tensor, w_in_out: bool
+        ctx: Any,
+        x: Tensor,
+        fn: Callable[[Tensor], Tensor],
+        weight: Tensor,
+        w_in_out: bool,
+        cut: list[int | None],
     ) -> Tensor:
+        ctx.cut = cut
         ctx.weight = weight
         ctx.w_in_out = w_in_out
         ctx.x_shape = x.shape
@@ -199,30 +202,32 @@ class _PrefixLinear(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         w = ctx.weight.t() if ctx.w_in_out else ctx.weight  # [out, in]
-        k = _LIVE_PREFIX[0]
+        k = ctx.cut[0]
         if k is None or grad.dim() != 3:
-            return grad @ w, None, None, None
+            return grad @ w, None, None, None, None
         k = min(k, grad.shape[1])
         lo = 0  # leading positions with no gradient (e.g. the last block: one position)
         while lo < k and not bool(grad[:, lo].any()):
             lo += 1
         if lo == 0 and k == grad.shape[1]:
-            return grad @ w, None, None, None
+            return grad @ w, None, None, None, None
         gx = grad.new_zeros(ctx.x_shape) if lo == k else grad.new_empty(ctx.x_shape)
         if lo < k:
             gx[:, :lo] = 0
             gx[:, k:] = 0
             gx[:, lo:k] = grad[:, lo:k] @ w
-        return gx, None, None, None
+        return gx, None, None, None, None
 
 
 @contextlib.contextmanager
-def _prefix_linears(model: nn.Module, lead: Callable[[Tensor], bool]) -> Iterator[int]:
+def _prefix_linears(
+    model: nn.Module, lead: Callable[[Tensor], bool], cut: list[int | None]
+) -> Iterator[int]:
     """While active, plain linear layers (``nn.Linear``, GPT-2's ``Conv1D``) of
     ``model`` record a node whose input-gradient backward skips the positions
-    at and after ``_LIVE_PREFIX`` (exact when those positions carry no gradient,
+    at and after ``cut[0]`` (exact when those positions carry no gradient,
     as the later positions of a causal LM for a target read at an earlier one).
     Only inputs ``[batch, pos, d]`` for which ``lead(x)`` holds (the run's batch
     and positions) get such nodes. No gradient reaches the weights through them."""
@@ -234,7 +239,7 @@ def _prefix_linears(model: nn.Module, lead: Callable[[Tensor], bool]) -> Iterato
             if w_in_out is None or not isinstance(weight, Tensor):
                 continue
             patched.append((m, m.__dict__.get("forward")))
-            m.forward = _prefix_forward(m.forward, weight, w_in_out, lead)  # type: ignore[method-assign]
+            m.forward = _prefix_forward(m.forward, weight, w_in_out, lead, cut)  # type: ignore[method-assign]
         yield len(patched)
     finally:
         for m, fwd in patched:
@@ -245,13 +250,17 @@ def _prefix_linears(model: nn.Module, lead: Callable[[Tensor], bool]) -> Iterato
 
 
 def _prefix_forward(
-    orig: Callable[..., Tensor], weight: Tensor, w_in_out: bool, lead: Callable[[Tensor], bool]
+    orig: Callable[..., Tensor],
+    weight: Tensor,
+    w_in_out: bool,
+    lead: Callable[[Tensor], bool],
+    cut: list[int | None],
 ) -> Callable[..., Tensor]:
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         plain = args or kwargs or x.dim() != 3 or not lead(x)
         if plain or not (torch.is_grad_enabled() and x.requires_grad):
             return orig(x, *args, **kwargs)
-        out: Tensor = _PrefixLinear.apply(x, orig, weight, w_in_out)
+        out: Tensor = _PrefixLinear.apply(x, orig, weight, w_in_out, cut)
         return out
 
     return forward
@@ -322,6 +331,7 @@ def grad_products(
     n_rows = getattr(fwd, "n_rows", 1)
     model = _model_of(fwd) if n_rows > 1 else None
     prefixes = _live_prefixes(fwd, n_rows) if model is not None else None
+    cut: list[int | None] = [None]  # positions from cut[0] on carry no gradient
     for i in tqdm(chunks, disable=not progress, desc="gradients", leave=False):
         e = points[i : i + batch_size].detach().clone().requires_grad_(True)
         with torch.enable_grad():
@@ -329,18 +339,15 @@ def grad_products(
                 if model is not None:
                     stack.enter_context(shared_activation_derivatives(model))
                 if prefixes is not None and model is not None:
-                    stack.enter_context(_prefix_linears(model, _run_shape(e)))
+                    stack.enter_context(_prefix_linears(model, _run_shape(e), cut))
                 outs = fwd.rows(e)  # rows x [c]
             rows = len(outs)
             if acc is None:
                 acc = torch.zeros(rows, *points.shape[1:], dtype=points.dtype, device=points.device)
             m = mult[i : i + batch_size]
             for r, out in enumerate(outs):
-                _LIVE_PREFIX[0] = prefixes[r] if prefixes is not None else None
-                try:
-                    (g,) = torch.autograd.grad(out.sum(), e, retain_graph=r < rows - 1)
-                finally:
-                    _LIVE_PREFIX[0] = None
+                cut[0] = prefixes[r] if prefixes is not None else None
+                (g,) = torch.autograd.grad(out.sum(), e, retain_graph=r < rows - 1)
                 acc[r] += (m * g).sum(0)
         values.append(torch.stack([o.detach() for o in outs], 1))
     assert acc is not None
