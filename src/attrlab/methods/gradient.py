@@ -152,13 +152,30 @@ def shared_activation_derivatives(model: nn.Module) -> Iterator[int]:
         (True, True)
     """
     types = _elementwise_types()
+
+    def wrap(m: nn.Module) -> Callable[..., Tensor] | None:
+        if not isinstance(m, types) or any(True for _ in m.parameters(recurse=False)):
+            return None
+        return _shared_forward(m.forward)
+
+    with _swapped_forwards(model, wrap) as n:
+        yield n
+
+
+@contextlib.contextmanager
+def _swapped_forwards(
+    model: nn.Module, wrap: Callable[[nn.Module], Callable[..., Tensor] | None]
+) -> Iterator[int]:
+    """Replace ``forward`` of every module for which ``wrap`` returns a new one;
+    restore them on exit. Yields how many were replaced."""
     patched: list[tuple[nn.Module, Any]] = []
     try:
         for m in model.modules():
-            if not isinstance(m, types) or any(True for _ in m.parameters(recurse=False)):
+            new = wrap(m)
+            if new is None:
                 continue
             patched.append((m, m.__dict__.get("forward")))
-            m.forward = _shared_forward(m.forward)  # type: ignore[method-assign]
+            m.forward = new  # type: ignore[method-assign]
         yield len(patched)
     finally:
         for m, fwd in patched:
@@ -231,22 +248,16 @@ def _prefix_linears(
     as the later positions of a causal LM for a target read at an earlier one).
     Only inputs ``[batch, pos, d]`` for which ``lead(x)`` holds (the run's batch
     and positions) get such nodes. No gradient reaches the weights through them."""
-    patched: list[tuple[nn.Module, Any]] = []
-    try:
-        for m in model.modules():
-            w_in_out = linear_layout(m)
-            weight = getattr(m, "weight", None)
-            if w_in_out is None or not isinstance(weight, Tensor):
-                continue
-            patched.append((m, m.__dict__.get("forward")))
-            m.forward = _prefix_forward(m.forward, weight, w_in_out, lead, cut)  # type: ignore[method-assign]
-        yield len(patched)
-    finally:
-        for m, fwd in patched:
-            if fwd is None:
-                del m.forward
-            else:
-                m.forward = fwd  # type: ignore[method-assign]
+
+    def wrap(m: nn.Module) -> Callable[..., Tensor] | None:
+        w_in_out = linear_layout(m)
+        weight = getattr(m, "weight", None)
+        if w_in_out is None or not isinstance(weight, Tensor):
+            return None
+        return _prefix_forward(m.forward, weight, w_in_out, lead, cut)
+
+    with _swapped_forwards(model, wrap) as n:
+        yield n
 
 
 def _prefix_forward(
