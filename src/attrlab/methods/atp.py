@@ -362,16 +362,22 @@ def _qk_fix(
     allowed = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()  # [q, k]
     key_ok = base.attention_mask.bool()  # [b, k]
     mask = allowed[None, None] & key_ok[:, None, None, :]  # [b, 1, q, k]
+    pos_ids = base.position_ids
+
+    def qk(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        # the family's rotary embedding (none for plain q.k) and shared key heads
+        return lm.adapter.scores_qk(q.double(), k.double(), pos_ids)
+
     for layer in nodes.layers:
         scale = float(getattr(lm.adapter.attn(layer), "scaling", lm.cfg.d_head**-0.5))
-        q = base_cache[f"blocks.{layer}.attn.q"].double()  # [b, p, h, dh]
-        k = base_cache[f"blocks.{layer}.attn.k"].double()
+        q_site, k_site = f"blocks.{layer}.attn.q", f"blocks.{layer}.attn.k"
+        q, k = qk(base_cache[q_site], base_cache[k_site])  # [b, p, h, dh]
         p = base_cache[f"blocks.{layer}.attn.pattern"].double()  # [b, h, q, k]
         g = grad_pattern[layer].double()  # [b, h, q, k]
         s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
         s = s.masked_fill(~mask, float("-inf"))
         if comp == "q":
-            q2 = src_cache[f"blocks.{layer}.attn.q"].double()
+            q2, _ = qk(src_cache[q_site], base_cache[k_site])
             s2 = torch.einsum("bqhd,bkhd->bhqk", q2, k) * scale
             s2 = s2.masked_fill(~mask, float("-inf"))
             if nodes.per_position:
@@ -382,7 +388,7 @@ def _qk_fix(
                 p2 = s2.softmax(-1).nan_to_num(0.0)
                 eff = ((p2 - p) * g).sum((-1, -2))[:, :, None]  # [b, h, 1]
         else:
-            k2 = src_cache[f"blocks.{layer}.attn.k"].double()
+            _, k2 = qk(base_cache[q_site], src_cache[k_site])
             if nodes.per_position:
                 # column j uses the patched key j: closed-form renormalization per row
                 d = torch.einsum("bqhd,bkhd->bhqk", q, k2 - k) * scale  # dS[i, j]
@@ -575,11 +581,13 @@ def _attribution_patching(
     comp = nodes.site_kind.split(".")[-1]
     use_qk = star and qk_fix and nodes.kind == "heads" and comp in ("q", "k")
     diagnostics: dict[str, Any] = {"direction": direction}
-    if use_qk and not getattr(lm.adapter, "plain_qk_scores", False):
-        # pre-rotary q/k sites: recomputing scores needs positions; not exposed yet
+    if use_qk and not lm.adapter.qk_scores_exact(clean.shape[1]):
+        # the scores are not attn.scaling * q'.k' of the cached sites (softcapping,
+        # partial rotary, a sliding window shorter than the prompt, ...)
         use_qk = False
         diagnostics["qk_fix"] = (
-            f"unavailable for family {lm.cfg.family!r} (rotary positions); linear AtP used"
+            f"unavailable for family {lm.cfg.family!r} (its attention scores cannot be "
+            "recomputed from the q/k sites); linear AtP used"
         )
     n_layers_all = lm.cfg.n_layers
     last = n_layers_all - 1

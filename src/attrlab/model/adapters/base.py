@@ -120,6 +120,11 @@ class Adapter:
     #: ``attn.k`` sites (no rotary or other position terms), so methods may
     #: recompute them (AtP*'s QK fix)
     plain_qk_scores: ClassVar[bool] = False
+    #: model-level rotary embedding module (``forward(x, position_ids)`` ->
+    #: ``(cos, sin)`` ``[batch, pos, d_head]``), set where the scores are exactly
+    #: ``attn.scaling * rope(q) . rope(k)`` of the ``attn.q`` / ``attn.k`` sites
+    #: with a half-split rotation of the whole head (Llama, Mistral, Qwen2)
+    rotary_path: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module):
         self.model: Any = model
@@ -179,6 +184,50 @@ class Adapter:
                 handle.remove()
             cached = self.__dict__["_block_returns_tuple"] = bool(seen and seen[0])
         return cached
+
+    def qk_scores_exact(self, n_pos: int) -> bool:
+        """Whether :meth:`scores_qk` reproduces the attention scores of an
+        ``n_pos``-token causal run (no softcapping, partial rotary, or sliding
+        window shorter than the run)."""
+        if self.plain_qk_scores:
+            return True
+        if self.rotary_path is None:
+            return False
+        c = self.hf_config
+        window = getattr(c, "sliding_window", None)
+        if window is not None and getattr(c, "use_sliding_window", True) and n_pos > window:
+            return False
+        return getattr(c, "partial_rotary_factor", 1.0) in (None, 1.0)
+
+    def scores_qk(self, q: Tensor, k: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Queries and keys whose scaled dot product is the attention score.
+
+        ``q`` ``[batch, pos, head, d_head]`` and ``k`` ``[batch, pos, kv_head,
+        d_head]`` are the ``attn.q`` / ``attn.k`` sites; the result applies the
+        family's rotary embedding at ``position_ids`` ``[batch, pos]`` (none for
+        plain q.k families) and repeats each key head for the query heads that
+        share it, so ``scores = attn.scaling * einsum("bqhd,bkhd->bhqk", q', k')``.
+        Check :meth:`qk_scores_exact` first.
+
+        Example:
+            >>> import torch, attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("llama"))
+            >>> q, k = torch.randn(1, 3, 4, 8), torch.randn(1, 3, 2, 8)
+            >>> q2, k2 = lm.adapter.scores_qk(q, k, torch.arange(3)[None])
+            >>> tuple(k2.shape)
+            (1, 3, 4, 8)
+        """
+        if self.rotary_path is not None and not self.plain_qk_scores:
+            cos, sin = get_path(self.model, self.rotary_path)(q, position_ids)
+            cos, sin = cos[:, :, None, :].to(q.dtype), sin[:, :, None, :].to(q.dtype)
+
+            def rope(x: Tensor) -> Tensor:
+                x1, x2 = x.chunk(2, dim=-1)
+                return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+            q, k = rope(q), rope(k)
+        n_rep = q.shape[2] // k.shape[2]
+        return q, (k.repeat_interleave(n_rep, dim=2) if n_rep > 1 else k)
 
     def blocks(self) -> nn.ModuleList:
         mods = get_path(self.model, self.blocks_path)

@@ -8,3 +8,4 @@ from .base import Adapter
 class LlamaAdapter(Adapter):
     family = "llama"
     model_types = ("llama",)
+    rotary_path = "model.rotary_emb"
