@@ -432,7 +432,7 @@ def test_scores_qk_reproduce_the_attention_pattern(family):
         q, k = lm.adapter.scores_qk(
             c[f"blocks.{ly}.attn.q"], c[f"blocks.{ly}.attn.k"], b.position_ids
         )
-        s = torch.einsum("bqhd,bkhd->bhqk", q, k) * float(lm.adapter.attn(ly).scaling)
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) * lm.adapter.attn_scale(ly)
         pat = s.masked_fill(~mask, float("-inf")).softmax(-1)
         ref = c[f"blocks.{ly}.attn.pattern"]
         for row, first in ((0, 1), (1, 0)):  # real query rows only

@@ -369,7 +369,7 @@ def _qk_fix(
         return lm.adapter.scores_qk(q.double(), k.double(), pos_ids)
 
     for layer in nodes.layers:
-        scale = float(getattr(lm.adapter.attn(layer), "scaling", lm.cfg.d_head**-0.5))
+        scale = lm.adapter.attn_scale(layer)
         q_site, k_site = f"blocks.{layer}.attn.q", f"blocks.{layer}.attn.k"
         q, k = qk(base_cache[q_site], base_cache[k_site])  # [b, p, h, dh]
         p = base_cache[f"blocks.{layer}.attn.pattern"].double()  # [b, h, q, k]
@@ -470,7 +470,7 @@ def _next_attn_fix(
         shape = dr.shape
         x_u = x[:, :, None].expand(shape).reshape(-1, shape[-1]).contiguous()
         dr_u = dr.reshape(-1, shape[-1]).to(x.dtype).contiguous()
-        scale = float(getattr(a.attn(nxt), "scaling", cfg.d_head**-0.5))
+        scale = a.attn_scale(nxt)
         # first order: w_p = d (g . z) / d resid_mid[p], one backward over positions
         with torch.enable_grad():
             xg = x.clone().requires_grad_(True)

@@ -199,6 +199,18 @@ class Adapter:
             return False
         return getattr(c, "partial_rotary_factor", 1.0) in (None, 1.0)
 
+    def attn_scale(self, layer: int) -> float:
+        """The factor on ``q . k`` in layer ``layer``'s attention scores.
+
+        Example:
+            >>> import attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("llama"))
+            >>> lm.adapter.attn_scale(0) == lm.cfg.d_head**-0.5
+            True
+        """
+        s = getattr(self.attn(layer), "scaling", None)
+        return float(s) if s is not None else float(self.cfg.d_head) ** -0.5
+
     def scores_qk(self, q: Tensor, k: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Queries and keys whose scaled dot product is the attention score.
 
@@ -206,7 +218,7 @@ class Adapter:
         d_head]`` are the ``attn.q`` / ``attn.k`` sites; the result applies the
         family's rotary embedding at ``position_ids`` ``[batch, pos]`` (none for
         plain q.k families) and repeats each key head for the query heads that
-        share it, so ``scores = attn.scaling * einsum("bqhd,bkhd->bhqk", q', k')``.
+        share it, so ``scores = attn_scale(l) * einsum("bqhd,bkhd->bhqk", q', k')``.
         Check :meth:`qk_scores_exact` first.
 
         Example:

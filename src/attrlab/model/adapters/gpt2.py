@@ -25,6 +25,14 @@ class GPT2Adapter(Adapter):
     norm_kind = "layernorm"
     plain_qk_scores = True
 
+    def attn_scale(self, layer: int) -> float:
+        # older transformers versions keep the two config flags, not ``scaling``
+        c = self.hf_config
+        s = float(self.cfg.d_head) ** -0.5 if getattr(c, "scale_attn_weights", True) else 1.0
+        if getattr(c, "scale_attn_by_inverse_layer_idx", False):
+            s /= float(layer + 1)
+        return s
+
     def _make_config(self) -> ModelConfig:
         c = self.hf_config
         return ModelConfig(
