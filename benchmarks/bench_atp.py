@@ -29,6 +29,7 @@ Run::
     python benchmarks/bench_atp.py --ioi       # accuracy of AtP* options on the zoo IOI model
     python benchmarks/bench_atp.py --random-accuracy --threads 1  # same on the random model
     python benchmarks/bench_atp.py --ioi-prompt-sets --threads 1  # z units on 7 prompt sets
+    python benchmarks/bench_atp.py --induction --threads 1  # zoo induction model (Llama, rotary)
 
 Peer comparison (EAP vs auto-circuit's mask-gradient EAP, same weights, all
 edges with separate q/k/v inputs): auto-circuit needs TransformerLens 2.x and
@@ -128,6 +129,11 @@ def main() -> None:
         action="store_true",
         help="z units on the zoo IOI model over several prompt sets: AtP, paper AtP*, default",
     )
+    ap.add_argument(
+        "--induction",
+        action="store_true",
+        help="zoo induction model (Llama, rotary): AtP, paper AtP* with/without QK fix, default",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.peer:
@@ -136,6 +142,8 @@ def main() -> None:
         return ioi_table()
     if args.ioi_prompt_sets:
         return ioi_prompt_sets()
+    if args.induction:
+        return induction_table()
     if args.random_accuracy:
         return random_accuracy()
     if args.autocircuit:
@@ -341,6 +349,63 @@ def ioi_prompt_sets() -> None:
                 cells.append(f"{corr(r.scores, ex):.3f} / {recall(r.scores, ex):.1f}")
             row = f"| {n}, seed {seed} | {direction} | " + " | ".join(cells) + " |"
             print(row, flush=True)
+
+
+def induction_table() -> None:
+    """Zoo induction model (Llama: rotary positions, 2 layers), heads x positions,
+    8 test prompts: Pearson / top-10 recall with ``patch_sweep`` for AtP, the
+    paper's AtP* without and with the QK fix (rotary scores through
+    ``adapter.scores_qk``), and attrlab's default (``next_attn`` does not apply to
+    rotary families; ``tail_fix`` does)."""
+    import attrlab as al
+    from attrlab.methods.atp import NodeSet
+    from attrlab.methods.patching import patch_sweep
+
+    lm = al.zoo.load("induction")
+    exs = al.zoo.task("induction").examples(8, seed=0)
+    prompts, cfs = [e.prompt for e in exs], [e.counterfactual for e in exs]
+    target = al.targets.LogitDiff([e.answer for e in exs], [e.wrong for e in exs])
+    units = al.units.Heads(per_position=True)
+    n_pos = lm.tokenize(prompts).shape[1]
+    paper = {"next_attn": False, "tail_fix": False}
+    options = {
+        "AtP": ("atp", {}),
+        "paper AtP* without QK fix": ("atp*", {**paper, "qk_fix": False}),
+        "paper AtP*": ("atp*", paper),
+        "default": ("atp*", {}),
+    }
+
+    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
+
+    def recall(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
+        top = set(torch.argsort(b.abs(), descending=True)[:k].tolist())
+        return len(top & set(torch.argsort(a.abs(), descending=True)[:k].tolist())) / k
+
+    print("| site | direction | max abs exact | " + " | ".join(options) + " |")
+    for site in ("z", "q", "k"):
+        for direction in ("noising", "denoising"):
+            sw = patch_sweep(lm, prompts, cfs, target, units, site=site, direction=direction)
+            eff = sw.effects.double().mean(0)
+            by = {(u.layer, u.index, u.position): float(e) for u, e in zip(sw.units, eff)}
+            ns = NodeSet.build(lm, units, n_pos, head_site=site)
+            ex = torch.tensor([by[(ly, h, p)] for ly, p, h in map(ns.unit, range(ns.n_units))])
+            cells = []
+            for method, kw in options.values():
+                r = al.attribute(
+                    lm,
+                    prompts,
+                    target=target,
+                    units=units,
+                    method=method,
+                    counterfactual=cfs,
+                    head_site=site,
+                    direction=direction,
+                    **kw,
+                )
+                cells.append(f"{corr(r.scores, ex):.3f} / {recall(r.scores, ex):.1f}")
+            row = f"| {site} | {direction} | {float(ex.abs().max()):.3f} | " + " | ".join(cells)
+            print(row + " |", flush=True)
 
 
 def random_accuracy() -> None:
