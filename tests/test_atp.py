@@ -707,3 +707,18 @@ def test_ioi_next_attn_with_tail_fix(ioi):
     r = al.attribute(lm, prompts, method="atp*", tail_fix=True, next_attn=True, **kw)
     assert corr(r.scores, ex) >= 0.98
     assert corr(r.extra["atp_tail"], ex) >= 0.98
+
+
+@pytest.mark.parametrize("family", al.testing.FAMILIES)
+def test_default_atp_star_runs_on_every_family(family):
+    """The default AtP* (next_attn + tail_fix + QK fix where they apply) gives finite
+    scores on every family, and says which fixes ran: next_attn only on GPT-2,
+    the QK fix where the scores can be recomputed, tail_fix on sequential models."""
+    lm = al.wrap(*al.testing.tiny_model(family))
+    kw = dict(target=(" Mary", " John"), units=al.units.Heads(per_position=True))
+    z = al.attribute(lm, PROMPT, method="atp*", counterfactual=CF, **kw)
+    q = al.attribute(lm, PROMPT, method="atp*", counterfactual=CF, head_site="q", **kw)
+    assert torch.isfinite(z.scores).all() and torch.isfinite(q.scores).all()
+    assert ("unavailable" in z.diagnostics["next_attn"]) == (family != "gpt2")
+    assert ("qk_fix" in q.diagnostics) != lm.adapter.qk_scores_exact(len(lm.encode(PROMPT)))
+    assert ("unavailable" in z.diagnostics["tail_fix"]) == lm.cfg.parallel_residual
