@@ -382,10 +382,17 @@ def _to_units(token_scores: Tensor, groups: list[list[int]]) -> Tensor:
 class _GradientMethod(Method):
     """Shared plumbing: build the forward, compute ``[rows, pos, d]``, reduce, group."""
 
-    reduce: str = "sum"
-    batch_size: int = 32
-    max_new_tokens: int | None = None
-    progress: bool = False
+    def __init__(
+        self,
+        reduce: str = "sum",
+        batch_size: int = 32,
+        max_new_tokens: int | None = None,
+        progress: bool = False,
+    ):
+        self.reduce = reduce
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.progress = progress
 
     def _check(self) -> None:
         if self.reduce not in ("sum", "l2"):
@@ -444,10 +451,7 @@ class Saliency(_GradientMethod):
         max_new_tokens: int | None = None,
         progress: bool = False,
     ):
-        self.reduce = reduce
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.progress = progress
+        super().__init__(reduce, batch_size, max_new_tokens, progress)
 
     def _token_attr(
         self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
@@ -468,18 +472,6 @@ class InputXGradient(_GradientMethod):
         >>> al.attribute(lm, "a b c", target=" a", method="input-x-gradient").scores.shape[0]
         3
     """
-
-    def __init__(
-        self,
-        reduce: str = "sum",
-        batch_size: int = 32,
-        max_new_tokens: int | None = None,
-        progress: bool = False,
-    ):
-        self.reduce = reduce
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.progress = progress
 
     def _token_attr(
         self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
@@ -560,10 +552,7 @@ class IntegratedGradients(_GradientMethod):
         self.steps = steps
         self.rule = rule
         self.baseline = baseline
-        self.reduce = reduce
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.progress = progress
+        super().__init__(reduce, batch_size, max_new_tokens, progress)
 
     def params(self) -> dict[str, Any]:
         p = super().params()
@@ -629,10 +618,7 @@ class SmoothGrad(_GradientMethod):
         self.noise = noise
         self.multiply_by_inputs = multiply_by_inputs
         self.seed = seed
-        self.reduce = reduce
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.progress = progress
+        super().__init__(reduce, batch_size, max_new_tokens, progress)
 
     def _token_attr(
         self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
@@ -679,10 +665,7 @@ class ExpectedGradients(_GradientMethod):
         self.samples = samples
         self.references = references
         self.seed = seed
-        self.reduce = reduce
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.progress = progress
+        super().__init__(reduce, batch_size, max_new_tokens, progress)
 
     def params(self) -> dict[str, Any]:
         p = super().params()
