@@ -343,9 +343,9 @@ def test_in_module_oracle_matches_patch_sweep(ioi):
 def test_ioi_atp_star_heads_by_position(ioi):
     """Zoo IOI model, heads x positions (z), issue floor: AtP* (attrlab's default,
     with next_attn and tail_fix) has Pearson >= 0.9 with exact patching and finds
-    >= 9 of the 10 largest exact units; the paper's AtP* (both fixes off) does
-    worse on this saturated model; the false-negative bound holds against the
-    exact sweep."""
+    >= 9 of the 10 largest exact units; the paper's AtP* (both fixes off) is not
+    better (0.962 vs 0.998, docs/circuits.md); the false-negative bound holds
+    against the exact sweep."""
     lm, prompts, cfs, target = ioi
     ex = _ioi_exact(ioi, "z")
     kw = dict(target=target, units=al.units.Heads(per_position=True), counterfactual=cfs)
@@ -355,7 +355,7 @@ def test_ioi_atp_star_heads_by_position(ioi):
     top_star = set(torch.argsort(r.scores.abs(), descending=True)[:10].tolist())
     assert len(top_exact & top_star) >= 9
     assert corr(r.scores, ex) >= 0.9
-    assert corr(paper.scores, ex) < corr(r.scores, ex) - 0.1  # 0.79 vs 0.997: docs/circuits.md
+    assert corr(paper.scores, ex) < corr(r.scores, ex)
     assert "unavailable" not in str(r.diagnostics.get("next_attn", ""))
     fb = r.diagnostics["false_negative_bound"]
     verified = set(fb["verified"]["index"])
@@ -529,8 +529,8 @@ def test_ig_steps_cost_is_one_extra_batched_forward(lm):
 
 def test_ioi_ig_steps_lifts_pearson(ioi):
     """Zoo IOI model, z units: per-layer IG (2 midpoint steps) moves the gradient
-    past the saturated final MLP/LayerNorm: Pearson 0.79 -> 0.94. Measured top-10
-    recall 0.9 (AtP* alone: 1.0); see docs/circuits.md."""
+    past the saturated final MLP/LayerNorm: Pearson 0.966 (AtP) -> 0.986, top-10
+    recall 0.9; see docs/circuits.md."""
     lm, prompts, cfs, target = ioi
     ex = _ioi_exact(ioi, "z")
     r = al.attribute(
@@ -542,8 +542,8 @@ def test_ioi_ig_steps_lifts_pearson(ioi):
         counterfactual=cfs,
         ig_steps=2,
     )
-    assert corr(r.scores, ex) >= 0.9
-    assert corr(r.scores, ex) > corr(r.extra["atp"], ex) + 0.1
+    assert corr(r.scores, ex) >= 0.98
+    assert corr(r.scores, ex) > corr(r.extra["atp"], ex) + 0.01
     top_exact = set(torch.argsort(ex.abs(), descending=True)[:10].tolist())
     top_ig = set(torch.argsort(r.scores.abs(), descending=True)[:10].tolist())
     assert len(top_exact & top_ig) >= 9
@@ -604,18 +604,18 @@ def test_tail_fix_falls_back_on_parallel_residual_models():
 
 
 def test_ioi_tail_fix_on_final_position_heads(ioi):
-    """Zoo IOI model, z units: the tail fix recovers the two largest effects
-    (last-layer heads at the final position, saturated final MLP/LayerNorm) and
-    lifts Pearson 0.79 -> 0.86 with top-10 recall 1.0."""
+    """Zoo IOI model, z units: the largest effect is a last-layer head at the final
+    position, behind the saturated final MLP/LayerNorm only; AtP misses it by 42%
+    (-11.2 vs -19.3), the tail fix by 2% (-19.0)."""
     lm, prompts, cfs, target = ioi
     ex = _ioi_exact(ioi, "z")
     kw = dict(target=target, units=al.units.Heads(per_position=True), counterfactual=cfs)
     r = al.attribute(lm, prompts, method="atp*", tail_fix=True, **kw)
-    top2 = torch.argsort(ex.abs(), descending=True)[:2]
-    rel = (r.extra["atp_tail"][top2].double() - ex[top2]).abs() / ex[top2].abs()
-    rel_atp = (r.extra["atp"][top2].double() - ex[top2]).abs() / ex[top2].abs()
-    assert float(rel.max()) < 0.15 and float(rel_atp.max()) > 0.6
-    assert corr(r.scores, ex) >= 0.85 > corr(r.extra["atp"], ex)
+    top = int(torch.argsort(ex.abs(), descending=True)[0])
+    rel = abs(float(r.extra["atp_tail"][top]) - float(ex[top])) / abs(float(ex[top]))
+    rel_atp = abs(float(r.extra["atp"][top]) - float(ex[top])) / abs(float(ex[top]))
+    assert rel < 0.05 and rel_atp > 0.3
+    assert corr(r.scores, ex) >= corr(r.extra["atp"], ex)
     top_exact = set(torch.argsort(ex.abs(), descending=True)[:10].tolist())
     top_tail = set(torch.argsort(r.scores.abs(), descending=True)[:10].tolist())
     assert len(top_exact & top_tail) >= 9
@@ -698,15 +698,17 @@ def test_next_attn_off_where_it_does_not_apply(lm):
 
 
 def test_ioi_next_attn_with_tail_fix(ioi):
-    """Zoo IOI model, z units: the layer-0 heads at positions 11-13 act through
-    layer 1's attention (pattern x value); next_attn + tail_fix lifts Pearson
-    with exact patching from 0.86 (tail_fix alone) to about 0.997."""
+    """Zoo IOI model, z units: layer-0 heads at S2 act through layer 1's attention
+    (pattern x value); next_attn + tail_fix lifts Pearson with exact patching
+    from 0.963 (tail_fix alone) to 0.998, and one such head (L0H0 at token 10)
+    from -1.1 to -5.6 (exact -5.9)."""
     lm, prompts, cfs, target = ioi
     ex = _ioi_exact(ioi, "z")
     kw = dict(target=target, units=al.units.Heads(per_position=True), counterfactual=cfs)
     r = al.attribute(lm, prompts, method="atp*", tail_fix=True, next_attn=True, **kw)
-    assert corr(r.scores, ex) >= 0.98
-    assert corr(r.extra["atp_tail"], ex) >= 0.98
+    tail = al.attribute(lm, prompts, method="atp*", tail_fix=True, next_attn=False, **kw)
+    assert corr(r.scores, ex) >= 0.99
+    assert corr(r.scores, ex) > corr(tail.scores, ex) + 0.02
 
 
 @pytest.mark.parametrize("family", al.testing.FAMILIES)

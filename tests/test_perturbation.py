@@ -217,13 +217,13 @@ def test_seeds(lm64):
 
 
 def test_ioi_zoo_model_attributes_the_indirect_object():
-    """On the IOI zoo model, occlusion and IG (logit difference IO - S) put the
-    largest score among the context tokens on the IO name (docs/inputs.md has
-    the 200-prompt numbers, ``benchmarks/bench_ioi_inputs.py``: occlusion 93%,
-    IG 80% with the pad baseline, 88% with ``<unk>``; no IG setting tried
-    reaches 90%)."""
+    """Issue floor: on the IOI zoo model, occlusion and IG put the largest score
+    among the context tokens on the IO name for more than 90% of 200 test
+    prompts. Target: the log-probability of the predicted IO name. Measured 200/200
+    and 199/200; with the logit difference IO - S as target, 200/200 and 193/200
+    (``benchmarks/bench_ioi_inputs.py``, docs/inputs.md)."""
     lm = al.zoo.load("ioi")
-    exs = al.zoo.task("ioi").examples(50, seed=0)
+    exs = al.zoo.task("ioi").examples(200, seed=0)
     hits = {"occlusion": 0, "ig": 0}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: more threads only add overhead
@@ -231,11 +231,10 @@ def test_ioi_zoo_model_attributes_the_indirect_object():
         for ex in exs:
             for method in hits:
                 opts = {"steps": 16} if method == "ig" else {}
-                tgt = (ex.answer, ex.wrong)
+                tgt = al.targets.LogProb(ex.answer)
                 r = al.attribute(lm, ex.prompt, target=tgt, method=method, **opts)
                 context = r.scores[:-1]  # the final " to" is the query position
                 hits[method] += int(context.argmax()) == ex.positions["IO"]
     finally:
         torch.set_num_threads(threads)
-    assert hits["occlusion"] >= 44
-    assert hits["ig"] >= 36
+    assert hits["occlusion"] > 180 and hits["ig"] > 180, hits

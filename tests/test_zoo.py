@@ -74,6 +74,18 @@ def test_ioi_ground_truth():
         assert cf.count(ex.io) == 2 and cf.count(ex.s) == 1
 
 
+def test_ioi_layouts_vary():
+    """Every template is drawn and the names move: S2 takes 4 positions, IO and S1
+    several each, so a model cannot find the subject by its position."""
+    from attrlab.zoo.ioi import TEMPLATES
+
+    exs = al.zoo.task("ioi").examples(400, seed=0, split="train")
+    assert len({ex.prompt.split()[0] for ex in exs}) >= 4
+    assert {ex.positions["S2"] for ex in exs} == {p["S2"] for _, p in TEMPLATES} == {9, 10, 11, 12}
+    assert len({ex.positions["IO"] for ex in exs}) >= 4
+    assert {ex.positions["END"] for ex in exs} == {14}
+
+
 def test_induction_ground_truth():
     for ex in al.zoo.task("induction").examples(100):
         words = ex.prompt.split()

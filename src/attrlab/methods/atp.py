@@ -1310,7 +1310,7 @@ def false_negative_bound(
         n_unverified = len(b) - len(s)
         bound = k + n_unverified * up
         upper_total += bound
-        ests = [abs(float(estimates[i])) for i in b]
+        ests = [abs(float(estimates[i].detach())) for i in b]
         rows.append(
             {
                 "size": len(b),

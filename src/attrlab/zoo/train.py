@@ -64,9 +64,9 @@ SPECS: dict[str, Spec] = {
         n_heads=4,
         d_mlp=256,
         n_ctx=32,
-        steps=1000,
+        steps=2000,
         lr=3e-3,
-        lm_weight=0.0,
+        lm_weight=1.0,  # a language model of the whole text, not a last-token classifier
     ),
     "induction": Spec(
         family="llama",
