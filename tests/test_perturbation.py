@@ -217,24 +217,27 @@ def test_seeds(lm64):
 
 
 def test_ioi_zoo_model_attributes_the_indirect_object():
-    """Issue floor: on the IOI zoo model, occlusion and IG put the largest score
-    among the context tokens on the IO name for more than 90% of 200 test
-    prompts. Target: the log-probability of the predicted IO name. Measured 200/200
-    and 199/200; with the logit difference IO - S as target, 200/200 and 193/200
-    (``benchmarks/bench_ioi_inputs.py``, docs/inputs.md)."""
+    """Issue floor: on the IOI zoo model, occlusion and IG (pad baseline, 16
+    Gauss-Legendre steps) put the largest score among the context tokens on the
+    IO name for more than 90% of 200 test prompts, for the target log p(IO) (the
+    model's prediction; measured 200/200 and 199/200) and for the logit
+    difference IO - S (200/200 and 193/200). On retrained seeds of the same
+    recipe the log p(IO) numbers hold (IG 97.5-100%) but IG on the logit
+    difference does not (28-97%): ``benchmarks/bench_ioi_seeds.py``,
+    docs/inputs.md."""
     lm = al.zoo.load("ioi")
     exs = al.zoo.task("ioi").examples(200, seed=0)
-    hits = {"occlusion": 0, "ig": 0}
+    hits = {(m, t): 0 for m in ("occlusion", "ig") for t in ("logprob", "diff")}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: more threads only add overhead
     try:
         for ex in exs:
-            for method in hits:
+            for method, kind in hits:
                 opts = {"steps": 16} if method == "ig" else {}
-                tgt = al.targets.LogProb(ex.answer)
+                tgt = al.targets.LogProb(ex.answer) if kind == "logprob" else (ex.answer, ex.wrong)
                 r = al.attribute(lm, ex.prompt, target=tgt, method=method, **opts)
                 context = r.scores[:-1]  # the final " to" is the query position
-                hits[method] += int(context.argmax()) == ex.positions["IO"]
+                hits[method, kind] += int(context.argmax()) == ex.positions["IO"]
     finally:
         torch.set_num_threads(threads)
-    assert hits["occlusion"] > 180 and hits["ig"] > 180, hits
+    assert min(hits.values()) > 180, hits
