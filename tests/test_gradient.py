@@ -491,6 +491,31 @@ def test_continuation_rows_share_activation_derivatives(lm64, monkeypatch):
     torch.testing.assert_close(shared.scores, no_share.scores, atol=1e-12, rtol=0)
 
 
+def test_threads_on_one_model_take_turns(lm64):
+    """The forward swaps of multi-row IG hold the model's swap lock: a call from
+    another thread waits while the lock is held elsewhere, then gives the same
+    scores as a call on the main thread; forwards are restored afterwards."""
+    import threading
+
+    tgt = al.targets.ContinuationLogProb(" store and Mary", reduce="none")
+    ref = al.attribute(lm64, PROMPT, target=tgt, method="ig", steps=4)
+    out: dict[str, al.Attribution] = {}
+
+    def work() -> None:
+        out["r"] = al.attribute(lm64, PROMPT, target=tgt, method="ig", steps=4)
+
+    lock = gradient_mod.swap_lock(lm64.model)
+    with lock:
+        t = threading.Thread(target=work)
+        t.start()
+        t.join(timeout=1.0)
+        assert t.is_alive() and "r" not in out  # waiting for the lock
+    t.join(timeout=60)
+    assert not t.is_alive()
+    torch.testing.assert_close(out["r"].scores, ref.scores, atol=0, rtol=0)
+    assert not any("forward" in m.__dict__ for m in lm64.model.modules())
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_prefix_linears_skip_only_gradient_free_positions(family):
     """A target read at position p of a causal LM: the linear layers' backward over

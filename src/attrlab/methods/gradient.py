@@ -34,6 +34,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -162,14 +164,45 @@ def shared_activation_derivatives(model: nn.Module) -> Iterator[int]:
         yield n
 
 
+#: one re-entrant lock per model: swapped forwards are model state, so two
+#: attrlab calls on the same model from different threads take turns
+_SWAP_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_SWAP_LOCKS_GUARD = threading.Lock()
+
+
+def swap_lock(model: nn.Module) -> threading.RLock:
+    """The lock held while attrlab's gradient methods swap ``model``'s module
+    forwards (shared activation derivatives, causal linear backward).
+
+    attrlab calls on the same model from several threads serialize on it. A
+    forward without gradients from other code meanwhile is unaffected (the
+    swapped forwards then call the original); other code that runs the model
+    *with* gradients in another thread at the same time should hold this lock.
+
+    Example:
+        >>> import torch
+        >>> from attrlab.methods.gradient import swap_lock
+        >>> m = torch.nn.Linear(2, 2)
+        >>> swap_lock(m) is swap_lock(m)
+        True
+    """
+    with _SWAP_LOCKS_GUARD:
+        lock = _SWAP_LOCKS.get(model)
+        if lock is None:
+            lock = _SWAP_LOCKS[model] = threading.RLock()
+        return lock
+
+
 @contextlib.contextmanager
 def _swapped_forwards(
     model: nn.Module, wrap: Callable[[nn.Module], Callable[..., Tensor] | None]
 ) -> Iterator[int]:
-    """Replace ``forward`` of every module for which ``wrap`` returns a new one;
-    restore them on exit. Yields how many were replaced."""
+    """Replace ``forward`` of every module for which ``wrap`` returns a new one
+    (holding :func:`swap_lock`); restore them on exit. Yields how many were
+    replaced."""
     patched: list[tuple[nn.Module, Any]] = []
-    try:
+    with swap_lock(model), contextlib.ExitStack() as stack:
+        stack.callback(_restore_forwards, patched)
         for m in model.modules():
             new = wrap(m)
             if new is None:
@@ -177,12 +210,14 @@ def _swapped_forwards(
             patched.append((m, m.__dict__.get("forward")))
             m.forward = new  # type: ignore[method-assign]
         yield len(patched)
-    finally:
-        for m, fwd in patched:
-            if fwd is None:
-                del m.forward
-            else:
-                m.forward = fwd  # type: ignore[method-assign]
+
+
+def _restore_forwards(patched: list[tuple[nn.Module, Any]]) -> None:
+    for m, fwd in patched:
+        if fwd is None:
+            del m.forward
+        else:
+            m.forward = fwd  # type: ignore[method-assign]
 
 
 def _shared_forward(orig: Callable[..., Tensor]) -> Callable[..., Tensor]:
