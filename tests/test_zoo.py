@@ -84,6 +84,12 @@ def test_ioi_layouts_vary():
     assert {ex.positions["S2"] for ex in exs} == {p["S2"] for _, p in TEMPLATES} == {9, 10, 11, 12}
     assert len({ex.positions["IO"] for ex in exs}) >= 4
     assert {ex.positions["END"] for ex in exs} == {14}
+    for ex in exs:  # the layout index names the template, hence the positions
+        assert ex.positions["S2"] == TEMPLATES[ex.layout][1]["S2"]
+        assert {ex.positions["IO"], ex.positions["S1"]} == {
+            TEMPLATES[ex.layout][1]["A"],
+            TEMPLATES[ex.layout][1]["B"],
+        }
 
 
 def test_induction_ground_truth():

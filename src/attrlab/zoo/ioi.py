@@ -63,6 +63,9 @@ class IOIExample(Example):
         io, s: the indirect object (answer) and subject names, without space.
         order: ``"ABBA"`` (IO first) or ``"BABA"`` (S first).
         positions: token positions (BOS = 0) of ``"IO"``, ``"S1"``, ``"S2"``, ``"END"``.
+        layout: index of the prompt's template in :data:`TEMPLATES` (prompts of one
+            layout have their names at the same positions, e.g. for patching
+            position by position across prompts).
         counterfactual_abc: the ABC corruption (three fresh names).
     """
 
@@ -71,6 +74,7 @@ class IOIExample(Example):
     order: str = "ABBA"
     positions: dict[str, int] = field(default_factory=dict)
     counterfactual_abc: str = ""
+    layout: int = 0
 
 
 class IOI(Task):
@@ -111,6 +115,7 @@ class IOI(Task):
             order=order,
             positions={"IO": io_pos, "S1": s1_pos, "S2": pos["S2"], "END": END},
             counterfactual_abc=template.format(A=c1, B=c2, S=c3, **words),
+            layout=TEMPLATES.index((template, pos)),
         )
 
     def vocabulary(self) -> tuple[list[str], list[str]]:
