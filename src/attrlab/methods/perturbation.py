@@ -252,10 +252,7 @@ class ShapleySampling(_PerturbationMethod):
         self.permutations = permutations
         self.antithetic = antithetic
         self.seed = seed
-        self.baseline = baseline
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.progress = progress
+        super().__init__(baseline, batch_size, max_new_tokens, progress)
 
     def _scores(
         self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
@@ -311,10 +308,7 @@ class KernelShap(_PerturbationMethod):
         self.samples = samples
         self.max_exact_units = max_exact_units
         self.seed = seed
-        self.baseline = baseline
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.progress = progress
+        super().__init__(baseline, batch_size, max_new_tokens, progress)
 
     def _scores(
         self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
@@ -369,10 +363,7 @@ class Lime(_PerturbationMethod):
         self.kernel_width = kernel_width
         self.alpha = alpha
         self.seed = seed
-        self.baseline = baseline
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.progress = progress
+        super().__init__(baseline, batch_size, max_new_tokens, progress)
 
     def _scores(
         self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
