@@ -532,38 +532,16 @@ def compare_autocircuit(runs: int, threads: int) -> None:
 
 def peer(runs: int) -> None:
     """auto-circuit side (runs in _envs/ac: TransformerLens 2.x, transformers 4)."""
+    from _tl_gpt2 import hooked_gpt2
     from auto_circuit.data import PromptDataLoader, PromptDataset
     from auto_circuit.prune_algos.mask_gradient import mask_gradient_prune_scores
     from auto_circuit.utils.graph_utils import patchable_model
     from safetensors.torch import load_file, save_file
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
     from transformers import GPT2LMHeadModel
 
     hf = GPT2LMHeadModel.from_pretrained(OUT / "model")
     hf.eval()
-    cfg = HookedTransformerConfig(
-        n_layers=N_LAYERS,
-        d_model=D_MODEL,
-        n_heads=N_HEADS,
-        d_head=D_MODEL // N_HEADS,
-        d_mlp=4 * D_MODEL,
-        d_vocab=VOCAB,
-        n_ctx=1024,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        eps=1e-5,
-        original_architecture="GPT2LMHeadModel",
-        default_prepend_bos=False,
-    )
-    model = HookedTransformer(cfg)
-    model.load_and_process_state_dict(
-        convert_gpt2_weights(hf, cfg),
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
-    )
+    model = hooked_gpt2(hf)
     model.cfg.use_attn_result = True
     model.cfg.use_attn_in = True
     model.cfg.use_split_qkv_input = True

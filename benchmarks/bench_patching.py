@@ -73,9 +73,9 @@ def peer(runs: int, n_patches: int = 0, threads: int = 2) -> None:
     patches (each is one full forward in TransformerLens, so its time per patch
     does not depend on which ones); 0 = all of them."""
     import torch
+    from _tl_gpt2 import hooked_gpt2
     from safetensors.torch import load_file, save_file
-    from transformer_lens import HookedTransformer, HookedTransformerConfig, patching
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    from transformer_lens import patching
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.set_num_threads(threads)
@@ -85,28 +85,7 @@ def peer(runs: int, n_patches: int = 0, threads: int = 2) -> None:
     assert not unexpected and all("lm_head" in m or "attn.bias" in m for m in missing), missing
     hf.tie_weights()
     hf.eval()
-    cfg = HookedTransformerConfig(
-        n_layers=N_LAYERS,
-        d_model=D_MODEL,
-        n_heads=N_HEADS,
-        d_head=D_MODEL // N_HEADS,
-        d_mlp=4 * D_MODEL,
-        d_vocab=VOCAB,
-        n_ctx=1024,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        eps=1e-5,
-        original_architecture="GPT2LMHeadModel",
-        default_prepend_bos=False,
-    )
-    model = HookedTransformer(cfg)
-    model.load_and_process_state_dict(
-        convert_gpt2_weights(hf, cfg),
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
-    )
+    model = hooked_gpt2(hf)
     model.eval()
     toks = load_file(str(OUT / "tokens.safetensors"))
     clean, corrupt = toks["clean"], toks["corrupt"]
