@@ -669,6 +669,53 @@ def test_next_attn_is_exact_when_the_rest_is_linear(units):
     assert "layers [1]" in r.diagnostics["next_attn"]
 
 
+def _linear_tail_rotary_model(family: str):
+    """The same construction for a rotary family with shared key/value heads (4
+    query heads, 2 key/value heads): layer 1's MLP writes nothing and the final
+    RMSNorm is made linear (huge eps, rescaled weight)."""
+    hf, tok = al.testing.tiny_model(family, dtype=torch.float64, num_hidden_layers=2)
+    with torch.no_grad():
+        for blk in hf.model.layers:
+            blk.self_attn.q_proj.weight.mul_(4.0)
+            blk.self_attn.k_proj.weight.mul_(4.0)
+        hf.model.embed_tokens.weight.mul_(3.0)
+        hf.model.layers[1].mlp.down_proj.weight.zero_()
+        hf.model.norm.variance_epsilon = 1e12
+        hf.model.norm.weight.mul_(1e6)
+    return al.wrap(hf, tok)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_next_attn_is_exact_on_rotary_families(family):
+    """The oracle of test_next_attn_is_exact_when_the_rest_is_linear on rotary
+    models with grouped-query attention: the next layer's scores are recomputed
+    through the adapter's scores_qk (a change at position p rotated at p) and
+    shared value heads repeated; AtP + the fix is the exact effect of layer-0
+    heads at positions before the last, for two prompts (of equal length:
+    float64 left padding gives NaN logits in Hugging Face on these families)."""
+    lm2 = _linear_tail_rotary_model(family)
+    assert lm2.cfg.n_heads > lm2.adapter.block(0).self_attn.k_proj.out_features // lm2.cfg.d_head
+    prompts = [PROMPT, "When Tom and Anna went to the park, Anna gave a ball to"]
+    cfs = [CF, "When Tom and Anna went to the park, Tom gave a ball to"]
+    t = al.targets.resolve(al.targets.LogitDiff([" Mary", " Tom"], [" John", " Anna"]), lm2)
+    units = al.units.Heads(per_position=True)
+    b, c = prepare_pair(lm2, prompts, t, cfs)
+    n_pos = b.shape[1]
+    ns = NodeSet.build(lm2, units, n_pos)
+    _, src = lm2.run(c, cache=ns.sites())
+    ex = exact_node_effects(lm2, b, src, t, ns)
+    r = al.attribute(
+        lm2, prompts, target=t, units=units, method="atp*", counterfactual=cfs,
+        next_attn=True, tail_fix=False, bound_samples=0,
+    )  # fmt: skip
+    assert "layers [1]" in r.diagnostics["next_attn"]
+    fixed, atp = r.extra["atp_qk"].double(), r.extra["atp"].double()
+    idx = [i for i in range(ns.n_units) if ns.unit(i)[0] == 0 and ns.unit(i)[1] < n_pos - 1]
+    # Hugging Face's RMSNorm computes in float32 even in a float64 model: 1e-5 of the scale
+    torch.testing.assert_close(fixed[idx], ex[idx], atol=1e-5 * float(ex.abs().max()), rtol=1e-4)
+    assert float((atp[idx] - ex[idx]).abs().max()) > 0.01 * float(ex[idx].abs().max())
+
+
 def test_next_attn_head_out_matches_z():
     """The fix sees the same residual change from z and head_out units."""
     lm2 = _linear_tail_model()
@@ -683,7 +730,7 @@ def test_next_attn_off_where_it_does_not_apply(lm):
     assert "only; off" in r.diagnostics["next_attn"]
     r = run(lm, "heads", next_attn=True)
     assert "only; off" in r.diagnostics["next_attn"]
-    lm2 = al.wrap(*al.testing.tiny_model("llama"))
+    lm2 = al.wrap(*al.testing.tiny_model("gemma"))  # rotary the adapter cannot recompute
     r = al.attribute(
         lm2,
         PROMPT,
@@ -714,13 +761,16 @@ def test_ioi_next_attn_with_tail_fix(ioi):
 @pytest.mark.parametrize("family", al.testing.FAMILIES)
 def test_default_atp_star_runs_on_every_family(family):
     """The default AtP* (next_attn + tail_fix + QK fix where they apply) gives finite
-    scores on every family, and says which fixes ran: next_attn only on GPT-2,
-    the QK fix where the scores can be recomputed, tail_fix on sequential models."""
+    scores on every family, and says which fixes ran: next_attn and the QK fix
+    where the scores can be recomputed (GPT-2, Llama, Mistral, Qwen2),
+    tail_fix on sequential models."""
     lm = al.wrap(*al.testing.tiny_model(family))
     kw = dict(target=(" Mary", " John"), units=al.units.Heads(per_position=True))
     z = al.attribute(lm, PROMPT, method="atp*", counterfactual=CF, **kw)
     q = al.attribute(lm, PROMPT, method="atp*", counterfactual=CF, head_site="q", **kw)
     assert torch.isfinite(z.scores).all() and torch.isfinite(q.scores).all()
-    assert ("unavailable" in z.diagnostics["next_attn"]) == (family != "gpt2")
+    assert ("unavailable" in z.diagnostics["next_attn"]) == (
+        family not in ("gpt2", "llama", "mistral", "qwen2")
+    )
     assert ("qk_fix" in q.diagnostics) != lm.adapter.qk_scores_exact(len(lm.encode(PROMPT)))
     assert ("unavailable" in z.diagnostics["tail_fix"]) == lm.cfg.parallel_residual

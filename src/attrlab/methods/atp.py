@@ -432,7 +432,10 @@ def _next_attn_fix(
     here; one batched pass over ``batch x pos x heads`` rows), and so is the
     change of that layer's head outputs ``z`` at every query position: row
     ``p`` by a full softmax, later rows by closed-form renormalization of
-    column ``p``, including the pattern x value cross term. For each
+    column ``p``, including the pattern x value cross term. Scores go through
+    the adapter's ``scores_qk`` (the family's rotary embedding, shared key
+    heads; rotary is linear, so a change of q or k at position ``p`` is rotated
+    at ``p``), and shared value heads are repeated for their query heads. For each
     cotangent ``g`` on ``z`` of layer ``l + 1`` a unit gets
     ``g . dz(exact) - dr . w_p``, where ``w_p`` is the gradient of
     ``g . z`` (through the same modules and the softmax) with respect to the
@@ -452,6 +455,17 @@ def _next_attn_fix(
     allowed = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()  # [q, k]
     key_ok = base.attention_mask.bool()  # [b, k]
     valid = allowed[None, None] & key_ok[:, None, None, :]  # [b, 1, q, k]
+    pos_ids = base.position_ids
+
+    def rot(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        # [b, p, heads, dh] / [b, p, kv_heads, dh] -> score-ready q, k (both [.., heads, dh])
+        return a.scores_qk(q, k, pos_ids)
+
+    def share(v: Tensor, dim: int) -> Tensor:
+        # value heads shared by several query heads, repeated for each of them
+        n_rep = cfg.n_heads // v.shape[dim]
+        return v.repeat_interleave(n_rep, dim=dim) if n_rep > 1 else v
+
     outs: list[list[Tensor]] = [[] for _ in cotangents]
     for layer in nodes.layers:
         nxt = layer + 1
@@ -474,10 +488,11 @@ def _next_attn_fix(
         # first order: w_p = d (g . z) / d resid_mid[p], one backward over positions
         with torch.enable_grad():
             xg = x.clone().requires_grad_(True)
-            q0, k0, v0 = _next_qkv(lm, layer, xg, torch.zeros_like(xg))  # [b, p, j, dh]
-            s0 = torch.einsum("bqje,bkje->bjqk", q0, k0) * scale
+            q0, k0, v0 = _next_qkv(lm, layer, xg, torch.zeros_like(xg))  # [b, p, j(kv), dh]
+            q0r, k0r = rot(q0, k0)  # [b, p, j, dh]
+            s0 = torch.einsum("bqje,bkje->bjqk", q0r, k0r) * scale
             s0 = s0.masked_fill(~valid, torch.finfo(s0.dtype).min)
-            z0 = torch.einsum("bjqk,bkje->bqje", s0.softmax(-1), v0)  # [b, q, j, dh]
+            z0 = torch.einsum("bjqk,bkje->bqje", s0.softmax(-1), share(v0, 2))  # [b, q, j, dh]
             w = [
                 torch.autograd.grad(
                     (z0 * cot[nxt].to(z0.dtype)).sum(), xg, retain_graph=i < len(cotangents) - 1
@@ -485,15 +500,21 @@ def _next_attn_fix(
                 for i, cot in enumerate(cotangents)
             ]  # [b, p, d] each
         with torch.no_grad():
-            q1, k1, v1 = _next_qkv(lm, layer, x_u, dr_u)  # [b * p * hu, j, dh]
-        ush = (n_b, n_pos, len(hs), cfg.n_heads, cfg.d_head)  # [b, p, hu, j, dh]
+            q1, k1, v1 = _next_qkv(lm, layer, x_u, dr_u)  # [b * p * hu, j(kv), dh]
+        ush = (n_b, n_pos, len(hs), -1, cfg.d_head)  # [b, p, hu, j(kv), dh]
         q0, k0, v0 = (t.detach().double()[:, :, None] for t in (q0, k0, v0))
         dq_ex = q1.double().reshape(ush) - q0
         dk_ex = k1.double().reshape(ush) - k0
-        dv_ex = v1.double().reshape(ush) - v0
-        qb = base_cache[f"blocks.{nxt}.attn.q"].double()  # [b, p, j, dh]
-        kb = base_cache[f"blocks.{nxt}.attn.k"].double()
-        vb = base_cache[f"blocks.{nxt}.attn.v"].double()
+        dv_ex = share(v1.double().reshape(ush) - v0, 3)  # [b, p, hu, j, dh]
+        # each unit's change of q / k sits at its own position p: rotate it there
+        flat = (n_b, n_pos, -1, cfg.d_head)  # [b, p, hu * j(kv), dh]
+        dq_r, dk_r = rot(dq_ex.reshape(flat), dk_ex.reshape(flat))
+        shape_h = (n_b, n_pos, len(hs), cfg.n_heads, cfg.d_head)  # [b, p, hu, j, dh]
+        dq_ex, dk_ex = dq_r.reshape(shape_h), dk_r.reshape(shape_h)
+        qb, kb = rot(
+            base_cache[f"blocks.{nxt}.attn.q"].double(), base_cache[f"blocks.{nxt}.attn.k"].double()
+        )  # [b, p, j, dh]
+        vb = share(base_cache[f"blocks.{nxt}.attn.v"].double(), 2)
         pat = base_cache[f"blocks.{nxt}.attn.pattern"].double()  # [b, j, q, k]
         # row p (query p): scores against every key, key p patched too
         q_new = qb[:, :, None] + dq_ex  # [b, p, hu, j, dh]
@@ -537,7 +558,8 @@ def _next_attn_fix(
 
 
 def _next_qkv(lm: LM, layer: int, x: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v ``[rows, head, d_head]`` of layer ``layer + 1`` at one position whose
+    """q, k, v ``[rows, head, d_head]`` (k, v: key/value heads; rotary not applied)
+    of layer ``layer + 1`` at one position whose
     ``resid_mid`` of block ``layer`` is ``x + r`` (``[rows, d_model]``): block
     ``layer``'s MLP and block ``layer + 1``'s norm and projections, the model's
     own modules (sequential blocks without post-block norms)."""
@@ -549,7 +571,7 @@ def _next_qkv(lm: LM, layer: int, x: Tensor, r: Tensor) -> tuple[Tensor, Tensor,
     mods = a.qkv_modules(layer + 1)
     if "qkv" in mods:
         return a.split_qkv(mods["qkv"](h))
-    q, k, v = (mods[c](h).unflatten(-1, (cfg.n_heads, cfg.d_head)) for c in ("q", "k", "v"))
+    q, k, v = (mods[c](h).unflatten(-1, (-1, cfg.d_head)) for c in ("q", "k", "v"))
     return q, k, v
 
 
@@ -608,12 +630,13 @@ def _attribution_patching(
     if use_na and (
         lm.cfg.parallel_residual
         or lm.cfg.post_block_norms
-        or not getattr(lm.adapter, "plain_qk_scores", False)
+        or not lm.adapter.qk_scores_exact(base.shape[1])
     ):
         use_na = False
         diagnostics["next_attn"] = (
             f"unavailable for family {lm.cfg.family!r} (needs sequential blocks without "
-            "post-block norms and plain q.k scores); off"
+            "post-block norms, and attention scores the adapter can recompute: plain q.k "
+            "or rotary through scores_qk); off"
         )
     na_next = sorted({ly + 1 for ly in nodes.layers if ly + 1 < n_layers_all}) if use_na else []
     extra_sites: list[str] = []
@@ -1041,7 +1064,8 @@ class AtPStar(Method):
             grid; 16 moves near-tied units by interpolation error).
         next_attn: attrlab's extension of the paper's QK fix to the attention
             layer *after* a head unit (per-position ``z`` / ``head_out`` units of
-            sequential models with plain q.k scores; else noted in
+            sequential models whose scores the adapter recomputes: plain q.k, or
+            rotary through ``scores_qk`` (Llama, Mistral, Qwen2); else noted in
             ``diagnostics["next_attn"]``): the unit's change of the residual at
             its position is carried exactly through its block's MLP and the next
             block's norm, and that next layer's queries, keys, values, softmax
