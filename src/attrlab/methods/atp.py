@@ -11,27 +11,33 @@ In the default *noising* direction the base run is the clean prompt and the
 source is the counterfactual (the effect of corrupting one unit); with
 ``direction="denoising"`` the roles swap.
 
-AtP* adds two fixes for AtP's false negatives:
+The paper's AtP* adds two fixes for AtP's false negatives:
 
 * **QK fix**: patching a query or key changes attention scores, and the
   softmax can saturate. For query/key units the attention pattern is
   recomputed exactly with the patched query (one row) or key (one column),
   and only the step from the pattern to the metric is linearized:
   ``(pattern' - pattern) . d metric / d pattern``.
-* **Next-layer attention fix** (``next_attn=True``; attrlab's extension, off
-  by default): for per-position head units, the next attention layer's
-  queries, keys, values and softmax are recomputed exactly for each unit
-  (see :func:`_next_attn_fix`).
 * **GradDrop**: for every layer ``l`` a backward pass with the gradient through
   layer ``l``'s residual contributions (attention and MLP output) dropped,
   giving ``AtP_l(i)``; the magnitude estimate is
   ``sum_l |AtP_l(i)| / (L - 1)``. All ``L + 1`` backward passes run as one
   batched forward/backward (one group of rows per dropped layer).
 
+attrlab's ``atp*`` adds two exactness fixes, on by default where the model
+allows them (``next_attn=False, tail_fix=False`` is the paper's method):
+
+* **Next-layer attention fix** (``next_attn``): for per-position head units,
+  the next attention layer's queries, keys, values and softmax are recomputed
+  exactly for each unit (see :func:`_next_attn_fix`).
+* **Tail fix** (``tail_fix``): the last MLP and the final norm are computed
+  exactly along the direction in which the last-position residual changes.
+
 AtP* scores carry the sign of the (QK-fixed) AtP estimate and a magnitude
 from GradDrop (``combine="mean"``: the paper's estimate; ``"max"``, the
-default: the larger of it and the QK-fixed AtP magnitude, see :class:`AtPStar`). The plain AtP, QK-fixed and GradDrop estimates are kept side by
-side in ``result.extra``.
+default: the larger of it and the QK-fixed AtP magnitude, see
+:class:`AtPStar`). The plain AtP, QK-fixed and GradDrop estimates are kept
+side by side in ``result.extra``.
 
 The **false-negative diagnostic** (``bound_samples > 0``) verifies the top
 ``bound_top`` units with exact patching, samples ``bound_samples`` of the
