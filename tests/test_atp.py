@@ -415,7 +415,7 @@ def test_qk_fix_with_rotary(llama_sharp, head_site):
         assert err_qk < 2 * err_atp
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral", "gemma", "phi3"])
 def test_scores_qk_reproduce_the_attention_pattern(family):
     """Oracle for the QK fix: softmax(scaling * q'.k' + causal mask) of the
     adapter's rotated, head-shared q/k equals the model's own pattern (also for a
@@ -445,13 +445,16 @@ def test_scores_qk_reproduce_the_attention_pattern(family):
 
 
 def test_qk_scores_not_exact_for_other_families():
-    for family in ("phi3", "gemma", "gemma2", "gpt_neox"):
+    for family in ("gemma2", "gemma3", "gpt_neox"):
         lm = al.wrap(*al.testing.tiny_model(family))
         assert not lm.adapter.qk_scores_exact(8), family
+    # partial rotary: only part of each head is rotated
+    lm = al.wrap(*al.testing.tiny_model("phi3", partial_rotary_factor=0.5))
+    assert not lm.adapter.qk_scores_exact(8)
 
 
 def test_qk_fix_falls_back_where_scores_cannot_be_recomputed():
-    lm = al.wrap(*al.testing.tiny_model("phi3", num_key_value_heads=4))
+    lm = al.wrap(*al.testing.tiny_model("phi3", num_key_value_heads=4, partial_rotary_factor=0.5))
     r = al.attribute(
         lm,
         PROMPT,
@@ -674,18 +677,29 @@ def _linear_tail_rotary_model(family: str):
     query heads, 2 key/value heads): layer 1's MLP writes nothing and the final
     RMSNorm is made linear (huge eps, rescaled weight)."""
     hf, tok = al.testing.tiny_model(family, dtype=torch.float64, num_hidden_layers=2)
+    # Gemma's tiny model attends softly: sharpen more, so that AtP's error stands
+    # clear of the float32 noise of its norms
+    sharpen = 32.0 if family == "gemma" else 4.0
     with torch.no_grad():
         for blk in hf.model.layers:
-            blk.self_attn.q_proj.weight.mul_(4.0)
-            blk.self_attn.k_proj.weight.mul_(4.0)
+            attn = blk.self_attn
+            for proj in ("q_proj", "k_proj", "qkv_proj"):  # Phi-3: fused q, k, v
+                if hasattr(attn, proj):
+                    getattr(attn, proj).weight.mul_(sharpen if proj != "qkv_proj" else 2.0)
         hf.model.embed_tokens.weight.mul_(3.0)
         hf.model.layers[1].mlp.down_proj.weight.zero_()
-        hf.model.norm.variance_epsilon = 1e12
-        hf.model.norm.weight.mul_(1e6)
+        norm = hf.model.norm
+        if hasattr(norm, "variance_epsilon"):
+            norm.variance_epsilon = 1e12
+        else:  # Gemma: eps, and a (1 + w) scale
+            norm.eps = 1e12
+            norm.weight.add_(1.0).mul_(1e6).sub_(1.0)
+        if family != "gemma":
+            norm.weight.mul_(1e6)
     return al.wrap(hf, tok)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "phi3"])
 def test_next_attn_is_exact_on_rotary_families(family):
     """The oracle of test_next_attn_is_exact_when_the_rest_is_linear on rotary
     models with grouped-query attention: the next layer's scores are recomputed
@@ -694,7 +708,8 @@ def test_next_attn_is_exact_on_rotary_families(family):
     heads at positions before the last, for two prompts (of equal length:
     float64 left padding gives NaN logits in Hugging Face on these families)."""
     lm2 = _linear_tail_rotary_model(family)
-    assert lm2.cfg.n_heads > lm2.adapter.block(0).self_attn.k_proj.out_features // lm2.cfg.d_head
+    _, c0 = lm2.run(PROMPT, cache=["blocks.0.attn.k"])
+    assert c0["blocks.0.attn.k"].shape[2] < lm2.cfg.n_heads  # grouped-query attention
     prompts = [PROMPT, "When Tom and Anna went to the park, Anna gave a ball to"]
     cfs = [CF, "When Tom and Anna went to the park, Tom gave a ball to"]
     t = al.targets.resolve(al.targets.LogitDiff([" Mary", " Tom"], [" John", " Anna"]), lm2)
@@ -730,7 +745,7 @@ def test_next_attn_off_where_it_does_not_apply(lm):
     assert "only; off" in r.diagnostics["next_attn"]
     r = run(lm, "heads", next_attn=True)
     assert "only; off" in r.diagnostics["next_attn"]
-    lm2 = al.wrap(*al.testing.tiny_model("gemma"))  # rotary the adapter cannot recompute
+    lm2 = al.wrap(*al.testing.tiny_model("gemma2"))  # post-block norms
     r = al.attribute(
         lm2,
         PROMPT,
@@ -762,15 +777,15 @@ def test_ioi_next_attn_with_tail_fix(ioi):
 def test_default_atp_star_runs_on_every_family(family):
     """The default AtP* (next_attn + tail_fix + QK fix where they apply) gives finite
     scores on every family, and says which fixes ran: next_attn and the QK fix
-    where the scores can be recomputed (GPT-2, Llama, Mistral, Qwen2),
-    tail_fix on sequential models."""
+    where the scores can be recomputed (GPT-2, Llama, Mistral, Qwen2, Gemma,
+    Phi-3), tail_fix on sequential models."""
     lm = al.wrap(*al.testing.tiny_model(family))
     kw = dict(target=(" Mary", " John"), units=al.units.Heads(per_position=True))
     z = al.attribute(lm, PROMPT, method="atp*", counterfactual=CF, **kw)
     q = al.attribute(lm, PROMPT, method="atp*", counterfactual=CF, head_site="q", **kw)
     assert torch.isfinite(z.scores).all() and torch.isfinite(q.scores).all()
     assert ("unavailable" in z.diagnostics["next_attn"]) == (
-        family not in ("gpt2", "llama", "mistral", "qwen2")
+        family not in ("gpt2", "llama", "mistral", "qwen2", "gemma", "phi3")
     )
     assert ("qk_fix" in q.diagnostics) != lm.adapter.qk_scores_exact(len(lm.encode(PROMPT)))
     assert ("unavailable" in z.diagnostics["tail_fix"]) == lm.cfg.parallel_residual

@@ -1071,7 +1071,7 @@ class AtPStar(Method):
         next_attn: attrlab's extension of the paper's QK fix to the attention
             layer *after* a head unit (per-position ``z`` / ``head_out`` units of
             sequential models whose scores the adapter recomputes: plain q.k, or
-            rotary through ``scores_qk`` (Llama, Mistral, Qwen2); else noted in
+            rotary through ``scores_qk`` (Llama, Mistral, Qwen2, Gemma, Phi-3); else noted in
             ``diagnostics["next_attn"]``): the unit's change of the residual at
             its position is carried exactly through its block's MLP and the next
             block's norm, and that next layer's queries, keys, values, softmax

@@ -123,7 +123,7 @@ class Adapter:
     #: model-level rotary embedding module (``forward(x, position_ids)`` ->
     #: ``(cos, sin)`` ``[batch, pos, d_head]``), set where the scores are exactly
     #: ``attn.scaling * rope(q) . rope(k)`` of the ``attn.q`` / ``attn.k`` sites
-    #: with a half-split rotation of the whole head (Llama, Mistral, Qwen2)
+    #: with a half-split rotation of the whole head (Llama, Mistral, Qwen2, Gemma 1, Phi-3)
     rotary_path: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module):
@@ -194,6 +194,8 @@ class Adapter:
         if self.rotary_path is None:
             return False
         c = self.hf_config
+        if getattr(c, "attn_logit_softcapping", None) is not None:
+            return False
         window = getattr(c, "sliding_window", None)
         if window is not None and getattr(c, "use_sliding_window", True) and n_pos > window:
             return False

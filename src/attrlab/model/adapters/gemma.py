@@ -13,6 +13,7 @@ class GemmaAdapter(Adapter):
     family = "gemma"
     model_types: ClassVar[tuple[str, ...]] = ("gemma",)
     norm_kind = "rmsnorm_plus_one"
+    rotary_path: ClassVar[str | None] = "model.rotary_emb"
 
 
 class Gemma2Adapter(GemmaAdapter):
@@ -21,3 +22,6 @@ class Gemma2Adapter(GemmaAdapter):
     mlp_in_norm_name = "pre_feedforward_layernorm"
     attn_out_norm_name = "post_attention_layernorm"
     mlp_out_norm_name = "post_feedforward_layernorm"
+    # Gemma 2 soft-caps attention scores; Gemma 3 rotates local and global layers
+    # differently: scores_qk does not reproduce them
+    rotary_path = None

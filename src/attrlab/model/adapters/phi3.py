@@ -10,3 +10,4 @@ class Phi3Adapter(Adapter):
     model_types = ("phi3",)
     q_name = k_name = v_name = None
     qkv_name = "self_attn.qkv_proj"
+    rotary_path = "model.rotary_emb"
