@@ -415,6 +415,52 @@ def test_qk_fix_with_rotary(llama_sharp, head_site):
         assert err_qk < 2 * err_atp
 
 
+@pytest.fixture(scope="module")
+def llama_gqa():
+    """The sharpened 3-layer Llama with grouped-query attention (4 query heads,
+    2 key/value heads)."""
+    hf, tok = al.testing.tiny_model(
+        "llama", dtype=torch.float64, num_hidden_layers=3, num_key_value_heads=2
+    )
+    with torch.no_grad():
+        for blk in hf.model.layers:
+            blk.self_attn.q_proj.weight.mul_(4.0)
+            blk.self_attn.k_proj.weight.mul_(4.0)
+        hf.model.embed_tokens.weight.mul_(3.0)
+    return al.wrap(hf, tok)
+
+
+@pytest.mark.parametrize("head_site", ["k", "v"])
+def test_key_value_units_of_grouped_query_models(llama_gqa, head_site):
+    """Key/value units are key/value heads (as in activation patching); the
+    in-module exact oracle equals patch_sweep on them; a shared key head's QK fix
+    sums the recomputed patterns of every query head of its group (error 10x
+    below AtP's); value units get plain AtP."""
+    from attrlab.methods.patching import patch_sweep
+
+    units = al.units.Heads(per_position=True)
+    n_pos = llama_gqa.tokenize(PROMPT).shape[1]
+    ns = NodeSet.build(llama_gqa, units, n_pos, head_site=head_site)
+    assert ns.heads == [0, 1] and ns.n_units == 3 * 2 * n_pos
+    ex = exact(llama_gqa, units, head_site=head_site)
+    t = al.targets.resolve((" Mary", " John"), llama_gqa)
+    sw = patch_sweep(llama_gqa, PROMPT, CF, t, units, site=head_site)
+    by = {(u.layer, u.index, u.position): float(e) for u, e in zip(sw.units, sw.effects[0])}
+    oracle = torch.tensor([by[(ly, h, p)] for ly, p, h in map(ns.unit, range(ns.n_units))])
+    # (Llama's RMSNorm runs in float32: the two oracles batch differently)
+    scale = float(oracle.abs().max())
+    torch.testing.assert_close(ex.double(), oracle.double(), atol=1e-4 * scale, rtol=0)
+    r = run(llama_gqa, units, head_site=head_site)
+    assert r.units["head"][: 2 * n_pos : n_pos] == [0, 1] and len(r) == ns.n_units
+    err_qk = float((r.extra["atp_qk"] - ex).abs().max())
+    err_atp = float((r.extra["atp"] - ex).abs().max())
+    assert corr(r.extra["atp_qk"], ex) > 0.9
+    if head_site == "k":
+        assert "qk_fix" not in r.diagnostics and err_qk < 0.1 * err_atp
+    else:
+        torch.testing.assert_close(r.extra["atp_qk"], r.extra["atp"])
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral", "gemma", "phi3"])
 def test_scores_qk_reproduce_the_attention_pattern(family):
     """Oracle for the QK fix: softmax(scaling * q'.k' + causal mask) of the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -179,6 +180,40 @@ def test_save_load_and_draw(lm, eap, tmp_path):
     root = ET.fromstring(svg)  # well-formed XML
     assert root.tag.endswith("svg")
     assert len([e for e in root.iter() if e.tag.endswith("path")]) >= len(c.edges())
+    assert len([e for e in root.iter() if e.tag.endswith("rect")]) == len(c.nodes())
+
+
+def test_grouped_query_circuit(tmp_path):
+    """Grouped-query attention: a shared key/value input ``a{l}.kv{g}.k`` is read
+    by every query head of its group, so pruning keeps an edge into it while any
+    of those heads feeds the circuit; circuits extract, run, save and draw."""
+    lm = al.wrap(*al.testing.tiny_model("llama", dtype=torch.float64))
+    g = al.units.Edges().graph(lm)
+    labels = g.labels()
+    pairs = list(zip(labels["upstream"], labels["downstream"]))
+
+    def mask_of(*edges):
+        m = torch.zeros(g.n_edges, dtype=torch.bool)
+        for e in edges:
+            m[pairs.index(e)] = True
+        return m
+
+    # embed -> a0.kv0.k feeds heads 0 and 1 of layer 0 (4 query heads, 2 kv heads)
+    kept = prune_dangling(g, mask_of(("embed", "a0.kv0.k"), ("a0.h1", "logits")))
+    assert kept.sum() == 2
+    # a0.h2 (group 1) is fed by nothing, then kv0's readers feed nothing
+    assert prune_dangling(g, mask_of(("embed", "a0.kv0.k"), ("a0.h2", "logits"))).sum() == 0
+    r = al.attribute(lm, PROMPT, target=TARGET, units="edges", method="eap-ig",
+                     counterfactual=CF, steps=4)  # fmt: skip
+    assert any(d.endswith(".k") and ".kv" in d for d in r.units["downstream"])
+    c = extract_circuit(r, top_n=20, greedy=True)
+    assert c.n_edges > 0
+    assert math.isfinite(evaluate_circuit(lm, c, PROMPT, TARGET, CF)["faithfulness"])
+    full = extract_circuit(r, fraction=1.0)
+    assert evaluate_circuit(lm, full, PROMPT, TARGET, CF)["faithfulness"] == pytest.approx(1.0)
+    back = Circuit.load(c.save(tmp_path / "gqa.attr"))
+    assert back.edges() == c.edges() and back.graph.n_kv_heads == 2
+    root = ET.fromstring(c.to_svg())
     assert len([e for e in root.iter() if e.tag.endswith("rect")]) == len(c.nodes())
 
 

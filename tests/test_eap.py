@@ -134,11 +134,45 @@ def test_same_counterfactual_warns(lm):
 
 def test_unsupported_architectures_raise():
     gqa = al.wrap(*al.testing.tiny_model("llama"))
-    with pytest.raises(al.errors.InputError, match="grouped-query"):
-        al.attribute(gqa, PROMPT, target=" Mary", units="edges", method="eap", counterfactual=CF)
+    with pytest.raises(al.errors.InputError, match="qkv=True"):
+        al.attribute(
+            gqa, PROMPT, target=" Mary", units=al.units.Edges(qkv=False), method="eap",
+            counterfactual=CF,
+        )  # fmt: skip
     post = al.wrap(*al.testing.tiny_model("gemma2"))
     with pytest.raises(al.errors.InputError, match="normalizes"):
         al.attribute(post, PROMPT, target=" Mary", units="edges", method="eap", counterfactual=CF)
+
+
+# ------------------------------------------------- grouped-query attention
+@pytest.fixture(scope="module", params=["llama", "qwen2", "phi3"])
+def gqa(request):
+    """4 query heads sharing 2 key/value heads (Qwen2: q/k/v biases; Phi-3: fused qkv)."""
+    return al.wrap(*al.testing.tiny_model(request.param, dtype=torch.float64))
+
+
+def test_gqa_graph_has_one_input_per_key_value_head(gqa):
+    g = al.units.Edges().graph(gqa)
+    assert gqa.cfg.n_kv_heads < gqa.cfg.n_heads
+    layer0 = [v for v in g.downstream if v.startswith("a0.")]
+    assert layer0 == ["a0.h0.q", "a0.h1.q", "a0.h2.q", "a0.h3.q"] + [
+        "a0.kv0.k", "a0.kv1.k", "a0.kv0.v", "a0.kv1.v"
+    ]  # fmt: skip
+    assert g.down_slices()["per_layer"] == 4 + 2 + 2 + 1
+
+
+def test_gqa_all_edges_patched_is_the_counterfactual_run(gqa):
+    test_all_edges_patched_is_the_counterfactual_run(gqa)
+
+
+def test_gqa_eap_equals_brute_force_edge_patching_linearized(gqa):
+    """Patching the edge u -> a{l}.kv{g}.k changes the key every query head of
+    group g reads; EAP's score is that edge's linearized effect."""
+    test_eap_equals_brute_force_edge_patching_linearized(gqa)
+
+
+def test_gqa_eap_ig_completeness(gqa):
+    test_eap_ig_inputs_completeness_at_the_embedding(gqa)
 
 
 def test_llama_without_gqa_matches_mask_gradient():

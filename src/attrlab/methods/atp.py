@@ -17,7 +17,9 @@ The paper's AtP* adds two fixes for AtP's false negatives:
   softmax can saturate. For query/key units the attention pattern is
   recomputed exactly with the patched query (one row) or key (one column),
   and only the step from the pattern to the metric is linearized:
-  ``(pattern' - pattern) . d metric / d pattern``.
+  ``(pattern' - pattern) . d metric / d pattern``. Under grouped-query
+  attention key/value units are key/value heads; a key head's change is
+  summed over the query heads that share it.
 * **GradDrop**: for every layer ``l`` a backward pass with the gradient through
   layer ``l``'s residual contributions (attention and MLP output) dropped,
   giving ``AtP_l(i)``; the magnitude estimate is
@@ -127,12 +129,8 @@ class NodeSet:
         if isinstance(units, Heads):
             if head_site not in HEAD_SITES:
                 raise InputError(f"head_site must be one of {HEAD_SITES}, got {head_site!r}")
-            if head_site in ("k", "v") and cfg.n_kv_heads != cfg.n_heads:
-                raise InputError(
-                    "key/value units of a grouped-query model are shared by several query "
-                    "heads; use head_site='z' or 'q'"
-                )
-            heads = units.head_list(cfg.n_heads)
+            # key/value units of a grouped-query model are its key/value heads
+            heads = units.head_list(cfg.n_kv_heads if head_site in ("k", "v") else cfg.n_heads)
             return cls(
                 "heads",
                 f"attn.{head_site}",
@@ -409,6 +407,9 @@ def _qk_fix(
                 p2 = s2.softmax(-1).nan_to_num(0.0)
                 eff = ((p2 - p) * g).sum((-1, -2))[:, :, None]
         eff = eff.mean(0)  # [h, pos or 1]
+        if comp == "k" and k.shape[2] != base_cache[k_site].shape[2]:
+            # a shared key head changes the pattern of every query head of its group
+            eff = eff.reshape(base_cache[k_site].shape[2], -1, eff.shape[-1]).sum(1)
         assert nodes.heads is not None
         scores.append(eff[nodes.heads].reshape(-1))
     return torch.cat(scores).float()

@@ -53,10 +53,23 @@ __all__ = ["ACDC", "Circuit", "acdc", "extract_circuit"]
 
 
 def _node_of(down: str) -> str:
-    """The upstream node a downstream input belongs to (``a1.h2.q`` -> ``a1.h2``)."""
+    """The node a downstream input belongs to (``a1.h2.q`` -> ``a1.h2``; a shared
+    key/value input ``a1.kv0.k`` -> ``a1.kv0``)."""
     if down.endswith((".q", ".k", ".v")):
         return down[:-2]
     return down
+
+
+def _readers(down: str, graph: EdgeGraph) -> list[str]:
+    """The upstream nodes whose output depends on downstream input ``down``: its
+    head (or MLP), every query head sharing a key/value input, or ``logits``."""
+    node = _node_of(down)
+    parts = node.split(".")
+    if len(parts) == 2 and parts[1].startswith("kv"):
+        r = graph.n_heads // graph.n_kv_heads
+        g = int(parts[1][2:])
+        return [f"{parts[0]}.h{h}" for h in range(g * r, (g + 1) * r)]
+    return [node]
 
 
 class Circuit:
@@ -149,6 +162,7 @@ class Circuit:
                 "graph": {
                     "n_layers": g.n_layers,
                     "n_heads": g.n_heads,
+                    "n_kv_heads": g.n_kv_heads,
                     "qkv": g.qkv,
                     "parallel": g.parallel,
                     "n_pos": g.n_pos,
@@ -165,7 +179,12 @@ class Circuit:
             raise FileFormatError("this attribution does not hold a circuit (no mask / graph)")
         gm = attr.meta["graph"]
         g = EdgeGraph.build(
-            gm["n_layers"], gm["n_heads"], gm["qkv"], gm["parallel"], gm.get("n_pos", 0)
+            gm["n_layers"],
+            gm["n_heads"],
+            gm["qkv"],
+            gm["parallel"],
+            gm.get("n_pos", 0),
+            gm.get("n_kv_heads", 0),
         )
         return cls(g, attr.extra["mask"].bool(), attr.scores, attr.meta.get("circuit", {}))
 
@@ -317,8 +336,9 @@ def _rank(node: str) -> float:
 
 
 def _order_key(node: str) -> tuple[int, int]:
-    if "." in node:
-        return (0, int(node.split(".h")[1]))
+    if "." in node:  # a{l}.h{h}[.q|k|v] (query heads first), then a{l}.kv{g}.k|v
+        head = node.split(".")[1]
+        return (0, int(head[1:])) if head.startswith("h") else (0, 10_000 + int(head[2:]))
     return (1, 0)
 
 
@@ -329,7 +349,12 @@ def _graph_from(attr: Attribution) -> EdgeGraph:
         raise InputError("extract_circuit needs an edge attribution (units='edges')")
     qkv = bool(attr.params.get("units", {}).get("qkv", True))
     return EdgeGraph.build(
-        m["n_layers"], m["n_heads"], qkv, m.get("parallel", False), int(m.get("n_pos", 0))
+        m["n_layers"],
+        m["n_heads"],
+        qkv,
+        m.get("parallel", False),
+        int(m.get("n_pos", 0)),
+        int(m.get("n_kv_heads", 0)),
     )
 
 
@@ -338,15 +363,17 @@ def prune_dangling(graph: EdgeGraph, mask: Tensor) -> Tensor:
     into nodes that feed nothing (except ``logits``), until none is left."""
     if graph.n_pos:  # prune whole u -> v edges (at every position)
         base = mask.reshape(-1, graph.n_pos).any(1)
-        flat = EdgeGraph.build(graph.n_layers, graph.n_heads, graph.qkv, graph.parallel)
+        flat = EdgeGraph.build(
+            graph.n_layers, graph.n_heads, graph.qkv, graph.parallel, 0, graph.n_kv_heads
+        )
         keep = prune_dangling(flat, base)
         return mask & keep.repeat_interleave(graph.n_pos)
     idx = graph.edge_index()
     ups = [graph.upstream[u] for u in idx[:, 0].tolist()]
-    downs = [_node_of(graph.downstream[v]) for v in idx[:, 1].tolist()]
+    downs = [_readers(graph.downstream[v], graph) for v in idx[:, 1].tolist()]
     mask = mask.clone()
     while True:
-        fed = {downs[i] for i in range(len(ups)) if mask[i]}
+        fed = {d for i in range(len(ups)) if mask[i] for d in downs[i]}
         feeding = {ups[i] for i in range(len(ups)) if mask[i]}
         new = mask.clone()
         for i in range(len(ups)):
@@ -354,7 +381,7 @@ def prune_dangling(graph: EdgeGraph, mask: Tensor) -> Tensor:
                 continue
             if ups[i] != "embed" and ups[i] not in fed:
                 new[i] = False
-            elif downs[i] != "logits" and downs[i] not in feeding:
+            elif downs[i] != ["logits"] and not feeding.intersection(downs[i]):
                 new[i] = False
         if torch.equal(new, mask):
             return mask
@@ -407,12 +434,15 @@ def extract_circuit(
         idx = graph.edge_index()
         rep = max(1, graph.n_pos)
         ups = [graph.upstream[u] for u in idx[:, 0].tolist() for _ in range(rep)]
-        downs = [_node_of(graph.downstream[v]) for v in idx[:, 1].tolist() for _ in range(rep)]
+        readers = [_readers(graph.downstream[v], graph) for v in idx[:, 1].tolist()]
+        downs = [r for r in readers for _ in range(rep)]
         mask = torch.zeros(n, dtype=torch.bool)
         in_circuit = {"logits"}
         ranked: list[int] = torch.argsort(mag, descending=True, stable=True).tolist()
         for _ in range(int(top_n or 0)):
-            pick = next((i for i in ranked if not mask[i] and downs[i] in in_circuit), None)
+            pick = next(
+                (i for i in ranked if not mask[i] and in_circuit.intersection(downs[i])), None
+            )
             if pick is None:
                 break
             mask[pick] = True
@@ -571,6 +601,7 @@ class ACDC(Method):
                 "downstream": c.graph.downstream,
                 "n_layers": c.graph.n_layers,
                 "n_heads": c.graph.n_heads,
+                "n_kv_heads": c.graph.n_kv_heads,
                 "parallel": c.graph.parallel,
             }
         )

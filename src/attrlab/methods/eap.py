@@ -98,6 +98,7 @@ def _result(
             "n_layers": graph.n_layers,
             "n_pos": graph.n_pos,
             "n_heads": graph.n_heads,
+            "n_kv_heads": graph.n_kv_heads,
             "parallel": graph.parallel,
         },
     )

@@ -4,7 +4,9 @@ Upstream nodes write to the residual stream: ``embed`` (the residual entering
 block 0), every attention head ``a{l}.h{h}`` and every MLP ``m{l}``.
 Downstream nodes read it: every head's query, key and value input
 ``a{l}.h{h}.q|k|v`` (or one input ``a{l}.h{h}`` with ``qkv=False``), every MLP
-``m{l}`` and the ``logits`` (the final norm's input). An edge ``u -> v``
+``m{l}`` and the ``logits`` (the final norm's input). With grouped-query
+attention a key/value head is one input shared by several query heads, so its
+inputs are their own nodes ``a{l}.kv{g}.k|v`` (``qkv=True`` only). An edge ``u -> v``
 exists when ``u`` writes before ``v`` reads: the input of ``v`` is the sum of
 the outputs of its upstream nodes (plus constant biases).
 
@@ -19,9 +21,9 @@ computed from the model's own modules (its pre-attention norm and query / key /
 value projections are applied per head). ``mask`` may differ per batch row and
 may be a differentiable float tensor (``d metric / d mask[u, v] = -EAP(u, v)``).
 
-Supported: models without post-block norms and with one key/value head per
-query head (GPT-2, GPT-NeoX, Llama/Mistral/Qwen2/Phi-3 without grouped-query
-attention ...). Edges are summed over positions.
+Supported: models without post-block norms (GPT-2, GPT-NeoX, Llama, Mistral,
+Qwen2, Gemma, Phi-3, with or without grouped-query attention). Edges are
+summed over positions unless ``per_position=True``.
 
 Example:
     >>> import attrlab as al
@@ -54,6 +56,7 @@ class EdgeGraph:
 
     Attributes:
         upstream: upstream node names ``[U]`` (``embed``, ``a{l}.h{h}``, ``m{l}``).
+        n_kv_heads: key/value heads per layer (0: one per query head).
         downstream: downstream node names ``[V]``.
         adjacency: bool ``[U, V]``: ``u -> v`` is an edge.
         up_layer, down_layer: layer of each node (embed: -1, logits: n_layers).
@@ -64,6 +67,7 @@ class EdgeGraph:
     qkv: bool
     parallel: bool
     n_pos: int = 0  # > 0: one edge per (u, v, position); 0: edges summed over positions
+    n_kv_heads: int = 0  # key/value heads per layer; 0: one per query head
     upstream: list[str] = field(default_factory=list)
     downstream: list[str] = field(default_factory=list)
     adjacency: Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.bool))
@@ -76,14 +80,26 @@ class EdgeGraph:
         qkv: bool = True,
         parallel: bool = False,
         n_pos: int = 0,
+        n_kv_heads: int = 0,
     ) -> EdgeGraph:
-        """The graph of a model with these shapes.
+        """The graph of a model with these shapes (``n_kv_heads`` < ``n_heads``:
+        grouped-query attention, key/value inputs ``a{l}.kv{g}.k|v``).
 
         Example:
             >>> EdgeGraph.build(1, 1, qkv=False).downstream
             ['a0.h0', 'm0', 'logits']
+            >>> EdgeGraph.build(1, 2, n_kv_heads=1).downstream
+            ['a0.h0.q', 'a0.h1.q', 'a0.kv0.k', 'a0.kv0.v', 'm0', 'logits']
         """
-        g = cls(n_layers, n_heads, qkv, parallel, n_pos)
+        kv = n_kv_heads if 0 < n_kv_heads < n_heads else 0
+        if kv and not qkv:
+            raise InputError(
+                "with grouped-query attention key/value inputs are shared by several query "
+                "heads; use separate query/key/value inputs (qkv=True)"
+            )
+        if kv and n_heads % kv:
+            raise InputError(f"{n_heads} query heads do not share {kv} key/value heads evenly")
+        g = cls(n_layers, n_heads, qkv, parallel, n_pos, kv)
         up_order: list[float] = [-1.0]  # when each upstream node writes
         g.upstream = ["embed"]
         for layer in range(n_layers):
@@ -95,8 +111,10 @@ class EdgeGraph:
         down_order: list[float] = []
         for layer in range(n_layers):
             for c in ("q", "k", "v") if qkv else ("",):
-                for h in range(n_heads):
-                    g.downstream.append(f"a{layer}.h{h}" + (f".{c}" if c else ""))
+                grouped = kv and c != "q"
+                for h in range(kv if grouped else n_heads):
+                    node = f"a{layer}.kv{h}" if grouped else f"a{layer}.h{h}"
+                    g.downstream.append(node + (f".{c}" if c else ""))
                     down_order.append(layer)
             g.downstream.append(f"m{layer}")
             down_order.append(layer + (0.0 if parallel else 0.5))
@@ -157,9 +175,18 @@ class EdgeGraph:
             return x.reshape(*x.shape[:-2], -1)
         return m[..., idx[:, 0], idx[:, 1]]
 
+    @property
+    def head_inputs(self) -> tuple[int, int, int]:
+        """Downstream attention inputs per layer for (q, k, v) (``(H, 0, 0)``
+        with ``qkv=False``)."""
+        if not self.qkv:
+            return (self.n_heads, 0, 0)
+        kv = self.n_kv_heads or self.n_heads
+        return (self.n_heads, kv, kv)
+
     def down_slices(self) -> dict[str, Any]:
         """Index ranges of each layer's downstream nodes (attention, MLP) and logits."""
-        per = (3 if self.qkv else 1) * self.n_heads + 1
+        per = sum(self.head_inputs) + 1
         return {"per_layer": per, "logits": self.n_layers * per}
 
     def up_index(self, layer: int) -> tuple[int, int]:
@@ -203,6 +230,7 @@ class Edges(Units):
             self.qkv,
             c.parallel_residual,
             int(n_pos or 0) if self.per_position else 0,
+            c.n_kv_heads,
         )
 
     def mask_values(self, lm: Any, inputs: Any, target: Any, masks: Any, **context: Any) -> Tensor:
@@ -234,11 +262,6 @@ def check_supported(lm: Any) -> None:
             f"edge units need each component's output to add linearly to the residual; "
             f"{c.family} normalizes attention/MLP outputs before adding them (not supported)"
         )
-    if c.n_kv_heads != c.n_heads:
-        raise InputError(
-            f"edge units need one key/value head per query head; {c.family} uses grouped-query "
-            f"attention ({c.n_heads} query heads, {c.n_kv_heads} key/value heads)"
-        )
 
 
 # ------------------------------------------------------------------ helpers
@@ -251,8 +274,9 @@ def _attn_in_norm(lm: Any, layer: int) -> nn.Module:
 
 def _proj_weights(
     lm: Any, layer: int
-) -> list[tuple[nn.Module, str, Tensor, Tensor, Tensor | None]]:
-    """Per projection module: (module, component(s), column index ``[3?, H, dh]``,
+) -> list[tuple[nn.Module, str, list[Tensor], Tensor, Tensor | None]]:
+    """Per projection module: (module, component(s), column indices (one
+    ``[heads, dh]`` per component: query heads for q, key/value heads for k, v),
     weight ``[d_in, d_out]``, bias)."""
     a = lm.adapter
     out = []
@@ -260,16 +284,16 @@ def _proj_weights(
         w, b = linear_in_out(mod)
         cols = torch.arange(w.shape[1])
         if key == "qkv":
-            q, k, v = a.split_qkv(cols[None, None].float())
-            idx = torch.stack([q[0, 0], k[0, 0], v[0, 0]]).round().long()  # [3, H, dh]
+            parts = a.split_qkv(cols[None, None].float())
+            idx = [t[0, 0].round().long() for t in parts]  # q [H, dh], k / v [K, dh]
         else:
-            idx = cols.reshape(1, lm.cfg.n_heads, lm.cfg.d_head)
+            idx = [cols.reshape(-1, lm.cfg.d_head)]
         out.append((mod, key, idx, w, b))
     return out
 
 
 def _head_weights(lm: Any, layer: int) -> dict[str, Tensor]:
-    """``{"q"|"k"|"v": W [d_model, H, d_head]}`` of one layer."""
+    """``{"q"|"k"|"v": W [d_model, heads, d_head]}`` of one layer (k, v: key/value heads)."""
     res = {}
     for _, key, idx, w, _ in _proj_weights(lm, layer):
         comps = ("q", "k", "v") if key == "qkv" else (key,)
@@ -413,9 +437,9 @@ def input_gradients(
         W = _head_weights(lm, layer)
         cots = []
         for c in comps:
-            gc = g[f"blocks.{layer}.attn.{c}"].to(W[c].dtype)  # [b, p, H, dh]
-            cots.append(torch.einsum("bphe,dhe->hbpd", gc, W[c]))  # [H, b, p, d]
-        cot = torch.cat(cots)  # [3H, b, p, d]
+            gc = g[f"blocks.{layer}.attn.{c}"].to(W[c].dtype)  # [b, p, H (k, v: K), dh]
+            cots.append(torch.einsum("bphe,dhe->hbpd", gc, W[c]))  # [H | K, b, p, d]
+        cot = torch.cat(cots)  # [H + 2K, b, p, d]: the layer's downstream q, k, v inputs
         gx = _norm_vjp(_attn_in_norm(lm, layer), captured[f"x_attn{layer}"], cot)
         if not graph.qkv:
             gx = gx.reshape(3, H, *gx.shape[1:]).sum(0)
@@ -465,7 +489,7 @@ class EdgePatcher:
         self.w = (1.0 - mask) * adj  # [R, U, V(, P)] weight of the patch
         self.handles: list[Any] = []
         self.actual: dict[int, Tensor] = {}  # upstream index -> [b, p, d]
-        self.normed: dict[int, Tensor] = {}  # layer -> per-head normed inputs [3H|H, b, p, d]
+        self.normed: dict[int, Tensor] = {}  # layer -> per-input normed [H + 2K | H, b, p, d]
 
     # rows of the reference / masks for a run of ``n`` rows
     def _ref_rows(self, n: int) -> Tensor:
@@ -500,7 +524,9 @@ class EdgePatcher:
     def __enter__(self) -> EdgePatcher:
         lm, g, a = self.lm, self.g, self.lm.adapter
         H = g.n_heads
-        per = (3 if g.qkv else 1) * H + 1
+        n_in = g.head_inputs if g.qkv else (H, H, H)  # normed rows per q, k, v
+        start = [0, n_in[0], n_in[0] + n_in[1]]
+        per = g.down_slices()["per_layer"]
         for layer in range(g.n_layers):
             first_head, mlp_idx = g.up_index(layer)
             att = slice(layer * per, layer * per + per - 1)
@@ -517,10 +543,10 @@ class EdgePatcher:
                 x = args[0] if args else kwargs["hidden_states"]
                 if layer == 0:
                     self.actual[0] = x
-                d = self._delta(first_head, att, x)  # [3H|H, b, p, d]
+                d = self._delta(first_head, att, x)  # [H + 2K | H, b, p, d]
                 if not g.qkv:
                     d = d.repeat(3, 1, 1, 1)
-                self.normed[layer] = mod.forward(x[None] + d)  # [3H, b, p, d] (no hooks)
+                self.normed[layer] = mod.forward(x[None] + d)  # [H + 2K, b, p, d] (no hooks)
 
             def qkv_out(
                 mod: nn.Module, args: tuple, out: Tensor, layer: int = layer, spec: Any = None
@@ -530,8 +556,8 @@ class EdgePatcher:
                 comps = range(3) if key == "qkv" else [("q", "k", "v").index(key)]
                 new = out.clone()
                 for slot, ci in enumerate(comps):
-                    cols = idx[slot]  # [H, dh]
-                    nn_ = n[ci * H : (ci + 1) * H].to(w.dtype)  # [H, b, p, d]
+                    cols = idx[slot]  # [heads, dh]
+                    nn_ = n[start[ci] : start[ci] + n_in[ci]].to(w.dtype)  # [heads, b, p, d]
                     val = torch.einsum("hbpd,dhe->bphe", nn_, w[:, cols])
                     if b is not None:
                         val = val + b[cols]
