@@ -201,7 +201,8 @@ class Edges(Units):
 
     Args:
         qkv: separate query, key and value inputs per head (default) or one
-            input per head.
+            input per head (not for grouped-query models, whose key/value
+            inputs ``a{l}.kv{g}.k|v`` are shared by several heads).
         per_position: one edge per ``(u, v, position)`` (the residual stream is
             position-wise, so ``u`` at position ``p`` feeds ``v``'s input at ``p``)
             instead of summing over positions.
