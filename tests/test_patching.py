@@ -443,6 +443,30 @@ IOI_CLEAN, IOI_CORRUPT = 17.986, -18.458
 IOI_TOP_HEADS = {(1, 0): -19.939, (0, 0): -13.490, (0, 3): -11.722, (0, 1): -5.728}
 
 
+def test_zoo_ioi_effects_by_role_as_documented() -> None:
+    """docs/components.md: per-prompt patching scores aligned by role (the IOI
+    layouts differ) give L1H0 at END -19.94 and L0H0 at S2 -13.68."""
+    lm = al.zoo.load("ioi")
+    exs = al.zoo.task("ioi").examples(16, seed=0)
+    tgt = al.targets.LogitDiff([e.answer for e in exs], [e.wrong for e in exs])
+    r = al.attribute(
+        lm,
+        [e.prompt for e in exs],
+        target=tgt,
+        units=al.units.Heads(per_position=True),
+        method="patch",
+        counterfactual=[e.counterfactual for e in exs],
+        per_prompt=True,
+    )
+    df = r.to_pandas()
+    role = {(i, p): k for i, e in enumerate(exs) for k, p in e.positions.items()}
+    df["role"] = [role.get((i, p), "other") for i, p in zip(df["row"], df["position"])]
+    by_role = df[df.role != "other"].groupby(["layer", "head", "role"])["score"].mean()
+    assert by_role[(1, 0, "END")] == pytest.approx(-19.94, abs=0.01)
+    assert by_role[(0, 0, "S2")] == pytest.approx(-13.68, abs=0.01)
+    assert len({e.layout for e in exs}) > 1  # the prompts really mix layouts
+
+
 def test_zoo_ioi_top_heads_move_logit_diff_as_documented() -> None:
     lm = al.zoo.load("ioi")
     exs = al.zoo.task("ioi").examples(16, seed=0)
