@@ -381,11 +381,10 @@ def test_ioi_qk_fix_on_key_units(ioi):
     assert corr(r.scores, ex) > corr(r.extra["atp"], ex) + 0.05
 
 
-@pytest.fixture(scope="module")
-def llama_sharp():
-    """3-layer float64 Llama (rotary, 4 heads, 4 key heads) with sharpened attention."""
+def _sharp_llama(n_kv_heads: int):
+    """3-layer float64 Llama (rotary, 4 heads) with sharpened attention."""
     hf, tok = al.testing.tiny_model(
-        "llama", dtype=torch.float64, num_hidden_layers=3, num_key_value_heads=4
+        "llama", dtype=torch.float64, num_hidden_layers=3, num_key_value_heads=n_kv_heads
     )
     with torch.no_grad():
         for blk in hf.model.layers:
@@ -393,6 +392,12 @@ def llama_sharp():
             blk.self_attn.k_proj.weight.mul_(4.0)
         hf.model.embed_tokens.weight.mul_(3.0)
     return al.wrap(hf, tok)
+
+
+@pytest.fixture(scope="module")
+def llama_sharp():
+    """One key/value head per query head."""
+    return _sharp_llama(4)
 
 
 @pytest.mark.parametrize("head_site", ["q", "k"])
@@ -417,17 +422,8 @@ def test_qk_fix_with_rotary(llama_sharp, head_site):
 
 @pytest.fixture(scope="module")
 def llama_gqa():
-    """The sharpened 3-layer Llama with grouped-query attention (4 query heads,
-    2 key/value heads)."""
-    hf, tok = al.testing.tiny_model(
-        "llama", dtype=torch.float64, num_hidden_layers=3, num_key_value_heads=2
-    )
-    with torch.no_grad():
-        for blk in hf.model.layers:
-            blk.self_attn.q_proj.weight.mul_(4.0)
-            blk.self_attn.k_proj.weight.mul_(4.0)
-        hf.model.embed_tokens.weight.mul_(3.0)
-    return al.wrap(hf, tok)
+    """Grouped-query attention: 4 query heads share 2 key/value heads."""
+    return _sharp_llama(2)
 
 
 @pytest.mark.parametrize("head_site", ["k", "v"])

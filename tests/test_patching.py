@@ -443,9 +443,8 @@ IOI_CLEAN, IOI_CORRUPT = 17.986, -18.458
 IOI_TOP_HEADS = {(1, 0): -19.939, (0, 0): -13.490, (0, 3): -11.722, (0, 1): -5.728}
 
 
-def test_zoo_ioi_effects_by_role_as_documented() -> None:
-    """docs/components.md: per-prompt patching scores aligned by role (the IOI
-    layouts differ) give L1H0 at END -19.94 and L0H0 at S2 -13.68."""
+def _zoo_ioi_patch(units, **kw):
+    """Exact patching on the zoo IOI model, 16 test prompts, S2 -> IO counterfactual."""
     lm = al.zoo.load("ioi")
     exs = al.zoo.task("ioi").examples(16, seed=0)
     tgt = al.targets.LogitDiff([e.answer for e in exs], [e.wrong for e in exs])
@@ -453,11 +452,18 @@ def test_zoo_ioi_effects_by_role_as_documented() -> None:
         lm,
         [e.prompt for e in exs],
         target=tgt,
-        units=al.units.Heads(per_position=True),
+        units=units,
         method="patch",
         counterfactual=[e.counterfactual for e in exs],
-        per_prompt=True,
+        **kw,
     )
+    return r, exs
+
+
+def test_zoo_ioi_effects_by_role_as_documented() -> None:
+    """docs/components.md: per-prompt patching scores aligned by role (the IOI
+    layouts differ) give L1H0 at END -19.94 and L0H0 at S2 -13.68."""
+    r, exs = _zoo_ioi_patch(al.units.Heads(per_position=True), per_prompt=True)
     df = r.to_pandas()
     role = {(i, p): k for i, e in enumerate(exs) for k, p in e.positions.items()}
     df["role"] = [role.get((i, p), "other") for i, p in zip(df["row"], df["position"])]
@@ -468,17 +474,7 @@ def test_zoo_ioi_effects_by_role_as_documented() -> None:
 
 
 def test_zoo_ioi_top_heads_move_logit_diff_as_documented() -> None:
-    lm = al.zoo.load("ioi")
-    exs = al.zoo.task("ioi").examples(16, seed=0)
-    tgt = al.targets.LogitDiff([e.answer for e in exs], [e.wrong for e in exs])
-    r = al.attribute(
-        lm,
-        [e.prompt for e in exs],
-        target=tgt,
-        units="heads",
-        method="patch",
-        counterfactual=[e.counterfactual for e in exs],
-    )
+    r, _ = _zoo_ioi_patch("heads")
     assert r.diagnostics["clean"] == pytest.approx(IOI_CLEAN, abs=0.01)
     assert r.diagnostics["corrupt"] == pytest.approx(IOI_CORRUPT, abs=0.01)
     top = r.top(4)
