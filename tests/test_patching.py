@@ -364,34 +364,17 @@ def test_parity_with_transformer_lens() -> None:
     layer x position and head output patching by position agree within 1e-4.
     (Runs where transformer_lens is importable, e.g. the benchmark venv.)"""
     pytest.importorskip("transformer_lens")
-    from transformer_lens import HookedTransformer, HookedTransformerConfig, patching
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    import sys
+    from pathlib import Path
+
+    from transformer_lens import patching
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from _tl_gpt2 import hooked_gpt2  # the benchmarks' TransformerLens copy of a GPT-2
 
     hf, _ = al.testing.tiny_model("gpt2", initializer_range=0.3)
     lm = al.wrap(hf, _)
-    c = hf.config
-    cfg = HookedTransformerConfig(
-        n_layers=c.n_layer,
-        d_model=c.n_embd,
-        n_heads=c.n_head,
-        d_head=c.n_embd // c.n_head,
-        d_mlp=4 * c.n_embd,
-        d_vocab=c.vocab_size,
-        n_ctx=c.n_positions,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        eps=c.layer_norm_epsilon,
-        original_architecture="GPT2LMHeadModel",
-        default_prepend_bos=False,
-    )
-    tl = HookedTransformer(cfg)
-    tl.load_and_process_state_dict(
-        convert_gpt2_weights(hf, cfg),
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
-    )
+    tl = hooked_gpt2(hf)
     clean = torch.tensor([lm.encode(PROMPT)])
     corrupt = torch.tensor([lm.encode(CF)])
     a, b = lm.token_id(" Mary"), lm.token_id(" John")
