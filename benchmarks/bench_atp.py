@@ -90,6 +90,30 @@ def build():  # -> al.LM
     return al.wrap(hf, None, name="random-gpt2-12l")
 
 
+def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two score vectors."""
+    return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
+
+
+def recall(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
+    """Share of ``b``'s ``k`` largest |scores| among ``a``'s ``k`` largest."""
+    top = set(torch.argsort(b.abs(), descending=True)[:k].tolist())
+    return len(top & set(torch.argsort(a.abs(), descending=True)[:k].tolist())) / k
+
+
+def exact_in_atp_order(lm, prompts, cfs, target, units, site="z", direction="noising"):
+    """Exact per-unit patching effects (``patch_sweep``, mean over prompts) in the
+    unit order of AtP's results, ``[n_units]``."""
+    from attrlab.methods.atp import NodeSet
+    from attrlab.methods.patching import patch_sweep
+
+    sw = patch_sweep(lm, prompts, cfs, target, units, site=site, direction=direction)
+    eff = sw.effects.double().mean(0)
+    by = {(u.layer, u.index, u.position): float(e) for u, e in zip(sw.units, eff)}
+    ns = NodeSet.build(lm, units, lm.tokenize(prompts).shape[1], head_site=site)
+    return torch.tensor([by[(ly, h, p)] for ly, p, h in map(ns.unit, range(ns.n_units))])
+
+
 def timed(fn, runs: int) -> float:
     ts = []
     for _ in range(runs):
@@ -239,22 +263,12 @@ def ioi_table() -> None:
     """Zoo IOI model, heads x positions: Pearson / top-10 recall of AtP* and its
     options against ``patch_sweep`` for every head site and direction."""
     import attrlab as al
-    from attrlab.methods.atp import NodeSet
-    from attrlab.methods.patching import patch_sweep
 
     lm = al.zoo.load("ioi")
     exs = al.zoo.task("ioi").examples(8, seed=0)
     prompts, cfs = [e.prompt for e in exs], [e.counterfactual for e in exs]
     target = al.targets.LogitDiff([e.answer for e in exs], [e.wrong for e in exs])
     units = al.units.Heads(per_position=True)
-    n_pos = lm.tokenize(prompts).shape[1]
-
-    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
-
-    def recall(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
-        top = set(torch.argsort(b.abs(), descending=True)[:k].tolist())
-        return len(top & set(torch.argsort(a.abs(), descending=True)[:k].tolist())) / k
 
     options = {
         "paper AtP*": {"next_attn": False, "tail_fix": False},
@@ -271,11 +285,7 @@ def ioi_table() -> None:
     print("| site | direction | " + " | ".join(options) + " |")
     for site in ("z", "q", "k", "v"):
         for direction in ("noising", "denoising"):
-            sw = patch_sweep(lm, prompts, cfs, target, units, site=site, direction=direction)
-            eff = sw.effects.double().mean(0)
-            by = {(u.layer, u.index, u.position): float(e) for u, e in zip(sw.units, eff)}
-            ns = NodeSet.build(lm, units, n_pos, head_site=site)
-            ex = torch.tensor([by[(ly, h, p)] for ly, p, h in map(ns.unit, range(ns.n_units))])
+            ex = exact_in_atp_order(lm, prompts, cfs, target, units, site, direction)
             cells = []
             for kw in options.values():
                 r = al.attribute(
@@ -299,8 +309,6 @@ def ioi_prompt_sets() -> None:
     paper's AtP*, its tail fix, and attrlab's default AtP* at 16 / 32 / 64 tail
     points (is the result stable across prompt sets and grid sizes?)."""
     import attrlab as al
-    from attrlab.methods.atp import NodeSet
-    from attrlab.methods.patching import patch_sweep
 
     lm = al.zoo.load("ioi")
     units = al.units.Heads(per_position=True)
@@ -314,25 +322,13 @@ def ioi_prompt_sets() -> None:
         "default, 64 points": ("atp*", {"tail_points": 64}),
     }
 
-    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
-
-    def recall(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
-        top = set(torch.argsort(b.abs(), descending=True)[:k].tolist())
-        return len(top & set(torch.argsort(a.abs(), descending=True)[:k].tolist())) / k
-
     print("| prompts | direction | " + " | ".join(options) + " |")
     for n, seed in [(8, 0), (8, 1), (8, 2), (8, 3), (8, 4), (32, 0), (32, 1)]:
         exs = al.zoo.task("ioi").examples(n, seed=seed)
         prompts, cfs = [e.prompt for e in exs], [e.counterfactual for e in exs]
         target = al.targets.LogitDiff([e.answer for e in exs], [e.wrong for e in exs])
-        n_pos = lm.tokenize(prompts).shape[1]
-        ns = NodeSet.build(lm, units, n_pos, head_site="z")
         for direction in ("noising", "denoising"):
-            sw = patch_sweep(lm, prompts, cfs, target, units, site="z", direction=direction)
-            eff = sw.effects.double().mean(0)
-            by = {(u.layer, u.index, u.position): float(e) for u, e in zip(sw.units, eff)}
-            ex = torch.tensor([by[(ly, h, p)] for ly, p, h in map(ns.unit, range(ns.n_units))])
+            ex = exact_in_atp_order(lm, prompts, cfs, target, units, "z", direction)
             cells = []
             for method, kw in options.values():
                 r = al.attribute(
@@ -358,15 +354,12 @@ def induction_table() -> None:
     ``adapter.scores_qk``), and attrlab's default (``next_attn`` does not apply to
     rotary families; ``tail_fix`` does)."""
     import attrlab as al
-    from attrlab.methods.atp import NodeSet
-    from attrlab.methods.patching import patch_sweep
 
     lm = al.zoo.load("induction")
     exs = al.zoo.task("induction").examples(8, seed=0)
     prompts, cfs = [e.prompt for e in exs], [e.counterfactual for e in exs]
     target = al.targets.LogitDiff([e.answer for e in exs], [e.wrong for e in exs])
     units = al.units.Heads(per_position=True)
-    n_pos = lm.tokenize(prompts).shape[1]
     paper = {"next_attn": False, "tail_fix": False}
     options = {
         "AtP": ("atp", {}),
@@ -375,21 +368,10 @@ def induction_table() -> None:
         "default": ("atp*", {}),
     }
 
-    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
-
-    def recall(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
-        top = set(torch.argsort(b.abs(), descending=True)[:k].tolist())
-        return len(top & set(torch.argsort(a.abs(), descending=True)[:k].tolist())) / k
-
     print("| site | direction | max abs exact | " + " | ".join(options) + " |")
     for site in ("z", "q", "k"):
         for direction in ("noising", "denoising"):
-            sw = patch_sweep(lm, prompts, cfs, target, units, site=site, direction=direction)
-            eff = sw.effects.double().mean(0)
-            by = {(u.layer, u.index, u.position): float(e) for u, e in zip(sw.units, eff)}
-            ns = NodeSet.build(lm, units, n_pos, head_site=site)
-            ex = torch.tensor([by[(ly, h, p)] for ly, p, h in map(ns.unit, range(ns.n_units))])
+            ex = exact_in_atp_order(lm, prompts, cfs, target, units, site, direction)
             cells = []
             for method, kw in options.values():
                 r = al.attribute(

@@ -34,10 +34,9 @@ import statistics
 from pathlib import Path
 
 import torch
+from bench_atp import corr, exact_in_atp_order, recall  # this folder is on sys.path
 
 import attrlab as al
-from attrlab.methods.atp import NodeSet
-from attrlab.methods.patching import patch_sweep
 from attrlab.zoo.ioi import IOI, TEMPLATES
 from attrlab.zoo.train import SPECS, accuracy, train
 
@@ -60,20 +59,13 @@ def atp_row(lm: al.LM) -> list[str]:
     prompts, cfs = [e.prompt for e in exs], [e.counterfactual for e in exs]
     target = al.targets.LogitDiff([e.answer for e in exs], [e.wrong for e in exs])
     units = al.units.Heads(per_position=True)
-    sw = patch_sweep(lm, prompts, cfs, target, units, site="z")
-    eff = sw.effects.double().mean(0)
-    by = {(u.layer, u.index, u.position): float(e) for u, e in zip(sw.units, eff)}
-    ns = NodeSet.build(lm, units, lm.tokenize(prompts).shape[1], head_site="z")
-    ex = torch.tensor([by[(ly, h, p)] for ly, p, h in map(ns.unit, range(ns.n_units))])
-    top = set(torch.argsort(ex.abs(), descending=True)[:10].tolist())
+    ex = exact_in_atp_order(lm, prompts, cfs, target, units)
     cells = []
     for kw in ({"next_attn": False, "tail_fix": False}, {}):
         r = al.attribute(
             lm, prompts, target=target, units=units, method="atp*", counterfactual=cfs, **kw
         )
-        rho = float(torch.corrcoef(torch.stack([r.scores.double(), ex]))[0, 1])
-        hit = len(top & set(torch.argsort(r.scores.abs(), descending=True)[:10].tolist()))
-        cells.append(f"{rho:.3f} / {hit / 10:.1f}")
+        cells.append(f"{corr(r.scores, ex):.3f} / {recall(r.scores, ex):.1f}")
     return cells
 
 
