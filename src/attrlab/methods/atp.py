@@ -351,6 +351,15 @@ def exact_node_effects(
 
 
 # ------------------------------------------------------------------ QK fix
+def _score_masks(base: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    """Which attention scores of ``base`` exist: causal ``allowed [q, k]``, real
+    (not padding) keys ``key_ok [b, k]``, and both together ``[b, 1, q, k]``."""
+    n_pos = base.shape[1]
+    allowed = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()
+    key_ok = base.attention_mask.bool()
+    return allowed, key_ok, allowed[None, None] & key_ok[:, None, None, :]
+
+
 def _qk_fix(
     lm: LM,
     nodes: NodeSet,
@@ -362,10 +371,7 @@ def _qk_fix(
     """Per-unit effects of query or key units with the softmax recomputed."""
     comp = nodes.site_kind.split(".")[1]  # "q" or "k"
     scores = []
-    n_pos = base.shape[1]
-    allowed = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()  # [q, k]
-    key_ok = base.attention_mask.bool()  # [b, k]
-    mask = allowed[None, None] & key_ok[:, None, None, :]  # [b, 1, q, k]
+    _, _, mask = _score_masks(base)  # [b, 1, q, k]
     pos_ids = base.position_ids
 
     def qk(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
@@ -459,9 +465,7 @@ def _next_attn_fix(
     comp = nodes.site_kind.split(".")[1]
     assert nodes.heads is not None and nodes.per_position
     hs = nodes.heads
-    allowed = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()  # [q, k]
-    key_ok = base.attention_mask.bool()  # [b, k]
-    valid = allowed[None, None] & key_ok[:, None, None, :]  # [b, 1, q, k]
+    allowed, key_ok, valid = _score_masks(base)  # [q, k], [b, k], [b, 1, q, k]
     pos_ids = base.position_ids
 
     def rot(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
