@@ -165,7 +165,7 @@ def test_engine_chunked_long_prompt(llama):
     masks = random_masks(5, p.n_sources, seed=1)
     rows = p.prompt_ids(masks)
     ref = _plain_logprobs(llama, p, masks)
-    runner = _Runner(llama.model, llama.cfg.n_ctx, chunk=7)  # forces chunked prefill
+    runner = _Runner(llama, llama.cfg.n_ctx, chunk=7)  # forces chunked prefill
     got = torch.stack(runner.run(rows, p.response_ids, _token_logprobs(p.response_ids), 4))
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
 

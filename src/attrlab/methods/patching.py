@@ -427,13 +427,12 @@ def _prefix_cache(lm: LM, batch: Batch) -> Any:
     cropped to a prefix and repeated per row."""
     try:
         with torch.no_grad():
-            out = lm.model(
-                input_ids=batch.input_ids,
+            _, pkv = lm.hf_forward(
+                batch.input_ids,
                 attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids,
                 use_cache=True,
             )
-        pkv = out.past_key_values
         if pkv is None or not getattr(pkv, "is_croppable", hasattr(pkv, "crop")):
             return None
         trial = _cropped(pkv, 1, batch.shape[1], 2)
@@ -584,7 +583,7 @@ def patch_sweep(
                 start_layer=layer,
                 start_resid=start,
                 last_only=last_only,
-                past_key_values=past,
+                kv_cache=past,
             )
             n_fwd += 1
             vals = tgt(logits, vb).detach().float().reshape(n_prompts, k)

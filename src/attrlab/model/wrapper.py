@@ -274,7 +274,7 @@ class LM:
         start_resid: Tensor | None = None,
         last_only: bool = False,
         prepend_bos: bool | None = None,
-        past_key_values: Any = None,
+        kv_cache: Any = None,
     ) -> tuple[Tensor, Cache]:
         """Run the model; return ``(logits, cache)``.
 
@@ -289,7 +289,7 @@ class LM:
                 ``start_resid`` ``[batch, pos, d_model]`` (e.g. a cached
                 ``resid_pre``) into it instead.
             last_only: compute logits for the last position only (``[batch, 1, vocab]``).
-            past_key_values: a Hugging Face key/value cache of a shared prefix
+            kv_cache: a Hugging Face key/value cache of a shared prefix
                 (one row per batch row). ``inputs`` is then a :class:`Batch` of the
                 tokens after the prefix whose ``attention_mask`` covers prefix + new
                 tokens; sites, interventions and ``start_resid`` see the new tokens only.
@@ -330,16 +330,56 @@ class LM:
             self.adapter, cache_sites, ivs, grad, start_layer, start_resid, last_only
         )
         with torch.set_grad_enabled(grad), session:
-            out = self.model(
-                input_ids=batch.input_ids,
+            logits, _ = self.hf_forward(
+                batch.input_ids,
                 attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids,
-                past_key_values=past_key_values,
-                use_cache=past_key_values is not None,
+                kv_cache=kv_cache,
+                use_cache=kv_cache is not None,
             )
         result = Cache(session.cache)
         result.batch = batch
-        return out.logits, result
+        return logits, result
+
+    def hf_forward(
+        self,
+        input_ids: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        kv_cache: Any = None,
+        use_cache: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Any]:
+        """The Hugging Face model's own forward, no hooks; ``(logits, kv_cache)``.
+
+        The one call site that passes a key/value cache to the model, under the
+        keyword the installed transformers takes (see ``Adapter.kv_kwargs``).
+        ``kwargs`` go to the model (e.g. ``logits_to_keep``).
+
+        Args:
+            input_ids: ``[batch, pos]``.
+            kv_cache: a cache of a shared prefix to continue from, or None.
+            use_cache: return the (updated) cache as the second element.
+
+        Example:
+            >>> import attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+            >>> ids = lm.tokenize("a b c").input_ids
+            >>> logits, kv = lm.hf_forward(ids[:, :2], use_cache=True)
+            >>> last, _ = lm.hf_forward(ids[:, 2:], kv_cache=kv, use_cache=True)
+            >>> full, _ = lm.hf_forward(ids)
+            >>> bool(torch.allclose(last[:, -1], full[:, -1], atol=1e-5))
+            True
+        """
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **self.adapter.kv_kwargs(kv_cache, use_cache),
+            **kwargs,
+        )
+        return out.logits, (self.adapter.kv_returned(out) if use_cache else None)
 
     # ------------------------------------------------------------- weights
     def W_U(self) -> Tensor:

@@ -236,12 +236,12 @@ class _Runner:
     """Runs ``rows`` (token lists) followed by a fixed response and applies ``fn``
     to the response positions' logits, reusing KV caches of shared prefixes."""
 
-    def __init__(self, model: Any, n_ctx: int | None, chunk: int = 1024):
-        self.model = model
+    def __init__(self, lm: Any, n_ctx: int | None, chunk: int = 1024):
+        self.lm = lm
         self.n_ctx = n_ctx
         self.chunk = chunk
-        self.keep_ok = _supports_logits_to_keep(model)
-        self.device = next(model.parameters()).device
+        self.keep_ok = _supports_logits_to_keep(lm.model)
+        self.device = next(lm.model.parameters()).device
         self.n_tokens = 0  # tokens run through the model (a cost measure)
         self.n_forwards = 0
 
@@ -253,16 +253,15 @@ class _Runner:
             kw["logits_to_keep"] = max(1, keep)
         if mask is not None:
             kw["attention_mask"] = mask
-        out = self.model(
-            input_ids=ids.to(self.device),
+        logits, _ = self.lm.hf_forward(
+            ids.to(self.device),
             position_ids=pos.to(self.device),
-            past_key_values=cache,
+            kv_cache=cache,
             use_cache=True,
             **kw,
         )
         self.n_tokens += int(ids.numel())
         self.n_forwards += 1
-        logits = out.logits
         return logits[:, logits.shape[1] - keep :] if keep > 0 else logits[:, :0]
 
     def _check_len(self, rows: Sequence[Sequence[int]], n_resp: int) -> None:
@@ -621,7 +620,7 @@ class SourcePrompt:
         unique = [list(r) for r in first]
         longest = max(len(r) for r in unique) + len(self.response_ids)
         bs = auto_batch_size(self.lm, longest) if batch_size == "auto" else int(batch_size)
-        runner = _Runner(self.lm.model, self.lm.cfg.n_ctx)
+        runner = _Runner(self.lm, self.lm.cfg.n_ctx)
         out = runner.run(
             unique, self.response_ids, fn or _token_logprobs(self.response_ids), bs, reuse, progress
         )

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,6 +27,15 @@ import transformers
 from torch import Tensor, nn
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+
+
+def _kv_param_name(model: nn.Module) -> str:
+    """``"cache"`` where the model's forward takes it, else ``"past_key_values"``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    return "cache" if "cache" in params else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,35 @@ class Adapter:
         self.model: Any = model
         self.hf_config: Any = model.config
         self.cfg = self._make_config()
+
+    # --------------------------------------------------------- key/value cache
+    def kv_kwargs(self, kv_cache: Any, use_cache: bool) -> dict[str, Any]:
+        """Keyword arguments that hand ``kv_cache`` (a Hugging Face cache of a
+        shared prefix, or None) to the model's forward.
+
+        transformers 5.25 renamed the forward's ``past_key_values`` to ``cache``
+        (the old name warns, and goes in 5.40); this is the one place that knows
+        which name the installed version takes. A None cache is not passed at
+        all, so neither name is ever sent needlessly.
+
+        Example:
+            >>> from attrlab.model.adapters import adapter_for
+            >>> from attrlab.testing import tiny_model
+            >>> adapter_for(tiny_model("gpt2")[0]).kv_kwargs(None, False)
+            {'use_cache': False}
+        """
+        kw: dict[str, Any] = {"use_cache": use_cache}
+        if kv_cache is not None:
+            kw[_kv_param_name(self.model)] = kv_cache
+        return kw
+
+    @staticmethod
+    def kv_returned(out: Any) -> Any:
+        """The key/value cache a forward returned (``out.cache`` on transformers
+        that renamed it, ``out.past_key_values`` before), or None."""
+        if "cache" in getattr(out, "__dataclass_fields__", {}):
+            return out.cache
+        return getattr(out, "past_key_values", None)
 
     # ----------------------------------------------------------------- config
     def _make_config(self) -> ModelConfig:
