@@ -283,7 +283,11 @@ def test_same_counterfactual_is_exactly_zero_whatever_the_batch_shape(lm, method
     try:
         with pytest.warns(CounterfactualWarning):
             r = al.attribute(
-                lm, PROMPT, target=(" Mary", " John"), units="heads", method=method,
+                lm,
+                PROMPT,
+                target=(" Mary", " John"),
+                units="heads",
+                method=method,
                 counterfactual=PROMPT,
             )
     finally:
