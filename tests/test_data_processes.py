@@ -124,3 +124,72 @@ def test_two_ranks_under_torchrun_equal_single_process(setup):
     assert np.array_equal(store.features(), ref.features())
     assert np.array_equal(store.out_to_loss(), ref.out_to_loss())
     np.testing.assert_allclose(store.gram(), ref.gram(), rtol=1e-10)  # all-reduced partial Grams
+
+
+_WRITER = r"""
+import os, sys, time
+import torch
+import attrlab.data as ad
+
+path, log, ready, weights, data = sys.argv[1:6]
+shard = int(sys.argv[6])
+torch.set_num_threads(1)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+model.load_state_dict(torch.load(weights))
+x, y = torch.load(data)
+
+
+def fetch(a, b):
+    if b - a == shard:  # one batch per shard: log every shard computation
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {a} {b}\n")
+        time.sleep(0.05)
+    return x[a:b], y[a:b]
+
+
+open(os.path.join(ready, str(os.getpid())), "w").close()
+while len(os.listdir(ready)) < 2:  # start together
+    time.sleep(0.01)
+ad.featurize(model, ad.Examples(fetch=fetch, n=len(y)), path, proj_dim=16, shard_size=shard,
+             batch_size=shard)
+"""
+
+
+def test_two_concurrent_featurize_processes_compute_each_shard_once(tmp_path):
+    n, shard = 32, 4
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(n, 4), torch.randint(0, 3, (n,))
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    torch.save((x, y), tmp_path / "d.pt")
+    (tmp_path / "ready").mkdir()
+    log, out = tmp_path / "log.txt", tmp_path / "shared"
+    args = [str(out), str(log), str(tmp_path / "ready"), str(tmp_path / "w.pt")]
+    args += [str(tmp_path / "d.pt"), str(shard)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, *args], env=_env(), stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    rows = [line.split() for line in log.read_text().splitlines()]
+    computed = sorted((int(a), int(b)) for _, a, b in rows)
+    assert computed == [(a, a + shard) for a in range(0, n, shard)]  # every shard exactly once
+    assert len({pid for pid, _, _ in rows}) == 2  # and the two processes shared the work
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = ad.featurize(
+            model, (x, y), tmp_path / "single", proj_dim=16, shard_size=shard, batch_size=shard
+        )
+    finally:
+        torch.set_num_threads(threads)
+    shared = ad.FeatureStore.open(out, expect=ref.manifest, verify=True)
+    assert shared.verify() == {} and shared.manifest["finalized"]
+    assert np.array_equal(shared.features(), ref.features())
+    assert np.array_equal(shared.out_to_loss(), ref.out_to_loss())
+    assert np.array_equal(shared.gram(), ref.gram())
+    assert not list((out / "shards").glob("*.claim"))

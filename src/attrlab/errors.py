@@ -89,3 +89,10 @@ class FileFormatError(AttrlabError, OSError):
 class StoreMismatchError(InputError):
     """A feature store was written for another checkpoint, projection, output
     function or dataset than the one it is opened or resumed with."""
+
+
+# --- store ---
+class StoreCorruptError(FileFormatError):
+    """A file of a feature store fails its recorded size or checksum, or holds
+    non-finite numbers; re-running ``attrlab.data.featurize`` on the store with the
+    same arguments recomputes it."""

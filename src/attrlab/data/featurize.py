@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from .outputs import AnswerLogProb, AnswerMargin, ClassificationMargin, ModelOutput
 from .project import Projector
-from .store import FeatureStore
+from .store import CLAIM_TIMEOUT, FeatureStore
 
 Batch = tuple[Tensor, ...]
 
@@ -349,13 +350,11 @@ def _write_labels(store: FeatureStore, data: Examples) -> None:
     """Save ids (unless they are the row index) and texts beside the features, once."""
     import json
 
-    from .store import atomic_write_bytes
-
-    if not isinstance(data.ids, range) and not (store.path / "ids.json").exists():
+    if not isinstance(data.ids, range) and not store.has_file("ids.json"):
         ids = [i if isinstance(i, (int, str)) else str(i) for i in data.ids]
-        atomic_write_bytes(store.path / "ids.json", json.dumps(ids).encode())
-    if data.texts is not None and not (store.path / "texts.json").exists():
-        atomic_write_bytes(store.path / "texts.json", json.dumps(list(data.texts)).encode())
+        store.write_file("ids.json", json.dumps(ids).encode())
+    if data.texts is not None and not store.has_file("texts.json"):
+        store.write_file("texts.json", json.dumps(list(data.texts)).encode())
 
 
 def featurize(
@@ -376,8 +375,16 @@ def featurize(
     finalize: bool = True,
     mode: str = "auto",
     progress: bool = False,
+    verify: bool = True,
+    claim_timeout: float = CLAIM_TIMEOUT,
 ) -> FeatureStore:
-    """Featurize ``data`` into the store at ``path`` (resuming whatever is already there).
+    """Featurize ``data`` into the store at ``path`` (resuming and repairing whatever is there).
+
+    Shards already written are kept if they pass their checks; damaged ones
+    (wrong size or checksum, non-finite values, copied from another store) are
+    recomputed. Several processes may featurize into one store at once: they
+    claim shards and compute each one once between them (each waits for the
+    others' shards before it finalizes).
 
     Args:
         model: a classifier or causal LM (an ``attrlab.LM`` is unwrapped).
@@ -395,10 +402,16 @@ def featurize(
             ``torch.distributed`` if initialized, else the whole set).
         finalize: compute ``Phi^T Phi`` when done (all-reduced across ranks under torch.distributed).
         mode: gradient mode of :class:`GradientFeaturizer`.
+        progress: show a progress bar.
+        verify: hash every shard already in the store before resuming (recomputing
+            those that fail); ``False`` checks only their sizes (faster for huge stores).
+        claim_timeout: seconds after which another writer's claim on a shard that
+            it has not touched (it touches it after every batch) is taken over;
+            claims of dead processes on this host are taken over at once.
 
     Raises:
         StoreMismatchError: ``path`` holds a store for another checkpoint, projection or dataset.
-        InputError: bad sizes or data without stable ids.
+        InputError: bad sizes, data without stable ids, or non-finite features.
     """
     from .distributed import dist_info, finalize_distributed
 
@@ -416,27 +429,43 @@ def featurize(
     config = store_config(model, data, feat, batch_size, shard_size, dtype, model_id)
     r, w, use_dist = dist_info(rank, world_size)
     store = FeatureStore.create(path, config)
+    if verify:
+        store.verify()  # damaged files now count as missing
     _write_labels(store, data)
     n = len(data)
     planned = [(a, min(n, a + shard_size)) for a in range(0, n, shard_size)]
     mine = [rng for j, rng in enumerate(planned) if j % w == r]
-    todo = [rng for rng in mine if rng in set(store.missing())]
+    pending = [rng for rng in mine if rng in set(store.missing())]
     bar = tqdm(
-        total=sum(b - a for a, b in todo),
+        total=sum(b - a for a, b in pending),
         disable=not progress,
         desc=f"featurize[{r}/{w}]",
         unit="ex",
     )
-    for a, b in todo:
-        feats = np.empty((b - a, feat.dim), np.float32)
-        qs = np.empty((b - a,), np.float32)
-        for s in range(a, b, batch_size):
-            e = min(b, s + batch_size)
-            f, q = feat(*data.batch(s, e))
-            feats[s - a : e - a] = f.numpy()
-            qs[s - a : e - a] = q.numpy()
-            bar.update(e - s)
-        store.write_shard(a, feats, qs)
+    while pending:
+        worked = False
+        for a, b in pending:
+            claim = store.try_claim(a, b, timeout=claim_timeout)
+            if claim is None:  # done meanwhile, or another writer is computing it
+                continue
+            try:
+                feats = np.empty((b - a, feat.dim), np.float32)
+                qs = np.empty((b - a,), np.float32)
+                for s in range(a, b, batch_size):
+                    e = min(b, s + batch_size)
+                    f, q = feat(*data.batch(s, e))
+                    feats[s - a : e - a] = f.numpy()
+                    qs[s - a : e - a] = q.numpy()
+                    claim.touch()
+                    bar.update(e - s)
+                store.write_shard(a, feats, qs)
+            finally:
+                claim.release()
+            worked = True
+        done = set(store.done_ranges())
+        pending = [rng for rng in pending if rng not in done]
+        if pending and not worked:
+            time.sleep(0.05)  # the rest is being computed by other writers
     bar.close()
     if finalize:
         if use_dist:

@@ -70,12 +70,19 @@ def as_models(models: nn.Module | Sequence[nn.Module], n: int) -> list[nn.Module
 
 
 def store_labels(store: FeatureStore, texts: Sequence[str] | None = None) -> dict[str, list[Any]]:
-    """Unit labels of the training examples: ``index``, ``id`` and (if known) ``text``."""
+    """Unit labels of the training examples: ``index``, ``id`` and (if known) ``text``.
+
+    Raises:
+        StoreCorruptError: ``ids.json`` or ``texts.json`` fails its recorded checksum.
+    """
     n = store.n
-    ids_path, texts_path = store.path / "ids.json", store.path / "texts.json"
-    ids = json.loads(ids_path.read_text()) if ids_path.exists() else list(range(n))
-    if texts is None and texts_path.exists():
-        texts = json.loads(texts_path.read_text())
+    raw_ids = store.read_file("ids.json")  # checked against its recorded checksum
+    ids = json.loads(raw_ids) if raw_ids is not None else list(range(n))
+    if len(ids) != n:
+        raise InputError(f"{store.path / 'ids.json'} holds {len(ids)} ids for {n} examples")
+    if texts is None:
+        raw_texts = store.read_file("texts.json")
+        texts = json.loads(raw_texts) if raw_texts is not None else None
     labels: dict[str, list[Any]] = {"index": list(range(n)), "id": list(ids)}
     if texts is not None:
         if len(texts) != n:
