@@ -432,7 +432,10 @@ def _check_outputs(args: argparse.Namespace, flags: Sequence[tuple[str, str]]) -
 
 
 def _write(path: str | Path, save: Callable[[Path], Any]) -> Path:
+    """``save(path)`` after creating missing directories; a symlink's target is written."""
     p = Path(path).expanduser()
+    if p.is_symlink():
+        p = p.resolve()
     p.parent.mkdir(parents=True, exist_ok=True)
     save(p)
     return p
