@@ -3,9 +3,12 @@ in Chromium), --help everywhere, and one-line errors with exit code 2."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -434,3 +437,285 @@ def test_demo_with_payload_prompt_runs_no_script(capsys, tmp_path):
     assert "<title>attrlab demo" in dom and "<title>PWNED" not in dom
     assert not {"script", "img"} & set(s.tags) and not any(k.startswith("on") for k, _ in s.attrs)
     assert "tokens" in s.panels and console == []
+
+
+# ------------------------------------------------------------------ output paths, messages
+
+RUNS: list[str] = []
+
+
+class _Counted(Method):
+    """Test-only method: counts its runs; ``fail`` raises an error of that kind instead."""
+
+    def __init__(self, fail: str = ""):
+        self.fail = fail
+
+    def attribute(self, lm, inputs, target, units, counterfactual=None):  # noqa: ANN001
+        RUNS.append(self.fail)
+        if self.fail == "length":
+            raise al.errors.CounterfactualLengthError(
+                "the counterfactual must tokenize to the same length as the prompt:\n"
+                "  prompt 0 (3 tokens): ['a', ' b', ' c']\n"
+                "  counterfactual 0 (2 tokens): ['a', ' b']"
+            )
+        if self.fail == "bug":
+            raise RuntimeError("shape mismatch in a test method")
+        b = lm.tokenize(inputs)
+        n = b.input_ids.shape[1]
+        return al.Attribution(
+            torch.arange(n, dtype=torch.float32),
+            {"position": list(range(n)), "token": lm.to_str_tokens(b.input_ids[0])},
+            "tokens",
+            "cli-test-counted",
+            "t",
+            params=self.params(),
+        )
+
+
+@pytest.fixture(scope="module")
+def counted():
+    register("cli-test-counted", units=("tokens",))(_Counted)
+    yield "cli-test-counted"
+    for key in [k for k, v in _REGISTRY.items() if v is _Counted]:
+        del _REGISTRY[key]
+
+
+def _explain(capsys, counted, *extra):
+    RUNS.clear()
+    argv = ["explain", "--model", "tiny:gpt2", "--prompt", "a b c", "--method", counted]
+    return run(capsys, *argv, *extra, "-q")
+
+
+@pytest.mark.parametrize(
+    "flag,where,expect",
+    [
+        ("--out", "{f}/r.attr", "is a file, not a directory"),
+        ("--out", "{f}/deeper/r.attr", "is a file, not a directory"),
+        ("--out", "{d}", "is a directory"),
+        ("--html", "{f}/r.html", "is a file, not a directory"),
+        ("--html", "{d}", "is a directory"),
+        ("--out", "", "is empty"),
+    ],
+)
+def test_bad_output_path_is_an_error_before_computing(
+    capsys, tmp_path, counted, flag, where, expect
+):
+    (tmp_path / "file").write_text("x")
+    path = where.replace("{f}", str(tmp_path / "file")).replace("{d}", str(tmp_path))
+    rc, _, err = _explain(capsys, counted, flag, path)
+    line = _one_line_error(rc, err)
+    assert flag in line and expect in line, line
+    assert RUNS == []  # nothing was computed, so nothing was lost
+
+
+def test_same_path_for_out_and_html_is_an_error(capsys, tmp_path, counted):
+    p = str(tmp_path / "r.attr")
+    rc, _, err = _explain(capsys, counted, "--out", p, "--html", p)
+    assert "same file" in _one_line_error(rc, err) and RUNS == []
+
+
+def test_missing_output_directories_are_created(capsys, tmp_path, counted):
+    out, html = tmp_path / "a" / "b" / "r.attr", tmp_path / "c" / "r.html"
+    rc, _, err = _explain(capsys, counted, "--out", str(out), "--html", str(html))
+    assert rc == 0, err
+    assert al.Attribution.load(out).scores.tolist() == [0.0, 1.0, 2.0]
+    assert "<!DOCTYPE html>" in html.read_text()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["r.attr", "r.html"]
+
+
+@pytest.mark.parametrize("failing", ["--out", "--html"])
+def test_write_failure_after_compute_keeps_the_result(
+    capsys, tmp_path, monkeypatch, counted, failing
+):
+    """The disk refuses the write after the method ran: the result goes to a
+    fallback file in the working directory, stderr says where, exit code 1."""
+    from attrlab.report import Report
+
+    target = tmp_path / "out" / ("r.attr" if failing == "--out" else "r.html")
+    cls = al.Attribution if failing == "--out" else Report
+    real = cls.save
+
+    def refuse(self, path, *a, **k):  # noqa: ANN001
+        if Path(path) == target:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(self, path, *a, **k)
+
+    monkeypatch.setattr(cls, "save", refuse)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    rc, out, err = _explain(capsys, counted, failing, str(target))
+    assert rc == 1 and RUNS == [""] and "Traceback" not in err
+    assert f"cannot write {failing} {target}" in err and "Permission denied" in err
+    kept = sorted(cwd.iterdir())
+    assert sorted(p.suffix for p in kept) == (
+        [".attr"] if failing == "--out" else [".attr", ".html"]
+    )
+    assert all(str(p) in err for p in kept)
+    attr = next(p for p in kept if p.suffix == ".attr")
+    assert al.Attribution.load(attr).scores.tolist() == [0.0, 1.0, 2.0]
+    assert "cli-test-counted over tokens" in out  # the table was printed too
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("cmd", ["explain", "show"])
+@pytest.mark.parametrize("top", ["-3", "0"])
+def test_top_must_be_positive(capsys, tmp_path, counted, cmd, top):
+    if cmd == "explain":
+        rc, out, err = _explain(capsys, counted, "--top", top)
+    else:
+        f = al.Attribution(torch.ones(2), {"token": ["a", "b"]}, "tokens", "x").save(
+            tmp_path / "r.attr"
+        )
+        rc, out, err = run(capsys, "show", str(f), "--top", top)
+    line = _one_line_error(rc, err)
+    assert "--top" in line and "positive" in line and out == ""
+
+
+def test_the_whole_error_message_is_printed(capsys, counted):
+    rc, _, err = _explain(capsys, counted, "-o", "fail=length")
+    assert rc == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("attrlab: error: the counterfactual must tokenize")
+    assert "counterfactual 0 (2 tokens): ['a', ' b']" in lines[-1] and len(lines) == 3
+
+
+def test_an_unexpected_exception_is_not_a_traceback(capsys, counted):
+    rc, _, err = _explain(capsys, counted, "-o", "fail=bug")
+    assert rc == 1 and "Traceback" not in err
+    assert "internal error: RuntimeError: shape mismatch" in err and "--debug" in err
+    with pytest.raises(RuntimeError):
+        main(
+            ["explain", "--model", "tiny:gpt2", "--prompt", "a b", "--method", counted]
+            + ["-o", "fail=bug", "--debug", "-q"]
+        )
+
+
+def test_an_expanded_glob_as_method_name_says_to_quote(capsys, tmp_path, monkeypatch, counted):
+    monkeypatch.chdir(tmp_path)
+    for name in ("atp_notes.txt", "atp_old.attr"):
+        (tmp_path / name).write_text("x")
+    # `--method atp*` in a directory with one match: the shell passes the file name
+    rc, _, err = run(
+        capsys,
+        "explain",
+        "--model",
+        "tiny:gpt2",
+        "--prompt",
+        "a",
+        "--units",
+        "heads",
+        "--method",
+        "atp_notes.txt",
+        "-q",
+    )
+    assert rc == 2 and "unknown method" in err and "--method 'atp*'" in err
+    # with two matches the second is an extra argument
+    rc, _, err = run(
+        capsys,
+        "explain",
+        "--model",
+        "tiny:gpt2",
+        "--prompt",
+        "a",
+        "--units",
+        "heads",
+        "--method",
+        "atp_notes.txt",
+        "atp_old.attr",
+        "-q",
+    )
+    assert "unrecognized arguments" in _one_line_error(rc, err) and "'atp*'" in err
+
+
+def test_model_path_that_is_not_a_model_is_a_clean_error(capsys, model_dir, counted):
+    rc, _, err = run(
+        capsys,
+        "explain",
+        "--model",
+        f"{model_dir}/config.json",
+        "--prompt",
+        "a",
+        "--method",
+        counted,
+        "-q",
+    )
+    assert "cannot load model" in _one_line_error(rc, err)
+
+
+# ------------------------------------------------------------------ docs quote globs
+
+GLOB = re.compile(r"[*?]")
+
+
+def _unquoted_globs(command: str) -> list[str]:
+    """Words of a shell command line with an unquoted ``*`` or ``?`` (which the
+    shell would expand into file names)."""
+    bad, word, quote, has_glob = [], "", "", False
+    for c in command + " ":
+        if quote:
+            quote = "" if c == quote else quote
+            word += c
+        elif c in "'\"":
+            quote = c
+            word += c
+        elif c.isspace():
+            if has_glob:
+                bad.append(word)
+            word, has_glob = "", False
+        elif c == "#" and not word:
+            break
+        else:
+            has_glob = has_glob or bool(GLOB.match(c))
+            word += c
+    return bad
+
+
+def _shell_commands(text: str) -> list[str]:
+    """``attrlab ...`` command lines (with their ``\\`` continuations) of a Markdown
+    text or a help text: in code blocks, after a ``$`` prompt, or as help examples."""
+    out, cur = [], None
+    for raw in text.splitlines():
+        line = raw.strip().removeprefix("$ ")
+        if cur is not None:
+            cur += " " + line.rstrip("\\")
+            if not line.endswith("\\"):
+                out.append(cur)
+                cur = None
+            continue
+        if re.match(r"(attrlab|python -m attrlab\.cli) ", line):
+            if line.endswith("\\"):
+                cur = line.rstrip("\\")
+            else:
+                out.append(line)
+    return out
+
+
+def test_glob_scanner_finds_unquoted_stars():
+    assert _unquoted_globs("attrlab explain --method atp* --units heads") == ["atp*"]
+    assert _unquoted_globs("attrlab explain --method 'atp*' -o x=\"a*\"") == []
+    cmds = _shell_commands("```bash\nattrlab explain --model m \\\n    --method atp* \\\n  -q\n```")
+    assert cmds and _unquoted_globs(cmds[0]) == ["atp*"]
+
+
+def test_docs_and_help_quote_method_names_with_a_star():
+    root = Path(__file__).resolve().parents[1]
+    texts = {p.relative_to(root).as_posix(): p.read_text() for p in root.glob("docs/**/*.md")}
+    texts["README.md"] = (root / "README.md").read_text()
+    for cmd in ("demo", "explain", "show"):
+        texts[f"attrlab {cmd} --help"] = _help(cmd)
+    found, bad = 0, []
+    for name, text in texts.items():
+        for c in _shell_commands(text):
+            found += 1
+            bad += [f"{name}: {w!r} in {c[:80]}" for w in _unquoted_globs(c)]
+    assert found >= 8  # the scanner sees the documented commands
+    assert bad == [], bad
+
+
+def _help(cmd: str) -> str:
+    from attrlab.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[cmd].format_help()

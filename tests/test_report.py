@@ -183,6 +183,11 @@ def scan(page: str) -> _Scan:
     return s
 
 
+# characters that draw nothing or reorder their neighbours: right-to-left override and
+# embedding, isolates, pop, zero-width space / joiner, byte-order mark, a tag letter, ESC
+HIDDEN = "\u202e\u202b\u2066\u2069\u202c\u200b\u200d\ufeff\U000e0041\x1b"
+
+
 # ----------------------------------------------------------------- structure
 
 
@@ -492,3 +497,33 @@ def test_doctests(name):
 
     res = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert res.failed == 0
+
+
+def test_bidi_and_invisible_characters_are_shown_not_obeyed(tmp_path):
+    """A token with U+202E would visually reverse the rest of the heatmap / prompt line,
+    and zero-width characters hide: every string shows them escaped, and each token is
+    its own bidirectional island."""
+    payload = "exe." + HIDDEN + "txt"
+    page = build_page(payload)
+    for c in HIDDEN:
+        assert c not in page, f"raw U+{ord(c):04X} in the page"
+    shown = "exe.\\u202e\\u202b\\u2066\\u2069\\u202c\\u200b\\u200d\\ufeff\\U000e0041\\x1btxt"
+    assert shown in page and page.count(shown) >= 10  # tokens, labels, prompt, titles ...
+    assert "unicode-bidi:isolate" in page
+    # the token heatmap: every token its own <bdi>, the hostile one escaped inside it
+    tokens_html = render_attribution(synthetic_results(payload)[0][1])
+    assert tokens_html.count('<bdi class="al-tok"') == len(TOKENS)
+    assert f">{esc(' John')}{shown}</bdi>" in tokens_html
+    # the prompt line and table cells are isolated too
+    assert f"<dd><bdi>When Mary{shown}</bdi></dd>" in page
+    assert f'<td class="al-long"><bdi>a{shown}</bdi></td>' in page
+    # a saved result shown by the CLI: the page and the terminal table
+    from attrlab.cli import main, summary_lines
+
+    r = synthetic_results(payload)[0][1]
+    f = r.save(tmp_path / "bidi.attr")
+    assert main(["show", str(f), "--html", str(tmp_path / "b.html"), "-q"]) == 0
+    saved = (tmp_path / "b.html").read_text()
+    assert shown in saved and not any(c in saved for c in HIDDEN)
+    table = "\n".join(summary_lines(r, 20))
+    assert not any(c in table for c in HIDDEN) and "\\u202e" in table

@@ -114,3 +114,107 @@ def test_html_escapes_everything():
     html = _result()._repr_html_()
     assert "<script>" not in html and "<img" not in html and "<b>Mary" not in html
     assert "&lt;script&gt;" in html
+
+
+# --------------------------------------------------- authentic but malformed files
+
+
+def forge(path, metadata, tensors):
+    """Write a file whose checksum is valid for any metadata (a buggy or hostile
+    writer): the loader must check the schema, not trust the checksum."""
+    from safetensors.torch import save_file
+
+    from attrlab.result import _digest
+
+    body = metadata if isinstance(metadata, str) else json.dumps(metadata)
+    save_file(tensors, str(path), metadata={"attrlab": body, "sha256": _digest(body, tensors)})
+    return path
+
+
+def _edit(m, key, value):
+    m = json.loads(json.dumps(m))
+    if value is _DELETE:
+        del m[key]
+    else:
+        m[key] = value
+    return m
+
+
+_DELETE = object()
+MALFORMED = [
+    ("not an object", lambda m: [1, 2], "not an object"),
+    ("version text", lambda m: _edit(m, "version", "one"), "version"),
+    ("version missing", lambda m: _edit(m, "version", _DELETE), "version"),
+    ("version from the future", lambda m: _edit(m, "version", 99), "upgrade attrlab"),
+    ("units missing", lambda m: _edit(m, "units", _DELETE), "missing key units"),
+    ("method missing", lambda m: _edit(m, "method", _DELETE), "missing key method"),
+    ("units a number", lambda m: _edit(m, "units", 3), "'units' must be a list"),
+    ("unit_kind a list", lambda m: _edit(m, "unit_kind", ["heads"]), "'unit_kind' must be"),
+    ("params a list", lambda m: _edit(m, "params", [1]), "'params' must be an object"),
+    ("meta a string", lambda m: _edit(m, "meta", "x"), "'meta' must be an object"),
+    ("column not a pair", lambda m: _edit(m, "units", [["layer", [0, 0, 1], 1]]), "pair"),
+    ("column name a number", lambda m: _edit(m, "units", [[1, [0, 0, 1]]]), "pair"),
+    ("column too short", lambda m: _edit(m, "units", [["layer", [0, 1]]]), "2 entries for 3"),
+    ("column twice", lambda m: _edit(m, "units", [["a", [0, 0, 0]], ["a", [1, 1, 1]]]), "twice"),
+    ("label a list", lambda m: _edit(m, "units", [["layer", [[0], 0, 1]]]), "holds [0]"),
+    ("column values text", lambda m: _edit(m, "units", [["layer", "abc"]]), "must be a list"),
+]
+
+
+@pytest.mark.parametrize("case,mutate,expect", MALFORMED, ids=[c[0] for c in MALFORMED])
+def test_authentic_but_malformed_metadata_is_a_file_format_error(tmp_path, case, mutate, expect):
+    r = _result()
+    m = mutate(r._metadata())
+    path = forge(tmp_path / "m.attr", m, {"scores": r.scores})
+    with pytest.raises(al.errors.FileFormatError, match="m.attr") as e:
+        Attribution.load(path)
+    assert expect in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "scores,expect",
+    [
+        (torch.tensor([1.0, float("nan"), 2.0]), "NaN or infinite"),
+        (torch.tensor([1.0, float("inf"), 2.0]), "NaN or infinite"),
+        (torch.zeros(3, 2, 1), "[n_units] or [n_rows, n_units]"),
+        (torch.tensor(1.0), "[n_units] or [n_rows, n_units]"),
+        (torch.zeros(0, 3), "[n_units] or [n_rows, n_units]"),
+        (torch.tensor([True, False, True]), "real numbers"),
+        (torch.zeros(2, 3), "rows column 'token' has 1 entries for 2 rows"),
+    ],
+)
+def test_scores_that_do_not_fit_the_metadata(tmp_path, scores, expect):
+    r = _result()
+    m = r._metadata()
+    m["rows"] = [["token", ["only one"]]]
+    path = forge(tmp_path / "s.attr", m, {"scores": scores})
+    with pytest.raises(al.errors.FileFormatError) as e:
+        Attribution.load(path)
+    assert expect in str(e.value)
+
+
+def test_non_finite_scores_are_not_saved(tmp_path):
+    r = Attribution(torch.tensor([1.0, float("nan")]), {"token": ["a", "b"]}, "tokens", "x")
+    with pytest.raises(al.errors.InputError, match="non-finite"):
+        r.save(tmp_path / "nan.attr")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A write that fails half-way leaves the old file as it was and no temporary file."""
+    import pathlib
+
+    path = _result().save(tmp_path / "r.attr")
+    before = path.read_bytes()
+    real = pathlib.Path.write_bytes
+
+    def half(self, data):  # noqa: ANN001
+        real(self, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", half)
+    other = _result(two_d=True)
+    with pytest.raises(OSError, match="No space left") as e:
+        other.save(path)
+    assert e.value.filename == str(path)  # names the file asked for, not the temporary one
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["r.attr"]

@@ -1,8 +1,17 @@
 """The ``attrlab`` command line: ``attrlab demo``, ``attrlab explain``, ``attrlab show``.
 
 ``explain`` calls :func:`attrlab.load` and :func:`attrlab.attribute` exactly as
-the Python API would, so its scores equal the Python call's. Exit codes: 0 ok,
-2 bad input (one line on stderr; ``--debug`` for a traceback).
+the Python API would, so its scores equal the Python call's.
+
+Exit codes: 0 ok; 2 bad input (the whole message on stderr, no traceback;
+``--debug`` for one), checked before any model is loaded or run where it can
+be; 1 when a computed result could not be written where asked (it is kept in
+a fallback file, named on stderr) or on an internal error.
+
+Output paths (``--out``, ``--html``) are checked before computing: a path that
+is a directory, lies under a file, or is in a directory that cannot be written
+is an error before any work; missing parent directories are created. Files are
+written atomically (complete or not at all).
 
 Example:
     >>> from attrlab.cli import main
@@ -17,13 +26,16 @@ import argparse
 import inspect
 import json
 import math
+import os
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import AttrlabError, InputError
+from .errors import AttrlabError, EmptyPromptError, InputError, UnknownMethodError
+from .viz.html import visible
 
 # ------------------------------------------------------------------ parser
 
@@ -32,7 +44,34 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``attrlab: error: ...``) and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments"):
+            message += (
+                "; a value with * or ? must be quoted (--method 'atp*'), else the shell "
+                "expands it into file names"
+            )
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (``--top``).
+
+    Example:
+        >>> positive_int("3")
+        3
+        >>> positive_int("-3")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: '-3' is not a positive whole number
+    """
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid int {text!r}: give a positive whole number"
+        ) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return n
 
 
 def _common(p: argparse.ArgumentParser, top: bool = False) -> None:
@@ -61,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(d)
     d.add_argument(
-        "--out", default="attrlab-report.html", help="report path (default: %(default)s)"
+        "--out",
+        default="attrlab-report.html",
+        help="report path; missing directories are created (default: %(default)s)",
     )
     d.add_argument("--prompt", default=None, help="override the IOI prompt")
     d.add_argument("--counterfactual", default=None, help="override the counterfactual prompt")
@@ -96,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         "  attrlab explain --model zoo:ioi --prompt 'When Mary and John went to the store, "
         "John gave a drink to' --contrast ' Mary' ' John' --units tokens --method ig -o steps=32\n"
         "  attrlab explain --model gpt2 --prompt '...' --contrast ' Mary' ' John' --units heads "
-        "--method 'atp*' --counterfactual '...' --out heads.attr --html heads.html",
+        "--method 'atp*' --counterfactual '...' --out heads.attr --html heads.html\n\n"
+        "Quote method names with * ('atp*'): unquoted, the shell may expand them into file\n"
+        "names. --out and --html are checked before the model runs (missing directories\n"
+        "are created); if writing still fails, the result is kept in a file named on\n"
+        "stderr and the exit code is 1. Bad input: exit code 2.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(e)
@@ -136,10 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="a method option; VALUE is read as JSON when it parses "
         '(steps=16, sources=\'["a","b"]\'), else as text. Repeatable.',
     )
-    e.add_argument("--out", help="save the result (.attr, safetensors + JSON)")
+    e.add_argument(
+        "--out",
+        help="save the result (.attr, safetensors + JSON); missing directories are created",
+    )
     e.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     e.add_argument("--html", help="write a self-contained HTML report")
-    e.add_argument("--top", type=int, default=10, help="rows in the terminal table")
+    e.add_argument(
+        "--top",
+        type=positive_int,
+        default=10,
+        help="rows in the terminal table (default: %(default)s)",
+    )
     e.set_defaults(func=_cmd_explain)
 
     s = sub.add_parser(
@@ -149,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(s)
     s.add_argument("file", help="a .attr file written by Attribution.save or explain --out")
-    s.add_argument("--top", type=int, default=15, help="rows in the table (default: %(default)s)")
+    s.add_argument(
+        "--top", type=positive_int, default=15, help="rows in the table (default: %(default)s)"
+    )
     s.add_argument("--html", help="write a self-contained HTML report")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=_cmd_show)
@@ -218,7 +273,7 @@ def load_model(name: str) -> Any:
         return al.load(name)
     except AttrlabError:
         raise
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # not a model (a plain file, a pickle ...): any loader error
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot load model {name!r}: {first}") from e
 
@@ -319,18 +374,125 @@ def summary_lines(r: Any, k: int = 10) -> list[str]:
             top[c] = [repr(v) if isinstance(v, str) else v for v in top[c]]
     with pd.option_context("display.max_colwidth", 60, "display.width", 160):
         lines.append(top.to_string(index=False))
-    return lines
+    # a saved file's strings reach the terminal: no escape sequences, no bidi reordering
+    return [visible(line) for line in lines]
 
 
-def _write_outputs(args: argparse.Namespace, r: Any, title: str, info: dict[str, Any]) -> None:
-    if getattr(args, "out", None):
-        path = r.save(args.out)
-        _status(args, f"saved {path}")
-    if getattr(args, "html", None):
-        from .report import Report
+def check_output(path: str, flag: str, example: str = "result") -> Path:
+    """The path to write ``flag``'s file to, checked before any work is done.
 
-        path = Report(title, info=info).add(r, k=max(args.top, 5)).save(args.html)
-        _status(args, f"wrote {path}")
+    Missing parent directories are fine (they are created when writing); a
+    path that is a directory or not a regular file, lies under a file, or is in
+    a directory that cannot be written raises :class:`InputError`. A symlink
+    is followed (its target is written).
+
+    Example:
+        >>> import tempfile, os
+        >>> d = tempfile.mkdtemp()
+        >>> check_output(os.path.join(d, "new", "r.attr"), "--out").name
+        'r.attr'
+        >>> check_output(d, "--out")
+        Traceback (most recent call last):
+        ...
+        attrlab.errors.InputError: --out ...: is a directory; give a file path, e.g. .../result
+    """
+    if not path.strip():
+        raise InputError(f"{flag} is empty: give a file path")
+    p = Path(path).expanduser()
+    try:
+        if p.is_symlink():
+            p = p.resolve()
+        if p.is_dir():
+            raise InputError(f"{flag} {path}: is a directory; give a file path, e.g. {p / example}")
+        if p.exists() and not p.is_file():
+            raise InputError(f"{flag} {path}: is not a regular file; give a file path")
+        ancestor = p.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot use this path: {e}") from e
+    if not ancestor.is_dir():
+        raise InputError(f"{flag} {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: cannot write in {ancestor} (permission denied)")
+    return p
+
+
+def _check_outputs(args: argparse.Namespace, flags: Sequence[tuple[str, str]]) -> None:
+    """Check the output paths of ``args`` (``(flag, example file name)``) before computing."""
+    seen: dict[Path, str] = {}
+    for flag, example in flags:
+        value = getattr(args, flag.lstrip("-"), None)
+        if value is None:
+            continue
+        p = check_output(value, flag, example).absolute()
+        if p in seen:
+            raise InputError(f"{seen[p]} and {flag} are the same file ({value}); give two paths")
+        seen[p] = flag
+
+
+def _write(path: str | Path, save: Callable[[Path], Any]) -> Path:
+    """``save(path)`` after creating missing directories; a symlink's target is written."""
+    p = Path(path).expanduser()
+    if p.is_symlink():
+        p = p.resolve()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    save(p)
+    return p
+
+
+def _fallback(name: str, suffix: str) -> Path:
+    """A new file name for a result that could not be written where asked: in the
+    working directory if it is writable, else in the temporary directory."""
+    import tempfile
+
+    stem = Path(name).stem or "attrlab-result"
+    d = Path.cwd()
+    if not os.access(d, os.W_OK | os.X_OK):
+        d = Path(tempfile.gettempdir())
+    return d / f"{stem}.rescued-{uuid.uuid4().hex[:6]}{suffix}"
+
+
+def _write_outputs(
+    args: argparse.Namespace,
+    r: Any,
+    report: Callable[[], Any],
+    flags: Sequence[tuple[str, str]] = (("--out", ".attr"), ("--html", ".html")),
+) -> int:
+    """Write the outputs ``flags`` names (``(flag, ".attr" | ".html")``): the result
+    ``r`` or the ``report()``. A failed write keeps what it would have written in a
+    fallback file named on stderr (and the result as ``.attr`` when no ``.attr``
+    was written), and makes the exit code 1; 0 when everything was written."""
+    saves = {".attr": lambda p: r.save(p), ".html": lambda p: report().save(p)}
+    failed: list[tuple[str, str]] = []
+    wrote_attr = False
+    for flag, suffix in flags:
+        path = getattr(args, flag.lstrip("-"), None)
+        if not path:
+            continue
+        try:
+            done = "saved" if suffix == ".attr" else "wrote"
+            _status(args, f"{done} {_write(path, saves[suffix])}")
+            wrote_attr = wrote_attr or suffix == ".attr"
+        except (OSError, AttrlabError) as e:
+            print(f"attrlab: error: cannot write {flag} {path}: {_message(e)}", file=sys.stderr)
+            failed.append((path, suffix))
+    if not failed:
+        return 0
+    if r is not None and not wrote_attr and all(x != ".attr" for _, x in failed):
+        failed.insert(0, (failed[0][0], ".attr"))  # the result itself, not only its report
+    for path, suffix in failed:
+        keep = _fallback(path, suffix)
+        what = "the result" if suffix == ".attr" else "the report"
+        try:
+            _write(keep, saves[suffix])
+            hint = f" (attrlab show {keep} reads it)" if suffix == ".attr" else ""
+            print(f"attrlab: {what} is kept in {keep}{hint}", file=sys.stderr)
+        except (OSError, AttrlabError) as e:
+            print(
+                f"attrlab: error: could not keep {what} in {keep}: {_message(e)}", file=sys.stderr
+            )
+    return 1
 
 
 # ------------------------------------------------------------------ commands
@@ -342,9 +504,21 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     from .methods.base import find_method
     from .units.base import resolve
 
+    # everything that can be checked is checked before loading the model
+    if not args.prompt:
+        raise EmptyPromptError("--prompt is empty: give the text to explain")
+    _check_outputs(args, [("--out", "result.attr"), ("--html", "report.html")])
     options = dict(parse_option(o) for o in args.option)
     units = build_units(args.units, dict(parse_option(o) for o in args.unit_option))
-    find_method(args.method, resolve(units).kind)  # fail before loading the model
+    try:
+        find_method(args.method, resolve(units).kind)
+    except UnknownMethodError as e:
+        if any(c in args.method for c in "/\\") or Path(args.method).exists():
+            raise UnknownMethodError(
+                f"{e}\n--method {args.method!r} is a file name: the shell expanded an unquoted "
+                "pattern such as atp*; quote it: --method 'atp*'"
+            ) from e
+        raise
     t0 = time.perf_counter()
     _status(args, f"loading {args.model} ...")
     lm = load_model(args.model)
@@ -367,8 +541,14 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     info = {"model": lm.name, "prompt": args.prompt}
     if args.counterfactual:
         info["counterfactual"] = args.counterfactual
-    _write_outputs(args, r, f"attrlab explain: {args.method} over {args.units}", info)
-    return 0
+
+    def report() -> Any:
+        from .report import Report
+
+        title = f"attrlab explain: {args.method} over {args.units}"
+        return Report(title, info=info).add(r, k=max(args.top, 5))
+
+    return _write_outputs(args, r, report)
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -376,6 +556,14 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
     if not Path(args.file).exists():
         raise InputError(f"no such file: {args.file}")
+    if Path(args.file).is_dir():
+        raise InputError(f"{args.file} is a directory; give a .attr file")
+    if args.html:
+        check_output(args.html, "--html", "report.html")
+        if Path(args.html).expanduser().absolute() == Path(args.file).absolute():
+            raise InputError(
+                f"--html {args.html} would overwrite the result file; give another path"
+            )
     r = Attribution.load(args.file)
     if args.json:
         print(json.dumps(result_json(r)))
@@ -388,16 +576,23 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if args.html:
         from .report import Report
 
-        path = (
-            Report(f"attrlab: {Path(args.file).name}", info=info).add(r, k=args.top).save(args.html)
-        )
-        _status(args, f"wrote {path}")
+        page = Report(f"attrlab: {Path(args.file).name}", info=info).add(r, k=args.top)
+        _status(args, f"wrote {_write(args.html, page.save)}")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .viz.demo import run_demo
+    from .viz.demo import SECTIONS, run_demo
 
+    unknown = sorted(set(args.only or ()) - set(SECTIONS))
+    if unknown:
+        raise InputError(
+            f"--only: unknown demo section(s) {', '.join(unknown)}; "
+            f"choose from {', '.join(SECTIONS)}"
+        )
+    if args.prompt is not None and not args.prompt:
+        raise EmptyPromptError("--prompt is empty: give the text to explain, or leave it out")
+    _check_outputs(args, [("--out", "attrlab-report.html")])
     t0 = time.perf_counter()
     report, lines = run_demo(
         prompt=args.prompt,
@@ -408,10 +603,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         debug=args.debug,
         only=args.only,
     )
-    path = report.save(args.out)
     print("\n".join(lines))
-    print(f"report: {path.resolve()}  ({time.perf_counter() - t0:.1f} s)")
-    return 0
+    rc = _write_outputs(args, None, lambda: report, flags=[("--out", ".html")])
+    if rc == 0:
+        print(f"report: {Path(args.out).resolve()}  ({time.perf_counter() - t0:.1f} s)")
+    return rc
 
 
 # ------------------------------------------------------------------ entry point
@@ -455,15 +651,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_loaders()
     try:
         return int(func(args))
-    except (AttrlabError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except (AttrlabError, OSError) as e:
         if args.debug:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"attrlab: error: {msg}", file=sys.stderr)
+        print(f"attrlab: error: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # pragma: no cover
         print("attrlab: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug in attrlab or a library: still no traceback by default
+        if args.debug:
+            raise
+        print(
+            f"attrlab: internal error: {type(e).__name__}: {_message(e)}\n"
+            "This is a bug; rerun with --debug for the traceback and report it.",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _message(e: BaseException) -> str:
+    """The whole message of an error (every line: a token listing is what makes a
+    length error actionable), or its type name when it has none; control and
+    bidirectional characters shown as escapes."""
+    return visible(str(e).strip()) or type(e).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

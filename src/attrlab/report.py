@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .result import Attribution
-from .viz.html import CSS, esc, fmt, render_panel, render_table
+from .viz.html import CSS, bdi, esc, fmt, render_panel, render_table
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
 
@@ -161,7 +161,7 @@ class Report:
                     f"{esc(it.note)}</div>"
                 )
         info = "".join(
-            f"<dt>{esc(k)}</dt><dd>{esc(fmt(v) if isinstance(v, float) else v)}</dd>"
+            f"<dt>{esc(k)}</dt><dd>{bdi(fmt(v) if isinstance(v, float) else v)}</dd>"
             for k, v in self.info.items()
         )
         info_html = f'<dl class="al-info">{info}</dl>' if info else ""
@@ -184,11 +184,16 @@ class Report:
         )
 
     def save(self, path: str | Path, csp: bool = True) -> Path:
-        """Write the page (UTF-8) and return its path."""
+        """Write the page (UTF-8, atomically: complete or not written) and return its path.
+
+        Missing parent directories are created.
+        """
+        from ._files import write_atomically
+
         path = Path(path)
+        page = self.to_html(csp=csp)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_html(csp=csp), encoding="utf-8")
-        return path
+        return write_atomically(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
 
 
 def build_report(

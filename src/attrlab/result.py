@@ -209,17 +209,37 @@ class Attribution:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Write a ``.attr`` file (safetensors; metadata as checked JSON). Returns the path."""
-        from safetensors.torch import save_file
+        """Write a ``.attr`` file (safetensors; metadata as checked JSON). Returns the path.
 
-        path = Path(path)
+        The write is atomic: the file is complete or not written (an existing
+        file stays as it was when writing fails). Non-finite scores are refused
+        (:class:`InputError`), so every saved file can be loaded.
+
+        Example:
+            >>> import tempfile, os
+            >>> r = Attribution(torch.tensor([1.0, 2.0]), {"token": ["a", "b"]}, "tokens", "ig")
+            >>> p = r.save(os.path.join(tempfile.mkdtemp(), "r.attr"))
+            >>> Attribution.load(p).equals(r)
+            True
+        """
+        from safetensors.torch import save
+
+        from ._files import write_atomically
+
+        if self.scores.is_floating_point() and not bool(torch.isfinite(self.scores).all()):
+            n_bad = int((~torch.isfinite(self.scores)).sum())
+            raise InputError(
+                f"cannot save a result with non-finite scores ({n_bad} of "
+                f"{self.scores.numel()} are NaN or infinite); find where they come from first"
+            )
         tensors = {"scores": self.scores.contiguous()}
         for k, v in self.extra.items():
             tensors[f"extra.{k}"] = v.contiguous()
         body = json.dumps(self._metadata(), sort_keys=True, allow_nan=False)
         digest = _digest(body, tensors)
-        save_file(tensors, str(path), metadata={"attrlab": body, "sha256": digest})
-        return path
+        data = save(tensors, metadata={"attrlab": body, "sha256": digest})
+        # plain Python file io: OSError subclasses (not SafetensorError) on a bad path
+        return write_atomically(path, lambda tmp: tmp.write_bytes(data))
 
     @classmethod
     def load(cls, path: str | Path) -> Attribution:
@@ -248,26 +268,9 @@ class Attribution:
             )
         try:
             m = json.loads(body)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise FileFormatError(f"{path}: bad metadata JSON: {e}") from e
-        if m.get("format") != FORMAT or int(m.get("version", 0)) > FORMAT_VERSION:
-            raise FileFormatError(
-                f"{path}: unsupported format {m.get('format')} v{m.get('version')}"
-            )
-        extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
-        return cls(
-            tensors["scores"],
-            units=_columns(m["units"]),
-            unit_kind=m["unit_kind"],
-            method=m["method"],
-            target=m["target"],
-            params=m["params"],
-            model_id=m["model_id"],
-            diagnostics=m["diagnostics"],
-            rows=_columns(m["rows"]),
-            meta=m["meta"],
-            extra=extra,
-        )
+        return cls(**_checked_fields(path, m, tensors))
 
     def equals(self, other: Attribution) -> bool:
         """Exact equality of scores, labels and metadata."""
@@ -300,11 +303,121 @@ class Attribution:
         return torch.argsort(s.abs().double(), descending=True, stable=True)[:k].tolist()
 
 
-def _columns(saved: Any) -> dict[str, list[Any]]:
-    """Label columns from a file: ``[[name, values], ...]`` (or a plain mapping)."""
-    if isinstance(saved, Mapping):
-        return {str(k): list(v) for k, v in saved.items()}
-    return {str(k): list(v) for k, v in saved}
+# metadata keys every file written by Attribution.save has, with their JSON type
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "units": (list, dict),
+    "unit_kind": str,
+    "method": str,
+    "target": str,
+    "params": dict,
+    "model_id": str,
+    "diagnostics": dict,
+    "rows": (list, dict),
+    "meta": dict,
+}
+_JSON_TYPE = {list: "a list", str: "a string", dict: "an object", (list, dict): "a list"}
+
+
+def _checked_fields(path: Path, m: Any, tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The constructor arguments of a loaded file, after checking the metadata schema.
+
+    A file can carry a valid checksum and still be malformed (written by a
+    buggy or hostile writer, or by hand). Every way it can be malformed raises
+    :class:`FileFormatError` naming the problem: not an object, wrong format or
+    version, a missing key, a key of the wrong type, label columns that are not
+    ``[name, values]`` pairs of scalars, columns whose length differs from the
+    number of units (or of rows), and scores that are not a finite real
+    ``[n_units]`` or ``[n_rows, n_units]`` tensor.
+
+    Example:
+        >>> import torch
+        >>> _checked_fields(Path("r.attr"), {"format": "x"}, {"scores": torch.zeros(1)})
+        Traceback (most recent call last):
+        ...
+        attrlab.errors.FileFormatError: r.attr: unsupported format x vNone
+    """
+
+    def bad(what: str) -> FileFormatError:
+        return FileFormatError(
+            f"{path}: malformed attrlab metadata: {what}. The checksum matches, so the file "
+            "was written this way; re-create it with Attribution.save (or attrlab explain --out)"
+        )
+
+    if not isinstance(m, dict):
+        raise bad(f"the metadata is a JSON {type(m).__name__}, not an object")
+    if m.get("format") != FORMAT:
+        raise FileFormatError(f"{path}: unsupported format {m.get('format')} v{m.get('version')}")
+    version = m.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise bad(f"'version' must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise FileFormatError(
+            f"{path}: unsupported format {FORMAT} v{version} (this attrlab reads up to "
+            f"v{FORMAT_VERSION}); upgrade attrlab to read it"
+        )
+    missing = [k for k in _REQUIRED if k not in m]
+    if missing:
+        raise bad("missing key" + ("s " if len(missing) > 1 else " ") + ", ".join(missing))
+    for k, typ in _REQUIRED.items():
+        if not isinstance(m[k], typ):
+            raise bad(f"{k!r} must be {_JSON_TYPE[typ]}, got {type(m[k]).__name__}")
+
+    scores = tensors["scores"]
+    if scores.dtype == torch.bool or scores.is_complex():
+        raise bad(f"scores must be real numbers, got dtype {scores.dtype}")
+    if scores.dim() not in (1, 2) or (scores.dim() == 2 and scores.shape[0] == 0):
+        raise bad(f"scores must be [n_units] or [n_rows, n_units], got {tuple(scores.shape)}")
+    if scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
+        n_bad = int((~torch.isfinite(scores)).sum())
+        raise bad(f"{n_bad} of {scores.numel()} scores are NaN or infinite")
+    n_units = int(scores.shape[-1])
+    units = _checked_columns(m["units"], "units", n_units, bad)
+    # rows label the rows of 2-D scores (1-D results keep theirs as written)
+    rows = _checked_columns(m["rows"], "rows", scores.shape[0] if scores.dim() == 2 else None, bad)
+    extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return {
+        "scores": scores,
+        "units": units,
+        "unit_kind": m["unit_kind"],
+        "method": m["method"],
+        "target": m["target"],
+        "params": m["params"],
+        "model_id": m["model_id"],
+        "diagnostics": m["diagnostics"],
+        "rows": rows,
+        "meta": m["meta"],
+        "extra": extra,
+    }
+
+
+def _checked_columns(saved: Any, key: str, n: int | None, bad: Any) -> dict[str, list[Any]]:
+    """``[[name, values], ...]`` (or a plain mapping) -> columns, each a list of
+    ``n`` JSON scalars."""
+    if isinstance(saved, dict):
+        saved = [[k, v] for k, v in saved.items()]
+    cols: dict[str, list[Any]] = {}
+    for i, pair in enumerate(saved):
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
+            raise bad(f"{key}[{i}] must be a [name, values] pair, got {_short(pair)}")
+        name, values = pair
+        if name in cols:
+            raise bad(f"{key} has the column {name!r} twice")
+        if not isinstance(values, list):
+            raise bad(f"{key} column {name!r} must be a list, got {type(values).__name__}")
+        if n is not None and len(values) != n:
+            raise bad(f"{key} column {name!r} has {len(values)} entries for {n} {key}")
+        for v in values:
+            if not (v is None or isinstance(v, (str, int, float))) or (
+                isinstance(v, float) and not math.isfinite(v)
+            ):
+                raise bad(f"{key} column {name!r} holds {_short(v)}; labels are strings or numbers")
+        cols[name] = values
+    return cols
+
+
+def _short(x: Any) -> str:
+    text = repr(x)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _digest(body: str, tensors: Mapping[str, Tensor]) -> str:

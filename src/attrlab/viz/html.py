@@ -16,10 +16,19 @@ edges                                   circuit graph (SVG) and the top edges
 logit lens                              per-layer table of logprob, rank, top tokens
 =====================================  ==========================================
 
+Text that would display differently from what it is never reaches the page
+as is: control, zero-width and bidirectional-control characters (U+202E and
+friends) are shown as visible escapes such as ``\\u202e`` (:func:`visible`),
+and each token, label and prompt is its own bidirectional island (``<bdi>``,
+``unicode-bidi: isolate``), so right-to-left text in one token cannot reorder
+its neighbours.
+
 Example:
     >>> from attrlab.viz.html import esc
     >>> esc('<script>alert(1)</script>')
     '&lt;script&gt;alert(1)&lt;/script&gt;'
+    >>> print(esc("abc" + chr(0x202E) + "def"))
+    abc\\u202edef
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import html
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +56,7 @@ CSS = """
 .al-panel{border:1px solid #d0d7de;border-radius:8px;padding:14px 16px;margin:14px 0;background:#fff}
 .al-panel h3{margin:0 0 4px 0;font-size:16px}
 .al-sub{color:#57606a;font-size:12.5px;margin-bottom:10px}
-.al-tok{white-space:pre;border-radius:3px;padding:1px 1px;margin:0 1px;font-family:ui-monospace,
+.al-tok{unicode-bidi:isolate;white-space:pre;border-radius:3px;padding:1px 1px;margin:0 1px;font-family:ui-monospace,
  SFMono-Regular,Menlo,Consolas,monospace;font-size:13px;line-height:2}
 .al-text{background:#f6f8fa;border-radius:6px;padding:8px 10px;word-wrap:break-word}
 .al-table{border-collapse:collapse;margin:8px 0;font-size:12.5px}
@@ -89,15 +99,65 @@ CSS = """
 .al-note{color:#57606a;font-style:italic}
 .al-minibar{width:90px;height:9px;background:#f6f8fa;border-radius:2px;margin-top:4px}
 .al-minibar div{height:9px;border-radius:2px}
+.al-root bdi{unicode-bidi:isolate}
 .al-circuit svg{max-width:100%;height:auto;border:1px solid #eaeef2;border-radius:6px;
  background:#fcfcfd}
 """
 
 
 # ----------------------------------------------------------------- basics
+# categories of characters that draw nothing or change how their neighbours are
+# drawn: controls, format characters (zero-width, bidirectional controls, tags),
+# line / paragraph separators, surrogates
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+# letters that render as blanks (Hangul fillers, Khmer inherent vowels)
+_BLANK_LETTERS = frozenset("\u115f\u1160\u17b4\u17b5\u3164\uffa0")
+
+
+def visible(text: str, keep: str = "\n\t") -> str:
+    """``text`` with every invisible or reordering character written as an escape.
+
+    Control, zero-width and bidirectional-control characters (``U+202E``
+    RIGHT-TO-LEFT OVERRIDE, ``U+200B`` ZERO WIDTH SPACE, ...) become
+    ``\\u202e``-style text, so what is shown is what the string holds. Characters
+    in ``keep`` (newline and tab by default) stay. Printable text is returned as is.
+
+    Example:
+        >>> print(visible("pay" + chr(0x202E) + "txt.exe " + chr(0x200B) + "Mary"))
+        pay\\u202etxt.exe \\u200bMary
+        >>> visible("plain text")
+        'plain text'
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        if c in keep or not (unicodedata.category(c) in _HIDDEN_CATEGORIES or c in _BLANK_LETTERS):
+            out.append(c)
+        elif ord(c) < 0x100:
+            out.append(f"\\x{ord(c):02x}")
+        elif ord(c) < 0x10000:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(f"\\U{ord(c):08x}")
+    return "".join(out)
+
+
 def esc(x: Any) -> str:
-    """Escape any value for HTML text or a quoted attribute."""
-    return html.escape(str(x), quote=True)
+    """Escape any value for HTML text or a quoted attribute (invisible and
+    bidirectional-control characters made visible, see :func:`visible`)."""
+    return html.escape(visible(str(x)), quote=True)
+
+
+def bdi(x: Any) -> str:
+    """``x`` escaped, in its own bidirectional island: right-to-left text inside
+    it cannot reorder the text around it.
+
+    Example:
+        >>> bdi("<b>")
+        '<bdi>&lt;b&gt;</bdi>'
+    """
+    return f"<bdi>{esc(x)}</bdi>"
 
 
 def fmt(v: Any, digits: int = 4) -> str:
@@ -149,11 +209,12 @@ def _fg(s: float, scale: float) -> str:
 
 # ----------------------------------------------------------- primitives
 def render_tokens(tokens: list[str], scores: list[float]) -> str:
-    """Inline token heatmap: one escaped ``<span>`` per token."""
+    """Inline token heatmap: one escaped, bidi-isolated ``<bdi>`` per token."""
     scale = _scale(scores)
+    # <bdi>: each token is its own bidirectional island (no reordering across tokens)
     spans = [
-        f'<span class="al-tok" title="{esc(fmt(s))}" '
-        f'style="background:{color(s, scale)}{_fg(s, scale)}">{esc(show_token(t))}</span>'
+        f'<bdi class="al-tok" title="{esc(fmt(s))}" '
+        f'style="background:{color(s, scale)}{_fg(s, scale)}">{esc(show_token(t))}</bdi>'
         for t, s in zip(tokens, scores)
     ]
     return "".join(spans)
@@ -174,9 +235,9 @@ def render_table(
             if isinstance(v, float) or _is_number(v):
                 cells.append(f'<td class="al-num">{esc(fmt(v))}</td>')
             elif c in long:
-                cells.append(f'<td class="al-long">{esc(v)}</td>')
+                cells.append(f'<td class="al-long">{bdi(v)}</td>')
             else:
-                cells.append(f"<td>{esc(show_token(v) if isinstance(v, str) else v)}</td>")
+                cells.append(f"<td>{bdi(show_token(v) if isinstance(v, str) else v)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     more = f'<div class="al-note">… {n - max_rows} more rows</div>' if n > max_rows else ""
     return f'<table class="al-table"><tr>{head}</tr>{"".join(rows)}</table>{more}'
@@ -214,7 +275,7 @@ def render_heatmap(
         values = n_cols <= 16
     col_cls = ' class="al-col"' if vertical_cols else ""
     head = f'<th class="al-axis">{esc(row_title)} \\ {esc(col_title)}</th>' + "".join(
-        f"<th{col_cls}>{esc(show_token(c))}</th>" for c in col_labels
+        f"<th{col_cls}>{bdi(show_token(c))}</th>" for c in col_labels
     )
     body = []
     for i, row in enumerate(matrix):
@@ -231,7 +292,7 @@ def render_heatmap(
                 f'<td class="al-cell" title="{esc(tip)}" style="background:{color(v, scale)}{fg}">'
                 f"{text}</td>"
             )
-        body.append(f"<tr><th>{esc(show_token(row_labels[i]))}</th>{''.join(cells)}</tr>")
+        body.append(f"<tr><th>{bdi(show_token(row_labels[i]))}</th>{''.join(cells)}</tr>")
     return f'<div>{legend(scale)}</div><table class="al-hm"><tr>{head}</tr>{"".join(body)}</table>'
 
 
@@ -248,7 +309,7 @@ def render_bars(labels: Sequence[Any], scores: Sequence[float], max_rows: int = 
         col = "rgba(220,40,40,.85)" if s >= 0 else "rgba(40,90,220,.85)"
         rows.append(
             f'<div class="al-bar-row" title="{esc(show_token(lab))}: {esc(fmt(s))}">'
-            f'<div class="al-bar-label">{esc(show_token(lab))}</div>'
+            f'<div class="al-bar-label">{bdi(show_token(lab))}</div>'
             f'<div class="al-bar-track"><div class="al-bar-mid"></div>'
             f'<div class="al-bar" style="{side};background:{col}"></div></div>'
             f'<div class="al-bar-val">{esc(fmt(s, 3))}</div></div>'
@@ -299,10 +360,10 @@ def render_meta(r: Attribution) -> str:
             f"<code>{esc(r.method)}</code> over <code>{esc(r.unit_kind)}</code> "
             f"({len(r)} units{_shape_note(r)})",
         ),
-        ("target", f"<code>{esc(r.target)}</code>"),
+        ("target", f"<code>{bdi(r.target)}</code>"),
     ]
     if r.model_id:
-        items.append(("model", f"<code>{esc(r.model_id)}</code>"))
+        items.append(("model", f"<code>{bdi(r.model_id)}</code>"))
     params = {k: v for k, v in r.params.items() if k != "progress" and v is not None}
     items.append(
         (
@@ -567,10 +628,10 @@ def _text_panel(r: Attribution, k: int) -> str:
         for c in other:
             v = top[c].iloc[i]
             cells.append(
-                f'<td class="al-num">{esc(fmt(v))}</td>' if _is_number(v) else f"<td>{esc(v)}</td>"
+                f'<td class="al-num">{esc(fmt(v))}</td>' if _is_number(v) else f"<td>{bdi(v)}</td>"
             )
         for c in long:
-            cells.append(f'<td class="al-long">{esc(top[c].iloc[i])}</td>')
+            cells.append(f'<td class="al-long">{bdi(top[c].iloc[i])}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (
         '<div class="al-note">most supporting first</div>'
@@ -704,7 +765,7 @@ def _lens_panel(r: Attribution, k: int) -> str:
     if "top_tokens" not in df.columns and isinstance(tk, list) and len(tk) == n:
         df["top_tokens"] = tk
         lp = r.extra.get("topk_logprobs")
-        if lp is not None and lp.dim() >= 1 and lp.reshape(n, -1).shape[0] == n:
+        if lp is not None and lp.dim() >= 1 and n and lp.numel() % n == 0:
             df["top_logprobs"] = lp.reshape(n, -1).tolist()
     cols = {}
     for c in ordered_columns([c for c in df.columns if not c.startswith("top_")]):
