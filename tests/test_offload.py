@@ -75,3 +75,14 @@ def test_offloaded_weights_are_read_through_the_adapter(saved, tmp_path):
     w0, b0 = plain.adapter.norm_affine(plain.adapter.final_norm())
     torch.testing.assert_close(w, w0)
     torch.testing.assert_close(b, b0)
+
+
+def test_sources_occlusion_equals_the_plain_model_with_the_embedding_offloaded(saved, tmp_path):
+    """Source ablation runs the HF model itself: inputs must go to the
+    embedding's execution device, not to the first parameter's ('meta')."""
+    ctx = "Paris is the capital of France. Rome is the capital of Italy. Bob likes tea."
+    plain, off = _load(saved, tmp_path), _load(saved, tmp_path, "all")
+    kw = dict(units="sources", method="occlusion", response=" a")
+    a = al.attribute(plain, ctx, **kw)  # type: ignore[arg-type]
+    b = al.attribute(off, ctx, **kw)  # type: ignore[arg-type]
+    torch.testing.assert_close(b.scores, a.scores, atol=1e-6, rtol=1e-6)

@@ -236,12 +236,13 @@ class _Runner:
     """Runs ``rows`` (token lists) followed by a fixed response and applies ``fn``
     to the response positions' logits, reusing KV caches of shared prefixes."""
 
-    def __init__(self, model: Any, n_ctx: int | None, chunk: int = 1024):
+    def __init__(self, model: Any, n_ctx: int | None, chunk: int = 1024, device: Any = None):
         self.model = model
         self.n_ctx = n_ctx
         self.chunk = chunk
         self.keep_ok = _supports_logits_to_keep(model)
-        self.device = next(model.parameters()).device
+        # the wrapper's input device: the first parameter may be offloaded ("meta")
+        self.device = device if device is not None else next(model.parameters()).device
         self.n_tokens = 0  # tokens run through the model (a cost measure)
         self.n_forwards = 0
 
@@ -621,7 +622,7 @@ class SourcePrompt:
         unique = [list(r) for r in first]
         longest = max(len(r) for r in unique) + len(self.response_ids)
         bs = auto_batch_size(self.lm, longest) if batch_size == "auto" else int(batch_size)
-        runner = _Runner(self.lm.model, self.lm.cfg.n_ctx)
+        runner = _Runner(self.lm.model, self.lm.cfg.n_ctx, device=self.lm.device)
         out = runner.run(
             unique, self.response_ids, fn or _token_logprobs(self.response_ids), bs, reuse, progress
         )
