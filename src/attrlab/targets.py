@@ -175,7 +175,7 @@ class ContinuationLogProb(Target):
         if isinstance(self.continuation, str):
             ids = lm.encode(self.continuation)
         else:
-            ids = [lm.token_id(int(i)) for i in self.continuation]
+            ids = [lm.token_id(i) for i in self.continuation]
         if not ids:
             raise EmptyPromptError("the continuation is empty")
         self.ids = ids

@@ -287,8 +287,8 @@ def _prefix_linears(
     def wrap(m: nn.Module) -> Callable[..., Tensor] | None:
         w_in_out = linear_layout(m)
         weight = getattr(m, "weight", None)
-        if w_in_out is None or not isinstance(weight, Tensor):
-            return None
+        if w_in_out is None or not isinstance(weight, Tensor) or weight.device.type == "meta":
+            return None  # not a plain linear map, or weights accelerate loads per forward
         return _prefix_forward(m.forward, weight, w_in_out, lead, cut)
 
     with _swapped_forwards(model, wrap) as n:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -316,15 +316,20 @@ def _donor_acts(
     sites: list[str],
     resid_sites: list[str],
     target: Target,
+    prepare: Callable[[Batch], Batch],
 ) -> tuple[Batch | None, list[Intervention], dict[str, Tensor], Tensor | None, str]:
     """Run the corrupted input; return (corrupt batch, its interventions, cached
-    site values, its logits, corruption name). Zero/mean have no corrupted run."""
+    site values, its logits, corruption name). Zero/mean have no corrupted run.
+
+    ``batch`` is the clean batch as the target prepared it (e.g. prompt plus
+    continuation); ``prepare`` does the same to each tokenized reference or
+    counterfactual prompt, so both runs have the same tokens after the prompt."""
     if isinstance(corrupt, Zero):
         return None, [], {}, None, "zero"
     if isinstance(corrupt, Mean):
         if corrupt.reference is None:
             raise InputError("Mean corruption needs reference= prompts")
-        ref = lm.tokenize(corrupt.reference)
+        ref = prepare(lm.tokenize(corrupt.reference))
         _, cache = lm.run(ref, cache=sites, last_only=True)
         mask = ref.attention_mask.to(lm.dtype)  # [r, p]
         means = {}
@@ -354,7 +359,7 @@ def _donor_acts(
     elif isinstance(corrupt, Resample):
         if corrupt.reference is None:
             raise InputError("Resample corruption needs reference= prompts")
-        ref = lm.tokenize(corrupt.reference)
+        ref = prepare(lm.tokenize(corrupt.reference))
         g = torch.Generator().manual_seed(corrupt.seed)
         pick = torch.randint(0, ref.shape[0], (batch.shape[0],), generator=g)
         cbatch = ref[pick]
@@ -364,6 +369,7 @@ def _donor_acts(
         cbatch = lm.tokenize(corrupt)
         if cbatch.shape[0] == 1 and batch.shape[0] > 1:
             cbatch = cbatch.repeat(batch.shape[0])
+        cbatch = prepare(cbatch)
         lm.check_counterfactual(batch, cbatch)
         name = "counterfactual"
     want = list(dict.fromkeys([*sites, *resid_sites]))
@@ -494,17 +500,49 @@ def patch_sweep(
         >>> tuple(sw.patched.shape)
         (1, 8)
     """
+    tgt = target if isinstance(target, Target) else resolve_target(target, lm)
+    if isinstance(target, Target):
+        tgt.bind(lm)
+    batch = tgt.prepare(lm, lm.tokenize(clean))
+    return _sweep(
+        lm,
+        batch,
+        corrupt,
+        tgt,
+        units,
+        prepare=lambda b: tgt.prepare(lm, b),
+        direction=direction,
+        site=site,
+        batch_size=batch_size,
+        progress=progress,
+        reuse_prefix=reuse_prefix,
+    )
+
+
+def _sweep(
+    lm: LM,
+    batch: Batch,
+    corrupt: Inputs | Corruption,
+    tgt: Target,
+    units: Units | Sequence[PatchUnit],
+    *,
+    prepare: Callable[[Batch], Batch],
+    direction: str = "noising",
+    site: str = "z",
+    batch_size: int = 128,
+    progress: bool = False,
+    reuse_prefix: bool = True,
+) -> PatchSweep:
+    """:func:`patch_sweep` on a clean ``batch`` the target has already prepared
+    (the continuation of a :class:`~attrlab.targets.ContinuationLogProb` is
+    appended exactly once, here by the caller); ``prepare`` is applied to the
+    tokenized counterfactual / reference prompts only."""
     from tqdm.auto import tqdm
 
     if direction not in ("noising", "denoising"):
         raise InputError(f"direction must be 'noising' or 'denoising', got {direction!r}")
     if batch_size < 1:
         raise InputError("batch_size must be >= 1")
-    tgt = target if isinstance(target, Target) else resolve_target(target, lm)
-    if isinstance(target, Target):
-        tgt.bind(lm)
-    batch = lm.tokenize(clean)
-    batch = tgt.prepare(lm, batch)
     n_prompts, n_pos = batch.shape
     plist = _expand_units(lm, units, n_pos, site)
     if direction == "denoising" and isinstance(corrupt, (Zero, Mean)):
@@ -520,7 +558,7 @@ def patch_sweep(
     clean_logits, clean_cache = lm.run(batch, cache=[*sites, *resid_sites], last_only=last_only)
     clean_val = tgt(clean_logits, batch).detach().float()
     cbatch, civs, corrupt_cache, corrupt_logits, cname = _donor_acts(
-        lm, batch, corrupt, sites, resid_sites, tgt
+        lm, batch, corrupt, sites, resid_sites, tgt, prepare
     )
     if corrupt_logits is not None and cbatch is not None:
         corrupt_val = tgt(corrupt_logits, cbatch).detach().float()
@@ -725,12 +763,15 @@ class ActivationPatching(Method):
             )
         batch = target.prepare(lm, lm.tokenize(inputs))
         mtarget = _metric_target(self.metric, target, lm, batch)
-        sw = patch_sweep(
+        # the batch already holds what the target appends (e.g. a continuation):
+        # the sweep must not prepare it again, only the counterfactual / references
+        sw = _sweep(
             lm,
             batch,
             corrupt,
             mtarget,
             units,
+            prepare=lambda b: target.prepare(lm, b),
             direction=self.direction,
             site=self.site,
             batch_size=self.batch_size,

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -27,6 +28,7 @@ from ..errors import (
     TokenOutOfVocabError,
 )
 from .adapters import Adapter, ModelConfig, adapter_for
+from .adapters.base import _META_MESSAGE, unmaterialisable
 from .hooks import HookSession
 from .interventions import Intervention
 from .sites import Site, all_site_names, parse_site
@@ -72,6 +74,41 @@ class Batch:
         return Batch(self.input_ids[rows], self.attention_mask[rows], self.position_ids[rows])
 
 
+def _is_int_dtype(dtype: torch.dtype) -> bool:
+    """True for integer tensor dtypes (not bool, not floating / complex)."""
+    return dtype != torch.bool and not dtype.is_floating_point and not dtype.is_complex
+
+
+def _is_array(x: Any) -> bool:
+    return type(x).__module__ == "numpy" and hasattr(x, "dtype") and hasattr(x, "shape")
+
+
+def _id_row(row: Any, i: int) -> list[int]:
+    """One prompt's token ids as Python ints; integers only (no floats, no bools)."""
+    if _is_array(row):
+        row = torch.as_tensor(row)
+    if isinstance(row, Tensor):
+        if not _is_int_dtype(row.dtype) or row.dim() != 1:
+            raise InputError(
+                f"prompt {i}: token ids must be a 1-D integer tensor, got {row.dtype} "
+                f"{tuple(row.shape)}; use torch.tensor(ids, dtype=torch.long)"
+            )
+        return [int(x) for x in row.tolist()]
+    out = []
+    for t in row:
+        if isinstance(t, Tensor) and t.dim() == 0 and _is_int_dtype(t.dtype):
+            t = int(t)
+        elif _is_array(t) and getattr(t, "ndim", 1) == 0 and t.dtype.kind in "iu":
+            t = int(t)
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise InputError(
+                f"prompt {i}: token ids must be integers, got {type(t).__name__} {t!r}; "
+                "pass a list of int ids per prompt (e.g. [[464, 3290]]) or a string"
+            )
+        out.append(t)
+    return out
+
+
 class Cache(dict):
     """Mapping from site name to tensor, with the run's :class:`Batch` as ``.batch``."""
 
@@ -94,6 +131,12 @@ class LM:
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, name: str | None = None):
+        meta = unmaterialisable(model)
+        if meta:
+            more = f" (and {len(meta) - 3} more)" if len(meta) > 3 else ""
+            raise InputError(
+                _META_MESSAGE.format(what=f"parameter {', '.join(meta[:3])}{more} of this model")
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.adapter: Adapter = adapter_for(model)
@@ -111,9 +154,9 @@ class LM:
     # ---------------------------------------------------------- properties
     @property
     def device(self) -> torch.device:
-        """Where inputs go: the device of the token embedding."""
-        weight: Tensor = self.adapter.token_embedding().weight  # type: ignore[assignment]
-        return weight.device
+        """Where inputs go: the device of the token embedding (its execution
+        device when accelerate offloads it)."""
+        return self.adapter.input_device()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -164,8 +207,15 @@ class LM:
             MultiTokenTargetError: the text tokenizes to several tokens.
             TokenOutOfVocabError: the id (or text) is not in the vocabulary.
         """
-        if isinstance(token, (int, torch.Tensor)) and not isinstance(token, bool):
-            i = int(token)
+        if isinstance(token, torch.Tensor):
+            if token.numel() != 1 or not _is_int_dtype(token.dtype):
+                raise InputError(
+                    f"a token id tensor must hold one integer, got {token.dtype} "
+                    f"{tuple(token.shape)}"
+                )
+            token = int(token)
+        if not isinstance(token, (str, bool)) and hasattr(type(token), "__index__"):
+            i = operator.index(token)  # int, numpy integer; never a float
             if not 0 <= i < self.cfg.d_vocab:
                 raise TokenOutOfVocabError(
                     f"token id {i} is outside the vocabulary (0..{self.cfg.d_vocab - 1})"
@@ -193,6 +243,7 @@ class LM:
             EmptyPromptError, TokenOutOfVocabError, ContextTooLongError
         """
         if isinstance(inputs, Batch):
+            self._check_batch(inputs)
             return inputs.to(self.device)
         rows = self._token_rows(inputs, prepend_bos)
         for i, r in enumerate(rows):
@@ -221,12 +272,64 @@ class LM:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         return Batch(ids, mask, pos).to(self.device)
 
+    def _check_batch(self, batch: Batch) -> None:
+        """Raise unless ``batch`` holds integer ids ``[batch, pos]`` in the vocabulary."""
+        ids = batch.input_ids
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or not _is_int_dtype(ids.dtype):
+            raise InputError(
+                "Batch.input_ids must be an integer tensor [batch, pos]; got "
+                + (f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else repr(ids))
+                + ". Build batches with lm.tokenize(...)"
+            )
+        mask, pos = batch.attention_mask, batch.position_ids
+        # with a key/value cache the mask also covers the cached prefix: it may be wider
+        if (
+            not isinstance(pos, Tensor)
+            or pos.shape != ids.shape
+            or not isinstance(mask, Tensor)
+            or mask.dim() != 2
+            or mask.shape[0] != ids.shape[0]
+            or mask.shape[1] < ids.shape[1]
+        ):
+            raise InputError(
+                f"Batch.attention_mask and .position_ids must be tensors of the shape of "
+                f"input_ids {tuple(ids.shape)}. Build batches with lm.tokenize(...)"
+            )
+        if ids.numel():
+            self._check_vocab(ids)
+
+    def _check_vocab(self, ids: Tensor) -> None:
+        """Raise :class:`TokenOutOfVocabError` if an id of ``ids`` is outside ``[0, d_vocab)``."""
+        bad = ids[(ids < 0) | (ids >= self.cfg.d_vocab)]
+        if bad.numel():
+            raise TokenOutOfVocabError(
+                f"token ids {bad[:5].tolist()} are outside the vocabulary "
+                f"(0..{self.cfg.d_vocab - 1})"
+            )
+
     def _token_rows(self, inputs: Any, prepend_bos: bool | None) -> list[list[int]]:
         if isinstance(inputs, str):
             inputs = [inputs]
+        if _is_array(inputs):
+            inputs = torch.as_tensor(inputs)
         if isinstance(inputs, Tensor):
+            if not _is_int_dtype(inputs.dtype):
+                raise InputError(
+                    f"token ids must be an integer tensor (torch.long), got dtype {inputs.dtype}; "
+                    "pass ids from lm.tokenize(...).input_ids or torch.tensor(ids, dtype=torch.long)"
+                )
+            if inputs.dim() not in (1, 2):
+                raise InputError(
+                    f"token ids must be 1-D [pos] (one prompt) or 2-D [batch, pos], got shape "
+                    f"{tuple(inputs.shape)}; loop over the extra dimension or reshape it yourself"
+                )
             t = inputs if inputs.dim() == 2 else inputs.reshape(1, -1)
             return [[int(x) for x in row] for row in t.tolist()]
+        if not isinstance(inputs, Sequence):
+            raise InputError(
+                f"inputs must be a string, a list of strings, token ids [[id, ...], ...] or "
+                f"an integer tensor [batch, pos], or an attrlab Batch; got {type(inputs).__name__}"
+            )
         if len(inputs) == 0:
             raise EmptyPromptError("no prompts given")
         if all(isinstance(x, str) for x in inputs):
@@ -242,10 +345,11 @@ class LM:
                     ids = [bos, *ids]
                 rows.append(ids)
             return rows
-        if all(isinstance(x, (list, tuple, Tensor)) for x in inputs):
-            return [[int(t) for t in row] for row in inputs]
+        if all(isinstance(x, (list, tuple, Tensor)) or _is_array(x) for x in inputs):
+            return [_id_row(row, i) for i, row in enumerate(inputs)]
         raise InputError(
-            "inputs must be a string, a list of strings, token ids, or an attrlab Batch"
+            "inputs must be a string, a list of strings, token ids [[id, ...], ...] or an "
+            "integer tensor [batch, pos], or an attrlab Batch"
         )
 
     def check_counterfactual(self, batch: Batch, cf: Batch) -> None:
@@ -329,14 +433,23 @@ class LM:
         session = HookSession(
             self.adapter, cache_sites, ivs, grad, start_layer, start_resid, last_only
         )
-        with torch.set_grad_enabled(grad), session:
-            logits, _ = self.hf_forward(
-                batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                kv_cache=kv_cache,
-                use_cache=kv_cache is not None,
-            )
+        try:
+            with torch.set_grad_enabled(grad), session:
+                logits, _ = self.hf_forward(
+                    batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids,
+                    kv_cache=kv_cache,
+                    use_cache=kv_cache is not None,
+                )
+        except (NotImplementedError, RuntimeError) as e:
+            meta = unmaterialisable(self.model) if "meta" in str(e) else []
+            if meta:  # weights moved to the meta device after wrapping
+                raise InputError(_META_MESSAGE.format(what=f"parameter {meta[0]}")) from e
+            raise
+        if logits.device.type == "meta":  # every weight moved to meta after wrapping
+            meta = unmaterialisable(self.model) or ["?"]
+            raise InputError(_META_MESSAGE.format(what=f"parameter {meta[0]}"))
         result = Cache(session.cache)
         result.batch = batch
         return logits, result

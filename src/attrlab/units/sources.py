@@ -241,7 +241,8 @@ class _Runner:
         self.n_ctx = n_ctx
         self.chunk = chunk
         self.keep_ok = _supports_logits_to_keep(lm.model)
-        self.device = next(lm.model.parameters()).device
+        # the wrapper's input device: the first parameter may be offloaded ("meta")
+        self.device = lm.device
         self.n_tokens = 0  # tokens run through the model (a cost measure)
         self.n_forwards = 0
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ContextTooLongError, InputError
+from ..errors import ContextTooLongError, InputError, TokenOutOfVocabError
 from ..targets import upcast
 from .base import Units, register_units
 
@@ -123,6 +123,8 @@ class EmbedForward:
     #: id of the pad token (baseline "pad"), and of the mask token if any
     pad_id: int = 0
     mask_id: int | None = None
+    #: rows of the token-embedding table (valid ids are ``0 .. vocab_size - 1``)
+    vocab_size: int | None = None
 
     def embed_ids(self, ids: Tensor) -> Tensor:
         """Token embeddings (the ``embed`` site) of ``ids`` ``[pos]`` -> ``[pos, d]``."""
@@ -154,11 +156,17 @@ class EmbedForward:
         x = self.inputs_embeds()
         n = x.shape[0]
         if isinstance(spec, Tensor) and not spec.is_floating_point():
+            if spec.dtype == torch.bool or spec.is_complex():
+                raise InputError(
+                    f"a baseline tensor must hold integer token ids or float embeddings, "
+                    f"got dtype {spec.dtype}"
+                )
             ids = spec.reshape(-1)
             if ids.numel() != n:
                 raise InputError(
                     f"baseline token ids have {ids.numel()} entries; the input has {n} tokens"
                 )
+            self._check_ids(ids)
             return self.embed_ids(ids.long())
         if isinstance(spec, Tensor):
             b = spec.detach()
@@ -173,6 +181,7 @@ class EmbedForward:
         if isinstance(spec, bool) or spec is None:
             raise InputError(f"cannot read baseline {spec!r}")
         if isinstance(spec, int):
+            self._check_ids(torch.tensor([spec]))
             return self.embed_ids(torch.full((n,), spec, dtype=torch.long))
         if spec == "zero":
             return torch.zeros_like(x)
@@ -185,6 +194,18 @@ class EmbedForward:
         raise InputError(
             f"unknown baseline {spec!r}: use 'pad', 'zero', 'mask', a token id or a tensor"
         )
+
+    def _check_ids(self, ids: Tensor) -> None:
+        """Raise :class:`TokenOutOfVocabError` for baseline ids outside the vocabulary."""
+        n_vocab = self.vocab_size
+        if n_vocab is None:
+            return
+        bad = ids[(ids < 0) | (ids >= n_vocab)]
+        if bad.numel():
+            raise TokenOutOfVocabError(
+                f"baseline token ids {bad[:5].tolist()} are outside the vocabulary "
+                f"(0..{n_vocab - 1}); pass baseline='pad', 'zero', 'mask' or an id in range"
+            )
 
     def evaluate(self, emb: Tensor, batch_size: int = 32) -> Tensor:
         """``self(emb)`` without gradients, in chunks of ``batch_size``: ``[n, rows]``."""
@@ -289,6 +310,7 @@ class LMEmbedForward(EmbedForward):
             }
         self.pad_id = lm.pad_token_id
         self.mask_id = getattr(tok, "mask_token_id", None) if tok is not None else None
+        self.vocab_size = lm.cfg.d_vocab
 
     def embed_ids(self, ids: Tensor) -> Tensor:
         emb_mod = self.lm.adapter.token_embedding()

@@ -26,6 +26,8 @@ import torch
 import transformers
 from torch import Tensor, nn
 
+from ...errors import InputError
+
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
@@ -66,17 +68,96 @@ def get_path(root: nn.Module, path: str) -> nn.Module:
     return obj
 
 
+def _offload_hooks(module: nn.Module) -> list[Any]:
+    """accelerate's ``AlignDevicesHook`` objects on ``module`` that offload its weights."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    hooks = getattr(hook, "hooks", None) or [hook]  # a SequentialHook holds several
+    return [h for h in hooks if getattr(h, "offload", False) and h.weights_map is not None]
+
+
+def param(module: nn.Module, name: str) -> Tensor | None:
+    """The tensor ``module.<name>`` (a weight or bias), materialised.
+
+    With accelerate's CPU / disk offload (``device_map`` with ``"cpu"`` or
+    ``"disk"``) a module's parameters stay on the ``meta`` device and its hook
+    loads them for the module's own forward only; methods that read weights
+    directly (DLA, edges, head outputs) get them here, loaded from the hook's
+    weights map onto its execution device. Plain models: the attribute itself.
+
+    Raises:
+        InputError: the tensor is on the meta device and nothing can load it.
+
+    Example:
+        >>> from torch import nn
+        >>> param(nn.Linear(2, 3), "weight").shape
+        torch.Size([3, 2])
+    """
+    t = getattr(module, name, None)
+    if not isinstance(t, Tensor) or t.device.type != "meta":
+        return t
+    for hook in _offload_hooks(module):
+        try:
+            value = hook.weights_map[name]
+        except KeyError:
+            continue
+        dev = hook.execution_device
+        return value.to(device=dev if dev is not None else "cpu", dtype=t.dtype)
+    raise InputError(_META_MESSAGE.format(what=f"{type(module).__name__}.{name}"))
+
+
+_META_MESSAGE = (
+    "{what} is on the meta device (no weights): materialise the model before wrapping it, "
+    "e.g. load it with al.load(path) / from_pretrained, or model.to_empty(device='cpu') "
+    "followed by model.load_state_dict(...); accelerate's offload (device_map with "
+    "'cpu' / 'disk') is supported"
+)
+
+
+def unmaterialisable(model: nn.Module) -> list[str]:
+    """Names of ``model``'s parameters and buffers on the meta device that no
+    accelerate offload hook can load (empty for usable models).
+
+    Example:
+        >>> from torch import nn
+        >>> unmaterialisable(nn.Linear(2, 3)), unmaterialisable(nn.Linear(2, 3, device="meta"))
+        ([], ['weight', 'bias'])
+    """
+    bad = []
+    for mod_name, mod in model.named_modules():
+        tensors = [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
+        meta = [n for n, t in tensors if t.device.type == "meta"]
+        if not meta:
+            continue
+        hooks = _offload_hooks(mod)
+        for n in meta:
+            if not any(_has_key(h.weights_map, n) for h in hooks):
+                bad.append(f"{mod_name}.{n}" if mod_name else n)
+    return bad
+
+
+def _has_key(weights_map: Any, name: str) -> bool:
+    try:
+        weights_map[name]
+    except KeyError:
+        return False
+    return True
+
+
 def linear_in_out(module: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """Weight as ``[d_in, d_out]`` and bias ``[d_out]`` of a linear map.
+    """Weight as ``[d_in, d_out]`` and bias ``[d_out]`` of a linear map
+    (materialised if accelerate offloads it, see :func:`param`).
 
     Handles ``nn.Linear`` (weight stored ``[out, in]``) and GPT-2's ``Conv1D``
     (weight stored ``[in, out]``).
     """
-    weight: Tensor = module.weight  # type: ignore[assignment]
+    weight = param(module, "weight")
+    assert weight is not None
     if isinstance(module, nn.Linear):
-        return weight.T, module.bias
+        return weight.T, param(module, "bias")
     # transformers.pytorch_utils.Conv1D: y = x @ W + b with W [in, out]
-    return weight, getattr(module, "bias", None)
+    return weight, param(module, "bias")
 
 
 def linear_layout(module: nn.Module) -> bool | None:
@@ -199,6 +280,17 @@ class Adapter:
     def token_embedding(self) -> nn.Module:
         return get_path(self.model, self.embed_path)
 
+    def input_device(self) -> torch.device:
+        """Where input ids go: the token embedding's device (its execution
+        device when accelerate offloads it to the CPU or disk)."""
+        emb = self.token_embedding()
+        weight: Tensor = emb.weight  # type: ignore[assignment]
+        if weight.device.type == "meta":
+            for hook in _offload_hooks(emb):
+                if hook.execution_device is not None:
+                    return torch.device(hook.execution_device)
+        return weight.device
+
     def block_returns_tuple(self) -> bool:
         """Whether a decoder block returns ``(hidden, ...)`` rather than ``hidden``.
 
@@ -215,7 +307,7 @@ class Adapter:
                 lambda _m, _a, out: seen.append(isinstance(out, tuple))
             )
             try:
-                dev = next(self.model.parameters()).device
+                dev = self.input_device()
                 with torch.no_grad():
                     one = torch.ones(1, 1, dtype=torch.long, device=dev)
                     self.model(input_ids=one, attention_mask=one)
@@ -387,10 +479,11 @@ class Adapter:
 
     def norm_affine(self, norm: nn.Module) -> tuple[Tensor, Tensor | None]:
         """The effective elementwise weight and bias of a norm (``1 + w`` for Gemma)."""
-        w: Tensor = norm.weight  # type: ignore[assignment]
+        w = param(norm, "weight")
+        assert w is not None
         if self.norm_kind == "rmsnorm_plus_one":
             w = 1.0 + w
-        return w, getattr(norm, "bias", None)
+        return w, param(norm, "bias")
 
     def norm_linearized(self, norm: nn.Module, x: Tensor, scale: Tensor) -> Tensor:
         """``norm(x)`` with its scale frozen to ``scale``: linear in ``x`` (affine with bias).
