@@ -89,3 +89,14 @@ class FileFormatError(AttrlabError, OSError):
 class StoreMismatchError(InputError):
     """A feature store was written for another checkpoint, projection, output
     function or dataset than the one it is opened or resumed with."""
+
+
+# --- numerics ---
+class NonFiniteError(InputError):
+    """A number given to attrlab (a baseline, an option, a target's value) or a
+    score it computed is NaN or infinite."""
+
+
+class QuestionMismatchError(InputError):
+    """An evaluation was asked about another prompt, target or units than the
+    ones the result explains."""
