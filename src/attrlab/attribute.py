@@ -17,6 +17,7 @@ from typing import Any
 from .errors import EmptyPromptError, InputError
 from .methods.base import Method, find_method
 from .model.wrapper import LM, Inputs
+from .question import check_scores, record
 from .result import Attribution
 from .targets import resolve as resolve_target
 from .units.base import resolve as resolve_units
@@ -44,8 +45,13 @@ def attribute(
             methods that compare runs.
         **options: the method's options (e.g. ``steps=32``).
 
+    Returns:
+        An :class:`attrlab.Attribution`; ``meta["question"]`` records the inputs,
+        target, units and counterfactual, so that ``al.evaluate`` can read them.
+
     Raises:
         UnknownMethodError: unknown method, or not for these units.
+        NonFiniteError: a NaN or infinite target value, baseline or score.
         UnknownUnitsError, InputError and its subclasses for bad inputs.
     """
     if not isinstance(lm, LM) and not getattr(lm, "attrlab_wrapper", False):
@@ -69,5 +75,11 @@ def attribute(
             raise InputError(f"bad options for method {method!r}: {e}") from e
     else:
         raise InputError(f"method must be a name or an al.methods object, got {method!r}")
+    # recorded before the method runs: it may prepare (mutate) the target object
+    question = record(inputs, target, unit_obj, counterfactual, m.target_kind)
     tgt = resolve_target(target, lm) if m.target_kind == "lm" else target
-    return m.attribute(lm, inputs, tgt, unit_obj, counterfactual=counterfactual)
+    result = m.attribute(lm, inputs, tgt, unit_obj, counterfactual=counterfactual)
+    check_scores(result, f"method {m.name!r} computed non-finite scores")
+    if question is not None:
+        result.meta["question"] = question
+    return result

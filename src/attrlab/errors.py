@@ -96,3 +96,14 @@ class StoreCorruptError(FileFormatError):
     """A file of a feature store fails its recorded size or checksum, or holds
     non-finite numbers; re-running ``attrlab.data.featurize`` on the store with the
     same arguments recomputes it."""
+
+
+# --- numerics ---
+class NonFiniteError(InputError):
+    """A number given to attrlab (a baseline, an option, a target's value) or a
+    score it computed is NaN or infinite."""
+
+
+class QuestionMismatchError(InputError):
+    """An evaluation was asked about another prompt, target or units than the
+    ones the result explains."""

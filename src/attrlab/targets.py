@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 from torch import Tensor
 
-from .errors import EmptyPromptError, InputError
+from .errors import EmptyPromptError, InputError, NonFiniteError
 
 if TYPE_CHECKING:
     from .model.wrapper import LM, Batch
@@ -55,8 +55,15 @@ class Target:
         return batch
 
     def __call__(self, logits: Tensor, batch: Batch) -> Tensor:
-        """``[batch]`` target values from logits ``[batch, pos, vocab]``."""
-        return self.value(logits, batch)
+        """``[batch]`` target values from logits ``[batch, pos, vocab]``.
+
+        Raises:
+            NonFiniteError: a value is NaN or infinite (naming the target), so
+                that no method ranks or integrates a non-finite number.
+        """
+        out = self.value(logits, batch)
+        check_finite_values(self, out)
+        return out
 
     def value(self, logits: Tensor, batch: Batch) -> Tensor:
         raise NotImplementedError
@@ -69,6 +76,32 @@ class Target:
 
     def __repr__(self) -> str:
         return self.describe()
+
+
+def check_finite_values(target: Target, values: Tensor) -> None:
+    """Raise :class:`NonFiniteError` naming ``target`` if ``values`` has a NaN or inf.
+
+    Example:
+        >>> import torch
+        >>> try:
+        ...     check_finite_values(FnTarget(lambda l, b: l, "f"), torch.tensor([1.0, float("nan")]))
+        ... except NonFiniteError as e:
+        ...     print(str(e).split(":")[0])
+        the target fn(f) evaluated to nan for row(s) [1]
+    """
+    if not values.is_floating_point() and not values.is_complex():
+        return
+    v = values.detach()
+    ok = torch.isfinite(v)
+    if bool(ok.all()):
+        return
+    bad = (~ok).reshape(v.shape[0], -1).any(-1).nonzero()[:, 0].tolist() if v.dim() else [0]
+    first = v[~ok].reshape(-1)[0].item()
+    raise NonFiniteError(
+        f"the target {target.describe()} evaluated to {first} for row(s) {bad[:8]}: "
+        "attrlab cannot attribute or rank a NaN or infinite value. Check the target "
+        "(a callable must return finite numbers), the baseline and the model's outputs"
+    )
 
 
 def upcast(x: Tensor) -> Tensor:
@@ -246,7 +279,16 @@ class FnTarget(Target):
     def value(self, logits: Tensor, batch: Batch) -> Tensor:
         out = self.fn(logits, batch)
         if not isinstance(out, Tensor) or out.dim() != 1:
-            raise InputError("a target callable must return a 1-D tensor, one value per prompt")
+            raise InputError(
+                f"the target callable {self.name!r} must return a 1-D tensor, one value per "
+                f"prompt; got {type(out).__name__}"
+                + (f" of shape {tuple(out.shape)}" if isinstance(out, Tensor) else "")
+            )
+        if out.shape[0] != logits.shape[0]:
+            raise InputError(
+                f"the target callable {self.name!r} returned {out.shape[0]} values for a batch "
+                f"of {logits.shape[0]} rows; return one value per row of logits [batch, pos, vocab]"
+            )
         return out
 
     def describe(self) -> str:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from .lds import evaluate_masks
+from .lds import bind_context, evaluate_masks
 
 __all__ = [
     "Curve",
@@ -132,6 +132,12 @@ def _curve(
     units: Any,
     context: dict[str, Any],
 ) -> Curve:
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise InputError(f"steps must be a positive integer or None, got {steps!r}")
+    q = bind_context(
+        lm, result, inputs, target, units, context, f"draw a {kind} curve of this result"
+    )
+    inputs, target = q.inputs, q.target
     score, row = _rank(result, row)
     n = score.shape[0]
     order = torch.argsort(score, descending=True, stable=True)
@@ -159,7 +165,7 @@ def _curve(
 def deletion_curve(
     lm: Any,
     result: Any,
-    inputs: Any,
+    inputs: Any = None,
     target: Any = None,
     steps: int | None = None,
     row: int | None = None,
@@ -169,6 +175,10 @@ def deletion_curve(
     """Ablate units in order of decreasing score and record the target.
 
     Args:
+        inputs, target: the prompt and target the result explains; read from the
+            result when left out (given ones must match it, else
+            :class:`~attrlab.errors.QuestionMismatchError`; NaN or infinite scores
+            raise :class:`~attrlab.errors.NonFiniteError`).
         steps: number of points after the first (default: every unit).
         row: for multi-row results, which row (default: rank by the sum of rows
             and record the sum of the rows' targets).
@@ -188,7 +198,7 @@ def deletion_curve(
 def insertion_curve(
     lm: Any,
     result: Any,
-    inputs: Any,
+    inputs: Any = None,
     target: Any = None,
     steps: int | None = None,
     row: int | None = None,
@@ -201,7 +211,7 @@ def insertion_curve(
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
         >>> r = al.attribute(lm, "a b c d", target=" a", method="occlusion")
-        >>> c = al.evaluate.insertion_curve(lm, r, "a b c d", " a")
+        >>> c = al.evaluate.insertion_curve(lm, r)  # prompt and target from the result
         >>> abs(c.values[-1] - c.full) < 1e-6
         True
     """
@@ -219,11 +229,15 @@ def _eraser(
     units: Any,
     context: dict[str, Any],
 ) -> float:
+    if not bins or any(not 0 < q <= 1 for q in bins):
+        raise InputError(f"bins must be fractions in (0, 1], got {bins!r}")
+    qn = bind_context(
+        lm, result, inputs, target, units, context, f"compute the {kind} of this result"
+    )
+    inputs, target = qn.inputs, qn.target
     score, row = _rank(result, row)
     n = score.shape[0]
     order = torch.argsort(score, descending=True, stable=True)
-    if not bins or any(not 0 < q <= 1 for q in bins):
-        raise InputError(f"bins must be fractions in (0, 1], got {bins!r}")
     masks = torch.zeros(len(bins) + 1, n, dtype=torch.bool)
     masks[-1] = True
     for i, q in enumerate(bins):
@@ -240,7 +254,7 @@ def _eraser(
 def comprehensiveness(
     lm: Any,
     result: Any,
-    inputs: Any,
+    inputs: Any = None,
     target: Any = None,
     bins: Sequence[float] = ERASER_BINS,
     row: int | None = None,
@@ -263,7 +277,7 @@ def comprehensiveness(
 def sufficiency(
     lm: Any,
     result: Any,
-    inputs: Any,
+    inputs: Any = None,
     target: Any = None,
     bins: Sequence[float] = ERASER_BINS,
     row: int | None = None,

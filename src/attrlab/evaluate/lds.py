@@ -107,7 +107,8 @@ def random_subsets(n_units: int, n_masks: int, alpha: float = 0.5, seed: int = 0
 def units_of(result: Any, units: Any = None) -> Any:
     """The :class:`attrlab.units.Units` object a result's scores refer to:
     ``units`` if given, else rebuilt from ``result.unit_kind`` and
-    ``result.meta["units_params"]`` (when the method stored them).
+    ``result.meta["units_params"]`` (when the method stored them) or the units
+    of the question recorded by :func:`attrlab.attribute`.
 
     Example:
         >>> import attrlab as al
@@ -124,7 +125,11 @@ def units_of(result: Any, units: Any = None) -> Any:
     if kind is None:
         raise InputError("pass units=: the result does not say which units it scores")
     base = resolve(kind) if kind != "spans" else None
-    params = (getattr(result, "meta", {}) or {}).get("units_params")
+    meta = getattr(result, "meta", {}) or {}
+    params = meta.get("units_params")
+    recorded = (meta.get("question") or {}).get("units") or {}
+    if params is None and recorded.get("kind") == kind:
+        params = recorded.get("params")
     cls = type(base) if base is not None else _kind_class(kind)
     if params:
         try:
@@ -185,6 +190,34 @@ def _score_rows(result: Any, n_rows: int) -> Tensor:
     )
 
 
+def bind_context(
+    lm: Any,
+    result: Any,
+    inputs: Any,
+    target: Any,
+    units: Any,
+    context: dict[str, Any],
+    what: str,
+) -> Any:
+    """:func:`attrlab.question.bind` for an evaluation: checks the prompt, target,
+    units and scores, and adds the result's counterfactual to ``context`` for edge
+    units (their masks patch it in). Returns the :class:`~attrlab.question.Question`.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "a b c", target=" a", method="occlusion")
+        >>> bind_context(lm, r, None, None, None, {}, "evaluate").inputs
+        'a b c'
+    """
+    from ..question import bind
+
+    q = bind(lm, result, inputs, target, context.get("counterfactual"), units, what)
+    if q.counterfactual is not None and result.unit_kind == "edges":
+        context["counterfactual"] = q.counterfactual
+    return q
+
+
 _UNSET: Any = object()
 
 
@@ -204,8 +237,9 @@ def lds(
     Args:
         lm: the wrapped model the result explains.
         result: an :class:`attrlab.Attribution`.
-        inputs, target: the prompt and target the result explains (the same
-            ``target=`` given to :func:`attrlab.attribute`).
+        inputs, target: the prompt and target the result explains; read from the
+            result when left out (given ones must match it, else
+            :class:`~attrlab.errors.QuestionMismatchError`).
         n_masks, alpha, seed: the subsets (defaults 64, 0.5, 0).
         units: the unit object, when it cannot be rebuilt from the result.
         **context: passed to ``units.mask_values`` (``baseline=``, ``counterfactual=``,
@@ -241,9 +275,10 @@ def lds(
     seed = 0 if seed is _UNSET else int(seed)
     if lm is None:
         raise InputError("lds() on input or component units needs the model: lds(lm, result, ...)")
+    q = bind_context(lm, result, inputs, target, units, context, "compute the LDS of this result")
     n = int(result.scores.shape[-1])
     masks = random_subsets(n, n_masks, alpha, seed)
-    values = evaluate_masks(lm, result, inputs, target, masks, units, **context)  # [m, rows]
+    values = evaluate_masks(lm, result, q.inputs, q.target, masks, units, **context)  # [m, rows]
     s = _score_rows(result, values.shape[1])  # [rows, n]
     pred = masks.double() @ s.T  # [m, rows]
     per_row = [spearman(pred[:, r], values[:, r]) for r in range(values.shape[1])]

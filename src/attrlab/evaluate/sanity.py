@@ -89,24 +89,36 @@ def randomize_weights(
 def randomization_check(
     lm: Any,
     result: Any,
-    inputs: Any,
+    inputs: Any = None,
     target: Any = None,
     seed: int = 0,
     include: Sequence[str] | None = None,
     units: Any = None,
     method: Any = None,
+    counterfactual: Any = None,
     **options: Any,
 ) -> RandomizationCheck:
     """Re-run ``result``'s method on a randomized copy of ``lm``; return the rank
     correlation of the two attributions.
 
+    Works on every result :func:`attrlab.attribute` can recompute: tokens,
+    sources, components (heads, MLPs …) and edges.
+
     Args:
         result: the attribution on the trained model.
-        inputs, target: what ``result`` explains.
+        inputs, target, counterfactual: what ``result`` explains; read from the
+            result when left out (given ones must match it). A default (top-token)
+            target is fixed to the trained model's top token, so both models
+            explain the same logit.
         seed, include: see :func:`randomize_weights`.
         units: the unit object (default: rebuilt from the result).
         method: method name or object (default: ``result.method`` with ``result.params``,
             updated by ``options``).
+
+    Raises:
+        QuestionMismatchError: a prompt, target or counterfactual the result does not explain.
+        InputError: the method cannot be re-run from the result (training-data
+            results; an option that was a tensor and is not saved: pass it again).
 
     Example:
         >>> import attrlab as al
@@ -115,12 +127,38 @@ def randomization_check(
         >>> c = al.evaluate.randomization_check(lm, r, "a b c", " a", seed=1)
         >>> c.randomized.method
         'occlusion'
+        >>> h = al.attribute(lm, "a b c", target=" a", units="heads", method="atp",
+        ...                  counterfactual="a c c")
+        >>> al.evaluate.randomization_check(lm, h).randomized.unit_kind
+        'heads'
     """
     from ..attribute import attribute
+    from ..question import bind
 
     model = getattr(lm, "model", None)
     if not isinstance(model, nn.Module):
         raise InputError("randomization_check needs a wrapped model with a .model")
+    if getattr(result, "unit_kind", None) == "train":
+        raise InputError(
+            "randomization_check cannot re-run a training-data attribution from the result "
+            "(it needs the training set featurized again with the randomized model); "
+            "featurize a randomized copy (randomize_weights) and compare the scores yourself"
+        )
+    q = bind(lm, result, inputs, target, counterfactual, units, "run a randomization check on")
+    u = units_of(result, units)
+    if method is None:
+        name: Any = result.method
+        params = {k: v for k, v in result.params.items() if k != "units"}
+        params.update(options)
+        lost = [k for k, v in params.items() if _is_placeholder(v)]
+        if lost:
+            raise InputError(
+                f"the result's option(s) {', '.join(lost)} were tensors and are not saved "
+                f"with it; pass them again: randomization_check(..., {lost[0]}=...)"
+            )
+    else:
+        name, params = method, dict(options)
+    tgt = _fixed_target(lm, q.inputs, q.target, result, params)
     rand_model = randomize_weights(model, seed, include)
     if hasattr(lm, "with_model"):
         rand_lm = lm.with_model(rand_model)
@@ -128,18 +166,30 @@ def randomization_check(
         from ..model.loading import wrap
 
         rand_lm = wrap(rand_model, lm.tokenizer, name=f"{lm.name} (randomized)")
-    u = units_of(result, units)
-    if method is None:
-        params = {k: v for k, v in result.params.items() if not _is_placeholder(v)}
-        params.update(options)
-        rand = attribute(rand_lm, inputs, target=target, units=u, method=result.method, **params)
-    else:
-        rand = attribute(rand_lm, inputs, target=target, units=u, method=method, **options)
+    rand = attribute(
+        rand_lm, q.inputs, target=tgt, units=u, method=name, counterfactual=q.counterfactual,
+        **params,
+    )  # fmt: skip
     a = torch.as_tensor(result.scores).double().reshape(-1)
     b = torch.as_tensor(rand.scores).double().reshape(-1)
     if a.shape != b.shape:
         raise InputError(f"score shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     return RandomizationCheck(spearman(a, b), spearman(a.abs(), b.abs()), rand)
+
+
+def _fixed_target(lm: Any, inputs: Any, target: Any, result: Any, params: dict[str, Any]) -> Any:
+    """A default (top-token) target fixed to the trained model's prediction."""
+    from ..targets import TopToken
+
+    q = (getattr(result, "meta", {}) or {}).get("question") or {}
+    if target is not None or q.get("target_kind", "lm") != "lm" or params.get("max_new_tokens"):
+        return target
+    if not hasattr(lm, "tokenize"):
+        return target
+    t = TopToken()
+    t.prepare(lm, lm.tokenize(inputs))
+    ids = torch.as_tensor(t.ids).reshape(-1).tolist()
+    return int(ids[0]) if len(ids) == 1 else [int(i) for i in ids]
 
 
 def _is_placeholder(v: Any) -> bool:

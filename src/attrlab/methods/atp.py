@@ -76,7 +76,7 @@ from ..result import Attribution
 from ..targets import KL, Logit, LogitDiff, LogProb, Prob, Target, TopToken
 from ..units.base import Units
 from ..units.components import AttnOut, Heads, MlpOut, Neurons, Resid
-from .base import Method, register
+from .base import Method, check_float, check_int, register
 
 __all__ = [
     "AtP",
@@ -1143,15 +1143,11 @@ class AtPStar(Method):
         tail_points: int = 32,
         next_attn: bool = True,
     ):
-        if ig_steps < 0 or verify < 0:
-            raise InputError(f"ig_steps and verify must be >= 0, got {ig_steps}, {verify}")
-        self.ig_steps = ig_steps
-        self.verify = verify
+        self.ig_steps = check_int("atp*", "ig_steps", ig_steps, minimum=0)
+        self.verify = check_int("atp*", "verify", verify, minimum=0)
         self.tail_fix = tail_fix
         self.next_attn = next_attn
-        if tail_points < 2:
-            raise InputError(f"tail_points must be >= 2, got {tail_points}")
-        self.tail_points = tail_points
+        self.tail_points = check_int("atp*", "tail_points", tail_points, minimum=2)
         self.direction = direction
         self.head_site = head_site
         self.qk_fix = qk_fix
@@ -1159,12 +1155,12 @@ class AtPStar(Method):
         if combine not in ("max", "mean"):
             raise InputError(f"combine must be 'max' or 'mean', got {combine!r}")
         self.combine = combine
-        self.bound_samples = bound_samples
-        self.bound_top = bound_top
-        self.bound_bins = bound_bins
-        self.theta = theta
-        self.delta = delta
-        self.seed = seed
+        self.bound_samples = check_int("atp*", "bound_samples", bound_samples, minimum=0)
+        self.bound_top = check_int("atp*", "bound_top", bound_top, minimum=0)
+        self.bound_bins = check_int("atp*", "bound_bins", bound_bins)
+        self.theta = check_float("atp*", "theta", theta, strict=False, optional=True)
+        self.delta = check_float("atp*", "delta", delta, maximum=1.0)
+        self.seed = check_int("atp*", "seed", seed, minimum=0)
         self.progress = progress
 
     def attribute(

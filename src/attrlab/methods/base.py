@@ -20,10 +20,12 @@ Example:
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import UnknownMethodError
+from ..errors import InputError, NonFiniteError, UnknownMethodError
 
 if TYPE_CHECKING:
     from ..model.wrapper import LM, Inputs
@@ -58,6 +60,97 @@ class Method:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
+
+
+def check_int(method: str, name: str, value: Any, minimum: int = 1, optional: bool = False) -> Any:
+    """Validate an integer option at construction: an ``int`` (not a bool, not a
+    float) ``>= minimum``, or None when ``optional``. Returns it as a plain ``int``.
+
+    Raises:
+        InputError: naming the method and the option.
+
+    Example:
+        >>> check_int("lime", "samples", 64)
+        64
+        >>> try:
+        ...     check_int("lime", "samples", -1)
+        ... except InputError as e:
+        ...     print(e)
+        lime: samples must be an integer >= 1, got -1
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        extra = " or None" if optional else ""
+        raise InputError(f"{method}: {name} must be an integer >= {minimum}{extra}, got {value!r}")
+    return int(value)
+
+
+def check_float(
+    method: str,
+    name: str,
+    value: Any,
+    minimum: float = 0.0,
+    strict: bool = True,
+    maximum: float | None = None,
+    optional: bool = False,
+) -> Any:
+    """Validate a real-valued option at construction: finite, ``> minimum``
+    (``>=`` when not ``strict``), ``<= maximum`` if given, or None when
+    ``optional``. Returns it as a ``float``.
+
+    Raises:
+        NonFiniteError: NaN or infinite (naming the option).
+        InputError: out of range or not a number.
+
+    Example:
+        >>> check_float("lime", "kernel_width", 0.25)
+        0.25
+        >>> try:
+        ...     check_float("smoothgrad", "noise", float("nan"), strict=False)
+        ... except NonFiniteError as e:
+        ...     print(e)
+        smoothgrad: noise must be a finite number >= 0.0, got nan
+    """
+    if value is None and optional:
+        return None
+    cmp = ">" if strict else ">="
+    rng = f"{cmp} {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError(f"{method}: {name} must be a number {rng}, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise NonFiniteError(f"{method}: {name} must be a finite number {rng}, got {value!r}")
+    if (v <= minimum if strict else v < minimum) or (maximum is not None and v > maximum):
+        raise InputError(f"{method}: {name} must be a number {rng}, got {value!r}")
+    return v
+
+
+def check_baseline(method: str, baseline: Any, name: str = "baseline") -> Any:
+    """Validate a baseline (or reference) option at construction: a float tensor
+    must be finite everywhere. Names and token ids are checked when used.
+
+    Raises:
+        NonFiniteError: the tensor has NaN or infinite entries.
+
+    Example:
+        >>> import torch
+        >>> try:
+        ...     check_baseline("ig", torch.full((3, 4), float("nan")))
+        ... except NonFiniteError as e:
+        ...     print(str(e).split(";")[0])
+        ig: baseline has 12 NaN/infinite entries of 12
+    """
+    import torch
+
+    if isinstance(baseline, torch.Tensor) and baseline.is_floating_point():
+        bad = int((~torch.isfinite(baseline.detach())).sum())
+        if bad:
+            raise NonFiniteError(
+                f"{method}: {name} has {bad} NaN/infinite entries of {baseline.numel()}; "
+                "give a finite tensor (or 'pad', 'zero', a token id)"
+            )
+    return baseline
 
 
 _REGISTRY: dict[tuple[str, str], type[Method]] = {}

@@ -48,7 +48,7 @@ from ..errors import InputError
 from ..result import Attribution
 from ..targets import ContinuationLogProb
 from ..units.sources import SourcePrompt, Sources, reduce_logprobs
-from .base import Method, register
+from .base import Method, check_float, check_int, register
 
 __all__ = ["ContextMethod", "ContextCite", "attribute_span", "fit_lasso", "random_masks"]
 
@@ -98,11 +98,16 @@ class ContextMethod(Method):
         self.query = query
         self.template = template
         self.chat_template = chat_template
-        self.max_new_tokens = int(max_new_tokens)
+        name = self.name or type(self).__name__
+        self.max_new_tokens = check_int(name, "max_new_tokens", max_new_tokens)
         self.do_sample = bool(do_sample)
-        self.seed = int(seed)
-        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
-            raise InputError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
+        self.seed = check_int(name, "seed", seed, minimum=0)
+        if batch_size != "auto" and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise InputError(
+                f"{name}: batch_size must be a positive int or 'auto', got {batch_size!r}"
+            )
         self.batch_size = batch_size
         self.progress = progress
 
@@ -264,13 +269,12 @@ class ContextCite(ContextMethod):
         **common: Any,
     ):
         super().__init__(**common)
-        if int(n_ablations) < 2 and masks is None:
-            raise InputError("n_ablations must be at least 2")
+        check_int("contextcite", "n_ablations", n_ablations, minimum=2 if masks is None else 0)
         if output not in ("logit_prob", "log_prob", "mean_log_prob"):
             raise InputError(f"output must be 'logit_prob' or 'log_prob', got {output!r}")
         self.n_ablations = int(n_ablations)
-        self.keep_prob = float(keep_prob)
-        self.alpha = float(alpha)
+        self.keep_prob = check_float("contextcite", "keep_prob", keep_prob, maximum=1.0)
+        self.alpha = check_float("contextcite", "alpha", alpha, strict=False)
         self.output = output
         self._masks = masks
         self.per_token = bool(per_token)

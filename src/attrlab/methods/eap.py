@@ -48,7 +48,7 @@ from ..targets import Target
 from ..units.base import Units
 from ..units.edges import EdgeGraph, Edges, edge_activations, input_gradients
 from .atp import prepare_pair, same_batch, uses_last_only, warn_if_same
-from .base import Method, register
+from .base import Method, check_int, register
 
 __all__ = ["EAP", "EAPIG", "edge_scores"]
 
@@ -170,8 +170,7 @@ class EAPIG(Method):
     """
 
     def __init__(self, steps: int = 8, variant: str = "inputs"):
-        if steps < 1:
-            raise InputError("steps must be >= 1")
+        steps = check_int("eap-ig", "steps", steps)
         if variant not in ("inputs", "activations"):
             raise InputError(f"variant must be 'inputs' or 'activations', got {variant!r}")
         self.steps = steps

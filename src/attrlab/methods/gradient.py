@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..model.adapters.base import linear_layout
 from ..units.tokens import EmbedForward, InputUnits, input_result, make_forward
-from .base import Method, register
+from .base import Method, check_baseline, check_float, check_int, register
 
 INPUT_KINDS = ("tokens", "words", "sentences", "spans")
 RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
@@ -424,9 +424,10 @@ class _GradientMethod(Method):
         max_new_tokens: int | None = None,
         progress: bool = False,
     ):
+        name = self.name or type(self).__name__
         self.reduce = reduce
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
+        self.batch_size = check_int(name, "batch_size", batch_size)
+        self.max_new_tokens = check_int(name, "max_new_tokens", max_new_tokens, 0, optional=True)
         self.progress = progress
 
     def _check(self) -> None:
@@ -583,10 +584,11 @@ class IntegratedGradients(_GradientMethod):
         max_new_tokens: int | None = None,
         progress: bool = False,
     ):
-        quadrature(rule, steps)  # validates
+        steps = check_int("ig", "steps", steps)
+        quadrature(rule, steps)  # validates the rule
         self.steps = steps
         self.rule = rule
-        self.baseline = baseline
+        self.baseline = check_baseline("ig", baseline)
         super().__init__(reduce, batch_size, max_new_tokens, progress)
 
     def params(self) -> dict[str, Any]:
@@ -647,12 +649,10 @@ class SmoothGrad(_GradientMethod):
         max_new_tokens: int | None = None,
         progress: bool = False,
     ):
-        if samples < 1:
-            raise InputError("samples must be >= 1")
-        self.samples = samples
-        self.noise = noise
+        self.samples = check_int("smoothgrad", "samples", samples)
+        self.noise = check_float("smoothgrad", "noise", noise, strict=False)
         self.multiply_by_inputs = multiply_by_inputs
-        self.seed = seed
+        self.seed = check_int("smoothgrad", "seed", seed, minimum=0)
         super().__init__(reduce, batch_size, max_new_tokens, progress)
 
     def _token_attr(
@@ -695,11 +695,9 @@ class ExpectedGradients(_GradientMethod):
         max_new_tokens: int | None = None,
         progress: bool = False,
     ):
-        if samples < 1:
-            raise InputError("samples must be >= 1")
-        self.samples = samples
-        self.references = references
-        self.seed = seed
+        self.samples = check_int("expected-gradients", "samples", samples)
+        self.references = check_baseline("expected-gradients", references, "references")
+        self.seed = check_int("expected-gradients", "seed", seed, minimum=0)
         super().__init__(reduce, batch_size, max_new_tokens, progress)
 
     def params(self) -> dict[str, Any]:

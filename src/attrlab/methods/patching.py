@@ -47,7 +47,7 @@ from ..targets import KL, LogitDiff, LogProb, Prob, Target, TopToken, _TokenTarg
 from ..targets import resolve as resolve_target
 from ..units.base import Units
 from ..units.components import AttnOut, Heads, Layers, MlpOut, Neurons, Resid
-from .base import Method, register
+from .base import Method, check_float, check_int, register
 
 __all__ = [
     "PatchUnit",
@@ -712,10 +712,10 @@ class ActivationPatching(Method):
         self.site = site
         self.reference = reference
         self.noise_positions = list(noise_positions) if noise_positions is not None else None
-        self.noise_scale = noise_scale
-        self.seed = seed
+        self.noise_scale = check_float("patch", "noise_scale", noise_scale, optional=True)
+        self.seed = check_int("patch", "seed", seed, minimum=0)
         self.per_prompt = per_prompt
-        self.batch_size = batch_size
+        self.batch_size = check_int("patch", "batch_size", batch_size)
         self.progress = progress
 
     def params(self) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..units.tokens import EmbedForward, InputUnits, input_result, make_forward
-from .base import Method, register
+from .base import Method, check_baseline, check_float, check_int, register
 
 INPUT_KINDS = ("tokens", "words", "sentences", "spans")
 ValueFn = Callable[[Tensor], Tensor]
@@ -147,9 +147,10 @@ class _PerturbationMethod(Method):
         max_new_tokens: int | None = None,
         progress: bool = False,
     ):
-        self.baseline = baseline
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
+        name = self.name or type(self).__name__
+        self.baseline = check_baseline(name, baseline)
+        self.batch_size = check_int(name, "batch_size", batch_size)
+        self.max_new_tokens = check_int(name, "max_new_tokens", max_new_tokens, 0, optional=True)
         self.progress = progress
 
     def attribute(
@@ -247,11 +248,9 @@ class ShapleySampling(_PerturbationMethod):
         max_new_tokens: int | None = None,
         progress: bool = False,
     ):
-        if permutations < 1:
-            raise InputError("permutations must be >= 1")
-        self.permutations = permutations
+        self.permutations = check_int("shapley", "permutations", permutations)
         self.antithetic = antithetic
-        self.seed = seed
+        self.seed = check_int("shapley", "seed", seed, minimum=0)
         super().__init__(baseline, batch_size, max_new_tokens, progress)
 
     def _scores(
@@ -305,9 +304,9 @@ class KernelShap(_PerturbationMethod):
         max_new_tokens: int | None = None,
         progress: bool = False,
     ):
-        self.samples = samples
-        self.max_exact_units = max_exact_units
-        self.seed = seed
+        self.samples = check_int("kernelshap", "samples", samples, optional=True)
+        self.max_exact_units = check_int("kernelshap", "max_exact_units", max_exact_units)
+        self.seed = check_int("kernelshap", "seed", seed, minimum=0)
         super().__init__(baseline, batch_size, max_new_tokens, progress)
 
     def _scores(
@@ -319,7 +318,7 @@ class KernelShap(_PerturbationMethod):
         if exact:
             masks, weights = kernelshap_weights(n)
         else:
-            m = self.samples or 512
+            m = 512 if self.samples is None else self.samples
             gen = torch.Generator().manual_seed(self.seed)
             sizes = torch.arange(1, n, dtype=torch.float64)
             p = (n - 1) / (sizes * (n - sizes))
@@ -359,10 +358,10 @@ class Lime(_PerturbationMethod):
         max_new_tokens: int | None = None,
         progress: bool = False,
     ):
-        self.samples = samples
-        self.kernel_width = kernel_width
-        self.alpha = alpha
-        self.seed = seed
+        self.samples = check_int("lime", "samples", samples)
+        self.kernel_width = check_float("lime", "kernel_width", kernel_width)
+        self.alpha = check_float("lime", "alpha", alpha, strict=False)
+        self.seed = check_int("lime", "seed", seed, minimum=0)
         super().__init__(baseline, batch_size, max_new_tokens, progress)
 
     def _scores(

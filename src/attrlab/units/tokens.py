@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ContextTooLongError, InputError, TokenOutOfVocabError
+from ..errors import ContextTooLongError, InputError, NonFiniteError, TokenOutOfVocabError
 from ..targets import upcast
 from .base import Units, register_units
 
@@ -152,6 +152,7 @@ class EmbedForward:
 
         Raises:
             InputError: unknown name, no mask token, or a tensor of the wrong shape.
+            NonFiniteError: a float tensor with NaN or infinite entries.
         """
         x = self.inputs_embeds()
         n = x.shape[0]
@@ -177,7 +178,13 @@ class EmbedForward:
                     f"baseline has shape {tuple(spec.shape)}; it must be [pos, d_model] = "
                     f"{tuple(x.shape)} (or [1, pos, d_model]) for this input"
                 )
-            return b.to(device=x.device, dtype=x.dtype)
+            out = b.to(device=x.device, dtype=x.dtype)
+            if not bool(torch.isfinite(out).all()):
+                raise NonFiniteError(
+                    "the baseline tensor has NaN or infinite entries (in the model's dtype); "
+                    "give a finite baseline"
+                )
+            return out
         if isinstance(spec, bool) or spec is None:
             raise InputError(f"cannot read baseline {spec!r}")
         if isinstance(spec, int):
