@@ -16,12 +16,14 @@ from typing import Any
 
 from .errors import EmptyPromptError, InputError
 from .methods.base import Method, find_method
+from .model.lock import holds_model_lock
 from .model.wrapper import LM, Inputs
 from .result import Attribution
 from .targets import resolve as resolve_target
 from .units.base import resolve as resolve_units
 
 
+@holds_model_lock
 def attribute(
     lm: LM,
     inputs: Inputs,
@@ -43,6 +45,9 @@ def attribute(
         counterfactual: a corrupted prompt of the same token length, for
             methods that compare runs.
         **options: the method's options (e.g. ``steps=32``).
+
+    Thread-safe: the call holds the model's lock (``lm.lock``), so calls on one
+    model from several threads take turns (calls on different models do not wait).
 
     Raises:
         UnknownMethodError: unknown method, or not for these units.

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from ..model.lock import holds_model_lock
 from .lds import evaluate_masks
 
 __all__ = [
@@ -156,6 +157,7 @@ def _curve(
     )
 
 
+@holds_model_lock
 def deletion_curve(
     lm: Any,
     result: Any,
@@ -185,6 +187,7 @@ def deletion_curve(
     return _curve("deletion", lm, result, inputs, target, steps, row, units, context)
 
 
+@holds_model_lock
 def insertion_curve(
     lm: Any,
     result: Any,
@@ -237,6 +240,7 @@ def _eraser(
     return float((vals[-1] - vals[:-1]).mean())
 
 
+@holds_model_lock
 def comprehensiveness(
     lm: Any,
     result: Any,
@@ -260,6 +264,7 @@ def comprehensiveness(
     return _eraser("comprehensiveness", lm, result, inputs, target, bins, row, units, context)
 
 
+@holds_model_lock
 def sufficiency(
     lm: Any,
     result: Any,

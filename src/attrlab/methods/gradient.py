@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -47,6 +46,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..model.adapters.base import linear_layout
+from ..model.lock import model_lock
 from ..units.tokens import EmbedForward, InputUnits, input_result, make_forward
 from .base import Method, register
 
@@ -164,44 +164,16 @@ def shared_activation_derivatives(model: nn.Module) -> Iterator[int]:
         yield n
 
 
-#: one re-entrant lock per model: swapped forwards are model state, so two
-#: attrlab calls on the same model from different threads take turns
-_SWAP_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
-_SWAP_LOCKS_GUARD = threading.Lock()
-
-
-def swap_lock(model: nn.Module) -> threading.RLock:
-    """The lock held while attrlab's gradient methods swap ``model``'s module
-    forwards (shared activation derivatives, causal linear backward).
-
-    attrlab calls on the same model from several threads serialize on it. A
-    forward without gradients from other code meanwhile is unaffected (the
-    swapped forwards then call the original); other code that runs the model
-    *with* gradients in another thread at the same time should hold this lock.
-
-    Example:
-        >>> import torch
-        >>> from attrlab.methods.gradient import swap_lock
-        >>> m = torch.nn.Linear(2, 2)
-        >>> swap_lock(m) is swap_lock(m)
-        True
-    """
-    with _SWAP_LOCKS_GUARD:
-        lock = _SWAP_LOCKS.get(model)
-        if lock is None:
-            lock = _SWAP_LOCKS[model] = threading.RLock()
-        return lock
-
-
 @contextlib.contextmanager
 def _swapped_forwards(
     model: nn.Module, wrap: Callable[[nn.Module], Callable[..., Tensor] | None]
 ) -> Iterator[int]:
     """Replace ``forward`` of every module for which ``wrap`` returns a new one
-    (holding :func:`swap_lock`); restore them on exit. Yields how many were
-    replaced."""
+    (holding the model's lock, :func:`attrlab.model.lock.model_lock`); restore them
+    on exit. Yields how many were replaced. The new forwards act only in the
+    calling thread (other threads get the original)."""
     patched: list[tuple[nn.Module, Any]] = []
-    with swap_lock(model), contextlib.ExitStack() as stack:
+    with model_lock(model), contextlib.ExitStack() as stack:
         stack.callback(_restore_forwards, patched)
         for m in model.modules():
             new = wrap(m)
@@ -221,8 +193,11 @@ def _restore_forwards(patched: list[tuple[nn.Module, Any]]) -> None:
 
 
 def _shared_forward(orig: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    owner = threading.get_ident()
+
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if args or kwargs or not (torch.is_grad_enabled() and x.requires_grad):
+        mine = threading.get_ident() == owner
+        if args or kwargs or not mine or not (torch.is_grad_enabled() and x.requires_grad):
             return orig(x, *args, **kwargs)
         out: Tensor = _SharedDerivative.apply(x, orig)
         return out
@@ -302,8 +277,10 @@ def _prefix_forward(
     lead: Callable[[Tensor], bool],
     cut: list[int | None],
 ) -> Callable[..., Tensor]:
+    owner = threading.get_ident()
+
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        plain = args or kwargs or x.dim() != 3 or not lead(x)
+        plain = args or kwargs or x.dim() != 3 or threading.get_ident() != owner or not lead(x)
         if plain or not (torch.is_grad_enabled() and x.requires_grad):
             return orig(x, *args, **kwargs)
         out: Tensor = _PrefixLinear.apply(x, orig, weight, w_in_out, cut)

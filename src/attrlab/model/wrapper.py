@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -29,6 +30,7 @@ from ..errors import (
 from .adapters import Adapter, ModelConfig, adapter_for
 from .hooks import HookSession
 from .interventions import Intervention
+from .lock import model_lock
 from .sites import Site, all_site_names, parse_site
 
 
@@ -109,6 +111,13 @@ class LM:
         )
 
     # ---------------------------------------------------------- properties
+    @property
+    def lock(self) -> threading.RLock:
+        """The model's re-entrant lock (:mod:`attrlab.model.lock`): attrlab calls
+        on one model hold it, so calls from several threads take turns. Shared by
+        every wrapper of the same ``nn.Module``."""
+        return model_lock(self.model)
+
     @property
     def device(self) -> torch.device:
         """Where inputs go: the device of the token embedding."""
@@ -329,7 +338,8 @@ class LM:
         session = HookSession(
             self.adapter, cache_sites, ivs, grad, start_layer, start_resid, last_only
         )
-        with torch.set_grad_enabled(grad), session:
+        # hooks are model state: calls on one model from several threads take turns
+        with self.lock, torch.set_grad_enabled(grad), session:
             out = self.model(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ContextTooLongError, EmptyPromptError, InputError
+from ..model.lock import model_lock
 from .base import Units, register_units
 
 __all__ = ["Sources", "SourcePrompt", "SourceNotFoundError", "EmptyResponseError", "split_text"]
@@ -562,7 +563,7 @@ class SourcePrompt:
         )
         if not do_sample:
             kw.update(temperature=None, top_p=None, top_k=None)
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with model_lock(model), torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
         new = out[0, len(p_ids) :].tolist()
@@ -622,9 +623,15 @@ class SourcePrompt:
         longest = max(len(r) for r in unique) + len(self.response_ids)
         bs = auto_batch_size(self.lm, longest) if batch_size == "auto" else int(batch_size)
         runner = _Runner(self.lm.model, self.lm.cfg.n_ctx)
-        out = runner.run(
-            unique, self.response_ids, fn or _token_logprobs(self.response_ids), bs, reuse, progress
-        )
+        with model_lock(self.lm.model):
+            out = runner.run(
+                unique,
+                self.response_ids,
+                fn or _token_logprobs(self.response_ids),
+                bs,
+                reuse,
+                progress,
+            )
         if stats is not None:
             stats["n_tokens"] = stats.get("n_tokens", 0) + runner.n_tokens
             stats["n_forwards"] = stats.get("n_forwards", 0) + runner.n_forwards
