@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..model.adapters.base import linear_layout
+from ..model.budget import batch_size_for
 from ..model.lock import model_lock
 from ..units.tokens import EmbedForward, InputUnits, input_result, make_forward
 from .base import Method, register
@@ -397,14 +398,29 @@ class _GradientMethod(Method):
     def __init__(
         self,
         reduce: str = "sum",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
+        memory_budget: int | str | None = None,
     ):
         self.reduce = reduce
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.progress = progress
+        self.memory_budget = memory_budget
+
+    def _rows_per_forward(self, fwd: EmbedForward) -> int:
+        """Points per forward: ``batch_size``, or as many (at most 32) as fit the
+        memory budget (:mod:`attrlab.model.budget`) for this prompt length."""
+        return batch_size_for(
+            getattr(fwd, "lm", None),
+            fwd.view.n_pos,
+            cap=32,
+            grad=True,
+            batch_size=self.batch_size,
+            memory_budget=self.memory_budget,
+            logit_positions=1 if getattr(fwd, "next_token", False) else None,
+        )
 
     def _check(self) -> None:
         if self.reduce not in ("sum", "l2"):
@@ -459,17 +475,18 @@ class Saliency(_GradientMethod):
     def __init__(
         self,
         reduce: str = "l2",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
+        memory_budget: int | str | None = None,
     ):
-        super().__init__(reduce, batch_size, max_new_tokens, progress)
+        super().__init__(reduce, batch_size, max_new_tokens, progress, memory_budget)
 
     def _token_attr(
         self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
     ) -> tuple[Tensor, dict[str, Any], dict[str, Tensor]]:
         x = fwd.inputs_embeds()[None]
-        g, v = grad_products(fwd, x, torch.ones_like(x), self.batch_size, self.progress)
+        g, v = grad_products(fwd, x, torch.ones_like(x), self._rows_per_forward(fwd), self.progress)
         return g, {"value": _row_list(v[0])}, {}
 
 
@@ -489,7 +506,7 @@ class InputXGradient(_GradientMethod):
         self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
     ) -> tuple[Tensor, dict[str, Any], dict[str, Tensor]]:
         x = fwd.inputs_embeds()[None]
-        g, v = grad_products(fwd, x, x, self.batch_size, self.progress)
+        g, v = grad_products(fwd, x, x, self._rows_per_forward(fwd), self.progress)
         return g, {"value": _row_list(v[0])}, {}
 
 
@@ -538,9 +555,12 @@ class IntegratedGradients(_GradientMethod):
             a token id, or a tensor ``[pos, d_model]``. A ``counterfactual`` prompt
             (same token length) can serve as the baseline instead.
         reduce: ``"sum"`` (completeness-preserving) or ``"l2"``.
-        batch_size: points per forward.
+        batch_size: points per forward; None (default): as many as fit the memory
+            budget, at most 32 (:mod:`attrlab.model.budget`).
         max_new_tokens: with no target, generate this many tokens greedily and
             attribute each of them (one row per token).
+        memory_budget: bytes (or ``"2GB"``) one forward may use when ``batch_size``
+            is None; default: :func:`attrlab.model.budget.memory_budget`.
 
     Example:
         >>> import attrlab as al
@@ -556,15 +576,16 @@ class IntegratedGradients(_GradientMethod):
         rule: str = "gausslegendre",
         baseline: Any = "pad",
         reduce: str = "sum",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
+        memory_budget: int | str | None = None,
     ):
         quadrature(rule, steps)  # validates
         self.steps = steps
         self.rule = rule
         self.baseline = baseline
-        super().__init__(reduce, batch_size, max_new_tokens, progress)
+        super().__init__(reduce, batch_size, max_new_tokens, progress, memory_budget)
 
     def params(self) -> dict[str, Any]:
         p = super().params()
@@ -582,7 +603,9 @@ class IntegratedGradients(_GradientMethod):
         w = weights.to(device=x.device, dtype=x.dtype)[:, None, None]
         delta = x - x0
         points = x0[None] + a * delta[None]  # [steps, pos, d]
-        g, _ = grad_products(fwd, points, w * delta[None], self.batch_size, self.progress)
+        g, _ = grad_products(
+            fwd, points, w * delta[None], self._rows_per_forward(fwd), self.progress
+        )
         ends = fwd.evaluate(torch.stack([x, x0]), 2)  # [2, rows]
         change = ends[0] - ends[1]
         err = g.sum((-1, -2)) - change.to(g.dtype)
@@ -620,9 +643,10 @@ class SmoothGrad(_GradientMethod):
         multiply_by_inputs: bool = True,
         seed: int = 0,
         reduce: str = "sum",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
+        memory_budget: int | str | None = None,
     ):
         if samples < 1:
             raise InputError("samples must be >= 1")
@@ -630,7 +654,7 @@ class SmoothGrad(_GradientMethod):
         self.noise = noise
         self.multiply_by_inputs = multiply_by_inputs
         self.seed = seed
-        super().__init__(reduce, batch_size, max_new_tokens, progress)
+        super().__init__(reduce, batch_size, max_new_tokens, progress, memory_budget)
 
     def _token_attr(
         self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
@@ -642,7 +666,7 @@ class SmoothGrad(_GradientMethod):
         eps = (eps * sigma).to(device=x.device, dtype=x.dtype) * unit_pos.to(x.device)[:, None]
         points = x[None] + eps
         mult = (x if self.multiply_by_inputs else torch.ones_like(x))[None] / self.samples
-        g, _ = grad_products(fwd, points, mult, self.batch_size, self.progress)
+        g, _ = grad_products(fwd, points, mult, self._rows_per_forward(fwd), self.progress)
         return g, {"sigma": sigma}, {}
 
 
@@ -668,16 +692,17 @@ class ExpectedGradients(_GradientMethod):
         references: Any = "random_tokens",
         seed: int = 0,
         reduce: str = "sum",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
+        memory_budget: int | str | None = None,
     ):
         if samples < 1:
             raise InputError("samples must be >= 1")
         self.samples = samples
         self.references = references
         self.seed = seed
-        super().__init__(reduce, batch_size, max_new_tokens, progress)
+        super().__init__(reduce, batch_size, max_new_tokens, progress, memory_budget)
 
     def params(self) -> dict[str, Any]:
         p = super().params()
@@ -710,7 +735,7 @@ class ExpectedGradients(_GradientMethod):
         alpha = torch.rand(k, generator=gen, dtype=torch.float64).to(x.dtype).to(x.device)
         delta = x[None] - x0
         points = x0 + alpha[:, None, None] * delta
-        g, _ = grad_products(fwd, points, delta / k, self.batch_size, self.progress)
+        g, _ = grad_products(fwd, points, delta / k, self._rows_per_forward(fwd), self.progress)
         return g, {}, {}
 
 

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..errors import IndexRangeError, InputError, SiteNotExposedError
+from ..model.budget import batch_size_for
 from ..model.interventions import Intervention
 from ..model.wrapper import LM, Batch, Inputs
 from ..result import Attribution
@@ -453,9 +454,10 @@ def patch_sweep(
     *,
     direction: str = "noising",
     site: str = "z",
-    batch_size: int = 128,
+    batch_size: int | None = None,
     progress: bool = False,
     reuse_prefix: bool = True,
+    memory_budget: int | str | None = None,
 ) -> PatchSweep:
     """Exact activation patching of every unit; raw target values, one forward row per unit.
 
@@ -473,7 +475,8 @@ def patch_sweep(
         direction: ``"noising"`` (clean run, patch in corrupt activations) or
             ``"denoising"`` (corrupt run, patch in clean activations).
         site: for head units, ``"z"`` (output), ``"q"``, ``"k"`` or ``"v"``.
-        batch_size: maximum rows (units x prompts) of one forward.
+        batch_size: maximum rows (units x prompts) of one forward; None: as many
+            as fit ``memory_budget`` (:mod:`attrlab.model.budget`), at most 128.
         progress: show a tqdm bar.
         reuse_prefix: for per-position units, reuse the base run's key/value
             cache of the positions before the patch (they are unchanged) instead
@@ -499,7 +502,7 @@ def patch_sweep(
 
     if direction not in ("noising", "denoising"):
         raise InputError(f"direction must be 'noising' or 'denoising', got {direction!r}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise InputError("batch_size must be >= 1")
     tgt = target if isinstance(target, Target) else resolve_target(target, lm)
     if isinstance(target, Target):
@@ -541,6 +544,14 @@ def patch_sweep(
     by_layer: dict[int, list[int]] = {}
     for j, u in enumerate(plist):
         by_layer.setdefault(u.layer, []).append(j)
+    batch_size = batch_size_for(
+        lm,
+        n_pos,
+        cap=128,
+        batch_size=batch_size,
+        memory_budget=memory_budget,
+        logit_positions=1 if last_only else None,
+    )
     per_fwd = max(1, batch_size // n_prompts)
     prefix = _prefix_cache(lm, base_batch) if reuse_prefix and last_only else None
     chunks = []
@@ -640,7 +651,8 @@ class ActivationPatching(Method):
         site: head activation to patch for ``units="heads"``: ``"z"``, ``"q"``,
             ``"k"``, ``"v"``.
         per_prompt: scores ``[n_prompts, n_units]`` instead of the mean over prompts.
-        batch_size: rows per forward; progress: tqdm bar.
+        batch_size: rows per forward (None: as many as fit ``memory_budget``, at
+            most 128; see :mod:`attrlab.model.budget`); progress: tqdm bar.
 
     Example:
         >>> import attrlab as al
@@ -662,8 +674,9 @@ class ActivationPatching(Method):
         noise_scale: float | None = None,
         seed: int = 0,
         per_prompt: bool = False,
-        batch_size: int = 128,
+        batch_size: int | None = None,
         progress: bool = False,
+        memory_budget: int | str | None = None,
     ):
         if metric not in _METRICS:
             raise InputError(f"metric must be one of {_METRICS}, got {metric!r}")
@@ -680,6 +693,7 @@ class ActivationPatching(Method):
         self.per_prompt = per_prompt
         self.batch_size = batch_size
         self.progress = progress
+        self.memory_budget = memory_budget
 
     def params(self) -> dict[str, Any]:
         p = super().params()
@@ -736,6 +750,7 @@ class ActivationPatching(Method):
             site=self.site,
             batch_size=self.batch_size,
             progress=self.progress,
+            memory_budget=self.memory_budget,
         )
         diagnostics: dict[str, Any] = {
             "clean": sw.clean.mean().item(),

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ContextTooLongError, EmptyPromptError, InputError
+from ..model.budget import batch_size_for
 from ..model.lock import model_lock
 from .base import Units, register_units
 
@@ -430,7 +431,8 @@ def auto_batch_size(lm: Any, longest: int = 128) -> int:
     win; wide models are dominated by arithmetic, and there ``batch_size=1`` (the
     prefix-tree walk, which runs the fewest tokens) wins on an idle CPU (12-layer,
     768-wide Llama, 2 threads, 64 ablations of 20 sources: 12.6 s at batch 1 vs
-    21.9 s with an 8192-token budget; 01:31 UTC, 2026-11-22).
+    21.9 s with an 8192-token budget; 01:31 UTC, 2026-11-22). Never more rows
+    than fit the memory budget (:func:`attrlab.model.budget.batch_size_for`).
 
     Example:
         >>> import attrlab as al
@@ -439,7 +441,9 @@ def auto_batch_size(lm: Any, longest: int = 128) -> int:
     """
     width = int(getattr(getattr(lm, "cfg", None), "d_model", 256) or 256)
     budget = int(8192 * min(1.0, (256 / width) ** 3))
-    return max(1, min(64, budget // max(1, longest)))
+    cap = max(1, min(64, budget // max(1, longest)))
+    # and no more rows than fit the memory budget (attrlab.model.budget)
+    return batch_size_for(lm, longest, cap=cap)
 
 
 # ---------------------------------------------------------------- the prompt
