@@ -492,7 +492,7 @@ def test_continuation_rows_share_activation_derivatives(lm64, monkeypatch):
 
 
 def test_threads_on_one_model_take_turns(lm64):
-    """The forward swaps of multi-row IG hold the model's swap lock: a call from
+    """The forward swaps of multi-row IG hold the model's lock: a call from
     another thread waits while the lock is held elsewhere, then gives the same
     scores as a call on the main thread; forwards are restored afterwards."""
     import threading
@@ -504,7 +504,7 @@ def test_threads_on_one_model_take_turns(lm64):
     def work() -> None:
         out["r"] = al.attribute(lm64, PROMPT, target=tgt, method="ig", steps=4)
 
-    lock = gradient_mod.swap_lock(lm64.model)
+    lock = lm64.lock
     with lock:
         t = threading.Thread(target=work)
         t.start()

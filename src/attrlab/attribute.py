@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import EmptyPromptError, InputError
 from .methods.base import Method, find_method
+from .model.lock import holds_model_lock
 from .model.wrapper import LM, Inputs
 from .question import check_scores, record
 from .result import Attribution
@@ -23,6 +24,7 @@ from .targets import resolve as resolve_target
 from .units.base import resolve as resolve_units
 
 
+@holds_model_lock
 def attribute(
     lm: LM,
     inputs: Inputs,
@@ -48,6 +50,9 @@ def attribute(
     Returns:
         An :class:`attrlab.Attribution`; ``meta["question"]`` records the inputs,
         target, units and counterfactual, so that ``al.evaluate`` can read them.
+
+    Thread-safe: the call holds the model's lock (``lm.lock``), so calls on one
+    model from several threads take turns (calls on different models do not wait).
 
     Raises:
         UnknownMethodError: unknown method, or not for these units.

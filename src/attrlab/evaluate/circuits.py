@@ -40,6 +40,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..methods.atp import CounterfactualWarning
 from ..methods.circuits import Circuit, _node_of
+from ..model.lock import holds_model_lock
 from ..model.wrapper import LM, Inputs
 from ..targets import resolve as resolve_target
 from ..units.edges import EdgePatcher, edge_activations
@@ -99,6 +100,7 @@ def _run_masks(
     return torch.cat(out)
 
 
+@holds_model_lock
 def circuit_metric(
     lm: LM,
     circuit: Circuit,
@@ -140,6 +142,7 @@ def _normalize(m_circ: float, m_clean: float, m_cf: float) -> float:
     return (m_circ - m_cf) / gap
 
 
+@holds_model_lock
 def faithfulness(
     lm: LM,
     circuit: Circuit,
@@ -193,6 +196,7 @@ def _knockout(circuit_matrix: Tensor, graph: Any, nodes: list[str]) -> Tensor:
     return m
 
 
+@holds_model_lock
 def completeness(
     lm: LM,
     circuit: Circuit,
@@ -237,6 +241,7 @@ def completeness(
     return {"incompleteness": max(diffs, default=0.0), "per_subset": diffs, "subsets": subsets}
 
 
+@holds_model_lock
 def minimality(
     lm: LM,
     circuit: Circuit,
@@ -270,6 +275,7 @@ def minimality(
     return {"per_node": per, "min": min(per.values(), default=0.0)}
 
 
+@holds_model_lock
 def evaluate_circuit(
     lm: LM,
     circuit: Circuit,

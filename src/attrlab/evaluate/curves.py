@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from ..model.lock import holds_model_lock
 from .lds import bind_context, evaluate_masks
 
 __all__ = [
@@ -162,6 +163,7 @@ def _curve(
     )
 
 
+@holds_model_lock
 def deletion_curve(
     lm: Any,
     result: Any,
@@ -195,6 +197,7 @@ def deletion_curve(
     return _curve("deletion", lm, result, inputs, target, steps, row, units, context)
 
 
+@holds_model_lock
 def insertion_curve(
     lm: Any,
     result: Any,
@@ -251,6 +254,7 @@ def _eraser(
     return float((vals[-1] - vals[:-1]).mean())
 
 
+@holds_model_lock
 def comprehensiveness(
     lm: Any,
     result: Any,
@@ -274,6 +278,7 @@ def comprehensiveness(
     return _eraser("comprehensiveness", lm, result, inputs, target, bins, row, units, context)
 
 
+@holds_model_lock
 def sufficiency(
     lm: Any,
     result: Any,

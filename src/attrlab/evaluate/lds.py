@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from ..model.lock import holds_model_lock
 
 __all__ = ["LDSScore", "lds", "random_subsets", "spearman", "units_of"]
 
@@ -156,6 +157,7 @@ def _as_2d(v: Any) -> Tensor:
     return t[:, None] if t.dim() == 1 else t
 
 
+@holds_model_lock
 def evaluate_masks(
     lm: Any, result: Any, inputs: Any, target: Any, masks: Tensor, units: Any = None, **context: Any
 ) -> Tensor:
@@ -221,6 +223,7 @@ def bind_context(
 _UNSET: Any = object()
 
 
+@holds_model_lock
 def lds(
     lm: Any,
     result: Any = None,

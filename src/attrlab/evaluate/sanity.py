@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..model.lock import holds_model_lock
 from .lds import spearman, units_of
 
 __all__ = ["RandomizationCheck", "randomization_check", "randomize_weights"]
@@ -57,6 +58,7 @@ class RandomizationCheck:
     randomized: Any = field(default=None, repr=False)
 
 
+@holds_model_lock
 def randomize_weights(
     model: nn.Module, seed: int = 0, include: Sequence[str] | None = None
 ) -> nn.Module:
@@ -86,6 +88,7 @@ def randomize_weights(
     return new
 
 
+@holds_model_lock
 def randomization_check(
     lm: Any,
     result: Any,

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -47,6 +46,8 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..model.adapters.base import linear_layout
+from ..model.budget import batch_size_for
+from ..model.lock import model_lock
 from ..units.tokens import EmbedForward, InputUnits, input_result, make_forward
 from .base import Method, check_baseline, check_float, check_int, register
 
@@ -164,44 +165,16 @@ def shared_activation_derivatives(model: nn.Module) -> Iterator[int]:
         yield n
 
 
-#: one re-entrant lock per model: swapped forwards are model state, so two
-#: attrlab calls on the same model from different threads take turns
-_SWAP_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
-_SWAP_LOCKS_GUARD = threading.Lock()
-
-
-def swap_lock(model: nn.Module) -> threading.RLock:
-    """The lock held while attrlab's gradient methods swap ``model``'s module
-    forwards (shared activation derivatives, causal linear backward).
-
-    attrlab calls on the same model from several threads serialize on it. A
-    forward without gradients from other code meanwhile is unaffected (the
-    swapped forwards then call the original); other code that runs the model
-    *with* gradients in another thread at the same time should hold this lock.
-
-    Example:
-        >>> import torch
-        >>> from attrlab.methods.gradient import swap_lock
-        >>> m = torch.nn.Linear(2, 2)
-        >>> swap_lock(m) is swap_lock(m)
-        True
-    """
-    with _SWAP_LOCKS_GUARD:
-        lock = _SWAP_LOCKS.get(model)
-        if lock is None:
-            lock = _SWAP_LOCKS[model] = threading.RLock()
-        return lock
-
-
 @contextlib.contextmanager
 def _swapped_forwards(
     model: nn.Module, wrap: Callable[[nn.Module], Callable[..., Tensor] | None]
 ) -> Iterator[int]:
     """Replace ``forward`` of every module for which ``wrap`` returns a new one
-    (holding :func:`swap_lock`); restore them on exit. Yields how many were
-    replaced."""
+    (holding the model's lock, :func:`attrlab.model.lock.model_lock`); restore them
+    on exit. Yields how many were replaced. The new forwards act only in the
+    calling thread (other threads get the original)."""
     patched: list[tuple[nn.Module, Any]] = []
-    with swap_lock(model), contextlib.ExitStack() as stack:
+    with model_lock(model), contextlib.ExitStack() as stack:
         stack.callback(_restore_forwards, patched)
         for m in model.modules():
             new = wrap(m)
@@ -221,8 +194,11 @@ def _restore_forwards(patched: list[tuple[nn.Module, Any]]) -> None:
 
 
 def _shared_forward(orig: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    owner = threading.get_ident()
+
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if args or kwargs or not (torch.is_grad_enabled() and x.requires_grad):
+        mine = threading.get_ident() == owner
+        if args or kwargs or not mine or not (torch.is_grad_enabled() and x.requires_grad):
             return orig(x, *args, **kwargs)
         out: Tensor = _SharedDerivative.apply(x, orig)
         return out
@@ -302,8 +278,10 @@ def _prefix_forward(
     lead: Callable[[Tensor], bool],
     cut: list[int | None],
 ) -> Callable[..., Tensor]:
+    owner = threading.get_ident()
+
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        plain = args or kwargs or x.dim() != 3 or not lead(x)
+        plain = args or kwargs or x.dim() != 3 or threading.get_ident() != owner or not lead(x)
         if plain or not (torch.is_grad_enabled() and x.requires_grad):
             return orig(x, *args, **kwargs)
         out: Tensor = _PrefixLinear.apply(x, orig, weight, w_in_out, cut)
@@ -420,15 +398,30 @@ class _GradientMethod(Method):
     def __init__(
         self,
         reduce: str = "sum",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
+        memory_budget: int | str | None = None,
     ):
         name = self.name or type(self).__name__
         self.reduce = reduce
-        self.batch_size = check_int(name, "batch_size", batch_size)
+        self.batch_size = check_int(name, "batch_size", batch_size, optional=True)
         self.max_new_tokens = check_int(name, "max_new_tokens", max_new_tokens, 0, optional=True)
         self.progress = progress
+        self.memory_budget = memory_budget
+
+    def _rows_per_forward(self, fwd: EmbedForward) -> int:
+        """Points per forward: ``batch_size``, or as many (at most 32) as fit the
+        memory budget (:mod:`attrlab.model.budget`) for this prompt length."""
+        return batch_size_for(
+            getattr(fwd, "lm", None),
+            fwd.view.n_pos,
+            cap=32,
+            grad=True,
+            batch_size=self.batch_size,
+            memory_budget=self.memory_budget,
+            logit_positions=1 if getattr(fwd, "next_token", False) else None,
+        )
 
     def _check(self) -> None:
         if self.reduce not in ("sum", "l2"):
@@ -483,17 +476,18 @@ class Saliency(_GradientMethod):
     def __init__(
         self,
         reduce: str = "l2",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
+        memory_budget: int | str | None = None,
     ):
-        super().__init__(reduce, batch_size, max_new_tokens, progress)
+        super().__init__(reduce, batch_size, max_new_tokens, progress, memory_budget)
 
     def _token_attr(
         self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
     ) -> tuple[Tensor, dict[str, Any], dict[str, Tensor]]:
         x = fwd.inputs_embeds()[None]
-        g, v = grad_products(fwd, x, torch.ones_like(x), self.batch_size, self.progress)
+        g, v = grad_products(fwd, x, torch.ones_like(x), self._rows_per_forward(fwd), self.progress)
         return g, {"value": _row_list(v[0])}, {}
 
 
@@ -513,7 +507,7 @@ class InputXGradient(_GradientMethod):
         self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
     ) -> tuple[Tensor, dict[str, Any], dict[str, Tensor]]:
         x = fwd.inputs_embeds()[None]
-        g, v = grad_products(fwd, x, x, self.batch_size, self.progress)
+        g, v = grad_products(fwd, x, x, self._rows_per_forward(fwd), self.progress)
         return g, {"value": _row_list(v[0])}, {}
 
 
@@ -562,9 +556,12 @@ class IntegratedGradients(_GradientMethod):
             a token id, or a tensor ``[pos, d_model]``. A ``counterfactual`` prompt
             (same token length) can serve as the baseline instead.
         reduce: ``"sum"`` (completeness-preserving) or ``"l2"``.
-        batch_size: points per forward.
+        batch_size: points per forward; None (default): as many as fit the memory
+            budget, at most 32 (:mod:`attrlab.model.budget`).
         max_new_tokens: with no target, generate this many tokens greedily and
             attribute each of them (one row per token).
+        memory_budget: bytes (or ``"2GB"``) one forward may use when ``batch_size``
+            is None; default: :func:`attrlab.model.budget.memory_budget`.
 
     Example:
         >>> import attrlab as al
@@ -580,16 +577,17 @@ class IntegratedGradients(_GradientMethod):
         rule: str = "gausslegendre",
         baseline: Any = "pad",
         reduce: str = "sum",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
+        memory_budget: int | str | None = None,
     ):
         steps = check_int("ig", "steps", steps)
         quadrature(rule, steps)  # validates the rule
         self.steps = steps
         self.rule = rule
         self.baseline = check_baseline("ig", baseline)
-        super().__init__(reduce, batch_size, max_new_tokens, progress)
+        super().__init__(reduce, batch_size, max_new_tokens, progress, memory_budget)
 
     def params(self) -> dict[str, Any]:
         p = super().params()
@@ -607,7 +605,9 @@ class IntegratedGradients(_GradientMethod):
         w = weights.to(device=x.device, dtype=x.dtype)[:, None, None]
         delta = x - x0
         points = x0[None] + a * delta[None]  # [steps, pos, d]
-        g, _ = grad_products(fwd, points, w * delta[None], self.batch_size, self.progress)
+        g, _ = grad_products(
+            fwd, points, w * delta[None], self._rows_per_forward(fwd), self.progress
+        )
         ends = fwd.evaluate(torch.stack([x, x0]), 2)  # [2, rows]
         change = ends[0] - ends[1]
         err = g.sum((-1, -2)) - change.to(g.dtype)
@@ -645,15 +645,16 @@ class SmoothGrad(_GradientMethod):
         multiply_by_inputs: bool = True,
         seed: int = 0,
         reduce: str = "sum",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
+        memory_budget: int | str | None = None,
     ):
         self.samples = check_int("smoothgrad", "samples", samples)
         self.noise = check_float("smoothgrad", "noise", noise, strict=False)
         self.multiply_by_inputs = multiply_by_inputs
         self.seed = check_int("smoothgrad", "seed", seed, minimum=0)
-        super().__init__(reduce, batch_size, max_new_tokens, progress)
+        super().__init__(reduce, batch_size, max_new_tokens, progress, memory_budget)
 
     def _token_attr(
         self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
@@ -665,7 +666,7 @@ class SmoothGrad(_GradientMethod):
         eps = (eps * sigma).to(device=x.device, dtype=x.dtype) * unit_pos.to(x.device)[:, None]
         points = x[None] + eps
         mult = (x if self.multiply_by_inputs else torch.ones_like(x))[None] / self.samples
-        g, _ = grad_products(fwd, points, mult, self.batch_size, self.progress)
+        g, _ = grad_products(fwd, points, mult, self._rows_per_forward(fwd), self.progress)
         return g, {"sigma": sigma}, {}
 
 
@@ -691,14 +692,15 @@ class ExpectedGradients(_GradientMethod):
         references: Any = "random_tokens",
         seed: int = 0,
         reduce: str = "sum",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
+        memory_budget: int | str | None = None,
     ):
         self.samples = check_int("expected-gradients", "samples", samples)
         self.references = check_baseline("expected-gradients", references, "references")
         self.seed = check_int("expected-gradients", "seed", seed, minimum=0)
-        super().__init__(reduce, batch_size, max_new_tokens, progress)
+        super().__init__(reduce, batch_size, max_new_tokens, progress, memory_budget)
 
     def params(self) -> dict[str, Any]:
         p = super().params()
@@ -731,7 +733,7 @@ class ExpectedGradients(_GradientMethod):
         alpha = torch.rand(k, generator=gen, dtype=torch.float64).to(x.dtype).to(x.device)
         delta = x[None] - x0
         points = x0 + alpha[:, None, None] * delta
-        g, _ = grad_products(fwd, points, delta / k, self.batch_size, self.progress)
+        g, _ = grad_products(fwd, points, delta / k, self._rows_per_forward(fwd), self.progress)
         return g, {}, {}
 
 

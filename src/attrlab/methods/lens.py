@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..model.lock import holds_model_lock
 from ..model.wrapper import LM, Inputs
 from ..result import Attribution
 from ..targets import Logit, TopToken, _TokenTarget
@@ -60,6 +61,7 @@ class LensResult(Attribution):
         return df
 
 
+@holds_model_lock
 def logit_lens(
     lm: LM,
     prompt: Inputs,

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..errors import IndexRangeError, InputError, SiteNotExposedError
+from ..model.budget import batch_size_for
 from ..model.interventions import Intervention
 from ..model.wrapper import LM, Batch, Inputs
 from ..result import Attribution
@@ -458,9 +459,10 @@ def patch_sweep(
     *,
     direction: str = "noising",
     site: str = "z",
-    batch_size: int = 128,
+    batch_size: int | None = None,
     progress: bool = False,
     reuse_prefix: bool = True,
+    memory_budget: int | str | None = None,
 ) -> PatchSweep:
     """Exact activation patching of every unit; raw target values, one forward row per unit.
 
@@ -478,7 +480,8 @@ def patch_sweep(
         direction: ``"noising"`` (clean run, patch in corrupt activations) or
             ``"denoising"`` (corrupt run, patch in clean activations).
         site: for head units, ``"z"`` (output), ``"q"``, ``"k"`` or ``"v"``.
-        batch_size: maximum rows (units x prompts) of one forward.
+        batch_size: maximum rows (units x prompts) of one forward; None: as many
+            as fit ``memory_budget`` (:mod:`attrlab.model.budget`), at most 128.
         progress: show a tqdm bar.
         reuse_prefix: for per-position units, reuse the base run's key/value
             cache of the positions before the patch (they are unchanged) instead
@@ -516,6 +519,7 @@ def patch_sweep(
         batch_size=batch_size,
         progress=progress,
         reuse_prefix=reuse_prefix,
+        memory_budget=memory_budget,
     )
 
 
@@ -529,9 +533,10 @@ def _sweep(
     prepare: Callable[[Batch], Batch],
     direction: str = "noising",
     site: str = "z",
-    batch_size: int = 128,
+    batch_size: int | None = None,
     progress: bool = False,
     reuse_prefix: bool = True,
+    memory_budget: int | str | None = None,
 ) -> PatchSweep:
     """:func:`patch_sweep` on a clean ``batch`` the target has already prepared
     (the continuation of a :class:`~attrlab.targets.ContinuationLogProb` is
@@ -541,7 +546,7 @@ def _sweep(
 
     if direction not in ("noising", "denoising"):
         raise InputError(f"direction must be 'noising' or 'denoising', got {direction!r}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise InputError("batch_size must be >= 1")
     n_prompts, n_pos = batch.shape
     plist = _expand_units(lm, units, n_pos, site)
@@ -578,6 +583,14 @@ def _sweep(
     by_layer: dict[int, list[int]] = {}
     for j, u in enumerate(plist):
         by_layer.setdefault(u.layer, []).append(j)
+    batch_size = batch_size_for(
+        lm,
+        n_pos,
+        cap=128,
+        batch_size=batch_size,
+        memory_budget=memory_budget,
+        logit_positions=1 if last_only else None,
+    )
     per_fwd = max(1, batch_size // n_prompts)
     prefix = _prefix_cache(lm, base_batch) if reuse_prefix and last_only else None
     chunks = []
@@ -677,7 +690,8 @@ class ActivationPatching(Method):
         site: head activation to patch for ``units="heads"``: ``"z"``, ``"q"``,
             ``"k"``, ``"v"``.
         per_prompt: scores ``[n_prompts, n_units]`` instead of the mean over prompts.
-        batch_size: rows per forward; progress: tqdm bar.
+        batch_size: rows per forward (None: as many as fit ``memory_budget``, at
+            most 128; see :mod:`attrlab.model.budget`); progress: tqdm bar.
 
     Example:
         >>> import attrlab as al
@@ -699,8 +713,9 @@ class ActivationPatching(Method):
         noise_scale: float | None = None,
         seed: int = 0,
         per_prompt: bool = False,
-        batch_size: int = 128,
+        batch_size: int | None = None,
         progress: bool = False,
+        memory_budget: int | str | None = None,
     ):
         if metric not in _METRICS:
             raise InputError(f"metric must be one of {_METRICS}, got {metric!r}")
@@ -717,6 +732,7 @@ class ActivationPatching(Method):
         self.per_prompt = per_prompt
         self.batch_size = check_int("patch", "batch_size", batch_size)
         self.progress = progress
+        self.memory_budget = memory_budget
 
     def params(self) -> dict[str, Any]:
         p = super().params()
@@ -776,6 +792,7 @@ class ActivationPatching(Method):
             site=self.site,
             batch_size=self.batch_size,
             progress=self.progress,
+            memory_budget=self.memory_budget,
         )
         diagnostics: dict[str, Any] = {
             "clean": sw.clean.mean().item(),

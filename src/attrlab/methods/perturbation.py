@@ -39,6 +39,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..model.budget import batch_size_for
 from ..units.tokens import EmbedForward, InputUnits, input_result, make_forward
 from .base import Method, check_baseline, check_float, check_int, register
 
@@ -136,22 +137,25 @@ class _PerturbationMethod(Method):
     """Shared plumbing: the forward, the unit groups, the value function."""
 
     baseline: Any = "pad"
-    batch_size: int = 32
+    batch_size: int | None = None
     max_new_tokens: int | None = None
     progress: bool = False
+    memory_budget: int | str | None = None
 
     def __init__(
         self,
         baseline: Any = "pad",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
+        memory_budget: int | str | None = None,
     ):
         name = self.name or type(self).__name__
         self.baseline = check_baseline(name, baseline)
-        self.batch_size = check_int(name, "batch_size", batch_size)
+        self.batch_size = check_int(name, "batch_size", batch_size, optional=True)
         self.max_new_tokens = check_int(name, "max_new_tokens", max_new_tokens, 0, optional=True)
         self.progress = progress
+        self.memory_budget = memory_budget
 
     def attribute(
         self, lm: Any, inputs: Any, target: Any, units: Any, counterfactual: Any = None
@@ -170,10 +174,19 @@ class _PerturbationMethod(Method):
         if n == 0:
             raise InputError("no units to attribute (every token excluded?)")
         calls = {"masks": 0}
+        # masked inputs per forward: batch_size, or as many (at most 32) as fit the budget
+        bs = batch_size_for(
+            getattr(fwd, "lm", None),
+            fwd.view.n_pos,
+            cap=32,
+            batch_size=self.batch_size,
+            memory_budget=self.memory_budget,
+            logit_positions=1 if getattr(fwd, "next_token", False) else None,
+        )
 
         def value_fn(masks: Tensor) -> Tensor:
             calls["masks"] += int(masks.shape[0])
-            v = units.mask_values_fwd(fwd, masks, self.baseline, self.batch_size)
+            v = units.mask_values_fwd(fwd, masks, self.baseline, bs)
             return _as_2d(v).double()
 
         ends = value_fn(
@@ -244,14 +257,15 @@ class ShapleySampling(_PerturbationMethod):
         antithetic: bool = True,
         seed: int = 0,
         baseline: Any = "pad",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
+        memory_budget: int | str | None = None,
     ):
         self.permutations = check_int("shapley", "permutations", permutations)
         self.antithetic = antithetic
         self.seed = check_int("shapley", "seed", seed, minimum=0)
-        super().__init__(baseline, batch_size, max_new_tokens, progress)
+        super().__init__(baseline, batch_size, max_new_tokens, progress, memory_budget)
 
     def _scores(
         self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
@@ -300,14 +314,15 @@ class KernelShap(_PerturbationMethod):
         max_exact_units: int = 12,
         seed: int = 0,
         baseline: Any = "pad",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
+        memory_budget: int | str | None = None,
     ):
         self.samples = check_int("kernelshap", "samples", samples, optional=True)
         self.max_exact_units = check_int("kernelshap", "max_exact_units", max_exact_units)
         self.seed = check_int("kernelshap", "seed", seed, minimum=0)
-        super().__init__(baseline, batch_size, max_new_tokens, progress)
+        super().__init__(baseline, batch_size, max_new_tokens, progress, memory_budget)
 
     def _scores(
         self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
@@ -354,15 +369,16 @@ class Lime(_PerturbationMethod):
         alpha: float = 1e-3,
         seed: int = 0,
         baseline: Any = "pad",
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
+        memory_budget: int | str | None = None,
     ):
         self.samples = check_int("lime", "samples", samples)
         self.kernel_width = check_float("lime", "kernel_width", kernel_width)
         self.alpha = check_float("lime", "alpha", alpha, strict=False)
         self.seed = check_int("lime", "seed", seed, minimum=0)
-        super().__init__(baseline, batch_size, max_new_tokens, progress)
+        super().__init__(baseline, batch_size, max_new_tokens, progress, memory_budget)
 
     def _scores(
         self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor

@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 
 from ..errors import ContextTooLongError, EmptyPromptError, InputError, TokenOutOfVocabError
 from ..units.tokens import EmbedForward, TokenView
+from .lock import model_lock
 
 __all__ = ["Classifier", "Encoder", "SequenceBatch"]
 
@@ -107,6 +109,11 @@ class _Wrapper:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The model's re-entrant lock (:mod:`attrlab.model.lock`), held by runs."""
+        return model_lock(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -249,7 +256,7 @@ class Classifier(_Wrapper):
         if interventions:
             raise InputError("classifier wrappers take embeddings=, not interventions")
         batch = self.tokenize(inputs)
-        with torch.set_grad_enabled(grad), replace_embeddings(self.model, embeddings):
+        with self.lock, torch.set_grad_enabled(grad), replace_embeddings(self.model, embeddings):
             out = self.model(**batch.kwargs())
         return out.logits[:, None, :], {}
 
@@ -329,7 +336,7 @@ class Encoder(_Wrapper):
         enc = self.tokenizer(list(texts), padding=True, return_tensors="pt").to(self.device)
         n = embeddings.shape[0] if embeddings is not None else len(texts)
         kwargs = {k: v.expand(n, -1) if v.shape[0] == 1 else v for k, v in enc.items()}
-        with torch.set_grad_enabled(grad), replace_embeddings(self.model, embeddings):
+        with self.lock, torch.set_grad_enabled(grad), replace_embeddings(self.model, embeddings):
             hidden = self.model(**kwargs).last_hidden_state  # [n, pos, d]
         mask = kwargs["attention_mask"][..., None].to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)

@@ -4,7 +4,9 @@
 for exactly the sites a run asks for, and removes them afterwards. The model's
 own forward runs unchanged: attrlab never re-derives it. Hooks that only read
 return nothing, so a run with an empty cache request is the model's own
-computation.
+computation. The hooks act only in the thread that installed them (a forward of
+the same model in another thread meanwhile is the model's own); attrlab's own
+runs on one model take turns anyway (:mod:`attrlab.model.lock`).
 
 Example:
     >>> import attrlab as al
@@ -16,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -77,6 +80,7 @@ class HookSession:
         # values shared between hooks of one layer within a forward
         self._z: dict[int, Tensor] = {}
         self._resid_pre: dict[int, Tensor] = {}
+        self._owner: int | None = None  # the thread whose forwards the hooks act on
 
     # ------------------------------------------------------------- helpers
     def _needs(self, name: str) -> bool:
@@ -92,14 +96,21 @@ class HookSession:
         return x
 
     def _add(self, module: nn.Module, kind: str, fn: Any) -> None:
+        owner = self._owner
+
+        def scoped(*args: Any) -> Any:
+            # another thread's forward of this model: leave it alone
+            return fn(*args) if threading.get_ident() == owner else None
+
         if kind == "pre":
-            h = module.register_forward_pre_hook(fn, with_kwargs=True)
+            h = module.register_forward_pre_hook(scoped, with_kwargs=True)
         else:
-            h = module.register_forward_hook(fn, with_kwargs=True)
+            h = module.register_forward_hook(scoped, with_kwargs=True)
         self._handles.append(h)
 
     # -------------------------------------------------------------- install
     def __enter__(self) -> HookSession:
+        self._owner = threading.get_ident()
         try:
             self._install()
         except BaseException:
@@ -178,10 +189,12 @@ class HookSession:
 
     def _skip_block(self, block: nn.Module) -> None:
         """Make ``block`` return its input: the run starts at a later layer."""
-        as_tuple = self._block_tuple
+        as_tuple, owner, own = self._block_tuple, self._owner, block.forward
         self._saved_forwards.append((block, block.__dict__.get("forward")))
 
         def passthrough(hidden_states: Tensor, *args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() != owner:
+                return own(hidden_states, *args, **kwargs)
             return (hidden_states,) if as_tuple else hidden_states
 
         block.forward = passthrough

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import operator
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -31,6 +32,7 @@ from .adapters import Adapter, ModelConfig, adapter_for
 from .adapters.base import _META_MESSAGE, unmaterialisable
 from .hooks import HookSession
 from .interventions import Intervention
+from .lock import model_lock
 from .sites import Site, all_site_names, parse_site
 
 
@@ -152,6 +154,13 @@ class LM:
         )
 
     # ---------------------------------------------------------- properties
+    @property
+    def lock(self) -> threading.RLock:
+        """The model's re-entrant lock (:mod:`attrlab.model.lock`): attrlab calls
+        on one model hold it, so calls from several threads take turns. Shared by
+        every wrapper of the same ``nn.Module``."""
+        return model_lock(self.model)
+
     @property
     def device(self) -> torch.device:
         """Where inputs go: the device of the token embedding (its execution
@@ -434,7 +443,8 @@ class LM:
             self.adapter, cache_sites, ivs, grad, start_layer, start_resid, last_only
         )
         try:
-            with torch.set_grad_enabled(grad), session:
+            # hooks are model state: calls on one model from several threads take turns
+            with self.lock, torch.set_grad_enabled(grad), session:
                 logits, _ = self.hf_forward(
                     batch.input_ids,
                     attention_mask=batch.attention_mask,
@@ -485,13 +495,14 @@ class LM:
             >>> bool(torch.allclose(last[:, -1], full[:, -1], atol=1e-5))
             True
         """
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            **self.adapter.kv_kwargs(kv_cache, use_cache),
-            **kwargs,
-        )
+        with self.lock:
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                **self.adapter.kv_kwargs(kv_cache, use_cache),
+                **kwargs,
+            )
         return out.logits, (self.adapter.kv_returned(out) if use_cache else None)
 
     # ------------------------------------------------------------- weights

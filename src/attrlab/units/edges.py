@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..model.adapters.base import linear_in_out
+from ..model.lock import holds_model_lock, lock_of
 from .base import Units, register_units
 
 __all__ = ["EdgeGraph", "EdgePatcher", "Edges", "edge_activations", "input_gradients"]
@@ -359,6 +360,7 @@ def _norm_vjp(norm: nn.Module, x: Tensor, cot: Tensor) -> Tensor:
     return g
 
 
+@holds_model_lock
 def input_gradients(
     lm: Any,
     batch: Any,
@@ -491,6 +493,7 @@ class EdgePatcher:
         self.handles: list[Any] = []
         self.actual: dict[int, Tensor] = {}  # upstream index -> [b, p, d]
         self.normed: dict[int, Tensor] = {}  # layer -> per-input normed [H + 2K | H, b, p, d]
+        self._lock: Any = None  # the model's lock, held between __enter__ and __exit__
 
     # rows of the reference / masks for a run of ``n`` rows
     def _ref_rows(self, n: int) -> Tensor:
@@ -523,6 +526,17 @@ class EdgePatcher:
         return torch.einsum("buv,ubpd->vbpd", w, diff)
 
     def __enter__(self) -> EdgePatcher:
+        # the patch hooks are model state: hold the model's lock until __exit__
+        self._lock = lock_of(self.lm)
+        if self._lock is not None:
+            self._lock.acquire()
+        try:
+            return self._install()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def _install(self) -> EdgePatcher:
         lm, g, a = self.lm, self.g, self.lm.adapter
         H = g.n_heads
         n_in = g.head_inputs if g.qkv else (H, H, H)  # normed rows per q, k, v
@@ -628,3 +642,6 @@ class EdgePatcher:
         self.handles.clear()
         self.actual.clear()
         self.normed.clear()
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()

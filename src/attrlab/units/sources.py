@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import re
 from collections.abc import Callable, Sequence
@@ -45,6 +46,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ContextTooLongError, EmptyPromptError, InputError
+from ..model.budget import batch_size_for
+from ..model.lock import model_lock
 from .base import Units, register_units
 
 __all__ = ["Sources", "SourcePrompt", "SourceNotFoundError", "EmptyResponseError", "split_text"]
@@ -232,6 +235,55 @@ def _kv_of(cache: Any) -> list[tuple[Tensor, Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache))  # older transformers
 
 
+class _Rows:
+    """Token rows known by their lengths, fetched (tokenized) a few at a time.
+
+    ``lengths``: tokens per row; ``first``: the first row's tokens; ``common``:
+    the length of the prefix every row shares. ``fetch(idx)`` materializes some
+    rows; ``walk_order()`` is the order of the prefix-tree walk (rows that share
+    a prefix next to each other). :meth:`of` wraps ready lists.
+    """
+
+    def __init__(
+        self,
+        lengths: list[int],
+        first: list[int],
+        common: int,
+        fetch: Callable[[list[int]], list[list[int]]],
+        walk_order: Callable[[], list[int]],
+        per_fetch: int = 32,
+    ):
+        self.lengths = lengths
+        self.first = first
+        self.common = common
+        self.fetch = fetch
+        self.walk_order = walk_order
+        self.per_fetch = per_fetch
+
+    @classmethod
+    def of(cls, rows: Sequence[Sequence[int]]) -> _Rows:
+        lists = [list(r) for r in rows]
+        common = min(len(r) for r in lists)
+        for r in lists[1:]:
+            common = min(common, _lcp(lists[0], r))
+        return cls(
+            [len(r) for r in lists],
+            lists[0],
+            common,
+            lambda idx: [lists[i] for i in idx],
+            lambda: sorted(range(len(lists)), key=lambda i: lists[i]),
+        )
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def iterate(self, order: Sequence[int]) -> Any:
+        """``(index, tokens)`` in ``order``, fetching ``per_fetch`` rows at a time."""
+        for b0 in range(0, len(order), self.per_fetch):
+            idx = list(order[b0 : b0 + self.per_fetch])
+            yield from zip(idx, self.fetch(idx))
+
+
 class _Runner:
     """Runs ``rows`` (token lists) followed by a fixed response and applies ``fn``
     to the response positions' logits, reusing KV caches of shared prefixes."""
@@ -265,8 +317,8 @@ class _Runner:
         self.n_forwards += 1
         return logits[:, logits.shape[1] - keep :] if keep > 0 else logits[:, :0]
 
-    def _check_len(self, rows: Sequence[Sequence[int]], n_resp: int) -> None:
-        longest = max(len(r) for r in rows) + n_resp - 1
+    def _check_len(self, longest_row: int, n_resp: int) -> None:
+        longest = longest_row + n_resp - 1
         if self.n_ctx is not None and longest > self.n_ctx:
             raise ContextTooLongError(
                 f"a prompt with its response has {longest} tokens; this model's context is "
@@ -276,7 +328,7 @@ class _Runner:
     @torch.no_grad()
     def run(
         self,
-        rows: Sequence[Sequence[int]],
+        rows: Sequence[Sequence[int]] | _Rows,
         response: Sequence[int],
         fn: Callable[[Tensor, list[int]], Tensor],
         batch_size: int = 1,
@@ -288,26 +340,26 @@ class _Runner:
         n = len(response)
         if n == 0:
             raise EmptyResponseError("the response is empty")
-        self._check_len(rows, n)
+        if not isinstance(rows, _Rows):
+            rows = _Rows.of(rows)
+        # lengths are known before any prompt is materialized: check them first
+        self._check_len(max(rows.lengths), n)
         tail = list(response[:-1])
         out: list[Tensor | None] = [None] * len(rows)
         bar = tqdm(total=len(rows), disable=not progress, desc="ablations")
-        longest = max(len(r) for r in rows) + n
+        longest = max(rows.lengths) + n
         if batch_size <= 1 or longest > self.chunk:
-            order = (
-                sorted(range(len(rows)), key=lambda i: list(rows[i])) if reuse else range(len(rows))
-            )
+            order = rows.walk_order() if reuse else list(range(len(rows)))
             kv: list[tuple[Tensor, Tensor]] | None = None
             prev: Sequence[int] = []
-            for i in order:
-                row = list(rows[i])
+            for i, row in rows.iterate(order):
                 k = min(_lcp(prev, row), len(row) - 1) if (reuse and kv is not None) else 0
                 new = row[k:] + tail
                 cache = _cache_from(kv, k)
                 pieces = []
                 for s in range(0, len(new), self.chunk):
                     piece = new[s : s + self.chunk]
-                    keep = max(0, s + len(piece) - (len(new) - n))
+                    keep = min(len(piece), max(0, s + len(piece) - (len(new) - n)))
                     ids = torch.tensor([piece])
                     pos = torch.arange(k + s, k + s + len(piece))[None]
                     pieces.append(self._forward(ids, pos, cache, keep))
@@ -318,23 +370,21 @@ class _Runner:
                 bar.update(1)
         else:
             # the prefix common to every row, encoded once
-            p = min(len(r) for r in rows) - 1
-            for r in rows[1:]:
-                p = min(p, _lcp(rows[0], r))
+            p = min(min(rows.lengths) - 1, rows.common)
             kv = None
             if reuse and p > 0:
                 cache = _cache_from(None, 0)
                 for s in range(0, p, self.chunk):
-                    piece = list(rows[0][s : min(p, s + self.chunk)])
+                    piece = list(rows.first[s : min(p, s + self.chunk)])
                     pos = torch.arange(s, s + len(piece))[None]
                     self._forward(torch.tensor([piece]), pos, cache, 0)
                 kv = _kv_of(cache)
             else:
                 p = 0
-            order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+            order = sorted(range(len(rows)), key=lambda i: rows.lengths[i])
             for b0 in range(0, len(order), batch_size):
                 idx = order[b0 : b0 + batch_size]
-                seqs = [list(rows[i][p:]) + tail for i in idx]
+                seqs = [list(r[p:]) + tail for r in rows.fetch(idx)]
                 lens = [len(s) for s in seqs]
                 width = max(lens)
                 # right padding: real tokens stay contiguous after the shared prefix
@@ -381,7 +431,8 @@ def auto_batch_size(lm: Any, longest: int = 128) -> int:
     win; wide models are dominated by arithmetic, and there ``batch_size=1`` (the
     prefix-tree walk, which runs the fewest tokens) wins on an idle CPU (12-layer,
     768-wide Llama, 2 threads, 64 ablations of 20 sources: 12.6 s at batch 1 vs
-    21.9 s with an 8192-token budget; 01:31 UTC, 2026-11-22).
+    21.9 s with an 8192-token budget; 01:31 UTC, 2026-11-22). Never more rows
+    than fit the memory budget (:func:`attrlab.model.budget.batch_size_for`).
 
     Example:
         >>> import attrlab as al
@@ -390,7 +441,9 @@ def auto_batch_size(lm: Any, longest: int = 128) -> int:
     """
     width = int(getattr(getattr(lm, "cfg", None), "d_model", 256) or 256)
     budget = int(8192 * min(1.0, (256 / width) ** 3))
-    return max(1, min(64, budget // max(1, longest)))
+    cap = max(1, min(64, budget // max(1, longest)))
+    # and no more rows than fit the memory budget (attrlab.model.budget)
+    return batch_size_for(lm, longest, cap=cap)
 
 
 # ---------------------------------------------------------------- the prompt
@@ -515,6 +568,49 @@ class SourcePrompt:
                 r.append(self.lm.token_id(self._bos_id()))
         return rows
 
+    def _distinct_rows(self, masks: Tensor, per_call: int = 64) -> tuple[_Rows, list[int]]:
+        """The distinct ablated prompts of ``masks`` (identical prompts are run once),
+        tokenized on demand, and for each mask the index of its prompt among them.
+
+        One pass tokenizes ``per_call`` prompts at a time and keeps only each
+        distinct prompt's length and a digest of its tokens, so memory grows with the
+        number of masks, not with masks x context length; the runner tokenizes
+        each batch again when it runs it.
+        """
+        seen: dict[bytes, int] = {}
+        where: list[int] = []
+        reps: list[int] = []  # one mask per distinct prompt
+        lengths: list[int] = []
+        first: list[int] = []
+        common = 0
+        for b0 in range(0, masks.shape[0], per_call):
+            for j, r in enumerate(self.prompt_ids(masks[b0 : b0 + per_call])):
+                key = hashlib.blake2b(np.asarray(r, np.int64).tobytes(), digest_size=16).digest()
+                k = seen.get(key)
+                if k is None:
+                    k = seen[key] = len(reps)
+                    reps.append(b0 + j)
+                    lengths.append(len(r))
+                    if k == 0:
+                        first, common = r, len(r)
+                    else:
+                        common = min(common, _lcp(first, r))
+                where.append(k)
+
+        def fetch(idx: list[int]) -> list[list[int]]:
+            return self.prompt_ids(masks[[reps[i] for i in idx]])
+
+        def walk_order() -> list[int]:
+            # prompts that keep the same leading sources (in context order) share a
+            # token prefix: order them as the lists of kept sources, lexicographically
+            # (a depth-first walk of their prefix tree, a prompt before its extensions),
+            # i.e. as the removed-flags in context order without their trailing run
+            removed = (~masks[reps][:, self._order]).numpy().astype(np.uint8)
+            keys = [row.tobytes().rstrip(b"\x01") for row in removed]
+            return sorted(range(len(reps)), key=keys.__getitem__)
+
+        return _Rows(lengths, first, common, fetch, walk_order), where
+
     def _bos_id(self) -> int:
         for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self.tokenizer, attr, None)
@@ -528,6 +624,10 @@ class SourcePrompt:
     ) -> list[int]:
         prompt = self.prompt_text()
         p_ids = self._encode([prompt])[0]
+        # every ablated prompt is (about) as long as the full one at most: check the
+        # full prompt's token count before generating or building any ablation
+        self._check_fits(len(p_ids), 1)
+        ids: list[int]
         if response is None:
             ids = self._generate(p_ids, max_new_tokens, do_sample, seed)
             if not ids:
@@ -535,19 +635,33 @@ class SourcePrompt:
                     "the model generated an empty response (it stopped at once); give "
                     "response=... to attribute a fixed text"
                 )
-            return ids
-        if isinstance(response, str):
+        elif isinstance(response, str):
             if response == "":
                 raise EmptyResponseError("the response is empty: give at least one token")
             # tokenize prompt + response together, as the model would read it
             full = self._encode([prompt + response])[0]
             if full[: len(p_ids)] == p_ids and len(full) > len(p_ids):
-                return full[len(p_ids) :]
-            return list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
-        ids = [self.lm.token_id(int(t)) for t in response]
-        if not ids:
-            raise EmptyResponseError("the response is empty: give at least one token")
+                ids = full[len(p_ids) :]
+            else:
+                ids = list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
+        else:
+            ids = [self.lm.token_id(int(t)) for t in response]
+            if not ids:
+                raise EmptyResponseError("the response is empty: give at least one token")
+        self._check_fits(len(p_ids), len(ids))
         return ids
+
+    def _check_fits(self, n_prompt: int, n_response: int) -> None:
+        """Raise :class:`ContextTooLongError` if the full prompt and the response do
+        not fit the model's context (checked on token counts, before any forward)."""
+        n_ctx = self.lm.cfg.n_ctx
+        total = n_prompt + n_response - 1
+        if n_ctx is not None and total > n_ctx:
+            raise ContextTooLongError(
+                f"the prompt with all {self.n_sources} sources has {n_prompt} tokens and the "
+                f"response {n_response}: {total} tokens run, but this model's context is "
+                f"{n_ctx}. Use fewer or shorter sources (or a model with a longer context)."
+            )
 
     def _generate(
         self, p_ids: list[int], max_new_tokens: int, do_sample: bool, seed: int
@@ -562,7 +676,7 @@ class SourcePrompt:
         )
         if not do_sample:
             kw.update(temperature=None, top_p=None, top_k=None)
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with model_lock(model), torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
         new = out[0, len(p_ids) :].tolist()
@@ -614,17 +728,19 @@ class SourcePrompt:
         ``n_forwards`` and ``n_prompts`` (distinct prompts).
         """
         masks = _as_masks(masks, self.n_sources)
-        rows = self.prompt_ids(masks)
-        # identical prompts (repeated masks) are run once
-        first: dict[tuple[int, ...], int] = {}
-        where = [first.setdefault(tuple(r), len(first)) for r in rows]
-        unique = [list(r) for r in first]
-        longest = max(len(r) for r in unique) + len(self.response_ids)
+        unique, where = self._distinct_rows(masks)
+        longest = max(unique.lengths) + len(self.response_ids)
         bs = auto_batch_size(self.lm, longest) if batch_size == "auto" else int(batch_size)
         runner = _Runner(self.lm, self.lm.cfg.n_ctx)
-        out = runner.run(
-            unique, self.response_ids, fn or _token_logprobs(self.response_ids), bs, reuse, progress
-        )
+        with model_lock(self.lm.model):
+            out = runner.run(
+                unique,
+                self.response_ids,
+                fn or _token_logprobs(self.response_ids),
+                bs,
+                reuse,
+                progress,
+            )
         if stats is not None:
             stats["n_tokens"] = stats.get("n_tokens", 0) + runner.n_tokens
             stats["n_forwards"] = stats.get("n_forwards", 0) + runner.n_forwards

@@ -1,0 +1,230 @@
+"""Memory budget: batch sizes that follow the memory a forward needs, not a fixed count.
+
+Methods that batch many points, masks or patches per forward (IG and the other
+gradient methods, occlusion/LIME/SHAP over tokens, activation patching, the
+sources runner) pick their rows per forward with :func:`batch_size_for`: as
+many rows as fit the budget by :func:`row_bytes` (an estimate from the model
+config: layers, width, MLP width, heads, sequence length, the vocabulary for
+the logits, the attention matrices, and a backward factor for gradient
+methods), at most the method's usual batch size, at least 1.
+
+The budget is, in this order: ``memory_budget=`` given to the method, the one
+set with :func:`set_memory_budget`, the environment variable
+``ATTRLAB_MEMORY_BUDGET`` (bytes, or ``"512MB"``, ``"2GB"``), else
+:data:`DEFAULT_FRACTION` of the memory available now (device memory for a
+CUDA model), capped at :data:`DEFAULT_CAP`. An explicit ``batch_size=`` always
+wins. Results do not depend on the batch size (beyond float round-off).
+
+Example:
+    >>> import attrlab as al
+    >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+    >>> batch_size_for(lm, 1024, cap=32, grad=True, memory_budget="64MB")
+    1
+    >>> batch_size_for(lm, 16, cap=32, grad=True, memory_budget="64MB")
+    32
+    >>> batch_size_for(lm, 1024, cap=32, batch_size=4)  # explicit wins
+    4
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+
+__all__ = [
+    "DEFAULT_CAP",
+    "DEFAULT_FRACTION",
+    "available_memory",
+    "batch_size_for",
+    "memory_budget",
+    "parse_bytes",
+    "row_bytes",
+    "set_memory_budget",
+]
+
+#: share of the memory available now that one forward may use by default
+DEFAULT_FRACTION = 0.25
+#: the default budget never exceeds this (bytes)
+DEFAULT_CAP = 2 * 2**30
+#: activations kept per layer and position, in units of ``d_model`` (residual
+#: copies, norms, q/k/v, attention output) and of ``d_mlp`` (MLP in/act/out)
+_PER_LAYER_D_MODEL = 12
+_PER_LAYER_D_MLP = 3
+#: attention matrices per layer and head (scores, probabilities, mask/dropout copies)
+_ATTN_MATRICES = 3
+#: a backward holds the forward's saved tensors plus gradients of the same size
+_BACKWARD_FACTOR = 2
+
+_UNITS = {"": 1, "b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40}
+_override: int | None = None
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """A size in bytes from a number or a string such as ``"512MB"`` or ``"2 GB"``.
+
+    Example:
+        >>> parse_bytes("1.5 KB"), parse_bytes(2048)
+        (1536, 2048)
+    """
+    if isinstance(value, bool):
+        raise InputError(f"memory_budget must be a size in bytes or like '2GB', got {value!r}")
+    if isinstance(value, (int, float)):
+        n = float(value)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)\s*", value.lower())
+        if m is None:
+            raise InputError(f"memory_budget must be a size like '512MB' or '2GB', got {value!r}")
+        n = float(m.group(1)) * _UNITS[m.group(2).replace("i", "")]
+    else:
+        raise InputError(f"memory_budget must be a size in bytes or like '2GB', got {value!r}")
+    if not n > 0 or n != n or n == float("inf"):
+        raise InputError(f"memory_budget must be a positive size, got {value!r}")
+    return int(n)
+
+
+def available_memory(device: torch.device | str | None = None) -> int:
+    """Bytes available now: free device memory for a CUDA device, else the host's
+    available RAM (``MemAvailable``; a 4 GB guess if the system does not say).
+
+    Example:
+        >>> available_memory() > 0
+        True
+    """
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+
+
+def set_memory_budget(value: int | str | None) -> None:
+    """Set the budget of every later call (bytes or ``"2GB"``); None restores the default.
+
+    Example:
+        >>> set_memory_budget("1GB"); memory_budget()
+        1073741824
+        >>> set_memory_budget(None)
+    """
+    global _override
+    _override = None if value is None else parse_bytes(value)
+
+
+def memory_budget(value: int | str | None = None, device: Any = None) -> int:
+    """The budget in bytes: ``value`` if given, else the global or environment
+    setting, else the default (a fraction of available memory, capped).
+
+    Example:
+        >>> memory_budget("256MB")
+        268435456
+        >>> 0 < memory_budget() <= DEFAULT_CAP
+        True
+    """
+    return _resolve(value, device)
+
+
+def _resolve(value: int | str | None, device: Any) -> int:
+    if value is not None:
+        return parse_bytes(value)
+    if _override is not None:
+        return _override
+    env = os.environ.get("ATTRLAB_MEMORY_BUDGET")
+    if env:
+        return parse_bytes(env)
+    return max(1, min(DEFAULT_CAP, int(DEFAULT_FRACTION * available_memory(device))))
+
+
+def _shape(lm: Any) -> tuple[int, int, int, int, int, int]:
+    """``(layers, d_model, d_mlp, heads, vocab, bytes per element)`` of a wrapped model."""
+    cfg = getattr(lm, "cfg", None)
+    model = getattr(lm, "model", None)
+    hf = getattr(model, "config", None)
+
+    def get(*names: str, default: int) -> int:
+        for src in (cfg, hf):
+            for n in names:
+                v = getattr(src, n, None)
+                if isinstance(v, int) and v > 0:
+                    return v
+        return default
+
+    d_model = get("d_model", "hidden_size", "n_embd", default=768)
+    dtype = getattr(lm, "dtype", torch.float32)
+    size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
+    return (
+        get("n_layers", "num_hidden_layers", "n_layer", default=12),
+        d_model,
+        get("d_mlp", "intermediate_size", "n_inner", default=4 * d_model),
+        get("n_heads", "num_attention_heads", "n_head", default=12),
+        get("d_vocab", "vocab_size", default=50_000),
+        max(size, 4),  # softmax and log-probs are often upcast
+    )
+
+
+def row_bytes(lm: Any, seq_len: int, grad: bool = False, logit_positions: int | None = None) -> int:
+    """Estimated bytes one batch row of a forward over ``seq_len`` positions needs.
+
+    Without gradients one layer's activations are live at a time; with
+    gradients every layer's are kept for the backward, times a backward factor.
+    ``logit_positions``: positions unembedded (default all ``seq_len``).
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> row_bytes(lm, 1024, grad=True) > 100 * row_bytes(lm, 64, grad=True)
+        True
+    """
+    layers, d_model, d_mlp, heads, vocab, size = _shape(lm)
+    seq = max(1, int(seq_len))
+    per_layer = seq * (_PER_LAYER_D_MODEL * d_model + _PER_LAYER_D_MLP * d_mlp)
+    per_layer += _ATTN_MATRICES * heads * seq * seq
+    logits = 2 * vocab * (seq if logit_positions is None else max(1, int(logit_positions)))
+    if grad:
+        total = _BACKWARD_FACTOR * (layers * per_layer + logits)
+    else:
+        total = 2 * per_layer + logits
+    return int(total * size)
+
+
+def batch_size_for(
+    lm: Any,
+    seq_len: int,
+    cap: int,
+    grad: bool = False,
+    batch_size: int | None = None,
+    memory_budget: int | str | None = None,
+    logit_positions: int | None = None,
+) -> int:
+    """Rows per forward: ``batch_size`` if given, else as many rows of
+    :func:`row_bytes` as fit the budget, between 1 and ``cap``.
+
+    Raises:
+        InputError: ``batch_size`` is not a positive integer.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> batch_size_for(lm, 2048, cap=32, grad=True, memory_budget="1GB") < 32
+        True
+    """
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        return batch_size
+    budget = _resolve(memory_budget, getattr(lm, "device", None))
+    per_row = max(1, row_bytes(lm, seq_len, grad, logit_positions))
+    return max(1, min(int(cap), budget // per_row))

@@ -1,0 +1,99 @@
+"""Batch sizes follow a memory budget, not a fixed count (issue 14, item 10)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attrlab as al
+
+PROMPT = "When Mary and John went to the store, John gave a drink to"
+CF = "When Mary and John went to the store, Mary gave a drink to"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return al.wrap(*al.testing.tiny_model("gpt2"))
+
+
+def _rows_per_forward(lm, fn):
+    """Run ``fn`` and return the batch sizes of the model's forwards."""
+    sizes: list[int] = []
+    h = lm.model.register_forward_pre_hook(
+        lambda m, a, kw: sizes.append(
+            (kw.get("input_ids") if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[
+                0
+            ]
+        ),
+        with_kwargs=True,
+    )
+    try:
+        out = fn()
+    finally:
+        h.remove()
+    return out, sizes
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("ig", {"steps": 16}),
+        ("smoothgrad", {"samples": 8}),
+        ("expected-gradients", {"samples": 8}),
+        ("occlusion", {}),
+        ("kernelshap", {"samples": 24}),
+    ],
+)
+def test_small_budget_shrinks_batches_and_keeps_scores(lm, method, options):
+    """Token methods: a small memory budget gives smaller batches and the same scores."""
+    big, big_sizes = _rows_per_forward(
+        lm, lambda: al.attribute(lm, PROMPT, target=" Mary", method=method, **options)
+    )
+    small, small_sizes = _rows_per_forward(
+        lm,
+        lambda: al.attribute(
+            lm, PROMPT, target=" Mary", method=method, memory_budget="200KB", **options
+        ),
+    )
+    assert max(small_sizes) < max(big_sizes)
+    torch.testing.assert_close(small.scores, big.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_patching_follows_the_budget(lm):
+    args = dict(target=(" Mary", " John"), units="heads", method="patch", counterfactual=CF)
+    big, big_sizes = _rows_per_forward(lm, lambda: al.attribute(lm, PROMPT, **args))
+    small, small_sizes = _rows_per_forward(
+        lm, lambda: al.attribute(lm, PROMPT, memory_budget="100KB", **args)
+    )
+    assert max(small_sizes) < max(big_sizes)
+    torch.testing.assert_close(small.scores, big.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_size_follows_prompt_length_and_the_global_budget(lm, monkeypatch):
+    """IG at 1,024 tokens no longer takes 32 points per forward by default: the
+    rows per forward shrink with the square of the length; the budget can be set
+    globally or by the environment, and an explicit batch_size wins."""
+    from attrlab.model import budget
+
+    monkeypatch.setattr(budget, "_override", None)
+    monkeypatch.setenv("ATTRLAB_MEMORY_BUDGET", "1GB")
+    assert budget.memory_budget() == 2**30
+    long_rows = budget.batch_size_for(lm, 1024, cap=32, grad=True)
+    assert 1 <= long_rows < 32
+    assert budget.batch_size_for(lm, 2048, cap=32, grad=True) < long_rows
+    assert budget.batch_size_for(lm, 16, cap=32, grad=True) == 32
+    budget.set_memory_budget("10MB")
+    try:
+        assert budget.memory_budget() == 10 * 2**20
+        assert budget.batch_size_for(lm, 1024, cap=32, grad=True) == 1
+        assert budget.batch_size_for(lm, 1024, cap=32, grad=True, batch_size=4) == 4
+    finally:
+        budget.set_memory_budget(None)
+    monkeypatch.delenv("ATTRLAB_MEMORY_BUDGET")
+    assert 0 < budget.memory_budget() <= budget.DEFAULT_CAP
+
+
+@pytest.mark.parametrize("bad", ["lots", -1, 0, "0GB", True, float("nan")])
+def test_bad_budgets_are_input_errors(lm, bad):
+    with pytest.raises(al.errors.InputError, match="memory_budget"):
+        al.attribute(lm, PROMPT, target=" Mary", method="ig", steps=4, memory_budget=bad)
