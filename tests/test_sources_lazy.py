@@ -93,6 +93,6 @@ def test_prefix_walk_with_chunked_prefill_over_the_response(chunk):
     lm = al.wrap(*al.testing.tiny_model("llama"))
     p = al.units.Sources().bind(lm, "A b c. D e f. G h i.", " A b c d e")
     masks = loo_masks(p.n_sources)
-    runner = _Runner(lm.model, lm.cfg.n_ctx, chunk=chunk)
+    runner = _Runner(lm, lm.cfg.n_ctx, chunk=chunk)
     got = runner.run(p.prompt_ids(masks), p.response_ids, _token_logprobs(p.response_ids), 1)
     torch.testing.assert_close(torch.stack(got), _plain(lm, p, masks), atol=2e-5, rtol=0)

@@ -261,18 +261,10 @@ def load_model(name: str) -> Any:
     p = Path(name).expanduser()
     if (name.startswith((".", "/", "~")) or p.exists()) and not p.exists():
         raise InputError(f"no model at {name!r}: the path does not exist")
-    if not p.exists():
-        # a hub id: use the local cache first (works offline, no network round trips)
-        try:
-            return al.load(name, local_files_only=True)
-        except AttrlabError:
-            raise
-        except (OSError, ValueError, KeyError):
-            pass
-    try:
+    try:  # a hub id is read from the local cache first (al.load)
         return al.load(name)
-    except AttrlabError:
-        raise
+    except AttrlabError as e:  # typed already: say which model, keep the type
+        raise type(e)(f"cannot load model {name!r}: {e}") from e
     except Exception as e:  # not a model (a plain file, a pickle ...): any loader error
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot load model {name!r}: {first}") from e

@@ -730,7 +730,7 @@ class ActivationPatching(Method):
         self.noise_scale = check_float("patch", "noise_scale", noise_scale, optional=True)
         self.seed = check_int("patch", "seed", seed, minimum=0)
         self.per_prompt = per_prompt
-        self.batch_size = check_int("patch", "batch_size", batch_size)
+        self.batch_size = check_int("patch", "batch_size", batch_size, optional=True)
         self.progress = progress
         self.memory_budget = memory_budget
 

@@ -32,9 +32,12 @@ TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
 def _kv_param_name(model: nn.Module) -> str:
-    """``"cache"`` where the model's forward takes it, else ``"past_key_values"``."""
+    """``"cache"`` where the model's forward takes it, else ``"past_key_values"``.
+
+    Read off the class, so a forward wrapped on the instance (a profiler, a
+    test's counter) does not hide the name."""
     try:
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(type(model).forward).parameters
     except (TypeError, ValueError):
         params = {}  # type: ignore[assignment]
     return "cache" if "cache" in params else "past_key_values"
