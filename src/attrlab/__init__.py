@@ -12,7 +12,7 @@ Example:
     True
 """
 
-from . import errors, evaluate, methods, targets, testing, units, zoo
+from . import ablations, errors, evaluate, methods, targets, testing, units, zoo
 from .attribute import attribute
 from .errors import AttrlabError
 from .methods.lens import logit_lens

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import inspect
+
+from .ablations import Ablation
+from .ablations import resolve as resolve_ablation
 from .errors import EmptyPromptError, InputError
-from .methods.base import Method, find_method
+from .methods.base import Estimator, Method, find_method
 from .model.lock import holds_model_lock
 from .model.wrapper import LM, Inputs
 from .question import check_scores, record
@@ -32,6 +36,8 @@ def attribute(
     units: Any = "tokens",
     method: str | Method = "ig",
     counterfactual: Inputs | None = None,
+    ablation: str | Ablation | None = None,
+    reference: Inputs | None = None,
     **options: Any,
 ) -> Attribution:
     """Attribute ``target`` on ``inputs`` to ``units`` with ``method``.
@@ -43,8 +49,12 @@ def attribute(
             :class:`attrlab.targets.Target`, or None for the top prediction.
         units: a unit kind name (``"tokens"``, ``"heads"`` …) or an ``al.units`` object.
         method: a method name or an ``al.methods`` object (then ``options`` must be empty).
-        counterfactual: a corrupted prompt of the same token length, for
-            methods that compare runs.
+        counterfactual: a corrupted prompt of the same token length; shorthand
+            for ``ablation=al.ablations.Counterfactual(counterfactual)``.
+        ablation: what replaces a unit that is not kept: ``"zero"``, ``"mean"``,
+            ``"resample"``, ``"noise"``, ``"pad"``, ``"mask"``, ``"remove"`` or an
+            :mod:`attrlab.ablations` object; None: the unit kind's default.
+        reference: prompts for ``ablation="mean"`` / ``"resample"``.
         **options: the method's options (e.g. ``steps=32``).
 
     Returns:
@@ -66,11 +76,13 @@ def attribute(
     if isinstance(inputs, str) and inputs == "":
         raise EmptyPromptError("the prompt is empty: give at least one token")
     unit_obj = resolve_units(units)
+    if reference is not None and ablation is None:  # a method's own reference= option
+        options["reference"] = reference
+        reference = None
     if isinstance(method, Method):
         if options:
             raise InputError("give options to the method object, not to attribute()")
-        if unit_obj.kind not in method.unit_kinds:
-            find_method(method.name, unit_obj.kind)  # raises with the list of kinds
+        find_method(method.name, unit_obj.kind)  # raises with the kinds it works on
         m = method
     elif isinstance(method, str):
         cls = find_method(method, unit_obj.kind)
@@ -80,10 +92,20 @@ def attribute(
             raise InputError(f"bad options for method {method!r}: {e}") from e
     else:
         raise InputError(f"method must be a name or an al.methods object, got {method!r}")
+    abl = resolve_ablation(ablation, counterfactual=counterfactual, reference=reference)
+    if isinstance(m, Estimator) or abl is not None:
+        abl = unit_obj.check_ablation(abl)  # typed error before any forward pass
     # recorded before the method runs: it may prepare (mutate) the target object
-    question = record(inputs, target, unit_obj, counterfactual, m.target_kind)
+    question = record(inputs, target, unit_obj, counterfactual, m.target_kind, abl)
     tgt = resolve_target(target, lm) if m.target_kind == "lm" else target
-    result = m.attribute(lm, inputs, tgt, unit_obj, counterfactual=counterfactual)
+    if isinstance(m, Estimator) or "ablation" in inspect.signature(m.attribute).parameters:
+        result = m.attribute(lm, inputs, tgt, unit_obj, counterfactual=counterfactual, ablation=abl)
+    elif ablation is not None and not (counterfactual is not None and abl.name == "counterfactual"):
+        raise InputError(
+            f"method {m.name!r} does not take ablation=; it compares with counterfactual= only"
+        )
+    else:
+        result = m.attribute(lm, inputs, tgt, unit_obj, counterfactual=counterfactual)
     check_scores(result, f"method {m.name!r} computed non-finite scores")
     if question is not None:
         result.meta["question"] = question

@@ -78,6 +78,10 @@ class UnknownMethodError(InputError):
     """No attribution method of that name, or not for that unit kind."""
 
 
+class UnsupportedAblationError(InputError):
+    """This unit kind cannot apply that ablation (e.g. ``Remove`` on heads)."""
+
+
 class UnknownUnitsError(InputError):
     """No unit kind of that name."""
 

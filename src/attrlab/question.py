@@ -117,7 +117,12 @@ def _target_from_json(spec: Mapping[str, Any]) -> Any:
 
 
 def record(
-    inputs: Any, target: Any, units: Any, counterfactual: Any, target_kind: str = "lm"
+    inputs: Any,
+    target: Any,
+    units: Any,
+    counterfactual: Any,
+    target_kind: str = "lm",
+    ablation: Any = None,
 ) -> dict[str, Any] | None:
     """The JSON description of a question, as :func:`attrlab.attribute` stores it in
     ``result.meta["question"]`` (None if the inputs cannot be written as JSON).
@@ -137,6 +142,17 @@ def record(
         q["inputs_tuple"] = True
     q["target"] = _target_json(target)
     q["target_kind"] = target_kind
+    if ablation is not None:
+        from .ablations import Counterfactual, to_json
+
+        try:  # a counterfactual is already recorded above
+            q["ablation"] = (
+                {"name": "counterfactual"}
+                if isinstance(ablation, Counterfactual)
+                else to_json(ablation)
+            )
+        except TypeError:
+            return None
     if units is not None:
         q["units"] = {"kind": units.kind, "params": units.params()}
     return q
@@ -257,6 +273,24 @@ class Question:
     inputs: Any
     target: Any
     counterfactual: Any
+    #: the recorded :mod:`attrlab.ablations` object (None: the unit kind's default)
+    ablation: Any = None
+
+    def resolved_ablation(self, given: Any = None, reference: Any = None) -> Any:
+        """The ablation to evaluate with: ``given`` if any, else the recorded one
+        (a counterfactual prompt means ``Counterfactual``).
+
+        Example:
+            >>> Question("a b", " a", "a c").resolved_ablation()
+            Counterfactual(inputs='a c')
+        """
+        from .ablations import resolve
+
+        if given is not None:
+            return resolve(given, reference=reference)
+        if self.ablation is not None:
+            return self.ablation
+        return resolve(None, counterfactual=self.counterfactual)
 
 
 def bind(
@@ -347,7 +381,13 @@ def bind(
             f"this result was computed with the counterfactual {_short(rec_cf)}, not "
             f"{_short(counterfactual)}; leave counterfactual= out or pass the same one"
         )
-    return Question(inputs, target, counterfactual)
+    abl = None
+    spec_a = q.get("ablation")
+    if isinstance(spec_a, Mapping) and spec_a.get("name") != "counterfactual":
+        from .ablations import from_json
+
+        abl = from_json(spec_a)
+    return Question(inputs, target, counterfactual, abl)
 
 
 def _bind_unrecorded(result: Any, inputs: Any, target: Any, counterfactual: Any) -> Question:

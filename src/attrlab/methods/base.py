@@ -35,10 +35,17 @@ if TYPE_CHECKING:
 
 
 class Method:
-    """Base class for attribution methods."""
+    """Base class for attribution methods.
+
+    A *kind-specific* method lists the ``unit_kinds`` it supports. An
+    *estimator* (:class:`Estimator`) instead declares what it ``needs`` from a
+    bound unit kind (``"f"``, ``"gates"``) and runs on every kind that
+    provides it.
+    """
 
     name: ClassVar[str] = ""
     unit_kinds: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[frozenset[str]] = frozenset()
     #: "lm": the dispatcher resolves the target against the model first;
     #: "raw": the method receives the target spec as given.
     target_kind: ClassVar[str] = "lm"
@@ -60,6 +67,50 @@ class Method:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
+
+
+class Estimator(Method):
+    """An estimator written once against the unit contract
+    (:class:`attrlab.units.base.Bound`): subclasses implement :meth:`estimate`.
+
+    ``attribute`` binds the question (``units.bind``) and builds the result
+    through ``bound.result`` — the one place results are made. Scores follow
+    one sign convention: the unit's contribution to the target (for occlusion,
+    ``f(all) - f(all without u)``).
+
+    Example:
+        >>> import attrlab as al, torch
+        >>> class Constant(Estimator):
+        ...     name = "constant"
+        ...     needs = frozenset({"f"})
+        ...     def estimate(self, bound):
+        ...         return torch.ones(bound.n_rows, bound.n), {}
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = Constant().attribute(lm, "a b", al.targets.resolve(" a", lm), al.units.Tokens())
+        >>> r.scores.tolist()
+        [1.0, 1.0]
+    """
+
+    def estimate(self, bound: Any) -> tuple[Any, dict[str, Any]]:
+        """``(scores [n_rows, n], diagnostics)`` for a bound question."""
+        raise NotImplementedError
+
+    def attribute(  # type: ignore[override]
+        self,
+        lm: LM,
+        inputs: Inputs,
+        target: Target,
+        units: Units,
+        counterfactual: Inputs | None = None,
+        ablation: Any = None,
+        **bind_options: Any,
+    ) -> Attribution:
+        from ..ablations import resolve as resolve_ablation
+
+        abl = resolve_ablation(ablation, counterfactual=counterfactual)
+        bound = units.bind(lm, inputs, target, units.check_ablation(abl), **bind_options)
+        scores, diag = self.estimate(bound)
+        return bound.result(scores, self, diagnostics=diag)
 
 
 def check_int(method: str, name: str, value: Any, minimum: int = 1, optional: bool = False) -> Any:
@@ -154,19 +205,31 @@ def check_baseline(method: str, baseline: Any, name: str = "baseline") -> Any:
 
 
 _REGISTRY: dict[tuple[str, str], type[Method]] = {}
+#: estimators (and estimator presets): name -> class; their kinds are derived
+_ESTIMATORS: dict[str, type[Method]] = {}
 
 
 def register(
-    name: str, units: tuple[str, ...], *aliases: str
+    name: str, units: tuple[str, ...] | None = None, *aliases: str
 ) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator: make ``method=name`` available for ``units``.
+    """Class decorator: make ``method=name`` available.
 
-    Each method has one canonical name (lower case, words joined by ``-``);
-    ``aliases`` exist only for plugins that must keep an old name.
+    With ``units`` (kind-specific methods) for those kinds; with ``units=None``
+    (estimators) for every kind whose bound form provides what the class
+    ``needs`` — derived, not listed. Each method has one canonical name (lower
+    case, words joined by ``-``); ``aliases`` exist only for plugins that must
+    keep an old name. A class registered under several names (presets) reads
+    its name from ``type(obj).name`` — give each preset its own subclass.
     """
 
     def deco(cls: type[Method]) -> type[Method]:
         cls.name = cls.name or name
+        if units is None:
+            for n in (name, *aliases):
+                if n.lower() in _ESTIMATORS and _ESTIMATORS[n.lower()] is not cls:
+                    raise RuntimeError(f"estimator {n!r} registered twice")
+                _ESTIMATORS[n.lower()] = cls
+            return cls
         cls.unit_kinds = tuple(dict.fromkeys((*cls.unit_kinds, *units)))
         for n in (name, *aliases):
             for kind in units:
@@ -179,17 +242,76 @@ def register(
     return deco
 
 
+def _kind_provides(kind: str) -> frozenset[str]:
+    from ..units.base import _KINDS
+
+    cls = _KINDS.get(kind)
+    return frozenset(getattr(cls, "provides", frozenset()))
+
+
+def _estimator_kinds(cls: type[Method]) -> list[str]:
+    from ..units.base import kinds_providing
+
+    kinds = kinds_providing(cls.needs)
+    only = getattr(cls, "only_kinds", None)  # a preset may narrow (atp: components)
+    return [k for k in kinds if only is None or k in only]
+
+
+def _lookup(name: str, kind: str) -> type[Method] | None:
+    cls = _REGISTRY.get((name, kind))
+    if cls is not None:
+        return cls
+    est = _ESTIMATORS.get(name)
+    if est is not None:
+        from ..units.base import _KINDS
+
+        canonical = getattr(_KINDS.get(kind), "kind", kind)
+        if canonical in _estimator_kinds(est):
+            return est
+    return None
+
+
 def methods_for(kind: str) -> list[str]:
-    """Names of the methods available for a unit kind."""
-    return sorted({n for (n, k) in _REGISTRY if k == kind})
+    """Names of the methods available for a unit kind.
+
+    Example:
+        >>> "occlusion" in methods_for("heads")
+        True
+    """
+    return sorted(n for n in all_methods() if _lookup(n, kind) is not None)
 
 
 def all_methods() -> dict[str, list[str]]:
-    """``{method name: [unit kinds]}`` for every registered method."""
+    """``{method name: [unit kinds]}`` for every registered method (estimators'
+    kinds derived from what they need and what each kind provides).
+
+    Example:
+        >>> "heads" in all_methods()["kernelshap"]
+        True
+    """
     out: dict[str, list[str]] = {}
     for n, k in sorted(_REGISTRY):
         out.setdefault(n, []).append(k)
-    return out
+    for n, cls in _ESTIMATORS.items():
+        out[n] = sorted({*out.get(n, []), *_estimator_kinds(cls)})
+    return dict(sorted(out.items()))
+
+
+def method_table() -> str:
+    """The unit x method table as Markdown (what the README shows): a mark
+    where ``al.attribute(units=kind, method=name)`` runs.
+
+    Example:
+        >>> method_table().splitlines()[0].startswith("| method |")
+        True
+    """
+    from ..units.base import _KINDS
+
+    kinds = sorted({c.kind for c in _KINDS.values()})  # type: ignore[attr-defined]
+    rows = ["| method | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for n, ks in all_methods().items():
+        rows.append(f"| {n} | " + " | ".join("x" if k in ks else "" for k in kinds) + " |")
+    return "\n".join(rows)
 
 
 #: Spelled-out names users type, mapped to the one canonical name (error hints only).
@@ -214,9 +336,9 @@ def find_method(name: str, kind: str) -> type[Method]:
     Raises:
         UnknownMethodError: no such method, or not for that unit kind.
     """
-    key = (name.lower(), kind)
-    if key in _REGISTRY:
-        return _REGISTRY[key]
+    found = _lookup(name.lower(), kind)
+    if found is not None:
+        return found
     kinds = all_methods().get(name.lower())
     if kinds:
         raise UnknownMethodError(

@@ -1,8 +1,23 @@
-"""Unit kinds: what an attribution assigns scores to.
+"""Unit kinds: what an attribution assigns scores to, and the contract every
+method sits on.
 
 A unit kind is a small object (``al.units.Heads(layers=[9, 10])``) or its
-string name (``"heads"``). Each kind registers its name here; methods declare
-which kinds they support.
+string name (``"heads"``). Binding it to a question —
+``units.bind(lm, inputs, target, ablation)`` — gives a :class:`Bound`:
+
+* ``n`` units and their ``labels()`` (one labelling path per kind);
+* ``f(keep [m, n] bool) -> [m, rows]``: the target with only the kept units
+  (the others ablated), exact, many masks per forward;
+* ``f_gated(g [m, n] float) -> [m, rows]`` (kinds that ``provide`` ``"gates"``)
+  with ``unit = ablated + g * (actual - ablated)``, computed as
+  ``g * actual + (1 - g) * ablated`` so that ``f_gated(keep.float())`` equals
+  ``f(keep)`` and gradients with respect to ``g`` exist;
+* ``result(scores, method, ...)``: the one place an
+  :class:`~attrlab.result.Attribution` is built.
+
+Estimators (:mod:`attrlab.methods`) are written once against this contract;
+which estimator runs on which kind follows from what it ``needs`` and what the
+kind ``provides``.
 
 Example:
     >>> import attrlab as al
@@ -12,37 +27,232 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import UnknownUnitsError
+import torch
+from torch import Tensor
+
+from ..ablations import Ablation, check_supported
+from ..errors import InputError, NonFiniteError, UnknownUnitsError
+
+if TYPE_CHECKING:
+    from ..result import Attribution
 
 _KINDS: dict[str, Callable[[], Units]] = {}
 
 
 class Units:
-    """Base class of unit kinds. ``kind`` is the canonical string name."""
+    """Base class of unit kinds. ``kind`` is the canonical string name.
+
+    Class attributes a kind sets:
+
+    * ``provides``: what its bound form offers estimators — ``"f"`` (exact
+      masked evaluation) and/or ``"gates"`` (``f_gated`` and its gradient);
+    * ``ablations``: the :mod:`attrlab.ablations` classes it can apply (the
+      first is the default when none is given).
+    """
 
     kind: ClassVar[str] = ""
+    provides: ClassVar[frozenset[str]] = frozenset()
+    ablations: ClassVar[tuple[type[Ablation], ...]] = ()
 
     def params(self) -> dict[str, Any]:
         """JSON-able description, stored with results."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
-    def mask_values(self, lm: Any, inputs: Any, target: Any, masks: Any, **context: Any) -> Any:
-        """Evaluate ``f(S)``: the target with only the units in each mask kept.
+    def default_ablation(self) -> Ablation | None:
+        """The ablation used when none is given (the first supported one)."""
+        return self.ablations[0]() if self.ablations else None
 
-        ``masks`` is a bool tensor ``[n_masks, n_units]`` (True = keep, False =
-        ablate); returns a float tensor ``[n_masks]``. This is what LDS,
-        deletion/insertion curves and surrogate methods evaluate, for every
-        unit kind that can be ablated. Kinds override it; ``context`` carries
-        kind-specific needs (baseline, counterfactual, sources …).
+    def check_ablation(self, ablation: Ablation | None) -> Ablation | None:
+        """``ablation`` (or the default), refused with
+        :class:`~attrlab.errors.UnsupportedAblationError` if this kind cannot apply it."""
+        if ablation is None:
+            return self.default_ablation()
+        if not self.ablations:  # a kind that has not declared its ablations (plugins)
+            return ablation
+        check_supported(ablation, self.kind, self.ablations)
+        return ablation
+
+    def bind(
+        self, lm: Any, inputs: Any, target: Any, ablation: Ablation | None = None, **options: Any
+    ) -> Bound:
+        """This kind bound to a question: the :class:`Bound` every estimator uses.
+
+        ``target`` is a resolved :class:`~attrlab.targets.Target` for model kinds.
+        ``options`` are kind-specific (``batch_size``, ``sources`` …).
         """
-        raise NotImplementedError(f"units {self.kind!r} cannot be ablated by mask yet")
+        raise NotImplementedError(f"units {self.kind!r} cannot be bound to a question yet")
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
+
+
+class Bound:
+    """A unit kind bound to a question (model, inputs, target, ablation).
+
+    Subclasses set ``n``, ``n_rows`` and implement :meth:`labels`, :meth:`f`
+    and, for kinds that provide gates, :meth:`f_gated` (optionally a faster
+    :meth:`gate_grad`). Everything else is shared.
+
+    Example:
+        >>> import attrlab as al, torch
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> b = al.units.resolve("tokens").bind(lm, "a b c", al.targets.resolve(" a", lm))
+        >>> keep = torch.ones(1, b.n, dtype=torch.bool)
+        >>> bool(torch.allclose(b.f(keep)[0], b.clean()))
+        True
+    """
+
+    units: Units
+    ablation: Ablation | None
+    #: number of units
+    n: int = 0
+    #: target values per example (1, or one per continuation token)
+    n_rows: int = 1
+    #: the model (None for kinds that retrain one)
+    lm: Any = None
+    #: a description of the target (``"logit(' Mary')"``)
+    target_name: str = ""
+
+    @property
+    def kind(self) -> str:
+        return self.units.kind
+
+    @property
+    def provides(self) -> frozenset[str]:
+        return self.units.provides
+
+    # ------------------------------------------------------------ the contract
+    def labels(self) -> dict[str, list[Any]]:
+        """Label columns, one entry per unit (``layer``, ``head``, ``position`` …)."""
+        raise NotImplementedError
+
+    def f(self, keep: Tensor) -> Tensor:
+        """``f(S)`` for each row of ``keep [m, n]`` (True = kept): ``[m, n_rows]``."""
+        raise NotImplementedError
+
+    def f_gated(self, g: Tensor) -> Tensor:
+        """The target with gates ``g [m, n]`` in [0, 1]: ``[m, n_rows]``, differentiable in ``g``."""
+        raise NotImplementedError(f"units {self.kind!r} have no gates")
+
+    def gate_grad(self, g: Tensor) -> tuple[Tensor, Tensor]:
+        """``(f_gated(g) [m, rows], d f_gated / d g [m, rows, n])``; by autograd
+        unless a kind has a faster path (checked against this one in tests)."""
+        g = g.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            vals = self.f_gated(g)  # [m, rows]
+            grads = []
+            for r in range(vals.shape[1]):
+                (d,) = torch.autograd.grad(
+                    vals[:, r].sum(), g, retain_graph=r + 1 < vals.shape[1], allow_unused=True
+                )
+                grads.append(torch.zeros_like(g) if d is None else d)
+        return vals.detach(), torch.stack(grads, 1)
+
+    # ------------------------------------------------------------------ shared
+    def check_keep(self, keep: Any) -> Tensor:
+        """``keep`` as a bool ``[m, n]`` tensor, or a typed error."""
+        k = torch.as_tensor(keep)
+        if k.dim() == 1:
+            k = k[None]
+        if k.dim() != 2 or k.shape[1] != self.n:
+            raise InputError(f"masks must be [n_masks, n_units={self.n}], got {tuple(k.shape)}")
+        return k.to(torch.bool)
+
+    def check_gates(self, g: Any) -> Tensor:
+        """``g`` as a float ``[m, n]`` tensor, or a typed error."""
+        t = torch.as_tensor(g)
+        if t.dim() == 1:
+            t = t[None]
+        if t.dim() != 2 or t.shape[1] != self.n:
+            raise InputError(f"gates must be [n_masks, n_units={self.n}], got {tuple(t.shape)}")
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise NonFiniteError("gates must be finite numbers in [0, 1]")
+        return t if t.is_floating_point() else t.float()
+
+    def clean(self) -> Tensor:
+        """``f(all units)`` ``[n_rows]`` (cached)."""
+        if getattr(self, "_clean", None) is None:
+            self._clean = self.f(torch.ones(1, self.n, dtype=torch.bool))[0]
+        return self._clean
+
+    def empty(self) -> Tensor:
+        """``f(no unit)`` ``[n_rows]`` (cached)."""
+        if getattr(self, "_empty", None) is None:
+            self._empty = self.f(torch.zeros(1, self.n, dtype=torch.bool))[0]
+        return self._empty
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-able facts for ``result.meta`` (prompt, tokens …)."""
+        return {}
+
+    def row_labels(self) -> dict[str, list[Any]]:
+        """Labels of the rows when ``n_rows > 1`` (e.g. the continuation tokens)."""
+        return {}
+
+    def result(
+        self,
+        scores: Tensor,
+        method: Any,
+        diagnostics: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Tensor] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Attribution:
+        """The :class:`~attrlab.result.Attribution` for ``scores [n_rows, n]`` (or
+        ``[n]``) from ``method`` (an object with ``name`` and ``params()``).
+        The one place results are built."""
+        from ..ablations import to_json
+        from ..result import Attribution
+
+        s = torch.as_tensor(scores).detach()
+        if s.dim() == 2 and s.shape[0] == 1:
+            s = s[0]
+        s = s.double().cpu() if s.dtype == torch.float64 else s.float().cpu()
+        m = {
+            **self.meta(),
+            "units_params": self.units.params(),
+            "ablation": to_json(self.ablation),
+            **dict(meta or {}),
+        }
+        return Attribution(
+            s,
+            units=self.labels(),
+            unit_kind=self.kind,
+            method=method.name,
+            target=self.target_name,
+            params=method.params(),
+            model_id=str(getattr(self.lm, "name", "") or ""),
+            diagnostics=dict(diagnostics or {}),
+            rows=self.row_labels() if s.dim() == 2 else {},
+            meta=m,
+            extra=dict(extra or {}),
+        )
+
+
+def all_masks(n: int) -> Tensor:
+    """Every subset of ``n`` units as keep-masks ``[2**n, n]`` (bit ``i`` of row
+    ``j`` keeps unit ``i``).
+
+    Example:
+        >>> all_masks(2).int().tolist()
+        [[0, 0], [1, 0], [0, 1], [1, 1]]
+    """
+    j = torch.arange(2**n)[:, None]
+    return ((j >> torch.arange(n)[None]) & 1).bool()
+
+
+def kinds_providing(needs: Sequence[str] | frozenset[str]) -> list[str]:
+    """Canonical names of the unit kinds whose bound form provides all of ``needs``.
+
+    Example:
+        >>> "heads" in kinds_providing({"f"})
+        True
+    """
+    seen = {cls.kind: cls for cls in _KINDS.values()}  # type: ignore[attr-defined]
+    return sorted(k for k, c in seen.items() if set(needs) <= set(c.provides))  # type: ignore[attr-defined]
 
 
 def register_units(name: str, *aliases: str) -> Callable[[type[Units]], type[Units]]:

@@ -38,13 +38,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..ablations import Ablation, Counterfactual, Token, Zero
 from ..errors import ContextTooLongError, InputError, NonFiniteError, TokenOutOfVocabError
 from ..targets import upcast
-from .base import Units, register_units
+from .base import Bound, Units, register_units
 
 __all__ = [
     "EmbedForward",
     "InputUnits",
+    "InputBound",
     "LMEmbedForward",
     "Sentences",
     "Spans",
@@ -444,36 +446,129 @@ class InputUnits(Units):
             keep[:, g] = masks[:, u : u + 1].expand(-1, len(g))
         return keep
 
-    def mask_values(
+    provides = frozenset({"f", "gates"})
+    ablations = (Token, Zero, Counterfactual)
+
+    def bind(
         self,
         lm: Any,
         inputs: Any,
         target: Any,
-        masks: Any,
-        baseline: Any = "pad",
-        batch_size: int = 32,
-        **context: Any,
-    ) -> Tensor:
-        """``f(S)`` for each mask: units where the mask is False get the baseline
-        embedding. Returns ``[n_masks]`` (or ``[n_masks, rows]`` for per-token
-        continuation targets).
+        ablation: Ablation | None = None,
+        batch_size: int | None = None,
+        **options: Any,
+    ) -> InputBound:
+        """The bound question: ``f`` / ``f_gated`` over this kind's units.
 
-        ``inputs`` may also be a ready :class:`EmbedForward` (then ``target`` is ignored).
+        ``inputs`` may also be a ready :class:`EmbedForward` (then ``target`` is
+        ignored); ``options`` go to :func:`make_forward` (``max_new_tokens`` …).
+
+        Example:
+            >>> import attrlab as al, torch
+            >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+            >>> b = al.units.Tokens().bind(lm, "a b c", al.targets.resolve(" a", lm))
+            >>> tuple(b.f(torch.ones(2, b.n, dtype=torch.bool)).shape)
+            (2, 1)
         """
-        fwd = make_forward(lm, inputs, target, **context)
-        return self.mask_values_fwd(fwd, masks, baseline=baseline, batch_size=batch_size)
+        fwd = make_forward(lm, inputs, target, **options)
+        return InputBound(self, lm, fwd, self.check_ablation(ablation), batch_size)
+
+    def mask_values(
+        self, lm: Any, inputs: Any, target: Any, masks: Any, baseline: Any = "pad", **context: Any
+    ) -> Tensor:
+        """Transitional: ``bind(...).f(masks)`` with a ``baseline=`` name (to be removed
+        when every evaluation binds the question)."""
+        bs = context.pop("batch_size", None)
+        abl = baseline if isinstance(baseline, Ablation) else Token(baseline)
+        if isinstance(baseline, str) and baseline == "zero":
+            abl = Zero()
+        out = InputBound(self, lm, make_forward(lm, inputs, target, **context), abl, bs).f(masks)
+        return out[:, 0] if out.shape[1] == 1 else out
 
     def mask_values_fwd(
         self, fwd: EmbedForward, masks: Any, baseline: Any = "pad", batch_size: int = 32
     ) -> Tensor:
-        """:meth:`mask_values` for a ready :class:`EmbedForward`."""
-        groups, _ = self.groups(fwd.view)
-        keep = self.expand_masks(masks, groups, fwd.view.n_pos)  # [m, pos]
-        x = fwd.inputs_embeds()  # [pos, d]
-        x0 = fwd.baseline(baseline)
-        emb = torch.where(keep[..., None].to(x.device), x[None], x0[None])  # [m, pos, d]
-        out = fwd.evaluate(emb, batch_size)
+        """Transitional (see :meth:`mask_values`)."""
+        abl: Any = Zero() if isinstance(baseline, str) and baseline == "zero" else Token(baseline)
+        if isinstance(baseline, Tensor):
+            abl = baseline
+        out = InputBound(self, None, fwd, abl, batch_size).f(masks)
         return out[:, 0] if out.shape[1] == 1 else out
+
+
+class InputBound(Bound):
+    """Input units bound to a question: a unit's positions get the ablated
+    embedding (a token's, zero, or the counterfactual prompt's)."""
+
+    def __init__(
+        self,
+        units: InputUnits,
+        lm: Any,
+        fwd: EmbedForward,
+        ablation: Ablation | None,
+        batch_size: int | None = None,
+    ):
+        self.units, self.lm, self.fwd, self.ablation = units, lm, fwd, ablation
+        self.groups, self._labels = units.groups(fwd.view)
+        self.n, self.n_rows = len(self.groups), fwd.n_rows
+        self.target_name = fwd.target_name
+        self.batch_size = batch_size or 32
+        self.x = fwd.inputs_embeds()  # [pos, d]
+        self.x0 = fwd.baseline(self._baseline_spec())  # [pos, d]
+        self._pos_of = torch.zeros(fwd.view.n_pos, dtype=torch.long)  # position -> unit + 1
+        for u, g in enumerate(self.groups):
+            self._pos_of[g] = u + 1
+
+    def _baseline_spec(self) -> Any:
+        a = self.ablation
+        if isinstance(a, Token):
+            return a.token
+        if isinstance(a, Tensor):  # transitional: a raw baseline tensor
+            return a
+        if isinstance(a, Zero):
+            return "zero"
+        if isinstance(a, Counterfactual):
+            ids = self.lm.tokenize(a.inputs).input_ids[0] if hasattr(self.lm, "tokenize") else None
+            if isinstance(a.inputs, Tensor):
+                ids = a.inputs.reshape(-1)
+            if ids is None or ids.numel() > self.fwd.view.n_pos:
+                raise InputError("the counterfactual prompt must have the prompt's token length")
+            full = torch.tensor(self.fwd.view.ids, dtype=torch.long)
+            full[: ids.numel()] = ids.cpu()  # the continuation (if any) stays
+            if ids.numel() != self.fwd.view.n_prompt:
+                from ..errors import CounterfactualLengthError
+
+                raise CounterfactualLengthError(
+                    f"the counterfactual has {ids.numel()} tokens, the prompt "
+                    f"{self.fwd.view.n_prompt}; give one of the same token length"
+                )
+            return full
+        return "pad"
+
+    def labels(self) -> dict[str, list[Any]]:
+        return {k: list(v) for k, v in self._labels.items()}
+
+    def meta(self) -> dict[str, Any]:
+        v = self.fwd.view
+        return {"prompt": v.text, "tokens": v.tokens, "ids": v.ids, "n_prompt": v.n_prompt}
+
+    def row_labels(self) -> dict[str, list[Any]]:
+        return dict(self.fwd.row_labels)
+
+    def _position_gates(self, g: Tensor) -> Tensor:
+        """Unit gates ``[m, n]`` -> position gates ``[m, pos]`` (1 outside every unit)."""
+        ones = torch.ones(g.shape[0], 1, dtype=g.dtype, device=g.device)
+        return torch.cat([ones, g], 1)[:, self._pos_of]
+
+    def f(self, keep: Tensor) -> Tensor:
+        keep_pos = self._position_gates(self.check_keep(keep).float()) > 0.5  # [m, pos]
+        emb = torch.where(keep_pos[..., None].to(self.x.device), self.x[None], self.x0[None])
+        return self.fwd.evaluate(emb, self.batch_size)  # [m, rows]
+
+    def f_gated(self, g: Tensor) -> Tensor:
+        gp = self._position_gates(self.check_gates(g)).to(self.x.device, self.x.dtype)
+        emb = gp[..., None] * self.x[None] + (1 - gp[..., None]) * self.x0[None]  # [m, pos, d]
+        return self.fwd(emb)
 
 
 def _labels_for_positions(view: TokenView, groups: list[list[int]]) -> dict[str, list[Any]]:
