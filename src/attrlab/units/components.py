@@ -1,7 +1,14 @@
 """Component units: the places inside the model that methods score.
 
-Each kind says which layers (and heads) it covers and whether it is per
-position. Labels are built by the methods from these objects.
+Each kind says which layers (and heads, neurons) it covers and whether it is
+per position. Bound to a question (:meth:`Units.bind`) a kind gives
+:class:`ComponentBound`: ``f(keep)`` replaces the units that are not kept by
+their ablated values (zero, mean, resampled, counterfactual or noised run) in
+batched forwards that start at each row's earliest ablated layer and reuse
+the key/value cache before its earliest ablated position
+(:mod:`attrlab.model.masked`); ``f_gated(g)`` mixes actual and ablated
+values with differentiable gates. Labels come from here only
+(:func:`locations`), in one order: layer, then position, then head / neuron.
 
 Example:
     >>> import attrlab as al
@@ -12,12 +19,35 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from ..errors import IndexRangeError
-from .base import Units, register_units
+import torch
+from torch import Tensor
+
+from ..ablations import Ablation, Counterfactual, Mean, Noise, Resample, Zero
+from ..errors import IndexRangeError, InputError, SiteNotExposedError
+from ..model.interventions import Intervention
+from ..model.masked import MaskedRunner, SiteUnit
+from .base import Bound, Units, register_units
+
+__all__ = [
+    "Heads",
+    "Layers",
+    "AttnOut",
+    "MlpOut",
+    "Resid",
+    "Neurons",
+    "ComponentBound",
+    "locations",
+    "donor_values",
+    "embedding_std",
+]
 
 
 class _Component(Units):
+    provides = frozenset({"f", "gates"})
+    ablations = (Zero, Counterfactual, Mean, Resample, Noise)
+
     def __init__(self, layers: Sequence[int] | None = None, per_position: bool = False):
         self.layers = list(layers) if layers is not None else None
         self.per_position = per_position
@@ -107,3 +137,278 @@ class Neurons(_Component):
             if not 0 <= n < d_mlp:
                 raise IndexRangeError(f"neuron {n} out of range; the MLPs have {d_mlp} neurons")
         return list(self.neurons)
+
+
+# ------------------------------------------------------------------ binding
+def _bind(
+    self: _Component,
+    lm: Any,
+    inputs: Any,
+    target: Any,
+    ablation: Ablation | None = None,
+    site: str = "z",
+    batch_size: int | None = None,
+    memory_budget: int | str | None = None,
+    progress: bool = False,
+    reuse_prefix: bool = True,
+) -> ComponentBound:
+    """Bind to a question: ``f`` / ``f_gated`` over these components.
+
+    Args:
+        site: for heads, the activation ablated: ``"z"`` (output, default),
+            ``"q"``, ``"k"``, ``"v"``.
+        batch_size, memory_budget, progress, reuse_prefix: see
+            :class:`attrlab.model.masked.MaskedRunner`.
+
+    Example:
+        >>> import attrlab as al, torch
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> b = al.units.Heads().bind(lm, "a b c", al.targets.resolve(" a", lm))
+        >>> b.n, tuple(b.f(torch.ones(1, b.n, dtype=torch.bool)).shape)
+        (8, (1, 1))
+    """
+    return ComponentBound(
+        self,
+        lm,
+        inputs,
+        target,
+        self.check_ablation(ablation),
+        site=site,
+        batch_size=batch_size,
+        memory_budget=memory_budget,
+        progress=progress,
+        reuse_prefix=reuse_prefix,
+    )
+
+
+_Component.bind = _bind  # type: ignore[method-assign,assignment]
+
+
+def locations(
+    lm: Any, units: Units, n_pos: int, site: str = "z"
+) -> tuple[list[SiteUnit], list[int], list[dict[str, Any]]]:
+    """``(locations, unit number of each location, one label dict per unit)``
+    for a component kind — the one labelling path for components.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> locs, unit_of, labels = locations(lm, al.units.Heads(layers=[0]), n_pos=5)
+        >>> len(locs), labels[1]
+        (4, {'layer': 0, 'head': 1})
+    """
+    c = lm.cfg
+    layers = units.layer_list(c.n_layers) if isinstance(units, _Component) else []
+    positions: list[int | None] = (
+        list(range(n_pos)) if getattr(units, "per_position", False) else [None]
+    )
+    locs: list[SiteUnit] = []
+    labels: list[dict[str, Any]] = []
+
+    def add(loc: SiteUnit, **lab: Any) -> None:
+        locs.append(loc)
+        if loc.position is not None:
+            lab["position"] = loc.position
+        labels.append(lab)
+
+    if isinstance(units, Heads):
+        if site == "pattern":
+            raise SiteNotExposedError(
+                "patching blocks.{l}.attn.pattern is not supported: attention weights are "
+                "read-only in attrlab. Use site='q' or site='k' (which change the pattern)."
+            )
+        if site not in ("z", "q", "k", "v", "head_out"):
+            raise InputError(f"site must be 'z', 'q', 'k', 'v' or 'head_out', got {site!r}")
+        n_idx = c.n_kv_heads if site in ("k", "v") else c.n_heads
+        name = "kv_head" if site in ("k", "v") else "head"
+        heads = units.head_list(n_idx)
+        for layer in layers:
+            for pos in positions:
+                for h in heads:
+                    add(SiteUnit(layer, f"attn.{site}", pos, h), layer=layer, **{name: h})
+    elif isinstance(units, Neurons):
+        for layer in layers:
+            for pos in positions:
+                for n in units.neuron_list(c.d_mlp):
+                    add(SiteUnit(layer, "mlp.neurons", pos, n), layer=layer, neuron=n)
+    elif isinstance(units, (Resid, AttnOut, MlpOut)):
+        kind = {Resid: "resid_pre", AttnOut: "attn.out", MlpOut: "mlp.out"}[type(units)]
+        for layer in layers:
+            for pos in positions:
+                add(SiteUnit(layer, kind, pos), layer=layer)
+    elif isinstance(units, Layers):
+        unit_of: list[int] = []
+        out_labels: list[dict[str, Any]] = []
+        for pos in positions:
+            if units.layers is None:
+                locs.append(SiteUnit(0, "embed", pos))
+                unit_of.append(len(out_labels))
+                lab: dict[str, Any] = {"component": "embed", "layer": -1}
+                out_labels.append(lab if pos is None else {**lab, "position": pos})
+        for layer in layers:
+            for pos in positions:
+                for kind in ("attn.out", "mlp.out"):
+                    locs.append(SiteUnit(layer, kind, pos))
+                    unit_of.append(len(out_labels))
+                lab = {"component": "block", "layer": layer}
+                out_labels.append(lab if pos is None else {**lab, "position": pos})
+        return locs, unit_of, out_labels
+    else:
+        raise InputError(f"units={units.kind!r} are not model components")
+    if not locs:
+        raise InputError("no component units selected")
+    return locs, list(range(len(locs))), labels
+
+
+def embedding_std(lm: Any, chunk: int = 8192) -> float:
+    """Standard deviation of the token-embedding outputs over the whole vocabulary
+    (the scale of causal tracing's noise is 3 x this).
+
+    Example:
+        >>> import attrlab as al
+        >>> embedding_std(al.wrap(*al.testing.tiny_model("gpt2"))) > 0
+        True
+    """
+    emb = lm.adapter.token_embedding()
+    total, sq, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for s in range(0, lm.cfg.d_vocab, chunk):
+            ids = torch.arange(s, min(s + chunk, lm.cfg.d_vocab), device=lm.device)[None]
+            e = emb(ids).double()
+            total += float(e.sum())
+            sq += float((e * e).sum())
+            n += e.numel()
+    mean = total / n
+    return float(max(sq / n - mean * mean, 0.0) ** 0.5)
+
+
+def donor_values(
+    lm: Any, batch: Any, ablation: Ablation | None, sites: list[str], prepare: Any
+) -> tuple[dict[str, Tensor], Any]:
+    """``(site -> ablated values [n_prompts | 1, pos, ...], ablated run's logits
+    and batch or None)`` for an ablation. Zero has no donors (zeros are used).
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> d, run = donor_values(lm, lm.tokenize("a b"), al.ablations.Zero(), ["blocks.0.attn.z"], None)
+        >>> d, run
+        ({}, None)
+    """
+    prep = prepare or (lambda b: b)
+    if ablation is None or isinstance(ablation, Zero):
+        return {}, None
+    if isinstance(ablation, Mean):
+        ref = prep(lm.tokenize(ablation.reference))
+        _, cache = lm.run(ref, cache=sites, last_only=True)
+        mask = ref.attention_mask.to(lm.dtype)  # [r, p]
+        means = {}
+        for s in sites:
+            a = cache[s]  # [r, p, ...]
+            if ref.shape[1] == batch.shape[1] and bool(ref.attention_mask.all()):
+                means[s] = a.mean(0, keepdim=True)
+            else:
+                w = mask.reshape(*mask.shape, *([1] * (a.dim() - 2)))
+                m = (a * w).sum((0, 1)) / mask.sum()
+                means[s] = m.expand(1, batch.shape[1], *m.shape)
+        return means, None
+    ivs: list[Intervention] = []
+    if isinstance(ablation, Noise):
+        n_pos = batch.shape[1]
+        pos = list(range(n_pos)) if ablation.positions is None else list(ablation.positions)
+        for p in pos:
+            if not -n_pos <= p < n_pos:
+                raise IndexRangeError(f"noise position {p} out of range for {n_pos} tokens")
+        std = ablation.std if ablation.std is not None else 3.0 * embedding_std(lm)
+        g = torch.Generator().manual_seed(ablation.seed)
+        noise = torch.randn(batch.shape[0], len(pos), lm.cfg.d_model, generator=g) * std
+        ivs = [Intervention("embed", noise.to(lm.device, lm.dtype), op="add", positions=pos)]
+        cbatch = batch
+    elif isinstance(ablation, Resample):
+        ref = prep(lm.tokenize(ablation.reference))
+        g = torch.Generator().manual_seed(ablation.seed)
+        pick = torch.randint(0, ref.shape[0], (batch.shape[0],), generator=g)
+        cbatch = ref[pick]
+        lm.check_counterfactual(batch, cbatch)
+    elif isinstance(ablation, Counterfactual):
+        cbatch = lm.tokenize(ablation.inputs)
+        if cbatch.shape[0] == 1 and batch.shape[0] > 1:
+            cbatch = cbatch.repeat(batch.shape[0])
+        cbatch = prep(cbatch)
+        lm.check_counterfactual(batch, cbatch)
+    else:
+        raise InputError(f"components cannot use ablation {ablation.name!r}")
+    with torch.no_grad():
+        logits, cache = lm.run(cbatch, cache=sites, interventions=ivs)
+    return dict(cache), (logits, cbatch)
+
+
+class ComponentBound(Bound):
+    """Component units bound to a question (see :meth:`_Component.bind`)."""
+
+    def __init__(
+        self,
+        units: _Component,
+        lm: Any,
+        inputs: Any,
+        target: Any,
+        ablation: Ablation | None,
+        site: str = "z",
+        batch_size: int | None = None,
+        memory_budget: int | str | None = None,
+        progress: bool = False,
+        reuse_prefix: bool = True,
+    ):
+        self.units, self.lm, self.ablation, self.target = units, lm, ablation, target
+        target.bind(lm)
+        self.batch = target.prepare(lm, lm.tokenize(inputs))
+        n_pos = self.batch.shape[1]
+        self.locs, unit_of, self._labels = locations(lm, units, n_pos, site)
+        self.n = len(self._labels)
+        self.n_rows = 1
+        self.target_name = target.describe()
+        sites = sorted({u.site for u in self.locs})
+        self.donors, run = donor_values(
+            lm, self.batch, ablation, sites, lambda b: target.prepare(lm, b)
+        )
+        self.ablated_run_value = None
+        if run is not None:
+            logits, cbatch = run
+            self.ablated_run_value = float(target(logits, cbatch).float().mean())
+        self.runner = MaskedRunner(
+            lm,
+            self.batch,
+            target,
+            self.locs,
+            self.donors,
+            unit_of=unit_of,
+            batch_size=batch_size,
+            memory_budget=memory_budget,
+            progress=progress,
+            reuse_prefix=reuse_prefix,
+        )
+
+    def labels(self) -> dict[str, list[Any]]:
+        names = list(dict.fromkeys(k for lab in self._labels for k in lab))
+        cols = {k: [lab.get(k, -1) for lab in self._labels] for k in names}
+        if "position" in cols:
+            toks = self._tokens()
+            cols["token"] = [toks[p] if p >= 0 else "" for p in cols["position"]]
+        return cols
+
+    def _tokens(self) -> list[str]:
+        ids = self.batch.input_ids[0]
+        lm = self.lm
+        return lm.to_str_tokens(ids) if lm.tokenizer is not None else [str(int(t)) for t in ids]
+
+    def meta(self) -> dict[str, Any]:
+        return {"tokens": self._tokens(), "n_forwards": self.runner.n_forwards}
+
+    def clean(self) -> Tensor:
+        return self.runner.base_value.reshape(1)
+
+    def f(self, keep: Tensor) -> Tensor:
+        return self.runner.values(self.check_keep(keep))[:, None]
+
+    def f_gated(self, g: Tensor) -> Tensor:
+        return self.runner.gated(self.check_gates(g).to(self.lm.device))[:, None]
