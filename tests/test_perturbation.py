@@ -14,12 +14,12 @@ from attrlab.errors import InputError
 from attrlab.methods import perturbation as pert
 from attrlab.methods.perturbation import (
     KernelShap,
-    Lime,
     ShapleySampling,
     exact_shapley,
     kernelshap_weights,
     solve_kernelshap,
 )
+from attrlab.methods.surrogate import Lime
 
 PROMPT = "When Mary and John went to the"
 
@@ -193,7 +193,7 @@ def test_spans_and_baselines(lm64):
         target=" store",
         units=[(0, 4), (5, 9), (14, 18)],
         method="occlusion",
-        baseline="zero",
+        ablation="zero",
     )
     assert r.unit_kind == "spans" and r.units["text"] == ["When", "Mary", "John"]
     assert r.meta["units_params"] == {"spans": [[0, 4], [5, 9], [14, 18]]}

@@ -95,6 +95,34 @@ class Estimator(Method):
         """``(scores [n_rows, n], diagnostics)`` for a bound question."""
         raise NotImplementedError
 
+    def bind_options(self) -> dict[str, Any]:
+        """Options for ``units.bind`` (``batch_size``, ``progress`` …); those a
+        unit kind does not take are left out. ``ablation_default``: the ablation
+        when none is given (a deprecated ``baseline=``)."""
+        return {}
+
+    def bind(
+        self,
+        lm: Any,
+        inputs: Any,
+        target: Any,
+        units: Units,
+        counterfactual: Any = None,
+        ablation: Any = None,
+    ) -> Any:
+        """The bound question this estimator runs on (see :class:`attrlab.units.base.Bound`)."""
+        import inspect
+
+        from ..ablations import resolve as resolve_ablation
+
+        opts = {k: v for k, v in self.bind_options().items() if v is not None}
+        default = opts.pop("ablation_default", None)
+        abl = resolve_ablation(ablation, counterfactual=counterfactual) or default
+        params = inspect.signature(units.bind).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            opts = {k: v for k, v in opts.items() if k in params}
+        return units.bind(lm, inputs, target, units.check_ablation(abl), **opts)
+
     def attribute(  # type: ignore[override]
         self,
         lm: LM,
@@ -103,14 +131,41 @@ class Estimator(Method):
         units: Units,
         counterfactual: Inputs | None = None,
         ablation: Any = None,
-        **bind_options: Any,
     ) -> Attribution:
-        from ..ablations import resolve as resolve_ablation
-
-        abl = resolve_ablation(ablation, counterfactual=counterfactual)
-        bound = units.bind(lm, inputs, target, units.check_ablation(abl), **bind_options)
+        bound = self.bind(lm, inputs, target, units, counterfactual, ablation)
         scores, diag = self.estimate(bound)
         return bound.result(scores, self, diagnostics=diag)
+
+
+def deprecated_baseline(method: str, baseline: Any) -> Any:
+    """The ablation a deprecated ``baseline=`` option means (None if not given),
+    with a :class:`DeprecationWarning`.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     deprecated_baseline("occlusion", "zero")
+        Zero()
+    """
+    if baseline is None:
+        return None
+    import warnings
+
+    from .. import ablations as A
+
+    warnings.warn(
+        f"{method}: baseline= is deprecated; pass ablation= to al.attribute "
+        "('pad', 'zero', 'mask', a token id, or an al.ablations object)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    check_baseline(method, baseline)
+    if isinstance(baseline, str) and baseline == "zero":
+        return A.Zero()
+    if isinstance(baseline, A.Ablation):
+        return baseline
+    return A.Token(baseline) if not hasattr(baseline, "shape") else baseline
 
 
 def check_int(method: str, name: str, value: Any, minimum: int = 1, optional: bool = False) -> Any:

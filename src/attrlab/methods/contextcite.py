@@ -4,8 +4,9 @@ linear surrogate ("ContextCite: Attributing Model Generation to Context").
 Each of ``n_ablations`` random masks keeps every source with probability
 ``keep_prob``; the response's per-token log-probabilities under every ablated
 context are computed once (see :mod:`attrlab.units.sources` for how the
-forwards share work), and a LASSO on standardized masks (scikit-learn) maps
-masks to the response's log-odds. The weights are the scores: how much the
+forwards share work), and the shared linear surrogate's Lasso on standardized
+masks (:func:`attrlab.methods.surrogate.fit_lasso`) maps masks to the
+response's log-odds. The weights are the scores: how much the
 response's log-odds drop when a source is removed.
 
 The masks and the per-token log-probabilities are kept in the result
@@ -49,8 +50,20 @@ from ..result import Attribution
 from ..targets import ContinuationLogProb
 from ..units.sources import SourcePrompt, Sources, reduce_logprobs
 from .base import Method, check_float, check_int, register
+from .surrogate import fit_lasso, sample_masks
 
 __all__ = ["ContextMethod", "ContextCite", "attribute_span", "fit_lasso", "random_masks"]
+
+
+def random_masks(n: int, n_sources: int, keep_prob: float = 0.5, seed: int = 0) -> Tensor:
+    """``[n, n_sources]`` bool masks, each source kept with probability ``keep_prob``
+    (the shared surrogate's :func:`~attrlab.methods.surrogate.sample_masks`).
+
+    Example:
+        >>> random_masks(4, 3, seed=1).shape
+        torch.Size([4, 3])
+    """
+    return sample_masks(n, n_sources, keep_prob, seed, "bernoulli")
 
 
 class ContextMethod(Method):
@@ -180,51 +193,6 @@ class ContextMethod(Method):
             },
             extra=extra,
         )
-
-
-def random_masks(n: int, n_sources: int, keep_prob: float = 0.5, seed: int = 0) -> Tensor:
-    """``[n, n_sources]`` bool masks, each source kept with probability ``keep_prob``.
-
-    Example:
-        >>> random_masks(4, 3, seed=1).shape
-        torch.Size([4, 3])
-    """
-    if not 0.0 < keep_prob < 1.0:
-        raise InputError(f"keep_prob must be in (0, 1), got {keep_prob}")
-    rng = np.random.default_rng(seed)
-    return torch.from_numpy(rng.random((n, n_sources)) < keep_prob)
-
-
-def fit_lasso(
-    masks: Any, y: Any, n_tokens: int = 1, alpha: float = 0.01
-) -> tuple[np.ndarray, float]:
-    """Weights and bias of a LASSO from masks to outputs, ContextCite's way.
-
-    Masks are standardized (mean 0, variance 1 per source), the outputs divided
-    by ``n_tokens`` (so ``alpha`` means the same for long and short responses),
-    ``sklearn.linear_model.Lasso(alpha)`` fitted with an intercept, and the
-    weights mapped back to the unstandardized masks and rescaled by ``n_tokens``:
-    ``y ≈ masks @ w + b``.
-
-    Example:
-        >>> import numpy as np
-        >>> m = np.random.default_rng(0).random((64, 3)) < 0.5
-        >>> w, b = fit_lasso(m, 2.0 * m[:, 0] - 1.0, alpha=1e-6)
-        >>> (np.round(w, 3) + 0.0).tolist(), round(b, 3)
-        ([2.0, 0.0, 0.0], -1.0)
-    """
-    from sklearn.linear_model import Lasso
-
-    X = np.asarray(masks, dtype=np.float64)
-    Y = np.asarray(y, dtype=np.float64) / n_tokens
-    mean = X.mean(0)
-    scale = X.std(0)
-    scale[scale < 10 * np.finfo(np.float64).eps] = 1.0
-    lasso = Lasso(alpha=alpha, fit_intercept=True, random_state=0)
-    lasso.fit((X - mean) / scale, Y)
-    w = lasso.coef_ / scale
-    b = float(lasso.intercept_ - (mean / scale) @ lasso.coef_)
-    return w * n_tokens, b * n_tokens
 
 
 def _fit(

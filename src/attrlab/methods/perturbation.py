@@ -1,9 +1,11 @@
-"""Perturbation family over input units: occlusion (leave-one-out), Shapley
-value sampling, KernelSHAP, LIME, and exact Shapley values by enumeration.
+"""Perturbation estimators, on every unit kind that can be ablated: occlusion
+(both directions), Shapley value sampling, KernelSHAP, and exact Shapley values
+by enumeration.
 
-Every method evaluates ``f(S)`` — the target with only the units in ``S`` kept —
-through :meth:`attrlab.units.tokens.InputUnits.mask_values`: dropped units get
-a baseline embedding (default: the pad token's), many masks per batched
+Every estimator evaluates ``f(S)`` — the target with only the units in ``S``
+kept — through the bound question (:class:`attrlab.units.base.Bound`): tokens
+get the ablated embedding (default: the pad token's), components their
+ablated activation (zero, mean, counterfactual …), many masks per batched
 forward. See "Feature Removal Is a Unifying Principle for Model Explanation
 Methods" (Covert et al.) for the common frame.
 
@@ -14,8 +16,8 @@ Methods" (Covert et al.) for the common frame.
 * ``kernelshap``: weighted least squares with the Shapley kernel and the
   efficiency constraint; with every coalition (``samples=None`` and at most
   ``max_exact_units`` units) it equals the exact Shapley values.
-* ``lime``: a ridge regression on random masks weighted by an exponential
-  kernel of the cosine distance to the full input (scikit-learn).
+* linear surrogates (LIME, ContextCite, COAR, datamodels) live in
+  :mod:`attrlab.methods.surrogate`.
 * ``shapley-exact``: enumerates all ``2^n`` coalitions (n <= 16).
 
 Example:
@@ -33,17 +35,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..model.budget import batch_size_for
-from ..units.tokens import EmbedForward, InputUnits, input_result, make_forward
-from .base import Method, check_baseline, check_float, check_int, register
+from .base import Estimator, check_float, check_int, deprecated_baseline, register
 
-INPUT_KINDS = ("tokens", "words", "sentences", "spans")
 ValueFn = Callable[[Tensor], Tensor]
 
 
@@ -133,10 +131,16 @@ def solve_kernelshap(
     return torch.cat([sol, last[None]], 0).T
 
 
-class _PerturbationMethod(Method):
-    """Shared plumbing: the forward, the unit groups, the value function."""
+class _PerturbationMethod(Estimator):
+    """Shared part of the perturbation estimators: ``f`` at chosen masks.
 
-    baseline: Any = "pad"
+    Options common to all: ``batch_size`` (masked inputs per forward),
+    ``memory_budget``, ``progress`` (tqdm), ``max_new_tokens`` (input units with
+    a generated continuation). ``baseline=`` is a deprecated alias of
+    ``ablation=`` on :func:`attrlab.attribute` (``"pad"``, ``"zero"``, a token id).
+    """
+
+    needs = frozenset({"f"})
     batch_size: int | None = None
     max_new_tokens: int | None = None
     progress: bool = False
@@ -144,50 +148,40 @@ class _PerturbationMethod(Method):
 
     def __init__(
         self,
-        baseline: Any = "pad",
         batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
         memory_budget: int | str | None = None,
+        baseline: Any = None,
     ):
         name = self.name or type(self).__name__
-        self.baseline = check_baseline(name, baseline)
         self.batch_size = check_int(name, "batch_size", batch_size, optional=True)
         self.max_new_tokens = check_int(name, "max_new_tokens", max_new_tokens, 0, optional=True)
         self.progress = progress
         self.memory_budget = memory_budget
+        self._baseline = deprecated_baseline(name, baseline)
 
-    def attribute(
-        self, lm: Any, inputs: Any, target: Any, units: Any, counterfactual: Any = None
-    ) -> Any:
-        if not isinstance(units, InputUnits):
-            raise InputError(f"{self.name} works on input units, not {units.kind!r}")
-        if counterfactual is not None:
-            raise InputError(f"{self.name} does not take a counterfactual; use baseline=")
-        fwd = make_forward(lm, inputs, target, max_new_tokens=self.max_new_tokens)
-        return self.attribute_fwd(lm, fwd, units)
+    def params(self) -> dict[str, Any]:
+        return {k: v for k, v in super().params().items() if v is not None}
 
-    def attribute_fwd(self, lm: Any, fwd: EmbedForward, units: InputUnits) -> Any:
-        """Attribute with a ready :class:`EmbedForward`."""
-        groups, _ = units.groups(fwd.view)
-        n = len(groups)
+    def bind_options(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "max_new_tokens": self.max_new_tokens,
+            "progress": self.progress,
+            "memory_budget": self.memory_budget,
+            "ablation_default": self._baseline,
+        }
+
+    def estimate(self, bound: Any) -> tuple[Tensor, dict[str, Any]]:
+        n = bound.n
         if n == 0:
             raise InputError("no units to attribute (every token excluded?)")
         calls = {"masks": 0}
-        # masked inputs per forward: batch_size, or as many (at most 32) as fit the budget
-        bs = batch_size_for(
-            getattr(fwd, "lm", None),
-            fwd.view.n_pos,
-            cap=32,
-            batch_size=self.batch_size,
-            memory_budget=self.memory_budget,
-            logit_positions=1 if getattr(fwd, "next_token", False) else None,
-        )
 
         def value_fn(masks: Tensor) -> Tensor:
             calls["masks"] += int(masks.shape[0])
-            v = units.mask_values_fwd(fwd, masks, self.baseline, bs)
-            return _as_2d(v).double()
+            return _as_2d(bound.f(masks)).double()
 
         ends = value_fn(
             torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
@@ -197,7 +191,7 @@ class _PerturbationMethod(Method):
         diag.update(
             value=_row_list(v_full), empty_value=_row_list(v_empty), n_evaluations=calls["masks"]
         )
-        return input_result(lm, fwd, units, scores, self, diag)
+        return scores, diag
 
     def _scores(
         self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
@@ -213,26 +207,45 @@ class _PerturbationMethod(Method):
         return torch.cat(out, 0)
 
 
-@register("occlusion", INPUT_KINDS)
+@register("occlusion")
 class Occlusion(_PerturbationMethod):
-    """Leave-one-out: ``f(all) - f(all without unit u)`` for every unit.
+    """Occlusion, on any unit kind that can be ablated.
+
+    ``direction="noising"`` (default, leave-one-out): ``f(all) - f(all without u)``
+    — on components with a counterfactual ablation this is exact activation
+    patching. ``direction="denoising"`` (restore one unit into the fully
+    ablated input): ``f({u}) - f(none)``. Both are the unit's contribution:
+    positive when the unit raises the target.
 
     Example:
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
         >>> len(al.attribute(lm, "When Mary and John", target=" went", method="occlusion"))
         4
+        >>> r = al.attribute(lm, "When Mary and John", target=" went", units="heads",
+        ...                  method="occlusion", ablation="zero", direction="denoising")
+        >>> len(r) == lm.cfg.n_layers * lm.cfg.n_heads
+        True
     """
+
+    def __init__(self, direction: str = "noising", **options: Any):
+        if direction not in ("noising", "denoising"):
+            raise InputError(f"direction must be 'noising' or 'denoising', got {direction!r}")
+        self.direction = direction
+        super().__init__(**options)
 
     def _scores(
         self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
     ) -> tuple[Tensor, dict[str, Any]]:
-        masks = ~torch.eye(n, dtype=torch.bool)
-        vals = self._eval(value_fn, masks)  # [n, rows]
-        return (v_full[None] - vals).T, {}
+        eye = torch.eye(n, dtype=torch.bool)
+        if self.direction == "noising":
+            vals = self._eval(value_fn, ~eye)  # [n, rows]: all but unit u
+            return (v_full[None] - vals).T, {}
+        vals = self._eval(value_fn, eye)  # [n, rows]: only unit u
+        return (vals - v_empty[None]).T, {}
 
 
-@register("shapley", INPUT_KINDS)
+@register("shapley")
 class ShapleySampling(_PerturbationMethod):
     """Shapley value sampling: average marginal contributions over random
     permutations of the units (seeded). Each permutation costs ``n - 1``
@@ -256,16 +269,16 @@ class ShapleySampling(_PerturbationMethod):
         permutations: int = 32,
         antithetic: bool = True,
         seed: int = 0,
-        baseline: Any = "pad",
         batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
         memory_budget: int | str | None = None,
+        baseline: Any = None,
     ):
         self.permutations = check_int("shapley", "permutations", permutations)
         self.antithetic = antithetic
         self.seed = check_int("shapley", "seed", seed, minimum=0)
-        super().__init__(baseline, batch_size, max_new_tokens, progress, memory_budget)
+        super().__init__(batch_size, max_new_tokens, progress, memory_budget, baseline)
 
     def _scores(
         self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
@@ -292,7 +305,7 @@ class ShapleySampling(_PerturbationMethod):
         return phi.mean(0).T, {"stderr": std.T.tolist(), "n_permutations": k}
 
 
-@register("kernelshap", INPUT_KINDS)
+@register("kernelshap")
 class KernelShap(_PerturbationMethod):
     """KernelSHAP (Lundberg & Lee): weighted linear regression with the Shapley
     kernel and the efficiency constraint. ``samples=None`` uses every
@@ -313,16 +326,16 @@ class KernelShap(_PerturbationMethod):
         samples: int | None = None,
         max_exact_units: int = 12,
         seed: int = 0,
-        baseline: Any = "pad",
         batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
         memory_budget: int | str | None = None,
+        baseline: Any = None,
     ):
         self.samples = check_int("kernelshap", "samples", samples, optional=True)
         self.max_exact_units = check_int("kernelshap", "max_exact_units", max_exact_units)
         self.seed = check_int("kernelshap", "seed", seed, minimum=0)
-        super().__init__(baseline, batch_size, max_new_tokens, progress, memory_budget)
+        super().__init__(batch_size, max_new_tokens, progress, memory_budget, baseline)
 
     def _scores(
         self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
@@ -348,62 +361,7 @@ class KernelShap(_PerturbationMethod):
         return phi, {"exact": exact, "n_coalitions": int(masks.shape[0])}
 
 
-@register("lime", INPUT_KINDS)
-class Lime(_PerturbationMethod):
-    """LIME (Ribeiro et al.): ridge regression of ``f`` on random binary masks,
-    weighted by ``exp(-d^2 / width^2)`` with ``d`` the cosine distance of the
-    mask to the full input. The number of kept units is uniform in ``1..n``.
-
-    Example:
-        >>> import attrlab as al
-        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> r = al.attribute(lm, "When Mary and John", target=" went", method="lime", samples=64)
-        >>> "r2" in r.diagnostics
-        True
-    """
-
-    def __init__(
-        self,
-        samples: int = 256,
-        kernel_width: float = 0.25,
-        alpha: float = 1e-3,
-        seed: int = 0,
-        baseline: Any = "pad",
-        batch_size: int | None = None,
-        max_new_tokens: int | None = None,
-        progress: bool = False,
-        memory_budget: int | str | None = None,
-    ):
-        self.samples = check_int("lime", "samples", samples)
-        self.kernel_width = check_float("lime", "kernel_width", kernel_width)
-        self.alpha = check_float("lime", "alpha", alpha, strict=False)
-        self.seed = check_int("lime", "seed", seed, minimum=0)
-        super().__init__(baseline, batch_size, max_new_tokens, progress, memory_budget)
-
-    def _scores(
-        self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
-    ) -> tuple[Tensor, dict[str, Any]]:
-        from sklearn.linear_model import Ridge
-
-        gen = torch.Generator().manual_seed(self.seed)
-        k = torch.randint(1, n + 1, (self.samples,), generator=gen)
-        rank = torch.rand(self.samples, n, generator=gen).argsort(-1).argsort(-1)
-        masks = rank < k[:, None]
-        masks[0] = True  # the input itself
-        vals = self._eval(value_fn, masks).numpy()
-        z = masks.double().numpy()
-        dist = 1.0 - np.sqrt(z.sum(-1) / n)  # cosine distance to the all-ones mask
-        w = np.exp(-(dist**2) / self.kernel_width**2)
-        model = Ridge(alpha=self.alpha).fit(z, vals, sample_weight=w)
-        coef = np.atleast_2d(model.coef_)  # [rows, n]
-        r2 = float(model.score(z, vals, sample_weight=w))
-        return torch.from_numpy(coef.copy()), {
-            "r2": r2,
-            "intercept": _row_list(torch.as_tensor(model.intercept_)),
-        }
-
-
-@register("shapley-exact", INPUT_KINDS)
+@register("shapley-exact")
 class ExactShapley(_PerturbationMethod):
     """Exact Shapley values by enumerating all ``2^n`` coalitions (n <= 16).
 
