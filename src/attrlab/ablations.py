@@ -283,6 +283,9 @@ def to_json(ablation: Ablation | None) -> dict[str, Any] | None:
     """
     if ablation is None:
         return None
+    if not isinstance(ablation, Ablation):  # a raw baseline tensor (deprecated baseline=)
+        shape = list(getattr(ablation, "shape", []))
+        return {"name": "tensor", "shape": shape, "rebuildable": False}
     from .result import _jsonable
 
     return {"name": ablation.name, **_jsonable(ablation.params())}
@@ -300,5 +303,8 @@ def from_json(spec: Mapping[str, Any] | None) -> Ablation | None:
     spec = dict(spec)
     cls = _CLASSES.get(str(spec.pop("name", "")))
     if cls is None:
-        raise InputError(f"cannot read ablation {spec!r}")
+        raise InputError(
+            f"cannot rebuild the ablation {spec!r} from the result (a tensor baseline?); "
+            "pass ablation= again"
+        )
     return cls(**spec)

@@ -93,7 +93,7 @@ def attribute(
     else:
         raise InputError(f"method must be a name or an al.methods object, got {method!r}")
     abl = resolve_ablation(ablation, counterfactual=counterfactual, reference=reference)
-    if isinstance(m, Estimator) or abl is not None:
+    if abl is not None:
         abl = unit_obj.check_ablation(abl)  # typed error before any forward pass
     # recorded before the method runs: it may prepare (mutate) the target object
     question = record(inputs, target, unit_obj, counterfactual, m.target_kind, abl)
@@ -108,5 +108,8 @@ def attribute(
         result = m.attribute(lm, inputs, tgt, unit_obj, counterfactual=counterfactual)
     check_scores(result, f"method {m.name!r} computed non-finite scores")
     if question is not None:
+        used = result.meta.get("ablation")  # the ablation the method applied (defaults too)
+        if isinstance(used, dict) and used.get("name") != "counterfactual":
+            question["ablation"] = used
         result.meta["question"] = question
     return result

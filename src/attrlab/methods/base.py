@@ -165,7 +165,7 @@ def deprecated_baseline(method: str, baseline: Any) -> Any:
         return A.Zero()
     if isinstance(baseline, A.Ablation):
         return baseline
-    return A.Token(baseline) if not hasattr(baseline, "shape") else baseline
+    return A.Token(baseline)  # a name, a token id, ids [pos] or embeddings [pos, d]
 
 
 def check_int(method: str, name: str, value: Any, minimum: int = 1, optional: bool = False) -> Any:

@@ -1,11 +1,13 @@
-"""Gradient family over input units: saliency, input x gradient, Integrated
-Gradients, SmoothGrad, expected gradients.
+"""Gradient family. Over gates, on every unit kind that provides them
+(written once): input x gradient, attribution patching (``atp``, its preset
+for components), Integrated Gradients, expected gradients. Token-specific:
+saliency and SmoothGrad (gradient norms per embedding dimension are not gate
+derivatives).
 
-All methods differentiate the target with respect to the token embeddings (the
-output of the ``embed`` site, i.e. the token-embedding module, before any
-position embedding or scaling the model adds), then reduce over the hidden
-dimension — by sum (default; keeps IG's completeness) or by L2 norm. Token
-scores are summed into words / sentences / spans for those unit kinds.
+On input units the gate of a token mixes its ablated embedding (pad, zero,
+a counterfactual token's) and its actual embedding (the output of the
+``embed`` site), so gate gradients are ``(x - x0) . df/dx`` summed over the
+hidden dimension; word / sentence / span gates cover their tokens.
 
 Many points (interpolation steps, noise samples) go through the model in one
 batched forward (``batch_size`` per chunk). For a multi-token continuation
@@ -33,23 +35,17 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
-from tqdm.auto import tqdm
+from torch import Tensor
 
 from ..errors import InputError
-from ..model.adapters.base import linear_layout
 from ..model.budget import batch_size_for
-from ..model.lock import model_lock
+from ..units.token_grads import grad_products
 from ..units.tokens import EmbedForward, InputUnits, input_result, make_forward
-from .base import Method, check_baseline, check_float, check_int, register
+from .base import Estimator, Method, check_float, check_int, deprecated_baseline, register
 
 INPUT_KINDS = ("tokens", "words", "sentences", "spans")
 RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
@@ -82,300 +78,6 @@ def quadrature(rule: str, steps: int) -> tuple[Tensor, Tensor]:
     i = torch.arange(n, dtype=torch.float64)
     shift = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}[rule]
     return (i + shift) / n, w
-
-
-class _SharedDerivative(torch.autograd.Function):
-    """``y = fn(x)`` for an elementwise ``fn``; the backward multiplies by
-    ``fn'(x)``, computed once (on the first backward) and kept for the next ones."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
-        ctx.fn = fn
-        ctx.deriv = None
-        ctx.save_for_backward(x)
-        return fn(x)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        if ctx.deriv is None:
-            (x,) = ctx.saved_tensors
-            with torch.enable_grad():
-                xd = x.detach().requires_grad_(True)
-                y = ctx.fn(xd)
-                (ctx.deriv,) = torch.autograd.grad(y, xd, torch.ones_like(y))
-        return grad * ctx.deriv, None
-
-
-def _elementwise_types() -> tuple[type, ...]:
-    """Parameter-free elementwise activation module types (PyTorch and Hugging Face)."""
-    types: list[type] = [
-        nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.Hardswish,
-        nn.LeakyReLU, nn.Mish, nn.Softplus,
-    ]  # fmt: skip
-    try:
-        from transformers import activations as hf_act
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return tuple(types)
-    for name in (
-        "AccurateGELUActivation", "ClippedGELUActivation", "FastGELUActivation",
-        "GELUActivation", "GELUTanh", "LaplaceActivation", "MishActivation",
-        "NewGELUActivation", "PytorchGELUTanh", "QuickGELUActivation",
-        "ReLUSquaredActivation", "SiLUActivation", "SqrtSoftplusActivation",
-    ):  # fmt: skip
-        t = getattr(hf_act, name, None)
-        if isinstance(t, type):
-            types.append(t)
-    return tuple(types)
-
-
-@contextlib.contextmanager
-def shared_activation_derivatives(model: nn.Module) -> Iterator[int]:
-    """While active, every parameter-free elementwise activation module of
-    ``model`` (GELU, SiLU, ReLU, ...) records one autograd node whose backward
-    multiplies by the activation's derivative, computed on the first backward and
-    reused by every later backward through the same (retained) graph.
-
-    Values are unchanged (the module's own forward computes them). With several
-    target rows sharing one forward, each row's backward then costs one multiply
-    per activation instead of the backward of its whole elementwise formula (for
-    GPT-2's tanh-GELU, about a fifth of a backward pass). Gradients agree with plain
-    autograd to float round-off. Yields the number of modules patched.
-
-    Example:
-        >>> import torch, attrlab as al
-        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> ids = torch.tensor([[1, 2, 3]])
-        >>> with shared_activation_derivatives(lm.model) as n:
-        ...     e = lm.model.transformer.wte(ids).detach().requires_grad_(True)
-        ...     out = lm.model(inputs_embeds=e).logits[0, -1]
-        >>> g1, = torch.autograd.grad(out[0], e, retain_graph=True)
-        >>> g2, = torch.autograd.grad(out[1], e)
-        >>> n == lm.cfg.n_layers, g1.shape == e.shape
-        (True, True)
-    """
-    types = _elementwise_types()
-
-    def wrap(m: nn.Module) -> Callable[..., Tensor] | None:
-        if not isinstance(m, types) or any(True for _ in m.parameters(recurse=False)):
-            return None
-        return _shared_forward(m.forward)
-
-    with _swapped_forwards(model, wrap) as n:
-        yield n
-
-
-@contextlib.contextmanager
-def _swapped_forwards(
-    model: nn.Module, wrap: Callable[[nn.Module], Callable[..., Tensor] | None]
-) -> Iterator[int]:
-    """Replace ``forward`` of every module for which ``wrap`` returns a new one
-    (holding the model's lock, :func:`attrlab.model.lock.model_lock`); restore them
-    on exit. Yields how many were replaced. The new forwards act only in the
-    calling thread (other threads get the original)."""
-    patched: list[tuple[nn.Module, Any]] = []
-    with model_lock(model), contextlib.ExitStack() as stack:
-        stack.callback(_restore_forwards, patched)
-        for m in model.modules():
-            new = wrap(m)
-            if new is None:
-                continue
-            patched.append((m, m.__dict__.get("forward")))
-            m.forward = new  # type: ignore[method-assign]
-        yield len(patched)
-
-
-def _restore_forwards(patched: list[tuple[nn.Module, Any]]) -> None:
-    for m, fwd in patched:
-        if fwd is None:
-            del m.forward
-        else:
-            m.forward = fwd  # type: ignore[method-assign]
-
-
-def _shared_forward(orig: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    owner = threading.get_ident()
-
-    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        mine = threading.get_ident() == owner
-        if args or kwargs or not mine or not (torch.is_grad_enabled() and x.requires_grad):
-            return orig(x, *args, **kwargs)
-        out: Tensor = _SharedDerivative.apply(x, orig)
-        return out
-
-    return forward
-
-
-class _PrefixLinear(torch.autograd.Function):
-    """``y = fn(x)`` for a linear layer ``fn``; the backward (input gradient only)
-    multiplies only the positions of ``[batch, pos, out]`` gradients before
-    ``cut[0]`` and from the first nonzero one on by the weight, and fills the
-    rest with zeros. ``cut`` is a one-element list owned by the caller
-    (:func:`grad_products`), set before each row's backward (None: no cut)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        fn: Callable[[Tensor], Tensor],
-        weight: Tensor,
-        w_in_out: bool,
-        cut: list[int | None],
-    ) -> Tensor:
-        ctx.cut = cut
-        ctx.weight = weight
-        ctx.w_in_out = w_in_out
-        ctx.x_shape = x.shape
-        return fn(x)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
-        w = ctx.weight.t() if ctx.w_in_out else ctx.weight  # [out, in]
-        k = ctx.cut[0]
-        if k is None or grad.dim() != 3:
-            return grad @ w, None, None, None, None
-        k = min(k, grad.shape[1])
-        lo = 0  # leading positions with no gradient (e.g. the last block: one position)
-        while lo < k and not bool(grad[:, lo].any()):
-            lo += 1
-        if lo == 0 and k == grad.shape[1]:
-            return grad @ w, None, None, None, None
-        gx = grad.new_zeros(ctx.x_shape) if lo == k else grad.new_empty(ctx.x_shape)
-        if lo < k:
-            gx[:, :lo] = 0
-            gx[:, k:] = 0
-            gx[:, lo:k] = grad[:, lo:k] @ w
-        return gx, None, None, None, None
-
-
-@contextlib.contextmanager
-def _prefix_linears(
-    model: nn.Module, lead: Callable[[Tensor], bool], cut: list[int | None]
-) -> Iterator[int]:
-    """While active, plain linear layers (``nn.Linear``, GPT-2's ``Conv1D``) of
-    ``model`` record a node whose input-gradient backward skips the positions
-    at and after ``cut[0]`` (exact when those positions carry no gradient,
-    as the later positions of a causal LM for a target read at an earlier one).
-    Only inputs ``[batch, pos, d]`` for which ``lead(x)`` holds (the run's batch
-    and positions) get such nodes. No gradient reaches the weights through them."""
-
-    def wrap(m: nn.Module) -> Callable[..., Tensor] | None:
-        w_in_out = linear_layout(m)
-        weight = getattr(m, "weight", None)
-        if w_in_out is None or not isinstance(weight, Tensor) or weight.device.type == "meta":
-            return None  # not a plain linear map, or weights accelerate loads per forward
-        return _prefix_forward(m.forward, weight, w_in_out, lead, cut)
-
-    with _swapped_forwards(model, wrap) as n:
-        yield n
-
-
-def _prefix_forward(
-    orig: Callable[..., Tensor],
-    weight: Tensor,
-    w_in_out: bool,
-    lead: Callable[[Tensor], bool],
-    cut: list[int | None],
-) -> Callable[..., Tensor]:
-    owner = threading.get_ident()
-
-    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        plain = args or kwargs or x.dim() != 3 or threading.get_ident() != owner or not lead(x)
-        if plain or not (torch.is_grad_enabled() and x.requires_grad):
-            return orig(x, *args, **kwargs)
-        out: Tensor = _PrefixLinear.apply(x, orig, weight, w_in_out, cut)
-        return out
-
-    return forward
-
-
-def _run_shape(e: Tensor) -> Callable[[Tensor], bool]:
-    """True for a ``[batch, pos, ...]`` activation of the run fed with ``e``
-    (``pos``: all positions, or all but the last, which continuation rows skip)."""
-    n, width = e.shape[0], e.shape[1]
-    return lambda x: x.shape[0] == n and x.shape[1] in (width - 1, width)
-
-
-def _live_prefixes(fwd: EmbedForward, rows: int) -> list[int] | None:
-    """For continuation rows of a causal LM: row ``r`` reads the position before
-    its token's, so every position from its token's on has no gradient."""
-    from ..units.tokens import LMEmbedForward
-
-    if not isinstance(fwd, LMEmbedForward) or not fwd._per_token_path():
-        return None
-    pos = fwd.row_labels.get("position") if fwd.row_labels else None
-    if pos is None or len(pos) != rows:
-        return None
-    return [int(p) for p in pos]
-
-
-def _model_of(fwd: EmbedForward) -> nn.Module | None:
-    """The torch module behind an :class:`EmbedForward` (None if unknown)."""
-    model = getattr(getattr(fwd, "lm", None), "model", None)
-    return model if isinstance(model, nn.Module) else None
-
-
-def grad_products(
-    fwd: EmbedForward,
-    points: Tensor,
-    mult: Tensor,
-    batch_size: int = 32,
-    progress: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """``sum_k mult_k * grad f_r(points_k)`` for every target row ``r``.
-
-    Args:
-        points: ``[n, pos, d]`` embeddings where gradients are taken.
-        mult: ``[n, pos, d]`` (or broadcastable) multipliers of each point's gradient.
-
-    Returns:
-        ``([rows, pos, d], values [n, rows])``. One forward per chunk of points,
-        one backward per row through the retained graph. With several rows, the
-        activations' derivatives are computed once per forward and shared by the
-        rows' backwards (:func:`shared_activation_derivatives`); for the
-        continuation rows of a causal LM, the linear layers' backwards also skip
-        the positions from the row's own token on (they carry no gradient).
-
-    Example:
-        >>> import torch, attrlab as al
-        >>> from attrlab.units.tokens import make_forward
-        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> f = make_forward(lm, "a b c", " a")
-        >>> x = f.inputs_embeds()[None]
-        >>> g, v = grad_products(f, x, torch.ones_like(x))
-        >>> tuple(g.shape) == (1, *x.shape[1:])
-        True
-    """
-    n = points.shape[0]
-    mult = mult.expand(n, *points.shape[1:]) if mult.shape[0] == 1 else mult
-    acc: Tensor | None = None
-    values = []
-    chunks = range(0, n, batch_size)
-    n_rows = getattr(fwd, "n_rows", 1)
-    model = _model_of(fwd) if n_rows > 1 else None
-    prefixes = _live_prefixes(fwd, n_rows) if model is not None else None
-    cut: list[int | None] = [None]  # positions from cut[0] on carry no gradient
-    for i in tqdm(chunks, disable=not progress, desc="gradients", leave=False):
-        e = points[i : i + batch_size].detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            with contextlib.ExitStack() as stack:
-                if model is not None:
-                    stack.enter_context(shared_activation_derivatives(model))
-                if prefixes is not None and model is not None:
-                    stack.enter_context(_prefix_linears(model, _run_shape(e), cut))
-                outs = fwd.rows(e)  # rows x [c]
-            rows = len(outs)
-            if acc is None:
-                acc = torch.zeros(rows, *points.shape[1:], dtype=points.dtype, device=points.device)
-            m = mult[i : i + batch_size]
-            for r, out in enumerate(outs):
-                cut[0] = prefixes[r] if prefixes is not None else None
-                (g,) = torch.autograd.grad(out.sum(), e, retain_graph=r < rows - 1)
-                acc[r] += (m * g).sum(0)
-        values.append(torch.stack([o.detach() for o in outs], 1))
-    assert acc is not None
-    return acc, torch.cat(values, 0)
 
 
 def _reduce(attr: Tensor, how: str) -> Tensor:
@@ -440,7 +142,7 @@ class _GradientMethod(Method):
     ) -> Any:
         """Attribute with a ready :class:`EmbedForward` (classifiers, encoders, custom targets)."""
         self._check()
-        if counterfactual is not None and not isinstance(self, IntegratedGradients):
+        if counterfactual is not None:
             raise InputError(f"{self.name} does not use a counterfactual; use method='ig'")
         groups, _ = units.groups(fwd.view)
         if not groups:
@@ -491,135 +193,10 @@ class Saliency(_GradientMethod):
         return g, {"value": _row_list(v[0])}, {}
 
 
-@register("input-x-gradient", INPUT_KINDS)
-class InputXGradient(_GradientMethod):
-    """``x * df/dx`` at the input embeddings, summed (default) or L2-normed over
-    the hidden dimension.
-
-    Example:
-        >>> import attrlab as al
-        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> al.attribute(lm, "a b c", target=" a", method="input-x-gradient").scores.shape[0]
-        3
-    """
-
-    def _token_attr(
-        self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
-    ) -> tuple[Tensor, dict[str, Any], dict[str, Tensor]]:
-        x = fwd.inputs_embeds()[None]
-        g, v = grad_products(fwd, x, x, self._rows_per_forward(fwd), self.progress)
-        return g, {"value": _row_list(v[0])}, {}
-
-
 def _row_list(v: Tensor) -> Any:
     """A per-row tensor ``[rows]`` as a float (one row) or a list."""
     vals = [float(t) for t in v.reshape(-1)]
     return vals[0] if len(vals) == 1 else vals
-
-
-def _resolve_baseline(fwd: EmbedForward, baseline: Any, unit_pos: Tensor, cf: Any) -> Tensor:
-    """Baseline ``[pos, d]``; equals the input outside the units (never interpolated)."""
-    x = fwd.inputs_embeds()
-    if cf is not None:
-        if baseline not in (None, "pad"):
-            raise InputError("give either a counterfactual or a baseline, not both")
-        ids = _counterfactual_ids(fwd, cf)
-        x0 = fwd.embed_ids(torch.tensor(ids, dtype=torch.long))
-    else:
-        x0 = fwd.baseline(baseline)
-    return torch.where(unit_pos.to(x.device)[:, None], x0, x)
-
-
-def _counterfactual_ids(fwd: EmbedForward, cf: Any) -> list[int]:
-    """Counterfactual prompt token ids + the continuation of the prepared input."""
-    lm = getattr(fwd, "lm", None)
-    if lm is None:
-        raise InputError("a counterfactual baseline needs a causal LM")
-    b = lm.tokenize(cf)
-    ids = b.input_ids[0].tolist()
-    if len(ids) != fwd.view.n_prompt:
-        raise InputError(
-            f"the counterfactual has {len(ids)} tokens, the prompt {fwd.view.n_prompt}; "
-            "they must match position by position"
-        )
-    return ids + fwd.view.ids[fwd.view.n_prompt :]
-
-
-@register("ig", INPUT_KINDS)
-class IntegratedGradients(_GradientMethod):
-    """Integrated Gradients at the token embeddings.
-
-    Args:
-        steps: number of quadrature points.
-        rule: ``gausslegendre`` (default) or ``riemann_left|right|middle|trapezoid``.
-        baseline: ``"pad"`` (pad-token embedding, default), ``"zero"``, ``"mask"``,
-            a token id, or a tensor ``[pos, d_model]``. A ``counterfactual`` prompt
-            (same token length) can serve as the baseline instead.
-        reduce: ``"sum"`` (completeness-preserving) or ``"l2"``.
-        batch_size: points per forward; None (default): as many as fit the memory
-            budget, at most 32 (:mod:`attrlab.model.budget`).
-        max_new_tokens: with no target, generate this many tokens greedily and
-            attribute each of them (one row per token).
-        memory_budget: bytes (or ``"2GB"``) one forward may use when ``batch_size``
-            is None; default: :func:`attrlab.model.budget.memory_budget`.
-
-    Example:
-        >>> import attrlab as al
-        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> r = al.attribute(lm, "When Mary", target=None, method="ig", max_new_tokens=2)
-        >>> r.scores.shape[0]
-        2
-    """
-
-    def __init__(
-        self,
-        steps: int = 32,
-        rule: str = "gausslegendre",
-        baseline: Any = "pad",
-        reduce: str = "sum",
-        batch_size: int | None = None,
-        max_new_tokens: int | None = None,
-        progress: bool = False,
-        memory_budget: int | str | None = None,
-    ):
-        steps = check_int("ig", "steps", steps)
-        quadrature(rule, steps)  # validates the rule
-        self.steps = steps
-        self.rule = rule
-        self.baseline = check_baseline("ig", baseline)
-        super().__init__(reduce, batch_size, max_new_tokens, progress, memory_budget)
-
-    def params(self) -> dict[str, Any]:
-        p = super().params()
-        if isinstance(p["baseline"], Tensor):
-            p["baseline"] = f"tensor{tuple(p['baseline'].shape)}"
-        return p
-
-    def _token_attr(
-        self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
-    ) -> tuple[Tensor, dict[str, Any], dict[str, Tensor]]:
-        x = fwd.inputs_embeds()
-        x0 = _resolve_baseline(fwd, self.baseline, unit_pos, counterfactual)
-        alphas, weights = quadrature(self.rule, self.steps)
-        a = alphas.to(device=x.device, dtype=x.dtype)[:, None, None]
-        w = weights.to(device=x.device, dtype=x.dtype)[:, None, None]
-        delta = x - x0
-        points = x0[None] + a * delta[None]  # [steps, pos, d]
-        g, _ = grad_products(
-            fwd, points, w * delta[None], self._rows_per_forward(fwd), self.progress
-        )
-        ends = fwd.evaluate(torch.stack([x, x0]), 2)  # [2, rows]
-        change = ends[0] - ends[1]
-        err = g.sum((-1, -2)) - change.to(g.dtype)
-        rel = err.abs() / change.abs().clamp_min(1e-12).to(g.dtype)
-        diag = {
-            "completeness_error": _row_list(err),
-            "relative_completeness_error": _row_list(rel),
-            "delta": _row_list(change),
-            "value": _row_list(ends[0]),
-            "baseline_value": _row_list(ends[1]),
-        }
-        return g, diag, {}
 
 
 @register("smoothgrad", INPUT_KINDS)
@@ -670,13 +247,160 @@ class SmoothGrad(_GradientMethod):
         return g, {"sigma": sigma}, {}
 
 
-@register("expected-gradients", INPUT_KINDS)
-class ExpectedGradients(_GradientMethod):
-    """Expected gradients: IG averaged over baselines drawn from a reference
-    distribution, one random point on each path (Erion et al.). References:
-    ``"random_tokens"`` (embeddings of uniformly random vocabulary tokens at
-    each unit position, default) or a tensor ``[k, pos, d_model]``.
-    Seeded; ``samples`` (baseline, alpha) pairs.
+# ------------------------------------------------------------ over gates
+class _GateGradient(Estimator):
+    """Gradient estimators over gates, on every unit kind that provides them.
+
+    A unit's gate ``g`` mixes its ablated and actual values
+    (``ablated + g * (actual - ablated)``), so ``df/dg`` at ``g`` is the
+    directional derivative along ``actual - ablated``. Kinds compute weighted
+    sums of gate gradients with :meth:`attrlab.units.base.Bound.gate_grad_sum`
+    (input units through the token embeddings, with shared activation
+    derivatives across continuation rows).
+
+    ``baseline=`` is a deprecated alias of ``ablation=`` on :func:`attrlab.attribute`.
+    """
+
+    needs = frozenset({"gates"})
+    default_ablation: Any = None
+
+    def __init__(
+        self,
+        batch_size: int | None = None,
+        max_new_tokens: int | None = None,
+        progress: bool = False,
+        memory_budget: int | str | None = None,
+        baseline: Any = None,
+    ):
+        name = self.name or type(self).__name__
+        self.batch_size = check_int(name, "batch_size", batch_size, optional=True)
+        self.max_new_tokens = check_int(name, "max_new_tokens", max_new_tokens, 0, optional=True)
+        self.progress = progress
+        self.memory_budget = memory_budget
+        self._baseline = deprecated_baseline(name, baseline)
+
+    def params(self) -> dict[str, Any]:
+        return {k: v for k, v in super().params().items() if v is not None}
+
+    def bind_options(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "max_new_tokens": self.max_new_tokens,
+            "progress": self.progress,
+            "memory_budget": self.memory_budget,
+            "grad": True,
+            "ablation_default": (
+                self._baseline if self._baseline is not None else self.default_ablation
+            ),
+        }
+
+    def _path(self, bound: Any, alphas: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """``sum_k weights_k df/dg (alphas_k * 1)`` ``[rows, n]`` and the values ``[k, rows]``."""
+        g = alphas.double()[:, None].expand(len(alphas), bound.n)
+        return bound.gate_grad_sum(g, weights.double())
+
+
+@register("input-x-gradient")
+class InputXGradient(_GateGradient):
+    """The gradient over the units' gates at the input (``g = 1``): the first-order
+    effect of each unit, ``(actual - ablated) . df/d(unit)``. With the zero
+    ablation (the default for input units) this is ``x . df/dx`` per token; on
+    components with a counterfactual it is attribution patching (``atp``).
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> al.attribute(lm, "a b c", target=" a", method="input-x-gradient").scores.shape[0]
+        3
+    """
+
+    @property
+    def default_ablation(self) -> Any:  # type: ignore[override]
+        from ..ablations import Zero
+
+        return Zero()
+
+    def estimate(self, bound: Any) -> tuple[Tensor, dict[str, Any]]:
+        grads, vals = self._path(bound, torch.ones(1), torch.ones(1))
+        return grads, {"value": _row_list(vals[0])}
+
+
+@register("atp")
+class AttributionPatching(InputXGradient):
+    """Attribution patching (Nanda; Kramár et al., "AtP*"): the gradient over
+    component gates at the clean run, ``(clean - ablated) . df/d(activation)`` —
+    a first-order estimate of occlusion with the same ablation (a counterfactual
+    prompt: of activation patching). One forward and one backward. Scores are
+    contributions (``f(all) - f(all without u)`` to first order); the AtP
+    paper's "effect of patching" is their negative (``r.effect_of_patching()``).
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "When Mary and John went", target=(" Mary", " John"),
+        ...                  units="heads", method="atp", counterfactual="When John and Mary went")
+        >>> len(r) == lm.cfg.n_layers * lm.cfg.n_heads
+        True
+    """
+
+    only_kinds = ("heads", "attn", "mlp", "neurons", "resid", "layers")
+    default_ablation = None  # the kind's: a counterfactual when given, else zero
+
+
+@register("ig")
+class IntegratedGradients(_GateGradient):
+    """Integrated Gradients over gates: the gradient integrated along the straight
+    line from the ablated (``g = 0``) to the actual values (``g = 1``); the
+    scores sum to ``f(all) - f(none)`` up to the quadrature error, reported as
+    ``completeness_error`` (and relative) in the diagnostics. On input units
+    with the pad (or zero, or counterfactual) ablation this is IG at the token
+    embeddings (Sundararajan et al.); on edges, EAP-IG.
+
+    Args:
+        steps: number of quadrature points.
+        rule: ``gausslegendre`` (default) or ``riemann_left|right|middle|trapezoid``.
+        batch_size: points per forward (None: the memory budget, at most 32).
+        max_new_tokens: with no target, generate this many tokens greedily and
+            attribute each of them (one row per token).
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "When Mary", target=None, method="ig", max_new_tokens=2)
+        >>> r.scores.shape[0]
+        2
+    """
+
+    def __init__(self, steps: int = 32, rule: str = "gausslegendre", **options: Any):
+        steps = check_int("ig", "steps", steps)
+        quadrature(rule, steps)  # validates the rule
+        self.steps = steps
+        self.rule = rule
+        super().__init__(**options)
+
+    def estimate(self, bound: Any) -> tuple[Tensor, dict[str, Any]]:
+        alphas, weights = quadrature(self.rule, self.steps)
+        grads, _ = self._path(bound, alphas, weights)  # [rows, n]
+        v1, v0 = bound.clean().double(), bound.empty().double()
+        change = (v1 - v0).to(grads.device)
+        err = grads.double().sum(-1) - change
+        rel = err.abs() / change.abs().clamp_min(1e-12)
+        return grads, {
+            "completeness_error": _row_list(err),
+            "relative_completeness_error": _row_list(rel),
+            "delta": _row_list(change),
+            "value": _row_list(v1),
+            "baseline_value": _row_list(v0),
+        }
+
+
+@register("expected-gradients")
+class ExpectedGradients(_GateGradient):
+    """Expected gradients over gates (Erion et al.): the gate gradient at
+    ``samples`` random points of the path from the ablated to the actual values
+    (``g = alpha``, alpha uniform; seeded), averaged — a Monte Carlo estimate of
+    Integrated Gradients whose baseline is the ablation (use a ``Resample`` or
+    ``Mean`` ablation for a reference distribution on components).
 
     Example:
         >>> import attrlab as al
@@ -686,63 +410,14 @@ class ExpectedGradients(_GradientMethod):
         3
     """
 
-    def __init__(
-        self,
-        samples: int = 32,
-        references: Any = "random_tokens",
-        seed: int = 0,
-        reduce: str = "sum",
-        batch_size: int | None = None,
-        max_new_tokens: int | None = None,
-        progress: bool = False,
-        memory_budget: int | str | None = None,
-    ):
+    def __init__(self, samples: int = 32, seed: int = 0, **options: Any):
         self.samples = check_int("expected-gradients", "samples", samples)
-        self.references = check_baseline("expected-gradients", references, "references")
         self.seed = check_int("expected-gradients", "seed", seed, minimum=0)
-        super().__init__(reduce, batch_size, max_new_tokens, progress, memory_budget)
+        super().__init__(**options)
 
-    def params(self) -> dict[str, Any]:
-        p = super().params()
-        if isinstance(p["references"], Tensor):
-            p["references"] = f"tensor{tuple(p['references'].shape)}"
-        return p
-
-    def _token_attr(
-        self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
-    ) -> tuple[Tensor, dict[str, Any], dict[str, Tensor]]:
-        x = fwd.inputs_embeds()
+    def estimate(self, bound: Any) -> tuple[Tensor, dict[str, Any]]:
         gen = torch.Generator().manual_seed(self.seed)
-        k, p = self.samples, x.shape[0]
-        if isinstance(self.references, Tensor):
-            ref = self.references.to(device=x.device, dtype=x.dtype)
-            if ref.dim() != 3 or tuple(ref.shape[1:]) != tuple(x.shape):
-                raise InputError(
-                    f"references must be [k, pos, d_model] = [k, {p}, {x.shape[1]}], "
-                    f"got {tuple(ref.shape)}"
-                )
-            idx = torch.randint(ref.shape[0], (k,), generator=gen)
-            x0 = ref[idx]
-        elif self.references == "random_tokens":
-            vocab = _vocab(fwd)
-            ids = torch.randint(vocab, (k, p), generator=gen)
-            x0 = torch.stack([fwd.embed_ids(row) for row in ids])
-        else:
-            raise InputError("references must be 'random_tokens' or a tensor [k, pos, d_model]")
-        x0 = torch.where(unit_pos.to(x.device)[None, :, None], x0, x[None])
-        alpha = torch.rand(k, generator=gen, dtype=torch.float64).to(x.dtype).to(x.device)
-        delta = x[None] - x0
-        points = x0 + alpha[:, None, None] * delta
-        g, _ = grad_products(fwd, points, delta / k, self._rows_per_forward(fwd), self.progress)
-        return g, {}, {}
-
-
-def _vocab(fwd: EmbedForward) -> int:
-    lm = getattr(fwd, "lm", None)
-    cfg = getattr(lm, "cfg", None)
-    if cfg is not None and getattr(cfg, "d_vocab", None):
-        return int(cfg.d_vocab)
-    vocab = getattr(fwd, "vocab_size", None)
-    if vocab is None:
-        raise InputError("cannot draw random tokens: unknown vocabulary size; pass references=")
-    return int(vocab)
+        alphas = torch.rand(self.samples, generator=gen, dtype=torch.float64)
+        weights = torch.full((self.samples,), 1.0 / self.samples, dtype=torch.float64)
+        grads, _ = self._path(bound, alphas, weights)
+        return grads, {"n_samples": self.samples}

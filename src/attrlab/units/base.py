@@ -152,6 +152,20 @@ class Bound:
                 grads.append(torch.zeros_like(g) if d is None else d)
         return vals.detach(), torch.stack(grads, 1)
 
+    def gate_grad_sum(self, g: Tensor, weights: Tensor, chunk: int = 32) -> tuple[Tensor, Tensor]:
+        """``sum_k weights_k * d f_gated / d g`` at the gates ``g [k, n]``:
+        ``([n_rows, n], values [k, n_rows])`` — what gradient estimators need
+        (one point for input x gradient, quadrature points for IG). By autograd
+        over :meth:`gate_grad` in chunks unless a kind has a faster path."""
+        acc = torch.zeros(self.n_rows, self.n, dtype=torch.float64)
+        vals = []
+        for s in range(0, g.shape[0], chunk):
+            v, d = self.gate_grad(g[s : s + chunk].float())  # [c, rows], [c, rows, n]
+            w = weights[s : s + chunk].to(torch.float64)
+            acc += (w[:, None, None] * d.detach().double().cpu()).sum(0)
+            vals.append(v.detach().cpu())
+        return acc, torch.cat(vals, 0)
+
     # ------------------------------------------------------------------ shared
     def check_keep(self, keep: Any) -> Tensor:
         """``keep`` as a bool ``[m, n]`` tensor, or a typed error."""

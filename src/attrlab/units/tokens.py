@@ -456,6 +456,9 @@ class InputUnits(Units):
         target: Any,
         ablation: Ablation | None = None,
         batch_size: int | None = None,
+        progress: bool = False,
+        memory_budget: int | str | None = None,
+        grad: bool = False,
         **options: Any,
     ) -> InputBound:
         """The bound question: ``f`` / ``f_gated`` over this kind's units.
@@ -471,7 +474,21 @@ class InputUnits(Units):
             (2, 1)
         """
         fwd = make_forward(lm, inputs, target, **options)
-        return InputBound(self, lm, fwd, self.check_ablation(ablation), batch_size)
+        from ..model.budget import batch_size_for
+
+        # masked inputs per forward: batch_size, or as many (at most 32) as fit the budget
+        bs = batch_size_for(
+            getattr(fwd, "lm", None),
+            fwd.view.n_pos,
+            cap=32,
+            grad=grad,
+            batch_size=batch_size,
+            memory_budget=memory_budget,
+            logit_positions=1 if getattr(fwd, "next_token", False) else None,
+        )
+        b = InputBound(self, lm, fwd, self.check_ablation(ablation), bs)
+        b.grad_batch_size, b.progress = bs, progress
+        return b
 
     def mask_values(
         self, lm: Any, inputs: Any, target: Any, masks: Any, baseline: Any = "pad", **context: Any
@@ -509,6 +526,8 @@ class InputBound(Bound):
         batch_size: int | None = None,
     ):
         self.units, self.lm, self.fwd, self.ablation = units, lm, fwd, ablation
+        self.grad_batch_size: int | None = None
+        self.progress = False
         self.groups, self._labels = units.groups(fwd.view)
         self.n, self.n_rows = len(self.groups), fwd.n_rows
         self.target_name = fwd.target_name
@@ -569,6 +588,22 @@ class InputBound(Bound):
         gp = self._position_gates(self.check_gates(g)).to(self.x.device, self.x.dtype)
         emb = gp[..., None] * self.x[None] + (1 - gp[..., None]) * self.x0[None]  # [m, pos, d]
         return self.fwd(emb)
+
+    def gate_grad_sum(self, g: Tensor, weights: Tensor, chunk: int = 32) -> tuple[Tensor, Tensor]:
+        """The fast path: gradients at the token embeddings
+        (:func:`attrlab.units.token_grads.grad_products`), ``d f / d g_u =
+        sum over u's positions of (x - x0) . df/dx`` (tested against autograd)."""
+        from .token_grads import grad_products
+
+        gp = self._position_gates(self.check_gates(g)).to(self.x.device, self.x.dtype)
+        delta = self.x - self.x0  # [pos, d]
+        points = self.x0[None] + gp[..., None] * delta[None]  # [k, pos, d]
+        w = weights.to(self.x.device, self.x.dtype)[:, None, None]
+        bs = self.grad_batch_size or chunk
+        acc, vals = grad_products(self.fwd, points, w * delta[None], bs, self.progress)
+        per_pos = acc.sum(-1)  # [rows, pos]
+        scores = torch.stack([per_pos[:, grp].sum(-1) for grp in self.groups], -1)
+        return scores, vals
 
 
 def _labels_for_positions(view: TokenView, groups: list[list[int]]) -> dict[str, list[Any]]:
