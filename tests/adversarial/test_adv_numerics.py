@@ -83,16 +83,16 @@ ERRORS = [
         "baseline",
     ),
     (
-        "eg-nan-references",
+        "eg-nan-ablation",
         lambda lm, r: al.attribute(
             lm,
             P,
             " to",
             method="expected-gradients",
-            references=torch.full((2, 5, lm.cfg.d_model), NAN),
+            ablation=al.ablations.Token(torch.full((5, lm.cfg.d_model), NAN)),
         ),
         NonFiniteError,
-        "references",
+        "baseline",
     ),
     (
         "lds-nan-mask-baseline",

@@ -29,8 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,15 +37,26 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from .. import ablations as A
+from ..ablations import Ablation
 from ..errors import IndexRangeError, InputError, SiteNotExposedError
-from ..model.budget import batch_size_for
-from ..model.interventions import Intervention
+from ..model.masked import INDEX_AXES, MaskedRunner, SiteUnit
 from ..model.wrapper import LM, Batch, Inputs
 from ..result import Attribution
 from ..targets import KL, LogitDiff, LogProb, Prob, Target, TopToken, _TokenTarget
 from ..targets import resolve as resolve_target
 from ..units.base import Units
-from ..units.components import AttnOut, Heads, Layers, MlpOut, Neurons, Resid
+from ..units.components import (
+    AttnOut,
+    Heads,
+    Layers,
+    MlpOut,
+    Neurons,
+    Resid,
+    donor_values,
+    embedding_std,
+    noise_interventions,
+)
 from .base import Method, check_float, check_int, register
 
 __all__ = [
@@ -65,128 +74,38 @@ __all__ = [
     "PatchingWarning",
 ]
 
-#: site kinds that can be patched, and whether their units have an index axis
-PATCH_KINDS = {
-    "resid_pre": None,
-    "attn.out": None,
-    "mlp.out": None,
-    "resid_mid": None,
-    "resid_post": None,
-    "attn.z": "head",
-    "attn.q": "head",
-    "attn.k": "kv_head",
-    "attn.v": "kv_head",
-    "attn.head_out": "head",
-    "mlp.neurons": "neuron",
-}
+#: site kinds that can be patched, and the name of their unit axis
+PATCH_KINDS = {k: v for k, v in INDEX_AXES.items() if k != "embed"}
+
+#: one patch: a site location (``blocks.{layer}.{kind}``, position, index)
+PatchUnit = SiteUnit
 
 
 class PatchingWarning(UserWarning):
     """A patching result is degenerate (e.g. clean and corrupt metrics are equal)."""
 
 
-# ---------------------------------------------------------------- units
-@dataclass(frozen=True)
-class PatchUnit:
-    """One patch: the site ``blocks.{layer}.{kind}`` at ``position`` (None = every
-    position) and ``index`` (a head for ``attn.z/q/head_out``, a key/value head
-    for ``attn.k/v``, a neuron for ``mlp.neurons``; None = the whole site).
+def Noise(  # noqa: N802 - a deprecated alias that builds the ablation object
+    positions: Sequence[int] | None = None, scale: float | None = None, seed: int = 0
+) -> Ablation:
+    """Deprecated alias of :class:`attrlab.ablations.Noise` (``scale`` is its ``std``).
 
     Example:
-        >>> PatchUnit(3, "attn.z", position=5, index=2).site
-        'blocks.3.attn.z'
-    """
-
-    layer: int
-    kind: str
-    position: int | None = None
-    index: int | None = None
-
-    @property
-    def site(self) -> str:
-        return f"blocks.{self.layer}.{self.kind}"
-
-
-# ----------------------------------------------------------- corruptions
-@dataclass
-class Noise:
-    """Causal-tracing corruption: the clean prompt with Gaussian noise added to the
-    token embeddings (site ``embed``) at ``positions`` (None = every position).
-
-    ``scale=None`` uses 3 x the standard deviation of the embedding module's
-    outputs over the whole vocabulary (ROME's choice of 3 sigma). Seeded.
-
-    Example:
-        >>> Noise(positions=[1, 2], seed=0).scale is None
+        >>> Noise(positions=[1, 2], seed=0).std is None
         True
     """
-
-    positions: Sequence[int] | None = None
-    scale: float | None = None
-    seed: int = 0
-
-
-@dataclass
-class Zero:
-    """Replace the unit's activation by zeros (noising only).
-
-    Example:
-        >>> Zero()
-        Zero()
-    """
+    warnings.warn(
+        "attrlab.methods.patching.Noise is deprecated; use al.ablations.Noise(std=, seed=, "
+        "positions=)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return A.Noise(std=scale, seed=seed, positions=positions)
 
 
-@dataclass
-class Mean:
-    """Replace the unit's activation by its mean over ``reference`` prompts (noising
-    only). Same token length as the prompt: mean per position; otherwise the
-    mean over all real positions, used at every position.
-
-    Example:
-        >>> Mean(["a b c", "d e f"]).reference[0]
-        'a b c'
-    """
-
-    reference: Any = None
-
-
-@dataclass
-class Resample:
-    """The corrupted run is a reference prompt drawn at random (seeded) for each
-    clean prompt; references must tokenize to the prompt's length.
-
-    Example:
-        >>> Resample(["a b c", "d e f"], seed=1).seed
-        1
-    """
-
-    reference: Any = None
-    seed: int = 0
-
-
-Corruption = Union[Noise, Zero, Mean, Resample]
-
-
-def embedding_std(lm: LM, chunk: int = 8192) -> float:
-    """Standard deviation of the token-embedding module's outputs over the vocabulary.
-
-    Example:
-        >>> import attrlab as al
-        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> embedding_std(lm) > 0
-        True
-    """
-    emb = lm.adapter.token_embedding()
-    total, total_sq, n = 0.0, 0.0, 0
-    with torch.no_grad():
-        for start in range(0, lm.cfg.d_vocab, chunk):
-            ids = torch.arange(start, min(start + chunk, lm.cfg.d_vocab), device=lm.device)
-            e = emb(ids[None]).double()
-            total += float(e.sum())
-            total_sq += float((e * e).sum())
-            n += e.numel()
-    mean = total / n
-    return math.sqrt(max(total_sq / n - mean * mean, 0.0))
+Corruption = Union[A.Noise, A.Zero, A.Mean, A.Resample]
+#: the ablation classes, under the names patching has always used
+Zero, Mean, Resample = A.Zero, A.Mean, A.Resample
 
 
 # ------------------------------------------------------------ the sweep
@@ -310,146 +229,6 @@ def _expand_units(
     return out
 
 
-def _donor_acts(
-    lm: LM,
-    batch: Batch,
-    corrupt: Any,
-    sites: list[str],
-    resid_sites: list[str],
-    target: Target,
-    prepare: Callable[[Batch], Batch],
-) -> tuple[Batch | None, list[Intervention], dict[str, Tensor], Tensor | None, str]:
-    """Run the corrupted input; return (corrupt batch, its interventions, cached
-    site values, its logits, corruption name). Zero/mean have no corrupted run.
-
-    ``batch`` is the clean batch as the target prepared it (e.g. prompt plus
-    continuation); ``prepare`` does the same to each tokenized reference or
-    counterfactual prompt, so both runs have the same tokens after the prompt."""
-    if isinstance(corrupt, Zero):
-        return None, [], {}, None, "zero"
-    if isinstance(corrupt, Mean):
-        if corrupt.reference is None:
-            raise InputError("Mean corruption needs reference= prompts")
-        ref = prepare(lm.tokenize(corrupt.reference))
-        _, cache = lm.run(ref, cache=sites, last_only=True)
-        mask = ref.attention_mask.to(lm.dtype)  # [r, p]
-        means = {}
-        for s in sites:
-            a = cache[s]  # [r, p, ...]
-            if ref.shape[1] == batch.shape[1] and bool(ref.attention_mask.all()):
-                m = a.mean(0, keepdim=True)
-            else:
-                w = mask.reshape(*mask.shape, *([1] * (a.dim() - 2)))
-                m = (a * w).sum((0, 1)) / mask.sum()
-                m = m.expand(1, batch.shape[1], *m.shape)
-            means[s] = m.expand(batch.shape[0], *m.shape[1:])
-        return None, [], means, None, "mean"
-    ivs: list[Intervention] = []
-    if isinstance(corrupt, Noise):
-        scale = corrupt.scale if corrupt.scale is not None else 3.0 * embedding_std(lm)
-        pos = list(range(batch.shape[1])) if corrupt.positions is None else list(corrupt.positions)
-        for p in pos:
-            if not -batch.shape[1] <= p < batch.shape[1]:
-                raise IndexRangeError(
-                    f"noise position {p} out of range for {batch.shape[1]} tokens"
-                )
-        g = torch.Generator().manual_seed(corrupt.seed)
-        noise = torch.randn(batch.shape[0], len(pos), lm.cfg.d_model, generator=g) * scale
-        ivs = [Intervention("embed", noise.to(lm.device, lm.dtype), op="add", positions=pos)]
-        cbatch, name = batch, "noise"
-    elif isinstance(corrupt, Resample):
-        if corrupt.reference is None:
-            raise InputError("Resample corruption needs reference= prompts")
-        ref = prepare(lm.tokenize(corrupt.reference))
-        g = torch.Generator().manual_seed(corrupt.seed)
-        pick = torch.randint(0, ref.shape[0], (batch.shape[0],), generator=g)
-        cbatch = ref[pick]
-        lm.check_counterfactual(batch, cbatch)
-        name = "resample"
-    else:
-        cbatch = lm.tokenize(corrupt)
-        if cbatch.shape[0] == 1 and batch.shape[0] > 1:
-            cbatch = cbatch.repeat(batch.shape[0])
-        cbatch = prepare(cbatch)
-        lm.check_counterfactual(batch, cbatch)
-        name = "counterfactual"
-    want = list(dict.fromkeys([*sites, *resid_sites]))
-    logits, cache = lm.run(cbatch, cache=want, interventions=ivs, last_only=target.next_token)
-    return cbatch, ivs, dict(cache), logits, name
-
-
-def _selection_value(
-    u_rows: list[tuple[int, int, PatchUnit]], donor: Tensor, site: str, offset: int = 0
-) -> Intervention:
-    """One intervention for rows whose units share site and position mode.
-    ``offset``: the run starts at this position (a cached prefix precedes it)."""
-    rows = torch.tensor([r for r, _, _ in u_rows], dtype=torch.long)
-    prompts = torch.tensor([p for _, p, _ in u_rows], dtype=torch.long, device=donor.device)
-    all_pos = u_rows[0][2].position is None
-    absolute = None if all_pos else [int(u.position or 0) % donor.shape[1] for _, _, u in u_rows]
-    pos_t = None if absolute is None else torch.tensor(absolute, device=donor.device)
-    pos: list[int] | None = None if absolute is None else [a - offset for a in absolute]
-    kind = u_rows[0][2].kind
-    idx = [u.index for _, _, u in u_rows]
-    has_idx = idx[0] is not None
-    if kind == "mlp.neurons" and has_idx:
-        nidx = torch.tensor(idx, dtype=torch.long, device=donor.device)
-        ar = torch.arange(len(u_rows), device=donor.device)
-        if all_pos:
-            vals = donor[prompts, :, nidx]  # [n, p]
-        else:
-            vals = donor[prompts, pos_t, nidx]  # [n]
-
-        def setter(old: Tensor) -> Tensor:
-            new = old.clone()
-            if all_pos:
-                new[ar, :, nidx] = vals.to(old.dtype)
-            else:
-                new[ar, nidx] = vals.to(old.dtype)
-            return new
-
-        return Intervention(site, setter, rows=rows, positions=pos)
-    if has_idx:
-        h = torch.tensor(idx, dtype=torch.long, device=donor.device)
-        vals = donor[prompts, :, h] if all_pos else donor[prompts, pos_t, h]
-        return Intervention(site, vals, rows=rows, positions=pos, heads=h)
-    vals = donor[prompts] if all_pos else donor[prompts, pos_t]
-    return Intervention(site, vals, rows=rows, positions=pos)
-
-
-PREFIX_GROUPS = 4  # per-position units of a layer are split in this many forwards
-
-
-def _cropped(cache: Any, keep: int, n_pos: int, repeat: int) -> Any:
-    """A copy of ``cache`` holding its first ``keep`` positions, each row repeated."""
-    out = copy.deepcopy(cache)
-    out.crop(keep - n_pos)  # a negative crop removes that many trailing positions
-    if repeat > 1:
-        out.batch_repeat_interleave(repeat)
-    return out
-
-
-def _prefix_cache(lm: LM, batch: Batch) -> Any:
-    """The base run's key/value cache, or None if this model's cache cannot be
-    cropped to a prefix and repeated per row."""
-    try:
-        with torch.no_grad():
-            _, pkv = lm.hf_forward(
-                batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                use_cache=True,
-            )
-        if pkv is None or not getattr(pkv, "is_croppable", hasattr(pkv, "crop")):
-            return None
-        trial = _cropped(pkv, 1, batch.shape[1], 2)
-        if trial.get_seq_length() != 1:
-            return None
-        return pkv
-    except Exception:  # caches differ between versions and families: fall back
-        return None
-
-
 def patch_sweep(
     lm: LM,
     clean: Inputs,
@@ -523,6 +302,12 @@ def patch_sweep(
     )
 
 
+def _ablation_of(corrupt: Any) -> Ablation:
+    if isinstance(corrupt, Ablation):
+        return corrupt
+    return A.Counterfactual(corrupt)
+
+
 def _sweep(
     lm: LM,
     batch: Batch,
@@ -541,112 +326,56 @@ def _sweep(
     """:func:`patch_sweep` on a clean ``batch`` the target has already prepared
     (the continuation of a :class:`~attrlab.targets.ContinuationLogProb` is
     appended exactly once, here by the caller); ``prepare`` is applied to the
-    tokenized counterfactual / reference prompts only."""
-    from tqdm.auto import tqdm
+    tokenized counterfactual / reference prompts only.
 
+    One engine: the masked runs of :class:`attrlab.model.masked.MaskedRunner`
+    (the component unit kinds' ``f``) with one ablated unit per row."""
     if direction not in ("noising", "denoising"):
         raise InputError(f"direction must be 'noising' or 'denoising', got {direction!r}")
     if batch_size is not None and batch_size < 1:
         raise InputError("batch_size must be >= 1")
     n_prompts, n_pos = batch.shape
     plist = _expand_units(lm, units, n_pos, site)
-    if direction == "denoising" and isinstance(corrupt, (Zero, Mean)):
+    abl = _ablation_of(corrupt)
+    if direction == "denoising" and not abl.has_run:
         raise InputError(
             "denoising needs a corrupted run to patch into; zero and mean ablations only "
             "support direction='noising'"
         )
-    last_only = tgt.next_token
     sites = sorted({u.site for u in plist})
-    layers = sorted({u.layer for u in plist})
-    resid_sites = [f"blocks.{layer}.resid_pre" for layer in layers]
-
-    clean_logits, clean_cache = lm.run(batch, cache=[*sites, *resid_sites], last_only=last_only)
-    clean_val = tgt(clean_logits, batch).detach().float()
-    cbatch, civs, corrupt_cache, corrupt_logits, cname = _donor_acts(
-        lm, batch, corrupt, sites, resid_sites, tgt, prepare
+    donors, run = donor_values(lm, batch, abl, sites, prepare)
+    opts: dict[str, Any] = dict(
+        batch_size=batch_size, memory_budget=memory_budget, progress=progress
     )
-    if corrupt_logits is not None and cbatch is not None:
-        corrupt_val = tgt(corrupt_logits, cbatch).detach().float()
-    else:
-        corrupt_val = torch.full_like(clean_val, float("nan"))
-
-    donor_cache: dict[str, Tensor]
     if direction == "noising":
-        base_batch, base_cache, donor_cache = batch, dict(clean_cache), corrupt_cache
-        if cname == "zero":
-            donor_cache = {s: torch.zeros_like(clean_cache[s]) for s in sites}
+        runner = MaskedRunner(lm, batch, tgt, plist, donors, reuse_prefix=reuse_prefix, **opts)
+        clean_val = runner.base_values
+        corrupt_val = torch.full_like(clean_val, float("nan"))
+        if run is not None:
+            logits, cbatch = run
+            corrupt_val = tgt(logits, cbatch).detach().float().cpu()
     else:
-        assert cbatch is not None
-        base_batch, base_cache, donor_cache = cbatch, corrupt_cache, dict(clean_cache)
-
-    patched = torch.empty(n_prompts, len(plist))
-    by_layer: dict[int, list[int]] = {}
-    for j, u in enumerate(plist):
-        by_layer.setdefault(u.layer, []).append(j)
-    batch_size = batch_size_for(
-        lm,
-        n_pos,
-        cap=128,
-        batch_size=batch_size,
-        memory_budget=memory_budget,
-        logit_positions=1 if last_only else None,
-    )
-    per_fwd = max(1, batch_size // n_prompts)
-    prefix = _prefix_cache(lm, base_batch) if reuse_prefix and last_only else None
-    chunks = []
-    for layer, idx in sorted(by_layer.items()):
-        size = per_fwd
-        if prefix is not None and all(plist[j].position is not None for j in idx):
-            # sorted by position, split in PREFIX_GROUPS chunks: each reuses the
-            # cached keys/values of the positions before its first patch
-            idx = sorted(idx, key=lambda j: int(plist[j].position or 0) % n_pos)
-            size = min(per_fwd, max(1, -(-len(idx) // PREFIX_GROUPS)))
-        chunks += [(layer, idx[s : s + size]) for s in range(0, len(idx), size)]
-    n_fwd = 0
-    with torch.no_grad():
-        for layer, cols in tqdm(chunks, disable=not progress, desc="patching"):
-            k = len(cols)
-            vb = base_batch.repeat(k)  # rows prompt-major: row = i * k + j
-            positions = [plist[c].position for c in cols]
-            p0 = 0
-            if prefix is not None and None not in positions:
-                p0 = min(int(p or 0) % n_pos for p in positions)
-            groups: dict[tuple[str, bool], list[tuple[int, int, PatchUnit]]] = {}
-            for i in range(n_prompts):
-                for j, col in enumerate(cols):
-                    u = plist[col]
-                    groups.setdefault((u.site, u.position is None), []).append((i * k + j, i, u))
-            ivs = [
-                _selection_value(rows, donor_cache[s], s, offset=p0)
-                for (s, _), rows in groups.items()
-            ]
-            start = base_cache[f"blocks.{layer}.resid_pre"].repeat_interleave(k, 0)
-            past = None
-            if p0 > 0:
-                past = _cropped(prefix, p0, n_pos, k)
-                vb_run = Batch(vb.input_ids[:, p0:], vb.attention_mask, vb.position_ids[:, p0:])
-                start = start[:, p0:]
-            else:
-                vb_run = vb
-            logits, _ = lm.run(
-                vb_run,
-                interventions=ivs,
-                start_layer=layer,
-                start_resid=start,
-                last_only=last_only,
-                kv_cache=past,
-            )
-            n_fwd += 1
-            vals = tgt(logits, vb).detach().float().reshape(n_prompts, k)
-            patched[:, cols] = vals.cpu()
+        assert run is not None
+        logits, cbatch = run
+        base_ivs = noise_interventions(lm, batch, abl) if isinstance(abl, A.Noise) else []
+        with torch.no_grad():
+            clean_logits, clean_cache = lm.run(batch, cache=sites, last_only=tgt.next_token)
+        clean_val = tgt(clean_logits, batch).detach().float().cpu()
+        runner = MaskedRunner(
+            lm, cbatch, tgt, plist, dict(clean_cache), reuse_prefix=reuse_prefix,
+            base_interventions=base_ivs, **opts,
+        )  # fmt: skip
+        corrupt_val = runner.base_values
+    keep = ~torch.eye(len(plist), dtype=torch.bool)
+    patched = runner.values(keep, per_prompt=True).T  # [n_prompts, n_units]
     return PatchSweep(
         units=plist,
         patched=patched,
-        clean=clean_val.cpu(),
-        corrupt=corrupt_val.cpu(),
+        clean=clean_val,
+        corrupt=corrupt_val,
         direction=direction,
-        n_forwards=n_fwd,
-        meta={"corruption": cname, "n_positions": n_pos, "batch": batch},
+        n_forwards=runner.n_forwards,
+        meta={"corruption": abl.name, "n_positions": n_pos, "batch": batch},
     )
 
 
@@ -749,10 +478,10 @@ class ActivationPatching(Method):
                     "token length) or corruption='noise' | 'zero' | 'mean' | 'resample'"
                 )
             return counterfactual
-        if isinstance(c, (Noise, Zero, Mean, Resample)):
+        if isinstance(c, A.Ablation):
             return c
         if c == "noise":
-            return Noise(self.noise_positions, self.noise_scale, self.seed)
+            return A.Noise(std=self.noise_scale, seed=self.seed, positions=self.noise_positions)
         if c == "zero":
             return Zero()
         if c == "mean":

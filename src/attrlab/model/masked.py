@@ -156,7 +156,11 @@ class MaskedRunner:
         memory_budget: int | str | None = None,
         progress: bool = False,
         reuse_prefix: bool = True,
+        base_interventions: Sequence[Intervention] = (),
     ):
+        self.base_ivs = list(base_interventions)
+        if self.base_ivs:  # their positions are absolute: no key/value prefix
+            reuse_prefix = False
         self.lm, self.batch, self.target, self.units = lm, batch, target, list(units)
         self.unit_of = list(range(len(self.units))) if unit_of is None else list(unit_of)
         self.n_units = max(self.unit_of) + 1 if self.unit_of else 0
@@ -169,11 +173,15 @@ class MaskedRunner:
         self.resid_sites = [f"blocks.{layer}.resid_pre" for layer in layers]
         with torch.no_grad():
             logits, cache = lm.run(
-                batch, cache=[*self.sites, *self.resid_sites], last_only=self.last_only
+                batch,
+                cache=[*self.sites, *self.resid_sites],
+                interventions=self.base_ivs,
+                last_only=self.last_only,
             )
         self.base_cache = dict(cache)
-        #: target on the base run, mean over prompts
-        self.base_value = target(logits, batch).detach().float().mean()
+        #: target on the base run per prompt ``[n_prompts]``, and its mean
+        self.base_values = target(logits, batch).detach().float().cpu()
+        self.base_value = self.base_values.mean()
         self.batch_size = batch_size_for(
             lm,
             self.n_pos,
@@ -279,13 +287,13 @@ class MaskedRunner:
         cols = sorted({self.unit_of[j] for j, u in enumerate(self.units) if u.kind == "embed"})
         return bool((~keep[rows][:, cols]).any())
 
-    def values(self, keep: Tensor) -> Tensor:
+    def values(self, keep: Tensor, per_prompt: bool = False) -> Tensor:
         """Target (mean over prompts) with the units where ``keep [m, n]`` is False
-        replaced by their donor values: ``[m]``."""
+        replaced by their donor values: ``[m]`` (``per_prompt``: ``[m, n_prompts]``)."""
         from tqdm.auto import tqdm
 
         keep = keep.to(torch.bool)
-        out = torch.full((keep.shape[0],), float(self.base_value))
+        out = self.base_values[None].repeat(keep.shape[0], 1)  # [m, n_prompts]
         chunks = self._plan(keep)
         ones = torch.ones(keep.shape[0], 1, dtype=torch.bool)
         site_keep = self._site_gates(torch.cat([ones, keep], 1))
@@ -298,13 +306,20 @@ class MaskedRunner:
                     for s, g in site_keep.items()
                     if not bool(g[idx].all())
                 ]
-                out[idx] = self._forward(ivs, k, layer, p0).cpu()
-        return out
+                out[idx] = self._forward(ivs, k, layer, p0, per_prompt=True).cpu()
+        return out if per_prompt else out.mean(1)
 
     def _forward(
-        self, ivs: list[Intervention], k: int, layer: int, p0: int, grad: bool = False
+        self,
+        ivs: list[Intervention],
+        k: int,
+        layer: int,
+        p0: int,
+        grad: bool = False,
+        per_prompt: bool = False,
     ) -> Tensor:
-        """One batched forward of ``k`` rows per prompt: ``[k]`` (mean over prompts)."""
+        """One batched forward of ``k`` rows per prompt: ``[k]`` (mean over
+        prompts) or ``[k, n_prompts]``."""
         vb = self.batch.repeat(k)  # rows prompt-major: row = i * k + j
         kw: dict[str, Any] = {"last_only": self.last_only, "grad": grad}
         run_batch = vb
@@ -312,14 +327,15 @@ class MaskedRunner:
             kw["start_layer"] = layer
             kw["start_resid"] = self.base_cache[f"blocks.{layer}.resid_pre"].repeat_interleave(k, 0)
         if p0 > 0 and self.prefix is not None and layer >= 0:
-            kw["kv_cache"] = _cropped(self.prefix, p0, self.n_pos, k * self.n_prompts)
+            kw["kv_cache"] = _cropped(self.prefix, p0, self.n_pos, k)
             run_batch = Batch(vb.input_ids[:, p0:], vb.attention_mask, vb.position_ids[:, p0:])
             if "start_resid" in kw:
                 kw["start_resid"] = kw["start_resid"][:, p0:]
-        logits, _ = self.lm.run(run_batch, interventions=ivs, **kw)
+        base_ivs = [_repeat_rows(iv, k) for iv in self.base_ivs]
+        logits, _ = self.lm.run(run_batch, interventions=[*base_ivs, *ivs], **kw)
         self.n_forwards += 1
         vals = self.target(logits, vb).float().reshape(self.n_prompts, k)
-        return vals.mean(0)
+        return vals.T if per_prompt else vals.mean(0)
 
     # ------------------------------------------------------------- f_gated(g)
     def gated(self, g: Tensor) -> Tensor:
@@ -337,3 +353,11 @@ class MaskedRunner:
             ivs = [self._intervention(site, sg, k, 0) for site, sg in site_g.items()]
             outs.append(self._forward(ivs, k, start, 0, grad=torch.is_grad_enabled()))
         return torch.cat(outs, 0)
+
+
+def _repeat_rows(iv: Intervention, k: int) -> Intervention:
+    """A base-run intervention with a per-prompt tensor value, for rows ``i * k + j``."""
+    v = iv.value
+    if isinstance(v, Tensor) and v.dim() > 0 and iv.rows is None and v.shape[0] > 1:
+        v = v.repeat_interleave(k, 0)
+    return Intervention(iv.site, v, op=iv.op, rows=iv.rows, positions=iv.positions, heads=iv.heads)

@@ -40,6 +40,7 @@ __all__ = [
     "ComponentBound",
     "locations",
     "donor_values",
+    "noise_interventions",
     "embedding_std",
 ]
 
@@ -282,6 +283,28 @@ def embedding_std(lm: Any, chunk: int = 8192) -> float:
     return float(max(sq / n - mean * mean, 0.0) ** 0.5)
 
 
+def noise_interventions(lm: Any, batch: Any, ablation: Noise) -> list[Intervention]:
+    """Causal tracing's corrupted run: seeded Gaussian noise added to the token
+    embeddings (site ``embed``) at the ablation's positions.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> iv, = noise_interventions(lm, lm.tokenize("a b c"), Noise(std=1.0, positions=[1]))
+        >>> iv.site, tuple(iv.value.shape)
+        ('embed', (1, 1, 32))
+    """
+    n_pos = batch.shape[1]
+    pos = list(range(n_pos)) if ablation.positions is None else list(ablation.positions)
+    for p in pos:
+        if not -n_pos <= p < n_pos:
+            raise IndexRangeError(f"noise position {p} out of range for {n_pos} tokens")
+    std = ablation.std if ablation.std is not None else 3.0 * embedding_std(lm)
+    g = torch.Generator().manual_seed(ablation.seed)
+    noise = torch.randn(batch.shape[0], len(pos), lm.cfg.d_model, generator=g) * std
+    return [Intervention("embed", noise.to(lm.device, lm.dtype), op="add", positions=pos)]
+
+
 def donor_values(
     lm: Any, batch: Any, ablation: Ablation | None, sites: list[str], prepare: Any
 ) -> tuple[dict[str, Tensor], Any]:
@@ -314,15 +337,7 @@ def donor_values(
         return means, None
     ivs: list[Intervention] = []
     if isinstance(ablation, Noise):
-        n_pos = batch.shape[1]
-        pos = list(range(n_pos)) if ablation.positions is None else list(ablation.positions)
-        for p in pos:
-            if not -n_pos <= p < n_pos:
-                raise IndexRangeError(f"noise position {p} out of range for {n_pos} tokens")
-        std = ablation.std if ablation.std is not None else 3.0 * embedding_std(lm)
-        g = torch.Generator().manual_seed(ablation.seed)
-        noise = torch.randn(batch.shape[0], len(pos), lm.cfg.d_model, generator=g) * std
-        ivs = [Intervention("embed", noise.to(lm.device, lm.dtype), op="add", positions=pos)]
+        ivs = noise_interventions(lm, batch, ablation)
         cbatch = batch
     elif isinstance(ablation, Resample):
         ref = prep(lm.tokenize(ablation.reference))
