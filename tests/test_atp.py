@@ -40,10 +40,12 @@ _EXACT: dict = {}
 
 
 def exact(lm, units, head_site="z", direction="noising"):
+    """Exact contributions (one sign): clean - patched when noising, patched -
+    corrupt when denoising (exact_node_effects gives patched - base)."""
     key = (id(lm), repr(units), head_site, direction)
     if key not in _EXACT:
         _EXACT[key] = _exact(lm, units, head_site, direction)
-    return _EXACT[key]
+    return -_EXACT[key] if direction == "noising" else _EXACT[key]
 
 
 def _exact(lm, units, head_site, direction):
@@ -77,7 +79,7 @@ def test_exact_oracle_matches_hand_intervention(lm):
             "blocks.1.attn.z", cf_cache["blocks.1.attn.z"][0, pos, head], positions=pos, heads=head
         )
         m = t(lm.run(PROMPT, interventions=[iv])[0], lm.tokenize(PROMPT))
-        assert float(m - base) == pytest.approx(float(ex[i]), abs=1e-10)
+        assert float(base - m) == pytest.approx(float(ex[i]), abs=1e-10)
 
 
 @pytest.mark.parametrize(
@@ -110,7 +112,8 @@ def test_atp_agrees_with_exact_patching(lm, units):
     ids=["heads-pos", "neurons-pos", "resid"],
 )
 def test_atp_is_the_derivative_of_exact_patching(lm, units):
-    """Patching a tiny step toward the counterfactual: effect / step == AtP."""
+    """Patching a tiny step toward the counterfactual: -effect / step == AtP
+    (a contribution: the target lost by moving toward the counterfactual)."""
     t = al.targets.resolve((" Mary", " John"), lm)
     b, c = prepare_pair(lm, PROMPT, t, CF)
     ns = NodeSet.build(lm, units, b.shape[1])
@@ -121,7 +124,7 @@ def test_atp_is_the_derivative_of_exact_patching(lm, units):
     idx = list(range(0, ns.n_units, max(1, ns.n_units // 40)))
     fd = exact_node_effects(lm, b, near, t, ns, indices=idx, chunk=256) / step
     r = run(lm, units, method="atp")
-    torch.testing.assert_close(r.scores[idx].double(), fd, atol=1e-6, rtol=1e-3)
+    torch.testing.assert_close(r.scores[idx].double(), -fd, atol=1e-6, rtol=1e-3)
 
 
 def test_atp_labels_and_order(lm):
@@ -180,7 +183,7 @@ def test_graddrop_layers_match_manual_dropped_backward(lm):
         manual = []
         for s, g in zip(sites, grads):
             g = torch.zeros_like(cache[s]) if g is None else g
-            manual.append(((cf_cache[s] - cache[s].detach()) * g).sum(-1)[0])
+            manual.append(((cache[s].detach() - cf_cache[s]) * g).sum(-1)[0])  # contribution
         torch.testing.assert_close(
             drops[drop].double(), torch.cat(manual).double(), atol=1e-6, rtol=1e-4
         )
@@ -215,7 +218,7 @@ def test_false_negative_bound_holds_against_full_sweep(lm):
     assert len(verified) == 10 and fb["n_exact_patches"] == 50
     # the bound's exact values are the exact sweep's
     for i, e in zip(fb["verified"]["index"], fb["verified"]["effect"]):
-        assert e == pytest.approx(float(ex[i]), abs=1e-9)
+        assert e == pytest.approx(-float(ex[i]), abs=1e-9)  # the bound reports effects
     actual_fn = sum(1 for i in range(len(ex)) if i not in verified and abs(ex[i]) > theta)
     assert actual_fn <= fb["upper_total"]
     assert fb["upper_total"] < len(ex) - 10  # informative, not vacuous
@@ -297,7 +300,9 @@ def test_same_counterfactual_is_exactly_zero_whatever_the_batch_shape(lm, method
 
 def test_bad_inputs(lm):
     with pytest.raises(al.errors.InputError, match="counterfactual"):
-        al.attribute(lm, PROMPT, target=" Mary", units="heads", method="atp")
+        al.attribute(lm, PROMPT, target=" Mary", units="heads", method="atp*")
+    with pytest.raises(al.errors.InputError, match="site"):
+        al.attribute(lm, PROMPT, target=" Mary", units="heads", method="atp", site="nope")
     with pytest.raises(al.errors.CounterfactualLengthError):
         al.attribute(
             lm, PROMPT, target=" Mary", units="heads", method="atp", counterfactual="When Mary went"
@@ -322,7 +327,9 @@ def test_batch_of_prompts_and_save_roundtrip(lm, tmp_path):
     two = al.attribute(
         lm, prompts[1], target=" Tom", units="mlp", method="atp", counterfactual=cfs[1]
     )
-    torch.testing.assert_close(r.extra["atp"], (one.scores + two.scores) / 2, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(
+        r.extra["atp"], (one.scores + two.scores) / 2, atol=1e-6, rtol=1e-4, check_dtype=False
+    )
     back = al.Attribution.load(r.save(tmp_path / "r.attr"))
     assert back.equals(r)
 
@@ -356,7 +363,7 @@ def _ioi_exact_uncached(ioi, head_site):
     lm, prompts, cfs, target = ioi
     units = al.units.Heads(per_position=True)
     sw = patch_sweep(lm, prompts, cfs, target, units, site=head_site)
-    eff = sw.effects.double().mean(0)
+    eff = -sw.effects.double().mean(0)  # contributions (one sign)
     by_label = {(u.layer, u.index, u.position): float(e) for u, e in zip(sw.units, eff)}
     ns = NodeSet.build(lm, units, lm.tokenize(prompts).shape[1], head_site=head_site)
     return torch.tensor(
@@ -372,8 +379,8 @@ def test_in_module_oracle_matches_patch_sweep(ioi):
     b, c = prepare_pair(lm, prompts, t, cfs)
     ns = NodeSet.build(lm, al.units.Heads(per_position=True), b.shape[1])
     _, src = lm.run(c, cache=ns.sites())
-    mine = exact_node_effects(lm, b, src, t, ns, chunk=128)
-    torch.testing.assert_close(mine, _ioi_exact(ioi, "z"), atol=2e-4, rtol=1e-4)
+    mine = exact_node_effects(lm, b, src, t, ns, chunk=128)  # effects: patched - clean
+    torch.testing.assert_close(-mine, _ioi_exact(ioi, "z"), atol=2e-4, rtol=1e-4)
 
 
 def test_ioi_atp_star_heads_by_position(ioi):
@@ -477,7 +484,7 @@ def test_key_value_units_of_grouped_query_models(llama_gqa, head_site):
     ex = exact(llama_gqa, units, head_site=head_site)
     t = al.targets.resolve((" Mary", " John"), llama_gqa)
     sw = patch_sweep(llama_gqa, PROMPT, CF, t, units, site=head_site)
-    by = {(u.layer, u.index, u.position): float(e) for u, e in zip(sw.units, sw.effects[0])}
+    by = {(u.layer, u.index, u.position): -float(e) for u, e in zip(sw.units, sw.effects[0])}
     oracle = torch.tensor([by[(ly, h, p)] for ly, p, h in map(ns.unit, range(ns.n_units))])
     # (Llama's RMSNorm runs in float32: the two oracles batch differently)
     scale = float(oracle.abs().max())
@@ -579,10 +586,10 @@ def test_layer_ig_converges_to_exact_patching_for_one_unit_per_layer(lm):
     ns = NodeSet.build(lm, units, b.shape[1])
     _, src = lm.run(c, cache=ns.sites())
     _, base = lm.run(b, cache=ns.sites())
-    fine = layer_ig(lm, t, ns, b, base, src, steps=64)
-    torch.testing.assert_close(fine.double(), ex, atol=2e-3 * float(ex.abs().max()), rtol=0)
+    fine = layer_ig(lm, t, ns, b, base, src, steps=64)  # an effect: patched - clean
+    torch.testing.assert_close(-fine.double(), ex, atol=2e-3 * float(ex.abs().max()), rtol=0)
     r = run(lm, units, ig_steps=1)
-    torch.testing.assert_close(r.extra["ig"], layer_ig(lm, t, ns, b, base, src, steps=1))
+    torch.testing.assert_close(r.extra["ig"], -layer_ig(lm, t, ns, b, base, src, steps=1))
     assert r.diagnostics["ig_steps"] == 1
 
 
@@ -655,7 +662,7 @@ def test_tail_fix_is_exact_when_the_unit_is_the_whole_change():
     assert int(b.input_ids[0, -1]) == int(c.input_ids[0, -1])
     ns = NodeSet.build(lm1, units, b.shape[1])
     _, src = lm1.run(c, cache=ns.sites())
-    ex = exact_node_effects(lm1, b, src, t, ns)
+    ex = -exact_node_effects(lm1, b, src, t, ns)  # contributions
     r = run(lm1, units, tail_fix=True)
     last = b.shape[1] - 1
     assert float(r.extra["atp_tail"][last]) == pytest.approx(float(ex[last]), abs=1e-8)
@@ -739,7 +746,7 @@ def test_next_attn_is_exact_when_the_rest_is_linear(units):
     n_pos = b.shape[1]
     ns = NodeSet.build(lm2, units, n_pos)
     _, src = lm2.run(c, cache=ns.sites())
-    ex = exact_node_effects(lm2, b, src, t, ns)
+    ex = -exact_node_effects(lm2, b, src, t, ns)  # contributions
     r = run(lm2, units, next_attn=True)
     fixed, atp = r.extra["atp_qk"].double(), r.extra["atp"].double()
     idx = [i for i in range(ns.n_units) if ns.unit(i)[0] == 0 and ns.unit(i)[1] < n_pos - 1]
@@ -796,7 +803,7 @@ def test_next_attn_is_exact_on_rotary_families(family):
     n_pos = b.shape[1]
     ns = NodeSet.build(lm2, units, n_pos)
     _, src = lm2.run(c, cache=ns.sites())
-    ex = exact_node_effects(lm2, b, src, t, ns)
+    ex = -exact_node_effects(lm2, b, src, t, ns)  # contributions
     r = al.attribute(
         lm2, prompts, target=t, units=units, method="atp*", counterfactual=cfs,
         next_attn=True, tail_fix=False, bound_samples=0,

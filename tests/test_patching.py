@@ -161,11 +161,12 @@ def test_kl_logprob_prob_metrics() -> None:
     lp = al.attribute(
         lm, PROMPT, target=" Mary", units=units, method="patch", counterfactual=CF, metric="logprob"
     )
-    assert torch.allclose(lp.scores, (q[mary] - p[mary]).expand(lm.cfg.n_layers), atol=1e-4)
+    # contribution: clean minus patched (the whole residual patched = the counterfactual run)
+    assert torch.allclose(lp.scores, (p[mary] - q[mary]).expand(lm.cfg.n_layers), atol=1e-4)
     pr = al.attribute(
         lm, PROMPT, target=" Mary", units=units, method="patch", counterfactual=CF, metric="prob"
     )
-    want_p = q[mary].exp() - p[mary].exp()
+    want_p = p[mary].exp() - q[mary].exp()
     assert torch.allclose(pr.scores, want_p.expand(lm.cfg.n_layers), atol=1e-5)
 
 
@@ -447,7 +448,8 @@ def test_zoo_ioi_effects_by_role_as_documented() -> None:
     """docs/components.md: per-prompt patching scores aligned by role (the IOI
     layouts differ) give L1H0 at END -19.94 and L0H0 at S2 -13.68."""
     r, exs = _zoo_ioi_patch(al.units.Heads(per_position=True), per_prompt=True)
-    df = r.to_pandas()
+    df = r.effect_of_patching().to_pandas()  # the documented numbers: patched - clean
+    assert torch.equal(r.effect_of_patching().scores, -r.scores)
     role = {(i, p): k for i, e in enumerate(exs) for k, p in e.positions.items()}
     df["role"] = [role.get((i, p), "other") for i, p in zip(df["row"], df["position"])]
     by_role = df[df.role != "other"].groupby(["layer", "head", "role"])["score"].mean()
@@ -458,9 +460,10 @@ def test_zoo_ioi_effects_by_role_as_documented() -> None:
 
 def test_zoo_ioi_top_heads_move_logit_diff_as_documented() -> None:
     r, _ = _zoo_ioi_patch("heads")
+    r = r.effect_of_patching()  # the documented numbers: patched - clean
     assert r.diagnostics["clean"] == pytest.approx(IOI_CLEAN, abs=0.01)
     assert r.diagnostics["corrupt"] == pytest.approx(IOI_CORRUPT, abs=0.01)
-    top = r.top(4)
+    top = r.to_pandas().sort_values("score").head(4)  # the most negative effects
     got = {(int(a), int(b)): float(s) for a, b, s in zip(top["layer"], top["head"], top["score"])}
     assert set(got) == set(IOI_TOP_HEADS)
     for head, effect in IOI_TOP_HEADS.items():

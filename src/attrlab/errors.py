@@ -111,3 +111,7 @@ class NonFiniteError(InputError):
 class QuestionMismatchError(InputError):
     """An evaluation was asked about another prompt, target or units than the
     ones the result explains."""
+
+
+class CounterfactualWarning(UserWarning):
+    """The counterfactual does not change the target: effects are all zero."""

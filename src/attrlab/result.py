@@ -113,6 +113,27 @@ class Attribution:
         self.extra = {k: torch.as_tensor(v).detach().cpu() for k, v in (extra or {}).items()}
 
     # ------------------------------------------------------------- basics
+    def effect_of_patching(self) -> Attribution:
+        """The "effect of patching" view: the target change when the unit is
+        patched (ablated in the noising direction, restored when denoising), as
+        the AtP paper writes ``c(n)``. Scores are contributions (one sign for
+        every method: ``f(all) - f(all without u)`` when noising), so the view
+        is ``-scores`` for noising results and ``scores`` for denoising ones.
+
+        Example:
+            >>> import torch
+            >>> r = Attribution(torch.tensor([0.5, -2.0]), {"layer": [0, 1]}, "mlp", "patch")
+            >>> r.effect_of_patching().scores.tolist()
+            [-0.5, 2.0]
+        """
+        direction = self.meta.get("direction", self.params.get("direction", "noising"))
+        sign = 1.0 if direction == "denoising" else -1.0
+        out = Attribution.__new__(Attribution)
+        out.__dict__.update(self.__dict__)
+        out.scores = sign * self.scores
+        out.meta = {**self.meta, "view": "effect_of_patching"}
+        return out
+
     def __len__(self) -> int:
         return int(self.scores.shape[-1])
 

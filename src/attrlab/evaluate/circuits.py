@@ -10,7 +10,7 @@ actual values of this very run (see :class:`attrlab.units.edges.EdgePatcher`).
   share of the clean-vs-counterfactual metric gap the circuit recovers (1 =
   all, 0 = none), with means over prompts. (``metric(circuit) /
   metric(model)`` alone is ``faithfulness_ratio``.) If the counterfactual does
-  not change the metric, a :class:`~attrlab.methods.atp.CounterfactualWarning`
+  not change the metric, a :class:`~attrlab.errors.CounterfactualWarning`
   is raised and faithfulness is reported as 1.0 (nothing to explain), never NaN.
 * **completeness** (IOI paper): for random subsets ``K`` of the circuit's
   nodes, knock ``K`` out of the circuit and of the full model;
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..methods.atp import CounterfactualWarning
+from ..errors import CounterfactualWarning
 from ..methods.circuits import Circuit, _node_of
 from ..model.lock import holds_model_lock
 from ..model.wrapper import LM, Inputs

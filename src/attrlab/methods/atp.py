@@ -69,7 +69,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import CounterfactualWarning, InputError
 from ..model.interventions import Intervention
 from ..model.wrapper import LM, Batch, Inputs
 from ..result import Attribution
@@ -92,9 +92,6 @@ __all__ = [
 NODE_KINDS = ("heads", "attn", "mlp", "neurons", "resid")
 HEAD_SITES = ("z", "head_out", "q", "k", "v")
 
-
-class CounterfactualWarning(UserWarning):
-    """The counterfactual does not change the target: effects are all zero."""
 
 
 # ---------------------------------------------------------------- node sets
@@ -957,6 +954,10 @@ def _detach(x: Tensor) -> Tensor:
     return x.detach()
 
 
+#: extras that hold per-unit effect estimates (flipped to contributions with the scores)
+_EFFECT_EXTRAS = ("atp", "atp_qk", "graddrop_by_layer", "ig", "atp_tail", "atp*")
+
+
 def _result(
     lm: LM,
     nodes: NodeSet,
@@ -967,9 +968,14 @@ def _result(
     extra: dict[str, Tensor],
     base: Batch,
 ) -> Attribution:
-    meta: dict[str, Any] = {}
+    meta: dict[str, Any] = {"direction": diagnostics.get("direction", "noising")}
     if lm.tokenizer is not None and base.shape[0] == 1:
         meta["tokens"] = lm.to_str_tokens(base.input_ids[0])
+    if meta["direction"] == "noising":
+        # one sign: contributions (f(all) - f(all without u)); the estimates above
+        # are effects of patching (patched - clean): r.effect_of_patching()
+        scores = -scores
+        extra = {k: (-v if k in _EFFECT_EXTRAS else v) for k, v in extra.items()}
     return Attribution(
         scores,
         units=nodes.labels(),
@@ -989,57 +995,6 @@ def _result(
         meta=meta,
         extra=extra,
     )
-
-
-@register("atp", NODE_KINDS)
-class AtP(Method):
-    """Attribution patching: every unit's patching effect from one backward.
-
-    Args:
-        direction: ``"noising"`` (patch counterfactual values into the clean
-            run; default) or ``"denoising"`` (clean values into the
-            counterfactual run).
-        head_site: for head units, which per-head activation is patched:
-            ``"z"`` (the head's output before the projection; default),
-            ``"head_out"``, ``"q"``, ``"k"`` or ``"v"``.
-
-    Scores are ``mean over prompts`` of the estimated metric change; for units
-    that are not per position, the effect of patching all positions at once.
-
-    Example:
-        >>> import attrlab as al
-        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> r = al.attribute(lm, "a b c", target=" a", units="mlp", method="atp",
-        ...                  counterfactual="a c c")
-        >>> len(r)
-        2
-    """
-
-    def __init__(self, direction: str = "noising", head_site: str = "z"):
-        self.direction = direction
-        self.head_site = head_site
-
-    def attribute(
-        self,
-        lm: LM,
-        inputs: Inputs,
-        target: Target,
-        units: Units,
-        counterfactual: Inputs | None = None,
-    ) -> Attribution:
-        nodes, out, diag, base, _ = _attribution_patching(
-            lm,
-            inputs,
-            target,
-            units,
-            counterfactual,
-            direction=self.direction,
-            head_site=self.head_site,
-            star=False,
-            graddrop=False,
-            qk_fix=False,
-        )
-        return _result(lm, nodes, out["atp"], self, target, diag, {}, base)
 
 
 @register("atp*", NODE_KINDS)

@@ -270,6 +270,7 @@ class _GateGradient(Estimator):
         max_new_tokens: int | None = None,
         progress: bool = False,
         memory_budget: int | str | None = None,
+        site: str | None = None,
         baseline: Any = None,
     ):
         name = self.name or type(self).__name__
@@ -277,6 +278,7 @@ class _GateGradient(Estimator):
         self.max_new_tokens = check_int(name, "max_new_tokens", max_new_tokens, 0, optional=True)
         self.progress = progress
         self.memory_budget = memory_budget
+        self.site = site
         self._baseline = deprecated_baseline(name, baseline)
 
     def params(self) -> dict[str, Any]:
@@ -284,6 +286,7 @@ class _GateGradient(Estimator):
 
     def bind_options(self) -> dict[str, Any]:
         return {
+            "site": self.site,
             "batch_size": self.batch_size,
             "max_new_tokens": self.max_new_tokens,
             "progress": self.progress,
@@ -345,6 +348,32 @@ class AttributionPatching(InputXGradient):
 
     only_kinds = ("heads", "attn", "mlp", "neurons", "resid", "layers")
     default_ablation = None  # the kind's: a counterfactual when given, else zero
+
+    def __init__(self, direction: str = "noising", **options: Any):
+        """``direction="denoising"``: the gradient at the counterfactual run of
+        restoring each unit's clean value (needs ``counterfactual=``).
+        ``site``: for heads, ``"z"`` (default), ``"q"``, ``"k"``, ``"v"``."""
+        if direction not in ("noising", "denoising"):
+            raise InputError(f"direction must be 'noising' or 'denoising', got {direction!r}")
+        self.direction = direction
+        super().__init__(**options)
+
+    def attribute(  # type: ignore[override]
+        self, lm: Any, inputs: Any, target: Any, units: Any, counterfactual: Any = None,
+        ablation: Any = None,
+    ) -> Any:  # fmt: skip
+        if self.direction == "noising":
+            return super().attribute(lm, inputs, target, units, counterfactual, ablation)
+        from ..ablations import Counterfactual
+
+        if counterfactual is None:
+            raise InputError("atp with direction='denoising' needs counterfactual=")
+        # the counterfactual run with each unit gated toward its clean value
+        bound = self.bind(lm, counterfactual, target, units, None, Counterfactual(inputs))
+        grads, vals = self._path(bound, torch.ones(1), torch.ones(1))
+        # restoring a unit moves the target by -(gradient toward the counterfactual)
+        return bound.result(-grads, self, {"value": _row_list(vals[0]), "direction": "denoising"},
+                            meta={"direction": "denoising"})  # fmt: skip
 
 
 @register("ig")

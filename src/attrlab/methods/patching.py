@@ -411,8 +411,10 @@ class ActivationPatching(Method):
             ``noise_scale`` default 3 x embedding std, ``seed``), ``"zero"``,
             ``"mean"`` (over ``reference`` prompts), ``"resample"`` (from
             ``reference``), or a corruption object.
-        metric: ``"logit_diff"`` (target on the patched run minus the base run;
-            the target may be any logit / logit difference), ``"normalized"``
+        metric: ``"logit_diff"`` (the unit's contribution to the target: the
+            base run minus the patched run when noising, the patched run minus
+            the corrupted base when denoising; ``r.effect_of_patching()`` gives
+            the patched-minus-base view; any logit / logit difference target), ``"normalized"``
             ((patched - corrupt) / (clean - corrupt): 1 = clean behaviour,
             0 = corrupt), ``"logprob"`` / ``"prob"`` (change of the target
             token's; single-token targets), ``"kl"`` (KL(clean || patched)).
@@ -536,7 +538,10 @@ class ActivationPatching(Method):
             per, mean, ok = _normalize(sw)
             diagnostics["normalized"] = ok
         else:
-            per = sw.effects
+            # one sign: the unit's contribution. Noising: base - patched (the
+            # effect of patching, patched - base, is r.effect_of_patching());
+            # denoising: patched - corrupted base (already a contribution)
+            per = -sw.effects if self.direction == "noising" else sw.effects
             mean = per.mean(0)
         scores = per if self.per_prompt else mean
         return Attribution(

@@ -8,7 +8,7 @@ batched forwards that start at each row's earliest ablated layer and reuse
 the key/value cache before its earliest ablated position
 (:mod:`attrlab.model.masked`); ``f_gated(g)`` mixes actual and ablated
 values with differentiable gates. Labels come from here only
-(:func:`locations`), in one order: layer, then position, then head / neuron.
+(:func:`locations`), in one order: layer, then head / neuron, then position.
 
 Example:
     >>> import attrlab as al
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..ablations import Ablation, Counterfactual, Mean, Noise, Resample, Zero
-from ..errors import IndexRangeError, InputError, SiteNotExposedError
+from ..errors import CounterfactualWarning, IndexRangeError, InputError, SiteNotExposedError
 from ..model.interventions import Intervention
 from ..model.masked import MaskedRunner, SiteUnit
 from .base import Bound, Units, register_units
@@ -224,13 +224,13 @@ def locations(
         name = "kv_head" if site in ("k", "v") else "head"
         heads = units.head_list(n_idx)
         for layer in layers:
-            for pos in positions:
-                for h in heads:
+            for h in heads:
+                for pos in positions:
                     add(SiteUnit(layer, f"attn.{site}", pos, h), layer=layer, **{name: h})
     elif isinstance(units, Neurons):
         for layer in layers:
-            for pos in positions:
-                for n in units.neuron_list(c.d_mlp):
+            for n in units.neuron_list(c.d_mlp):
+                for pos in positions:
                     add(SiteUnit(layer, "mlp.neurons", pos, n), layer=layer, neuron=n)
     elif isinstance(units, (Resid, AttnOut, MlpOut)):
         kind = {Resid: "resid_pre", AttnOut: "attn.out", MlpOut: "mlp.out"}[type(units)]
@@ -358,6 +358,14 @@ def donor_values(
     return dict(cache), (logits, cbatch)
 
 
+def _same_tokens(a: Any, b: Any) -> bool:
+    return (
+        a.input_ids.shape == b.input_ids.shape
+        and torch.equal(a.input_ids.cpu(), b.input_ids.cpu())
+        and torch.equal(a.attention_mask.cpu(), b.attention_mask.cpu())
+    )
+
+
 class ComponentBound(Bound):
     """Component units bound to a question (see :meth:`_Component.bind`)."""
 
@@ -387,9 +395,11 @@ class ComponentBound(Bound):
             lm, self.batch, ablation, sites, lambda b: target.prepare(lm, b)
         )
         self.ablated_run_value = None
+        same = False
         if run is not None:
             logits, cbatch = run
             self.ablated_run_value = float(target(logits, cbatch).float().mean())
+            same = isinstance(ablation, Counterfactual) and _same_tokens(self.batch, cbatch)
         self.runner = MaskedRunner(
             lm,
             self.batch,
@@ -402,6 +412,16 @@ class ComponentBound(Bound):
             progress=progress,
             reuse_prefix=reuse_prefix,
         )
+        if same:  # an identical counterfactual: the base run's own values, exactly
+            import warnings
+
+            self.runner.donors = {s: self.runner.base_cache[s] for s in sites}
+            warnings.warn(
+                "the counterfactual is the prompt itself: nothing is ablated and every "
+                "score is zero. Use a counterfactual that changes the answer.",
+                CounterfactualWarning,
+                stacklevel=4,
+            )
 
     def labels(self) -> dict[str, list[Any]]:
         names = list(dict.fromkeys(k for lab in self._labels for k in lab))
