@@ -69,7 +69,7 @@ def test_zero_ablation_clean_value_and_effect_equal_hand_made_hook(layer):
     assert r.diagnostics["clean"] == pytest.approx(clean, abs=1e-4)
     ablated = _direct(lm, ids, lambda _m, _a, out: torch.zeros_like(out), layer)
     row = r.to_pandas().set_index("layer").loc[layer]
-    assert float(row["score"]) == pytest.approx(ablated - clean, abs=1e-4)
+    assert float(row["score"]) == pytest.approx(clean - ablated, abs=1e-4)  # contribution
 
 
 @pytest.mark.parametrize("direction", ["noising", "denoising"])
@@ -88,7 +88,9 @@ def test_counterfactual_patch_equals_hand_made_hook(direction):
     assert r.diagnostics["clean"] == pytest.approx(_direct(lm, clean_ids), abs=1e-4)
     assert r.diagnostics["corrupt"] == pytest.approx(_direct(lm, cf_ids), abs=1e-4)
     row = r.to_pandas().set_index("layer").loc[layer]
-    assert float(row["score"]) == pytest.approx(patched - base, abs=1e-4)
+    # contribution: what the unit adds (noising: base - patched; denoising: patched - base)
+    want = patched - base if direction == "denoising" else base - patched
+    assert float(row["score"]) == pytest.approx(want, abs=1e-4)
 
 
 def test_patch_sweep_prepares_counterfactual_and_references_once():
@@ -112,6 +114,9 @@ def test_attribution_patching_metric_is_the_direct_continuation_logprob(method):
         r = al.attribute(
             lm, PROMPT, target=_target(), units="mlp", method=method, counterfactual=CF
         )
+    if method == "atp":  # the gradient estimator reports the value it differentiated
+        assert r.diagnostics["value"] == pytest.approx(_direct(lm, _ids(lm, PROMPT)), abs=1e-4)
+        return
     assert r.diagnostics["metric_base"] == pytest.approx(_direct(lm, _ids(lm, PROMPT)), abs=1e-4)
     assert r.diagnostics["metric_source"] == pytest.approx(_direct(lm, _ids(lm, CF)), abs=1e-4)
 

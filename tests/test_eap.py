@@ -53,12 +53,13 @@ def test_eap_equals_brute_force_edge_patching_linearized(lm):
     with EdgePatcher(lm, g, ref, mask):
         logits, _ = lm.run(rows, grad=True)
     (brute,) = torch.autograd.grad(t(logits, rows).sum(), alpha)
-    assert float((r.scores.double() - brute).abs().max()) < 1e-4
-    torch.testing.assert_close(r.scores.double(), brute, atol=1e-7, rtol=1e-5)
+    # scores are contributions: minus the linearized effect of patching the edge
+    assert float((r.scores.double() + brute).abs().max()) < 1e-4
+    torch.testing.assert_close(r.scores.double(), -brute, atol=1e-7, rtol=1e-5)
     assert float(brute.abs().max()) > 1e-4  # not a trivially zero comparison
 
 
-def test_eap_is_minus_the_mask_gradient(lm):
+def test_eap_is_the_keep_mask_gradient(lm):
     g = al.units.Edges(qkv=False).graph(lm)
     r = eap(lm, units=al.units.Edges(qkv=False))
     t = al.targets.resolve((" Mary", " John"), lm)
@@ -69,7 +70,7 @@ def test_eap_is_minus_the_mask_gradient(lm):
     with EdgePatcher(lm, g, ref, mask):
         logits, _ = lm.run(PROMPT, grad=True)
     (gm,) = torch.autograd.grad(t(logits, lm.tokenize(PROMPT)).sum(), mask)
-    torch.testing.assert_close(r.scores.double(), -g.from_matrix(gm[0]), atol=1e-8, rtol=1e-5)
+    torch.testing.assert_close(r.scores.double(), g.from_matrix(gm[0]), atol=1e-8, rtol=1e-5)
 
 
 def test_qkv_scores_sum_to_head_scores(lm):
@@ -104,7 +105,7 @@ def test_eap_ig_inputs_completeness_at_the_embedding(lm):
     r = eap(lm, method="eap-ig", steps=32)
     d = r.diagnostics
     emb = r.scores[[i for i, u in enumerate(r.units["upstream"]) if u == "embed"]].sum()
-    change = d["metric_counterfactual"] - d["metric_clean"]
+    change = d["metric_clean"] - d["metric_counterfactual"]  # contributions sum to this
     assert float(emb) == pytest.approx(change, rel=2e-3, abs=1e-6)
 
 
@@ -177,7 +178,7 @@ def test_gqa_eap_ig_completeness(gqa):
 
 def test_llama_without_gqa_matches_mask_gradient():
     lm = al.wrap(*al.testing.tiny_model("llama", dtype=torch.float64, num_key_value_heads=4))
-    test_eap_is_minus_the_mask_gradient(lm)
+    test_eap_is_the_keep_mask_gradient(lm)
 
 
 @pytest.mark.parametrize("extra", ["blocks.0.attn.head_out", "blocks.0.resid_mid"])

@@ -278,7 +278,8 @@ def register(
     """
 
     def deco(cls: type[Method]) -> type[Method]:
-        cls.name = cls.name or name
+        if not cls.__dict__.get("name"):  # a preset subclass gets its own name
+            cls.name = name
         if units is None:
             for n in (name, *aliases):
                 if n.lower() in _ESTIMATORS and _ESTIMATORS[n.lower()] is not cls:

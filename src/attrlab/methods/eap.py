@@ -20,7 +20,9 @@ gradient over ``steps`` points between the clean and the counterfactual run
 * ``variant="activations"``: every upstream node's output is shifted by
   ``alpha * (a_u(counterfactual) - a_u(clean))`` at once.
 
-Scores are means over prompts. ``-EAP(u, v)`` is also the gradient of the
+Scores are means over prompts and follow attrlab's one sign: the edge's
+contribution, ``-EAP(u, v)`` (the paper's quantity is
+``r.effect_of_patching()``). The contribution is also the gradient of the
 metric with respect to a keep-mask on the edge, which the tests use as a
 second, independent implementation.
 
@@ -80,8 +82,10 @@ def _result(
     target: Target,
     diagnostics: dict[str, Any],
 ) -> Attribution:
+    # one sign: contributions, -(linearized effect of patching the edge);
+    # r.effect_of_patching() gives the effect
     return Attribution(
-        scores,
+        -scores,
         units=graph.labels(),
         unit_kind="edges",
         method=method.name,
@@ -93,6 +97,7 @@ def _result(
         model_id=lm.name,
         diagnostics=diagnostics,
         meta={
+            "direction": "noising",
             "upstream": graph.upstream,
             "downstream": graph.downstream,
             "n_layers": graph.n_layers,
