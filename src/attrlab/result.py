@@ -113,6 +113,62 @@ class Attribution:
         self.extra = {k: torch.as_tensor(v).detach().cpu() for k, v in (extra or {}).items()}
 
     # ------------------------------------------------------------- basics
+    def unit_keys(self, columns: Sequence[str] | None = None) -> list[tuple[Any, ...]]:
+        """One hashable key per unit from its label columns (default: all but
+        free-text ones such as ``token``), the key results align on.
+
+        Example:
+            >>> import torch
+            >>> Attribution(torch.zeros(2), {"layer": [0, 1], "head": [3, 3]}, "heads", "x").unit_keys()
+            [(0, 3), (1, 3)]
+        """
+        cols = (
+            list(columns)
+            if columns is not None
+            else [c for c in self.units if c not in ("token", "text", "special", "segment")]
+        )
+        return (
+            list(zip(*(self.units[c] for c in cols))) if cols else [(i,) for i in range(len(self))]
+        )
+
+    def align(self, other: Attribution) -> tuple[Attribution, Attribution]:
+        """Both results restricted to their common units, in this result's order,
+        matched by label (so two methods that list the same heads in different
+        orders compare unit by unit).
+
+        Raises:
+            InputError: different unit kinds, or no unit in common.
+
+        Example:
+            >>> import torch
+            >>> a = Attribution(torch.tensor([1.0, 2.0]), {"layer": [0, 1]}, "mlp", "x")
+            >>> b = Attribution(torch.tensor([20.0, 10.0]), {"layer": [1, 0]}, "mlp", "y")
+            >>> [r.scores.tolist() for r in a.align(b)]
+            [[1.0, 2.0], [10.0, 20.0]]
+        """
+        if other.unit_kind != self.unit_kind:
+            raise InputError(
+                f"cannot align {self.unit_kind!r} units with {other.unit_kind!r} units"
+            )
+        cols = [c for c in self.units if c in other.units and c not in ("token", "text")]
+        mine, theirs = self.unit_keys(cols), other.unit_keys(cols)
+        where = {k: i for i, k in enumerate(theirs)}
+        pairs = [(i, where[k]) for i, k in enumerate(mine) if k in where]
+        if not pairs:
+            raise InputError(
+                f"the two results share no unit (labels {cols}); attribute the same units"
+            )
+        ia = [i for i, _ in pairs]
+        ib = [j for _, j in pairs]
+        return self._select(ia), other._select(ib)
+
+    def _select(self, idx: list[int]) -> Attribution:
+        out = Attribution.__new__(Attribution)
+        out.__dict__.update(self.__dict__)
+        out.scores = self.scores[..., idx]
+        out.units = {k: [v[i] for i in idx] for k, v in self.units.items()}
+        return out
+
     def effect_of_patching(self) -> Attribution:
         """The "effect of patching" view: the target change when the unit is
         patched (ablated in the noising direction, restored when denoising), as

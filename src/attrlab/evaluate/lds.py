@@ -1,7 +1,8 @@
 """Linear datamodeling score (LDS) for any unit kind that can be ablated.
 
 Draw ``n_masks`` random subsets ``S_j`` of the units, each keeping a fraction
-``alpha`` of them; measure ``f(S_j)`` with :meth:`attrlab.units.Units.mask_values`
+``alpha`` of them; measure ``f(S_j)`` with the bound question's ``f``
+(:class:`attrlab.units.base.Bound`)
 (the target with only the units in ``S_j`` kept); predict it by
 ``sum_{i in S_j} a_i``; the LDS is the Spearman correlation between prediction
 and measurement ("TRAK: Attributing Model Behavior at Scale"; ContextCite
@@ -175,7 +176,65 @@ def evaluate_masks(
     n = int(result.scores.shape[-1])
     if masks.shape[-1] != n:
         raise InputError(f"masks have {masks.shape[-1]} units, the result {n}")
+    recorded = context.pop("_recorded_ablation", None)
+    if "f" in getattr(u, "provides", ()):
+        bound = bind_result(lm, result, inputs, target, u, recorded, context)
+        if bound.n != n:
+            raise InputError(f"the units give {bound.n} units, the result has {n}; pass units=")
+        return _as_2d(bound.f(masks))
     return _as_2d(u.mask_values(lm, inputs, target, masks, **context))
+
+
+def bind_result(
+    lm: Any,
+    result: Any,
+    inputs: Any,
+    target: Any,
+    units: Any,
+    recorded: Any = None,
+    context: dict[str, Any] | None = None,
+) -> Any:
+    """The bound question (:class:`attrlab.units.base.Bound`) a result answers:
+    its units with the ablation given in ``context`` (``ablation=``,
+    ``counterfactual=``, ``reference=``, or the deprecated ``baseline=``), else
+    the one the result recorded. Other ``context`` entries are bind options
+    (``batch_size`` …).
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "a b c", target=" a", units="heads", method="occlusion",
+        ...                  ablation="zero")
+        >>> bind_result(lm, r, "a b c", " a", units_of(r)).ablation
+        Zero()
+    """
+    import inspect
+
+    from ..ablations import from_json
+    from ..ablations import resolve as resolve_ablation
+    from ..methods.base import deprecated_baseline
+    from ..targets import Target
+    from ..targets import resolve as resolve_target
+
+    ctx = dict(context or {})
+    abl = ctx.pop("ablation", None)
+    cf = ctx.pop("counterfactual", None)
+    ref = ctx.pop("reference", None)
+    baseline = ctx.pop("baseline", None)
+    if abl is not None or cf is not None:
+        ablation = resolve_ablation(abl, counterfactual=cf, reference=ref)
+    elif baseline is not None:
+        ablation = deprecated_baseline("evaluate", baseline)
+    elif recorded is not None:
+        ablation = recorded
+    else:
+        spec = (getattr(result, "meta", {}) or {}).get("ablation")
+        ablation = from_json(spec) if isinstance(spec, dict) else None
+    tgt = target if isinstance(target, Target) else resolve_target(target, lm)
+    params = inspect.signature(units.bind).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        ctx = {k: v for k, v in ctx.items() if k in params}
+    return units.bind(lm, inputs, tgt, units.check_ablation(ablation), **ctx)
 
 
 def _score_rows(result: Any, n_rows: int) -> Tensor:
@@ -215,8 +274,11 @@ def bind_context(
     from ..question import bind
 
     q = bind(lm, result, inputs, target, context.get("counterfactual"), units, what)
-    if q.counterfactual is not None and result.unit_kind == "edges":
+    given = any(context.get(k) is not None for k in ("ablation", "baseline"))
+    if q.counterfactual is not None and not given:
         context["counterfactual"] = q.counterfactual
+    if q.ablation is not None and not given:
+        context["_recorded_ablation"] = q.ablation
     return q
 
 
@@ -245,8 +307,10 @@ def lds(
             :class:`~attrlab.errors.QuestionMismatchError`).
         n_masks, alpha, seed: the subsets (defaults 64, 0.5, 0).
         units: the unit object, when it cannot be rebuilt from the result.
-        **context: passed to ``units.mask_values`` (``baseline=``, ``counterfactual=``,
-            ``response=`` …); for training-data results, to :func:`attrlab.data.lds.lds`.
+        **context: ``ablation=`` (default: the one the result used),
+            ``counterfactual=``, ``reference=``, bind options (``batch_size`` …), or
+            for sources ``response=`` …; for training-data results, passed to
+            :func:`attrlab.data.lds.lds`.
 
     Returns:
         :class:`LDSScore` (for training data, the data module's result).

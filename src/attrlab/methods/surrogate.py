@@ -11,7 +11,7 @@ preset         masks                                        regressor
 =============  ==========================================  ============================
 ``lime``       number kept uniform in 1..n; cosine kernel   ridge (``alpha=1e-3``)
 ``contextcite`` each unit kept with probability 1/2         Lasso on standardized masks
-``coar``       a fixed fraction (5 %) of units ablated      least squares
+``coar``       each unit ablated with probability 5 %      least squares
 ``datamodels`` each unit kept with probability 1/2          Lasso (``alpha=1e-3``)
 =============  ==========================================  ============================
 
@@ -269,18 +269,21 @@ class ContextCiteSurrogate(LinearSurrogate):
 
 @register("coar")
 class Coar(LinearSurrogate):
-    """COAR (Shah et al.): ablate a random fixed fraction of the units (5 % by
-    default: ``keep_prob=0.95``) in each of many runs and fit least squares from
-    the keep-masks to the target. Meant for components (heads, neurons …).
+    """COAR (Shah et al.): ablate a small random subset of the units in each of
+    many runs and fit least squares from the keep-masks to the target. Meant for
+    components (heads, neurons …). The paper ablates a fixed fraction; here each
+    unit is ablated independently with probability ``1 - keep_prob`` (5 % by
+    default), which has the same expected size and keeps every weight
+    identifiable (with a fixed subset size the weights are only defined up to a
+    common shift). ``how="fixed"`` gives the paper's design.
 
     Example:
         >>> Coar().how, Coar().keep_prob
-        ('fixed', 0.95)
+        ('bernoulli', 0.95)
     """
 
     samples_default = 1024
     keep_prob_default = 0.95
-    how_default = "fixed"
 
 
 @register("datamodels")

@@ -160,7 +160,7 @@ class Bound:
         acc = torch.zeros(self.n_rows, self.n, dtype=torch.float64)
         vals = []
         for s in range(0, g.shape[0], chunk):
-            v, d = self.gate_grad(g[s : s + chunk].float())  # [c, rows], [c, rows, n]
+            v, d = self.gate_grad(g[s : s + chunk])  # [c, rows], [c, rows, n]
             w = weights[s : s + chunk].to(torch.float64)
             acc += (w[:, None, None] * d.detach().double().cpu()).sum(0)
             vals.append(v.detach().cpu())
