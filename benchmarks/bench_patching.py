@@ -191,7 +191,8 @@ def main(
         )
         times.append(time.perf_counter() - t0)
     assert sweep is not None
-    ours_heads = sweep.patched[0].reshape(N_LAYERS, N_POS, N_HEADS)
+    # attrlab's unit order is layer, head, position; TransformerLens' is layer, pos, head
+    ours_heads = sweep.patched[0].reshape(N_LAYERS, N_HEADS, N_POS).permute(0, 2, 1)
     ours_resid = (
         patch_sweep(lm, clean, corrupt, target, al.units.Resid(), direction="denoising")
         .patched[0]
@@ -230,6 +231,8 @@ def main(
                 str(tl_patches),
                 "--threads",
                 str(threads),
+                "--n-pos",
+                str(N_POS),
             ],
             check=True,
             env=env,
@@ -279,6 +282,7 @@ def main(
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--n-pos", type=int, default=16, help="prompt length in tokens")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--peer", action="store_true", help="run the TransformerLens side (TL venv)")
     ap.add_argument("--skip-peer", action="store_true", help="time attrlab only")
@@ -291,6 +295,8 @@ if __name__ == "__main__":
         "scale to all 2,304 (0 = the full sweep)",
     )
     a = ap.parse_args()
+    N_POS = a.n_pos  # noqa: F811 - the prompt length both sides use
+    OUT = OUT / f"pos{N_POS}" if N_POS != 16 else OUT  # noqa: F811
     if a.peer:
         peer(a.runs, a.tl_patches, a.threads)
         sys.exit(0)

@@ -279,9 +279,9 @@ def test_labels_and_result() -> None:
     df = r.to_pandas()
     assert list(df.columns) == ["layer", "head", "position", "token", "score"]
     toks = lm.to_str_tokens(lm.encode(PROMPT))
-    assert df["token"].tolist()[: len(toks) * lm.cfg.n_heads : lm.cfg.n_heads] == toks
+    assert df["token"].tolist()[: len(toks)] == toks  # layer, head, position order
     r = al.attribute(lm, PROMPT, target=TARGET, units="resid", method="patch", counterfactual=CF)
-    assert {"layer", "site", "position", "token"} <= set(r.to_pandas().columns)
+    assert {"layer", "position", "token"} <= set(r.to_pandas().columns)
     assert r.extra["patched"].shape == (1, len(r))
 
 

@@ -55,6 +55,8 @@ from ..units.components import (
     Resid,
     donor_values,
     embedding_std,
+    label_columns,
+    locations,
     noise_interventions,
 )
 from .base import Method, check_float, check_int, register
@@ -155,48 +157,15 @@ def units_for(lm: LM, units: Units, n_pos: int, site: str = "z") -> list[PatchUn
         >>> len(units_for(lm, al.units.Heads(layers=[0]), n_pos=5))
         4
     """
-    c = lm.cfg
-    layers = units.layer_list(c.n_layers) if hasattr(units, "layer_list") else []
-
-    def positions_of() -> list[int | None]:
-        return list(range(n_pos)) if getattr(units, "per_position", False) else [None]
-
-    out: list[PatchUnit] = []
-    if isinstance(units, Heads):
-        if site == "pattern":
-            raise SiteNotExposedError(
-                "patching blocks.{l}.attn.pattern is not supported: attention weights are "
-                "read-only in attrlab (the models' attention implementations compute them "
-                "internally). Patch site='q' or site='k' (which change the pattern) instead."
-            )
-        if site not in ("z", "q", "k", "v", "head_out"):
-            raise InputError(f"site must be 'z', 'q', 'k', 'v' or 'head_out', got {site!r}")
-        kind = f"attn.{site}"
-        n_idx = c.n_kv_heads if site in ("k", "v") else c.n_heads
-        heads = units.head_list(n_idx) if units.heads is not None else list(range(n_idx))
-        for layer in layers:
-            for pos in positions_of():
-                for h in heads:
-                    out.append(PatchUnit(layer, kind, pos, h))
-    elif isinstance(units, Neurons):
-        neurons = units.neuron_list(c.d_mlp)
-        for layer in layers:
-            for pos in positions_of():
-                for n in neurons:
-                    out.append(PatchUnit(layer, "mlp.neurons", pos, n))
-    elif isinstance(units, (Resid, AttnOut, MlpOut)):
-        kind = {Resid: "resid_pre", AttnOut: "attn.out", MlpOut: "mlp.out"}[type(units)]
-        for layer in layers:
-            for pos in positions_of():
-                out.append(PatchUnit(layer, kind, pos, None))
-    elif isinstance(units, Layers):
+    if isinstance(units, Layers):
         raise InputError(
             "activation patching of whole layers: use units='resid' (the residual stream "
             "entering each layer), 'attn' or 'mlp'"
         )
-    else:
+    if not isinstance(units, (Heads, Neurons, Resid, AttnOut, MlpOut)):
         raise InputError(f"activation patching does not support units={units.kind!r}")
-    return out
+    locs, _, _ = locations(lm, units, n_pos, site)  # the one labelling path for components
+    return locs
 
 
 def _expand_units(
@@ -546,7 +515,7 @@ class ActivationPatching(Method):
         scores = per if self.per_prompt else mean
         return Attribution(
             scores,
-            units=_labels(lm, sw.units, batch),
+            units=_labels(lm, sw.units, batch, units),
             unit_kind=units.kind,
             method="patch",
             target=(
@@ -584,8 +553,17 @@ def _normalize(sw: PatchSweep) -> tuple[Tensor, Tensor, bool]:
     return per, mean, True
 
 
-def _labels(lm: LM, plist: list[PatchUnit], batch: Batch) -> dict[str, list[Any]]:
-    """Structured label columns: layer, site, [head | neuron], position, token."""
+def _labels(
+    lm: LM, plist: list[PatchUnit], batch: Batch, units: Any = None
+) -> dict[str, list[Any]]:
+    """Label columns: a unit kind's own (:func:`attrlab.units.components.locations`),
+    or for an explicit patch list: layer, site, [head | neuron], position, token."""
+    if isinstance(units, Units):
+        _, _, labels = locations(lm, units, batch.shape[1], _site_of(plist))
+        toks = lm.to_str_tokens(batch.input_ids[0]) if lm.tokenizer is not None else [
+            str(int(t)) for t in batch.input_ids[0]
+        ]
+        return label_columns(labels, toks)
     ids = batch.input_ids[0]
     toks = lm.to_str_tokens(ids) if lm.tokenizer is not None else [str(int(t)) for t in ids]
     cols: dict[str, list[Any]] = {"layer": [u.layer for u in plist]}
@@ -607,3 +585,8 @@ def _labels(lm: LM, plist: list[PatchUnit], batch: Batch) -> dict[str, list[Any]
         cols["position"] = [-1 if u.position is None else u.position % len(toks) for u in plist]
         cols["token"] = ["" if u.position is None else toks[u.position] for u in plist]
     return cols
+
+
+def _site_of(plist: list[PatchUnit]) -> str:
+    kind = plist[0].kind if plist else "attn.z"
+    return kind.split(".", 1)[1] if kind.startswith("attn.") and kind != "attn.out" else "z"

@@ -253,7 +253,10 @@ class MaskedRunner:
         first_layer = torch.where(ablated, layer_of[None], big).min(1).values  # [m]
         first_pos = torch.where(ablated, pos_of[None], big).min(1).values if has_pos else None
         per_fwd = max(1, self.batch_size // self.n_prompts)
-        min_rows = max(1, per_fwd // 4)
+        # a forward holds the rows of one earliest position unless they are
+        # fewer than this; then neighbouring positions join it (each recomputes
+        # a few positions before its own patch instead of paying a forward)
+        min_rows = max(1, min(16, per_fwd // 4))
         use_prefix = self.prefix is not None and first_pos is not None
         chunks: list[tuple[int, int, list[int]]] = []
         by_layer: dict[int, list[int]] = {}

@@ -39,6 +39,7 @@ __all__ = [
     "Neurons",
     "ComponentBound",
     "locations",
+    "label_columns",
     "donor_values",
     "noise_interventions",
     "embedding_std",
@@ -358,6 +359,26 @@ def donor_values(
     return dict(cache), (logits, cbatch)
 
 
+def _tokens(lm: Any, batch: Any) -> list[str]:
+    ids = batch.input_ids[0]
+    return lm.to_str_tokens(ids) if lm.tokenizer is not None else [str(int(t)) for t in ids]
+
+
+def label_columns(labels: list[dict[str, Any]], tokens: list[str]) -> dict[str, list[Any]]:
+    """Label columns from :func:`locations`' per-unit labels (plus the token at
+    each unit's position).
+
+    Example:
+        >>> label_columns([{"layer": 0, "position": 1}], ["a", "b"])
+        {'layer': [0], 'position': [1], 'token': ['b']}
+    """
+    names = list(dict.fromkeys(k for lab in labels for k in lab))
+    cols = {k: [lab.get(k, -1) for lab in labels] for k in names}
+    if "position" in cols:
+        cols["token"] = [tokens[p] if p >= 0 else "" for p in cols["position"]]
+    return cols
+
+
 def _same_tokens(a: Any, b: Any) -> bool:
     return (
         a.input_ids.shape == b.input_ids.shape
@@ -412,6 +433,7 @@ class ComponentBound(Bound):
             progress=progress,
             reuse_prefix=reuse_prefix,
         )
+        self.identical = same
         if same:  # an identical counterfactual: the base run's own values, exactly
             import warnings
 
@@ -424,17 +446,10 @@ class ComponentBound(Bound):
             )
 
     def labels(self) -> dict[str, list[Any]]:
-        names = list(dict.fromkeys(k for lab in self._labels for k in lab))
-        cols = {k: [lab.get(k, -1) for lab in self._labels] for k in names}
-        if "position" in cols:
-            toks = self._tokens()
-            cols["token"] = [toks[p] if p >= 0 else "" for p in cols["position"]]
-        return cols
+        return label_columns(self._labels, self._tokens())
 
     def _tokens(self) -> list[str]:
-        ids = self.batch.input_ids[0]
-        lm = self.lm
-        return lm.to_str_tokens(ids) if lm.tokenizer is not None else [str(int(t)) for t in ids]
+        return _tokens(self.lm, self.batch)
 
     def meta(self) -> dict[str, Any]:
         return {"tokens": self._tokens(), "n_forwards": self.runner.n_forwards}
@@ -447,3 +462,10 @@ class ComponentBound(Bound):
 
     def f_gated(self, g: Tensor) -> Tensor:
         return self.runner.gated(self.check_gates(g).to(self.lm.device))[:, None]
+
+    def gate_grad(self, g: Tensor) -> tuple[Tensor, Tensor]:
+        if self.identical:  # nothing differs: every gate derivative is exactly zero
+            g = self.check_gates(g)
+            vals = self.clean().reshape(1, 1).expand(g.shape[0], 1)
+            return vals, torch.zeros(g.shape[0], 1, self.n, dtype=torch.float64)
+        return super().gate_grad(g)
