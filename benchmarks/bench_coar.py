@@ -43,10 +43,9 @@ def peer(n_masks: int, threads: int) -> None:
     """TransformerLens side: one run_with_hooks forward per mask."""
     import torch
     from _tl_gpt2 import hooked_gpt2
+    from bench_patching import _config_kwargs
     from safetensors.torch import load_file, save_file
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from bench_patching import _config_kwargs
 
     torch.set_num_threads(threads)
     hf = GPT2LMHeadModel(GPT2Config(**_config_kwargs()))

@@ -16,7 +16,7 @@ import attrlab as al
 from attrlab.methods.base import all_methods, methods_for
 from attrlab.methods.gradient import ExpectedGradients, InputXGradient, IntegratedGradients
 from attrlab.methods.perturbation import ExactShapley, KernelShap, Occlusion, ShapleySampling
-from attrlab.methods.surrogate import Coar, Datamodels, LinearSurrogate, Lime
+from attrlab.methods.surrogate import Coar, Datamodels, Lime, LinearSurrogate
 from attrlab.result import Attribution
 from attrlab.units.base import Bound, Units
 

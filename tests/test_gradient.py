@@ -10,8 +10,8 @@ import torch
 
 import attrlab as al
 from attrlab.errors import ContextTooLongError, InputError, TokenOutOfVocabError
-from attrlab.units import token_grads as gradient_mod
 from attrlab.methods.gradient import RULES, quadrature
+from attrlab.units import token_grads as gradient_mod
 from attrlab.units import tokens as tokens_mod
 
 PROMPT = "When Mary and John went to the"

@@ -28,6 +28,7 @@ __all__ = [
     "Cache",
     "Intervention",
     "LM",
+    "ablations",
     "attribute",
     "errors",
     "evaluate",

@@ -12,9 +12,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 import inspect
+from typing import Any
 
 from .ablations import Ablation
 from .ablations import resolve as resolve_ablation

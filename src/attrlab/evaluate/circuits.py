@@ -37,8 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import InputError
-from ..errors import CounterfactualWarning
+from ..errors import CounterfactualWarning, InputError
 from ..methods.circuits import Circuit, _node_of
 from ..model.lock import holds_model_lock
 from ..model.wrapper import LM, Inputs

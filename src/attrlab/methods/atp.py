@@ -79,7 +79,6 @@ from ..units.components import AttnOut, Heads, MlpOut, Neurons, Resid
 from .base import Method, check_float, check_int, register
 
 __all__ = [
-    "AtP",
     "AtPStar",
     "CounterfactualWarning",
     "NodeSet",
@@ -91,7 +90,6 @@ __all__ = [
 
 NODE_KINDS = ("heads", "attn", "mlp", "neurons", "resid")
 HEAD_SITES = ("z", "head_out", "q", "k", "v")
-
 
 
 # ---------------------------------------------------------------- node sets

@@ -560,9 +560,11 @@ def _labels(
     or for an explicit patch list: layer, site, [head | neuron], position, token."""
     if isinstance(units, Units):
         _, _, labels = locations(lm, units, batch.shape[1], _site_of(plist))
-        toks = lm.to_str_tokens(batch.input_ids[0]) if lm.tokenizer is not None else [
-            str(int(t)) for t in batch.input_ids[0]
-        ]
+        toks = (
+            lm.to_str_tokens(batch.input_ids[0])
+            if lm.tokenizer is not None
+            else [str(int(t)) for t in batch.input_ids[0]]
+        )
         return label_columns(labels, toks)
     ids = batch.input_ids[0]
     toks = lm.to_str_tokens(ids) if lm.tokenizer is not None else [str(int(t)) for t in ids]

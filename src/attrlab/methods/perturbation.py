@@ -40,7 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from .base import Estimator, check_float, check_int, deprecated_baseline, register
+from .base import Estimator, check_int, deprecated_baseline, register
 
 ValueFn = Callable[[Tensor], Tensor]
 

@@ -266,7 +266,9 @@ class MaskedRunner:
                 by_layer.setdefault(fl, []).append(r)
         embed_first = any(u.kind == "embed" for u in self.units)
         for layer, rows in sorted(by_layer.items()):
-            start_layer = -1 if (embed_first and layer == 0 and self._embed_ablated(keep, rows)) else layer
+            start_layer = (
+                -1 if (embed_first and layer == 0 and self._embed_ablated(keep, rows)) else layer
+            )
             if not use_prefix:
                 for s in range(0, len(rows), per_fwd):
                     chunks.append((start_layer, 0, rows[s : s + per_fwd]))

@@ -329,5 +329,3 @@ def grad_products(
         values.append(torch.stack([o.detach() for o in outs], 1))
     assert acc is not None
     return acc, torch.cat(values, 0)
-
-
