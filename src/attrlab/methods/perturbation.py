@@ -61,8 +61,7 @@ def exact_shapley(value_fn: ValueFn, n_units: int, batch: int = 256) -> Tensor:
         >>> exact_shapley(lambda m: m.double() @ w.double(), 3)[0].tolist()
         [1.0, 2.0, -3.0]
     """
-    if n_units > 16:
-        raise InputError(f"exact Shapley enumerates 2^{n_units} coalitions; use at most 16 units")
+    _check_enumerable(n_units)
     codes = torch.arange(2**n_units)
     masks = ((codes[:, None] >> torch.arange(n_units)) & 1).bool()  # [2^n, n]
     vals = torch.cat([_as_2d(value_fn(masks[i : i + batch])) for i in range(0, len(masks), batch)])
@@ -80,6 +79,19 @@ def exact_shapley(value_fn: ValueFn, n_units: int, batch: int = 256) -> Tensor:
         with_i = codes[without] | (1 << i)
         phi[:, i] = (w[:, None] * (vals[with_i] - vals[without])).sum(0)
     return phi
+
+
+#: exact Shapley enumerates 2^n coalitions: at most this many units
+MAX_EXACT_UNITS = 16
+
+
+def _check_enumerable(n: int) -> None:
+    if n > MAX_EXACT_UNITS:
+        raise InputError(
+            f"exact Shapley values enumerate 2^{n} coalitions; they take at most "
+            f"{MAX_EXACT_UNITS} units. Use method='kernelshap' or 'shapley' (sampling), or "
+            "select fewer units (e.g. al.units.Heads(layers=[...]), units='words')"
+        )
 
 
 def _as_2d(v: Tensor) -> Tensor:
@@ -177,6 +189,7 @@ class _PerturbationMethod(Estimator):
         n = bound.n
         if n == 0:
             raise InputError("no units to attribute (every token excluded?)")
+        self.check_units(n)
         calls = {"masks": 0}
 
         def value_fn(masks: Tensor) -> Tensor:
@@ -192,6 +205,10 @@ class _PerturbationMethod(Estimator):
             value=_row_list(v_full), empty_value=_row_list(v_empty), n_evaluations=calls["masks"]
         )
         return scores, diag
+
+    def check_units(self, n: int) -> None:
+        """Refuse a question with ``n`` units before any evaluation (the default
+        accepts any number)."""
 
     def _scores(
         self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
@@ -301,7 +318,10 @@ class ShapleySampling(_PerturbationMethod):
         contrib = chain[:, 1:] - chain[:, :-1]  # [k, n, rows]: unit perms[:, i]
         phi = torch.zeros(k, n, rows, dtype=torch.float64)
         phi.scatter_(1, perms[..., None].expand(k, n, rows), contrib)
-        std = phi.std(0) / math.sqrt(k) if k > 1 else torch.zeros(n, rows)
+        # independent samples: an order and its reverse are one (antithetic) sample
+        samples = phi.reshape(2, -1, n, rows).mean(0) if self.antithetic else phi
+        m = samples.shape[0]
+        std = samples.std(0) / math.sqrt(m) if m > 1 else torch.zeros(n, rows)
         return phi.mean(0).T, {"stderr": std.T.tolist(), "n_permutations": k}
 
 
@@ -372,7 +392,10 @@ class ExactShapley(_PerturbationMethod):
         3
     """
 
+    def check_units(self, n: int) -> None:
+        _check_enumerable(n)
+
     def _scores(
         self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
     ) -> tuple[Tensor, dict[str, Any]]:
-        return exact_shapley(value_fn, n), {}
+        return exact_shapley(value_fn, n), {"n_coalitions": 2**n}

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ __all__ = ["LinearSurrogate", "Lime", "ContextCiteSurrogate", "Coar", "Datamodel
            "sample_masks", "fit_linear", "fit_lasso"]  # fmt: skip
 
 _REGRESSORS = ("ridge", "lasso", "lstsq")
+_SAMPLING = ("bernoulli", "fixed", "lime")
 
 
 def sample_masks(
@@ -138,10 +140,14 @@ def fit_linear(
         return np.atleast_2d(model.coef_), np.atleast_1d(model.intercept_)
     if regressor != "lstsq":
         raise InputError(f"regressor must be one of {_REGRESSORS}, got {regressor!r}")
-    x = np.concatenate([np.ones((z.shape[0], 1)), z], 1)
+    # weighted least squares with an intercept, on centred masks and outputs: a
+    # unit that never varies is a zero column and gets weight 0 (minimum norm)
     sw = np.ones(z.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
-    sol, *_ = np.linalg.lstsq(x * np.sqrt(sw)[:, None], yy * np.sqrt(sw)[:, None], rcond=None)
-    return sol[1:].T, sol[0]
+    z_mean = sw @ z / sw.sum()  # [n]
+    y_mean = sw @ yy / sw.sum()  # [rows]
+    root = np.sqrt(sw)[:, None]
+    sol, *_ = np.linalg.lstsq((z - z_mean) * root, (yy - y_mean) * root, rcond=None)  # [n, rows]
+    return sol.T, y_mean - z_mean @ sol
 
 
 def _r2(masks: Tensor, y: Tensor, w: np.ndarray, b: np.ndarray, weights: Any = None) -> float:
@@ -193,10 +199,18 @@ class LinearSurrogate(_PerturbationMethod):
         **options: Any,
     ):
         name = self.name or "surrogate"
-        self.samples = check_int(name, "samples", samples or self.samples_default, minimum=2)
+        n_samples = self.samples_default if samples is None else samples
+        self.samples = check_int(name, "samples", n_samples, minimum=2)
         kp = self.keep_prob_default if keep_prob is None else keep_prob
         self.keep_prob = check_float(name, "keep_prob", kp, maximum=1.0)
         self.how = how or self.how_default
+        if self.how not in _SAMPLING:
+            raise InputError(f"{name}: how must be one of {_SAMPLING}, got {how!r}")
+        if self.how != "lime" and not self.keep_prob < 1.0:
+            raise InputError(
+                f"{name}: keep_prob must be < 1 (a unit that is never ablated has no "
+                f"weight), got {kp!r}"
+            )
         self.regressor = regressor or self.regressor_default
         if self.regressor not in _REGRESSORS:
             raise InputError(f"{name}: regressor must be one of {_REGRESSORS}, got {regressor!r}")
@@ -217,7 +231,11 @@ class LinearSurrogate(_PerturbationMethod):
         if self.kernel_width is not None:
             dist = 1.0 - np.sqrt(masks.double().numpy().sum(-1) / n)  # cosine distance to all-ones
             weights = np.exp(-(dist**2) / self.kernel_width**2)
-        diag: dict[str, Any] = {"n_masks": int(masks.shape[0])}
+        varied = masks.any(0) & ~masks.all(0)  # [n]: units both kept and ablated
+        diag: dict[str, Any] = {
+            "n_masks": int(masks.shape[0]),
+            "n_unvaried": int((~varied).sum()),
+        }
         n_out = int(self.holdout * masks.shape[0])
         if n_out >= 2 and masks.shape[0] - n_out >= 2:
             fit_w = None if weights is None else weights[:-n_out]
@@ -225,6 +243,15 @@ class LinearSurrogate(_PerturbationMethod):
             hw = None if weights is None else weights[-n_out:]
             diag["r2_holdout"] = _r2(masks[-n_out:], y[-n_out:], w, b, hw)
         w, b = fit_linear(masks, y, self.regressor, self.alpha, weights)
+        if not bool(varied.all()):
+            w[:, ~varied.numpy()] = 0.0  # not identified: no evidence either way
+            warnings.warn(
+                f"{self.name}: {diag['n_unvaried']} of {n} units were never ablated (or never "
+                f"kept) in {masks.shape[0]} masks; their score is 0. Use more samples "
+                "or a keep_prob further from 0 and 1.",
+                UserWarning,
+                stacklevel=2,
+            )
         diag["r2"] = _r2(masks, y, w, b, weights)
         diag["intercept"] = _row_list(torch.as_tensor(b))
         return torch.from_numpy(np.ascontiguousarray(w)), diag
