@@ -1,13 +1,16 @@
 """ContextCite: attribute a response to the sources of its context with a sparse
 linear surrogate ("ContextCite: Attributing Model Generation to Context").
 
-Each of ``n_ablations`` random masks keeps every source with probability
-``keep_prob``; the response's per-token log-probabilities under every ablated
+The surrogate is the ``contextcite`` preset of the one linear surrogate
+(:class:`attrlab.methods.surrogate.ContextCiteSurrogate`: each of
+``n_ablations`` random masks keeps every source with probability ``keep_prob``
+= 1/2, a Lasso on standardized masks); what is specific to sources is what it
+is fitted to. The response's per-token log-probabilities under every ablated
 context are computed once (see :mod:`attrlab.units.sources` for how the
-forwards share work), and the shared linear surrogate's Lasso on standardized
-masks (:func:`attrlab.methods.surrogate.fit_lasso`) maps masks to the
-response's log-odds. The weights are the scores: how much the
-response's log-odds drop when a source is removed.
+forwards share work), and the surrogate maps masks to the response's log-odds
+(per-token penalty: the outputs are divided by the response length). The
+weights are the scores: how much the response's log-odds drop when a source
+is removed. The diagnostics report the fit's R^2 in sample and on held-out masks.
 
 The masks and the per-token log-probabilities are kept in the result
 (``r.extra["masks"]``, ``r.extra["logprobs"]``), so :func:`attribute_span`
@@ -50,7 +53,7 @@ from ..result import Attribution
 from ..targets import ContinuationLogProb
 from ..units.sources import SourcePrompt, Sources, reduce_logprobs
 from .base import Method, check_float, check_int, register
-from .surrogate import fit_lasso, sample_masks
+from .surrogate import ContextCiteSurrogate, fit_lasso, sample_masks
 
 __all__ = ["ContextMethod", "ContextCite", "attribute_span", "fit_lasso", "random_masks"]
 
@@ -196,10 +199,18 @@ class ContextMethod(Method):
 
 
 def _fit(
-    masks: Tensor, per_token: Tensor, start: int, end: int, output: str, alpha: float
-) -> tuple[np.ndarray, float]:
-    y = reduce_logprobs(per_token[:, start:end], output).numpy()
-    return fit_lasso(masks.numpy(), y, end - start, alpha)
+    surrogate: ContextCiteSurrogate,
+    masks: Tensor,
+    per_token: Tensor,
+    start: int,
+    end: int,
+    output: str,
+) -> tuple[np.ndarray, float, dict[str, Any]]:
+    """The surrogate fitted to the response tokens ``[start, end)``:
+    ``(weights [n_sources], bias, diagnostics)``."""
+    y = reduce_logprobs(per_token[:, start:end], output)  # [n_masks]
+    w, b, diag = surrogate.fit(masks.bool(), y.double()[:, None], n_tokens=end - start)
+    return w[0], float(b[0]), diag
 
 
 @register("contextcite", ("sources",))
@@ -228,9 +239,9 @@ class ContextCite(ContextMethod):
 
     def __init__(
         self,
-        n_ablations: int = 64,
-        keep_prob: float = 0.5,
-        alpha: float = 0.01,
+        n_ablations: int = ContextCiteSurrogate.samples_default,
+        keep_prob: float = ContextCiteSurrogate.keep_prob_default,
+        alpha: float = ContextCiteSurrogate.alpha_default,
         output: str = "logit_prob",
         masks: Any = None,
         per_token: bool = False,
@@ -246,6 +257,13 @@ class ContextCite(ContextMethod):
         self.output = output
         self._masks = masks
         self.per_token = bool(per_token)
+        # the shared surrogate, ContextCite preset: masks and fit
+        self._surrogate = ContextCiteSurrogate(
+            samples=max(2, self.n_ablations),
+            keep_prob=self.keep_prob,
+            alpha=self.alpha,
+            seed=self.seed,
+        )
 
     def attribute(
         self, lm: Any, inputs: Any, target: Any, units: Any, counterfactual: Any = None
@@ -259,21 +277,23 @@ class ContextCite(ContextMethod):
             if masks.dim() != 2 or masks.shape[1] != prompt.n_sources:
                 raise InputError(f"masks must be [n, {prompt.n_sources}], got {tuple(masks.shape)}")
         else:
-            masks = random_masks(self.n_ablations, prompt.n_sources, self.keep_prob, self.seed)
+            masks = self._surrogate.draw_masks(prompt.n_sources)
         stats: dict[str, int] = {}
         per_token = self._run_logprobs(prompt, masks, stats)  # [n_masks, n_response]
         t1 = time.perf_counter()
         n = per_token.shape[1]
-        w, b = _fit(masks, per_token, 0, n, self.output, self.alpha)
+        w, b, fit_diag = _fit(self._surrogate, masks, per_token, 0, n, self.output)
         rows = None
         scores: np.ndarray = w
         if self.per_token:
             scores = np.stack(
-                [_fit(masks, per_token, i, i + 1, self.output, self.alpha)[0] for i in range(n)]
-            )
+                [_fit(self._surrogate, masks, per_token, i, i + 1, self.output)[0]
+                 for i in range(n)]
+            )  # fmt: skip
             rows = {"token": lm.to_str_tokens(prompt.response_ids)}
         diagnostics = {
             "bias": b,
+            **fit_diag,
             "seconds_forward": t1 - t0,
             "seconds_fit": time.perf_counter() - t1,
             **stats,
@@ -345,7 +365,8 @@ def attribute_span(
         raise InputError(f"token range [{start}, {end}) is not inside the response (0..{n})")
     alpha = float(r.params.get("alpha", 0.01)) if alpha is None else alpha
     output = str(r.params.get("output", "logit_prob")) if output is None else output
-    w, b = _fit(r.extra["masks"].bool(), per_token, start, end, output, alpha)
+    surrogate = ContextCiteSurrogate(alpha=alpha, holdout=0.0)
+    w, b, _ = _fit(surrogate, r.extra["masks"].bool(), per_token, start, end, output)
     tokens = r.meta.get("response_tokens", [])
     piece = "".join(tokens[start:end])
     return Attribution(

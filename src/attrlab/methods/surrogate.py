@@ -81,7 +81,7 @@ def sample_masks(
 
 
 def fit_lasso(
-    masks: Any, y: Any, n_tokens: int = 1, alpha: float = 0.01
+    masks: Any, y: Any, n_tokens: int = 1, alpha: float = 0.01, weights: Any = None
 ) -> tuple[np.ndarray, float]:
     """Weights and bias of a Lasso from masks to outputs, ContextCite's way.
 
@@ -89,7 +89,7 @@ def fit_lasso(
     by ``n_tokens`` (so ``alpha`` means the same for long and short responses),
     ``sklearn.linear_model.Lasso(alpha)`` fitted with an intercept, and the
     weights mapped back to the unstandardized masks and rescaled by ``n_tokens``:
-    ``y ≈ masks @ w + b``.
+    ``y ≈ masks @ w + b``. ``weights``: optional sample weights.
 
     Example:
         >>> import numpy as np
@@ -106,7 +106,7 @@ def fit_lasso(
     scale = X.std(0)
     scale[scale < 10 * np.finfo(np.float64).eps] = 1.0
     lasso = Lasso(alpha=alpha, fit_intercept=True, random_state=0)
-    lasso.fit((X - mean) / scale, Y)
+    lasso.fit((X - mean) / scale, Y, sample_weight=weights)
     w = lasso.coef_ / scale
     b = float(lasso.intercept_ - (mean / scale) @ lasso.coef_)
     return w * n_tokens, b * n_tokens
@@ -118,8 +118,11 @@ def fit_linear(
     regressor: str = "lstsq",
     alpha: float = 0.0,
     weights: np.ndarray | None = None,
+    n_tokens: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(weights [rows, n], intercepts [rows])`` of ``y [m, rows] ≈ b + masks @ w``.
+    """``(weights [rows, n], intercepts [rows])`` of ``y [m, rows] ≈ b + masks @ w``:
+    ``"lstsq"`` (weighted least squares), ``"ridge"`` (scikit-learn, penalty
+    ``alpha``) or ``"lasso"`` (:func:`fit_lasso`, ``n_tokens`` its output scale).
 
     Example:
         >>> import torch
@@ -131,7 +134,7 @@ def fit_linear(
     z = masks.double().numpy()
     yy = y.double().numpy()
     if regressor == "lasso":
-        fits = [fit_lasso(z, yy[:, r], 1, alpha) for r in range(yy.shape[1])]
+        fits = [fit_lasso(z, yy[:, r], n_tokens, alpha, weights) for r in range(yy.shape[1])]
         return np.stack([w for w, _ in fits]), np.array([b for _, b in fits])
     if regressor == "ridge":
         from sklearn.linear_model import Ridge
@@ -222,27 +225,64 @@ class LinearSurrogate(_PerturbationMethod):
         self.seed = check_int(name, "seed", seed, minimum=0)
         super().__init__(**options)
 
-    def _scores(
-        self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
-    ) -> tuple[Tensor, dict[str, Any]]:
-        masks = sample_masks(self.samples, n, self.keep_prob, self.seed, self.how)
-        y = self._eval(value_fn, masks)  # [samples, rows]
-        weights = None
-        if self.kernel_width is not None:
-            dist = 1.0 - np.sqrt(masks.double().numpy().sum(-1) / n)  # cosine distance to all-ones
-            weights = np.exp(-(dist**2) / self.kernel_width**2)
+    def draw_masks(self, n: int) -> Tensor:
+        """This surrogate's random keep-masks ``[samples, n]`` for ``n`` units (seeded).
+
+        Example:
+            >>> Coar(samples=4, seed=1).draw_masks(20).shape
+            torch.Size([4, 20])
+        """
+        return sample_masks(self.samples, n, self.keep_prob, self.seed, self.how)
+
+    def sample_weights(self, masks: Tensor) -> np.ndarray | None:
+        """LIME's kernel ``exp(-d^2 / width^2)``, ``d`` the cosine distance of
+        each mask to the all-kept mask (None without ``kernel_width``).
+
+        Example:
+            >>> import torch
+            >>> Lime().sample_weights(torch.ones(1, 4, dtype=torch.bool)).tolist()
+            [1.0]
+        """
+        if self.kernel_width is None:
+            return None
+        n = masks.shape[1]
+        dist = 1.0 - np.sqrt(masks.double().numpy().sum(-1) / n)  # cosine distance to all-ones
+        return np.exp(-(dist**2) / self.kernel_width**2)
+
+    def fit(
+        self, masks: Tensor, y: Tensor, n_tokens: int = 1
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Fit the surrogate to measured outputs: ``(weights [rows, n],
+        intercepts [rows], diagnostics)`` for masks ``[m, n]`` and ``y [m, rows]``.
+        The diagnostics hold ``r2`` (in sample), ``r2_holdout`` (fitted on the
+        first masks, scored on the last ``holdout`` fraction), ``n_masks`` and
+        ``n_unvaried`` (units never ablated or never kept: weight 0, with a
+        warning). ``n_tokens`` scales the Lasso's outputs (ContextCite's
+        per-token penalty).
+
+        Example:
+            >>> import torch
+            >>> m = Coar(samples=64, seed=0).draw_masks(3)
+            >>> w, b, d = Coar().fit(m, (m.double() @ torch.tensor([1.0, 2.0, -1.0]).double())[:, None])
+            >>> np.round(w, 6).tolist(), round(d["r2"], 6)
+            ([[1.0, 2.0, -1.0]], 1.0)
+        """
+        n = masks.shape[1]
+        y = y[:, None] if y.dim() == 1 else y
+        weights = self.sample_weights(masks)
         varied = masks.any(0) & ~masks.all(0)  # [n]: units both kept and ablated
         diag: dict[str, Any] = {
             "n_masks": int(masks.shape[0]),
             "n_unvaried": int((~varied).sum()),
         }
+        opts = dict(regressor=self.regressor, alpha=self.alpha, n_tokens=n_tokens)
         n_out = int(self.holdout * masks.shape[0])
         if n_out >= 2 and masks.shape[0] - n_out >= 2:
             fit_w = None if weights is None else weights[:-n_out]
-            w, b = fit_linear(masks[:-n_out], y[:-n_out], self.regressor, self.alpha, fit_w)
+            w, b = fit_linear(masks[:-n_out], y[:-n_out], weights=fit_w, **opts)
             hw = None if weights is None else weights[-n_out:]
             diag["r2_holdout"] = _r2(masks[-n_out:], y[-n_out:], w, b, hw)
-        w, b = fit_linear(masks, y, self.regressor, self.alpha, weights)
+        w, b = fit_linear(masks, y, weights=weights, **opts)
         if not bool(varied.all()):
             w[:, ~varied.numpy()] = 0.0  # not identified: no evidence either way
             warnings.warn(
@@ -250,9 +290,17 @@ class LinearSurrogate(_PerturbationMethod):
                 f"kept) in {masks.shape[0]} masks; their score is 0. Use more samples "
                 "or a keep_prob further from 0 and 1.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         diag["r2"] = _r2(masks, y, w, b, weights)
+        return w, b, diag
+
+    def _scores(
+        self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
+        masks = self.draw_masks(n)
+        y = self._eval(value_fn, masks)  # [samples, rows]
+        w, b, diag = self.fit(masks, y)
         diag["intercept"] = _row_list(torch.as_tensor(b))
         return torch.from_numpy(np.ascontiguousarray(w)), diag
 
