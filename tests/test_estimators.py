@@ -39,6 +39,15 @@ from attrlab.units.base import Bound, Units
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def test_doctests():
+    import doctest
+
+    from attrlab.methods import surrogate
+
+    res = doctest.testmod(surrogate, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert res.attempted > 0 and res.failed == 0
+
+
 # --------------------------------------------------------------------- toy
 class ToyUnits(Units):
     """A unit kind whose ``f`` is a given set function (not registered)."""
@@ -287,12 +296,12 @@ def test_antithetic_stderr_treats_an_order_and_its_reverse_as_one_sample():
 
 
 def test_sampled_kernelshap_is_efficient_and_close():
-    n = 8
+    n = 10
     v, table = table_game(n, seed=6)
     v_lin = lambda k: additive(k[:, :6]) + v(k)[:, 0] * 0.05  # noqa: E731
     want = shapley_by_subsets(v_lin, n)[0]
-    s, diag = KernelShap(samples=2000, seed=1).estimate(ToyBound(v_lin, n))
-    assert diag["exact"] is False and diag["n_coalitions"] == 2000
+    s, diag = KernelShap(samples=800, seed=1).estimate(ToyBound(v_lin, n))
+    assert diag["exact"] is False and diag["n_coalitions"] == 800
     total = float(v_lin(torch.ones(1, n, dtype=torch.bool)) - v_lin(torch.zeros(1, n).bool()))
     assert float(s.sum()) == pytest.approx(total, abs=1e-10)
     assert float((s[0] - want).abs().max()) < 0.05
@@ -302,6 +311,33 @@ def test_sampled_kernelshap_is_efficient_and_close():
     KernelShap(samples=64, seed=4).estimate(b3)
     assert torch.equal(b1.masks(), b2.masks()) and not torch.equal(b1.masks(), b3.masks())
     torch.testing.assert_close(a, b, atol=1e-12, rtol=0)  # LAPACK: equal to rounding
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_shapley_family_on_one_two_three_units(n):
+    """Degenerate sizes: one unit gets everything; sampling with any seed is
+    exact for two units (an order and its reverse; a coalition and its
+    complement); asking for as many coalitions as exist enumerates them."""
+    v, _ = table_game(n, seed=20 + n)
+    want = shapley_by_permutations(v, n)
+    ests = [ShapleySampling(permutations=3, seed=1), KernelShap(samples=2, seed=4)]
+    if n == 3:
+        ests = [KernelShap(samples=6), KernelShap(samples=50, paired=False)]
+    for est in ests:
+        s, diag = est.estimate(ToyBound(v, n))
+        torch.testing.assert_close(s.double(), want, atol=1e-12, rtol=0, msg=est.name)
+    if n == 3:
+        assert KernelShap(samples=6).estimate(ToyBound(v, n))[1]["exact"] is True
+        s, diag = KernelShap(samples=5).estimate(ToyBound(v, n))
+        assert diag["exact"] is False and diag["n_coalitions"] == 5
+
+
+def test_paired_kernelshap_draws_complements():
+    bound = ToyBound(additive, len(W))
+    KernelShap(samples=30, seed=2).estimate(bound)
+    m = bound.masks()[2:]  # after the full and empty masks
+    assert m.shape[0] == 30 and torch.equal(m[1::2], ~m[0::2])
+    assert bool((m.sum(1) > 0).all() and (m.sum(1) < len(W)).all())  # proper coalitions
 
 
 def test_exact_shapley_refuses_too_many_units_before_any_evaluation():
@@ -445,6 +481,29 @@ def test_surrogate_options_are_checked_at_construction():
     ):
         with pytest.raises(InputError):
             LinearSurrogate(**bad)
+
+
+def test_contextcite_on_sources_is_the_shared_preset():
+    """ContextCite over sources draws the preset's masks and fits the preset's
+    Lasso (keep-probability 1/2, alpha 0.01, standardized masks) to the
+    response's log-odds; the oracle is scikit-learn's Lasso written here."""
+    from sklearn.linear_model import Lasso
+
+    lm = al.wrap(*al.testing.tiny_model("llama"))
+    ctx = "Paris is in France. Rome is in Italy. Bob likes tea. The cat sat."
+    r = al.attribute(lm, ctx, units="sources", method="contextcite", response=" France",
+                     n_ablations=40, seed=3)  # fmt: skip
+    masks = r.extra["masks"]
+    assert torch.equal(masks, ContextCiteSurrogate(samples=40, seed=3).draw_masks(4))
+    lp = r.extra["logprobs"].double()  # [40, n_response_tokens]
+    total = lp.sum(-1).numpy()
+    y = total - np.log(-np.expm1(total))  # log-odds of the whole response
+    k = lp.shape[1]
+    x = masks.double().numpy()
+    mu, sd = x.mean(0), x.std(0)
+    lasso = Lasso(alpha=0.01).fit((x - mu) / sd, y / k)
+    np.testing.assert_allclose(r.scores.numpy(), lasso.coef_ / sd * k, atol=1e-6)
+    assert {"r2", "r2_holdout", "n_unvaried"} <= set(r.diagnostics)
 
 
 def test_progress_is_silent_by_default(capsys):

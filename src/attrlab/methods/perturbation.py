@@ -300,6 +300,9 @@ class ShapleySampling(_PerturbationMethod):
     def _scores(
         self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
     ) -> tuple[Tensor, dict[str, Any]]:
+        if n == 1:  # one order: the unit's contribution is everything
+            one = {"stderr": [[0.0]] * v_full.shape[0], "n_permutations": 1}
+            return (v_full - v_empty)[:, None], one
         gen = torch.Generator().manual_seed(self.seed)
         perms = torch.stack([torch.randperm(n, generator=gen) for _ in range(self.permutations)])
         if self.antithetic:
@@ -331,7 +334,11 @@ class KernelShap(_PerturbationMethod):
     kernel and the efficiency constraint. ``samples=None`` uses every
     coalition when there are at most ``max_exact_units`` units (then the result
     is the exact Shapley values), else 512 coalitions drawn from the kernel
-    (seeded).
+    (seeded). ``samples`` at least the number of proper coalitions
+    (``2^n - 2``) also enumerates them. ``paired=True`` (default) draws each
+    coalition with its complement (the kernel is symmetric), which lowers the
+    variance ("Improving KernelSHAP", Covert & Lee) and makes the estimate
+    exact for two units.
 
     Example:
         >>> import attrlab as al
@@ -346,13 +353,15 @@ class KernelShap(_PerturbationMethod):
         samples: int | None = None,
         max_exact_units: int = 12,
         seed: int = 0,
+        paired: bool = True,
         batch_size: int | None = None,
         max_new_tokens: int | None = None,
         progress: bool = False,
         memory_budget: int | str | None = None,
         baseline: Any = None,
     ):
-        self.samples = check_int("kernelshap", "samples", samples, optional=True)
+        self.samples = check_int("kernelshap", "samples", samples, minimum=2, optional=True)
+        self.paired = bool(paired)
         self.max_exact_units = check_int("kernelshap", "max_exact_units", max_exact_units)
         self.seed = check_int("kernelshap", "seed", seed, minimum=0)
         super().__init__(batch_size, max_new_tokens, progress, memory_budget, baseline)
@@ -362,20 +371,24 @@ class KernelShap(_PerturbationMethod):
     ) -> tuple[Tensor, dict[str, Any]]:
         if n == 1:
             return (v_full - v_empty)[:, None], {"exact": True}
-        exact = self.samples is None and n <= self.max_exact_units
+        if self.samples is None:
+            exact = n <= self.max_exact_units
+        else:  # asked for at least as many coalitions as there are: list them all
+            exact = n < 63 and self.samples >= 2**n - 2
         if exact:
             masks, weights = kernelshap_weights(n)
         else:
             m = 512 if self.samples is None else self.samples
             gen = torch.Generator().manual_seed(self.seed)
+            draw = (m + 1) // 2 if self.paired else m
             sizes = torch.arange(1, n, dtype=torch.float64)
-            p = (n - 1) / (sizes * (n - sizes))
-            s = torch.multinomial(p / p.sum(), m, replacement=True, generator=gen) + 1
-            scores = torch.rand(m, n, generator=gen)
-            order = scores.argsort(-1)
-            rank = order.argsort(-1)
-            masks = rank < s[:, None]
-            weights = torch.ones(m, dtype=torch.float64)
+            p = (n - 1) / (sizes * (n - sizes))  # kernel mass of each coalition size
+            s = torch.multinomial(p / p.sum(), draw, replacement=True, generator=gen) + 1
+            rank = torch.rand(draw, n, generator=gen).argsort(-1).argsort(-1)
+            masks = rank < s[:, None]  # [draw, n]: s units, uniformly chosen
+            if self.paired:
+                masks = torch.stack([masks, ~masks], 1).reshape(-1, n)[:m]
+            weights = torch.ones(masks.shape[0], dtype=torch.float64)
         vals = self._eval(value_fn, masks)
         phi = solve_kernelshap(masks, vals, weights, v_empty, v_full)
         return phi, {"exact": exact, "n_coalitions": int(masks.shape[0])}

@@ -344,13 +344,18 @@ class ContextCiteSurrogate(LinearSurrogate):
 
 @register("coar")
 class Coar(LinearSurrogate):
-    """COAR (Shah et al.): ablate a small random subset of the units in each of
-    many runs and fit least squares from the keep-masks to the target. Meant for
-    components (heads, neurons …). The paper ablates a fixed fraction; here each
-    unit is ablated independently with probability ``1 - keep_prob`` (5 % by
-    default), which has the same expected size and keeps every weight
-    identifiable (with a fixed subset size the weights are only defined up to a
-    common shift). ``how="fixed"`` gives the paper's design.
+    """COAR (Shah et al., "Decomposing and Editing Predictions by Modeling
+    Model Computation"): ablate a small random subset of the units in each of
+    many runs and fit a linear model from the keep-masks to the target. Meant
+    for components (heads, neurons …). The paper describes random subsets of
+    an ablation fraction ``alpha``; the authors' code draws each component's
+    keep bit independently with probability ``1 - alpha`` (0.95 for their
+    CIFAR ResNet, 0.975 for GPT-2 on TinyStories) and fits a sparse (L1) linear
+    regression. Here: each unit ablated with probability ``1 - keep_prob`` (5 %
+    by default) and least squares (``regressor="lasso"`` for the sparse fit).
+    ``how="fixed"`` ablates exactly ``round((1 - keep_prob) n)`` units per run;
+    every mask then has the same size, so the weights are only defined up to a
+    common shift (the minimum-norm solution is reported).
 
     Example:
         >>> Coar().how, Coar().keep_prob
