@@ -638,15 +638,19 @@ def _capture(hf, modules, ids):
 
 def _slice_runs(lm, prompt, answer, modules, slices, donor=None):
     """f(keep) built by hand: for every unit not kept, the slice ``slices[u]`` of
-    the input of ``modules[u]`` is set to zero (``donor=None``) or to the donor
-    run's value. ``modules``/``slices`` are per unit."""
+    the input of ``modules[u]`` is set to zero (``donor=None``), to a
+    counterfactual run's value (``donor`` a prompt) or to the mean over
+    reference prompts (``donor`` a list). ``modules``/``slices`` are per unit."""
     ids = lm.tokenize(prompt).input_ids
     tid = lm.token_id(answer)
     hf = lm.model
     uniq = list(dict.fromkeys(modules))
     donors = None
-    if donor is not None:
+    if isinstance(donor, str):  # a counterfactual prompt: its run's values
         donors = _capture(hf, uniq, lm.tokenize(donor).input_ids)
+    elif donor is not None:  # reference prompts (same length): their mean per position
+        got = _capture(hf, uniq, lm.tokenize(list(donor)).input_ids)
+        donors = {i: a.mean(0, keepdim=True) for i, a in got.items()}
 
     def run(keep_row):
         def pre(mod, args, mi):
@@ -695,15 +699,22 @@ def test_heads_exact_shapley_and_kernelshap_equal_brute_force(gpt2):
         torch.testing.assert_close(r.scores.double(), want, atol=ATOL_COMPONENTS, rtol=0)
 
 
-@pytest.mark.parametrize("ablation", ["zero", "counterfactual"])
+REFS = ["When Tom and Anna went", "When Mary and Anna went", "When John and Tom went"]
+
+
+@pytest.mark.parametrize("ablation", ["zero", "counterfactual", "mean"])
 def test_heads_occlusion_both_directions_equal_hooks(gpt2, ablation):
     _needs_component_f("heads")
-    donor = CF if ablation == "counterfactual" else None
+    donor = {"zero": None, "counterfactual": CF, "mean": REFS}[ablation]
     v = _heads_oracle(gpt2, donor)
     n = 8
     eye = torch.eye(n, dtype=torch.bool)
     full, empty = v(torch.ones(1, n).bool()), v(torch.zeros(1, n).bool())
-    kw = dict(counterfactual=CF) if donor else dict(ablation="zero")
+    kw = {
+        "zero": dict(ablation="zero"),
+        "counterfactual": dict(counterfactual=CF),
+        "mean": dict(ablation="mean", reference=REFS),
+    }[ablation]
     r = al.attribute(gpt2, PROMPT, target=" to", units="heads", method="occlusion", **kw)
     torch.testing.assert_close(r.scores.double(), full - v(~eye), atol=ATOL_COMPONENTS, rtol=0)
     r = al.attribute(gpt2, PROMPT, target=" to", units="heads", method="occlusion",

@@ -369,9 +369,10 @@ class Coar(LinearSurrogate):
 @register("datamodels")
 class Datamodels(LinearSurrogate):
     """Datamodels (Ilyas et al.): each unit (training example) kept with
-    probability 1/2, a sparse linear fit (Lasso, ``alpha=1e-3``) of the target on
-    the keep-masks. Runs on any kind that can be ablated; on training examples
-    ``f`` is a retraining.
+    probability ``keep_prob`` (the paper's subset fraction, 1/2 by default), a
+    sparse linear fit (Lasso, ``alpha=1e-3``; ``regressor="ridge"`` also works)
+    of the target on the keep-masks. Runs on any kind that can be ablated; on
+    training examples ``f`` is a retraining.
 
     Example:
         >>> Datamodels().regressor
