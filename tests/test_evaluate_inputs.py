@@ -66,8 +66,8 @@ def test_lds_prediction_is_sum_of_kept_scores(lm):
     assert s.masks.shape == (40, len(r))
     torch.testing.assert_close(s.predicted, s.masks.double() @ r.scores.double())
     # the measured values are f(S) from the units' own ablation
-    again = al.units.resolve("tokens").mask_values(lm, PROMPT, " store", s.masks)
-    torch.testing.assert_close(s.values, again.double())
+    bound = al.units.resolve("tokens").bind(lm, PROMPT, al.targets.resolve(" store", lm))
+    torch.testing.assert_close(s.values, bound.f(s.masks)[:, 0].double())
     assert s.lds == pytest.approx(spearman(s.predicted, s.values))
 
 

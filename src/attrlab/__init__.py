@@ -12,7 +12,8 @@ Example:
     True
 """
 
-from . import ablations, errors, evaluate, methods, targets, testing, units, zoo
+# viz registers the HTML and plot views of results (result.py imports no view)
+from . import ablations, errors, evaluate, methods, targets, testing, units, viz, zoo
 from .attribute import attribute
 from .errors import AttrlabError
 from .methods.lens import logit_lens
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttrlabError",
+    "ablations",
     "Attribution",
     "Batch",
     "Cache",
@@ -38,6 +40,7 @@ __all__ = [
     "targets",
     "testing",
     "units",
+    "viz",
     "wrap",
     "zoo",
 ]
