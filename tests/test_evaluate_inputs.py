@@ -31,7 +31,7 @@ def lm():
     return al.wrap(*al.testing.tiny_model("gpt2", dtype=torch.float64))
 
 
-@pytest.mark.parametrize("name", ["lds", "curves", "sanity"])
+@pytest.mark.parametrize("name", ["lds", "curves", "sanity", "agreement"])
 def test_doctests(name):
     mod = importlib.import_module(f"attrlab.evaluate.{name}")
     res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
@@ -46,6 +46,7 @@ def test_exports():
         "comprehensiveness",
         "sufficiency",
         "randomization_check",
+        "agreement",
     ):
         assert name in al.evaluate.__all__ and callable(getattr(al.evaluate, name))
 
