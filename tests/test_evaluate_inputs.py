@@ -31,7 +31,7 @@ def lm():
     return al.wrap(*al.testing.tiny_model("gpt2", dtype=torch.float64))
 
 
-@pytest.mark.parametrize("name", ["lds", "curves", "sanity"])
+@pytest.mark.parametrize("name", ["lds", "curves", "sanity", "agreement"])
 def test_doctests(name):
     mod = importlib.import_module(f"attrlab.evaluate.{name}")
     res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
@@ -46,6 +46,7 @@ def test_exports():
         "comprehensiveness",
         "sufficiency",
         "randomization_check",
+        "agreement",
     ):
         assert name in al.evaluate.__all__ and callable(getattr(al.evaluate, name))
 
@@ -66,8 +67,8 @@ def test_lds_prediction_is_sum_of_kept_scores(lm):
     assert s.masks.shape == (40, len(r))
     torch.testing.assert_close(s.predicted, s.masks.double() @ r.scores.double())
     # the measured values are f(S) from the units' own ablation
-    again = al.units.resolve("tokens").mask_values(lm, PROMPT, " store", s.masks)
-    torch.testing.assert_close(s.values, again.double())
+    bound = al.units.resolve("tokens").bind(lm, PROMPT, al.targets.resolve(" store", lm))
+    torch.testing.assert_close(s.values, bound.f(s.masks)[:, 0].double())
     assert s.lds == pytest.approx(spearman(s.predicted, s.values))
 
 

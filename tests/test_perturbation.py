@@ -166,8 +166,8 @@ def test_occlusion_equals_replacing_tokens_by_pad(lm64):
     m[0, 4:6] = False
     row = ids.clone()
     row[4:6] = lm64.pad_token_id
-    got = words.mask_values(lm64, PROMPT, " store", m)
-    assert abs(float(got[0]) - f(row)) < 1e-10
+    got = words.bind(lm64, PROMPT, al.targets.resolve(" store", lm64)).f(m)
+    assert abs(float(got[0, 0]) - f(row)) < 1e-10
 
 
 def test_perturbation_rows_for_continuations(lm64):
@@ -201,7 +201,8 @@ def test_spans_and_baselines(lm64):
     with pytest.raises(InputError):
         al.attribute(lm64, PROMPT, target=" store", units=[(0, 400)], method="occlusion")
     with pytest.raises(InputError):
-        al.units.resolve("tokens").mask_values(lm64, PROMPT, " store", torch.ones(2, 3).bool())
+        bound = al.units.resolve("tokens").bind(lm64, PROMPT, al.targets.resolve(" store", lm64))
+        bound.f(torch.ones(2, 3).bool())
     with pytest.raises(InputError):
         al.attribute(lm64, [[1, 2, 3]], target=" store", units="words", method="occlusion")
 

@@ -12,7 +12,8 @@ Example:
     True
 """
 
-from . import ablations, errors, evaluate, methods, targets, testing, units, zoo
+# viz registers the HTML and plot views of results (result.py imports no view)
+from . import ablations, errors, evaluate, methods, targets, testing, units, viz, zoo
 from .attribute import attribute
 from .errors import AttrlabError
 from .methods.lens import logit_lens
@@ -38,6 +39,7 @@ __all__ = [
     "targets",
     "testing",
     "units",
+    "viz",
     "wrap",
     "zoo",
 ]

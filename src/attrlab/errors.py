@@ -113,5 +113,10 @@ class QuestionMismatchError(InputError):
     ones the result explains."""
 
 
+class UnitMismatchError(QuestionMismatchError):
+    """Two results cannot be compared unit by unit: other unit kinds, other label
+    columns, duplicated labels, or the same unit labelled with another token."""
+
+
 class CounterfactualWarning(UserWarning):
     """The counterfactual does not change the target: effects are all zero."""

@@ -263,7 +263,8 @@ def _same_target(lm: Any, result: Any, given: Any, recorded: Any, inputs: Any, k
 
 @dataclass
 class Question:
-    """The inputs, target and counterfactual an evaluation should use (see :func:`bind`).
+    """The inputs, target, counterfactual and ablation an evaluation should use
+    (see :func:`bind`).
 
     Example:
         >>> Question("a b", " a", None).inputs
@@ -275,19 +276,38 @@ class Question:
     counterfactual: Any
     #: the recorded :mod:`attrlab.ablations` object (None: the unit kind's default)
     ablation: Any = None
+    #: ``"lm"`` (a target on the model's logits) or ``"raw"`` (sources: the response)
+    target_kind: str = "lm"
+    #: why the recorded ablation cannot be rebuilt (a tensor baseline), if so
+    ablation_error: str | None = None
 
-    def resolved_ablation(self, given: Any = None, reference: Any = None) -> Any:
-        """The ablation to evaluate with: ``given`` if any, else the recorded one
-        (a counterfactual prompt means ``Counterfactual``).
+    def resolved_ablation(
+        self, given: Any = None, reference: Any = None, counterfactual: Any = None
+    ) -> Any:
+        """The ablation to evaluate with: ``given`` (or the ``counterfactual=``
+        shorthand) if any, else the recorded one (a recorded counterfactual prompt
+        means ``Counterfactual``); None means the unit kind's default.
+
+        Raises:
+            InputError: ``reference=`` without ``"mean"`` / ``"resample"``, or a
+                recorded ablation that cannot be rebuilt (pass ``ablation=`` again).
 
         Example:
             >>> Question("a b", " a", "a c").resolved_ablation()
             Counterfactual(inputs='a c')
+            >>> Question("a b", " a", None).resolved_ablation("mean", reference=["c d"])
+            Mean(reference=['c d'])
         """
         from .ablations import resolve
 
-        if given is not None:
-            return resolve(given, reference=reference)
+        if given is not None or counterfactual is not None:
+            return resolve(given, counterfactual=counterfactual, reference=reference)
+        if reference is not None:
+            raise InputError(
+                "reference= goes with ablation='mean' or 'resample'; pass ablation= too"
+            )
+        if self.ablation_error is not None:
+            raise InputError(self.ablation_error)
         if self.ablation is not None:
             return self.ablation
         return resolve(None, counterfactual=self.counterfactual)
@@ -337,7 +357,7 @@ def bind(
                 "or pass the units the result was computed on"
             )
     if not isinstance(q, Mapping):
-        return _bind_unrecorded(result, inputs, target, counterfactual)
+        return _bind_unrecorded(lm, result, inputs, target, counterfactual)
     rec_inputs = q.get("inputs")
     if q.get("inputs_tuple") and isinstance(rec_inputs, list):
         rec_inputs = tuple(rec_inputs)
@@ -381,18 +401,33 @@ def bind(
             f"this result was computed with the counterfactual {_short(rec_cf)}, not "
             f"{_short(counterfactual)}; leave counterfactual= out or pass the same one"
         )
-    abl = None
     spec_a = q.get("ablation")
-    if isinstance(spec_a, Mapping) and spec_a.get("name") != "counterfactual":
-        from .ablations import from_json
+    if isinstance(spec_a, Mapping) and spec_a.get("name") == "counterfactual":
+        spec_a = None  # the prompt is the recorded counterfactual
+    abl, err = _ablation_from(spec_a)
+    return Question(inputs, target, counterfactual, abl, t_kind, err)
 
-        abl = from_json(spec_a)
-    return Question(inputs, target, counterfactual, abl)
+
+def _ablation_from(spec: Any) -> tuple[Any, str | None]:
+    """``(ablation, None)`` from a recorded JSON spec, or ``(None, why)`` when it
+    cannot be rebuilt (the error is raised only if the ablation is needed)."""
+    from .ablations import from_json
+
+    if not isinstance(spec, Mapping):
+        return None, None
+    try:
+        return from_json(spec), None
+    except (InputError, TypeError) as e:
+        return None, str(e)
 
 
-def _bind_unrecorded(result: Any, inputs: Any, target: Any, counterfactual: Any) -> Question:
+def _bind_unrecorded(
+    lm: Any, result: Any, inputs: Any, target: Any, counterfactual: Any
+) -> Question:
     """Results made without :func:`attrlab.attribute` (a method called directly, an
     old file): check what the result's metadata allows."""
+    from .ablations import Counterfactual
+
     meta = getattr(result, "meta", {}) or {}
     text = meta.get("prompt") if result.unit_kind != "sources" else meta.get("context")
     if inputs is None:
@@ -409,4 +444,15 @@ def _bind_unrecorded(result: Any, inputs: Any, target: Any, counterfactual: Any)
         )
     if target is None and result.unit_kind == "sources" and "response_ids" in meta:
         target = list(meta["response_ids"])
-    return Question(inputs, target, counterfactual)
+    abl, err = _ablation_from(meta.get("ablation"))  # as Bound.result records it
+    if isinstance(abl, Counterfactual):
+        if counterfactual is None:
+            counterfactual = abl.inputs
+        elif not _same_inputs(lm, counterfactual, _inputs_json(abl.inputs)):
+            raise QuestionMismatchError(
+                f"this result was computed with the counterfactual {_short(abl.inputs)}, not "
+                f"{_short(counterfactual)}; leave counterfactual= out or pass the same one"
+            )
+        abl = None  # the counterfactual prompt above
+    kind = "raw" if result.unit_kind == "sources" else "lm"
+    return Question(inputs, target, counterfactual, abl, kind, err)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import FileFormatError, InputError
+from .errors import FileFormatError, InputError, UnitMismatchError
+
+#: label columns that describe a unit but do not identify it (ignored when aligning)
+TEXT_COLUMNS = ("token", "text", "special", "segment")
 
 FORMAT = "attrlab.attribution"
 FORMAT_VERSION = 1
@@ -114,30 +117,42 @@ class Attribution:
 
     # ------------------------------------------------------------- basics
     def unit_keys(self, columns: Sequence[str] | None = None) -> list[tuple[Any, ...]]:
-        """One hashable key per unit from its label columns (default: all but
-        free-text ones such as ``token``), the key results align on.
+        """One hashable key per unit from its label columns (default: every
+        column but the free-text ones, :data:`TEXT_COLUMNS`): the key results
+        align on.
 
         Example:
             >>> import torch
             >>> Attribution(torch.zeros(2), {"layer": [0, 1], "head": [3, 3]}, "heads", "x").unit_keys()
             [(0, 3), (1, 3)]
         """
-        cols = (
-            list(columns)
-            if columns is not None
-            else [c for c in self.units if c not in ("token", "text", "special", "segment")]
-        )
+        cols = list(columns) if columns is not None else self.key_columns()
         return (
             list(zip(*(self.units[c] for c in cols))) if cols else [(i,) for i in range(len(self))]
         )
 
+    def key_columns(self) -> list[str]:
+        """The label columns that identify a unit (all but :data:`TEXT_COLUMNS`).
+
+        Example:
+            >>> import torch
+            >>> cols = {"position": [0, 1], "token": ["a", "b"]}
+            >>> Attribution(torch.zeros(2), cols, "tokens", "x").key_columns()
+            ['position']
+        """
+        return [c for c in self.units if c not in TEXT_COLUMNS]
+
     def align(self, other: Attribution) -> tuple[Attribution, Attribution]:
-        """Both results restricted to their common units, in this result's order,
-        matched by label (so two methods that list the same heads in different
-        orders compare unit by unit).
+        """Both results reordered and restricted to their common units, in this
+        result's order, matched by label: two methods that list the same heads
+        in different orders then compare unit by unit. Rows (2-D scores) are
+        kept; the free-text columns (``token`` …) of matched units must agree.
 
         Raises:
-            InputError: different unit kinds, or no unit in common.
+            UnitMismatchError: other unit kinds, other identifying label columns
+                (e.g. heads per position against whole heads), a label that
+                names two units, a matched unit whose text differs (another
+                prompt), or no unit in common.
 
         Example:
             >>> import torch
@@ -146,21 +161,44 @@ class Attribution:
             >>> [r.scores.tolist() for r in a.align(b)]
             [[1.0, 2.0], [10.0, 20.0]]
         """
+        if not isinstance(other, Attribution):
+            raise InputError(f"align() needs another Attribution, got {type(other).__name__}")
         if other.unit_kind != self.unit_kind:
-            raise InputError(
-                f"cannot align {self.unit_kind!r} units with {other.unit_kind!r} units"
+            raise UnitMismatchError(
+                f"cannot align {self.unit_kind!r} units with {other.unit_kind!r} units; "
+                "compare results over the same unit kind"
             )
-        cols = [c for c in self.units if c in other.units and c not in ("token", "text")]
+        cols, theirs_cols = self.key_columns(), other.key_columns()
+        if sorted(cols) != sorted(theirs_cols):
+            raise UnitMismatchError(
+                f"the results label their {self.unit_kind!r} units by {cols} and {theirs_cols}: "
+                "they are different units (e.g. per position or not); attribute the same units"
+            )
         mine, theirs = self.unit_keys(cols), other.unit_keys(cols)
+        for res, keys in ((self, mine), (other, theirs)):
+            if len(set(keys)) != len(keys):
+                dup = next(k for i, k in enumerate(keys) if k in keys[:i])
+                raise UnitMismatchError(
+                    f"the labels {cols} of the {res.method!r} result name two units "
+                    f"({dict(zip(cols, dup))}); they cannot be matched by label"
+                )
         where = {k: i for i, k in enumerate(theirs)}
         pairs = [(i, where[k]) for i, k in enumerate(mine) if k in where]
         if not pairs:
-            raise InputError(
+            raise UnitMismatchError(
                 f"the two results share no unit (labels {cols}); attribute the same units"
             )
-        ia = [i for i, _ in pairs]
-        ib = [j for _, j in pairs]
-        return self._select(ia), other._select(ib)
+        for c in TEXT_COLUMNS:
+            if c in self.units and c in other.units:
+                bad = [(i, j) for i, j in pairs if self.units[c][i] != other.units[c][j]]
+                if bad:
+                    i, j = bad[0]
+                    raise UnitMismatchError(
+                        f"unit {dict(zip(cols, mine[i]))} is {c}={self.units[c][i]!r} in one "
+                        f"result and {other.units[c][j]!r} in the other: they explain different "
+                        "inputs"
+                    )
+        return self._select([i for i, _ in pairs]), other._select([j for _, j in pairs])
 
     def _select(self, idx: list[int]) -> Attribution:
         out = Attribution.__new__(Attribution)
@@ -359,25 +397,57 @@ class Attribution:
         )
 
     # ------------------------------------------------------------ display
+    # Views live in attrlab.viz and register themselves (register_view); a result
+    # computes and renders nothing itself, and imports no view.
     def _repr_html_(self) -> str:
-        from .viz.html import render_attribution
-
-        return render_attribution(self)
+        return _view("html")(self)
 
     def to_html(self) -> str:
-        """A self-contained HTML fragment (every string escaped)."""
+        """A self-contained HTML fragment (every string escaped), rendered by the
+        view :mod:`attrlab.viz` registers."""
         return self._repr_html_()
 
     def plot(self, ax: Any = None, k: int = 20) -> Any:
         """A matplotlib view: layer x head heatmap for heads, a heatmap for 2-D
-        scores, bars in text order for tokens, else the top ``k`` units as bars."""
-        from .viz.plots import plot
-
-        return plot(self, ax=ax, k=k)
+        scores, bars in text order for tokens, else the top ``k`` units as bars
+        (drawn by the view :mod:`attrlab.viz` registers)."""
+        return _view("plot")(self, ax=ax, k=k)
 
     def _top_indices(self, k: int) -> list[int]:
         s = self.scores if self.scores.dim() == 1 else self.scores.sum(0)
         return torch.argsort(s.abs().double(), descending=True, stable=True)[:k].tolist()
+
+
+_VIEWS: dict[str, Callable[..., Any]] = {}
+
+
+def register_view(name: str, fn: Callable[..., Any]) -> None:
+    """Make ``fn(result, **kw)`` the ``name`` view of every :class:`Attribution`
+    (``"html"``: ``_repr_html_`` / ``to_html``; ``"plot"``: ``plot``). Views
+    live above results (:mod:`attrlab.viz` registers its own on import), so
+    this module imports none.
+
+    Example:
+        >>> import torch
+        >>> old = _VIEWS.get("html")
+        >>> register_view("html", lambda r: f"<b>{r.method}</b>")
+        >>> Attribution(torch.zeros(1), {"i": [0]}, "tokens", "ig").to_html()
+        '<b>ig</b>'
+        >>> register_view("html", old)
+    """
+    if not callable(fn):
+        raise InputError(f"a view must be callable, got {fn!r}")
+    _VIEWS[name] = fn
+
+
+def _view(name: str) -> Callable[..., Any]:
+    fn = _VIEWS.get(name)
+    if fn is None:
+        raise InputError(
+            f"no {name!r} view is registered: import attrlab (or attrlab.viz), which "
+            "registers the HTML and plot views"
+        )
+    return fn
 
 
 # metadata keys every file written by Attribution.save has, with their JSON type

@@ -56,43 +56,58 @@ class Agreement:
         )
 
 
-def _exact(lm: Any, r: Any) -> Any:
-    """Exact occlusion with the result's question and ablation."""
-    from ..ablations import from_json
+def _exact(lm: Any, r: Any, how: dict[str, Any]) -> Any:
+    """Exact occlusion on the question ``r`` answers, with the same ablation and
+    direction: the generic occlusion estimator on the same bound question."""
+    from ..ablations import Counterfactual
     from ..attribute import attribute
-    from ..question import bind
-    from .lds import units_of
+    from ..methods.perturbation import Occlusion
+    from .lds import _bind, _question
 
-    q = bind(lm, r, what="compute exact occlusion for this result")
-    spec = r.meta.get("ablation")
-    abl = q.ablation or (from_json(spec) if isinstance(spec, dict) else None)
+    q, u, opts = _question(lm, r, None, None, None, "compute exact occlusion for", **how)
     direction = r.meta.get("direction", r.params.get("direction", "noising"))
-    if direction not in ("noising", "denoising"):
-        direction = "noising"
+    occ = Occlusion(direction if direction in ("noising", "denoising") else "noising")
+    if "f" in u.provides:
+        bound = _bind(lm, q, u, **opts)
+        scores, diag = occ.estimate(bound)
+        out = bound.result(scores, occ, diagnostics=diag)
+        if "question" in r.meta:
+            out.meta["question"] = r.meta["question"]
+        return out
+    # TRANSITIONAL (kinds without bind: sources): their own occlusion via al.attribute
+    cf = q.ablation.inputs if isinstance(q.ablation, Counterfactual) else None
     return attribute(
-        lm,
-        q.inputs,
-        target=q.target,
-        units=units_of(r),
-        method="occlusion",
-        counterfactual=q.counterfactual if abl is None else None,
-        ablation=abl,
-        direction=direction,
-    )
+        lm, q.inputs, target=q.target, units=u, method="occlusion", counterfactual=cf,
+        ablation=None if cf is not None else q.ablation, direction=occ.direction, **opts,
+    )  # fmt: skip
 
 
-def agreement(result: Any, reference: Any, lm: Any = None, k: int = 10) -> Agreement:
+def agreement(
+    result: Any,
+    reference: Any,
+    lm: Any = None,
+    k: int = 10,
+    *,
+    ablation: Any = None,
+    counterfactual: Any = None,
+    **options: Any,
+) -> Agreement:
     """Agreement of ``result`` with ``reference`` (an Attribution, or ``"exact"``).
 
     Args:
         result: an :class:`attrlab.Attribution`.
         reference: another result over the same units (aligned by label), or
-            ``"exact"``: exact occlusion with the same ablation (needs ``lm``).
+            ``"exact"``: exact occlusion on the question ``result`` answers, with
+            the same ablation and direction (needs ``lm``).
         lm: the wrapped model, for ``"exact"``.
         k: the top-k size for recall and false negatives.
+        ablation, counterfactual, **options: for ``"exact"``, another ablation
+            than the result's and the units' bind options (``batch_size`` …).
 
     Raises:
-        InputError: no model for ``"exact"``, different unit kinds, no common units.
+        InputError: no model for ``"exact"``, fewer than two common units.
+        UnitMismatchError: the units cannot be matched by label (other kinds,
+            other label columns, no unit in common).
         NonFiniteError: NaN or infinite scores.
 
     Example:
@@ -103,13 +118,26 @@ def agreement(result: Any, reference: Any, lm: Any = None, k: int = 10) -> Agree
         >>> agreement(a, b, k=2).recall
         1.0
     """
+    from ..result import Attribution
+
+    if not isinstance(result, Attribution):
+        raise InputError(f"agreement() needs an Attribution, got {type(result).__name__}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"k must be a positive integer, got {k!r}")
     check_scores(result, "cannot compare this result")
     if isinstance(reference, str):
         if reference != "exact":
             raise InputError(f"reference must be an Attribution or 'exact', got {reference!r}")
         if lm is None:
             raise InputError("agreement(r, 'exact') runs exact occlusion: pass lm=")
-        reference = _exact(lm, result)
+        how = {"ablation": ablation, "counterfactual": counterfactual, "options": options}
+        reference = _exact(lm, result, how)
+    elif not isinstance(reference, Attribution):
+        raise InputError(
+            f"reference must be an Attribution or 'exact', got {type(reference).__name__}"
+        )
+    elif ablation is not None or counterfactual is not None or options:
+        raise InputError("ablation=, counterfactual= and bind options are for reference='exact'")
     check_scores(reference, "cannot compare with this reference")
     a, b = result.align(reference)
     x = a.scores.double().reshape(-1, len(a)).mean(0).numpy()
@@ -117,7 +145,7 @@ def agreement(result: Any, reference: Any, lm: Any = None, k: int = 10) -> Agree
     n = len(x)
     if n < 2:
         raise InputError("agreement needs at least two common units")
-    k = max(1, min(int(k), n))
+    k = min(int(k), n)
     pear = float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else float("nan")
     top_ref = list(np.argsort(-np.abs(y), kind="stable")[:k])
     top_mine = set(np.argsort(-np.abs(x), kind="stable")[:k].tolist())

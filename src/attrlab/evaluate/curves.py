@@ -10,8 +10,11 @@ comprehensiveness = ``f(x) - f(x without the top q%)`` and sufficiency =
 ERASER measures the predicted class probability; here ``f`` is whatever target
 the result explains (logit, log-prob, continuation log-prob …).
 
-Every curve is measured with ``units.mask_values``, so it works for any unit
-kind that can be ablated (tokens, words, sources, components).
+Every curve is measured with ``f`` of the question the result answers (its
+inputs, target, units and ablation; :func:`attrlab.evaluate.lds._evaluate_masks`),
+so it works for every unit kind that provides ``f``: tokens, words, sentences,
+spans, heads, MLPs, neurons, layers, residual positions … ``ablation=``
+(or ``counterfactual=``) evaluates with another ablation than the result's.
 
 Example:
     >>> import attrlab as al
@@ -36,7 +39,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..model.lock import holds_model_lock
-from .lds import bind_context, evaluate_masks
+from .lds import _evaluate_masks, _question
 
 __all__ = [
     "Curve",
@@ -97,6 +100,15 @@ class Curve:
         return float(np.mean(self.full - v if self.kind == "deletion" else v - self.empty))
 
 
+def _how(ablation: Any, counterfactual: Any, reference: Any, options: Any) -> dict[str, Any]:
+    return {
+        "ablation": ablation,
+        "counterfactual": counterfactual,
+        "reference": reference,
+        "options": options,
+    }
+
+
 def _rank(result: Any, row: int | None) -> tuple[Tensor, int | None]:
     s = torch.as_tensor(result.scores).double()
     if s.dim() == 2:
@@ -131,14 +143,13 @@ def _curve(
     steps: int | None,
     row: int | None,
     units: Any,
-    context: dict[str, Any],
+    how: dict[str, Any],
 ) -> Curve:
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise InputError(f"steps must be a positive integer or None, got {steps!r}")
-    q = bind_context(
-        lm, result, inputs, target, units, context, f"draw a {kind} curve of this result"
+    q, u, opts = _question(
+        lm, result, inputs, target, units, f"draw a {kind} curve of this result", **how
     )
-    inputs, target = q.inputs, q.target
     score, row = _rank(result, row)
     n = score.shape[0]
     order = torch.argsort(score, descending=True, stable=True)
@@ -152,7 +163,7 @@ def _curve(
         else:
             masks[i, top] = True
     masks[-2] = True  # full
-    vals = _values(evaluate_masks(lm, result, inputs, target, masks, units, **context), row)
+    vals = _values(_evaluate_masks(lm, q, u, masks, **opts), row)
     return Curve(
         kind=kind,
         fractions=[k / n for k in ks],
@@ -172,7 +183,10 @@ def deletion_curve(
     steps: int | None = None,
     row: int | None = None,
     units: Any = None,
-    **context: Any,
+    ablation: Any = None,
+    counterfactual: Any = None,
+    reference: Any = None,
+    **options: Any,
 ) -> Curve:
     """Ablate units in order of decreasing score and record the target.
 
@@ -184,7 +198,11 @@ def deletion_curve(
         steps: number of points after the first (default: every unit).
         row: for multi-row results, which row (default: rank by the sum of rows
             and record the sum of the rows' targets).
-        **context: passed to ``units.mask_values`` (e.g. ``baseline=``).
+        units: the unit object, when it cannot be rebuilt from the result.
+        ablation, counterfactual, reference: the ablation to measure with
+            (default: the one the result used; see :func:`attrlab.evaluate.lds`).
+        **options: the units' bind options (``batch_size`` …; ``baseline=`` is a
+            deprecated alias of ``ablation=``).
 
     Example:
         >>> import attrlab as al
@@ -194,7 +212,17 @@ def deletion_curve(
         >>> c.fractions
         [0.0, 0.5, 1.0]
     """
-    return _curve("deletion", lm, result, inputs, target, steps, row, units, context)
+    return _curve(
+        "deletion",
+        lm,
+        result,
+        inputs,
+        target,
+        steps,
+        row,
+        units,
+        _how(ablation, counterfactual, reference, options),
+    )
 
 
 @holds_model_lock
@@ -206,7 +234,10 @@ def insertion_curve(
     steps: int | None = None,
     row: int | None = None,
     units: Any = None,
-    **context: Any,
+    ablation: Any = None,
+    counterfactual: Any = None,
+    reference: Any = None,
+    **options: Any,
 ) -> Curve:
     """Keep only the top-k units (k = 0..n) and record the target.
 
@@ -218,7 +249,17 @@ def insertion_curve(
         >>> abs(c.values[-1] - c.full) < 1e-6
         True
     """
-    return _curve("insertion", lm, result, inputs, target, steps, row, units, context)
+    return _curve(
+        "insertion",
+        lm,
+        result,
+        inputs,
+        target,
+        steps,
+        row,
+        units,
+        _how(ablation, counterfactual, reference, options),
+    )
 
 
 def _eraser(
@@ -230,14 +271,13 @@ def _eraser(
     bins: Sequence[float],
     row: int | None,
     units: Any,
-    context: dict[str, Any],
+    how: dict[str, Any],
 ) -> float:
     if not bins or any(not 0 < q <= 1 for q in bins):
         raise InputError(f"bins must be fractions in (0, 1], got {bins!r}")
-    qn = bind_context(
-        lm, result, inputs, target, units, context, f"compute the {kind} of this result"
+    qn, u, opts = _question(
+        lm, result, inputs, target, units, f"compute the {kind} of this result", **how
     )
-    inputs, target = qn.inputs, qn.target
     score, row = _rank(result, row)
     n = score.shape[0]
     order = torch.argsort(score, descending=True, stable=True)
@@ -250,7 +290,7 @@ def _eraser(
             masks[i, top] = False
         else:
             masks[i, top] = True
-    vals = _values(evaluate_masks(lm, result, inputs, target, masks, units, **context), row)
+    vals = _values(_evaluate_masks(lm, qn, u, masks, **opts), row)
     return float((vals[-1] - vals[:-1]).mean())
 
 
@@ -263,7 +303,10 @@ def comprehensiveness(
     bins: Sequence[float] = ERASER_BINS,
     row: int | None = None,
     units: Any = None,
-    **context: Any,
+    ablation: Any = None,
+    counterfactual: Any = None,
+    reference: Any = None,
+    **options: Any,
 ) -> float:
     """ERASER comprehensiveness: mean over bins of ``f(x) - f(x without the top q%)``
     (higher = the top units matter more).
@@ -275,7 +318,17 @@ def comprehensiveness(
         >>> isinstance(al.evaluate.comprehensiveness(lm, r, "a b c d", " a"), float)
         True
     """
-    return _eraser("comprehensiveness", lm, result, inputs, target, bins, row, units, context)
+    return _eraser(
+        "comprehensiveness",
+        lm,
+        result,
+        inputs,
+        target,
+        bins,
+        row,
+        units,
+        _how(ablation, counterfactual, reference, options),
+    )
 
 
 @holds_model_lock
@@ -287,7 +340,10 @@ def sufficiency(
     bins: Sequence[float] = ERASER_BINS,
     row: int | None = None,
     units: Any = None,
-    **context: Any,
+    ablation: Any = None,
+    counterfactual: Any = None,
+    reference: Any = None,
+    **options: Any,
 ) -> float:
     """ERASER sufficiency: mean over bins of ``f(x) - f(top q% only)`` (lower = the
     top units alone suffice).
@@ -299,4 +355,14 @@ def sufficiency(
         >>> isinstance(al.evaluate.sufficiency(lm, r, "a b c d", " a"), float)
         True
     """
-    return _eraser("sufficiency", lm, result, inputs, target, bins, row, units, context)
+    return _eraser(
+        "sufficiency",
+        lm,
+        result,
+        inputs,
+        target,
+        bins,
+        row,
+        units,
+        _how(ablation, counterfactual, reference, options),
+    )

@@ -9,8 +9,10 @@ and measurement ("TRAK: Attributing Model Behavior at Scale"; ContextCite
 uses the same score on prompt sources). For results with several rows (one per
 generated token) it is computed per row and averaged.
 
-One function serves tokens, words, sentences, spans, sources and components:
-anything whose unit kind implements ``mask_values``. Training-data results
+One function serves every unit kind that provides ``f``: it binds the
+question the result answers (inputs, target, units, ablation, read from
+``result.meta["question"]``) and measures ``units.bind(...).f(masks)``
+(:func:`_evaluate_masks`). Training-data results
 (``unit_kind == "train"``) are dispatched to :func:`attrlab.data.lds.lds`,
 which measures ``f`` by retraining.
 
@@ -25,16 +27,19 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import InputError, UnsupportedAblationError
 from ..model.lock import holds_model_lock
+from ..question import Question
 
 __all__ = ["LDSScore", "lds", "random_subsets", "spearman", "units_of"]
 
@@ -158,83 +163,146 @@ def _as_2d(v: Any) -> Tensor:
     return t[:, None] if t.dim() == 1 else t
 
 
-@holds_model_lock
-def evaluate_masks(
-    lm: Any, result: Any, inputs: Any, target: Any, masks: Tensor, units: Any = None, **context: Any
-) -> Tensor:
-    """``f(S)`` for each mask as a ``[n_masks, rows]`` float64 tensor, checked
-    against the result's number of units.
-
-    Example:
-        >>> import torch, attrlab as al
-        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> r = al.attribute(lm, "a b c", target=" a", method="occlusion")
-        >>> tuple(evaluate_masks(lm, r, "a b c", " a", torch.ones(2, 3).bool()).shape)
-        (2, 1)
-    """
-    u = units_of(result, units)
-    n = int(result.scores.shape[-1])
-    if masks.shape[-1] != n:
-        raise InputError(f"masks have {masks.shape[-1]} units, the result {n}")
-    recorded = context.pop("_recorded_ablation", None)
-    if "f" in getattr(u, "provides", ()):
-        bound = bind_result(lm, result, inputs, target, u, recorded, context)
-        if bound.n != n:
-            raise InputError(f"the units give {bound.n} units, the result has {n}; pass units=")
-        return _as_2d(bound.f(masks))
-    return _as_2d(u.mask_values(lm, inputs, target, masks, **context))
+#: options of ``units.bind`` that define the question (not just its speed): read
+#: from the result's parameters when the method stored them
+_QUESTION_OPTIONS = ("site", "max_new_tokens")
 
 
-def bind_result(
+def _accepts(fn: Any, name: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _deprecated_baseline(baseline: Any, what: str) -> Any:
+    """The ablation a deprecated ``baseline=`` means, with a DeprecationWarning."""
+    from ..ablations import Ablation, Token, Zero
+
+    warnings.warn(
+        f"{what}: baseline= is deprecated; pass ablation= ('pad', 'zero', 'mask', a token "
+        "id, or an al.ablations object), the keyword every evaluation and al.attribute take",
+        DeprecationWarning,
+        stacklevel=4,
+    )
+    if isinstance(baseline, Ablation):
+        return baseline
+    if isinstance(baseline, str) and baseline == "zero":
+        return Zero()
+    return Token(baseline)
+
+
+def _question(
     lm: Any,
     result: Any,
     inputs: Any,
     target: Any,
     units: Any,
-    recorded: Any = None,
-    context: dict[str, Any] | None = None,
-) -> Any:
-    """The bound question (:class:`attrlab.units.base.Bound`) a result answers:
-    its units with the ablation given in ``context`` (``ablation=``,
-    ``counterfactual=``, ``reference=``, or the deprecated ``baseline=``), else
-    the one the result recorded. Other ``context`` entries are bind options
-    (``batch_size`` …).
+    what: str,
+    ablation: Any = None,
+    counterfactual: Any = None,
+    reference: Any = None,
+    options: dict[str, Any] | None = None,
+) -> tuple[Question, Any, dict[str, Any]]:
+    """The question an evaluation measures: ``(question, units, bind options)``.
+
+    Reads the inputs, target, counterfactual and ablation the result answers
+    (:func:`attrlab.question.bind`: given ones must match; non-finite scores are
+    refused), resolves the ablation (``ablation=`` / ``counterfactual=`` override
+    the recorded one; the deprecated ``baseline=`` maps to ``ablation=``) and
+    checks that the unit kind supports it — all before any forward pass. The
+    returned question's ``ablation`` is the one to apply (None: the kind's default).
 
     Example:
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
         >>> r = al.attribute(lm, "a b c", target=" a", units="heads", method="occlusion",
         ...                  ablation="zero")
-        >>> bind_result(lm, r, "a b c", " a", units_of(r)).ablation
-        Zero()
+        >>> q, u, _ = _question(lm, r, None, None, None, "evaluate")
+        >>> q.inputs, q.ablation, u.kind
+        ('a b c', Zero(), 'heads')
     """
-    import inspect
+    from ..question import bind
 
-    from ..ablations import from_json
-    from ..ablations import resolve as resolve_ablation
-    from ..methods.base import deprecated_baseline
+    opts = dict(options or {})
+    baseline = opts.pop("baseline", None)
+    if baseline is not None:
+        if ablation is not None or counterfactual is not None:
+            raise InputError("give ablation= only (baseline= is its deprecated alias)")
+        ablation = _deprecated_baseline(baseline, what)
+    q = bind(lm, result, inputs, target, counterfactual, units, what)
+    u = units_of(result, units)
+    abl = u.check_ablation(
+        q.resolved_ablation(ablation, reference=reference, counterfactual=counterfactual)
+    )
+    params = getattr(result, "params", {}) or {}
+    for k in _QUESTION_OPTIONS:
+        if params.get(k) is not None and k not in opts and _accepts(u.bind, k):
+            opts[k] = params[k]
+    return replace(q, ablation=abl), u, opts
+
+
+def _bind(lm: Any, q: Question, units: Any, **options: Any) -> Any:
+    """``units.bind(lm, inputs, target, ablation, **options)`` for the question
+    (the :class:`~attrlab.units.base.Bound` every evaluation measures ``f`` on).
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "a b c", target=" a", units="mlp", method="occlusion",
+        ...                  ablation="zero")
+        >>> q, u, opts = _question(lm, r, None, None, None, "evaluate")
+        >>> _bind(lm, q, u, **opts).n
+        2
+    """
     from ..targets import Target
     from ..targets import resolve as resolve_target
 
-    ctx = dict(context or {})
-    abl = ctx.pop("ablation", None)
-    cf = ctx.pop("counterfactual", None)
-    ref = ctx.pop("reference", None)
-    baseline = ctx.pop("baseline", None)
-    if abl is not None or cf is not None:
-        ablation = resolve_ablation(abl, counterfactual=cf, reference=ref)
-    elif baseline is not None:
-        ablation = deprecated_baseline("evaluate", baseline)
-    elif recorded is not None:
-        ablation = recorded
-    else:
-        spec = (getattr(result, "meta", {}) or {}).get("ablation")
-        ablation = from_json(spec) if isinstance(spec, dict) else None
-    tgt = target if isinstance(target, Target) else resolve_target(target, lm)
-    params = inspect.signature(units.bind).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        ctx = {k: v for k, v in ctx.items() if k in params}
-    return units.bind(lm, inputs, tgt, units.check_ablation(ablation), **ctx)
+    unknown = [k for k in options if not _accepts(units.bind, k)]
+    if unknown:
+        raise InputError(
+            f"units {units.kind!r} take no option {unknown[0]!r}; evaluations take "
+            "ablation=, counterfactual=, reference= and the units' bind options "
+            f"(see help(al.units.{type(units).__name__}.bind))"
+        )
+    tgt = q.target
+    if q.target_kind == "lm" and not isinstance(tgt, Target):
+        tgt = resolve_target(tgt, lm)
+    return units.bind(lm, q.inputs, tgt, q.ablation, **options)
+
+
+@holds_model_lock
+def _evaluate_masks(lm: Any, q: Question, units: Any, masks: Tensor, **options: Any) -> Tensor:
+    """``f(S)`` for each mask, ``[n_masks, rows]`` float64, from the bound question.
+
+    Kinds that provide ``f`` are bound (:func:`_bind`). TRANSITIONAL: kinds that
+    do not yet (edges, sources) are measured with their old ``mask_values``
+    (the counterfactual passed as its ``counterfactual=``); delete that branch
+    when every kind provides ``bind``.
+
+    Example:
+        >>> import torch, attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "a b c", target=" a", method="occlusion")
+        >>> q, u, opts = _question(lm, r, None, None, None, "evaluate")
+        >>> tuple(_evaluate_masks(lm, q, u, torch.ones(2, 3).bool(), **opts).shape)
+        (2, 1)
+    """
+    from ..ablations import Counterfactual, Remove
+
+    if "f" in getattr(units, "provides", ()):
+        bound = _bind(lm, q, units, **options)
+        if bound.n != masks.shape[-1]:
+            raise InputError(
+                f"the units give {bound.n} units, the result has {masks.shape[-1]}; pass units="
+            )
+        return _as_2d(bound.f(masks))
+    legacy = dict(options)  # transitional: delete with the kinds' mask_values
+    if isinstance(q.ablation, Counterfactual):
+        legacy["counterfactual"] = q.ablation.inputs
+    elif q.ablation is not None and not isinstance(q.ablation, Remove):
+        raise UnsupportedAblationError(
+            f"units={units.kind!r} cannot be evaluated with ablation {q.ablation.name!r} yet"
+        )
+    return _as_2d(units.mask_values(lm, q.inputs, q.target, masks, **legacy))
 
 
 def _score_rows(result: Any, n_rows: int) -> Tensor:
@@ -251,37 +319,6 @@ def _score_rows(result: Any, n_rows: int) -> Tensor:
     )
 
 
-def bind_context(
-    lm: Any,
-    result: Any,
-    inputs: Any,
-    target: Any,
-    units: Any,
-    context: dict[str, Any],
-    what: str,
-) -> Any:
-    """:func:`attrlab.question.bind` for an evaluation: checks the prompt, target,
-    units and scores, and adds the result's counterfactual to ``context`` for edge
-    units (their masks patch it in). Returns the :class:`~attrlab.question.Question`.
-
-    Example:
-        >>> import attrlab as al
-        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> r = al.attribute(lm, "a b c", target=" a", method="occlusion")
-        >>> bind_context(lm, r, None, None, None, {}, "evaluate").inputs
-        'a b c'
-    """
-    from ..question import bind
-
-    q = bind(lm, result, inputs, target, context.get("counterfactual"), units, what)
-    given = any(context.get(k) is not None for k in ("ablation", "baseline"))
-    if q.counterfactual is not None and not given:
-        context["counterfactual"] = q.counterfactual
-    if q.ablation is not None and not given:
-        context["_recorded_ablation"] = q.ablation
-    return q
-
-
 _UNSET: Any = object()
 
 
@@ -295,9 +332,16 @@ def lds(
     alpha: float = _UNSET,
     seed: int = _UNSET,
     units: Any = None,
-    **context: Any,
+    ablation: Any = None,
+    counterfactual: Any = None,
+    reference: Any = None,
+    **options: Any,
 ) -> Any:
     """LDS of ``result`` on ``n_masks`` random ``alpha``-subsets of its units.
+
+    ``f(S)`` is measured on the question the result answers (its inputs,
+    target, units and ablation, read from ``result.meta["question"]``), for
+    every unit kind that provides ``f``.
 
     Args:
         lm: the wrapped model the result explains.
@@ -307,19 +351,33 @@ def lds(
             :class:`~attrlab.errors.QuestionMismatchError`).
         n_masks, alpha, seed: the subsets (defaults 64, 0.5, 0).
         units: the unit object, when it cannot be rebuilt from the result.
-        **context: ``ablation=`` (default: the one the result used),
-            ``counterfactual=``, ``reference=``, bind options (``batch_size`` …), or
-            for sources ``response=`` …; for training-data results, passed to
-            :func:`attrlab.data.lds.lds`.
+        ablation: what replaces the dropped units (a name or an
+            :mod:`attrlab.ablations` object); default: the one the result used.
+        counterfactual: shorthand for ``ablation=Counterfactual(counterfactual)``
+            (must match the result's counterfactual, if it has one).
+        reference: prompts for ``ablation="mean"`` / ``"resample"``.
+        **options: the units' bind options (``batch_size``, ``memory_budget`` …;
+            ``baseline=`` is a deprecated alias of ``ablation=``); for
+            training-data results, passed to :func:`attrlab.data.lds.lds`.
 
     Returns:
         :class:`LDSScore` (for training data, the data module's result).
+
+    Raises:
+        QuestionMismatchError: another prompt, target, counterfactual or unit kind.
+        NonFiniteError: NaN or infinite scores.
+        UnsupportedAblationError: an ablation the unit kind cannot apply.
 
     Example:
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
         >>> r = al.attribute(lm, "When Mary and John went", target=" to", method="kernelshap")
         >>> round(float(al.evaluate.lds(lm, r, "When Mary and John went", " to", seed=1)), 2) > 0
+        True
+        >>> h = al.attribute(lm, "When Mary and John went", target=" to", units="heads",
+        ...                  method="kernelshap", ablation="zero")
+        >>> s = al.evaluate.lds(lm, h, n_masks=16)  # question and ablation read from h
+        >>> s.masks.shape == (16, len(h))
         True
     """
     from ..result import Attribution
@@ -331,21 +389,29 @@ def lds(
     if result.unit_kind == "train":
         from ..data.lds import lds as data_lds
 
+        if ablation is not None or counterfactual is not None or reference is not None:
+            raise InputError(
+                "training examples are removed by retraining: lds() of a training-data "
+                "result takes no ablation=, counterfactual= or reference="
+            )
         given: dict[str, Any] = {
             k: v
             for k, v in (("n_masks", n_masks), ("alpha", alpha), ("seed", seed))
             if v is not _UNSET
         }
-        return data_lds(result, **given, **context)
+        return data_lds(result, **given, **options)
     n_masks = 64 if n_masks is _UNSET else int(n_masks)
     alpha = 0.5 if alpha is _UNSET else float(alpha)
     seed = 0 if seed is _UNSET else int(seed)
     if lm is None:
         raise InputError("lds() on input or component units needs the model: lds(lm, result, ...)")
-    q = bind_context(lm, result, inputs, target, units, context, "compute the LDS of this result")
+    q, u, opts = _question(
+        lm, result, inputs, target, units, "compute the LDS of this result",
+        ablation, counterfactual, reference, options,
+    )  # fmt: skip
     n = int(result.scores.shape[-1])
     masks = random_subsets(n, n_masks, alpha, seed)
-    values = evaluate_masks(lm, result, q.inputs, q.target, masks, units, **context)  # [m, rows]
+    values = _evaluate_masks(lm, q, u, masks, **opts)  # [m, rows]
     s = _score_rows(result, values.shape[1])  # [rows, n]
     pred = masks.double() @ s.T  # [m, rows]
     per_row = [spearman(pred[:, r], values[:, r]) for r in range(values.shape[1])]

@@ -99,6 +99,8 @@ def randomization_check(
     units: Any = None,
     method: Any = None,
     counterfactual: Any = None,
+    ablation: Any = None,
+    reference: Any = None,
     **options: Any,
 ) -> RandomizationCheck:
     """Re-run ``result``'s method on a randomized copy of ``lm``; return the rank
@@ -113,6 +115,9 @@ def randomization_check(
             result when left out (given ones must match it). A default (top-token)
             target is fixed to the trained model's top token, so both models
             explain the same logit.
+        ablation, reference: the ablation of the re-run (default: the one the
+            result used, read from its question; give it again when it cannot be
+            rebuilt, e.g. a tensor).
         seed, include: see :func:`randomize_weights`.
         units: the unit object (default: rebuilt from the result).
         method: method name or object (default: ``result.method`` with ``result.params``,
@@ -161,6 +166,11 @@ def randomization_check(
             )
     else:
         name, params = method, dict(options)
+    abl = None  # the result's own ablation (a counterfactual stays counterfactual=)
+    if ablation is not None or reference is not None:
+        abl = q.resolved_ablation(ablation, reference=reference)
+    elif q.ablation is not None:
+        abl = q.ablation
     tgt = _fixed_target(lm, q.inputs, q.target, result, params)
     rand_model = randomize_weights(model, seed, include)
     if hasattr(lm, "with_model"):
@@ -170,8 +180,8 @@ def randomization_check(
 
         rand_lm = wrap(rand_model, lm.tokenizer, name=f"{lm.name} (randomized)")
     rand = attribute(
-        rand_lm, q.inputs, target=tgt, units=u, method=name, counterfactual=q.counterfactual,
-        **params,
+        rand_lm, q.inputs, target=tgt, units=u, method=name,
+        counterfactual=q.counterfactual if abl is None else None, ablation=abl, **params,
     )  # fmt: skip
     a = torch.as_tensor(result.scores).double().reshape(-1)
     b = torch.as_tensor(rand.scores).double().reshape(-1)

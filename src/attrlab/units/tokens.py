@@ -8,9 +8,9 @@ gradient and the perturbation methods and live here:
   (the output of the ``embed`` site): ``f(emb [n, pos, d_model]) -> [n, rows]``.
   Many embedding tensors (interpolation steps, masks) go through the model in
   one batched forward, fed with an ``Intervention("embed", value, op="set")``.
-* ablation by mask (:meth:`InputUnits.mask_values`): a dropped unit has the
-  embeddings of its tokens replaced by a *baseline* embedding (default: the pad
-  token's embedding). Replacing rather than deleting tokens keeps every other
+* ablation by mask (``InputUnits.bind(...).f(keep)``): a dropped unit has the
+  embeddings of its tokens replaced by the ablation's embedding (default:
+  ``Token("pad")``, the pad token's embedding). Replacing rather than deleting tokens keeps every other
   token at its position, so a mask changes only what it removes, and many masks
   fit in one batch without re-tokenizing.
 
@@ -21,11 +21,10 @@ never ablated and never interpolated: they stay at their real embeddings.
 Example:
     >>> import torch, attrlab as al
     >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-    >>> units = al.units.resolve("words")
-    >>> f = units.mask_values(lm, "When Mary and John went", " to",
-    ...                       torch.tensor([[True] * 5, [False] * 5]))
-    >>> tuple(f.shape)
-    (2,)
+    >>> b = al.units.resolve("words").bind(lm, "When Mary and John went",
+    ...                                    al.targets.resolve(" to", lm))
+    >>> tuple(b.f(torch.tensor([[True] * 5, [False] * 5])).shape)
+    (2, 1)
 """
 
 from __future__ import annotations
@@ -489,28 +488,6 @@ class InputUnits(Units):
         b = InputBound(self, lm, fwd, self.check_ablation(ablation), bs)
         b.grad_batch_size, b.progress = bs, progress
         return b
-
-    def mask_values(
-        self, lm: Any, inputs: Any, target: Any, masks: Any, baseline: Any = "pad", **context: Any
-    ) -> Tensor:
-        """Transitional: ``bind(...).f(masks)`` with a ``baseline=`` name (to be removed
-        when every evaluation binds the question)."""
-        bs = context.pop("batch_size", None)
-        abl = baseline if isinstance(baseline, Ablation) else Token(baseline)
-        if isinstance(baseline, str) and baseline == "zero":
-            abl = Zero()
-        out = InputBound(self, lm, make_forward(lm, inputs, target, **context), abl, bs).f(masks)
-        return out[:, 0] if out.shape[1] == 1 else out
-
-    def mask_values_fwd(
-        self, fwd: EmbedForward, masks: Any, baseline: Any = "pad", batch_size: int = 32
-    ) -> Tensor:
-        """Transitional (see :meth:`mask_values`)."""
-        abl: Any = Zero() if isinstance(baseline, str) and baseline == "zero" else Token(baseline)
-        if isinstance(baseline, Tensor):
-            abl = baseline
-        out = InputBound(self, None, fwd, abl, batch_size).f(masks)
-        return out[:, 0] if out.shape[1] == 1 else out
 
 
 class InputBound(Bound):
