@@ -33,7 +33,16 @@ from .adapters.base import Adapter
 from .interventions import Intervention
 from .sites import Site
 
-HEAD_AXIS = {"attn.q": 2, "attn.k": 2, "attn.v": 2, "attn.z": 2, "attn.head_out": 2}
+HEAD_AXIS = {
+    "attn.q_in": 2,
+    "attn.k_in": 2,
+    "attn.v_in": 2,
+    "attn.q": 2,
+    "attn.k": 2,
+    "attn.v": 2,
+    "attn.z": 2,
+    "attn.head_out": 2,
+}
 
 
 def _first(out: Any) -> Tensor:
@@ -80,6 +89,8 @@ class HookSession:
         # values shared between hooks of one layer within a forward
         self._z: dict[int, Tensor] = {}
         self._resid_pre: dict[int, Tensor] = {}
+        self._attn_in: dict[int, Tensor] = {}  # input of the pre-attention norm
+        self._qkv_w: dict[int, dict[str, tuple[Tensor, Tensor | None]]] = {}
         self._owner: int | None = None  # the thread whose forwards the hooks act on
 
     # ------------------------------------------------------------- helpers
@@ -168,7 +179,10 @@ class HookSession:
             self._add(block, "pre", self._resid_pre_hook(layer))
         if self._needs(p + "resid_post"):
             self._add(block, "fwd", self._resid_post_hook(layer))
-        if any(self._needs(p + f"attn.{c}") for c in "qkv"):
+        head_inputs = any(self._needs(p + f"attn.{c}_in") for c in "qkv")
+        if head_inputs:
+            self._add(a.attn_in_norm(layer), "pre", self._attn_in_hook(layer))
+        if head_inputs or any(self._needs(p + f"attn.{c}") for c in "qkv"):
             for key, mod in a.qkv_modules(layer).items():
                 self._add(mod, "fwd", self._qkv_hook(layer, key))
         need_head_out = self._needs(p + "attn.head_out")
@@ -180,6 +194,8 @@ class HookSession:
             out_norm = a.attn_out_norm(layer)
             target = out_norm if out_norm is not None else a.attn(layer)
             self._add(target, "fwd", self._attn_out_hook(layer, out_norm is not None))
+        if self._needs(p + "mlp.in"):
+            self._add(a.mlp_in_norm(layer), "pre", self._mlp_in_hook(layer))
         if self._needs(p + "mlp.neurons"):
             self._add(a.down_proj(layer), "pre", self._neurons_hook(layer))
         if self._needs(p + "mlp.out"):
@@ -240,13 +256,55 @@ class HookSession:
         def hook(module: nn.Module, args: Any, kwargs: Any, out: Tensor) -> Any:
             if key == "qkv":
                 q, k, v = self.a.split_qkv(out)
-                q = self._process(p + "q", q, 2)
-                k = self._process(p + "k", k, 2)
-                v = self._process(p + "v", v, 2)
+                q = self._process(p + "q", self._head_inputs(layer, "q", q), 2)
+                k = self._process(p + "k", self._head_inputs(layer, "k", k), 2)
+                v = self._process(p + "v", self._head_inputs(layer, "v", v), 2)
                 return self.a.merge_qkv(q, k, v)
             per_head = out.unflatten(-1, (-1, self.cfg.d_head))
+            per_head = self._head_inputs(layer, key, per_head)
             new = self._process(p + key, per_head, 2)
             return new.flatten(-2)
+
+        return hook
+
+    def _attn_in_hook(self, layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._attn_in[layer] = self._get_hidden(args, kwargs)
+
+        return hook
+
+    def _head_inputs(self, layer: int, c: str, values: Tensor) -> Tensor:
+        """The ``attn.{c}`` values ``[b, p, heads, d_head]`` recomputed from the
+        per-head inputs of site ``attn.{c}_in`` when a run writes that site (or
+        reads it under grad, so that its gradient is each head's own path);
+        otherwise ``values`` unchanged."""
+        name = f"blocks.{layer}.attn.{c}_in"
+        if not self._needs(name):
+            return values
+        x = self._attn_in[layer]  # [b, p, d_model]
+        per_head = x.unsqueeze(2).expand(-1, -1, values.shape[2], -1)
+        new = self._process(name, per_head, 2)
+        if new is per_head and not self.grad:
+            return values  # read only: the model's own projection
+        if layer not in self._qkv_w:
+            self._qkv_w[layer] = self.a.qkv_weights(layer)
+        w, b = self._qkv_w[layer][c]  # [d_model, heads, d_head], [heads, d_head]
+        normed = self.a.attn_in_norm(layer).forward(new)  # the module's own norm, no hooks
+        out = torch.einsum("bphd,dhe->bphe", normed, w.to(normed.dtype))
+        if b is not None:
+            out = out + b.to(out.dtype)
+        return out.to(values.dtype)
+
+    def _mlp_in_hook(self, layer: int) -> Any:
+        name = f"blocks.{layer}.mlp.in"
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            x = self._get_hidden(args, kwargs)
+            # the MLP's own copy: its gradient is the MLP path only, and writing it
+            # leaves the residual stream alone
+            own = x.view_as(x) if self.grad else x
+            new = self._process(name, own)
+            return None if new is x else self._set_hidden(args, kwargs, new)
 
         return hook
 
@@ -314,7 +372,7 @@ class HookSession:
                 new_head_out = self._process(p + "attn.head_out", head_out, 2)
                 if new_head_out is not head_out:
                     x = x + (new_head_out - head_out).sum(2)
-                elif self.grad:
+                elif plain:  # a read-only cache built from detached inputs
                     x = _straight_through(x, new_head_out.sum(2))
             x = self._process(p + "attn.out", x)
             if self._needs(p + "resid_mid"):

@@ -91,6 +91,12 @@ def apply(ivs: Sequence[Intervention], x: Tensor, head_axis: int | None) -> Tens
         old = x[sel]
         if callable(iv.value):
             new = iv.value(old)
+            if iv.rows is None and iv.positions is None and iv.heads is None:
+                if new is old:  # a callable that only reads: the very tensor, no copy
+                    continue
+                if new.shape == x.shape and (new.requires_grad or not torch.is_grad_enabled()):
+                    x = new.to(x.dtype)  # the whole site replaced (and in the graph)
+                    continue
         else:
             v = torch.as_tensor(iv.value, device=x.device)
             if not v.requires_grad:

@@ -5,6 +5,11 @@ site                           shape                       meaning
 =============================  ==========================  =====================================
 ``embed``                      ``[batch, pos, d_model]``   token embedding module output
 ``blocks.{l}.resid_pre``       ``[batch, pos, d_model]``   residual stream entering block l
+``blocks.{l}.attn.q_in|k_in|v_in``  ``[batch, pos, head, d_model]``  the residual input each query
+                                                           (key, value) head reads, before the
+                                                           pre-attention norm; writing it gives
+                                                           every head its own input (the head's
+                                                           projection is then recomputed from it)
 ``blocks.{l}.attn.q|k|v``      ``[batch, pos, head, d_head]``  projections (q/k before rotary)
 ``blocks.{l}.attn.pattern``    ``[batch, head, q_pos, k_pos]`` attention weights (read only;
                                                            eager attention)
@@ -17,6 +22,9 @@ site                           shape                       meaning
                                                            residual
 ``blocks.{l}.resid_mid``       ``[batch, pos, d_model]``   ``resid_pre + attn.out`` (sequential
                                                            blocks only)
+``blocks.{l}.mlp.in``          ``[batch, pos, d_model]``   the residual input the MLP reads,
+                                                           before its norm; writing it changes
+                                                           what the MLP reads, not the residual
 ``blocks.{l}.mlp.neurons``     ``[batch, pos, d_mlp]``     MLP post-activation (input of its
                                                            output projection)
 ``blocks.{l}.mlp.out``         ``[batch, pos, d_model]``   MLP's contribution to the residual
@@ -43,6 +51,9 @@ from ..errors import IndexRangeError, UnknownSiteError
 
 BLOCK_KINDS = (
     "resid_pre",
+    "attn.q_in",
+    "attn.k_in",
+    "attn.v_in",
     "attn.q",
     "attn.k",
     "attn.v",
@@ -51,13 +62,16 @@ BLOCK_KINDS = (
     "attn.head_out",
     "attn.out",
     "resid_mid",
+    "mlp.in",
     "mlp.neurons",
     "mlp.out",
     "resid_post",
 )
 GLOBAL_SITES = ("embed", "final_norm.input", "final_norm.scale", "final_norm.output", "unembed")
 READ_ONLY_KINDS = frozenset({"attn.pattern", "final_norm.scale"})
-HEAD_KINDS = frozenset({"attn.q", "attn.k", "attn.v", "attn.z", "attn.head_out"})
+HEAD_KINDS = frozenset(
+    {"attn.q_in", "attn.k_in", "attn.v_in", "attn.q", "attn.k", "attn.v", "attn.z", "attn.head_out"}
+)
 
 _BLOCK_RE = re.compile(r"^blocks\.(-?\d+)\.(.+)$")
 

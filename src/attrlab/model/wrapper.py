@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import operator
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -180,6 +181,37 @@ class LM:
             if v is not None:
                 return int(v)
         return int(getattr(self.model.config, "pad_token_id", None) or 0)
+
+    @contextmanager
+    def intervening(self, interventions: Iterable[Intervention]) -> Iterator[None]:
+        """Apply ``interventions`` to every :meth:`run` of this model in this thread
+        inside the block (before each run's own interventions). The block holds
+        the model's lock: runs from other threads wait until it ends.
+
+        Example:
+            >>> import attrlab as al
+            >>> from attrlab.model.interventions import Intervention
+            >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+            >>> with lm.intervening([Intervention("blocks.0.attn.z", 0.0)]):
+            ...     patched, _ = lm.run("a b")
+            >>> zeroed, _ = lm.run("a b", interventions=[Intervention("blocks.0.attn.z", 0.0)])
+            >>> bool(torch.equal(patched, zeroed))
+            True
+        """
+        ivs = list(interventions)
+        with self.lock:
+            local = self.__dict__.setdefault("_ambient", threading.local())
+            stack = local.__dict__.setdefault("stack", [])
+            stack.append(ivs)
+            try:
+                yield
+            finally:
+                stack.pop()
+
+    def _ambient_interventions(self) -> list[Intervention]:
+        local = self.__dict__.get("_ambient")
+        stack = getattr(local, "stack", None) if local is not None else None
+        return [iv for ivs in stack for iv in ivs] if stack else []
 
     def sites(self) -> list[str]:
         """Every site name of this model (see :mod:`attrlab.model.sites`)."""
@@ -422,7 +454,7 @@ class LM:
         batch = self.tokenize(inputs, prepend_bos)
         cache_sites = [self.site(n) for n in (cache or [])]
         ivs = []
-        for iv in interventions or []:
+        for iv in [*self._ambient_interventions(), *(interventions or [])]:
             if not isinstance(iv, Intervention):
                 raise InputError(f"interventions must be Intervention objects, got {type(iv)}")
             site = self.site(iv.site)

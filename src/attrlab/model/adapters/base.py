@@ -406,6 +406,10 @@ class Adapter:
     def down_proj(self, layer: int) -> nn.Module:
         return get_path(self.block(layer), self.down_proj_name)
 
+    def attn_in_norm(self, layer: int) -> nn.Module:
+        """The norm attention reads the residual stream through (``ln_1``, ``input_layernorm``)."""
+        return get_path(self.block(layer), self.attn_in_norm_name)
+
     def mlp_in_norm(self, layer: int) -> nn.Module:
         return get_path(self.block(layer), self.mlp_in_norm_name)
 
@@ -438,6 +442,37 @@ class Adapter:
     def merge_qkv(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Inverse of :meth:`split_qkv`."""
         return torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1)
+
+    def qkv_weights(self, layer: int) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """Per-head input projections of layer ``layer``'s attention:
+        ``{"q" | "k" | "v": (W [d_model, heads, d_head], b [heads, d_head] or None)}``
+        (query heads for q, key/value heads for k and v), so that head ``h``'s query
+        is ``attn_in_norm(x) @ W[:, h] + b[h]`` (before any rotary embedding or
+        q/k norm). Fused projections are split with :meth:`split_qkv`, the one
+        place that knows the family's column layout.
+
+        Example:
+            >>> import attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("gpt_neox"))
+            >>> W, b = lm.adapter.qkv_weights(0)["k"]
+            >>> tuple(W.shape), tuple(b.shape)
+            ((32, 4, 8), (4, 8))
+        """
+        out: dict[str, tuple[Tensor, Tensor | None]] = {}
+        for key, mod in self.qkv_modules(layer).items():
+            w, b = linear_in_out(mod)  # [d_in, d_out], [d_out]
+            if key == "qkv":  # the input dimension plays the position axis of split_qkv
+                ws = self.split_qkv(w[None])  # ([1, d_in, heads, d_head], ...)
+                bs = self.split_qkv(b[None, None]) if b is not None else (None, None, None)
+                for c, wc, bc in zip("qkv", ws, bs):
+                    out[c] = (wc[0], None if bc is None else bc[0, 0])
+            else:
+                dh = self.cfg.d_head
+                out[key] = (
+                    w.unflatten(-1, (-1, dh)),
+                    None if b is None else b.unflatten(-1, (-1, dh)),
+                )
+        return out
 
     # --------------------------------------------------------------- weights
     def W_O(self, layer: int) -> Tensor:
