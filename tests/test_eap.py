@@ -100,24 +100,42 @@ def test_head_input_gradients_sum_to_attention_path():
     torch.testing.assert_close(heads, gp - gm, atol=1e-10, rtol=1e-7)
 
 
-def test_eap_ig_inputs_completeness_at_the_embedding(lm):
-    """IG over the block-0 input: the embed edges sum to the metric change."""
-    r = eap(lm, method="eap-ig", steps=32)
-    d = r.diagnostics
-    emb = r.scores[[i for i, u in enumerate(r.units["upstream"]) if u == "embed"]].sum()
-    change = d["metric_clean"] - d["metric_counterfactual"]  # contributions sum to this
-    assert float(emb) == pytest.approx(change, rel=2e-3, abs=1e-6)
+def test_eap_ig_is_complete(lm):
+    """IG over edge gates: the scores sum to f(all) - f(none), and every edge
+    ablated is the counterfactual run (values from plain runs)."""
+    r = eap(lm, method="eap-ig", steps=16)
+    t = al.targets.resolve((" Mary", " John"), lm)
+    clean = float(t(lm.run(PROMPT)[0], lm.tokenize(PROMPT))[0])
+    cf = float(t(lm.run(CF)[0], lm.tokenize(CF))[0])
+    assert float(r.scores.sum()) == pytest.approx(clean - cf, rel=1e-3, abs=1e-6)
+    assert abs(r.diagnostics["relative_completeness_error"]) < 1e-3
+    assert r.diagnostics["metric_counterfactual"] == pytest.approx(cf, abs=1e-9)
 
 
-def test_eap_ig_variants_and_one_step(lm):
+def test_eap_ig_agrees_with_eap_and_checks_options(lm):
     base = eap(lm)
-    act = eap(lm, method="eap-ig", variant="activations", steps=4)
-    inp = eap(lm, method="eap-ig", steps=4)
-    assert torch.isfinite(act.scores).all() and torch.isfinite(inp.scores).all()
-    assert float(torch.corrcoef(torch.stack([act.scores, base.scores]))[0, 1]) > 0.5
-    assert float(torch.corrcoef(torch.stack([inp.scores, base.scores]))[0, 1]) > 0.5
-    with pytest.raises(al.errors.InputError, match="variant"):
-        eap(lm, method="eap-ig", variant="nope")
+    ig = eap(lm, method="eap-ig", steps=4)
+    assert torch.isfinite(ig.scores).all()
+    assert float(torch.corrcoef(torch.stack([ig.scores, base.scores]))[0, 1]) > 0.5
+    with pytest.raises(al.errors.InputError, match="steps"):
+        eap(lm, method="eap-ig", steps=0)
+    with pytest.raises(al.errors.InputError, match="variant"):  # gone: IG over gates only
+        eap(lm, method="eap-ig", variant="activations")
+
+
+def test_eap_with_zero_and_mean_ablations_is_the_gate_gradient(lm):
+    """Any ablation the edge kind supports: EAP is d f / d gate at g = 1 (finite
+    differences on f_gated over the two largest edges)."""
+    t = al.targets.resolve((" Mary", " John"), lm)
+    for abl in (al.ablations.Zero(), al.ablations.Mean([PROMPT, CF])):
+        r = al.attribute(lm, PROMPT, target=(" Mary", " John"), units="edges", method="eap",
+                         ablation=abl)  # fmt: skip
+        b = al.units.Edges().bind(lm, PROMPT, t, abl)
+        for i in torch.argsort(r.scores.abs(), descending=True)[:2].tolist():
+            g = torch.ones(2, b.n, dtype=torch.float64)
+            g[0, i] = 1 - 1e-5
+            v = b.f_gated(g)[:, 0]
+            assert float(v[1] - v[0]) / 1e-5 == pytest.approx(float(r.scores[i]), rel=1e-3)
 
 
 def test_same_counterfactual_warns(lm):
@@ -173,7 +191,7 @@ def test_gqa_eap_equals_brute_force_edge_patching_linearized(gqa):
 
 
 def test_gqa_eap_ig_completeness(gqa):
-    test_eap_ig_inputs_completeness_at_the_embedding(gqa)
+    test_eap_ig_is_complete(gqa)
 
 
 def test_llama_without_gqa_matches_mask_gradient():

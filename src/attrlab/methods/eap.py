@@ -1,30 +1,26 @@
-"""Edge attribution patching: EAP and EAP-IG (scores for every edge).
+"""Edge attribution patching: EAP and EAP-IG, computed over edge gates.
+
+TRANSITIONAL: both are the gradient estimators over the gates of
+:class:`attrlab.units.edges.EdgesBound` — EAP the gradient at ``g = 1``, EAP-IG
+Integrated Gradients from ``g = 0`` (every edge ablated) to ``g = 1`` — and
+become the ``eap`` / ``eap-ig`` presets of :mod:`attrlab.methods.gradient`;
+this module then goes (nothing here is specific to edges beyond the bound kind).
 
 EAP (Syed et al., "Attribution Patching Outperforms Automated Circuit
 Discovery") scores an edge ``u -> v`` (see :mod:`attrlab.units.edges`) by
 
-    EAP(u, v) = sum_pos (a_u(counterfactual) - a_u(clean)) . d metric / d x_v
+    EAP(u, v) = sum_pos (a_u(clean) - a_u(ablated)) . d metric / d x_v
 
 where ``x_v`` is the input of ``v`` and the gradient flows through ``v``
-only: the effect, linearized at the clean run, of patching that one edge. All
-edges come from one clean forward+backward and one counterfactual forward:
-one matrix product of the upstream differences ``[U, b*pos*d]`` with the
-per-node input gradients ``[V, b*pos*d]`` (from
-:func:`attrlab.units.edges.input_gradients`).
+only: the derivative of the target with respect to the edge's gate, one
+clean forward and backward for every edge (``EdgesBound.gate_grad``). Scores
+follow attrlab's one sign, the edge's contribution (the paper's "effect of
+patching" is ``r.effect_of_patching()``).
 
-EAP-IG (Hanna et al., "Have Faith in Faithfulness", 2024) averages the input
-gradient over ``steps`` points between the clean and the counterfactual run
-(midpoint rule; all steps in one batched forward/backward):
-
-* ``variant="inputs"``: the residual entering block 0 is interpolated;
-* ``variant="activations"``: every upstream node's output is shifted by
-  ``alpha * (a_u(counterfactual) - a_u(clean))`` at once.
-
-Scores are means over prompts and follow attrlab's one sign: the edge's
-contribution, ``-EAP(u, v)`` (the paper's quantity is
-``r.effect_of_patching()``). The contribution is also the gradient of the
-metric with respect to a keep-mask on the edge, which the tests use as a
-second, independent implementation.
+EAP-IG (Hanna et al., "Have Faith in Faithfulness") integrates that gradient
+along the gates from every edge ablated to every edge kept (Gauss-Legendre,
+``steps`` points, several per forward): the scores sum to ``f(all) - f(none)``
+up to ``completeness_error``.
 
 Example:
     >>> import attrlab as al
@@ -40,84 +36,47 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
 
+from ..ablations import Ablation
+from ..ablations import resolve as resolve_ablation
 from ..errors import InputError
-from ..model.interventions import Intervention
 from ..model.wrapper import LM, Inputs
 from ..result import Attribution
 from ..targets import Target
 from ..units.base import Units
-from ..units.edges import EdgeGraph, Edges, edge_activations, input_gradients
-from .atp import prepare_pair, same_batch, uses_last_only, warn_if_same
+from ..units.edges import Edges, EdgesBound
+from .atp import warn_if_same
 from .base import Method, check_int, register
 
-__all__ = ["EAP", "EAPIG", "edge_scores"]
+__all__ = ["EAP", "EAPIG"]
 
 
-def edge_scores(diff: Tensor, grads: Tensor, graph: EdgeGraph) -> Tensor:
-    """``[n_edges]`` scores from upstream differences ``[U, b, p, d]`` and
-    downstream input gradients ``[V, b, p, d]`` (mean over ``b``).
-
-    Example:
-        >>> g = EdgeGraph.build(1, 1, qkv=False)
-        >>> edge_scores(torch.ones(3, 1, 2, 4), torch.ones(3, 1, 2, 4), g).tolist()
-        [8.0, 8.0, 8.0, 8.0, 8.0, 8.0]
-    """
-    n_b = diff.shape[1]
-    if graph.n_pos:
-        full = torch.einsum("ubpd,vbpd->uvp", diff, grads.to(diff.dtype)) / n_b
-        return graph.from_matrix(full).float()
-    u = diff.reshape(diff.shape[0], -1)
-    v = grads.reshape(grads.shape[0], -1).to(u.dtype)
-    full = (u @ v.T) / n_b  # [U, V] (in the model's dtype)
-    return graph.from_matrix(full).float()
-
-
-def _result(
-    lm: LM,
-    graph: EdgeGraph,
-    scores: Tensor,
-    method: Method,
-    target: Target,
-    diagnostics: dict[str, Any],
-) -> Attribution:
-    # one sign: contributions, -(linearized effect of patching the edge);
-    # r.effect_of_patching() gives the effect
-    return Attribution(
-        -scores,
-        units=graph.labels(),
-        unit_kind="edges",
-        method=method.name,
-        target=target.describe(),
-        params={
-            **method.params(),
-            "units": {"kind": "edges", "qkv": graph.qkv, "n_pos": graph.n_pos},
-        },
-        model_id=lm.name,
-        diagnostics=diagnostics,
-        meta={
-            "direction": "noising",
-            "upstream": graph.upstream,
-            "downstream": graph.downstream,
-            "n_layers": graph.n_layers,
-            "n_pos": graph.n_pos,
-            "n_heads": graph.n_heads,
-            "n_kv_heads": graph.n_kv_heads,
-            "parallel": graph.parallel,
-        },
-    )
-
-
-def _graph(lm: LM, units: Units, n_pos: int) -> EdgeGraph:
+def _bind(
+    lm: LM, inputs: Inputs, target: Target, units: Units, counterfactual: Any, ablation: Any
+) -> EdgesBound:
     if not isinstance(units, Edges):
         raise InputError(f"edge attribution needs units='edges', got {units.kind!r}")
-    return units.graph(lm, n_pos=n_pos)
+    abl = ablation if isinstance(ablation, Ablation) else None
+    abl = abl or resolve_ablation(ablation, counterfactual=counterfactual)
+    return units.bind(lm, inputs, target, abl)
+
+
+def _diagnostics(bound: EdgesBound) -> dict[str, Any]:
+    clean = float(bound.clean()[0])
+    ablated = bound.ablated_value
+    if ablated is None:  # zero / mean: the all-ablated run through the patcher
+        ablated = float(bound.empty()[0])
+    same = bound.identical or warn_if_same(clean, ablated)
+    return {
+        "metric_clean": clean,
+        "metric_counterfactual": ablated,
+        "counterfactual_changes_target": not same,
+    }
 
 
 @register("eap", ("edges",))
 class EAP(Method):
-    """EAP: every edge's patching effect linearized at the clean run.
+    """EAP: every edge's gate gradient at the clean run (``g = 1``).
 
     Example:
         >>> import attrlab as al
@@ -135,35 +94,21 @@ class EAP(Method):
         target: Target,
         units: Units,
         counterfactual: Inputs | None = None,
+        ablation: Any = None,
     ) -> Attribution:
-        clean, cf = prepare_pair(lm, inputs, target, counterfactual)
-        graph = _graph(lm, units, clean.shape[1])
-        last = uses_last_only(target)
-        with torch.no_grad():
-            ref, logits_cf = edge_activations(lm, cf, graph, return_logits=True, last_only=last)
-            m_cf = target(logits_cf, cf).float().mean()
-        grads, m, act = input_gradients(
-            lm, clean, graph, target, last_only=last, with_activations=True
-        )
-        if same_batch(clean, cf):  # exactly zero differences, not rounding noise
-            ref = act
-        same = warn_if_same(float(m.float().mean()), float(m_cf))
-        diag = {
-            "metric_clean": float(m.float().mean()),
-            "metric_counterfactual": float(m_cf),
-            "counterfactual_changes_target": not same,
-        }
-        return _result(lm, graph, edge_scores(ref - act, grads, graph), self, target, diag)
+        bound = _bind(lm, inputs, target, units, counterfactual, ablation)
+        _, grads = bound.gate_grad(torch.ones(1, bound.n, dtype=torch.float64))
+        diag = _diagnostics(bound)
+        return bound.result(grads[0, 0], self, diag, meta={"direction": "noising"})
 
 
 @register("eap-ig", ("edges",))
 class EAPIG(Method):
-    """EAP-IG: EAP with the input gradient integrated from clean to counterfactual.
+    """EAP-IG: Integrated Gradients over edge gates, from every edge ablated
+    (``g = 0``) to every edge kept (``g = 1``).
 
     Args:
-        steps: interpolation points (midpoint rule), run as one batch.
-        variant: ``"inputs"`` (interpolate the residual entering block 0) or
-            ``"activations"`` (shift every upstream node's output).
+        steps: Gauss-Legendre points (several per forward).
 
     Example:
         >>> import attrlab as al
@@ -174,12 +119,8 @@ class EAPIG(Method):
         4
     """
 
-    def __init__(self, steps: int = 8, variant: str = "inputs"):
-        steps = check_int("eap-ig", "steps", steps)
-        if variant not in ("inputs", "activations"):
-            raise InputError(f"variant must be 'inputs' or 'activations', got {variant!r}")
-        self.steps = steps
-        self.variant = variant
+    def __init__(self, steps: int = 8):
+        self.steps = check_int("eap-ig", "steps", steps)
 
     def attribute(
         self,
@@ -188,55 +129,22 @@ class EAPIG(Method):
         target: Target,
         units: Units,
         counterfactual: Inputs | None = None,
+        ablation: Any = None,
     ) -> Attribution:
-        clean, cf = prepare_pair(lm, inputs, target, counterfactual)
-        graph = _graph(lm, units, clean.shape[1])
-        last = uses_last_only(target)
-        with torch.no_grad():
-            ref, logits_cf = edge_activations(lm, cf, graph, return_logits=True, last_only=last)
-            act, logits = edge_activations(lm, clean, graph, return_logits=True, last_only=last)
-            if same_batch(clean, cf):
-                ref = act
-            m_cf = target(logits_cf, cf).float().mean()
-            m_clean = target(logits, clean).float().mean()
-        same = warn_if_same(float(m_clean), float(m_cf))
-        diff = ref - act  # [U, b, p, d]
-        n_b, k = clean.shape[0], self.steps
-        alphas = (torch.arange(k, dtype=diff.dtype) + 0.5) / k
-        rows = clean.repeat(k)  # prompt-major: row b * k + step
-        a_rows = alphas.repeat(n_b)[:, None, None]  # [rows, 1, 1]
-        ivs: list[Intervention] = []
-        if self.variant == "inputs":
-            start = act[0].repeat_interleave(k, 0) + a_rows * diff[0].repeat_interleave(k, 0)
-            ivs.append(Intervention("blocks.0.resid_pre", start))
-        else:
-            ivs.append(
-                Intervention(
-                    "blocks.0.resid_pre", a_rows * diff[0].repeat_interleave(k, 0), op="add"
-                )
-            )
-            H = graph.n_heads
-            for layer in range(graph.n_layers):
-                first, mlp = graph.up_index(layer)
-                dh = diff[first : first + H].permute(1, 2, 0, 3).repeat_interleave(k, 0)
-                ivs.append(
-                    Intervention(f"blocks.{layer}.attn.head_out", a_rows[..., None] * dh, op="add")
-                )
-                ivs.append(
-                    Intervention(
-                        f"blocks.{layer}.mlp.out",
-                        a_rows * diff[mlp].repeat_interleave(k, 0),
-                        op="add",
-                    )
-                )
-        grads, _ = input_gradients(lm, rows, graph, target, interventions=ivs, last_only=last)
-        g = grads.reshape(grads.shape[0], n_b, k, *grads.shape[2:]).mean(2)
-        scores = edge_scores(diff, g, graph)
-        diag = {
-            "metric_clean": float(m_clean),
-            "metric_counterfactual": float(m_cf),
-            "counterfactual_changes_target": not same,
-            "sum_of_scores": float(scores.sum()),
-            "metric_change": float(m_cf - m_clean),
-        }
-        return _result(lm, graph, scores, self, target, diag)
+        from .gradient import quadrature
+
+        bound = _bind(lm, inputs, target, units, counterfactual, ablation)
+        alphas, weights = quadrature("gausslegendre", self.steps)
+        g = alphas[:, None].expand(len(alphas), bound.n)
+        scores, _ = bound.gate_grad_sum(g, weights)
+        diag = _diagnostics(bound)
+        change = diag["metric_clean"] - float(bound.empty()[0])
+        err = float(scores.sum()) - change
+        diag.update(
+            {
+                "delta": change,
+                "completeness_error": err,
+                "relative_completeness_error": abs(err) / max(abs(change), 1e-12),
+            }
+        )
+        return bound.result(scores[0], self, diag, meta={"direction": "noising"})
