@@ -10,6 +10,7 @@ import torch
 
 import attrlab as al
 from attrlab.evaluate.circuits import (
+    circuit_curve,
     circuit_metric,
     completeness,
     evaluate_circuit,
@@ -132,9 +133,46 @@ def test_mean_ablation(lm):
     g = al.units.Edges().graph(lm)
     empty = Circuit(g, torch.zeros(g.n_edges, dtype=torch.bool))
     others = [PROMPT, CF, "When Tom and Anna went to the park, Anna gave a ball to"]
-    r = evaluate_circuit(lm, empty, PROMPT, TARGET, ablation="mean", mean_inputs=others)
+    r = evaluate_circuit(lm, empty, PROMPT, TARGET, ablation="mean", reference=others)
     assert r["faithfulness"] == pytest.approx(0.0, abs=1e-9)
     assert r["metric_circuit"] != pytest.approx(r["metric_clean"])
+    assert r["ablation"] == "mean"
+    # the deprecated spelling still works, with a warning
+    with pytest.warns(DeprecationWarning, match="reference="):
+        old = evaluate_circuit(lm, empty, PROMPT, TARGET, ablation="mean", mean_inputs=others)
+    assert old["metric_circuit"] == r["metric_circuit"]
+    # every node's output set to its mean over the references, by hand
+    sites = ["blocks.0.resid_pre"] + [
+        f"blocks.{i}.{s}" for i in range(2) for s in ("attn.head_out", "mlp.out")
+    ]
+    _, cache = lm.run(others, cache=sites)
+    ivs = [Intervention(s, cache[s].mean(0, keepdim=True)) for s in sites]
+    assert r["metric_circuit"] == pytest.approx(metric(lm, ivs=ivs), abs=1e-10)
+
+
+def test_zero_ablation_and_ablation_objects(lm):
+    g = al.units.Edges().graph(lm)
+    empty = Circuit(g, torch.zeros(g.n_edges, dtype=torch.bool))
+    a = faithfulness(lm, empty, PROMPT, TARGET, ablation="zero")
+    b = faithfulness(lm, empty, PROMPT, TARGET, ablation=al.ablations.Zero())
+    assert a["metric_circuit"] == b["metric_circuit"] and a["ablation"] == "zero"
+    with pytest.raises(al.errors.InputError, match="counterfactual="):
+        faithfulness(lm, empty, PROMPT, TARGET)  # edges have no default ablation
+
+
+def test_circuit_curve_is_faithfulness_of_each_circuit(lm, eap):
+    g = al.units.Edges().graph(lm)
+    order = torch.argsort(eap.scores.abs(), descending=True)
+    masks = torch.zeros(4, g.n_edges, dtype=torch.bool)
+    for i, k in enumerate((0, 5, 40, g.n_edges)):
+        masks[i, order[:k]] = True
+    curve = circuit_curve(lm, masks, g, PROMPT, TARGET, CF)
+    assert curve["faithfulness"][0] == pytest.approx(0.0, abs=1e-9)
+    assert curve["faithfulness"][-1] == pytest.approx(1.0, abs=1e-9)
+    for m, f in zip(masks, curve["faithfulness"]):
+        assert f == pytest.approx(
+            faithfulness(lm, Circuit(g, m), PROMPT, TARGET, CF)["faithfulness"], abs=1e-10
+        )
 
 
 def test_same_counterfactual_warns_not_nan(lm, eap):
@@ -164,6 +202,58 @@ def test_acdc_exact_reference(lm):
         lm, PROMPT, target=None, units=units, method="acdc", counterfactual=CF, tau=tau
     )
     assert torch.equal(r.extra["mask"].bool(), c.mask)
+    assert Circuit.from_attribution(r).edges() == c.edges()
+    # the speculative batches make the same decisions as one removal per forward
+    assert c.meta["n_forwards"] < c.graph.n_edges
+    slow = _acdc_one_at_a_time(lm, units, tau)
+    assert torch.equal(slow, c.mask)
+
+
+def _acdc_one_at_a_time(lm, units, tau):
+    """ACDC written out plainly: one forward per tried edge (the oracle)."""
+    from attrlab.units.edges import EdgePatcher, edge_activations
+
+    g = units.graph(lm)
+    ref = edge_activations(lm, lm.tokenize(CF), g)
+    p = lm.run(PROMPT)[0][0, -1].log_softmax(-1)
+
+    def kl(keep):
+        with torch.no_grad(), EdgePatcher(lm, g, ref, keep[None].double()):
+            logits, _ = lm.run(PROMPT)
+        return float((p.exp() * (p - logits[0, -1].log_softmax(-1))).sum())
+
+    keep = g.adjacency.clone().double()
+    current = kl(keep)
+    rank = {"embed": -1.0, "logits": 1e9}
+
+    def node_rank(name):
+        node = name.rsplit(".", 1)[0] if name.endswith((".q", ".k", ".v")) else name
+        if node in rank:
+            return rank[node]
+        return int(node[1:].split(".")[0]) + (0.5 if node.startswith("m") else 0)
+
+    for v in sorted(range(len(g.downstream)), key=lambda v: -node_rank(g.downstream[v])):
+        for u in reversed(range(len(g.upstream))):
+            if not g.adjacency[u, v]:
+                continue
+            keep[u, v] = 0.0
+            new = kl(keep)
+            if new - current < tau:
+                current = new
+            else:
+                keep[u, v] = 1.0
+    return g.from_matrix(keep).bool()
+
+
+def test_acdc_with_a_target_and_a_zero_ablation(lm):
+    units = al.units.Edges(qkv=False)
+    c = acdc(lm, PROMPT, tau=0.02, units=units, target=TARGET, ablation="zero")
+    full = Circuit(c.graph, torch.ones(c.graph.n_edges, dtype=torch.bool))
+    dist = abs(circuit_metric(lm, c, PROMPT, TARGET, ablation="zero")
+               - circuit_metric(lm, full, PROMPT, TARGET, ablation="zero"))  # fmt: skip
+    assert dist == pytest.approx(c.meta["final_distance"], abs=1e-10)
+    assert 0 < c.n_edges < c.graph.n_edges
+    assert dist < 0.02 * (c.graph.n_edges - c.n_edges)  # each accepted removal adds < tau
 
 
 def test_save_load_and_draw(lm, eap, tmp_path):
@@ -256,10 +346,21 @@ def test_ioi_eap_ig_circuit_is_faithful_on_held_out_prompts(ioi):
     assert res["metric_clean"] - res["metric_ablated"] > 1.0  # a real gap to explain
 
 
-def test_edges_mask_values(lm):
+def test_edges_f_many_masks(lm):
     units = al.units.Edges(qkv=False)
-    n = units.graph(lm).n_edges
-    masks = torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
-    vals = units.mask_values(lm, PROMPT, TARGET, masks, counterfactual=CF)
-    assert float(vals[0]) == pytest.approx(metric(lm), abs=1e-6)  # float32 values
-    assert float(vals[1]) == pytest.approx(metric(lm, CF), abs=1e-6)
+    b = units.bind(lm, PROMPT, al.targets.resolve(TARGET, lm), al.ablations.Counterfactual(CF))
+    masks = torch.stack([torch.ones(b.n, dtype=torch.bool), torch.zeros(b.n, dtype=torch.bool)])
+    vals = b.f(masks)[:, 0]
+    assert float(vals[0]) == pytest.approx(metric(lm), abs=1e-10)
+    assert float(vals[1]) == pytest.approx(metric(lm, CF), abs=1e-10)
+
+
+def test_circuit_modules_do_not_import_each_other():
+    import ast
+    from pathlib import Path
+
+    src = Path(al.__file__).parent
+    for mine, other in (("evaluate", "methods"), ("methods", "evaluate")):
+        tree = ast.parse((src / mine / "circuits.py").read_text())
+        names = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not any(f"{other}.circuits" in m or m == f"..{other}" for m in names), (mine, names)
