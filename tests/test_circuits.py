@@ -364,3 +364,14 @@ def test_circuit_modules_do_not_import_each_other():
         tree = ast.parse((src / mine / "circuits.py").read_text())
         names = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         assert not any(f"{other}.circuits" in m or m == f"..{other}" for m in names), (mine, names)
+
+
+@pytest.mark.parametrize("name", ["attrlab.methods.circuits", "attrlab.evaluate.circuits"])
+def test_doctests(name):
+    import doctest
+    import importlib
+
+    res = doctest.testmod(
+        importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    )
+    assert res.failed == 0 and res.attempted > 0

@@ -109,7 +109,8 @@ def test_eap_ig_is_complete(lm):
     cf = float(t(lm.run(CF)[0], lm.tokenize(CF))[0])
     assert float(r.scores.sum()) == pytest.approx(clean - cf, rel=1e-3, abs=1e-6)
     assert abs(r.diagnostics["relative_completeness_error"]) < 1e-3
-    assert r.diagnostics["metric_counterfactual"] == pytest.approx(cf, abs=1e-9)
+    assert r.diagnostics["baseline_value"] == pytest.approx(cf, abs=1e-9)  # f(no edge)
+    assert r.diagnostics["value"] == pytest.approx(clean, abs=1e-9)
 
 
 def test_eap_ig_agrees_with_eap_and_checks_options(lm):
@@ -218,3 +219,12 @@ def test_caching_head_out_or_resid_mid_leaves_gradients_unchanged(extra):
     if extra.endswith("head_out"):
         g_out = g_out.sum(2) / lm.cfg.n_heads
     torch.testing.assert_close(g_out, g_attn)
+
+
+def test_doctests():
+    import doctest
+
+    import attrlab.methods.eap as mod
+
+    res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert res.failed == 0 and res.attempted > 0

@@ -346,3 +346,14 @@ def test_per_head_input_sites_equal_the_modules_own_projection(family):
         want = _value(lm, ivs=[Intervention(f"blocks.1.attn.{comp}", val, heads=1)])
         assert got == pytest.approx(want, abs=1e-10), comp
         assert abs(want - _value(lm)) > 1e-6
+
+
+@pytest.mark.parametrize("name", ["attrlab.units.edges", "attrlab.circuit"])
+def test_doctests(name):
+    import doctest
+    import importlib
+
+    res = doctest.testmod(
+        importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    )
+    assert res.failed == 0 and res.attempted > 0

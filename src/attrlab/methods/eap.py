@@ -67,7 +67,8 @@ def _diagnostics(bound: EdgesBound) -> dict[str, Any]:
     if ablated is None:  # zero / mean: the all-ablated run through the patcher
         ablated = float(bound.empty()[0])
     same = bound.identical or warn_if_same(clean, ablated)
-    return {
+    return {  # "value": as the gate-gradient presets report it
+        "value": clean,
         "metric_clean": clean,
         "metric_counterfactual": ablated,
         "counterfactual_changes_target": not same,
@@ -138,11 +139,13 @@ class EAPIG(Method):
         g = alphas[:, None].expand(len(alphas), bound.n)
         scores, _ = bound.gate_grad_sum(g, weights)
         diag = _diagnostics(bound)
-        change = diag["metric_clean"] - float(bound.empty()[0])
+        empty = float(bound.empty()[0])
+        change = diag["metric_clean"] - empty
         err = float(scores.sum()) - change
-        diag.update(
+        diag.update(  # as the IG estimator reports them
             {
                 "delta": change,
+                "baseline_value": empty,
                 "completeness_error": err,
                 "relative_completeness_error": abs(err) / max(abs(change), 1e-12),
             }

@@ -511,6 +511,7 @@ def _circuit(demo: Demo) -> None:
         raise Unavailable("edge attribution needs a counterfactual prompt (--counterfactual)")
     r = _attr(demo, m, "edges", "edges", counterfactual=demo.counterfactual, steps=4)
     try:
+        from ..evaluate.circuits import evaluate_circuit
         from ..methods.circuits import extract_circuit
     except ImportError:  # circuits not in this install: draw the strongest edges
         demo.add(r, f"Circuit — {m}", "edges between components; the strongest edges are drawn")
@@ -519,7 +520,7 @@ def _circuit(demo: Demo) -> None:
     # measured by running the model with every other edge patched to the counterfactual
     for frac in (0.05, 0.1, 0.2, 0.3):
         c = extract_circuit(r, fraction=frac)
-        ev = c.evaluate(demo.lm, demo.prompt, demo.answer, demo.counterfactual)
+        ev = evaluate_circuit(demo.lm, c, demo.prompt, demo.answer, demo.counterfactual)
         if float(ev["faithfulness"]) >= 0.8:
             break
     faith = float(ev["faithfulness"])
