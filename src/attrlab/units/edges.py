@@ -465,19 +465,20 @@ def _reader_sites(graph: EdgeGraph) -> list[str]:
 
 
 def _reader_grads(graph: EdgeGraph, cache: Any, grads: dict[str, Tensor]) -> Tensor:
-    """Gradients at every downstream node's own input ``[b, V, p, d]`` from the
-    gradients at the reader sites (q/k/v inputs of one head summed with ``qkv=False``)."""
+    """Gradients at every downstream node's own input ``[V, b, p, d]`` (contiguous)
+    from the gradients at the reader sites (a head's q/k/v inputs summed with
+    ``qkv=False``)."""
     out = []
     for site, layer, _, _ in graph.readers():
         if site == "attn.in":
             parts = [grads[f"blocks.{layer}.attn.{c}_in"] for c in "qkv"]
-            out.append((parts[0] + parts[1] + parts[2]).permute(0, 2, 1, 3))
+            out.append((parts[0] + parts[1] + parts[2]).permute(2, 0, 1, 3))
         elif site.startswith("attn."):
-            out.append(grads[f"blocks.{layer}.{site}"].permute(0, 2, 1, 3))  # [b, heads, p, d]
+            out.append(grads[f"blocks.{layer}.{site}"].permute(2, 0, 1, 3))  # [heads, b, p, d]
         else:
             name = f"blocks.{layer}.{site}" if layer >= 0 else site
-            out.append(grads[name][:, None])
-    return torch.cat(out, 1)
+            out.append(grads[name][None])
+    return torch.cat(out, 0)
 
 
 @holds_model_lock
@@ -519,7 +520,7 @@ def input_gradients(
         m = metric_fn(logits, cache.batch)
         gs = torch.autograd.grad(m.sum(), [cache[s] for s in sites], allow_unused=True)
     grads = {s: torch.zeros_like(cache[s]) if g is None else g for s, g in zip(sites, gs)}
-    out = _reader_grads(graph, cache, grads).transpose(0, 1).detach()
+    out = _reader_grads(graph, cache, grads).detach()
     if with_activations:
         act = _stack_upstream({s: cache[s].detach() for s in ups}, graph.n_layers)
         return out, m.detach(), act
@@ -776,10 +777,14 @@ class EdgesBound(Bound):
         self.progress = progress
         self.last_only = _next_token_only(t)
         self.n_forwards = 0
-        with torch.no_grad():
-            self.actual, logits = edge_activations(
-                lm, self.batch, self.graph, return_logits=True, last_only=self.last_only
-            )
+        L = self.graph.n_layers
+        with torch.no_grad():  # the clean run: upstream outputs and every reader's input
+            logits, cache = lm.run(
+                self.batch, cache=_upstream_sites(L) + self._reader_input_sites(),
+                last_only=self.last_only,
+            )  # fmt: skip
+        self.actual = _stack_upstream(cache, L)  # [U, b, p, d]
+        self._clean_inputs = {s: cache[s] for s in self._reader_input_sites()}
         self._clean = self._value(logits, self.batch).reshape(1)
         self.ablated_value: float | None = None
         self.identical = False  # the ablation is the clean run itself
@@ -964,30 +969,35 @@ class EdgesBound(Bound):
         vals, acc = self.uniform_gate_grad(g[:, 0], weights)
         return acc[None], vals[:, None]
 
+    def _reader_input_sites(self) -> list[str]:
+        """Per reader of :meth:`EdgeGraph.readers`, the site holding its clean input."""
+        out = []
+        for site, layer, _, _ in self.graph.readers():
+            if site.startswith("attn."):
+                out.append(f"blocks.{layer}.resid_pre")
+            else:
+                out.append(f"blocks.{layer}.mlp.in" if layer >= 0 else site)
+        return out
+
     def _reader_references(self) -> list[Tensor]:
-        """Every reader's input with all its edges ablated, ``[ref_rows, p, d]`` per
-        reader of :meth:`EdgeGraph.readers` (``attn.in``: one for its three sites):
-        the clean input plus the sum of ``reference_u - actual_u`` over its upstream."""
+        """Every reader's input with all its edges ablated, ``[b, p, d]`` per reader
+        of :meth:`EdgeGraph.readers` (``attn.in``: one for its three sites): the
+        clean input plus the sum of ``reference_u - actual_u`` over its upstream."""
         if self._reader_refs is not None:
             return self._reader_refs
-        g = self.graph
-        sites = []
-        for site, layer, _, _ in g.readers():
-            sites.append(
-                f"blocks.{layer}.resid_pre" if site.startswith("attn.")
-                else (f"blocks.{layer}.mlp.in" if layer >= 0 else site)
-            )  # fmt: skip
-        with torch.no_grad():
-            _, cache = self.lm.run(self.batch, cache=sorted(set(sites)), last_only=True)
-            act = self.actual  # [U, b, p, d]
-            ref = torch.zeros_like(act[:, :1]) if self.reference is None else self.reference
-            diff = ref.to(act.dtype) - act  # [U, b | r, p, d] broadcast
-            csum = diff.cumsum(0)
-            out = []
-            for (_, _, _, n_up), s in zip(g.readers(), sites):
-                out.append(cache[s] + csum[n_up - 1])  # [b, p, d]
-        self._reader_refs = out
-        return out
+        act = self.actual  # [U, b, p, d]
+        ref = torch.zeros_like(act[:, :1]) if self.reference is None else self.reference
+        csum = (ref.to(act.dtype) - act).cumsum(0)  # [U, b, p, d]
+        readers = zip(self.graph.readers(), self._reader_input_sites())
+        self._reader_refs = [self._clean_inputs[s] + csum[n_up - 1] for (*_, n_up), s in readers]
+        return self._reader_refs
+
+    def empty(self) -> Tensor:
+        """``f(no edge)``: with a counterfactual, resampled or noised run, that
+        run's target (every reader then reads exactly that run's inputs)."""
+        if self.ablated_value is not None:
+            return torch.tensor([self.ablated_value], dtype=torch.float64)
+        return super().empty()
 
     def uniform_gate_grad(
         self, alphas: Tensor, weights: Tensor | None = None
@@ -1013,18 +1023,22 @@ class EdgesBound(Bound):
             return vals, grads
         bar = self._bar(k, "edges gate gradients")
         for sl in self._chunks(k, grad=True):
-            v, gr = self._uniform_chunk(alphas[sl])
+            w = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)[sl]
+            v, gr = self._uniform_chunk(alphas[sl], w)
             vals[sl] = v
             if weights is None:
                 grads[sl] = gr
             else:
-                w = torch.as_tensor(weights, dtype=torch.float64)[sl]
-                grads += (w[:, None] * gr).sum(0)
+                grads += gr
             bar.update(len(alphas[sl]))
         bar.close()
         return vals, grads
 
-    def _uniform_chunk(self, alphas: Tensor) -> tuple[Tensor, Tensor]:
+    def _uniform_chunk(
+        self, alphas: Tensor, weights: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Values ``[k]`` and gate gradients ``[k, n]`` at ``k`` uniform gates, or
+        with ``weights [k]`` their weighted sum ``[n]`` (one matrix product)."""
         lm, g = self.lm, self.graph
         n_b = self.batch.shape[0]
         k = len(alphas)
@@ -1040,9 +1054,10 @@ class EdgesBound(Bound):
                     r = r[:, :, None]
                 shape = (-1, 1, 1, 1) if heads else (-1, 1, 1)
 
+                a = a_rows.reshape(shape)
+
                 def fn(x: Tensor) -> Tensor:
-                    a = a_rows.reshape(shape)
-                    return a * x + (1 - a) * r
+                    return torch.lerp(r, x, a)  # a * x + (1 - a) * r
 
                 return fn
 
@@ -1069,14 +1084,22 @@ class EdgesBound(Bound):
             r = ref.repeat_interleave(k, 1) if ref.shape[1] == n_b else ref
             diff = act - r
         gt = grads.to(diff.dtype)
+        vals = m.double().reshape(n_b, k).mean(0).cpu()
+        U, n = diff.shape[0], diff.shape[1]
+        if weights is not None:  # sum_j w_j G_j (and the mean over prompts) in one product
+            w_rows = (weights.to(gt.device, gt.dtype) / n_b).repeat(n_b)  # row b * k + j
+            gw = gt * w_rows[None, :, None, None]
+            if g.n_pos:
+                S = torch.einsum("unpd,vnpd->uvp", diff, gw)  # [U, V, P]
+            else:
+                S = diff.reshape(U, -1) @ gw.reshape(gw.shape[0], -1).T  # [U, V]
+            return vals, g.from_matrix(S.double()).cpu()
         if g.n_pos:
             G = torch.einsum("unpd,vnpd->nuvp", diff, gt)  # [n, U, V, P]
         else:
-            n = diff.shape[1]
             G = torch.bmm(
-                diff.permute(1, 0, 2, 3).reshape(n, diff.shape[0], -1),
-                gt.permute(1, 0, 2, 3).reshape(n, gt.shape[0], -1).transpose(1, 2),
+                diff.transpose(0, 1).reshape(n, U, -1),
+                gt.transpose(0, 1).reshape(n, gt.shape[0], -1).transpose(1, 2),
             )  # [n, U, V]
         G = G.double().reshape(n_b, k, *G.shape[1:]).mean(0)  # mean over prompts
-        vals = m.double().reshape(n_b, k).mean(0)
-        return vals.cpu(), g.from_matrix(G).cpu()
+        return vals, g.from_matrix(G).cpu()
