@@ -19,7 +19,7 @@ Timed (median of ``--runs``):
   ``attrlab.methods.patching.patch_sweep``, extrapolated from a timed chunk of
   128 patches (one batched forward; 12 x 12 x 16 = 2304 patches in all);
 * ``eap``: EAP over all edges (separate q/k/v inputs), and ``eap-ig``
-  (8 steps, inputs variant).
+  (8 Gauss-Legendre steps: Integrated Gradients over edge gates).
 
 Run::
 

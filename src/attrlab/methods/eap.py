@@ -61,8 +61,8 @@ def _bind(
     return units.bind(lm, inputs, target, abl)
 
 
-def _diagnostics(bound: EdgesBound) -> dict[str, Any]:
-    clean = float(bound.clean()[0])
+def _diagnostics(bound: EdgesBound, clean: float | None = None) -> dict[str, Any]:
+    clean = float(bound.clean()[0]) if clean is None else clean
     ablated = bound.ablated_value
     if ablated is None:  # zero / mean: the all-ablated run through the patcher
         ablated = float(bound.empty()[0])
@@ -98,8 +98,8 @@ class EAP(Method):
         ablation: Any = None,
     ) -> Attribution:
         bound = _bind(lm, inputs, target, units, counterfactual, ablation)
-        _, grads = bound.gate_grad(torch.ones(1, bound.n, dtype=torch.float64))
-        diag = _diagnostics(bound)
+        vals, grads = bound.gate_grad(torch.ones(1, bound.n, dtype=torch.float64))
+        diag = _diagnostics(bound, float(vals[0, 0]))  # f at g = 1 is the clean value
         return bound.result(grads[0, 0], self, diag, meta={"direction": "noising"})
 
 

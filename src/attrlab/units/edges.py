@@ -777,19 +777,34 @@ class EdgesBound(Bound):
         self.progress = progress
         self.last_only = _next_token_only(t)
         self.n_forwards = 0
-        L = self.graph.n_layers
-        with torch.no_grad():  # the clean run: upstream outputs and every reader's input
-            logits, cache = lm.run(
-                self.batch, cache=_upstream_sites(L) + self._reader_input_sites(),
-                last_only=self.last_only,
-            )  # fmt: skip
-        self.actual = _stack_upstream(cache, L)  # [U, b, p, d]
-        self._clean_inputs = {s: cache[s] for s in self._reader_input_sites()}
-        self._clean = self._value(logits, self.batch).reshape(1)
+        self._clean_state: tuple[Tensor, dict[str, Tensor], Tensor] | None = None
         self.ablated_value: float | None = None
         self.identical = False  # the ablation is the clean run itself
         self.reference = self._reference(ablation)
         self._reader_refs: list[Tensor] | None = None
+
+    # ------------------------------------------------------------ clean run
+    def _clean_run(self) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """The clean run (once, when first needed; EAP does not need it):
+        upstream outputs ``[U, b, p, d]``, every reader's input, the target ``[1]``."""
+        if self._clean_state is None:
+            L = self.graph.n_layers
+            sites = self._reader_input_sites()
+            with torch.no_grad():
+                logits, cache = self.lm.run(
+                    self.batch, cache=_upstream_sites(L) + sites, last_only=self.last_only
+                )
+            self._clean_state = (
+                _stack_upstream(cache, L),
+                {s: cache[s] for s in sites},
+                self._value(logits, self.batch).reshape(1),
+            )
+        return self._clean_state
+
+    @property
+    def actual(self) -> Tensor:
+        """The clean run's upstream outputs ``[U, n_prompts, pos, d_model]``."""
+        return self._clean_run()[0]
 
     # ------------------------------------------------------------ ablation
     def _prepare(self, inputs: Any) -> Any:
@@ -870,7 +885,7 @@ class EdgesBound(Bound):
         }
 
     def clean(self) -> Tensor:
-        return self._clean
+        return self._clean_run()[2]
 
     def _value(self, logits: Tensor, batch: Any) -> Tensor:
         """Mean target over prompts ``[1]`` (float64)."""
@@ -922,9 +937,9 @@ class EdgesBound(Bound):
         keep = self.check_keep(keep)
         out = torch.empty(keep.shape[0], dtype=torch.float64)
         full = keep.all(1)
-        out[full] = float(self._clean[0])
+        out[full] = float(self.clean()[0])
         if self.identical:
-            out[:] = float(self._clean[0])
+            out[:] = float(self.clean()[0])
             return out[:, None]
         todo = (~full).nonzero()[:, 0]
         if len(todo):
@@ -989,7 +1004,7 @@ class EdgesBound(Bound):
         ref = torch.zeros_like(act[:, :1]) if self.reference is None else self.reference
         csum = (ref.to(act.dtype) - act).cumsum(0)  # [U, b, p, d]
         readers = zip(self.graph.readers(), self._reader_input_sites())
-        self._reader_refs = [self._clean_inputs[s] + csum[n_up - 1] for (*_, n_up), s in readers]
+        self._reader_refs = [self._clean_run()[1][s] + csum[n_up - 1] for (*_, n_up), s in readers]
         return self._reader_refs
 
     def empty(self) -> Tensor:
@@ -1019,7 +1034,7 @@ class EdgesBound(Bound):
             else torch.zeros(k, self.n, dtype=torch.float64)
         )
         if self.identical:
-            vals[:] = float(self._clean[0])
+            vals[:] = float(self.clean()[0])
             return vals, grads
         bar = self._bar(k, "edges gate gradients")
         for sl in self._chunks(k, grad=True):
