@@ -301,6 +301,10 @@ def test_ablations_and_errors(gpt2):
         al.units.Edges().check_ablation(al.ablations.Token("pad"))
     with pytest.raises(al.errors.CounterfactualLengthError):
         al.units.Edges().bind(gpt2, PROMPT, t, Counterfactual("a b"))
+    with pytest.raises(al.errors.InputError, match="reduce="):
+        al.units.Edges().bind(
+            gpt2, PROMPT, al.targets.ContinuationLogProb(" a b", reduce="none"), Zero()
+        )
     b = _bind(gpt2)
     with pytest.raises(al.errors.InputError, match="n_units"):
         b.f(torch.ones(2, b.n + 1, dtype=torch.bool))

@@ -766,6 +766,11 @@ class EdgesBound(Bound):
         check_supported(lm)
         t = target if isinstance(target, Target) else resolve_target(target, lm)
         t.bind(lm)
+        if getattr(t, "reduce", None) == "none":
+            raise InputError(
+                "edge units score one target value per prompt; use a continuation target "
+                "with reduce='sum' or 'mean' (one row per continuation token is not supported)"
+            )
         self.target = t
         self.batch = t.prepare(lm, lm.tokenize(inputs))
         self.graph = units.graph(lm, n_pos=self.batch.shape[1])
