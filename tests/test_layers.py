@@ -23,7 +23,8 @@ class Module:
     name: str  # dotted, e.g. "attrlab.units.tokens"
     path: Path
     imports: set[str] = field(default_factory=set)  # every dotted name it imports
-    adapter_uses: list[int] = field(default_factory=list)  # lines with ``x.adapter``
+    #: ``line N: .adapter`` / ``.norm_kind``: per-family knowledge read outside the wrapper
+    adapter_uses: list[str] = field(default_factory=list)
 
 
 def _parse(path: Path, root: Path) -> Module:
@@ -47,8 +48,8 @@ def _parse(path: Path, root: Path) -> Module:
             mod.imports.add(base)
             # ``from .. import units`` imports the module attrlab.units
             mod.imports.update(f"{base}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.Attribute) and node.attr == "adapter":
-            mod.adapter_uses.append(node.lineno)
+        elif isinstance(node, ast.Attribute) and node.attr in ("adapter", "norm_kind"):
+            mod.adapter_uses.append(f"line {node.lineno}: .{node.attr}")
     mod.imports = {i for i in mod.imports if i == "attrlab" or i.startswith("attrlab.")}
     return mod
 
@@ -123,7 +124,9 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path: Path) -> None:
     )
     mods = modules(tmp_path)
     m = mods["attrlab.model.x"]
-    assert "attrlab.units.tokens.EmbedForward" in m.imports and m.adapter_uses == [4]
+    assert "attrlab.units.tokens.EmbedForward" in m.imports and m.adapter_uses == [
+        "line 4: .adapter"
+    ]
     assert violations("attrlab.model", ABOVE_MODEL, mods) == [
         "attrlab.model.x -> attrlab.units.tokens",
         "attrlab.model.x -> attrlab.units.tokens.EmbedForward",
@@ -163,7 +166,7 @@ def _adapter_reaches() -> dict[str, list[str]]:
         if _under(m.name, "attrlab.model"):
             continue
         bad = [i for i in sorted(m.imports) if _under(i, "attrlab.model.adapters")]
-        bad += [f"line {n}: .adapter" for n in m.adapter_uses]
+        bad += m.adapter_uses
         if bad:
             out[m.name] = bad
     return out
@@ -172,7 +175,8 @@ def _adapter_reaches() -> dict[str, list[str]]:
 def test_nothing_above_the_wrapper_reaches_into_adapters() -> None:
     """Methods, units, evaluations, data attribution, views and applications use
     the wrapper (``lm.W_O``, ``lm.frozen_norm``, ``lm.embed_ids`` …), never an
-    adapter or ``lm.adapter``: per-family knowledge lives in one place."""
+    adapter, ``lm.adapter`` or the norm kind (a norm formula of their own):
+    per-family knowledge lives in one place."""
     reaches = {k: v for k, v in _adapter_reaches().items() if k not in PENDING_ADAPTER_REACH}
     assert reaches == {}, "\n".join(f"{k}: {v}" for k, v in reaches.items())
 
