@@ -322,9 +322,7 @@ class LMEmbedForward(EmbedForward):
         self.vocab_size = lm.cfg.d_vocab
 
     def embed_ids(self, ids: Tensor) -> Tensor:
-        emb_mod = self.lm.adapter.token_embedding()
-        with torch.no_grad():
-            return emb_mod(ids.to(self.lm.device)[None])[0].detach()
+        return self.lm.embed_ids(ids)
 
     def __call__(self, emb: Tensor) -> Tensor:
         from ..model.interventions import Intervention
