@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import attrlab as al
+from attrlab.app.demo import available
 from attrlab.cli import main, parse_option
 from attrlab.methods.base import _REGISTRY, Method, register
 from attrlab.model.wrapper import Batch
-from attrlab.viz.demo import available
 from test_report import browse, needs_chromium, scan
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"

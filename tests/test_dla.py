@@ -197,3 +197,37 @@ def test_per_source_needs_eager_attention() -> None:
     assert len(ok) == lm.cfg.n_layers * lm.cfg.n_heads
     with pytest.raises(al.errors.SiteNotExposedError, match="eager"):
         al.attribute(lm, PROMPTS[0], target=" Mary", units="heads", method="dla", per_source=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_wrapper_frozen_norms_are_the_models_norms(family: str) -> None:
+    """DLA reads its norms from the wrapper (no adapter, no formula of its own):
+    ``lm.frozen_norm`` with the scale it measured equals the model's own norm
+    module on the same input, for the final norm and every post-attention /
+    post-MLP norm; ``lm.frozen_norm_T`` is the transpose of its linear part."""
+    lm = al.wrap(*al.testing.tiny_model(family, dtype=torch.float64, initializer_range=0.3))
+    a = lm.adapter  # the test's oracle: the model's own modules
+    norms = {"final_norm": a.final_norm()}
+    for layer in range(lm.cfg.n_layers):
+        for name, mod in (
+            (f"blocks.{layer}.attn_out_norm", a.attn_out_norm(layer)),
+            (f"blocks.{layer}.mlp_out_norm", a.mlp_out_norm(layer)),
+        ):
+            assert lm.has_norm(name) == (mod is not None)
+            if mod is not None:
+                norms[name] = mod
+    gen = torch.Generator().manual_seed(0)
+    d = lm.cfg.d_model
+    x = 3.0 * torch.randn(4, d, generator=gen, dtype=torch.float64) + 0.5
+    v = torch.randn(4, d, generator=gen, dtype=torch.float64)
+    for name, mod in norms.items():
+        s = lm.norm_scale(name, x)
+        with torch.no_grad():
+            torch.testing.assert_close(lm.frozen_norm(name, x, s), mod(x), atol=1e-5, rtol=1e-5)
+        # transpose: (frozen(x) - frozen(0)) . v == x . frozen_norm_T(v), with s held fixed
+        lin = lm.frozen_norm(name, x, s) - lm.frozen_norm(name, torch.zeros_like(x), s)
+        torch.testing.assert_close(
+            (lin * v).sum(-1), (x * lm.frozen_norm_T(name, v, s)).sum(-1), atol=1e-10, rtol=1e-10
+        )
+    with pytest.raises(InputError, match="unknown norm"):
+        lm.has_norm("blocks.0.ln_1")

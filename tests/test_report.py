@@ -489,7 +489,15 @@ def test_saved_circuit_draws_only_its_edges():
 
 @pytest.mark.parametrize(
     "name",
-    ["attrlab.viz.html", "attrlab.report", "attrlab.cli", "attrlab.viz.demo", "attrlab.viz.plots"],
+    [
+        "attrlab.viz.html",
+        "attrlab.viz.summary",
+        "attrlab.report",
+        "attrlab.cli",
+        "attrlab.app",
+        "attrlab.app.demo",
+        "attrlab.viz.plots",
+    ],
 )
 def test_doctests(name):
     import doctest
@@ -527,3 +535,25 @@ def test_bidi_and_invisible_characters_are_shown_not_obeyed(tmp_path):
     assert shown in saved and not any(c in saved for c in HIDDEN)
     table = "\n".join(summary_lines(r, 20))
     assert not any(c in table for c in HIDDEN) and "\\u202e" in table
+
+
+def test_demo_agreement_aligns_units_by_label():
+    """The demo's "agreement with exact patching" is al.evaluate.agreement: two
+    results over the same heads in different orders compare unit by unit (a
+    positional comparison of the score vectors would not give 1)."""
+    from attrlab.app.demo import _agreement
+
+    layer, head = [0, 0, 1, 1, 2], [0, 1, 0, 1, 0]
+    exact = Attribution(
+        torch.tensor([3.0, 1.0, -2.0, 0.5, -0.1]), {"layer": layer, "head": head}, "heads", "patch"
+    )
+    perm = [2, 0, 4, 3, 1]
+    r = Attribution(
+        2 * exact.scores[perm],
+        {"layer": [layer[i] for i in perm], "head": [head[i] for i in perm]},
+        "heads",
+        "atp",
+    )
+    assert _agreement(r, exact, k=2) == {"pearson": 1.0, "spearman": 1.0, "top2_recall": 1.0}
+    other = Attribution(torch.zeros(5), {"layer": layer, "neuron": head}, "neurons", "dla")
+    assert "unavailable" in _agreement(other, exact)

@@ -574,7 +574,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .viz.demo import SECTIONS, run_demo
+    from .app.demo import SECTIONS, run_demo
 
     unknown = sorted(set(args.only or ()) - set(SECTIONS))
     if unknown:

@@ -40,7 +40,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import InputError
 from ..model.wrapper import LM, Batch, Inputs
@@ -106,18 +106,9 @@ def target_directions(
     return direction, bias, a, b
 
 
-def _frozen_linear_T(lm: LM, norm: nn.Module, scale: Tensor, vec: Tensor) -> Tensor:
-    """Transpose of the frozen norm's linear part applied to ``vec`` ``[n, d_model]``:
-    ``part . vec_out == frozen_norm_linear(part) . vec`` for any part."""
-    w, _ = lm.adapter.norm_affine(norm)
-    u = vec * w.detach().double() * scale.double()
-    if lm.cfg.norm_kind == "layernorm":
-        u = u - u.mean(-1, keepdim=True)
-    return u
-
-
-def _norm_bias_dot(lm: LM, norm: nn.Module, vec: Tensor) -> Tensor:
-    _, b = lm.adapter.norm_affine(norm)
+def _norm_bias_dot(lm: LM, norm: str, vec: Tensor) -> Tensor:
+    """``vec . bias`` of the norm ``norm`` (zero for norms without a bias), ``[n]``."""
+    b = lm.norm_bias(norm)
     if b is None:
         return torch.zeros(vec.shape[0], dtype=torch.float64, device=vec.device)
     return vec @ b.detach().double()
@@ -152,7 +143,6 @@ def dla_parts(
         True
     """
     c = lm.cfg
-    a = lm.adapter
     L = c.n_layers
     sites = ["blocks.0.resid_pre", "final_norm.scale", "unembed"]
     for layer in range(L):
@@ -162,7 +152,7 @@ def dla_parts(
             sites.append(p + "attn.head_out")
         if attn == "source":
             sites += [p + "attn.pattern", p + "attn.v"]
-        if attn != "whole" and a.attn_out_norm(layer) is not None:
+        if attn != "whole" and lm.has_norm(p + "attn_out_norm"):
             sites.append(p + "attn.z")  # to recompute the post-attention norm's input
         if mlp == "neurons":
             sites.append(p + "mlp.neurons")
@@ -170,8 +160,8 @@ def dla_parts(
         _, cache = lm.run(batch, cache=sites)
     n = batch.shape[0]
     direction, bias, a_ids, b_ids = target_directions(lm, target, n)
-    fnorm = a.final_norm()
-    eff = _frozen_linear_T(lm, fnorm, cache["final_norm.scale"][:, -1], direction)  # [n, d]
+    # the direction pulled back through the final norm with its clean-run scale frozen
+    eff = lm.frozen_norm_T("final_norm", direction, cache["final_norm.scale"][:, -1])  # [n, d]
 
     def dot(x: Tensor, vec: Tensor = eff) -> Tensor:  # x [n, d_model] at the last position
         return (x.double() * vec).sum(-1)
@@ -199,15 +189,15 @@ def dla_parts(
             add(dot(cache[p + "attn.out"][:, -1]), component="attn", layer=layer)
         else:
             head_out = cache[p + "attn.head_out"][:, -1]  # [n, h, d]
-            out_norm = a.attn_out_norm(layer)
+            out_norm = p + "attn_out_norm"
             # eff pulled back through the frozen post-attention norm (if any)
-            if out_norm is not None:
+            if lm.has_norm(out_norm):
                 W_O = lm.W_O(layer).detach()
-                b_O = a.b_O(layer)
+                b_O = lm.b_O(layer)
                 y = torch.einsum("nhd,hdm->nm", cache[p + "attn.z"][:, -1], W_O)
                 if b_O is not None:
                     y = y + b_O.detach()
-                post = _frozen_linear_T(lm, out_norm, a.norm_scale(out_norm, y), eff)
+                post = lm.frozen_norm_T(out_norm, eff, lm.norm_scale(out_norm, y))
                 bias_part = _norm_bias_dot(lm, out_norm, eff)
             else:
                 post = eff
@@ -226,7 +216,7 @@ def dla_parts(
                 for h in range(c.n_heads):
                     for k in range(toks):
                         add(per[:, h, k], component="head_source", layer=layer, head=h, source=k)
-            b_O = a.b_O(layer)
+            b_O = lm.b_O(layer)
             bo = (post * b_O.detach().double()).sum(-1) if b_O is not None else 0.0
             add(bo + bias_part, component="attn_bias", layer=layer)
         if mlp == "whole":
@@ -234,13 +224,13 @@ def dla_parts(
         else:
             acts = cache[p + "mlp.neurons"][:, -1].double()  # [n, d_mlp]
             W_out = lm.W_out(layer).detach().double()  # [d_mlp, d]
-            b_out = a.b_out(layer)
-            out_norm = a.mlp_out_norm(layer)
-            if out_norm is not None:
+            b_out = lm.b_out(layer)
+            out_norm = p + "mlp_out_norm"
+            if lm.has_norm(out_norm):
                 y = acts @ W_out
                 if b_out is not None:
                     y = y + b_out.detach().double()
-                post = _frozen_linear_T(lm, out_norm, a.norm_scale(out_norm, y), eff)
+                post = lm.frozen_norm_T(out_norm, eff, lm.norm_scale(out_norm, y))
                 bias_part = _norm_bias_dot(lm, out_norm, eff)
             else:
                 post = eff
@@ -250,7 +240,7 @@ def dla_parts(
                 add(per_neuron[:, i], component="neuron", layer=layer, neuron=i)
             bo = (post * b_out.detach().double()).sum(-1) if b_out is not None else 0.0
             add(bo + bias_part, component="mlp_bias", layer=layer)
-    fb = _norm_bias_dot(lm, fnorm, direction)
+    fb = _norm_bias_dot(lm, "final_norm", direction)
     if bool((fb != 0).any()):
         add(fb, component="final_norm_bias")
     values = torch.stack([torch.as_tensor(v, dtype=torch.float64).expand(n) for v in cols], -1)

@@ -7,9 +7,20 @@ Example:
     True
 """
 
+from .adapters.base import linear_layout
 from .interventions import Intervention
 from .loading import load, wrap
 from .sites import Site, parse_site
 from .wrapper import LM, Batch, Cache
 
-__all__ = ["LM", "Batch", "Cache", "Intervention", "Site", "load", "parse_site", "wrap"]
+__all__ = [
+    "LM",
+    "Batch",
+    "Cache",
+    "Intervention",
+    "Site",
+    "linear_layout",
+    "load",
+    "parse_site",
+    "wrap",
+]

@@ -6,10 +6,13 @@ They need no adapter: input attribution only touches the token embeddings, via
 the generic Hugging Face ``model.get_input_embeddings()``; the embedding
 module's output is replaced by a forward hook during a run. They implement the
 small part of :class:`attrlab.LM` that input attribution uses (``tokenize``,
-``run``, ``token_id``, ``embed_forward``), so :func:`attrlab.attribute` with
+``run``, ``token_id``, ``embed_ids``) and describe one input as plain data
+(:meth:`Classifier.embedding_input`, an :class:`EmbeddingInput`); the input unit
+kinds (:func:`attrlab.units.tokens.make_forward`) build their target-of-
+embeddings function from it. So :func:`attrlab.attribute` with
 ``units="tokens" | "words" | "sentences" | spans`` and the gradient and
 perturbation methods work on them, and so do :mod:`attrlab.evaluate`'s LDS,
-curves and randomization check.
+curves and randomization check. This module knows no unit kind and no target.
 
 Targets: a class index (its logit), ``al.targets.LogProb(i)`` / ``Prob(i)``,
 a pair ``(i, j)`` for a logit difference, or None for the predicted class.
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,10 +42,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ContextTooLongError, EmptyPromptError, InputError, TokenOutOfVocabError
-from ..units.tokens import EmbedForward, TokenView
 from .lock import model_lock
 
-__all__ = ["Classifier", "Encoder", "SequenceBatch"]
+__all__ = ["Classifier", "EmbeddingInput", "Encoder", "SequenceBatch"]
 
 
 @dataclass
@@ -71,6 +73,53 @@ class SequenceBatch:
         if self.token_type_ids is not None:
             out["token_type_ids"] = self.token_type_ids
         return out
+
+
+@dataclass
+class EmbeddingInput:
+    """One input of a classifier or encoder as input attribution sees it: its tokens
+    (plain data) and the model as a function of their embeddings. Built by the
+    wrapper's ``embedding_input``; :func:`attrlab.units.tokens.make_forward` turns it
+    (and a target) into the units' ``EmbedForward``.
+
+    Attributes:
+        ids, tokens, special: per position, the token id, its text, and whether it
+            is a special token.
+        text: the text (a pair of texts joined by a newline).
+        offsets: character span of each token in ``text`` (None for special tokens).
+        segments: optional label of each position (``"a"`` / ``"b"`` for a pair).
+        embed_ids: token ids ``[pos]`` -> embeddings ``[pos, d]``.
+        pad_id, mask_id, vocab_size: for baselines.
+        batch: the tokenized input (one row) when the target is read from
+            :meth:`Classifier.run`'s logits; None when the wrapper has its own target.
+        value: the wrapper's own target (an :class:`Encoder`'s similarity) as a function
+            of the embeddings ``[n, pos, d]`` -> ``[n, 1]``, else None.
+        value_name: its description.
+
+    Example:
+        >>> import torch
+        >>> e = EmbeddingInput([5, 6], ["a", "b"], [False, False], "a b", [(0, 1), (2, 3)])
+        >>> e.n_pos
+        2
+    """
+
+    ids: list[int]
+    tokens: list[str]
+    special: list[bool]
+    text: str | None
+    offsets: list[tuple[int, int] | None]
+    segments: list[str] | None = None
+    embed_ids: Callable[[Tensor], Tensor] | None = None
+    pad_id: int = 0
+    mask_id: int | None = None
+    vocab_size: int | None = None
+    batch: SequenceBatch | None = None
+    value: Callable[[Tensor], Tensor] | None = None
+    value_name: str = ""
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.ids)
 
 
 @contextlib.contextmanager
@@ -158,8 +207,9 @@ class _Wrapper:
             return self.model.get_input_embeddings()(ids.to(self.device)[None])[0].detach()
 
 
-def _view(wrapper: _Wrapper, enc: Any, text: str | Sequence[str]) -> TokenView:
-    """A :class:`TokenView` of one encoding; a pair of texts is joined by a newline."""
+def _view(wrapper: _Wrapper, enc: Any, text: str | Sequence[str]) -> EmbeddingInput:
+    """The :class:`EmbeddingInput` of one encoding (its tokens; no forward yet);
+    a pair of texts is joined by a newline."""
     ids = [int(i) for i in enc["input_ids"]]
     tok = wrapper.tokenizer
     special_ids = {int(i) for i in (getattr(tok, "all_special_ids", None) or [])}
@@ -175,7 +225,17 @@ def _view(wrapper: _Wrapper, enc: Any, text: str | Sequence[str]) -> TokenView:
             shift = 0 if s == 0 else len(first) + 1
             offsets.append((int(a) + shift, int(b) + shift))
     tokens = [str(t) for t in tok.convert_ids_to_tokens(ids)]
-    return TokenView(ids, tokens, len(ids), special, joined, offsets)
+    return EmbeddingInput(
+        ids,
+        tokens,
+        special,
+        joined,
+        offsets,
+        embed_ids=wrapper.embed_ids,
+        pad_id=wrapper.pad_token_id,
+        mask_id=getattr(tok, "mask_token_id", None),
+        vocab_size=int(wrapper.model.get_input_embeddings().weight.shape[0]),
+    )
 
 
 class Classifier(_Wrapper):
@@ -260,42 +320,23 @@ class Classifier(_Wrapper):
             out = self.model(**batch.kwargs())
         return out.logits[:, None, :], {}
 
-    def embed_forward(self, inputs: Any, target: Any = None, **options: Any) -> EmbedForward:
-        """The :class:`~attrlab.units.tokens.EmbedForward` of a class target."""
-        return ClassifierForward(self, inputs, target)
+    def embedding_input(self, inputs: Any) -> EmbeddingInput:
+        """One text (or a pair of texts) as an :class:`EmbeddingInput`; the class
+        target is read from :meth:`run`'s logits with ``embeddings=``.
 
-
-class ClassifierForward(EmbedForward):
-    """A class target of a :class:`Classifier` as a function of the token embeddings."""
-
-    def __init__(self, clf: Classifier, inputs: Any, target: Any):
-        from ..targets import Target
-        from ..targets import resolve as resolve_target
-
-        if isinstance(target, Target) and not getattr(target, "next_token", True):
-            raise InputError("a classifier has no continuation: use a class index target")
-        self.clf = clf
-        enc = clf._encode(inputs)
-        self.batch = clf.tokenize(inputs)
-        any_clf: Any = clf  # implements the parts of LM that targets use
-        self.target = resolve_target(target, any_clf)
-        self.target.prepare(any_clf, self.batch)  # type: ignore[arg-type]
-        self.target_name = self.target.describe()
-        self.view = _view(clf, enc, inputs)
-        self.n_rows = 1
-        self.row_labels = {}
-        self.pad_id = clf.pad_token_id
-        self.mask_id = getattr(clf.tokenizer, "mask_token_id", None)
-        self.vocab_size = int(clf.model.get_input_embeddings().weight.shape[0])
-
-    def embed_ids(self, ids: Tensor) -> Tensor:
-        return self.clf.embed_ids(ids)
-
-    def __call__(self, emb: Tensor) -> Tensor:
-        n = emb.shape[0]
-        b = self.batch.repeat(n)
-        logits, _ = self.clf.run(b, grad=emb.requires_grad, embeddings=emb)
-        return self.target(logits, b).reshape(n, -1)  # type: ignore[arg-type]
+        Example:
+            >>> import attrlab as al
+            >>> from transformers import BertConfig, BertForSequenceClassification
+            >>> tok = al.testing.tiny_tokenizer()
+            >>> cfg = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+            ...                  num_attention_heads=2, intermediate_size=32, num_labels=3)
+            >>> e = Classifier(BertForSequenceClassification(cfg), tok).embedding_input("It was")
+            >>> e.tokens, e.batch.input_ids.shape[1] == e.n_pos
+            (['It', 'Ġwas'], True)
+        """
+        out = _view(self, self._encode(inputs), inputs)
+        out.batch = self.tokenize(inputs)
+        return out
 
 
 class Encoder(_Wrapper):
@@ -341,53 +382,35 @@ class Encoder(_Wrapper):
         mask = kwargs["attention_mask"][..., None].to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
 
-    def embed_forward(self, inputs: Any, target: Any = None, **options: Any) -> EmbedForward:
-        """The cosine similarity of a pair of texts as an
-        :class:`~attrlab.units.tokens.EmbedForward` over the tokens of both."""
-        from ..targets import TopToken
+    def embedding_input(self, inputs: Any) -> EmbeddingInput:
+        """A pair of texts as an :class:`EmbeddingInput` over the tokens of both
+        (``a``'s first) whose own target is ``cos(pool(enc(a)), pool(enc(b)))``.
 
-        if target is not None and not isinstance(target, TopToken):
-            raise InputError("an Encoder attributes the similarity of two texts; pass target=None")
+        Raises:
+            InputError: not a pair of texts.
+        """
         if not (isinstance(inputs, (tuple, list)) and len(inputs) == 2):
             raise InputError("an Encoder needs a pair of texts: (text_a, text_b)")
-        return SimilarityForward(self, inputs[0], inputs[1])
-
-
-class SimilarityForward(EmbedForward):
-    """``cos(pool(enc(a)), pool(enc(b)))`` as a function of the token embeddings
-    of both texts (``a``'s positions first)."""
-
-    def __init__(self, enc: Encoder, a: str, b: str):
-        self.enc = enc
-        self.a, self.b = a, b
-        ea, eb = enc._encode(a), enc._encode(b)
-        va, vb = _view(enc, ea, a), _view(enc, eb, b)
-        self.n_a = len(va.ids)
+        a, b = inputs
+        va, vb = _view(self, self._encode(a), a), _view(self, self._encode(b), b)
+        n_a = va.n_pos
         shift = len(a) + 1
-        offsets = va.offsets + [
-            None if o is None else (o[0] + shift, o[1] + shift) for o in vb.offsets
-        ]
-        self.view = TokenView(
+
+        def similarity(emb: Tensor) -> Tensor:
+            g = emb.requires_grad
+            ua = self.encode(a, emb[:, :n_a], grad=g)
+            ub = self.encode(b, emb[:, n_a:], grad=g)
+            return torch.nn.functional.cosine_similarity(ua, ub, dim=-1)[:, None]
+
+        va.ids, va.tokens, va.special = (
             va.ids + vb.ids,
             va.tokens + vb.tokens,
-            len(va.ids) + len(vb.ids),
             va.special + vb.special,
-            f"{a}\n{b}",
-            offsets,
-            ["a"] * len(va.ids) + ["b"] * len(vb.ids),
         )
-        self.target_name = "cosine_similarity(a, b)"
-        self.n_rows = 1
-        self.row_labels = {}
-        self.pad_id = enc.pad_token_id
-        self.mask_id = getattr(enc.tokenizer, "mask_token_id", None)
-        self.vocab_size = int(enc.model.get_input_embeddings().weight.shape[0])
-
-    def embed_ids(self, ids: Tensor) -> Tensor:
-        return self.enc.embed_ids(ids)
-
-    def __call__(self, emb: Tensor) -> Tensor:
-        g = emb.requires_grad
-        ua = self.enc.encode(self.a, emb[:, : self.n_a], grad=g)
-        ub = self.enc.encode(self.b, emb[:, self.n_a :], grad=g)
-        return torch.nn.functional.cosine_similarity(ua, ub, dim=-1)[:, None]
+        va.offsets = va.offsets + [
+            None if o is None else (o[0] + shift, o[1] + shift) for o in vb.offsets
+        ]
+        va.text = f"{a}\n{b}"
+        va.segments = ["a"] * n_a + ["b"] * vb.n_pos
+        va.value, va.value_name = similarity, "cosine_similarity(a, b)"
+        return va

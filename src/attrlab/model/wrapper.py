@@ -564,3 +564,189 @@ class LM:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    # ------------------------------------------ what methods and units need
+    # (they use these, never ``lm.adapter``: per-family knowledge stays in the adapters)
+    def embed_ids(self, ids: Tensor) -> Tensor:
+        """The model's own token embeddings (the ``embed`` site, no gradient) of
+        ``ids`` ``[pos]`` -> ``[pos, d_model]`` (or ``[batch, pos]`` -> ``[batch, pos, d_model]``).
+
+        Example:
+            >>> import torch, attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+            >>> tuple(lm.embed_ids(torch.tensor([1, 2, 3])).shape) == (3, lm.cfg.d_model)
+            True
+        """
+        ids = ids.to(self.device)
+        with torch.no_grad():
+            if ids.dim() == 1:
+                return self.adapter.token_embedding()(ids[None])[0].detach()
+            return self.adapter.token_embedding()(ids).detach()
+
+    def b_O(self, layer: int) -> Tensor | None:
+        """Attention output projection bias ``[d_model]`` (None if it has none)."""
+        return self.adapter.b_O(layer)
+
+    def b_out(self, layer: int) -> Tensor | None:
+        """MLP output projection bias ``[d_model]`` (None if it has none)."""
+        return self.adapter.b_out(layer)
+
+    def block_path(self, layer: int) -> str:
+        """Dotted name of block ``layer`` in ``lm.model`` (e.g. for ``modules=``
+        of :func:`attrlab.data.featurize`).
+
+        Example:
+            >>> import attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+            >>> lm.block_path(1)
+            'transformer.h.1'
+        """
+        block = self.adapter.block(layer)
+        return next(n for n, m in self.model.named_modules() if m is block)
+
+    def _norm(self, name: str) -> nn.Module | None:
+        """The norm called ``name``: ``"final_norm"``, ``"blocks.{l}.attn_out_norm"``
+        or ``"blocks.{l}.mlp_out_norm"`` (post-attention / post-MLP norms, Gemma 2/3)."""
+        if name == "final_norm":
+            return self.adapter.final_norm()
+        parts = name.split(".")
+        if (
+            len(parts) == 3
+            and parts[0] == "blocks"
+            and parts[2] in ("attn_out_norm", "mlp_out_norm")
+        ):
+            from ..errors import IndexRangeError
+
+            layer = int(parts[1])
+            if not 0 <= layer < self.cfg.n_layers:
+                raise IndexRangeError(f"layer {layer} out of range (0..{self.cfg.n_layers - 1})")
+            if parts[2] == "attn_out_norm":
+                return self.adapter.attn_out_norm(layer)
+            return self.adapter.mlp_out_norm(layer)
+        raise InputError(
+            f"unknown norm {name!r}: use 'final_norm', 'blocks.{{l}}.attn_out_norm' or "
+            "'blocks.{l}.mlp_out_norm'"
+        )
+
+    def _require_norm(self, name: str) -> nn.Module:
+        norm = self._norm(name)
+        if norm is None:
+            raise InputError(f"this model ({self.cfg.family}) has no {name}")
+        return norm
+
+    def has_norm(self, name: str) -> bool:
+        """Whether the model has the norm ``name`` (see :meth:`frozen_norm`).
+
+        Example:
+            >>> import attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+            >>> lm.has_norm("final_norm"), lm.has_norm("blocks.0.attn_out_norm")
+            (True, False)
+        """
+        return self._norm(name) is not None
+
+    def norm_scale(self, name: str, x: Tensor) -> Tensor:
+        """The reciprocal scale ``1/std`` the norm ``name`` applies to ``x``
+        ``[..., d_model]`` -> ``[..., 1]`` (what the ``final_norm.scale`` site reads)."""
+        return self.adapter.norm_scale(self._require_norm(name), x)
+
+    def frozen_norm(self, name: str, x: Tensor, scale: Tensor) -> Tensor:
+        """The norm ``name`` applied to ``x`` ``[..., d_model]`` with its scale frozen to
+        ``scale`` ``[..., 1]``: affine in ``x``. With ``scale = norm_scale(name, x)`` it
+        equals the model's own norm of ``x``. Computed in float64 for float64 inputs.
+
+        Names: ``"final_norm"``, ``"blocks.{l}.attn_out_norm"``, ``"blocks.{l}.mlp_out_norm"``.
+
+        Example:
+            >>> import torch, attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("llama"))
+            >>> x = torch.randn(2, lm.cfg.d_model)
+            >>> y = lm.frozen_norm("final_norm", x, lm.norm_scale("final_norm", x))
+            >>> bool(torch.allclose(y, lm.apply_final_norm(x), atol=1e-5))
+            True
+        """
+        return self.adapter.norm_linearized(self._require_norm(name), x, scale)
+
+    def frozen_norm_T(self, name: str, vec: Tensor, scale: Tensor) -> Tensor:
+        """The transpose of :meth:`frozen_norm`'s linear part applied to ``vec``
+        ``[..., d_model]``: for every ``x``, ``(frozen(x) - frozen(0)) . vec ==
+        x . frozen_norm_T(vec)``. It pulls an output direction (an unembedding
+        column) back to the norm's input. Taken by autograd through
+        :meth:`frozen_norm`, in ``vec``'s dtype.
+
+        Example:
+            >>> import torch, attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("gpt2", dtype=torch.float64))
+            >>> x, v = torch.randn(3, lm.cfg.d_model, dtype=torch.float64).unbind(0)[:2]
+            >>> s = lm.norm_scale("final_norm", x)
+            >>> lhs = (lm.frozen_norm("final_norm", x, s) - lm.frozen_norm("final_norm", 0 * x, s)) @ v
+            >>> bool(torch.isclose(lhs, x @ lm.frozen_norm_T("final_norm", v, s)))
+            True
+        """
+        with torch.enable_grad():
+            x = torch.zeros_like(vec, requires_grad=True)
+            y = self.frozen_norm(name, x, scale.to(vec.dtype))
+            (g,) = torch.autograd.grad(y, x, grad_outputs=vec.to(y.dtype))
+        return g.detach()
+
+    def norm_bias(self, name: str) -> Tensor | None:
+        """The bias ``[d_model]`` the norm ``name`` adds after scaling (None for RMSNorm):
+        ``frozen_norm(name, 0, scale)``."""
+        return self.adapter.norm_affine(self._require_norm(name))[1]
+
+    def attn_scale(self, layer: int) -> float:
+        """The factor on ``q . k`` in layer ``layer``'s attention scores.
+
+        Example:
+            >>> import attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("llama"))
+            >>> lm.attn_scale(0) == lm.cfg.d_head**-0.5
+            True
+        """
+        return self.adapter.attn_scale(layer)
+
+    def qk_scores_exact(self, n_pos: int) -> bool:
+        """Whether :meth:`scores_qk` reproduces the attention scores of an
+        ``n_pos``-token causal run."""
+        return self.adapter.qk_scores_exact(n_pos)
+
+    def scores_qk(self, q: Tensor, k: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """The ``attn.q`` / ``attn.k`` sites as score-ready queries and keys (rotary
+        applied, key heads repeated): ``scores = attn_scale(l) * q' . k'``.
+
+        Example:
+            >>> import torch, attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("llama"))
+            >>> q, k = torch.randn(1, 3, 4, 8), torch.randn(1, 3, 2, 8)
+            >>> tuple(lm.scores_qk(q, k, torch.arange(3)[None])[1].shape)
+            (1, 3, 4, 8)
+        """
+        return self.adapter.scores_qk(q, k, position_ids)
+
+    def next_layer_qkv(self, layer: int, resid_mid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v ``[..., head, d_head]`` (k, v: key/value heads; rotary not applied)
+        of layer ``layer + 1`` when block ``layer``'s ``resid_mid`` is ``resid_mid``
+        ``[..., d_model]``: block ``layer``'s MLP, then block ``layer + 1``'s input norm
+        and projections — the model's own modules (sequential blocks without
+        post-block norms).
+
+        Example:
+            >>> import torch, attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("llama"))
+            >>> q, k, v = lm.next_layer_qkv(0, torch.randn(1, 3, lm.cfg.d_model))
+            >>> tuple(q.shape) == (1, 3, lm.cfg.n_heads, lm.cfg.d_head)
+            True
+        """
+        from ..errors import IndexRangeError
+
+        a, c = self.adapter, self.cfg
+        if not 0 <= layer < c.n_layers - 1:
+            raise IndexRangeError(f"layer {layer} has no next layer (0..{c.n_layers - 2})")
+        ln1 = a.sub(layer + 1, a.attn_in_norm_name)
+        assert ln1 is not None
+        h = ln1(resid_mid + a.mlp(layer)(a.mlp_in_norm(layer)(resid_mid)))
+        mods = a.qkv_modules(layer + 1)
+        if "qkv" in mods:
+            return a.split_qkv(mods["qkv"](h))
+        q, k, v = (mods[p](h).unflatten(-1, (-1, c.d_head)) for p in ("q", "k", "v"))
+        return q, k, v

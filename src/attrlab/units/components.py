@@ -271,12 +271,11 @@ def embedding_std(lm: Any, chunk: int = 8192) -> float:
         >>> embedding_std(al.wrap(*al.testing.tiny_model("gpt2"))) > 0
         True
     """
-    emb = lm.adapter.token_embedding()
     total, sq, n = 0.0, 0.0, 0
     with torch.no_grad():
         for s in range(0, lm.cfg.d_vocab, chunk):
             ids = torch.arange(s, min(s + chunk, lm.cfg.d_vocab), device=lm.device)[None]
-            e = emb(ids).double()
+            e = lm.embed_ids(ids).double()
             total += float(e.sum())
             sq += float((e * e).sum())
             n += e.numel()

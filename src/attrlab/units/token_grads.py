@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from tqdm.auto import tqdm
 
-from ..model.adapters.base import linear_layout
+from ..model import linear_layout
 from ..model.lock import model_lock
 from .tokens import EmbedForward
 

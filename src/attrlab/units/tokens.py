@@ -321,9 +321,7 @@ class LMEmbedForward(EmbedForward):
         self.vocab_size = lm.cfg.d_vocab
 
     def embed_ids(self, ids: Tensor) -> Tensor:
-        emb_mod = self.lm.adapter.token_embedding()
-        with torch.no_grad():
-            return emb_mod(ids.to(self.lm.device)[None])[0].detach()
+        return self.lm.embed_ids(ids)
 
     def __call__(self, emb: Tensor) -> Tensor:
         from ..model.interventions import Intervention
@@ -396,9 +394,64 @@ class LMEmbedForward(EmbedForward):
         return [total if reduce == "sum" else total / k]
 
 
+class WrapperForward(EmbedForward):
+    """:class:`EmbedForward` of a wrapper that is not a causal LM (a classifier, a
+    sentence encoder), built from the plain description of one input its
+    ``embedding_input(inputs)`` returns (:class:`attrlab.model.classifier.EmbeddingInput`):
+    the target is read from ``wrapper.run(batch, embeddings=...)``'s logits, or is
+    the wrapper's own ``value`` (an encoder's similarity; then ``target`` must be None).
+    """
+
+    def __init__(self, wrapper: Any, inputs: Any, target: Any = None):
+        from ..targets import Target, TopToken
+        from ..targets import resolve as resolve_target
+
+        inp = wrapper.embedding_input(inputs)
+        self.wrapper, self.inp = wrapper, inp
+        self.view = TokenView(
+            list(inp.ids),
+            list(inp.tokens),
+            len(inp.ids),
+            list(inp.special),
+            inp.text,
+            list(inp.offsets),
+            inp.segments,
+        )
+        self.n_rows = 1
+        self.row_labels = {}
+        self.pad_id, self.mask_id, self.vocab_size = inp.pad_id, inp.mask_id, inp.vocab_size
+        if inp.value is not None:  # the wrapper's own target
+            if target is not None and not isinstance(target, TopToken):
+                raise InputError(
+                    f"{type(wrapper).__name__} attributes its own target ({inp.value_name}); "
+                    "pass target=None"
+                )
+            self.target = None
+            self.target_name = inp.value_name
+            return
+        if isinstance(target, Target) and not getattr(target, "next_token", True):
+            raise InputError("a classifier has no continuation: use a class index target")
+        self.target = resolve_target(target, wrapper)
+        self.target.prepare(wrapper, inp.batch)
+        self.target_name = self.target.describe()
+
+    def embed_ids(self, ids: Tensor) -> Tensor:
+        assert self.inp.embed_ids is not None
+        return self.inp.embed_ids(ids)
+
+    def __call__(self, emb: Tensor) -> Tensor:
+        n = emb.shape[0]
+        if self.inp.value is not None:
+            return self.inp.value(emb).reshape(n, 1)
+        b = self.inp.batch.repeat(n)
+        logits, _ = self.wrapper.run(b, grad=emb.requires_grad, embeddings=emb)
+        return self.target(logits, b).reshape(n, -1)
+
+
 def make_forward(lm: Any, inputs: Any, target: Any = None, **options: Any) -> EmbedForward:
-    """The :class:`EmbedForward` for a model: ``lm.embed_forward(...)`` when the
-    wrapper provides one (classifiers, encoders), else :class:`LMEmbedForward`.
+    """The :class:`EmbedForward` for a model: a :class:`WrapperForward` when the
+    wrapper describes its inputs itself (``embedding_input``: classifiers,
+    encoders), else :class:`LMEmbedForward`.
 
     Example:
         >>> import attrlab as al
@@ -409,8 +462,8 @@ def make_forward(lm: Any, inputs: Any, target: Any = None, **options: Any) -> Em
     """
     if isinstance(inputs, EmbedForward):
         return inputs
-    if hasattr(lm, "embed_forward"):
-        return lm.embed_forward(inputs, target, **options)
+    if hasattr(lm, "embedding_input"):
+        return WrapperForward(lm, inputs, target)
     allowed = {k: v for k, v in options.items() if k in ("max_new_tokens", "prepend_bos")}
     return LMEmbedForward(lm, inputs, target, **allowed)
 

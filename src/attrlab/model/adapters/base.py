@@ -527,9 +527,11 @@ class Adapter:
         """``norm(x)`` with its scale frozen to ``scale``: linear in ``x`` (affine with bias).
 
         With ``scale = norm_scale(norm, x)`` this equals ``norm(x)`` up to rounding.
+        Computed in float32, or float64 for float64 ``x``.
         """
         w, b = self.norm_affine(norm)
         if self.norm_kind == "layernorm":
             x = x - x.mean(-1, keepdim=True)
-        y = (x.float() * scale.float() * w.float()).to(x.dtype)
-        return y if b is None else y + b
+        ct = torch.promote_types(x.dtype, torch.float32)
+        y = (x.to(ct) * scale.to(ct) * w.to(ct)).to(x.dtype)
+        return y if b is None else y + b.to(y.dtype)

@@ -1,5 +1,11 @@
 """``attrlab demo``: explain one IOI prompt with every method family available.
 
+An application, not a view: it loads the models, runs the attributions and
+evaluations (agreement with exact patching through
+:func:`attrlab.evaluate.agreement`, the continuation through
+:func:`attrlab.units.tokens.generate_greedy`, circuit faithfulness) and hands the
+computed results to the report and the text summaries of :mod:`attrlab.viz`.
+
 Each section looks its method up in the registry (and the zoo) and runs it
 with a small budget; a section whose method is not available says so in one
 line of the report and of the summary instead of failing. Everything runs
@@ -7,7 +13,7 @@ offline on the bundled zoo models (or on a tiny random model with ``tiny=True``
 or when the zoo is missing).
 
 Example:
-    >>> from attrlab.viz.demo import run_demo
+    >>> from attrlab.app.demo import run_demo
     >>> report, lines = run_demo(tiny=True)  # doctest: +SKIP
     >>> report.save("attrlab-report.html")  # doctest: +SKIP
 """
@@ -15,17 +21,15 @@ Example:
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from ..errors import AttrlabError, InputError
 from ..report import Report
 from ..result import Attribution
+from ..viz.summary import headline_diagnostics, top_units
 
 DEFAULT_PROMPT = "When Mary and John went to the store, John gave a drink to"
 DEFAULT_CF = "When Mary and John went to the store, Mary gave a drink to"
@@ -87,38 +91,6 @@ def _zoo_tasks(zoo: Any) -> list[str]:
         return []
 
 
-def agreement(approx: Attribution, exact: Attribution, k: int = 10) -> dict[str, float]:
-    """Pearson, Spearman and top-``k`` recall of ``approx`` against ``exact`` scores.
-
-    Example:
-        >>> import torch
-        >>> a = Attribution(torch.tensor([1.0, 2.0, 3.0]), {"i": [0, 1, 2]}, "heads", "atp")
-        >>> agreement(a, a, k=2)["pearson"]
-        1.0
-    """
-    x = approx.scores.double().flatten()
-    y = exact.scores.double().flatten()
-    if x.shape != y.shape:
-        raise ValueError(f"cannot compare {tuple(x.shape)} scores with {tuple(y.shape)}")
-
-    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
-        a, b = a - a.mean(), b - b.mean()
-        d = float(a.norm() * b.norm())
-        return float((a * b).sum()) / d if d > 0 else float("nan")
-
-    def ranks(a: torch.Tensor) -> torch.Tensor:
-        return torch.argsort(torch.argsort(a)).double()
-
-    k = min(k, x.numel())
-    top_exact = set(torch.argsort(y.abs(), descending=True)[:k].tolist())
-    top_approx = set(torch.argsort(x.abs(), descending=True)[:k].tolist())
-    return {
-        "pearson": round(corr(x, y), 4),
-        "spearman": round(corr(ranks(x), ranks(y)), 4),
-        f"top{k}_recall": round(len(top_exact & top_approx) / max(k, 1), 4),
-    }
-
-
 # ------------------------------------------------------------------ the demo
 
 
@@ -144,54 +116,11 @@ class Demo:
     ) -> Attribution:
         """Add a panel; ``headline`` replaces the top-units text of the summary."""
         self.report.add(r, title, note=note, k=k)
-        tops = headline or _tops(r)
-        diag = _headline_diag(r.diagnostics)
+        tops = headline or top_units(r)
+        diag = headline_diagnostics(r.diagnostics)
         self.lines.append(f"  {title:<34} [{r.method}] {tops}{'  (' + diag + ')' if diag else ''}")
         self.glance.append((title, r.method, tops, diag))
         return r
-
-
-def _tops(r: Attribution, k: int = 3) -> str:
-    from .html import TEXT_KINDS, unit_label
-
-    s = r.scores if r.scores.dim() == 1 else r.scores.nan_to_num().sum(0)
-    key = s.double() if r.unit_kind in TEXT_KINDS else s.abs().double()  # most supporting first
-    order = torch.argsort(key.nan_to_num(), descending=True)[:k].tolist()
-    return ", ".join(f"{_short(unit_label(r, i))} {float(s[i]):+.3g}" for i in order)
-
-
-def summary_line(title: str, r: Attribution, k: int = 3) -> str:
-    """One terminal line: the top ``k`` units of ``r``."""
-    tops = _tops(r, k)
-    diag = _headline_diag(r.diagnostics)
-    return f"  {title:<34} [{r.method}] {tops}{'  (' + diag + ')' if diag else ''}"
-
-
-def _short(text: str, n: int = 28) -> str:
-    text = text.replace("\n", "\\n")
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def _headline_diag(d: dict[str, Any]) -> str:
-    out = []
-    for key in ("completeness_error", "pearson", "spearman", "faithfulness"):
-        for k, v in _walk(d):
-            if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
-                v = max(v, key=abs)  # the worst row
-            if k.endswith(key) and isinstance(v, (int, float)) and not isinstance(v, bool):
-                out.append(f"{key}={v:.3g}")
-                break
-    return ", ".join(out[:3])
-
-
-def _walk(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.extend(_walk(v, f"{prefix}{k}."))
-    else:
-        out.append((prefix.rstrip("."), d))
-    return out
 
 
 def _load_ioi(
@@ -385,7 +314,10 @@ def _continuation(demo: Demo) -> None:
     m = first_available(["ig", "input-x-gradient", "saliency"], "tokens")
     if m is None:
         raise Unavailable("no gradient method over tokens is registered yet")
-    gen = _greedy(demo.lm, demo.prompt, 3)
+    from ..units.tokens import generate_greedy
+
+    lm = demo.lm
+    gen = "".join(lm.to_str_tokens(generate_greedy(lm, lm.encode(demo.prompt), 3)))
     target = ContinuationLogProb(gen, reduce="none")
     r = _attr(demo, m, "tokens", "tokens", target=target, steps=32)
     if r.scores.dim() != 2:
@@ -395,16 +327,6 @@ def _continuation(demo: Demo) -> None:
         f"Continuation {gen!r} — {m}",
         "each generated token (row) attributed to the prompt and the earlier generated tokens",
     )
-
-
-def _greedy(lm: Any, prompt: str, n: int) -> str:
-    ids = lm.encode(prompt)
-    out: list[int] = []
-    with torch.no_grad():
-        for _ in range(n):
-            logits, _ = lm.run(torch.tensor([ids + out]), last_only=True)
-            out.append(int(logits[0, -1].argmax()))
-    return "".join(lm.to_str_tokens(out))
 
 
 def _heads(demo: Demo) -> None:
@@ -430,8 +352,8 @@ def _heads(demo: Demo) -> None:
             continue
         r = _attr(demo, m, "heads", "heads", counterfactual=demo.counterfactual)
         note = f"{m}: the patching effect estimated from gradients (two forwards, one backward)"
-        if exact is not None and exact.scores.shape == r.scores.shape:
-            r.diagnostics["agreement_with_patch"] = agreement(r, exact)
+        if exact is not None:
+            r.diagnostics["agreement_with_patch"] = _agreement(r, exact)
             note += "; agreement with exact patching in the diagnostics"
         demo.add(r, f"Heads — {m}", note)
         found = True
@@ -444,6 +366,22 @@ def _heads(demo: Demo) -> None:
             raise Unavailable(why)
     if not found:
         raise Unavailable("no head attribution method (dla, patch, atp*) is registered yet")
+
+
+def _agreement(r: Attribution, exact: Attribution, k: int = 10) -> dict[str, Any]:
+    """:func:`attrlab.evaluate.agreement` of ``r`` with exact patching (aligned by
+    unit label), as the numbers the report shows."""
+    from ..evaluate.agreement import agreement
+
+    try:
+        a = agreement(r, exact, k=k)
+    except InputError as e:  # not the same units: say so instead of a number
+        return {"unavailable": str(e)}
+    return {
+        "pearson": round(a.pearson, 4),
+        "spearman": round(a.spearman, 4),
+        f"top{a.k}_recall": round(a.recall, 4),
+    }
 
 
 def _layers(demo: Demo) -> None:
@@ -613,8 +551,7 @@ def _training(demo: Demo) -> None:
         where = f"zoo facts: {len(ids)} of {len(task.corpus())} training documents"
     # gradients of the last block only (a 256-d projection): fast, and on the zoo facts
     # model it ranks the documents that state the fact first
-    last = lm.adapter.block(lm.cfg.n_layers - 1)
-    prefix = next(n for n, mod in lm.model.named_modules() if mod is last)
+    prefix = lm.block_path(lm.cfg.n_layers - 1)
     with tempfile.TemporaryDirectory(prefix="attrlab-demo-") as tmp:
         store = ad.featurize(
             lm,
@@ -628,7 +565,3 @@ def _training(demo: Demo) -> None:
     if "id" in r.units:
         r.units["states the fact"] = ["yes" if i in gold else "" for i in r.units["id"]]
     demo.add(r, f"Training examples — {m}", f"training documents behind {answer!r} ({where})")
-
-
-def _finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))
