@@ -265,9 +265,9 @@ def part2(n_prompts: int, threads: int = 1) -> dict[str, Any]:
     cpu: dict[str, float] = {}
     lds: dict[str, list[float]] = {}
     estimators = {
-        "attrlab contextcite n=64": dict(method="contextcite", n_ablations=64),
-        "attrlab contextcite n=16": dict(method="contextcite", n_ablations=16),
-        "attrlab contextcite n=8": dict(method="contextcite", n_ablations=8),
+        "attrlab contextcite n=64": dict(method="contextcite", samples=64),
+        "attrlab contextcite n=16": dict(method="contextcite", samples=16),
+        "attrlab contextcite n=8": dict(method="contextcite", samples=8),
         "attrlab occlusion": dict(method="occlusion"),
     }
 

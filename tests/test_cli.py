@@ -93,7 +93,7 @@ CASES = [
     (
         "contextcite",
         "sources",
-        {"n_ablations": 8, "seed": 1},
+        {"samples": 8, "seed": 1},
         {},
         {"prompt": CONTEXT, "target": " France"},
     ),

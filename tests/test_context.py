@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import attrlab as al
-from attrlab.methods.contextcite import attribute_span, fit_lasso, random_masks
+from attrlab.methods.contextcite import attribute_span
+from attrlab.methods.surrogate import fit_lasso, sample_masks
 from attrlab.units.sources import (
     EmptyResponseError,
     SourceNotFoundError,
@@ -85,7 +86,7 @@ def test_split_sentences_paragraphs_lines():
 
 
 def test_ablated_context_text(llama):
-    p = Sources().bind(llama, CTX, response=" Paris")
+    p = Sources().prompt(llama, CTX, response=" Paris")
     assert len(p.texts) == 5 and p.context_text() == CTX
     assert p.context_text([0, 1, 1, 1, 1]) == CTX[len("Paris is the capital of France. ") :]
     assert p.context_text([1, 0, 0, 0, 1]) == "Paris is the capital of France. Bob likes tea."
@@ -95,40 +96,38 @@ def test_ablated_context_text(llama):
 def test_user_sources_verbatim_and_spans(llama):
     prompt = "Answer from the documents.\n[1] Rome is in Italy.\n[2] Paris is in France.\nQ: Paris?"
     docs = ["[2] Paris is in France.", "[1] Rome is in Italy."]
-    p = Sources(sources=docs).bind(llama, prompt, response=" France")
+    p = Sources(sources=docs).prompt(llama, prompt, response=" France")
     assert p.texts == docs  # user order is unit order
     assert p.context_text([True, False]) == (
         "Answer from the documents.\n[2] Paris is in France.\nQ: Paris?"
     )
     spans = [(prompt.index(d), prompt.index(d) + len(d)) for d in docs]
-    q = Sources(sources=spans).bind(llama, prompt, response=" France")
+    q = Sources(sources=spans).prompt(llama, prompt, response=" France")
     assert q.texts == docs
     with pytest.raises(SourceNotFoundError, match="verbatim"):
-        Sources(sources=["[3] Not there.", docs[0]]).bind(llama, prompt, response=" x")
+        Sources(sources=["[3] Not there.", docs[0]]).prompt(llama, prompt, response=" x")
 
 
 def test_bad_inputs(llama):
     with pytest.raises(al.errors.EmptyPromptError):
-        al.attribute(llama, "", units="sources", method="contextcite", response=" a")
+        al.attribute(llama, "", units="sources", method="contextcite", target=" a")
     with pytest.raises(al.errors.EmptyPromptError):
-        al.attribute(llama, "   \n ", units="sources", method="occlusion", response=" a")
+        al.attribute(llama, "   \n ", units="sources", method="occlusion", target=" a")
     with pytest.raises(al.errors.InputError, match="at least two"):
         al.attribute(
-            llama, "Only one sentence here.", units="sources", method="occlusion", response=" a"
+            llama, "Only one sentence here.", units="sources", method="occlusion", target=" a"
         )
     with pytest.raises(EmptyResponseError):
-        al.attribute(llama, CTX, units="sources", method="contextcite", response="")
+        al.attribute(llama, CTX, units="sources", method="contextcite", target="")
     with pytest.raises(SourceNotFoundError):
         al.attribute(
-            llama, CTX, units="sources", method="occlusion", response=" a", sources=["Nope.", "x"]
+            llama, CTX, units="sources", method="occlusion", target=" a", sources=["Nope.", "x"]
         )
-    with pytest.raises(al.errors.InputError, match="twice"):
-        al.attribute(llama, CTX, " a", units="sources", method="occlusion", response=" b")
     with pytest.raises(al.errors.InputError, match="one context"):
-        al.attribute(llama, [CTX, CTX], units="sources", method="occlusion", response=" b")
+        al.attribute(llama, [CTX, CTX], units="sources", method="occlusion", target=" b")
     with pytest.raises(al.errors.InputError, match="both"):
         al.attribute(
-            llama, CTX, units=Sources(query="a"), method="occlusion", response=" b", query="c"
+            llama, CTX, units=Sources(query="a"), method="occlusion", target=" b", query="c"
         )
 
 
@@ -144,8 +143,8 @@ def test_bad_inputs(llama):
 def test_engine_equals_plain_forwards(family, modes):
     overrides = {"sliding_window": 8} if family == "gemma2" else {}
     lm = al.wrap(*al.testing.tiny_model(family, **overrides))
-    p = Sources(query=QUERY).bind(lm, CTX, response=" Paris is the capital")
-    masks = random_masks(8, p.n_sources, seed=3)
+    p = Sources(query=QUERY).prompt(lm, CTX, response=" Paris is the capital")
+    masks = sample_masks(8, p.n_sources, 0.5, 3)
     masks[0] = True
     masks[1] = masks[2]  # a duplicate row: the whole prompt is a shared prefix
     plain = _plain_logprobs(lm, p, masks)
@@ -161,8 +160,8 @@ def test_engine_equals_plain_forwards(family, modes):
 def test_engine_chunked_long_prompt(llama):
     from attrlab.units.sources import _Runner, _token_logprobs
 
-    p = Sources().bind(llama, CTX, response=" Paris is")
-    masks = random_masks(5, p.n_sources, seed=1)
+    p = Sources().prompt(llama, CTX, response=" Paris is")
+    masks = sample_masks(5, p.n_sources, 0.5, 1)
     rows = p.prompt_ids(masks)
     ref = _plain_logprobs(llama, p, masks)
     runner = _Runner(llama, llama.cfg.n_ctx, chunk=7)  # forces chunked prefill
@@ -173,27 +172,27 @@ def test_engine_chunked_long_prompt(llama):
 def test_mask_values_and_response_handling(llama):
     u = Sources(query=QUERY)
     masks = [[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
-    v = u.mask_values(llama, CTX, " Paris", masks)
-    p = u.bind(llama, CTX, " Paris")
+    v = u.bind(llama, CTX, " Paris").f(masks)[:, 0]
+    p = u.prompt(llama, CTX, " Paris")
     torch.testing.assert_close(v, _plain_logprobs(llama, p, masks).sum(-1), atol=2e-5, rtol=0)
     tgt = al.targets.ContinuationLogProb(" Paris")
-    torch.testing.assert_close(u.mask_values(llama, CTX, tgt, masks), v)
-    lp = u.mask_values(llama, CTX, " Paris", masks, output="logit_prob")
+    torch.testing.assert_close(u.bind(llama, CTX, tgt).f(masks)[:, 0], v)
+    lp = u.bind(llama, CTX, " Paris", output="logit_prob").f(masks)[:, 0]
     assert torch.allclose(lp, v - torch.log1p(-v.exp()))
-    # generated response: greedy, deterministic, reused by mask_values with target=None
-    g1 = Sources().bind(llama, CTX, None, max_new_tokens=5)
-    g2 = Sources().bind(llama, CTX, None, max_new_tokens=5)
+    # generated response: greedy, deterministic, reused by a later bind with target=None
+    g1 = Sources().prompt(llama, CTX, None, max_new_tokens=5)
+    g2 = Sources().prompt(llama, CTX, None, max_new_tokens=5)
     assert g1.response_ids == g2.response_ids and 1 <= len(g1.response_ids) <= 5
 
 
 def test_sampled_response_is_seeded(llama):
-    a = Sources().bind(llama, CTX, None, max_new_tokens=6, do_sample=True, seed=7)
-    b = Sources().bind(llama, CTX, None, max_new_tokens=6, do_sample=True, seed=7)
+    a = Sources(do_sample=True, seed=7).prompt(llama, CTX, None, max_new_tokens=6)
+    b = Sources(do_sample=True, seed=7).prompt(llama, CTX, None, max_new_tokens=6)
     assert a.response_ids == b.response_ids
-    greedy = Sources().bind(llama, CTX, None, max_new_tokens=6)
+    greedy = Sources().prompt(llama, CTX, None, max_new_tokens=6)
     draws = {
         tuple(
-            Sources().bind(llama, CTX, None, max_new_tokens=6, do_sample=True, seed=s).response_ids
+            Sources(do_sample=True, seed=s).prompt(llama, CTX, None, max_new_tokens=6).response_ids
         )
         for s in range(4)
     }
@@ -203,7 +202,7 @@ def test_sampled_response_is_seeded(llama):
 def test_generic_lds_rebuilds_the_units(llama):
     r = al.attribute(llama, CTX, " Paris is", units="sources", method="occlusion", query=QUERY)
     s = al.evaluate.lds(llama, r, CTX, " Paris is", n_masks=12, seed=2)
-    f = Sources(query=QUERY).mask_values(llama, CTX, " Paris is", s.masks)
+    f = Sources(query=QUERY).bind(llama, CTX, " Paris is").f(s.masks)[:, 0]
     torch.testing.assert_close(s.values.double(), f.double())
     assert s.lds > 0.5  # leave-one-out is close to additive on this tiny model
 
@@ -215,15 +214,15 @@ def test_chat_template(llama):
     tok = copy.deepcopy(tok)  # the tiny tokenizer is shared: do not change it
     tok.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}A:"
     lm = al.wrap(hf, tok)
-    p = Sources(query="Q?").bind(lm, CTX, " Paris")
+    p = Sources(query="Q?").prompt(lm, CTX, " Paris")
     assert (
         p.chat
         and p.prompt_text().startswith("<u>Context: Paris")
         and p.prompt_text().endswith("A:")
     )
     with pytest.raises(al.errors.InputError, match="chat template"):
-        Sources(chat_template=True).bind(llama, CTX, " Paris")
-    assert not Sources(chat_template=False).bind(lm, CTX, " Paris").chat
+        Sources(chat_template=True).prompt(llama, CTX, " Paris")
+    assert not Sources(chat_template=False).prompt(lm, CTX, " Paris").chat
 
 
 # ------------------------------------------------------------------ ContextCite
@@ -244,13 +243,13 @@ def test_contextcite_is_lasso_on_plain_logprobs(llama):
         units="sources",
         method="contextcite",
         query=QUERY,
-        response=" Paris is",
-        n_ablations=24,
+        target=" Paris is",
+        samples=24,
         seed=5,
     )
     masks = r.extra["masks"]
-    assert torch.equal(masks, random_masks(24, 5, seed=5))
-    p = Sources(query=QUERY).bind(llama, CTX, " Paris is")
+    assert torch.equal(masks, sample_masks(24, 5, 0.5, 5))
+    p = Sources(query=QUERY).prompt(llama, CTX, " Paris is")
     per_token = _plain_logprobs(llama, p, masks)
     torch.testing.assert_close(r.extra["logprobs"], per_token, atol=2e-5, rtol=0)
     w, b = fit_lasso(masks.numpy(), reduce_logprobs(per_token, "logit_prob").numpy(), 2, 0.01)
@@ -277,7 +276,7 @@ def test_contextcite_result_roundtrip_and_per_token(llama, tmp_path):
         " Paris is",
         units="sources",
         method="contextcite",
-        n_ablations=16,
+        samples=16,
         per_token=True,
     )
     assert r.scores.shape == (len(r.meta["response_ids"]), 5) and "token" in r.rows
@@ -293,8 +292,8 @@ def test_contextcite_finds_a_planted_source(llama):
     """A source that repeats the response makes it (the copy) more likely."""
     ctx = "The sky is blue. Tom has a dog. Ice is cold. Kate reads books."
     resp = " Tom has a dog."
-    lp = Sources().mask_values(llama, ctx, resp, [[1, 1, 1, 1], [1, 0, 1, 1]])
-    r = al.attribute(llama, ctx, resp, units="sources", method="contextcite", n_ablations=32)
+    lp = Sources().bind(llama, ctx, resp).f([[1, 1, 1, 1], [1, 0, 1, 1]])[:, 0]
+    r = al.attribute(llama, ctx, resp, units="sources", method="contextcite", samples=32)
     loo = al.attribute(llama, ctx, resp, units="sources", method="occlusion")
     assert loo.scores[1] == pytest.approx(float(lp[0] - lp[1]), abs=1e-6)
     assert int(loo.scores.argmax()) == int(r.scores.argmax()) or float(lp[0] - lp[1]) < 0.1
@@ -302,7 +301,7 @@ def test_contextcite_finds_a_planted_source(llama):
 
 # ------------------------------------------------------------------ baselines
 def test_loo_jsd_attention_hierarchical(llama):
-    p = Sources(query=QUERY).bind(llama, CTX, " Paris is")
+    p = Sources(query=QUERY).prompt(llama, CTX, " Paris is")
     plain = _plain_logprobs(llama, p, al.methods.context_baselines.loo_masks(5)).sum(-1)
     loo = al.attribute(llama, CTX, " Paris is", units="sources", method="occlusion", query=QUERY)
     np.testing.assert_allclose(loo.scores.numpy(), (plain[0] - plain[1:]).numpy(), atol=2e-5)
@@ -379,7 +378,7 @@ def test_parity_with_context_cite_package():
     np.testing.assert_allclose(attribute_span(r, 1, 4).scores.numpy(), span_cc, atol=1e-4, rtol=0)
     # a generated response is the model's greedy continuation of the same prompt (context-cite
     # re-tokenizes the decoded text, which can change ids of broken UTF-8 bytes)
-    ours = Sources(query=QUERY).bind(lm, CTX, None, max_new_tokens=6)
+    ours = Sources(query=QUERY).prompt(lm, CTX, None, max_new_tokens=6)
     ids = torch.tensor([cc._get_prompt_ids()])
     ref = hf.generate(ids, attention_mask=torch.ones_like(ids), **gen, pad_token_id=0)[0]
     n = len(ours.response_ids)
@@ -405,7 +404,7 @@ def test_zoo_top1_source_is_gold(zoo_qa):
     hits = {"contextcite": 0, "occlusion": 0}
     for ex in examples:
         units = Sources(sources=ex.sources)
-        for method, kw in (("contextcite", {"n_ablations": 64}), ("occlusion", {})):
+        for method, kw in (("contextcite", {"samples": 64}), ("occlusion", {})):
             r = al.attribute(
                 lm, ex.prompt, ex.answer, units=units, method=method, batch_size=64, **kw
             )
@@ -426,7 +425,7 @@ def test_zoo_lds_and_topk_drop(zoo_qa):
             ex.answer,
             units=Sources(sources=ex.sources),
             method="contextcite",
-            n_ablations=64,
+            samples=64,
             batch_size=64,
         )
         s = al.evaluate.lds(lm, r, ex.prompt, ex.answer, n_masks=64, seed=1)
@@ -437,7 +436,7 @@ def test_zoo_lds_and_topk_drop(zoo_qa):
         last = c.order[-1]  # the lowest-scored source, for comparison
         keep = torch.ones(1, len(ex.sources), dtype=torch.bool)
         keep[0, last] = False
-        f_last = Sources(sources=ex.sources).mask_values(lm, ex.prompt, ex.answer, keep)
+        f_last = Sources(sources=ex.sources).bind(lm, ex.prompt, ex.answer).f(keep)[:, 0]
         drop_other.append(c.values[0] - float(f_last[0]))
     print(
         f"\nzoo context_qa, ContextCite n=64, {len(lds)} prompts: mean held-out LDS "

@@ -136,7 +136,7 @@ def test_atp_star_verify_patches_with_the_continuation():
 def test_eap_metric_is_the_direct_continuation_logprob():
     lm = _lm()
     r = al.attribute(lm, PROMPT, target=_target(), units="edges", method="eap", counterfactual=CF)
-    assert r.diagnostics["metric_clean"] == pytest.approx(_direct(lm, _ids(lm, PROMPT)), abs=1e-4)
+    assert r.diagnostics["value"] == pytest.approx(_direct(lm, _ids(lm, PROMPT)), abs=1e-4)
 
 
 def test_dla_refuses_a_continuation_target_with_a_typed_error():

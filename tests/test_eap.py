@@ -224,7 +224,7 @@ def test_caching_head_out_or_resid_mid_leaves_gradients_unchanged(extra):
 def test_doctests():
     import doctest
 
-    import attrlab.methods.eap as mod
+    import attrlab.methods.gradient as mod
 
     res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert res.failed == 0 and res.attempted > 0

@@ -491,8 +491,8 @@ def test_contextcite_on_sources_is_the_shared_preset():
 
     lm = al.wrap(*al.testing.tiny_model("llama"))
     ctx = "Paris is in France. Rome is in Italy. Bob likes tea. The cat sat."
-    r = al.attribute(lm, ctx, units="sources", method="contextcite", response=" France",
-                     n_ablations=40, seed=3)  # fmt: skip
+    r = al.attribute(lm, ctx, units="sources", method="contextcite", target=" France",
+                     samples=40, seed=3)  # fmt: skip
     masks = r.extra["masks"]
     assert torch.equal(masks, ContextCiteSurrogate(samples=40, seed=3).draw_masks(4))
     lp = r.extra["logprobs"].double()  # [40, n_response_tokens]
@@ -503,7 +503,7 @@ def test_contextcite_on_sources_is_the_shared_preset():
     mu, sd = x.mean(0), x.std(0)
     lasso = Lasso(alpha=0.01).fit((x - mu) / sd, y / k)
     np.testing.assert_allclose(r.scores.numpy(), lasso.coef_ / sd * k, atol=1e-6)
-    assert {"r2", "n_unvaried", "bias"} <= set(r.diagnostics)
+    assert {"r2", "n_unvaried", "intercept"} <= set(r.diagnostics)
 
 
 def test_progress_is_silent_by_default(capsys):

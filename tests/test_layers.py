@@ -13,8 +13,6 @@ import ast
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -151,15 +149,6 @@ def test_units_know_no_estimator() -> None:
     assert v == [], "\n".join(v)
 
 
-#: modules still reaching into model/adapters/, fixed on other branches of issue 15
-#: (item 7): the lead empties this after merging them.
-PENDING_ADAPTER_REACH = {
-    "attrlab.units.edges": "edges branch: fused q/k/v layouts via the wrapper",
-    "attrlab.methods.atp": "gradient branch: lm.scores_qk / attn_scale / qk_scores_exact / "
-    "next_layer_qkv instead of lm.adapter",
-}
-
-
 def _adapter_reaches() -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for m in modules().values():
@@ -177,31 +166,14 @@ def test_nothing_above_the_wrapper_reaches_into_adapters() -> None:
     the wrapper (``lm.W_O``, ``lm.frozen_norm``, ``lm.embed_ids`` …), never an
     adapter, ``lm.adapter`` or the norm kind (a norm formula of their own):
     per-family knowledge lives in one place."""
-    reaches = {k: v for k, v in _adapter_reaches().items() if k not in PENDING_ADAPTER_REACH}
+    reaches = _adapter_reaches()
     assert reaches == {}, "\n".join(f"{k}: {v}" for k, v in reaches.items())
 
 
-@pytest.mark.xfail(
-    strict=False, reason="issue 15 item 7: atp.py and units/edges.py are fixed on other branches"
-)
-def test_no_pending_adapter_reach() -> None:
-    assert sorted(_adapter_reaches()) == []
-
-
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 15 item 7: result.py stops importing viz on another branch (views register "
-    "themselves or are called from outside)",
-)
 def test_results_import_no_view() -> None:
     assert violations("attrlab.result", ("attrlab.viz", "attrlab.report")) == []
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 15 item 7: evaluate/circuits and methods/circuits stop importing each "
-    "other on another branch",
-)
 def test_circuit_evaluation_and_extraction_do_not_import_each_other() -> None:
     assert violations("attrlab.evaluate.circuits", ("attrlab.methods.circuits",)) == []
     assert violations("attrlab.methods.circuits", ("attrlab.evaluate.circuits",)) == []

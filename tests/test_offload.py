@@ -82,7 +82,7 @@ def test_sources_occlusion_equals_the_plain_model_with_the_embedding_offloaded(s
     embedding's execution device, not to the first parameter's ('meta')."""
     ctx = "Paris is the capital of France. Rome is the capital of Italy. Bob likes tea."
     plain, off = _load(saved, tmp_path), _load(saved, tmp_path, "all")
-    kw = dict(units="sources", method="occlusion", response=" a")
+    kw = dict(units="sources", method="occlusion", target=" a")
     a = al.attribute(plain, ctx, **kw)  # type: ignore[arg-type]
     b = al.attribute(off, ctx, **kw)  # type: ignore[arg-type]
     torch.testing.assert_close(b.scores, a.scores, atol=1e-6, rtol=1e-6)

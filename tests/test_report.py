@@ -120,7 +120,7 @@ def synthetic_results(payload: str = "") -> list[tuple[str, Attribution]]:
                 "sources",
                 "contextcite",
                 "logprob",
-                params={"n_ablations": 32},
+                params={"samples": 32},
             ),
         ),
         (

@@ -73,7 +73,7 @@ def test_ablated_prompts_are_built_a_batch_at_a_time(monkeypatch, batch_size):
     """Leave-one-out over 70 sources tokenizes at most 64 prompts per call (the
     lengths first, then each batch as it runs), and gives the plain runs' scores."""
     lm = al.wrap(*al.testing.tiny_model("llama", max_position_embeddings=512))
-    p = al.units.Sources().bind(lm, LETTERS, " xa. xb")
+    p = al.units.Sources().prompt(lm, LETTERS, " xa. xb")
     masks = loo_masks(p.n_sources)
     count = _Counter(monkeypatch, lm)
     r = al.attribute(
@@ -91,7 +91,7 @@ def test_prefix_walk_with_chunked_prefill_over_the_response(chunk):
     from attrlab.units.sources import _Runner, _token_logprobs
 
     lm = al.wrap(*al.testing.tiny_model("llama"))
-    p = al.units.Sources().bind(lm, "A b c. D e f. G h i.", " A b c d e")
+    p = al.units.Sources().prompt(lm, "A b c. D e f. G h i.", " A b c d e")
     masks = loo_masks(p.n_sources)
     runner = _Runner(lm, lm.cfg.n_ctx, chunk=chunk)
     got = runner.run(p.prompt_ids(masks), p.response_ids, _token_logprobs(p.response_ids), 1)

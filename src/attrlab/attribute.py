@@ -18,12 +18,11 @@ from typing import Any
 from .ablations import Ablation
 from .ablations import resolve as resolve_ablation
 from .errors import EmptyPromptError, InputError
-from .methods.base import Estimator, Method, find_method
+from .methods.base import Estimator, Method, find_method, option_names
 from .model.lock import holds_model_lock
 from .model.wrapper import LM, Inputs
 from .question import check_scores, record
 from .result import Attribution
-from .targets import resolve as resolve_target
 from .units.base import resolve as resolve_units
 
 
@@ -85,6 +84,9 @@ def attribute(
         m = method
     elif isinstance(method, str):
         cls = find_method(method, unit_obj.kind)
+        options, unit_options = _split_options(cls, unit_obj, options)
+        if unit_options:
+            unit_obj = unit_obj.updated(**unit_options)  # type: ignore[attr-defined]
         try:
             m = cls(**options)
         except TypeError as e:
@@ -95,8 +97,9 @@ def attribute(
     if abl is not None:
         abl = unit_obj.check_ablation(abl)  # typed error before any forward pass
     # recorded before the method runs: it may prepare (mutate) the target object
-    question = record(inputs, target, unit_obj, counterfactual, m.target_kind, abl)
-    tgt = resolve_target(target, lm) if m.target_kind == "lm" else target
+    target_kind = unit_obj.target_kind if m.target_kind == "lm" else m.target_kind
+    question = record(inputs, target, unit_obj, counterfactual, target_kind, abl)
+    tgt = unit_obj.resolve_target(target, lm) if m.target_kind == "lm" else target
     if isinstance(m, Estimator) or "ablation" in inspect.signature(m.attribute).parameters:
         result = m.attribute(lm, inputs, tgt, unit_obj, counterfactual=counterfactual, ablation=abl)
     elif ablation is not None and not (counterfactual is not None and abl.name == "counterfactual"):
@@ -112,3 +115,25 @@ def attribute(
             question["ablation"] = used
         result.meta["question"] = question
     return result
+
+
+def _split_options(
+    cls: type, units: Any, options: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(method options, unit options)``: an option that is a field of the unit
+    object (kinds with ``updated``, e.g. ``query=`` for sources) goes to the
+    units; one the method also names (``seed``) goes to both.
+
+    Example:
+        >>> import attrlab as al
+        >>> _split_options(al.methods.find_method("occlusion", "sources"),
+        ...                al.units.Sources(), {"query": "Why?", "batch_size": 4})
+        ({'batch_size': 4}, {'query': 'Why?'})
+    """
+    if not hasattr(units, "updated"):
+        return options, {}
+    fields = set(units.params())
+    names, _ = option_names(cls)
+    unit_opts = {k: v for k, v in options.items() if k in fields}
+    method_opts = {k: v for k, v in options.items() if k not in fields or k in names}
+    return method_opts, unit_opts

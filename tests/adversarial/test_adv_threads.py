@@ -106,7 +106,8 @@ def test_good_duplicate_sources_share_one_prompt():
     """Two identical sources: removing either gives the same prompt, run once."""
     lm = al.wrap(*al.testing.tiny_model("llama"))
     r = al.attribute(lm, "A b c. A b c.", " A", units="sources", method="occlusion")
-    assert r.diagnostics["n_prompts"] == 2
+    # the full context, the empty one, and the two removals' one shared prompt
+    assert r.diagnostics["n_prompts"] == 3
     assert float(r.scores[0]) == float(r.scores[1])
 
 
@@ -137,4 +138,4 @@ def test_error_thousand_sources_fail_fast(lm, method):
 def test_error_mask_values_on_too_long_context(lm):
     ctx = " ".join(f"Fact {i} is red." for i in range(200))
     with pytest.raises(al.errors.ContextTooLongError, match="fewer or shorter sources"):
-        al.units.Sources().mask_values(lm, ctx, " Fact", [[True] * 200])
+        al.units.Sources().bind(lm, ctx, " Fact").f([[True] * 200])

@@ -60,17 +60,16 @@ def first_available(names: Sequence[str], kind: str) -> str | None:
 
 
 def method_options(method: str, kind: str, **wanted: Any) -> dict[str, Any]:
-    """The subset of ``wanted`` options that the method's constructor accepts."""
-    from ..methods.base import find_method
+    """The subset of ``wanted`` options that the method's constructors or the
+    unit kind's fields accept."""
+    from ..methods.base import find_method, option_names
+    from ..units.base import resolve
 
-    cls = find_method(method, kind)
-    try:
-        params = inspect.signature(cls.__init__).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return {}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    names, open_ended = option_names(find_method(method, kind))
+    if open_ended:
         return dict(wanted)
-    return {k: v for k, v in wanted.items() if k in params}
+    fields = set(resolve(kind).params())
+    return {k: v for k, v in wanted.items() if k in names or k in fields}
 
 
 def zoo_model(name: str) -> Any:
@@ -513,8 +512,8 @@ def _sources(demo: Demo) -> None:
         ex = zoo.task("context_qa").examples(1, seed=0)[0]
         prompt, sources, gold, response = ex.prompt, list(ex.sources), ex.gold, ex.answer
         where = f"zoo context_qa; question {ex.question!r}, answer {response!r}"
-    wanted = {"sources": sources, "response": response, "n_ablations": 32, "seed": 0}
-    r = _attr(demo, m, "sources", "sources", lm=lm, prompt=prompt, target=None, **wanted)
+    wanted = {"sources": sources, "samples": 32, "seed": 0}
+    r = _attr(demo, m, "sources", "sources", lm=lm, prompt=prompt, target=response, **wanted)
     if len(r) == len(sources):
         r.units["answers the question"] = ["yes" if i == gold else "" for i in range(len(r))]
     demo.add(r, f"Context sources — {m}", f"which document the answer comes from ({where})")

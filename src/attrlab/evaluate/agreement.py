@@ -59,27 +59,18 @@ class Agreement:
 def _exact(lm: Any, r: Any, how: dict[str, Any]) -> Any:
     """Exact occlusion on the question ``r`` answers, with the same ablation and
     direction: the generic occlusion estimator on the same bound question."""
-    from ..ablations import Counterfactual
-    from ..attribute import attribute
     from ..methods.perturbation import Occlusion
     from .lds import _bind, _question
 
     q, u, opts = _question(lm, r, None, None, None, "compute exact occlusion for", **how)
     direction = r.meta.get("direction", r.params.get("direction", "noising"))
     occ = Occlusion(direction if direction in ("noising", "denoising") else "noising")
-    if "f" in u.provides:
-        bound = _bind(lm, q, u, **opts)
-        scores, diag = occ.estimate(bound)
-        out = bound.result(scores, occ, diagnostics=diag)
-        if "question" in r.meta:
-            out.meta["question"] = r.meta["question"]
-        return out
-    # TRANSITIONAL (kinds without bind: sources): their own occlusion via al.attribute
-    cf = q.ablation.inputs if isinstance(q.ablation, Counterfactual) else None
-    return attribute(
-        lm, q.inputs, target=q.target, units=u, method="occlusion", counterfactual=cf,
-        ablation=None if cf is not None else q.ablation, direction=occ.direction, **opts,
-    )  # fmt: skip
+    bound = _bind(lm, q, u, **opts)
+    scores, diag = occ.estimate(bound)
+    out = bound.result(scores, occ, diagnostics=diag)
+    if "question" in r.meta:
+        out.meta["question"] = r.meta["question"]
+    return out
 
 
 def agreement(

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import InputError, UnsupportedAblationError
+from ..errors import InputError
 from ..model.lock import holds_model_lock
 from ..question import Question
 
@@ -273,10 +273,7 @@ def _bind(lm: Any, q: Question, units: Any, **options: Any) -> Any:
 def _evaluate_masks(lm: Any, q: Question, units: Any, masks: Tensor, **options: Any) -> Tensor:
     """``f(S)`` for each mask, ``[n_masks, rows]`` float64, from the bound question.
 
-    Kinds that provide ``f`` are bound (:func:`_bind`). TRANSITIONAL: kinds that
-    do not yet (edges, sources) are measured with their old ``mask_values``
-    (the counterfactual passed as its ``counterfactual=``); delete that branch
-    when every kind provides ``bind``.
+    The question is bound (:func:`_bind`) and its ``f`` evaluated.
 
     Example:
         >>> import torch, attrlab as al
@@ -286,23 +283,14 @@ def _evaluate_masks(lm: Any, q: Question, units: Any, masks: Tensor, **options: 
         >>> tuple(_evaluate_masks(lm, q, u, torch.ones(2, 3).bool(), **opts).shape)
         (2, 1)
     """
-    from ..ablations import Counterfactual, Remove
-
-    if "f" in getattr(units, "provides", ()):
-        bound = _bind(lm, q, units, **options)
-        if bound.n != masks.shape[-1]:
-            raise InputError(
-                f"the units give {bound.n} units, the result has {masks.shape[-1]}; pass units="
-            )
-        return _as_2d(bound.f(masks))
-    legacy = dict(options)  # transitional: delete with the kinds' mask_values
-    if isinstance(q.ablation, Counterfactual):
-        legacy["counterfactual"] = q.ablation.inputs
-    elif q.ablation is not None and not isinstance(q.ablation, Remove):
-        raise UnsupportedAblationError(
-            f"units={units.kind!r} cannot be evaluated with ablation {q.ablation.name!r} yet"
+    if "f" not in getattr(units, "provides", ()):
+        raise InputError(f"units {units.kind!r} cannot be evaluated on masks")
+    bound = _bind(lm, q, units, **options)
+    if bound.n != masks.shape[-1]:
+        raise InputError(
+            f"the units give {bound.n} units, the result has {masks.shape[-1]}; pass units="
         )
-    return _as_2d(units.mask_values(lm, q.inputs, q.target, masks, **legacy))
+    return _as_2d(bound.f(masks))
 
 
 def _score_rows(result: Any, n_rows: int) -> Tensor:

@@ -380,10 +380,10 @@ def _qk_fix(
 
     def qk(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         # the family's rotary embedding (none for plain q.k) and shared key heads
-        return lm.adapter.scores_qk(q.double(), k.double(), pos_ids)
+        return lm.scores_qk(q.double(), k.double(), pos_ids)
 
     for layer in nodes.layers:
-        scale = lm.adapter.attn_scale(layer)
+        scale = lm.attn_scale(layer)
         q_site, k_site = f"blocks.{layer}.attn.q", f"blocks.{layer}.attn.k"
         q, k = qk(base_cache[q_site], base_cache[k_site])  # [b, p, h, dh]
         p = base_cache[f"blocks.{layer}.attn.pattern"].double()  # [b, h, q, k]
@@ -450,7 +450,7 @@ def _next_attn_fix(
     change of that layer's head outputs ``z`` at every query position: row
     ``p`` by a full softmax, later rows by closed-form renormalization of
     column ``p``, including the pattern x value cross term. Scores go through
-    the adapter's ``scores_qk`` (the family's rotary embedding, shared key
+    the wrapper's ``scores_qk`` (the family's rotary embedding, shared key
     heads; rotary is linear, so a change of q or k at position ``p`` is rotated
     at ``p``), and shared value heads are repeated for their query heads. For each
     cotangent ``g`` on ``z`` of layer ``l + 1`` a unit gets
@@ -463,7 +463,6 @@ def _next_attn_fix(
     Returns one ``[batch, n_units]`` tensor per cotangent (zero for units of
     the last layer, which feed no later attention).
     """
-    a = lm.adapter
     cfg = lm.cfg
     n_b, n_pos = base.shape
     comp = nodes.site_kind.split(".")[1]
@@ -474,7 +473,7 @@ def _next_attn_fix(
 
     def rot(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         # [b, p, heads, dh] / [b, p, kv_heads, dh] -> score-ready q, k (both [.., heads, dh])
-        return a.scores_qk(q, k, pos_ids)
+        return lm.scores_qk(q, k, pos_ids)
 
     def share(v: Tensor, dim: int) -> Tensor:
         # value heads shared by several query heads, repeated for each of them
@@ -491,7 +490,7 @@ def _next_attn_fix(
         site = nodes.site(layer)
         delta = (src_cache[site] - base_cache[site])[:, :, hs]  # [b, p, hu, *]
         if comp == "z":
-            w_o = a.W_O(layer)[hs].to(delta.dtype)  # [hu, dh, d]
+            w_o = lm.W_O(layer)[hs].to(delta.dtype)  # [hu, dh, d]
             dr = torch.einsum("bphe,hed->bphd", delta, w_o)  # [b, p, hu, d]
         else:
             dr = delta
@@ -499,11 +498,11 @@ def _next_attn_fix(
         shape = dr.shape
         x_u = x[:, :, None].expand(shape).reshape(-1, shape[-1]).contiguous()
         dr_u = dr.reshape(-1, shape[-1]).to(x.dtype).contiguous()
-        scale = a.attn_scale(nxt)
+        scale = lm.attn_scale(nxt)
         # first order: w_p = d (g . z) / d resid_mid[p], one backward over positions
         with torch.enable_grad():
             xg = x.clone().requires_grad_(True)
-            q0, k0, v0 = _next_qkv(lm, layer, xg, torch.zeros_like(xg))  # [b, p, j(kv), dh]
+            q0, k0, v0 = lm.next_layer_qkv(layer, xg)  # [b, p, j(kv), dh]
             q0r, k0r = rot(q0, k0)  # [b, p, j, dh]
             s0 = torch.einsum("bqje,bkje->bjqk", q0r, k0r) * scale
             s0 = s0.masked_fill(~valid, torch.finfo(s0.dtype).min)
@@ -515,7 +514,7 @@ def _next_attn_fix(
                 for i, cot in enumerate(cotangents)
             ]  # [b, p, d] each
         with torch.no_grad():
-            q1, k1, v1 = _next_qkv(lm, layer, x_u, dr_u)  # [b * p * hu, j(kv), dh]
+            q1, k1, v1 = lm.next_layer_qkv(layer, x_u + dr_u)  # [b * p * hu, j(kv), dh]
         ush = (n_b, n_pos, len(hs), -1, cfg.d_head)  # [b, p, hu, j(kv), dh]
         q0, k0, v0 = (t.detach().double()[:, :, None] for t in (q0, k0, v0))
         dq_ex = q1.double().reshape(ush) - q0
@@ -572,24 +571,6 @@ def _next_attn_fix(
     return res
 
 
-def _next_qkv(lm: LM, layer: int, x: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v ``[rows, head, d_head]`` (k, v: key/value heads; rotary not applied)
-    of layer ``layer + 1`` at one position whose
-    ``resid_mid`` of block ``layer`` is ``x + r`` (``[rows, d_model]``): block
-    ``layer``'s MLP and block ``layer + 1``'s norm and projections, the model's
-    own modules (sequential blocks without post-block norms)."""
-    a, cfg = lm.adapter, lm.cfg
-    ln1 = a.sub(layer + 1, a.attn_in_norm_name)
-    assert ln1 is not None
-    y = x + r
-    h = ln1(y + a.mlp(layer)(a.mlp_in_norm(layer)(y)))
-    mods = a.qkv_modules(layer + 1)
-    if "qkv" in mods:
-        return a.split_qkv(mods["qkv"](h))
-    q, k, v = (mods[c](h).unflatten(-1, (-1, cfg.d_head)) for c in ("q", "k", "v"))
-    return q, k, v
-
-
 # ------------------------------------------------------------ core routine
 def _attribution_patching(
     lm: LM,
@@ -618,7 +599,7 @@ def _attribution_patching(
     comp = nodes.site_kind.split(".")[-1]
     use_qk = star and qk_fix and nodes.kind == "heads" and comp in ("q", "k")
     diagnostics: dict[str, Any] = {"direction": direction}
-    if use_qk and not lm.adapter.qk_scores_exact(clean.shape[1]):
+    if use_qk and not lm.qk_scores_exact(clean.shape[1]):
         # the scores are not attn.scaling * q'.k' of the cached sites (softcapping,
         # partial rotary, a sliding window shorter than the prompt, ...)
         use_qk = False
@@ -643,14 +624,12 @@ def _attribution_patching(
             "applies to per-position head units at sites 'z' / 'head_out' only; off"
         )
     if use_na and (
-        lm.cfg.parallel_residual
-        or lm.cfg.post_block_norms
-        or not lm.adapter.qk_scores_exact(base.shape[1])
+        lm.cfg.parallel_residual or lm.cfg.post_block_norms or not lm.qk_scores_exact(base.shape[1])
     ):
         use_na = False
         diagnostics["next_attn"] = (
             f"unavailable for family {lm.cfg.family!r} (needs sequential blocks without "
-            "post-block norms, and attention scores the adapter can recompute: plain q.k "
+            "post-block norms, and attention scores the wrapper can recompute: plain q.k "
             "or rotary through scores_qk); off"
         )
     na_next = sorted({ly + 1 for ly in nodes.layers if ly + 1 < n_layers_all}) if use_na else []
@@ -1044,7 +1023,7 @@ class AtPStar(Method):
             grid; 16 moves near-tied units by interpolation error).
         next_attn: attrlab's extension of the paper's QK fix to the attention
             layer *after* a head unit (per-position ``z`` / ``head_out`` units of
-            sequential models whose scores the adapter recomputes: plain q.k, or
+            sequential models whose scores the wrapper recomputes: plain q.k, or
             rotary through ``scores_qk`` (Llama, Mistral, Qwen2, Gemma, Phi-3); else noted in
             ``diagnostics["next_attn"]``): the unit's change of the residual at
             its position is carried exactly through its block's MLP and the next

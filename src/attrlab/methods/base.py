@@ -20,10 +20,13 @@ Example:
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 import numbers
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor
 
 from ..errors import InputError, NonFiniteError, UnknownMethodError
 
@@ -92,7 +95,9 @@ class Estimator(Method):
     """
 
     def estimate(self, bound: Any) -> tuple[Any, dict[str, Any]]:
-        """``(scores [n_rows, n], diagnostics)`` for a bound question."""
+        """``(scores [n_rows, n], diagnostics)`` for a bound question; tensors
+        among the diagnostics (a surrogate's design ``masks``) are stored with
+        the result as ``extra``."""
         raise NotImplementedError
 
     def bind_options(self) -> dict[str, Any]:
@@ -132,9 +137,24 @@ class Estimator(Method):
         counterfactual: Inputs | None = None,
         ablation: Any = None,
     ) -> Attribution:
-        bound = self.bind(lm, inputs, target, units, counterfactual, ablation)
+        return self.run(self.bind(lm, inputs, target, units, counterfactual, ablation))
+
+    def run(self, bound: Any) -> Attribution:
+        """The result on an already bound question (``units.bind(...)``): for
+        questions :func:`attrlab.attribute` does not pose, such as training
+        examples removed by retraining.
+
+        Example:
+            >>> import numpy as np, attrlab as al
+            >>> w = np.array([[1.0, -2.0, 3.0]])
+            >>> u = al.units.TrainingExamples(retrain=lambda idx, j: w[:, idx].sum(1), n_train=3)
+            >>> al.methods.find_method("occlusion", "train")().run(u.bind()).scores.tolist()
+            [1.0, -2.0, 3.0]
+        """
         scores, diag = self.estimate(bound)
-        return bound.result(scores, self, diagnostics=diag)
+        extra = {k: v for k, v in diag.items() if isinstance(v, Tensor)}
+        diag = {k: v for k, v in diag.items() if k not in extra}
+        return bound.result(scores, self, diagnostics=diag, extra=extra)
 
 
 def deprecated_baseline(method: str, baseline: Any) -> Any:
@@ -410,3 +430,25 @@ def find_method(name: str, kind: str) -> type[Method]:
         f"{', '.join(methods_for(kind)) or 'none yet'}; all methods: "
         f"{', '.join(all_methods()) or 'none yet'}"
     )
+
+
+def option_names(cls: type) -> tuple[set[str], bool]:
+    """The keyword options a method class's constructors name (along the
+    classes it passes ``**options`` on to), and whether the last one still takes
+    ``**options`` (then any name is accepted).
+
+    Example:
+        >>> names, open_ended = option_names(find_method("kernelshap", "tokens"))
+        >>> "samples" in names and "batch_size" in names, open_ended
+        (True, False)
+    """
+    names: set[str] = set()
+    for c in cls.__mro__:
+        init = c.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return names - {"self"}, False
+    return names - {"self"}, True

@@ -1,11 +1,12 @@
-"""Cheap context attributions for ``units="sources"``: leave-one-out, a
-Jensen-Shannon divergence score, a one-pass attention score, and a hierarchical
-(TracLLM-like) search for contexts with hundreds of sources.
+"""Methods that exist only for ``units="sources"``: a Jensen-Shannon
+divergence score, a one-pass attention score, and a hierarchical (TracLLM-like)
+search for contexts with hundreds of sources. (Leave-one-out over sources is
+``method="occlusion"``, ContextCite ``method="contextcite"``: the estimators
+every kind shares, on the sources' ``f``.)
 
 =================  ===========================================  =====================
 method             score of source ``i``                        forwards
 =================  ===========================================  =====================
-``occlusion``      ``f(all) - f(all but i)`` (leave-one-out)    ``n + 1``
 ``jsd``            sum over response tokens of the JSD between  ``n + 1``
                    next-token distributions with and without i
 ``attention``      attention from the response positions to     1 (eager attention)
@@ -26,7 +27,7 @@ Example:
     >>> import attrlab as al
     >>> lm = al.wrap(*al.testing.tiny_model("llama"))
     >>> r = al.attribute(lm, "A is red. B is blue. C is green.", " red",
-    ...                  units="sources", method="occlusion")
+    ...                  units="sources", method="jsd")
     >>> r.scores.shape
     torch.Size([3])
 """
@@ -43,11 +44,10 @@ from torch import Tensor
 
 from ..errors import IndexRangeError, InputError
 from ..result import Attribution
-from ..units.sources import reduce_logprobs
-from .base import register
-from .contextcite import ContextMethod
+from ..units.sources import Sources, SourcesBound
+from .base import Method, check_int, register
 
-__all__ = ["LeaveOneOut", "JSDScore", "AttentionScore", "HierarchicalSearch", "loo_masks"]
+__all__ = ["SourceMethod", "JSDScore", "AttentionScore", "HierarchicalSearch", "loo_masks"]
 
 
 def loo_masks(n_sources: int) -> Tensor:
@@ -62,64 +62,50 @@ def loo_masks(n_sources: int) -> Tensor:
     )
 
 
-def _check_output(output: str) -> str:
-    if output not in ("log_prob", "logit_prob", "mean_log_prob"):
-        raise InputError(
-            f"output must be 'log_prob', 'logit_prob' or 'mean_log_prob', got {output!r}"
-        )
-    return output
-
-
-def _no_cf(name: str, counterfactual: Any) -> None:
-    if counterfactual is not None:
-        raise InputError(f"{name} ablates sources; it takes no counterfactual")
-
-
-@register("occlusion", ("sources",))
-class LeaveOneOut(ContextMethod):
-    """Leave-one-out: the drop in the response's log-probability when a source is removed.
+class SourceMethod(Method):
+    """Shared options of the methods that exist only for ``units="sources"``.
+    The prompt options (``query=``, ``split=``, ``output=`` …) are fields of
+    :class:`attrlab.units.Sources` (also accepted by :func:`attrlab.attribute`).
 
     Args:
-        output: ``"log_prob"`` (default) or ``"logit_prob"``.
-        **common: see :class:`~attrlab.methods.contextcite.ContextMethod`.
+        max_new_tokens: length of a generated response (when no target is given).
+        batch_size: prompts per forward (``"auto"`` by default; 1 walks the
+            prefix tree of the prompts).
+        progress: show a progress bar.
 
     Example:
-        >>> import attrlab as al
-        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> r = al.attribute(lm, "A is red. B is blue.", " red", units="sources", method="occlusion")
-        >>> r.top(1).columns.tolist()
-        ['source', 'text', 'score']
+        >>> issubclass(JSDScore, SourceMethod)
+        True
     """
 
-    def __init__(self, output: str = "log_prob", **common: Any):
-        super().__init__(**common)
-        self.output = _check_output(output)
+    target_kind = "raw"
 
-    def attribute(
-        self, lm: Any, inputs: Any, target: Any, units: Any, counterfactual: Any = None
-    ) -> Attribution:
-        _no_cf(self.name, counterfactual)
-        t0 = time.perf_counter()
-        units, prompt = self.prepare(lm, inputs, target, units)
-        masks = loo_masks(prompt.n_sources)
-        stats: dict[str, int] = {}
-        per_token = self._run_logprobs(prompt, masks, stats)
-        f = reduce_logprobs(per_token, self.output)
-        scores = f[0] - f[1:]
-        diag = {"full": float(f[0]), "seconds": time.perf_counter() - t0, **stats}
-        return self.result(
-            lm,
-            units,
-            prompt,
-            scores,
-            f"response_{self.output}({prompt.response!r})",
-            diag,
-            extra={"masks": masks, "logprobs": per_token},
-        )
+    def __init__(
+        self,
+        max_new_tokens: int = 64,
+        batch_size: int | str = "auto",
+        progress: bool = False,
+    ):
+        name = self.name or type(self).__name__
+        self.max_new_tokens = check_int(name, "max_new_tokens", max_new_tokens)
+        self.batch_size = batch_size
+        self.progress = progress
+
+    def prepare(self, lm: Any, inputs: Any, target: Any, units: Any, counterfactual: Any = None,
+                output: str | None = None) -> SourcesBound:  # fmt: skip
+        """The sources bound to the context and the response (the kind's ``bind``)."""
+        if not isinstance(units, Sources):
+            raise InputError(f"{self.name} needs units='sources', got {units!r}")
+        if counterfactual is not None:
+            raise InputError(f"{self.name} removes sources; it takes no counterfactual")
+        return units.bind(
+            lm, inputs, units.resolve_target(target, lm), None, output, self.batch_size,
+            self.max_new_tokens, self.progress,
+        )  # fmt: skip
 
 
 @register("jsd", ("sources",))
-class JSDScore(ContextMethod):
+class JSDScore(SourceMethod):
     """Sum over response tokens of the Jensen-Shannon divergence (nats) between the
     next-token distributions with the full context and with one source removed.
 
@@ -137,10 +123,9 @@ class JSDScore(ContextMethod):
     def attribute(
         self, lm: Any, inputs: Any, target: Any, units: Any, counterfactual: Any = None
     ) -> Attribution:
-        _no_cf(self.name, counterfactual)
         t0 = time.perf_counter()
-        units, prompt = self.prepare(lm, inputs, target, units)
-        stats: dict[str, int] = {}
+        bound = self.prepare(lm, inputs, target, units, counterfactual)
+        prompt, stats = bound.prompt, bound.stats
         ref = prompt.run(
             loo_masks(prompt.n_sources)[:1],
             lambda logits, rows: logits.double().log_softmax(-1).cpu(),
@@ -165,20 +150,13 @@ class JSDScore(ContextMethod):
                 stats=stats,
             )
         )  # [n_sources, n_response]
-        diag = {"seconds": time.perf_counter() - t0, **stats}
-        return self.result(
-            lm,
-            units,
-            prompt,
-            per_token.sum(-1),
-            f"response_jsd({prompt.response!r})",
-            diag,
-            extra={"jsd_per_token": per_token},
-        )
+        bound.target_name = f"response_jsd({prompt.response!r})"
+        diag = {"seconds": time.perf_counter() - t0}
+        return bound.result(per_token.sum(-1), self, diag, extra={"jsd_per_token": per_token})
 
 
 @register("attention", ("sources",))
-class AttentionScore(ContextMethod):
+class AttentionScore(SourceMethod):
     """One forward: the attention paid by the response positions to each source's
     tokens, averaged over layers, heads and response positions.
 
@@ -187,7 +165,7 @@ class AttentionScore(ContextMethod):
 
     Args:
         layers: which layers to average (default all).
-        **common: see :class:`~attrlab.methods.contextcite.ContextMethod`.
+        **common: see :class:`SourceMethod`.
 
     Example:
         >>> import attrlab as al
@@ -205,9 +183,9 @@ class AttentionScore(ContextMethod):
     def attribute(
         self, lm: Any, inputs: Any, target: Any, units: Any, counterfactual: Any = None
     ) -> Attribution:
-        _no_cf(self.name, counterfactual)
         t0 = time.perf_counter()
-        units, prompt = self.prepare(lm, inputs, target, units)
+        bound = self.prepare(lm, inputs, target, units, counterfactual)
+        prompt = bound.prompt
         ids, ranges = prompt.source_token_ranges()
         n_layers = lm.cfg.n_layers
         layers = list(range(n_layers)) if self.layers is None else list(self.layers)
@@ -231,9 +209,8 @@ class AttentionScore(ContextMethod):
             "n_forwards": 1,
             "token_ranges": [list(r) for r in ranges],
         }
-        return self.result(
-            lm, units, prompt, scores, f"response_attention({prompt.response!r})", diag
-        )
+        bound.target_name = f"response_attention({prompt.response!r})"
+        return bound.result(scores, self, diag)
 
 
 def _split(group: list[int], k: int) -> list[list[int]]:
@@ -241,7 +218,7 @@ def _split(group: list[int], k: int) -> list[list[int]]:
 
 
 @register("hierarchical", ("sources",))
-class HierarchicalSearch(ContextMethod):
+class HierarchicalSearch(SourceMethod):
     """Hierarchical leave-one-group-out search for long contexts (TracLLM-like).
 
     The sources are cut into ``branching`` contiguous groups; each group is
@@ -255,8 +232,7 @@ class HierarchicalSearch(ContextMethod):
     Args:
         branching: groups per split.
         keep: groups refined per level.
-        output: ``"log_prob"`` (default) or ``"logit_prob"``.
-        **common: see :class:`~attrlab.methods.contextcite.ContextMethod`.
+        **common: see :class:`SourceMethod`.
 
     Example:
         >>> import attrlab as al
@@ -267,22 +243,19 @@ class HierarchicalSearch(ContextMethod):
         (12, True)
     """
 
-    def __init__(self, branching: int = 4, keep: int = 3, output: str = "log_prob", **common: Any):
+    def __init__(self, branching: int = 4, keep: int = 3, **common: Any):
         super().__init__(**common)
         if branching < 2 or keep < 1:
             raise InputError("branching must be >= 2 and keep >= 1")
         self.branching = int(branching)
         self.keep = int(keep)
-        self.output = _check_output(output)
 
     def attribute(
         self, lm: Any, inputs: Any, target: Any, units: Any, counterfactual: Any = None
     ) -> Attribution:
-        _no_cf(self.name, counterfactual)
         t0 = time.perf_counter()
-        units, prompt = self.prepare(lm, inputs, target, units)
-        n = prompt.n_sources
-        stats: dict[str, int] = {}
+        bound = self.prepare(lm, inputs, target, units, counterfactual)
+        n = bound.n
         scores = torch.zeros(n, dtype=torch.float64)
         resolved = [False] * n
         groups = _split(list(range(n)), self.branching)
@@ -295,7 +268,7 @@ class HierarchicalSearch(ContextMethod):
                 masks[j, g] = False
             if full is None:
                 masks = torch.cat([torch.ones(1, n, dtype=torch.bool), masks])
-            f = reduce_logprobs(self._run_logprobs(prompt, masks, stats), self.output)
+            f = bound.f(masks)[:, 0]
             if full is None:
                 full, f = float(f[0]), f[1:]
             gscore = full - f
@@ -314,8 +287,5 @@ class HierarchicalSearch(ContextMethod):
             "levels": levels,
             "resolved": resolved,
             "seconds": time.perf_counter() - t0,
-            **stats,
         }
-        return self.result(
-            lm, units, prompt, scores, f"response_{self.output}({prompt.response!r})", diag
-        )
+        return bound.result(scores, self, diag)

@@ -167,6 +167,8 @@ class _PerturbationMethod(Estimator):
         baseline: Any = None,
     ):
         name = self.name or type(self).__name__
+        if batch_size == "auto":  # the memory budget's choice, as None
+            batch_size = None
         self.batch_size = check_int(name, "batch_size", batch_size, optional=True)
         self.max_new_tokens = check_int(name, "max_new_tokens", max_new_tokens, 0, optional=True)
         self.progress = progress

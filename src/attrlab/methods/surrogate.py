@@ -188,6 +188,9 @@ class LinearSurrogate(_PerturbationMethod):
     regressor_default = "lstsq"
     alpha_default = 0.0
     kernel_width_default: float | None = None
+    holdout_default = 0.2
+    #: the output a sources question measures when the units give none
+    output_default: str | None = None
 
     def __init__(
         self,
@@ -197,8 +200,9 @@ class LinearSurrogate(_PerturbationMethod):
         regressor: str | None = None,
         alpha: float | None = None,
         kernel_width: float | None = None,
-        holdout: float = 0.2,
+        holdout: float | None = None,
         seed: int = 0,
+        masks: Any = None,
         **options: Any,
     ):
         name = self.name or "surrogate"
@@ -221,9 +225,27 @@ class LinearSurrogate(_PerturbationMethod):
         self.alpha = check_float(name, "alpha", a, strict=False)
         kw = self.kernel_width_default if kernel_width is None else kernel_width
         self.kernel_width = check_float(name, "kernel_width", kw, optional=True)
-        self.holdout = check_float(name, "holdout", holdout, strict=False, maximum=0.9)
+        ho = self.holdout_default if holdout is None else holdout
+        self.holdout = check_float(name, "holdout", ho, strict=False, maximum=0.9)
         self.seed = check_int(name, "seed", seed, minimum=0)
+        self._masks = None
+        if masks is not None:
+            m = torch.as_tensor(np.asarray(masks.cpu() if isinstance(masks, Tensor) else masks))
+            if m.dim() != 2 or m.shape[0] < 2:
+                raise InputError(
+                    f"{name}: masks must be [n_masks >= 2, n_units], got {tuple(m.shape)}"
+                )
+            self._masks = m.bool()
         super().__init__(**options)
+
+    def params(self) -> dict[str, Any]:
+        p = super().params()
+        if self._masks is not None:
+            p["masks"] = "given"
+        return p
+
+    def bind_options(self) -> dict[str, Any]:
+        return {**super().bind_options(), "output": self.output_default}
 
     def draw_masks(self, n: int) -> Tensor:
         """This surrogate's random keep-masks ``[samples, n]`` for ``n`` units (seeded).
@@ -232,6 +254,12 @@ class LinearSurrogate(_PerturbationMethod):
             >>> Coar(samples=4, seed=1).draw_masks(20).shape
             torch.Size([4, 20])
         """
+        if self._masks is not None:
+            if self._masks.shape[1] != n:
+                raise InputError(
+                    f"{self.name}: the given masks have {self._masks.shape[1]} columns for {n} units"
+                )
+            return self._masks
         return sample_masks(self.samples, n, self.keep_prob, self.seed, self.how)
 
     def sample_weights(self, masks: Tensor) -> np.ndarray | None:
@@ -295,13 +323,20 @@ class LinearSurrogate(_PerturbationMethod):
         diag["r2"] = _r2(masks, y, w, b, weights)
         return w, b, diag
 
+    def estimate(self, bound: Any) -> tuple[Tensor, dict[str, Any]]:
+        """Scores and diagnostics, with the design ``masks`` (a tensor: stored
+        with the result, so the fit can be redone, e.g. for a span of a response)."""
+        self._n_tokens = int(getattr(bound, "output_tokens", 1))
+        return super().estimate(bound)
+
     def _scores(
         self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
     ) -> tuple[Tensor, dict[str, Any]]:
         masks = self.draw_masks(n)
         y = self._eval(value_fn, masks)  # [samples, rows]
-        w, b, diag = self.fit(masks, y)
+        w, b, diag = self.fit(masks, y, n_tokens=getattr(self, "_n_tokens", 1))
         diag["intercept"] = _row_list(torch.as_tensor(b))
+        diag["masks"] = masks
         return torch.from_numpy(np.ascontiguousarray(w)), diag
 
 
@@ -327,19 +362,40 @@ class Lime(LinearSurrogate):
 
 @register("contextcite")
 class ContextCiteSurrogate(LinearSurrogate):
-    """ContextCite's surrogate on any unit kind: each unit kept with probability
-    1/2, a Lasso on standardized masks (``alpha=0.01``). For ``units="sources"``
-    the ContextCite method (:mod:`attrlab.methods.contextcite`) adds response
-    spans and log-odds outputs on the same fit (:func:`fit_lasso`).
+    """ContextCite (Cohen-Wang et al.) on any unit kind: each unit kept with
+    probability 1/2, a Lasso on standardized masks (``alpha=0.01``,
+    :func:`fit_lasso`), no held-out refit (``r2`` is in sample). On
+    ``units="sources"`` it predicts the response's log-odds (``output=
+    "logit_prob"``) and a response span can be attributed again from the
+    stored masks (:func:`attrlab.methods.contextcite.attribute_span`).
+    ``n_ablations=`` is a deprecated alias of ``samples=``.
 
     Example:
-        >>> ContextCiteSurrogate().regressor, ContextCiteSurrogate().keep_prob
-        ('lasso', 0.5)
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "A is red. B is blue.", " red", units="sources",
+        ...                  method="contextcite", samples=8)
+        >>> r.scores.shape, r.meta["output"]
+        (torch.Size([2]), 'logit_prob')
     """
 
     samples_default = 64
     regressor_default = "lasso"
     alpha_default = 0.01
+    holdout_default = 0.0
+    output_default = "logit_prob"
+
+    def __init__(self, n_ablations: int | None = None, **options: Any):
+        if n_ablations is not None:
+            warnings.warn(
+                "contextcite: n_ablations= is deprecated; pass samples=",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            if options.get("samples") is not None:
+                raise InputError("contextcite: give samples= only (n_ablations= is its old name)")
+            options["samples"] = n_ablations
+        super().__init__(**options)
 
 
 @register("coar")

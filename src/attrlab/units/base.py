@@ -56,6 +56,17 @@ class Units:
     kind: ClassVar[str] = ""
     provides: ClassVar[frozenset[str]] = frozenset()
     ablations: ClassVar[tuple[type[Ablation], ...]] = ()
+    #: ``"lm"``: the target is a model output (:func:`attrlab.targets.resolve`);
+    #: ``"raw"``: the kind reads the target itself (:meth:`resolve_target`)
+    target_kind: ClassVar[str] = "lm"
+
+    def resolve_target(self, target: Any, lm: Any) -> Any:
+        """The target as this kind's bound form takes it: a resolved
+        :class:`~attrlab.targets.Target` (kinds reading something else, such as
+        a response for sources, override this)."""
+        from ..targets import resolve
+
+        return resolve(target, lm)
 
     def params(self) -> dict[str, Any]:
         """JSON-able description, stored with results."""
@@ -207,6 +218,15 @@ class Bound:
         """Labels of the rows when ``n_rows > 1`` (e.g. the continuation tokens)."""
         return {}
 
+    def run_stats(self) -> dict[str, Any]:
+        """Cost counters of the evaluations so far (forwards, tokens …), added to
+        the result's diagnostics."""
+        return {}
+
+    def result_extra(self, extra: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The tensors stored with a result (``extra``), completed by the kind."""
+        return extra
+
     def result(
         self,
         scores: Tensor,
@@ -239,10 +259,10 @@ class Bound:
             target=self.target_name,
             params=method.params(),
             model_id=str(getattr(self.lm, "name", "") or ""),
-            diagnostics=dict(diagnostics or {}),
+            diagnostics={**self.run_stats(), **dict(diagnostics or {})},
             rows=self.row_labels() if s.dim() == 2 else {},
             meta=m,
-            extra=dict(extra or {}),
+            extra=self.result_extra(dict(extra or {})),
         )
 
 

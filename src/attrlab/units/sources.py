@@ -2,7 +2,8 @@
 
 A :class:`Sources` object says how a context is cut into units and how the
 prompt is built from it; :meth:`Sources.bind` turns it, a model, a context and
-a response into a :class:`SourcePrompt`, which builds the ablated prompts and
+a response into a :class:`SourcesBound` (the contract every estimator uses:
+``f(keep)``), whose :class:`SourcePrompt` builds the ablated prompts and
 evaluates the response's per-token log-probabilities under many of them.
 
 Ablation removes a source's text. The text between two sources belongs to the
@@ -24,7 +25,7 @@ Example:
     >>> import attrlab as al
     >>> lm = al.wrap(*al.testing.tiny_model("llama"))
     >>> units = al.units.Sources(split="sentences")
-    >>> p = units.bind(lm, "Paris is in France. Rome is in Italy.", response=" Paris")
+    >>> p = units.prompt(lm, "Paris is in France. Rome is in Italy.", response=" Paris")
     >>> p.texts
     ['Paris is in France.', 'Rome is in Italy.']
     >>> p.context_text([False, True])
@@ -45,12 +46,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..ablations import Ablation, Remove
 from ..errors import ContextTooLongError, EmptyPromptError, InputError
 from ..model.budget import batch_size_for
 from ..model.lock import model_lock
-from .base import Units, register_units
+from .base import Bound, Units, register_units
 
-__all__ = ["Sources", "SourcePrompt", "SourceNotFoundError", "EmptyResponseError", "split_text"]
+__all__ = [
+    "Sources",
+    "SourcesBound",
+    "SourcePrompt",
+    "response_of",
+    "check_output",
+    "SourceNotFoundError",
+    "EmptyResponseError",
+    "split_text",
+]
 
 #: the prompt template used when a query is given (ContextCite's default)
 DEFAULT_TEMPLATE = "Context: {context}\n\nQuery: {query}"
@@ -450,7 +461,7 @@ def auto_batch_size(lm: Any, longest: int = 128) -> int:
 class SourcePrompt:
     """A context cut into sources, bound to a model, a prompt format and a response.
 
-    Build with :meth:`Sources.bind`. Masks are ``[n_masks, n_sources]`` bools
+    Build with :meth:`Sources.prompt`. Masks are ``[n_masks, n_sources]`` bools
     (True = keep the source).
 
     Attributes:
@@ -463,7 +474,7 @@ class SourcePrompt:
     Example:
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> p = al.units.Sources(query="Where?").bind(lm, "A is here. B is there.", " here")
+        >>> p = al.units.Sources(query="Where?").prompt(lm, "A is here. B is there.", " here")
         >>> p.prompt_text([True, False])
         'Context: A is here.\\n\\nQuery: Where?'
     """
@@ -794,9 +805,60 @@ def reduce_logprobs(per_token: Tensor, output: str = "log_prob") -> Tensor:
 
 
 # ---------------------------------------------------------------- the unit kind
+OUTPUTS = ("log_prob", "logit_prob", "mean_log_prob")
+
+
+def check_output(output: str) -> str:
+    """``output`` if it is one of :data:`OUTPUTS`, else a typed error.
+
+    Example:
+        >>> check_output("logit_prob")
+        'logit_prob'
+    """
+    if output not in OUTPUTS:
+        raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+    return output
+
+
+def response_of(target: Any) -> str | list[int] | None:
+    """The response a sources question attributes, from a ``target=``: text,
+    token ids (a list or a tensor), an :class:`~attrlab.targets.ContinuationLogProb`,
+    or None (generate it).
+
+    Raises:
+        InputError: anything else (a logit difference, a callable …).
+
+    Example:
+        >>> response_of(" Paris"), response_of([5, 6])
+        (' Paris', [5, 6])
+    """
+    from ..targets import ContinuationLogProb
+
+    if isinstance(target, ContinuationLogProb):
+        target = target.continuation
+    if target is None or isinstance(target, str):
+        return target
+    if isinstance(target, Tensor):
+        target = target.reshape(-1).tolist()
+    if isinstance(target, (list, tuple)) and all(
+        isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in target
+    ):
+        return [int(t) for t in target]
+    raise InputError(
+        "the target of a sources attribution is the response: text, token ids or "
+        "al.targets.ContinuationLogProb"
+    )
+
+
 @register_units("sources", "source")
 class Sources(Units):
     """Sources of a context: sentences, paragraphs, lines, or given documents.
+
+    Bound to a question (:meth:`bind`) the kind gives ``f(keep)``: the
+    response's log-probability (``output``) with only the kept sources' text in
+    the prompt (the ablation is :class:`~attrlab.ablations.Remove`), many masks
+    per forward with shared prefixes encoded once. The target is the response
+    (text, token ids, or None to generate it).
 
     Args:
         sources: the sources as texts that occur verbatim in the context (e.g. the
@@ -810,12 +872,29 @@ class Sources(Units):
             query and ``"{context}"`` without.
         chat_template: wrap the prompt as a user message with the tokenizer's chat
             template; None = when the tokenizer has one.
+        output: what ``f`` measures: ``"log_prob"``, ``"logit_prob"`` (the
+            response's log-odds, ContextCite's choice) or ``"mean_log_prob"``;
+            None: the method's preference (``logit_prob`` for contextcite,
+            else ``log_prob``).
+        per_token: one target row per response token (scores
+            ``[n_response_tokens, n_sources]``).
+        do_sample, seed: how a response is generated when none is given
+            (greedy by default; sampling seeded by ``seed``).
+
+    These fields may also be given to :func:`attrlab.attribute` as options
+    (``query=``, ``output=`` …).
 
     Example:
         >>> import attrlab as al
-        >>> al.units.Sources(sources=["doc one", "doc two"]).kind
-        'sources'
+        >>> lm = al.wrap(*al.testing.tiny_model("llama"))
+        >>> b = al.units.Sources().bind(lm, "A is red. B is blue.", " red")
+        >>> b.n, tuple(b.f([[True, True], [False, True]]).shape)
+        (2, (2, 1))
     """
+
+    provides = frozenset({"f"})
+    ablations = (Remove,)
+    target_kind = "raw"
 
     def __init__(
         self,
@@ -824,6 +903,10 @@ class Sources(Units):
         query: str | None = None,
         template: str | None = None,
         chat_template: bool | None = None,
+        output: str | None = None,
+        per_token: bool = False,
+        do_sample: bool = False,
+        seed: int = 0,
     ):
         if split not in SPLITS:
             raise InputError(f"split must be one of {SPLITS}, got {split!r}")
@@ -836,6 +919,12 @@ class Sources(Units):
         self.query = query
         self.template = template
         self.chat_template = chat_template
+        self.output = None if output is None else check_output(output)
+        self.per_token = bool(per_token)
+        self.do_sample = bool(do_sample)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise InputError(f"seed must be a non-negative int, got {seed!r}")
+        self.seed = int(seed)
         self._bound: tuple[Any, ...] | None = None
 
     def updated(self, **changes: Any) -> Sources:
@@ -862,22 +951,31 @@ class Sources(Units):
             fields[k] = v
         return Sources(**fields)
 
-    def bind(
+    def resolve_target(self, target: Any, lm: Any) -> Any:
+        """The response (see :func:`response_of`); a sources target is not a logit."""
+        return response_of(target)
+
+    def prompt(
         self,
         lm: Any,
         context: str,
         response: str | Sequence[int] | None = None,
         max_new_tokens: int = 64,
-        do_sample: bool = False,
-        seed: int = 0,
     ) -> SourcePrompt:
-        """Cut ``context`` into sources and fix the response (generated if None).
+        """Cut ``context`` into sources and fix the response (generated if None,
+        ``max_new_tokens`` at most, with this object's ``do_sample`` / ``seed``).
 
         Raises:
             EmptyPromptError: the context is empty.
             InputError: fewer than two sources, or a bad option.
             SourceNotFoundError: a source text is not in the context.
             EmptyResponseError: the response is empty.
+
+        Example:
+            >>> import attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("llama"))
+            >>> al.units.Sources().prompt(lm, "A is red. B is blue.", " red").texts
+            ['A is red.', 'B is blue.']
         """
         if not isinstance(context, str):
             raise InputError(
@@ -904,6 +1002,11 @@ class Sources(Units):
             template = DEFAULT_TEMPLATE if self.query is not None else "{context}"
         elif "{context}" not in template:
             raise InputError("the template must contain the field {context}")
+        response = response_of(response)
+        # a generated response is reused by later binds of the same context
+        b = self._bound
+        if response is None and b is not None and b[0] == id(lm) and b[1] == context:
+            return b[2]  # type: ignore[no-any-return]
         prompt = SourcePrompt(
             lm,
             context,
@@ -913,61 +1016,140 @@ class Sources(Units):
             chat,
             response,
             max_new_tokens,
-            do_sample,
-            seed,
+            self.do_sample,
+            self.seed,
         )
         self._bound = (id(lm), context, prompt)
         return prompt
 
-    def _prompt_for(self, lm: Any, inputs: Any, target: Any, **kw: Any) -> SourcePrompt:
-        from ..targets import ContinuationLogProb
-
-        response = target.continuation if isinstance(target, ContinuationLogProb) else target
-        response = kw.pop("response", None) if response is None else response
-        b = self._bound
-        if (
-            b is not None
-            and b[0] == id(lm)
-            and b[1] == inputs
-            and (
-                response is None
-                or (isinstance(response, str) and response == b[2].response)
-                or (not isinstance(response, str) and list(response) == b[2].response_ids)
-            )
-        ):
-            return b[2]
-        return self.bind(lm, inputs, response, **kw)
-
-    def mask_values(
+    def bind(
         self,
         lm: Any,
         inputs: Any,
-        target: Any,
-        masks: Any,
-        output: str = "log_prob",
-        batch_size: int | str = "auto",
+        target: Any = None,
+        ablation: Ablation | None = None,
+        output: str | None = None,
+        batch_size: int | str | None = None,
+        max_new_tokens: int | None = None,
         progress: bool = False,
-        **context: Any,
-    ) -> Tensor:
-        """``f(S)``: the response's log-probability with only the kept sources, ``[n_masks]``.
+    ) -> SourcesBound:
+        """The sources of the context ``inputs`` bound to a response (``target``;
+        None: generate one, at most ``max_new_tokens``, default 64).
 
-        ``target`` is the response (text, token ids, or an
-        :class:`~attrlab.targets.ContinuationLogProb`); None reuses the response
-        of the last :meth:`bind` of the same context, or generates one.
-        ``output`` as in :func:`reduce_logprobs`.
+        ``output``: the method's preference when the units give none.
+        ``batch_size``: prompts per forward (None / ``"auto"``: up to 64 prompts
+        of 8192 tokens in length-sorted batches; 1 walks the prefix tree).
 
         Example:
             >>> import attrlab as al
-            >>> lm = al.wrap(*al.testing.tiny_model("llama"))
-            >>> u = al.units.Sources()
-            >>> u.mask_values(lm, "A b c. D e f.", " A", [[1, 1], [0, 1]]).shape
-            torch.Size([2])
+            >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+            >>> b = al.units.Sources().bind(lm, "A is red. B is blue.", " red")
+            >>> b.labels()["text"]
+            ['A is red.', 'B is blue.']
         """
-        gen = {
-            k: context.pop(k)
-            for k in ("response", "max_new_tokens", "do_sample", "seed")
-            if k in context
+        ablation = self.check_ablation(ablation)
+        if (
+            batch_size is not None
+            and batch_size != "auto"
+            and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1)
+        ):
+            raise InputError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
+        out = check_output(self.output or output or "log_prob")
+        prompt = self.prompt(lm, inputs, response_of(target), max_new_tokens or 64)
+        return SourcesBound(self, ablation, prompt, out, batch_size or "auto", progress)
+
+
+class SourcesBound(Bound):
+    """Sources bound to a context and a response: ``f(keep)`` is the response's
+    ``output`` with only the kept sources (``[m, 1]``, or ``[m, n_response]``
+    with ``per_token``). Per-token log-probabilities are kept per distinct
+    mask, so a mask evaluated twice (the full context by ``clean()`` and by an
+    estimator) costs one run.
+
+    Example:
+        >>> import attrlab as al, torch
+        >>> lm = al.wrap(*al.testing.tiny_model("llama"))
+        >>> b = al.units.Sources().bind(lm, "A is red. B is blue.", " red")
+        >>> bool(torch.allclose(b.f(torch.ones(1, 2, dtype=torch.bool))[0], b.clean()))
+        True
+    """
+
+    def __init__(
+        self,
+        units: Sources,
+        ablation: Ablation | None,
+        prompt: SourcePrompt,
+        output: str,
+        batch_size: int | str,
+        progress: bool,
+    ):
+        self.units = units
+        self.ablation = ablation
+        self.prompt = prompt
+        self.lm = prompt.lm
+        self.output = output
+        self.batch_size = batch_size
+        self.progress = progress
+        self.n = prompt.n_sources
+        self.n_rows = len(prompt.response_ids) if units.per_token else 1
+        self.target_name = f"response_{output}({prompt.response!r})"
+        self.stats: dict[str, int] = {}
+        self._memo: dict[bytes, Tensor] = {}  # mask bits -> per-token log-probs [n_response]
+
+    @property
+    def output_tokens(self) -> int:
+        """Response tokens each target row sums over (ContextCite's Lasso divides
+        its outputs by it)."""
+        return 1 if self.units.per_token else len(self.prompt.response_ids)
+
+    def labels(self) -> dict[str, list[Any]]:
+        return {"source": list(range(self.n)), "text": list(self.prompt.texts)}
+
+    def logprobs(self, keep: Any) -> Tensor:
+        """Per-token log-probabilities of the response ``[m, n_response]`` (float64)."""
+        k = self.check_keep(keep).cpu()
+        keys = [np.packbits(row.numpy()).tobytes() for row in k]
+        todo = sorted({i for i, key in enumerate(keys) if key not in self._memo},
+                      key=keys.__getitem__)  # fmt: skip
+        todo = list({keys[i]: i for i in todo}.values())  # one run per distinct mask
+        if todo:
+            lp = self.prompt.logprobs(
+                k[todo], batch_size=self.batch_size, progress=self.progress, stats=self.stats
+            )
+            for i, row in zip(todo, lp):
+                self._memo[keys[i]] = row
+        return torch.stack([self._memo[key] for key in keys])
+
+    def f(self, keep: Tensor) -> Tensor:
+        lp = self.logprobs(keep)  # [m, n_response]
+        if not self.units.per_token:
+            return reduce_logprobs(lp, self.output)[:, None]
+        return torch.stack(
+            [reduce_logprobs(lp[:, i : i + 1], self.output) for i in range(lp.shape[1])], 1
+        )
+
+    def row_labels(self) -> dict[str, list[Any]]:
+        return {"token": self.lm.to_str_tokens(self.prompt.response_ids)}
+
+    def meta(self) -> dict[str, Any]:
+        p = self.prompt
+        return {
+            "context": p.context,
+            "spans": [list(s) for s in p.spans],
+            "prompt": p.prompt_text(),
+            "response": p.response,
+            "response_ids": list(p.response_ids),
+            "response_tokens": self.lm.to_str_tokens(p.response_ids),
+            "output": self.output,
         }
-        prompt = self._prompt_for(lm, inputs, target, **gen)
-        per_token = prompt.logprobs(masks, batch_size=batch_size, progress=progress)
-        return reduce_logprobs(per_token, output)
+
+    def run_stats(self) -> dict[str, Any]:
+        return dict(self.stats)
+
+    def result_extra(self, extra: dict[str, Tensor]) -> dict[str, Tensor]:
+        """With the estimator's design ``masks``, their per-token log-probabilities
+        (``logprobs``), so a response span can be attributed again without new
+        forwards (:func:`attrlab.methods.contextcite.attribute_span`)."""
+        if "masks" in extra and "logprobs" not in extra:
+            extra["logprobs"] = self.logprobs(extra["masks"])
+        return extra
