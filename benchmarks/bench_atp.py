@@ -494,7 +494,10 @@ def compare_autocircuit(runs: int, threads: int) -> None:
 
     index = {tuple(k.split("->")): i for i, k in enumerate(peer_meta["edges"])}
     ours, theirs = [], []
-    for u, v, s in zip(r.units["upstream"], r.units["downstream"], r.scores.tolist()):
+    # auto-circuit reports the effect of patching an edge (the metric change when
+    # it is patched); attrlab's scores are contributions, their negative
+    effect = r.effect_of_patching().scores.tolist()
+    for u, v, s in zip(r.units["upstream"], r.units["downstream"], effect):
         key = (ac_name(u), ac_name(v))
         if key in index:
             ours.append(s)

@@ -201,8 +201,8 @@ def part1(repeats: int) -> dict[str, Any]:
                 diffs.append(float(np.abs(r.scores.numpy() - ref_scores).max()))
             wall[name].append(t.wall)
             cpu[name].append(t.cpu)
-        bound = al.units.Sources(query=query).bind(lm, context, response_ids)
-        plain_tokens = sum(len(x) + 20 for x in bound.prompt_ids(masks))
+        prompt = al.units.Sources(query=query).prompt(lm, context, response_ids)
+        plain_tokens = sum(len(x) + 20 for x in prompt.prompt_ids(masks))
         print(
             f"repeat {rep}: "
             + ", ".join(f"{k} {wall[k][-1]:.1f}s wall / {cpu[k][-1]:.1f}s cpu" for k in wall)
@@ -245,11 +245,11 @@ def heldout_lds(
     """Spearman correlation of ``masks @ scores`` with the measured response log-prob on
     held-out Bernoulli(1/2) masks (the same masks for every estimator)."""
     from attrlab.evaluate.lds import spearman
-    from attrlab.methods.contextcite import random_masks
+    from attrlab.methods.surrogate import sample_masks
     from attrlab.units.sources import Sources
 
-    masks = random_masks(n_masks, len(ex.sources), 0.5, seed)
-    f = Sources(sources=ex.sources).mask_values(lm, ex.prompt, response_ids, masks).numpy()
+    masks = sample_masks(n_masks, len(ex.sources), 0.5, seed)
+    f = Sources(sources=ex.sources).bind(lm, ex.prompt, response_ids).f(masks)[:, 0].numpy()
     m = masks.numpy().astype(np.float64)
     return {k: spearman(m @ v, f) for k, v in scores.items()}
 
@@ -294,7 +294,7 @@ def part2(n_prompts: int, threads: int = 1) -> dict[str, Any]:
                 generate_kwargs={"max_new_tokens": 1, "do_sample": False},
             )
             resp = list(cc._response_ids)
-            ours = al.units.Sources(sources=ex.sources).bind(lm, ex.prompt, resp)
+            ours = al.units.Sources(sources=ex.sources).prompt(lm, ex.prompt, resp)
             assert cc._get_prompt_ids() == ours.prompt_ids()[0]  # the same prompt tokens
             with Timer() as t:
                 s = cc.get_attributions(verbose=False)

@@ -309,22 +309,6 @@ def _order_key(node: str) -> tuple[int, int]:
     return (1, 0)
 
 
-def _rank(node: str) -> float:
-    if node == "embed":
-        return -1.0
-    if node == "logits":
-        return 1e9
-    layer = int(node[1:].split(".")[0])
-    return layer + (0.5 if node.startswith("m") else 0.0)
-
-
-def _order_key(node: str) -> tuple[int, int]:
-    if "." in node:  # a{l}.h{h}[.q|k|v] (query heads first), then a{l}.kv{g}.k|v
-        head = node.split(".")[1]
-        return (0, int(head[1:])) if head.startswith("h") else (0, 10_000 + int(head[2:]))
-    return (1, 0)
-
-
 def prune_dangling(graph: EdgeGraph, mask: Tensor) -> Tensor:
     """Drop edges from nodes nothing in the mask feeds (except ``embed``) and
     into nodes that feed nothing (except ``logits``), until none is left.

@@ -153,6 +153,8 @@ class _PerturbationMethod(Estimator):
     """
 
     needs = frozenset({"f"})
+    #: whether ``_scores`` reads ``f(all)`` and ``f(none)`` (evaluated first)
+    needs_ends = True
     batch_size: int | None = None
     max_new_tokens: int | None = None
     progress: bool = False
@@ -198,6 +200,10 @@ class _PerturbationMethod(Estimator):
             calls["masks"] += int(masks.shape[0])
             return _as_2d(bound.f(masks)).double()
 
+        if not self.needs_ends:  # e.g. a surrogate: its design masks are all it evaluates
+            scores, diag = self._scores(value_fn, n, None, None)
+            diag["n_evaluations"] = calls["masks"]
+            return scores, diag
         ends = value_fn(
             torch.stack([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
         )
@@ -213,7 +219,7 @@ class _PerturbationMethod(Estimator):
         accepts any number)."""
 
     def _scores(
-        self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
+        self, value_fn: ValueFn, n: int, v_full: Any, v_empty: Any
     ) -> tuple[Tensor, dict[str, Any]]:
         raise NotImplementedError
 

@@ -184,6 +184,7 @@ class LinearSurrogate(_PerturbationMethod):
 
     samples_default = 256
     keep_prob_default = 0.5
+    needs_ends = False  # fitted on its random masks only
     how_default = "bernoulli"
     regressor_default = "lstsq"
     alpha_default = 0.0
@@ -330,7 +331,7 @@ class LinearSurrogate(_PerturbationMethod):
         return super().estimate(bound)
 
     def _scores(
-        self, value_fn: ValueFn, n: int, v_full: Tensor, v_empty: Tensor
+        self, value_fn: ValueFn, n: int, v_full: Any, v_empty: Any
     ) -> tuple[Tensor, dict[str, Any]]:
         masks = self.draw_masks(n)
         y = self._eval(value_fn, masks)  # [samples, rows]

@@ -132,7 +132,7 @@ class TrainingExamples(Units):
         """Training-data targets are the queries, read by the method as given."""
         return target
 
-    def bind(
+    def bind(  # type: ignore[override]  # a kind names the bind options it takes
         self,
         lm: Any = None,
         inputs: Any = None,
@@ -176,6 +176,8 @@ class RetrainBound(Bound):
         >>> b.clean().tolist(), b.empty().tolist()
         ([4.0], [0.0])
     """
+
+    units: TrainingExamples
 
     def __init__(
         self, units: TrainingExamples, ablation: Ablation | None, retrain: Retrain, progress: bool

@@ -1022,7 +1022,7 @@ class Sources(Units):
         self._bound = (id(lm), context, prompt)
         return prompt
 
-    def bind(
+    def bind(  # type: ignore[override]  # a kind names the bind options it takes
         self,
         lm: Any,
         inputs: Any,
@@ -1073,6 +1073,8 @@ class SourcesBound(Bound):
         >>> bool(torch.allclose(b.f(torch.ones(1, 2, dtype=torch.bool))[0], b.clean()))
         True
     """
+
+    units: Sources
 
     def __init__(
         self,
