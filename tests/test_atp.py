@@ -490,7 +490,9 @@ def test_key_value_units_of_grouped_query_models(llama_gqa, head_site):
     scale = float(oracle.abs().max())
     torch.testing.assert_close(ex.double(), oracle.double(), atol=1e-4 * scale, rtol=0)
     r = run(llama_gqa, units, head_site=head_site)
-    assert r.units["head"][: 2 * n_pos : n_pos] == [0, 1] and len(r) == ns.n_units
+    # key/value units are labelled as patching and occlusion label them (kv_head)
+    col = "kv_head" if head_site in ("k", "v") else "head"
+    assert r.units[col][: 2 * n_pos : n_pos] == [0, 1] and len(r) == ns.n_units
     err_qk = float((r.extra["atp_qk"] - ex).abs().max())
     err_atp = float((r.extra["atp"] - ex).abs().max())
     assert corr(r.extra["atp_qk"], ex) > 0.9
@@ -874,3 +876,20 @@ def test_default_atp_star_runs_on_every_family(family):
     )
     assert ("qk_fix" in q.diagnostics) != lm.adapter.qk_scores_exact(len(lm.encode(PROMPT)))
     assert ("unavailable" in z.diagnostics["tail_fix"]) == lm.cfg.parallel_residual
+
+
+def test_atp_star_honours_a_neuron_subset_and_labels_like_occlusion(lm):
+    """A neuron subset gives only those neurons (it was every neuron of every
+    layer), labelled and ordered as occlusion labels them; their scores are the
+    full run's columns for those neurons."""
+    sub = al.units.Neurons(neurons=[0, 5])
+    r = al.attribute(lm, PROMPT, target=(" Mary", " John"), units=sub, method="atp*",
+                     counterfactual=CF)  # fmt: skip
+    occ = al.attribute(lm, PROMPT, target=(" Mary", " John"), units=sub, method="occlusion",
+                       counterfactual=CF)  # fmt: skip
+    assert r.units == occ.units and len(r) == 2 * lm.cfg.n_layers
+    full = al.attribute(lm, PROMPT, target=(" Mary", " John"), units="neurons", method="atp*",
+                        counterfactual=CF)  # fmt: skip
+    d = lm.cfg.d_mlp
+    cols = [la * d + n for la in range(lm.cfg.n_layers) for n in (0, 5)]
+    torch.testing.assert_close(r.scores, full.scores[cols])

@@ -188,27 +188,6 @@ class NodeSet:
             return x.sum(0)
         return x.transpose(0, 1).reshape(-1)  # unit order: width-major, then position
 
-    def labels(self) -> dict[str, list[Any]]:
-        cols: dict[str, list[Any]] = {"layer": []}
-        if self.kind == "heads":
-            cols["head"] = []
-        if self.kind == "neurons":
-            cols["neuron"] = []
-        if self.per_position:
-            cols["position"] = []
-        for layer in self.layers:
-            for w in range(self.width):
-                for p in range(self.n_pos if self.per_position else 1):
-                    cols["layer"].append(layer)
-                    if self.kind == "heads":
-                        assert self.heads is not None
-                        cols["head"].append(self.heads[w])
-                    if self.kind == "neurons":
-                        cols["neuron"].append(w)
-                    if self.per_position:
-                        cols["position"].append(p)
-        return cols
-
     def unit(self, index: int) -> tuple[int, int | None, int | None]:
         """``(layer, position or None, head/neuron or None)`` of unit ``index``."""
         per_layer = self.units_per_layer
@@ -935,6 +914,24 @@ def _detach(x: Tensor) -> Tensor:
 _EFFECT_EXTRAS = ("atp", "atp_qk", "graddrop_by_layer", "ig", "atp_tail", "atp*")
 
 
+def _unit_order(lm: LM, nodes: NodeSet, units: Units) -> tuple[list[int], list[dict[str, Any]]]:
+    """The node index of each unit of ``units`` in the kind's one labelling order
+    (:func:`attrlab.units.components.locations`, which also applies a neuron
+    subset) and the units' labels."""
+    from ..units.components import locations
+
+    _, _, labels = locations(lm, units, nodes.n_pos, nodes.site_kind.split(".")[-1])
+    index = {nodes.unit(i): i for i in range(nodes.n_units)}
+    order = []
+    for lab in labels:
+        sub = lab.get("head", lab.get("kv_head", lab.get("neuron")))
+        key = (lab["layer"], lab.get("position"), sub)
+        if key not in index:
+            raise InputError(f"unit {lab} is not among the attributed nodes")
+        order.append(index[key])
+    return order, labels
+
+
 def _result(
     lm: LM,
     nodes: NodeSet,
@@ -944,6 +941,7 @@ def _result(
     diagnostics: dict[str, Any],
     extra: dict[str, Tensor],
     base: Batch,
+    units: Units,
 ) -> Attribution:
     meta: dict[str, Any] = {"direction": diagnostics.get("direction", "noising")}
     if lm.tokenizer is not None and base.shape[0] == 1:
@@ -953,9 +951,18 @@ def _result(
         # are effects of patching (patched - clean): r.effect_of_patching()
         scores = -scores
         extra = {k: (-v if k in _EFFECT_EXTRAS else v) for k, v in extra.items()}
+    from ..units.components import label_columns
+
+    order, labels = _unit_order(lm, nodes, units)
+    cols = label_columns(labels, meta.get("tokens") or [""] * nodes.n_pos)
+    n = nodes.n_units
+    if order != list(range(n)):  # a subset (e.g. some neurons): their columns only
+        idx = torch.tensor(order)
+        scores = scores[..., idx]
+        extra = {k: (v[..., idx] if v.shape[-1:] == (n,) else v) for k, v in extra.items()}
     return Attribution(
         scores,
-        units=nodes.labels(),
+        units=cols,
         unit_kind=nodes.kind,
         method=method.name,
         target=target.describe(),
@@ -1154,7 +1161,7 @@ class AtPStar(Method):
             out["atp*"] = estimate
             out["verified"] = mask
             diag["verified"] = k
-        return _result(lm, nodes, scores, self, target, diag, out, base)
+        return _result(lm, nodes, scores, self, target, diag, out, base, units)
 
 
 def verify_units(
