@@ -445,3 +445,13 @@ def test_zoo_lds_and_topk_drop(zoo_qa):
     )
     assert np.mean(lds) > 0.5
     assert np.mean(drop_top) > 1.0 + np.mean(drop_other)
+
+
+def test_generated_response_is_reused_only_for_the_same_request(llama):
+    """One Sources object reuses its generated response for the same context and
+    length, and generates again for another length."""
+    u = Sources()
+    a = u.prompt(llama, CTX, None, max_new_tokens=5)
+    assert u.prompt(llama, CTX, None, max_new_tokens=5) is a
+    b = u.prompt(llama, CTX, None, max_new_tokens=2)
+    assert b is not a and len(b.response_ids) <= 2

@@ -1005,8 +1005,8 @@ class Sources(Units):
         response = response_of(response)
         # a generated response is reused by later binds of the same context
         b = self._bound
-        if response is None and b is not None and b[0] == id(lm) and b[1] == context:
-            return b[2]  # type: ignore[no-any-return]
+        if response is None and b is not None and b[:3] == (id(lm), context, max_new_tokens):
+            return b[3]  # type: ignore[no-any-return]
         prompt = SourcePrompt(
             lm,
             context,
@@ -1019,7 +1019,7 @@ class Sources(Units):
             self.do_sample,
             self.seed,
         )
-        self._bound = (id(lm), context, prompt)
+        self._bound = (id(lm), context, max_new_tokens, prompt)
         return prompt
 
     def bind(  # type: ignore[override]  # a kind names the bind options it takes
