@@ -215,7 +215,7 @@ class Circuit:
         at the top, one row per attention / MLP sublayer."""
         rows: dict[float, list[str]] = {}
         for n in self.nodes():
-            rows.setdefault(_rank(n), []).append(n)
+            rows.setdefault(node_rank(n), []).append(n)
         ranks = sorted(rows)
         pos = {}
         width = max((len(v) for v in rows.values()), default=1)
@@ -293,7 +293,14 @@ class Circuit:
         return self.to_svg()
 
 
-def _rank(node: str) -> float:
+def node_rank(node: str) -> float:
+    """Depth of an edge-graph node: ``embed`` first, a layer's attention before
+    its MLP, ``logits`` last.
+
+    Example:
+        >>> [node_rank(n) for n in ("embed", "a0.h1", "m0", "logits")]
+        [-1.0, 0.0, 0.5, 1000000000.0]
+    """
     if node == "embed":
         return -1.0
     if node == "logits":

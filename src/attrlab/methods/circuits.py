@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..ablations import Ablation
 from ..ablations import resolve as resolve_ablation
-from ..circuit import Circuit, prune_dangling
+from ..circuit import Circuit, node_rank, prune_dangling
 from ..errors import InputError
 from ..model.wrapper import LM, Inputs
 from ..result import Attribution
@@ -66,15 +66,6 @@ def _graph_from(attr: Attribution) -> EdgeGraph:
         raise InputError("this edge attribution does not record its graph (meta['graph'])")
     units = attr.params.get("units") or m.get("units_params") or {}
     return EdgeGraph.from_meta({**m, "qkv": m.get("qkv", units.get("qkv", True))})
-
-
-def _rank(node: str) -> float:
-    if node == "embed":
-        return -1.0
-    if node == "logits":
-        return 1e9
-    layer = int(node[1:].split(".")[0])
-    return layer + (0.5 if node.startswith("m") else 0.0)
 
 
 def extract_circuit(
@@ -156,7 +147,8 @@ def _acdc_order(graph: EdgeGraph) -> list[int]:
     back, each node's upstream edges from the latest writer back."""
     index = {(u, v): i for i, (u, v) in enumerate(graph.edge_index().tolist())}
     order = sorted(
-        range(len(graph.downstream)), key=lambda v: -_rank(EdgeGraph.node_of(graph.downstream[v]))
+        range(len(graph.downstream)),
+        key=lambda v: -node_rank(EdgeGraph.node_of(graph.downstream[v])),
     )
     out = []
     for v in order:

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..targets import upcast
 from .budget import batch_size_for
 from .interventions import Intervention
 from .wrapper import LM, Batch
@@ -181,7 +182,7 @@ class MaskedRunner:
         self.base_cache = dict(cache)
         #: target on the base run per prompt ``[n_prompts]``, and its mean
         # the target's own precision: float64 models give float64 values
-        self.base_values = _at_least_float32(target(logits, batch).detach()).cpu()
+        self.base_values = upcast(target(logits, batch).detach()).cpu()
         self.base_value = self.base_values.mean()
         self.batch_size = batch_size_for(
             lm,
@@ -340,7 +341,7 @@ class MaskedRunner:
         base_ivs = [_repeat_rows(iv, k) for iv in self.base_ivs]
         logits, _ = self.lm.run(run_batch, interventions=[*base_ivs, *ivs], **kw)
         self.n_forwards += 1
-        vals = _at_least_float32(self.target(logits, vb)).reshape(self.n_prompts, k)
+        vals = upcast(self.target(logits, vb)).reshape(self.n_prompts, k)
         return vals.T if per_prompt else vals.mean(0)
 
     # ------------------------------------------------------------- f_gated(g)
@@ -367,8 +368,3 @@ def _repeat_rows(iv: Intervention, k: int) -> Intervention:
     if isinstance(v, Tensor) and v.dim() > 0 and iv.rows is None and v.shape[0] > 1:
         v = v.repeat_interleave(k, 0)
     return Intervention(iv.site, v, op=iv.op, rows=iv.rows, positions=iv.positions, heads=iv.heads)
-
-
-def _at_least_float32(x: Tensor) -> Tensor:
-    """``x`` in float32, or float64 when it is float64 already."""
-    return x if x.dtype == torch.float64 else x.float()
