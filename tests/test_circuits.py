@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import attrlab as al
+from attrlab.errors import FileFormatError, InputError
 from attrlab.evaluate.circuits import (
     circuit_curve,
     circuit_metric,
@@ -375,3 +376,92 @@ def test_doctests(name):
         importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
     )
     assert res.failed == 0 and res.attempted > 0
+
+
+# ------------------------------------------------------------ MIB circuit curves
+class _LinearBound:
+    """f(S) = sum of the kept units' effects: every circuit's value is known by hand."""
+
+    kind = "heads"
+
+    def __init__(self, effects):
+        self.e = torch.tensor(effects, dtype=torch.float64)
+        self.n = len(effects)
+
+    def f(self, keep):
+        return (keep.double() @ self.e)[:, None]
+
+    def clean(self):
+        return self.e.sum()[None]
+
+
+def test_circuit_curve_cpr_cmd_by_hand():
+    """effects [3, -1, 2, 0]: m(all) = 4, m(none) = 0; signed top-1/2/3/4 =
+    {0}, {0,2}, {0,2,3}, all -> f = .75, 1.25, 1.25, 1; by |score|: {0}, {0,2},
+    {0,2,1}, all -> .75, 1.25, 1, 1. Trapezoids over k with width .25."""
+    from attrlab.evaluate.circuits import circuit_curve as curve
+
+    class R:
+        scores = torch.tensor([3.0, -1.0, 2.0, 0.0])
+
+    c = curve(None, R(), bound=_LinearBound([3, -1, 2, 0]), fractions=(0.25, 0.5, 0.75, 1.0))
+    assert c["faithfulness"] == pytest.approx([0.75, 1.25, 1.25, 1.0])
+    assert c["faithfulness_abs"] == pytest.approx([0.75, 1.25, 1.0, 1.0])
+    assert c["cpr"] == pytest.approx(0.25 * (1.0 + 1.25 + 1.125))
+    assert c["cmd"] == pytest.approx(0.25 * (0.25 + 0.125 + 0.0))
+    assert c["n_units"] == [1, 2, 3, 4]
+    logc = curve(None, R(), bound=_LinearBound([3, -1, 2, 0]), fractions=(0.25, 0.5, 1.0),
+                 log_scale=True)  # fmt: skip
+    import math
+
+    assert logc["cpr"] == pytest.approx(math.log(2) * (1.0 + 1.125))
+
+
+def test_circuit_curve_of_results(lm):
+    r = al.attribute(lm, PROMPT, target=TARGET, units=al.units.Edges(qkv=True), method="eap",
+                     counterfactual=CF)  # fmt: skip
+    c = al.evaluate.circuit_curve(lm, r)
+    assert c["fractions"] == list(al.evaluate.MIB_FRACTIONS)
+    assert c["faithfulness"][-1] == pytest.approx(1.0) and c["faithfulness_abs"][
+        -1
+    ] == pytest.approx(1.0)
+    # one point by hand: the 10% circuit is the pruned top-10% keep-mask through f
+    from attrlab.circuit import prune_dangling
+    from attrlab.evaluate.circuits import top_fraction_masks
+
+    g = al.units.Edges(qkv=True).graph(lm)
+    m = prune_dangling(g, top_fraction_masks(r.scores, [0.1], absolute=True)[0])
+    f = faithfulness(lm, al.circuit.Circuit(g, m), PROMPT, TARGET, CF)["faithfulness"]
+    assert c["faithfulness_abs"][6] == pytest.approx(f, abs=1e-6)
+    h = al.attribute(lm, PROMPT, target=TARGET, units="heads", method="atp", counterfactual=CF)
+    ch = al.evaluate.circuit_curve(lm, h, fractions=(0.5, 1.0))
+    assert ch["n_units"] == [len(h) // 2, len(h)]
+    with pytest.raises(InputError):
+        al.evaluate.circuit_curve(lm, h, fractions=(0.5, 0.2))
+
+
+def test_mib_json_round_trip_and_names(lm, tmp_path):
+    from attrlab.circuit import from_mib_json, to_mib_json
+
+    r = al.attribute(lm, PROMPT, target=TARGET, units=al.units.Edges(qkv=True), method="eap",
+                     counterfactual=CF)  # fmt: skip
+    d = to_mib_json(r, tmp_path / "g.json")
+    n_layers, n_heads = lm.cfg.n_layers, lm.cfg.n_heads
+    # EAP-IG's graph: per layer, every earlier node feeds q, k, v of each head and the MLP
+    n_up = [1 + layer * (n_heads + 1) for layer in range(n_layers)]
+    expected = sum(u * 3 * n_heads + (u + n_heads) for u in n_up) + 1 + n_layers * (n_heads + 1)
+    assert len(d["edges"]) == expected == len(r)
+    assert "input->a0.h0<q>" in d["edges"] and "a0.h0->m0" in d["edges"]
+    assert f"m{n_layers - 1}->logits" in d["edges"]
+    back = from_mib_json(tmp_path / "g.json")
+    assert torch.allclose(back.scores, r.scores.double())
+    c1 = al.evaluate.circuit_curve(lm, r, fractions=(0.1, 1.0))
+    c2 = al.evaluate.circuit_curve(lm, back, inputs=PROMPT, target=TARGET, counterfactual=CF,
+                                   fractions=(0.1, 1.0))  # fmt: skip
+    assert c1["faithfulness"] == pytest.approx(c2["faithfulness"])
+    with pytest.raises(InputError, match="qkv"):
+        to_mib_json(al.attribute(lm, PROMPT, target=TARGET, units=al.units.Edges(qkv=False),
+                                 method="eap", counterfactual=CF))  # fmt: skip
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(FileFormatError):
+        from_mib_json(tmp_path / "bad.json")

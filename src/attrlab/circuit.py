@@ -31,7 +31,7 @@ from .errors import FileFormatError, InputError
 from .result import Attribution
 from .units.edges import EdgeGraph
 
-__all__ = ["Circuit", "edges_touching", "prune_dangling"]
+__all__ = ["Circuit", "edges_touching", "prune_dangling", "to_mib_json", "from_mib_json"]
 
 
 def edges_touching(graph: EdgeGraph, nodes: Iterable[str]) -> Tensor:
@@ -351,3 +351,131 @@ def prune_dangling(graph: EdgeGraph, mask: Tensor) -> Tensor:
         if torch.equal(new, mask):
             return mask
         mask = new
+
+
+# ------------------------------------------------------- MIB / EAP-IG graph JSON
+def _mib_node(name: str) -> str:
+    return "input" if name == "embed" else name
+
+
+def _mib_edge(up: str, down: str) -> str:
+    """``embed -> a1.h2.q`` as ``input->a1.h2<q>`` (the EAP-IG / MIB edge name)."""
+    node = EdgeGraph.node_of(down)
+    qkv = down[len(node) + 1 :] if down != node else ""
+    return f"{_mib_node(up)}->{_mib_node(node)}" + (f"<{qkv}>" if qkv else "")
+
+
+def _mib_graph(graph: EdgeGraph) -> None:
+    if graph.n_pos:
+        raise InputError("MIB graphs have no positions; use units=Edges(per_position=False)")
+    if not graph.qkv:
+        raise InputError("MIB graphs split q/k/v inputs; attribute with units=Edges(qkv=True)")
+    if graph.n_kv_heads and graph.n_kv_heads != graph.n_heads:
+        raise InputError(
+            "MIB graphs have one k and v input per query head; this model groups them "
+            f"({graph.n_kv_heads} key/value heads for {graph.n_heads} query heads)"
+        )
+
+
+def to_mib_json(result: Attribution, path: str | Path | None = None,
+                in_graph: Tensor | None = None) -> dict[str, Any]:  # fmt: skip
+    """An edge result as the graph JSON of EAP-IG and the MIB circuit-localization
+    track: ``{"cfg", "nodes": {name: in_graph}, "edges": {"input->a0.h1<q>":
+    {"score", "in_graph"}}}``. ``in_graph``: a keep-mask ``[n_edges]`` (default:
+    every edge). Written to ``path`` if given (atomically). Scores are
+    contributions (attrlab's sign; EAP-IG's scores have the same sign for a
+    metric that the clean run raises).
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "a b c", target=" a", units="edges", method="eap",
+        ...                  counterfactual="a c c")
+        >>> d = to_mib_json(r)
+        >>> d["cfg"]["n_layers"], "input->a0.h0<q>" in d["edges"], "a1.h3->logits" in d["edges"]
+        (2, True, True)
+    """
+    if result.unit_kind != "edges":
+        raise InputError(f"MIB graphs hold edge scores, not {result.unit_kind!r}")
+    graph = EdgeGraph.from_meta(result.meta.get("graph") or {})
+    _mib_graph(graph)
+    scores = torch.as_tensor(result.scores).double().reshape(-1, graph.n_edges)[0]
+    keep = torch.ones(graph.n_edges, dtype=torch.bool) if in_graph is None else in_graph.bool()
+    lab = graph.labels()
+    edges: dict[str, Any] = {}
+    touched: set[str] = set()
+    for i, (u, v) in enumerate(zip(lab["upstream"], lab["downstream"])):
+        edges[_mib_edge(u, v)] = {"score": float(scores[i]), "in_graph": bool(keep[i])}
+        if keep[i]:
+            touched.update((_mib_node(u), _mib_node(EdgeGraph.node_of(v))))
+    nodes = ["input"] + [n for n in graph.upstream[1:]] + ["logits"]
+    out = {
+        "cfg": {
+            "n_layers": graph.n_layers,
+            "n_heads": graph.n_heads,
+            "parallel_attn_mlp": bool(graph.parallel),
+        },  # fmt: skip
+        "nodes": {_mib_node(n): n in touched or _mib_node(n) in touched for n in nodes},
+        "edges": edges,
+    }
+    if path is not None:
+        import json
+        import os
+        import tempfile
+
+        p = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(out, f)
+        os.replace(tmp, p)
+    return out
+
+
+def from_mib_json(source: str | Path | dict[str, Any]) -> Attribution:
+    """An edge result (method ``"mib"``) from an EAP-IG / MIB graph JSON (a path or
+    the loaded dict), in attrlab's edge order; ``extra["in_graph"]`` holds the
+    file's edge mask. Evaluate it with ``al.evaluate.circuit_curve(lm, r,
+    inputs=..., target=..., counterfactual=...)``.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "a b c", target=" a", units="edges", method="eap",
+        ...                  counterfactual="a c c")
+        >>> back = from_mib_json(to_mib_json(r))
+        >>> bool(torch.allclose(back.scores, r.scores.double()))
+        True
+    """
+    import json
+
+    if isinstance(source, dict):
+        d = source
+    else:
+        try:
+            d = json.loads(Path(source).read_text())
+        except (OSError, ValueError) as e:
+            raise FileFormatError(f"cannot read a MIB graph JSON from {source}: {e}") from e
+    try:
+        cfg, edges = d["cfg"], d["edges"]
+        graph = EdgeGraph.build(int(cfg["n_layers"]), int(cfg["n_heads"]), qkv=True,
+                                parallel=bool(cfg.get("parallel_attn_mlp", False)))  # fmt: skip
+    except (KeyError, TypeError, ValueError) as e:
+        raise FileFormatError(f"not a MIB graph JSON (needs cfg and edges): {e}") from e
+    lab = graph.labels()
+    scores = torch.zeros(graph.n_edges, dtype=torch.float64)
+    keep = torch.zeros(graph.n_edges, dtype=torch.bool)
+    missing = []
+    for i, (u, v) in enumerate(zip(lab["upstream"], lab["downstream"])):
+        e = edges.get(_mib_edge(u, v))
+        if e is None:
+            missing.append(_mib_edge(u, v))
+            continue
+        score = e.get("score")
+        scores[i] = float("nan") if score is None else float(score)
+        keep[i] = bool(e.get("in_graph", True))
+    if missing:
+        raise FileFormatError(f"the MIB graph lacks {len(missing)} edges, e.g. {missing[0]!r}")
+    if not bool(torch.isfinite(scores).all()):
+        raise FileFormatError("the MIB graph has edges without a finite score")
+    meta = {"graph": graph.to_meta(), **graph.to_meta()}
+    return Attribution(scores, lab, "edges", "mib", meta=meta, extra={"in_graph": keep})

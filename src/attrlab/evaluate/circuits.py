@@ -20,8 +20,9 @@ through one batched ``f``.
   ``|F(C \\ K) - F(M \\ K)|`` (normalized by the gap) should be small.
 * **minimality**: for each node ``v`` of the circuit, ``|F(C \\ {v}) - F(C)|``
   (normalized); nodes with a tiny value are not needed.
-* **circuit_curve**: faithfulness of many circuits (e.g. the top-k edges of a
-  score for several k) from one batched ``f``.
+* **circuit_curve**: the MIB circuit-localization curves of a result (top-k%
+  circuits by signed and by absolute score, CPR and CMD), or the faithfulness
+  of given keep-masks, from one batched ``f``.
 
 Example:
     >>> import attrlab as al, torch
@@ -50,6 +51,7 @@ from ..model.wrapper import LM, Inputs
 from ..units.edges import EdgeGraph, Edges, EdgesBound
 
 __all__ = [
+    "MIB_FRACTIONS",
     "circuit_curve",
     "circuit_metric",
     "completeness",
@@ -208,45 +210,142 @@ def faithfulness(
     }
 
 
+#: the edge fractions of the MIB circuit-localization track
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def _area(xs: list[float], ys: list[float], log_scale: bool) -> float:
+    """Trapezoid area under ``ys`` over ``xs`` (``log(xs)`` with ``log_scale``)."""
+    import math
+
+    x = [math.log(v) for v in xs] if log_scale else list(xs)
+    return float(sum((x[i + 1] - x[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(x) - 1)))
+
+
+def top_fraction_masks(scores: Tensor, fractions: Any, absolute: bool) -> Tensor:
+    """Keep-masks ``[len(fractions), n]`` of the top ``int(k * n)`` units by score
+    (``absolute``: by ``|score|``), ties broken by unit order.
+
+    Example:
+        >>> top_fraction_masks(torch.tensor([0.1, -3.0, 2.0, 0.0]), [0.25, 0.5, 1.0], False).int().tolist()
+        [[0, 0, 1, 0], [1, 0, 1, 0], [1, 1, 1, 1]]
+    """
+    s = scores.double().reshape(-1)
+    key = s.abs() if absolute else s
+    order = torch.sort(key, descending=True, stable=True).indices
+    masks = torch.zeros(len(fractions), len(s), dtype=torch.bool)
+    for i, k in enumerate(fractions):
+        masks[i, order[: int(float(k) * len(s))]] = True
+    return masks
+
+
 @holds_model_lock
 def circuit_curve(
     lm: LM,
-    masks: Tensor,
-    graph: EdgeGraph,
-    inputs: Inputs,
-    target: Any,
+    result: Any,
+    graph: EdgeGraph | None = None,
+    inputs: Inputs | None = None,
+    target: Any = None,
     counterfactual: Inputs | None = None,
     ablation: Any = None,
     reference: Any = None,
     bound: EdgesBound | None = None,
+    *,
+    fractions: Any = MIB_FRACTIONS,
+    log_scale: bool = False,
+    prune: bool = True,
 ) -> dict[str, Any]:
-    """Faithfulness of many circuits, keep-masks ``[k, n_edges]``, from one
-    batched ``f``: ``faithfulness [k]``, ``metric [k]``, ``n_edges [k]``,
+    """Circuit curves of a result (MIB's circuit-localization metrics), or the
+    faithfulness of given keep-masks.
+
+    **With a result** ``r`` (edge scores, or node scores of any kind with
+    ``f``: heads, mlp, neurons …): for each fraction ``k`` keep the top
+    ``int(k * n)`` units and ablate the rest (the result's ablation, usually its
+    counterfactual), measuring ``f(k) = (m(C_k) - m(none)) / (m(all) - m(none))``.
+    Two rankings: by signed score (``faithfulness``, whose trapezoid area over
+    ``k`` is **CPR**, higher is better) and by ``|score|``
+    (``faithfulness_abs``; the area of ``|1 - f(k)|`` is **CMD**, lower is
+    better). ``log_scale``: areas over ``log k`` (MIB's default is linear).
+    ``prune`` (edges): drop edges left dangling, as MIB does. Every circuit
+    goes through one batched ``f``. ``inputs`` / ``target`` /
+    ``counterfactual`` are read from the result (give them for an imported
+    result, e.g. :func:`attrlab.circuit.from_mib_json`).
+
+    Returns ``fractions``, ``n_units`` / ``n_units_abs``, ``faithfulness`` /
+    ``faithfulness_abs``, ``cpr``, ``cmd``, ``metric_clean``, ``metric_ablated``.
+
+    **With keep-masks** ``[k, n_edges]`` and an edge ``graph`` (the older
+    form): ``faithfulness [k]``, ``metric [k]``, ``n_edges [k]``,
     ``metric_clean``, ``metric_ablated``.
 
     Example:
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
-        >>> g = al.units.Edges().graph(lm)
         >>> r = al.attribute(lm, "a b c", target=" a", units="edges", method="eap",
         ...                  counterfactual="a c c")
-        >>> order = r.scores.abs().argsort(descending=True)
-        >>> masks = torch.zeros(3, g.n_edges, dtype=torch.bool)
-        >>> for i, k in enumerate([0, 20, g.n_edges]):
-        ...     masks[i, order[:k]] = True
-        >>> [round(x, 3) for x in circuit_curve(lm, masks, g, "a b c", " a", "a c c")["faithfulness"]][::2]
-        [0.0, 1.0]
+        >>> c = circuit_curve(lm, r)
+        >>> round(c["faithfulness"][-1], 6), c["cpr"] <= 1.0 + 1e-9, c["cmd"] >= 0
+        (1.0, True, True)
     """
-    b = bound or bind_circuit(lm, graph, inputs, target, counterfactual, ablation, reference)
-    masks = b.check_keep(masks)
-    vals = b.f(torch.cat([masks, torch.zeros(1, b.n, dtype=torch.bool)]))[:, 0]
-    m_clean, m_abl = float(b.clean()[0]), float(vals[-1])
+    if isinstance(result, Tensor):
+        if graph is None:
+            raise InputError("circuit_curve(lm, masks, graph, inputs, target, ...) needs the graph")
+        b = bound or bind_circuit(lm, graph, inputs, target, counterfactual, ablation, reference)
+        masks = b.check_keep(result)
+        vals = b.f(torch.cat([masks, torch.zeros(1, b.n, dtype=torch.bool)]))[:, 0]
+        m_clean, m_abl = float(b.clean()[0]), float(vals[-1])
+        return {
+            "faithfulness": [_normalize(float(v), m_clean, m_abl) for v in vals[:-1]],
+            "metric": vals[:-1].tolist(),
+            "n_edges": masks.sum(1).tolist(),
+            "metric_clean": m_clean,
+            "metric_ablated": m_abl,
+        }
+    from .lds import _bind, _question
+
+    fr = [float(k) for k in fractions]
+    if not fr or any(not 0 < k <= 1 for k in fr) or fr != sorted(fr):
+        raise InputError(f"fractions must increase within (0, 1], got {fractions!r}")
+    if log_scale and len(fr) > 1 and fr[0] <= 0:
+        raise InputError("log_scale needs positive fractions")
+    scores = torch.as_tensor(result.scores).double()
+    if scores.dim() > 1 and scores.shape[0] > 1:
+        raise InputError("circuit curves need one target row; attribute a single target")
+    scores = scores.reshape(-1)
+    if bound is None:
+        q, u, opts = _question(lm, result, inputs, target, None, "circuit_curve", ablation,
+                               counterfactual, reference)  # fmt: skip
+        if "f" not in getattr(u, "provides", ()):
+            raise InputError(f"units {u.kind!r} cannot be run as circuits (no f)")
+        b = _bind(lm, q, u, **opts)
+    else:
+        b = bound
+    if b.n != len(scores):
+        raise InputError(f"the units give {b.n} units, the result has {len(scores)}; pass units=")
+    signed = top_fraction_masks(scores, fr, absolute=False)
+    absolute = top_fraction_masks(scores, fr, absolute=True)
+    if prune and b.kind == "edges":
+        from ..circuit import prune_dangling
+
+        signed = torch.stack([prune_dangling(b.graph, m) for m in signed])
+        absolute = torch.stack([prune_dangling(b.graph, m) for m in absolute])
+    masks = torch.cat([signed, absolute, torch.zeros(1, b.n, dtype=torch.bool)])
+    vals = b.f(masks).double().mean(-1)  # [2k + 1]
+    m_clean, m_abl = float(b.clean().double().mean()), float(vals[-1])
+    k = len(fr)
+    f_signed = [_normalize(float(v), m_clean, m_abl) for v in vals[:k]]
+    f_abs = [_normalize(float(v), m_clean, m_abl) for v in vals[k : 2 * k]]
     return {
-        "faithfulness": [_normalize(float(v), m_clean, m_abl) for v in vals[:-1]],
-        "metric": vals[:-1].tolist(),
-        "n_edges": masks.sum(1).tolist(),
+        "fractions": fr,
+        "n_units": signed.sum(1).tolist(),
+        "n_units_abs": absolute.sum(1).tolist(),
+        "faithfulness": f_signed,
+        "faithfulness_abs": f_abs,
+        "cpr": _area(fr, f_signed, log_scale),
+        "cmd": _area(fr, [abs(1 - f) for f in f_abs], log_scale),
         "metric_clean": m_clean,
         "metric_ablated": m_abl,
+        "log_scale": log_scale,
     }
 
 

@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 from tqdm.auto import tqdm
 
 from ..model import linear_layout
-from ..model.lock import model_lock
+from ..model.swap import elementwise_types, has_rule, swapped_forwards
 from .tokens import EmbedForward
 
 __all__: list[str] = []  # used by the token kinds and gradient methods, not public names
@@ -60,28 +60,6 @@ class _SharedDerivative(torch.autograd.Function):
         return grad * ctx.deriv, None
 
 
-def _elementwise_types() -> tuple[type, ...]:
-    """Parameter-free elementwise activation module types (PyTorch and Hugging Face)."""
-    types: list[type] = [
-        nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.Hardswish,
-        nn.LeakyReLU, nn.Mish, nn.Softplus,
-    ]  # fmt: skip
-    try:
-        from transformers import activations as hf_act
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return tuple(types)
-    for name in (
-        "AccurateGELUActivation", "ClippedGELUActivation", "FastGELUActivation",
-        "GELUActivation", "GELUTanh", "LaplaceActivation", "MishActivation",
-        "NewGELUActivation", "PytorchGELUTanh", "QuickGELUActivation",
-        "ReLUSquaredActivation", "SiLUActivation", "SqrtSoftplusActivation",
-    ):  # fmt: skip
-        t = getattr(hf_act, name, None)
-        if isinstance(t, type):
-            types.append(t)
-    return tuple(types)
-
-
 @contextlib.contextmanager
 def shared_activation_derivatives(model: nn.Module) -> Iterator[int]:
     """While active, every parameter-free elementwise activation module of
@@ -107,43 +85,17 @@ def shared_activation_derivatives(model: nn.Module) -> Iterator[int]:
         >>> n == lm.cfg.n_layers, g1.shape == e.shape
         (True, True)
     """
-    types = _elementwise_types()
+    types = elementwise_types()
 
     def wrap(m: nn.Module) -> Callable[..., Tensor] | None:
         if not isinstance(m, types) or any(True for _ in m.parameters(recurse=False)):
             return None
+        if has_rule(m):  # a relevance rule defines this module's backward
+            return None
         return _shared_forward(m.forward)
 
-    with _swapped_forwards(model, wrap) as n:
+    with swapped_forwards(model, wrap) as n:
         yield n
-
-
-@contextlib.contextmanager
-def _swapped_forwards(
-    model: nn.Module, wrap: Callable[[nn.Module], Callable[..., Tensor] | None]
-) -> Iterator[int]:
-    """Replace ``forward`` of every module for which ``wrap`` returns a new one
-    (holding the model's lock, :func:`attrlab.model.lock.model_lock`); restore them
-    on exit. Yields how many were replaced. The new forwards act only in the
-    calling thread (other threads get the original)."""
-    patched: list[tuple[nn.Module, Any]] = []
-    with model_lock(model), contextlib.ExitStack() as stack:
-        stack.callback(_restore_forwards, patched)
-        for m in model.modules():
-            new = wrap(m)
-            if new is None:
-                continue
-            patched.append((m, m.__dict__.get("forward")))
-            m.forward = new  # type: ignore[method-assign]
-        yield len(patched)
-
-
-def _restore_forwards(patched: list[tuple[nn.Module, Any]]) -> None:
-    for m, fwd in patched:
-        if fwd is None:
-            del m.forward
-        else:
-            m.forward = fwd  # type: ignore[method-assign]
 
 
 def _shared_forward(orig: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -218,9 +170,11 @@ def _prefix_linears(
         weight = getattr(m, "weight", None)
         if w_in_out is None or not isinstance(weight, Tensor) or weight.device.type == "meta":
             return None  # not a plain linear map, or weights accelerate loads per forward
+        if has_rule(m):  # a relevance rule defines this module's backward
+            return None
         return _prefix_forward(m.forward, weight, w_in_out, lead, cut)
 
-    with _swapped_forwards(model, wrap) as n:
+    with swapped_forwards(model, wrap) as n:
         yield n
 
 

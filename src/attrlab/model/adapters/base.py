@@ -182,6 +182,15 @@ def linear_layout(module: nn.Module) -> bool | None:
     return True if type(module) is Conv1D else None
 
 
+def _is_norm(m: nn.Module) -> bool:
+    """A normalisation module: ``nn.LayerNorm`` / ``nn.RMSNorm`` or a Hugging Face
+    ``*RMSNorm`` / ``*LayerNorm`` class."""
+    if isinstance(m, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+        return True
+    name = type(m).__name__
+    return name.endswith(("RMSNorm", "LayerNorm"))
+
+
 class Adapter:
     """Per-family knowledge. Subclasses set the class attributes below.
 
@@ -219,6 +228,8 @@ class Adapter:
     #: ``attn.scaling * rope(q) . rope(k)`` of the ``attn.q`` / ``attn.k`` sites
     #: with a half-split rotation of the whole head (Llama, Mistral, Qwen2, Gemma 1, Phi-3)
     rotary_path: ClassVar[str | None] = None
+    #: model-level learned position embedding added to the token embeddings, if any
+    pos_embed_path: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module):
         self.model: Any = model
@@ -390,6 +401,32 @@ class Adapter:
 
     def unembed(self) -> nn.Module:
         return get_path(self.model, self.unembed_path)
+
+    def relevance_roles(self) -> dict[str, list[nn.Module]]:
+        """Where relevance rules act (:mod:`attrlab.lrp`): ``norm`` (every
+        normalisation module, also the ones inside attention, such as Qwen 3's
+        q/k norms), ``attention`` and ``mlp`` (the blocks' modules, whose
+        matmuls / gated products get the uniform rule), ``linear`` (plain linear
+        layers), ``position`` (a learned position embedding: its share is
+        reported like a bias's), ``first_block`` and ``unembed``."""
+        model = self.model
+        named = {id(self.final_norm())}
+        for layer in range(self.cfg.n_layers):
+            for m in (self.attn_in_norm(layer), self.mlp_in_norm(layer),
+                      self.attn_out_norm(layer), self.mlp_out_norm(layer)):  # fmt: skip
+                if m is not None:
+                    named.add(id(m))
+        norms = [m for m in model.modules() if id(m) in named or _is_norm(m)]
+        layers = range(self.cfg.n_layers)
+        return {
+            "norm": norms,
+            "attention": [self.attn(layer) for layer in layers],
+            "mlp": [self.mlp(layer) for layer in layers],
+            "linear": [m for m in model.modules() if linear_layout(m) is not None],
+            "position": [get_path(model, self.pos_embed_path)] if self.pos_embed_path else [],
+            "first_block": [self.block(0)],
+            "unembed": [self.unembed()],
+        }
 
     def sub(self, layer: int, name: str | None) -> nn.Module | None:
         return None if name is None else get_path(self.block(layer), name)

@@ -10,6 +10,7 @@ class GPT2Adapter(Adapter):
     model_types = ("gpt2",)
 
     embed_path = "transformer.wte"
+    pos_embed_path = "transformer.wpe"
     blocks_path = "transformer.h"
     final_norm_path = "transformer.ln_f"
     unembed_path = "lm_head"
