@@ -1,4 +1,4 @@
-"""IOI zoo model: how often IG / occlusion put the largest context score on
+"""IOI zoo model: how often IG / occlusion / AttnLRP put the largest context score on
 the indirect-object (IO) name, for several targets, baselines, rules and
 reductions.
 
@@ -36,6 +36,9 @@ CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "ig_logprob_unk_gl64": ("ig", "logprob", {"steps": 64, "baseline": 1}),
     "occ_diff": ("occlusion", "diff", {}),
     "occ_logprob": ("occlusion", "logprob", {}),
+    "attnlrp_logprob": ("attnlrp", "logprob", {}),
+    "cplrp_logprob": ("attnlrp", "logprob", {"rules": "cp-lrp"}),
+    "attnlrp_diff": ("attnlrp", "diff", {}),
 }
 
 

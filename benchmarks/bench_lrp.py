@@ -25,7 +25,7 @@ Build the peer environment once::
 Run::
 
     python benchmarks/bench_lrp.py parity
-    python benchmarks/bench_lrp.py time --rounds 5
+    python benchmarks/bench_lrp.py time --rounds 3
     python benchmarks/bench_lrp.py scaling
 """
 

@@ -169,7 +169,7 @@ def test_relp_with_gradient_rules_is_atp(units: str) -> None:
     r = al.attribute(lm, PROMPT, target=tgt, units=units, method="relp", counterfactual=CF)
     assert torch.equal(a.scores, g.scores)
     assert not torch.allclose(a.scores, r.scores)  # the rules change the coefficients
-    assert r.params["rules"]["softmax"] == "gradient"
+    assert r.params["rules"]["softmax"] == "stop"  # the RelP paper's rules by default
 
 
 # ---------------------------------------------------------------------- errors
@@ -184,3 +184,20 @@ def test_bad_rules_and_kinds_raise() -> None:
         with propagation(torch.nn.Linear(2, 2), CP_LRP):
             pass
     assert Composite(softmax=Stop()) == CP_LRP
+
+
+@pytest.mark.parametrize("rules", ["attnlrp", "cp-lrp"])
+def test_fused_attention_gets_the_same_relevance(rules: str) -> None:
+    """With sdpa the rules act at q, k, v of the fused call: the same relevances
+    as eager attention, where they act on the two matmuls and the softmax."""
+    model, tok = tiny_model("llama", attn_implementation="sdpa")
+    model = model.double()
+    eager, _ = tiny_model("llama")
+    eager = eager.double()
+    eager.load_state_dict(model.state_dict())
+    target = al.targets.Logit(" gave")
+    a = al.attribute(al.wrap(model, tok), PROMPT, target=target, method="attnlrp", rules=rules)
+    b = al.attribute(al.wrap(eager, tok), PROMPT, target=target, method="attnlrp", rules=rules)
+    assert torch.allclose(a.scores, b.scores, rtol=1e-5, atol=1e-8)
+    if rules == "attnlrp":
+        assert "note" in a.diagnostics and "note" not in b.diagnostics

@@ -316,6 +316,8 @@ class Ledger:
 
     #: whether the model adds a learned position embedding (set by :func:`propagation`)
     has_position = False
+    #: set when a fused attention call hid the softmax (its share is then unrecorded)
+    softmax_unrecorded = False
 
 
 # ------------------------------------------------------------ autograd nodes
@@ -498,6 +500,8 @@ class _AttentionMode(TorchFunctionMode):
                 return _IdentityAct.apply(args[0], torch.tanh)
         elif func is F.scaled_dot_product_attention and len(args) >= 3:
             q, k, v = args[:3]
+            if self.ledger is not None:
+                self.ledger.softmax_unrecorded = True
             if isinstance(self.c.softmax, Stop):
                 q, k = q.detach(), k.detach()
             elif uniform and all(_live(q, k, v)):

@@ -19,6 +19,8 @@ follows the rules of a :class:`attrlab.lrp.Composite` (AttnLRP by default):
   every component kind (heads, per position, q/k/v, attn, mlp, neurons, resid,
   layers) and on edges (RelP's EAP). Same ablations, sign and
   ``direction=`` as ``atp``; the cost is AtP's plus a few cheap autograd nodes.
+  Its default rules are the RelP paper's (``"cp-lrp"``: no relevance through
+  the attention weights); ``rules="attnlrp"`` propagates through them.
 
 Example:
     >>> import attrlab as al
@@ -36,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..lrp import ATTNLRP, Composite, Ledger, propagation, resolve_composite
+from ..lrp import ATTNLRP, CP_LRP, Composite, Ledger, propagation, resolve_composite
 from .base import register
 from .gradient import INPUT_KINDS, AttributionPatching, InputXGradient, _row_list
 
@@ -104,6 +106,11 @@ class AttnLRP(_WithRules, InputXGradient):
                 diag[f"{key}_share"] = _row_list(torch.tensor([row[key] for row in ledger.rows]))
             err = [v - s - row.total() for v, s, row in zip(values, sums, ledger.rows)]
             diag["conservation_error"] = _row_list(torch.tensor(err))
+            if ledger.softmax_unrecorded:
+                diag["note"] = (
+                    "fused (sdpa) attention: the softmax's share is not recorded and is "
+                    "part of conservation_error; load with attn_implementation='eager' to see it"
+                )
         return grads, diag
 
 
@@ -115,7 +122,10 @@ class RelP(_WithRules, AttributionPatching):
     ablation; contributions (``r.effect_of_patching()`` for the other sign).
 
     Args:
-        rules: a :class:`attrlab.lrp.Composite` or ``"attnlrp"`` (default) / ``"cp-lrp"``.
+        rules: a :class:`attrlab.lrp.Composite` or ``"cp-lrp"`` (default: the RelP
+            paper's rules — LN rule, identity rule, 0-rule for linear layers,
+            no relevance through the attention weights, half rule for gates)
+            or ``"attnlrp"``.
         direction: ``"noising"`` (default) or ``"denoising"``, as for ``atp``.
         site: for heads, ``"z"`` (default), ``"q"``, ``"k"``, ``"v"``.
 
@@ -128,11 +138,9 @@ class RelP(_WithRules, AttributionPatching):
         True
     """
 
-    only_kinds = (*COMPONENT_KINDS, "edges")
+    only_kinds: tuple[str, ...] = (*COMPONENT_KINDS, "edges")  # type: ignore[assignment]
 
-    def __init__(
-        self, rules: Composite | str = ATTNLRP, direction: str = "noising", **options: Any
-    ):
+    def __init__(self, rules: Composite | str = CP_LRP, direction: str = "noising", **options: Any):
         self.rules = resolve_composite(rules)
         super().__init__(direction=direction, **options)
 
