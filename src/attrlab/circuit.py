@@ -466,13 +466,13 @@ def from_mib_json(source: str | Path | dict[str, Any]) -> Attribution:
     keep = torch.zeros(graph.n_edges, dtype=torch.bool)
     missing = []
     for i, (u, v) in enumerate(zip(lab["upstream"], lab["downstream"])):
-        e = edges.get(_mib_edge(u, v))
-        if e is None:
+        entry = edges.get(_mib_edge(u, v))
+        if entry is None:
             missing.append(_mib_edge(u, v))
             continue
-        score = e.get("score")
+        score = entry.get("score")
         scores[i] = float("nan") if score is None else float(score)
-        keep[i] = bool(e.get("in_graph", True))
+        keep[i] = bool(entry.get("in_graph", True))
     if missing:
         raise FileFormatError(f"the MIB graph lacks {len(missing)} edges, e.g. {missing[0]!r}")
     if not bool(torch.isfinite(scores).all()):

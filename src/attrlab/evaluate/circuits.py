@@ -288,9 +288,13 @@ def circuit_curve(
         (1.0, True, True)
     """
     if isinstance(result, Tensor):
-        if graph is None:
-            raise InputError("circuit_curve(lm, masks, graph, inputs, target, ...) needs the graph")
-        b = bound or bind_circuit(lm, graph, inputs, target, counterfactual, ablation, reference)
+        if graph is None or (bound is None and inputs is None):
+            raise InputError(
+                "circuit_curve(lm, masks, graph, inputs, target, ...) needs the graph and inputs"
+            )
+        b = bound or bind_circuit(
+            lm, graph, inputs, target, counterfactual, ablation, reference  # type: ignore[arg-type]
+        )
         masks = b.check_keep(result)
         vals = b.f(torch.cat([masks, torch.zeros(1, b.n, dtype=torch.bool)]))[:, 0]
         m_clean, m_abl = float(b.clean()[0]), float(vals[-1])
