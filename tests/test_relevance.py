@@ -201,3 +201,19 @@ def test_fused_attention_gets_the_same_relevance(rules: str) -> None:
     assert torch.allclose(a.scores, b.scores, rtol=1e-5, atol=1e-8)
     if rules == "attnlrp":
         assert "note" in a.diagnostics and "note" not in b.diagnostics
+
+
+def test_sources_sum_their_tokens_relevance() -> None:
+    """attnlrp over sources = attnlrp over the prompt's tokens for the response's
+    log-probability, summed over each source's token range."""
+    lm = _lm("gpt2")
+    ctx = "A is red. B is blue. C is green."
+    r = al.attribute(lm, ctx, " red", units="sources", method="attnlrp")
+    t = al.attribute(lm, ctx, target=al.targets.ContinuationLogProb(" red"), method="attnlrp",
+                     units=al.units.Tokens(include_generated=False))  # fmt: skip
+    ranges = r.diagnostics["token_ranges"]
+    assert len(ranges) == len(r) == 3
+    expected = torch.stack([t.scores.reshape(-1)[a:b].sum() for a, b in ranges])
+    assert torch.allclose(r.scores.double(), expected.double(), atol=1e-8)
+    assert abs(r.diagnostics["value"] - t.diagnostics["value"]) < 1e-6 * abs(t.diagnostics["value"])
+    assert abs(r.diagnostics["conservation_error"]) < 1e-4 * abs(r.diagnostics["value"])

@@ -6,8 +6,8 @@ follows the rules of a :class:`attrlab.lrp.Composite` (AttnLRP by default):
 
 - ``attnlrp`` (Achtibat et al., "AttnLRP: Attention-Aware Layer-Wise Relevance
   Propagation for Transformers"): input x gradient over token gates with the
-  zero ablation, i.e. ``x . grad`` at the token embeddings; words, sentences and
-  spans sum their tokens. One forward and one backward per target row (a
+  zero ablation, i.e. ``x . grad`` at the token embeddings; words, sentences,
+  spans and the sources of a prompt (``units="sources"``) sum their tokens. One forward and one backward per target row (a
   continuation's rows share the forward). The diagnostics account for every
   bit of the target: ``value = relevance_sum + bias_share + position_share +
   softmax_share + output_share + conservation_error``, where ``output_share`` is
@@ -39,7 +39,10 @@ import torch
 from torch import Tensor
 
 from ..lrp import ATTNLRP, CP_LRP, Composite, Ledger, propagation, resolve_composite
+from ..result import Attribution
+from ..units.sources import reduce_logprobs
 from .base import register
+from .context_baselines import SourceMethod
 from .gradient import INPUT_KINDS, AttributionPatching, InputXGradient, _row_list
 
 COMPONENT_KINDS = ("heads", "attn", "mlp", "neurons", "resid", "layers")
@@ -100,18 +103,95 @@ class AttnLRP(_WithRules, InputXGradient):
             "value": _row_list(vals[0]),
             "relevance_sum": _row_list(torch.tensor(sums)),
         }
-        if len(ledger.rows) == len(values):
-            ledger.close_rows(values, inputs=sums)
-            for key in ("bias", "position", "softmax", "output"):
-                diag[f"{key}_share"] = _row_list(torch.tensor([row[key] for row in ledger.rows]))
-            err = [v - s - row.total() for v, s, row in zip(values, sums, ledger.rows)]
-            diag["conservation_error"] = _row_list(torch.tensor(err))
-            if ledger.softmax_unrecorded:
-                diag["note"] = (
-                    "fused (sdpa) attention: the softmax's share is not recorded and is "
-                    "part of conservation_error; load with attn_implementation='eager' to see it"
-                )
+        diag.update(_shares(ledger, values, sums))
         return grads, diag
+
+
+def _shares(ledger: Ledger, values: list[float], sums: list[float]) -> dict[str, Any]:
+    """The conservation diagnostics of ``attnlrp`` from a ledger with one row per value."""
+    if len(ledger.rows) != len(values):
+        return {}
+    ledger.close_rows(values, inputs=sums)
+    diag: dict[str, Any] = {}
+    for key in ("bias", "position", "softmax", "output"):
+        diag[f"{key}_share"] = _row_list(torch.tensor([row[key] for row in ledger.rows]))
+    err = [v - s - row.total() for v, s, row in zip(values, sums, ledger.rows)]
+    diag["conservation_error"] = _row_list(torch.tensor(err))
+    if ledger.softmax_unrecorded:
+        diag["note"] = (
+            "fused (sdpa) attention: the softmax's share is not recorded and is "
+            "part of conservation_error; load with attn_implementation='eager' to see it"
+        )
+    return diag
+
+
+@register("attnlrp", ("sources",))
+class AttnLRPSources(SourceMethod):
+    """AttnLRP over the sources of a prompt: the relevance of each source's tokens
+    for the response's value (the kind's ``output``: its log-probability by
+    default; one row per response token with ``per_token=True``). One forward
+    of context plus response, one backward per row.
+
+    Diagnostics as for ``attnlrp`` over tokens, plus ``relevance_outside``
+    (relevance of the tokens outside every source: template, query, and the
+    response's own earlier tokens) and ``token_ranges``.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> r = al.attribute(lm, "A is red. B is blue.", " red", units="sources", method="attnlrp")
+        >>> len(r), abs(r.diagnostics["conservation_error"]) < 1e-3
+        (2, True)
+    """
+
+    def __init__(self, rules: Composite | str = ATTNLRP, **common: Any):
+        self.rules = resolve_composite(rules)
+        super().__init__(**common)
+
+    def params(self) -> dict[str, Any]:
+        p = super().params()
+        p["rules"] = self.rules.describe()
+        return p
+
+    def attribute(
+        self, lm: Any, inputs: Any, target: Any, units: Any, counterfactual: Any = None
+    ) -> Attribution:
+        bound = self.prepare(lm, inputs, target, units, counterfactual)
+        prompt = bound.prompt
+        ids, ranges = prompt.source_token_ranges()
+        resp = list(prompt.response_ids)
+        p, n = len(ids), len(resp)
+        full = torch.tensor([ids + resp], device=lm.device)
+        output = bound.output or "log_prob"
+        ledger = Ledger()
+        with lm.lock, propagation(lm, self.rules, ledger), torch.enable_grad():
+            e = lm.embed_ids(full).detach().requires_grad_(True)  # [1, pos, d]
+            logits = lm.model(inputs_embeds=e).logits[0, p - 1 : p + n - 1]  # [n, vocab]
+            picked = torch.tensor(resp, device=logits.device)[:, None]
+            lp = logits.double().log_softmax(-1).gather(-1, picked)[:, 0]  # [n]
+            rows = [lp[i : i + 1] for i in range(n)] if units.per_token else [lp]
+            values = [reduce_logprobs(r[None], output)[0] for r in rows]
+            rel = []
+            for i, v in enumerate(values):
+                (g,) = torch.autograd.grad(v, e, retain_graph=i + 1 < len(values))
+                rel.append((e.detach() * g).sum(-1)[0].double().cpu())  # [pos]
+        per_pos = torch.stack(rel)  # [rows, pos]
+        scores = torch.stack([per_pos[:, a:b].sum(-1) for a, b in ranges], -1)  # [rows, n_src]
+        vals = [float(v.detach()) for v in values]
+        sums = [float(t) for t in per_pos.sum(-1)]
+        diag: dict[str, Any] = {
+            "value": _row_list(torch.tensor(vals)),
+            "relevance_sum": _row_list(torch.tensor(sums)),
+            "relevance_outside": _row_list(per_pos.sum(-1) - scores.sum(-1)),
+            "token_ranges": [list(r) for r in ranges],
+        }
+        diag.update(_shares(ledger, vals, sums))
+        bound.target_name = f"response_{output}({prompt.response!r})"
+        result: Attribution = bound.result(
+            scores if units.per_token else scores[0], self, diag,
+            extra={"token_relevance": per_pos},
+        )  # fmt: skip
+        return result
 
 
 @register("relp")
