@@ -13,10 +13,25 @@ Example:
 """
 
 # viz registers the HTML and plot views of results (result.py imports no view)
-from . import ablations, errors, evaluate, methods, targets, testing, units, viz, zoo
+from . import (
+    ablations,
+    circuit,
+    errors,
+    evaluate,
+    lenses,
+    lrp,
+    methods,
+    targets,
+    testing,
+    units,
+    viz,
+    zoo,
+)
 from .attribute import attribute
 from .errors import AttrlabError
+from .graph import GraphResult
 from .methods.lens import logit_lens
+from .methods.routes import routes
 from .model import LM, Batch, Cache, Intervention, load, wrap
 from .result import Attribution
 
@@ -27,15 +42,20 @@ __all__ = [
     "Attribution",
     "Batch",
     "Cache",
+    "GraphResult",
     "Intervention",
     "LM",
     "ablations",
     "attribute",
+    "circuit",
     "errors",
     "evaluate",
+    "lenses",
     "load",
     "logit_lens",
+    "lrp",
     "methods",
+    "routes",
     "targets",
     "testing",
     "units",

@@ -69,6 +69,7 @@ def logit_lens(
     k: int = 5,
     positions: str = "last",
     prepend_bos: bool | None = None,
+    lens: Any = None,
 ) -> LensResult:
     """Per layer (and position), the target's log-probability and rank and the top-k
     tokens when the residual stream is read with the final norm and unembedding.
@@ -81,10 +82,14 @@ def logit_lens(
         k: how many top tokens to keep per unit.
         positions: ``"last"`` (the next-token position) or ``"all"``.
         prepend_bos: as in :meth:`attrlab.LM.tokenize`.
+        lens: a :class:`attrlab.lenses.TunedLens`: each layer's residual is
+            translated before it is read (the tuned lens; ``method`` is then
+            ``"tuned_lens"``). None: the logit lens.
 
     Returns:
         :class:`LensResult` with units ``layer`` (``n_layers`` = after the last
-        block), ``site`` and, for ``positions="all"``, ``position`` and ``token``.
+        block), ``site`` and, for ``positions="all"``, ``position`` and ``token``;
+        ``extra["kl_to_final"]``: ``KL(p_final || p_layer)`` per unit.
 
     Raises:
         InputError: several prompts, a bad ``positions`` or ``k``, a target that
@@ -101,6 +106,14 @@ def logit_lens(
         raise InputError(f"positions must be 'last' or 'all', got {positions!r}")
     if not isinstance(k, int) or k < 1:
         raise InputError(f"k must be a positive integer, got {k!r}")
+    if lens is not None:
+        from ..lenses import TunedLens
+
+        if not isinstance(lens, TunedLens):
+            raise InputError(
+                "lens must be an al.lenses.TunedLens (train_tuned_lens / TunedLens.load)"
+            )
+        lens.check(lm)
     batch = lm.tokenize(prompt, prepend_bos)
     if batch.shape[0] != 1:
         raise InputError(f"logit_lens explains one prompt; got {batch.shape[0]}")
@@ -128,11 +141,15 @@ def logit_lens(
         tid = ids.to(logits.device).expand(len(pos_list))
         tdesc = f"logprob({t.token!r})"
     k = min(k, lm.cfg.d_vocab)
-    scores, ranks, top_ids, top_lp = [], [], [], []
+    scores, ranks, top_ids, top_lp, kls = [], [], [], [], []
+    final = logits[0, pos_t].float().log_softmax(-1)  # [n_sel, V]
     with torch.no_grad():
-        for name in sites:
+        for layer, name in enumerate(sites):
             resid = cache[name][0, pos_t]  # [n_sel, d_model]
+            if lens is not None and layer < L:
+                resid = lens.translate(resid, layer)
             lp = lm.unembed(lm.apply_final_norm(resid)).float().log_softmax(-1)  # [n_sel, V]
+            kls.append((final.exp() * (final - lp)).sum(-1))
             tl = lp.gather(-1, tid[:, None])[:, 0]
             scores.append(tl)
             ranks.append((lp > tl[:, None]).sum(-1) + 1)
@@ -144,6 +161,7 @@ def logit_lens(
     rank_t = torch.stack(ranks).reshape(-1).cpu()
     top_ids_t = torch.stack(top_ids).reshape(-1, k).cpu()
     top_lp_t = torch.stack(top_lp).reshape(-1, k).cpu()
+    kl_t = torch.stack(kls).reshape(-1).double().cpu()
     site_names = [f"blocks.{layer}.resid_pre" for layer in range(L)] + [
         f"blocks.{L - 1}.resid_post"
     ]
@@ -166,9 +184,13 @@ def logit_lens(
         score_t,
         units=units,
         unit_kind="layers",
-        method="logit_lens",
+        method="logit_lens" if lens is None else "tuned_lens",
         target=tdesc,
-        params={"k": k, "positions": positions},
+        params={
+            "k": k,
+            "positions": positions,
+            **({"lens": lens.meta} if lens is not None else {}),
+        },
         model_id=lm.name,
         meta=meta,
         extra={
@@ -176,5 +198,6 @@ def logit_lens(
             "topk_ids": top_ids_t,
             "topk_logprobs": top_lp_t,
             "target_ids": tid.cpu(),
+            "kl_to_final": kl_t,
         },
     )
