@@ -719,3 +719,28 @@ def _help(cmd: str) -> str:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[cmd].format_help()
+
+
+def test_explain_routes_and_tuned_lens(capsys, tmp_path, model_dir):
+    base = ["explain", "--model", model_dir, "--prompt", PROMPT, "-q"]
+    out_json, html = tmp_path / "g.graph.json", tmp_path / "g.html"
+    rc, out, err = run(capsys, *base, "--method", "routes", "-o", "tau=0.05", "--out",
+                       str(out_json), "--html", str(html))  # fmt: skip
+    assert rc == 0, err
+    g = al.GraphResult.load(out_json)
+    api = al.routes(al.load(model_dir), PROMPT, tau=0.05)
+    assert g.edges == api.edges and out.startswith("routes:")
+    assert 'data-panel="graph"' in html.read_text() and "<svg" in html.read_text()
+    rc, _, err = run(capsys, *base, "--method", "routes", "-o", "alpha=1")
+    assert rc == 2 and "tau" in err
+    # a saved tuned lens directory
+    lm = al.load(model_dir)
+    lens_dir = al.lenses.train_tuned_lens(lm, [PROMPT, PROMPT + " Mary"], steps=2,
+                                          progress=False).save(tmp_path / "lens")  # fmt: skip
+    rc, out, err = run(capsys, *base, "--target", " Mary", "--lens", str(lens_dir), "--json")
+    assert rc == 0, err
+    j = json.loads(out)
+    want = al.logit_lens(lm, PROMPT, target=" Mary", lens=al.lenses.TunedLens.load(lens_dir))
+    assert j["method"] == "tuned_lens" and j["scores"] == pytest.approx(want.scores.tolist())
+    rc, _, err = run(capsys, *base, "--lens", str(tmp_path / "nope"))
+    assert rc == 2 and "tuned lens" in err

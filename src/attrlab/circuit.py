@@ -420,14 +420,11 @@ def to_mib_json(result: Attribution, path: str | Path | None = None,
     }
     if path is not None:
         import json
-        import os
-        import tempfile
 
-        p = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(out, f)
-        os.replace(tmp, p)
+        from ._files import write_atomically
+
+        text = json.dumps(out)
+        write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return out
 
 

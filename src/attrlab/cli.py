@@ -161,7 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="tokens",
         help="unit kind: tokens, heads, layers, ... (default: %(default)s)",
     )
-    e.add_argument("--method", default="ig", help="method name (default: %(default)s)")
+    e.add_argument(
+        "--method",
+        default="ig",
+        help="method name (default: %(default)s); also 'routes' (information-flow route "
+        "graph: -o tau=0.04 -o per_head=false -o positions=[...]; --out writes the graph as "
+        "JSON) and 'logit-lens'",
+    )
+    e.add_argument(
+        "--lens",
+        metavar="tuned|DIR",
+        help="read the layers through a tuned lens (implies --method logit-lens): a directory "
+        "saved by al.lenses.TunedLens.save, or 'tuned' to train one now on a zoo model's task",
+    )
     e.add_argument(
         "--unit-option",
         "-u",
@@ -501,6 +513,10 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         raise EmptyPromptError("--prompt is empty: give the text to explain")
     _check_outputs(args, [("--out", "result.attr"), ("--html", "report.html")])
     options = dict(parse_option(o) for o in args.option)
+    if args.lens is not None or args.method in ("logit-lens", "tuned-lens"):
+        return _explain_lens(args, options)
+    if args.method == "routes":
+        return _explain_routes(args, options)
     units = build_units(args.units, dict(parse_option(o) for o in args.unit_option))
     try:
         find_method(args.method, resolve(units).kind)
@@ -539,6 +555,76 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
         title = f"attrlab explain: {args.method} over {args.units}"
         return Report(title, info=info).add(r, k=max(args.top, 5))
+
+    return _write_outputs(args, r, report)
+
+
+def _explain_routes(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    """``attrlab explain --method routes``: the route graph of the prediction(s)."""
+    from .graph import GraphResult
+    from .methods.routes import routes
+
+    unknown = sorted(set(options) - {"tau", "per_head", "positions", "chunk"})
+    if unknown:
+        raise InputError(f"routes take -o tau=, per_head=, positions=, chunk=; not {unknown[0]!r}")
+    if args.target or args.contrast or args.continuation or args.counterfactual:
+        raise InputError("routes explain the model's own prediction: no --target, "
+                         "--contrast, --continuation or --counterfactual")  # fmt: skip
+    t0 = time.perf_counter()
+    _status(args, f"loading {args.model} ...")
+    lm = load_model(args.model)
+    g: GraphResult = routes(lm, args.prompt, **options)
+    _status(args, f"done in {time.perf_counter() - t0:.1f} s")
+    if args.json:
+        print(json.dumps(g.to_dict(), default=str))
+    else:
+        lines = [f"routes: {g.n_nodes} nodes, {g.n_edges} edges  target: {g.target}  "
+                 f"model: {g.model_id}", "params: " + json.dumps(g.params)]  # fmt: skip
+        df = g.to_pandas("edges").drop(columns=["roots"])
+        df = df.sort_values("weight", ascending=False).head(args.top)
+        lines.append(df.to_string(index=False))
+        print("\n".join(visible(line) for line in lines))
+
+    def report() -> Any:
+        from .report import Report
+
+        info = {"model": lm.name, "prompt": args.prompt}
+        return Report("attrlab explain: routes", info=info).add(g, k=max(args.top, 5))
+
+    return _write_outputs(args, g, report)
+
+
+def _explain_lens(args: argparse.Namespace, options: dict[str, Any]) -> int:
+    """``attrlab explain --method logit-lens [--lens tuned|DIR]``."""
+    from .lenses import TunedLens, train_tuned_lens
+    from .methods.lens import logit_lens
+
+    unknown = sorted(set(options) - {"k", "positions"})
+    if unknown:
+        raise InputError(f"the lens takes -o k=, positions=; not {unknown[0]!r}")
+    if args.contrast or args.continuation or args.counterfactual:
+        raise InputError("the lens reads one token: use --target (or none for the top prediction)")
+    lens = None
+    if args.lens not in (None, "tuned"):
+        lens = TunedLens.load(args.lens)  # a bad directory fails before the model loads
+    t0 = time.perf_counter()
+    _status(args, f"loading {args.model} ...")
+    lm = load_model(args.model)
+    if args.lens == "tuned":
+        _status(args, "training a tuned lens on the model's task ...")
+        lens = train_tuned_lens(lm, progress=not args.quiet)
+    r = logit_lens(lm, args.prompt, target=args.target, lens=lens, **options)
+    _status(args, f"done in {time.perf_counter() - t0:.1f} s")
+    if args.json:
+        print(json.dumps(result_json(r)))
+    else:
+        print("\n".join(summary_lines(r, args.top)))
+
+    def report() -> Any:
+        from .report import Report
+
+        info = {"model": lm.name, "prompt": args.prompt}
+        return Report(f"attrlab explain: {r.method}", info=info).add(r, k=max(args.top, 5))
 
     return _write_outputs(args, r, report)
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -170,13 +168,10 @@ class GraphResult:
             >>> GraphResult.load(p).method
             'm'
         """
-        p = Path(path)
+        from ._files import write_atomically
+
         text = json.dumps(self.to_dict(), allow_nan=False)
-        fd, tmp = tempfile.mkstemp(dir=p.parent if str(p.parent) else ".", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, p)
-        return p
+        return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     @classmethod
     def load(cls, path: str | Path) -> GraphResult:

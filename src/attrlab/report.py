@@ -97,12 +97,32 @@ class Report:
         self.items.append(_Item("heading", title, _slug(title, self._used)))
         return self
 
-    def add(
-        self, result: Attribution, title: str | None = None, note: str = "", k: int = 15
-    ) -> Report:
-        """Add a panel for ``result`` (its view, method, parameters and diagnostics)."""
+    def add(self, result: Any, title: str | None = None, note: str = "", k: int = 15) -> Report:
+        """Add a panel for ``result`` (its view, method, parameters and diagnostics):
+        an :class:`~attrlab.result.Attribution`, or a
+        :class:`~attrlab.graph.GraphResult` (route graphs: drawn as SVG with its
+        strongest edges)."""
+        from .graph import GraphResult
+        from .viz.graph import graph_svg
+
+        if isinstance(result, GraphResult):
+            t = title or f"{result.method}: {result.target}"
+            order = sorted(range(result.n_edges), key=lambda i: -result.edges["weight"][i])[:k]
+            cols = {c: [v[i] for i in order] for c, v in result.edges.items() if c != "roots"}
+            sub = f'<div class="al-sub">{esc(note)}</div>' if note else ""
+            params = ", ".join(f"{esc(a)}={esc(b)}" for a, b in result.params.items())
+            html = (
+                f'<section class="al-panel" data-panel="graph"><h3>{esc(t)}</h3>{sub}'
+                f'<div class="al-sub">{params}</div>'
+                f'<div style="overflow-x:auto">{graph_svg(result)}</div>'
+                f"{render_table(cols, max_rows=k)}</section>"
+            )
+            self.items.append(_Item("html", t, _slug(t, self._used), html=html))
+            return self
         if not isinstance(result, Attribution):
-            raise TypeError(f"Report.add takes an Attribution, got {type(result).__name__}")
+            raise TypeError(
+                f"Report.add takes an Attribution or a GraphResult, got {type(result).__name__}"
+            )
         t = title or f"{result.method} over {result.unit_kind}"
         self.items.append(_Item("result", t, _slug(t, self._used), result=result, note=note, k=k))
         return self

@@ -151,7 +151,10 @@ def _load_ioi(
     return lm, p, cf or c, (tuple(answer) if answer else a), label  # type: ignore[return-value]
 
 
-SECTIONS = ("tokens", "continuation", "heads", "layers", "lens", "circuit", "sources", "training")
+SECTIONS = (
+    "tokens", "continuation", "heads", "layers", "lens", "routes", "circuit", "sources",
+    "training",
+)  # fmt: skip
 
 
 def _sections() -> dict[str, tuple[str, str, Callable[[Demo], None]]]:
@@ -161,6 +164,7 @@ def _sections() -> dict[str, tuple[str, str, Callable[[Demo], None]]]:
         "heads": ("Model components", "Heads", _heads),
         "layers": ("Model components", "Layers", _layers),
         "lens": ("Model components", "Logit lens", _logit_lens),
+        "routes": ("Model components", "Information-flow routes", _routes),
         "circuit": ("Model components", "Circuit", _circuit),
         "sources": ("Context and data", "Context sources", _sources),
         "training": ("Context and data", "Training examples", _training),
@@ -430,6 +434,34 @@ def _logit_lens(demo: Demo) -> None:
         demo.lines.append(f"  {'Logit lens':<30} {len(table)} rows")
         return
     raise Unavailable(f"al.logit_lens returned {type(res).__name__}, which the report cannot show")
+
+
+def _routes(demo: Demo) -> None:
+    """The route graph of the prediction, and, for a zoo model, a tuned lens
+    trained on its task next to the logit lens."""
+    import attrlab as al
+
+    g = al.routes(demo.lm, demo.prompt, tau=0.04)
+    last = len(g.meta["tokens"]) - 1
+    into = [
+        (w, s, h)
+        for s, t, w, k, h in zip(g.edges["source"], g.edges["target"], g.edges["weight"],
+                                 g.edges["kind"], g.edges["head"])
+        if k == "attention" and t.endswith(f".{last}")
+    ]  # fmt: skip
+    into.sort(reverse=True)
+    tops = ", ".join(f"{s} via head {h} ({w:.2f})" for w, s, h in into[:3]) or "none above tau"
+    demo.report.add(g, "Information-flow routes",
+                    note="how information reaches the prediction: parts of each residual "
+                    "update above tau = 0.04, top-down from the last position")  # fmt: skip
+    demo.lines.append(f"  {'Information-flow routes':<34} [routes] {tops}")
+    demo.glance.append(("Information-flow routes", "routes", tops, f"{g.n_edges} edges"))
+    if str(getattr(demo.lm, "name", "")).startswith("zoo/") and not demo.tiny:
+        lens = al.lenses.train_tuned_lens(demo.lm, steps=250, progress=False)
+        r = al.logit_lens(demo.lm, demo.prompt, target=demo.answer[0], lens=lens)
+        kl = " \u2192 ".join(f"{float(x):.3f}" for x in r.extra["kl_to_final"].tolist())
+        demo.add(r, "Tuned lens", "the answer read out after every layer through a tuned "
+                 "lens trained on the task (250 steps)", headline=f"KL to the output: {kl}")  # fmt: skip
 
 
 def _accepts(fn: Callable[..., Any], **wanted: Any) -> dict[str, Any]:

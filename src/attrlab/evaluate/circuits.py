@@ -293,7 +293,13 @@ def circuit_curve(
                 "circuit_curve(lm, masks, graph, inputs, target, ...) needs the graph and inputs"
             )
         b = bound or bind_circuit(
-            lm, graph, inputs, target, counterfactual, ablation, reference  # type: ignore[arg-type]
+            lm,
+            graph,
+            inputs,
+            target,
+            counterfactual,
+            ablation,
+            reference,  # type: ignore[arg-type]
         )
         masks = b.check_keep(result)
         vals = b.f(torch.cat([masks, torch.zeros(1, b.n, dtype=torch.bool)]))[:, 0]

@@ -149,7 +149,7 @@ def logit_lens(
             if lens is not None and layer < L:
                 resid = lens.translate(resid, layer)
             lp = lm.unembed(lm.apply_final_norm(resid)).float().log_softmax(-1)  # [n_sel, V]
-            kls.append((final.exp() * (final - lp)).sum(-1))
+            kls.append((final.exp() * (final - lp)).sum(-1).clamp_min(0))
             tl = lp.gather(-1, tid[:, None])[:, 0]
             scores.append(tl)
             ranks.append((lp > tl[:, None]).sum(-1) + 1)
