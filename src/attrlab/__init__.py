@@ -16,6 +16,7 @@ Example:
 from . import (
     ablations,
     circuit,
+    dictionaries,
     errors,
     evaluate,
     lenses,
@@ -48,6 +49,7 @@ __all__ = [
     "ablations",
     "attribute",
     "circuit",
+    "dictionaries",
     "errors",
     "evaluate",
     "lenses",

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from ._files import write_atomically
 from .errors import FileFormatError, InputError
 from .model.lock import holds_model_lock
+from .training import batches, resume, save_checkpoint, sequences, zoo_texts
 
 __all__ = ["TunedLens", "train_tuned_lens", "lens_kl"]
 
@@ -211,45 +212,6 @@ def _atomic_text(text: str, path: Path) -> None:
 
 
 # ------------------------------------------------------------------ training
-def _zoo_texts(lm: Any, n: int, seed: int) -> list[str]:
-    name = str(getattr(lm, "name", ""))
-    if not name.startswith("zoo/"):
-        raise InputError("give texts= (an iterable of strings or token-id lists); only zoo "
-                         "models have a task generator to train on")  # fmt: skip
-    from . import zoo
-
-    exs = zoo.task(name[4:]).examples(n, seed=seed, split="train")
-    return [e.prompt + getattr(e, "answer", "") for e in exs]
-
-
-def _sequences(lm: Any, texts: Iterable[Any], max_len: int) -> list[Tensor]:
-    seqs = []
-    for t in texts:
-        if isinstance(t, str):
-            ids = lm.tokenize(t).input_ids[0]
-        else:
-            ids = torch.as_tensor(t, dtype=torch.long).reshape(-1)
-        ids = ids[:max_len].cpu()
-        if len(ids) >= 2:
-            seqs.append(ids)
-    if not seqs:
-        raise InputError("no text of at least 2 tokens to train the tuned lens on")
-    return seqs
-
-
-def _batches(seqs: list[Tensor], batch_size: int, rng: random.Random) -> list[Tensor]:
-    """Batches of equal-length sequences (no padding), shuffled."""
-    by_len: dict[int, list[Tensor]] = {}
-    for s in seqs:
-        by_len.setdefault(len(s), []).append(s)
-    out = []
-    for group in by_len.values():
-        rng.shuffle(group)
-        out += [torch.stack(group[i : i + batch_size]) for i in range(0, len(group), batch_size)]
-    rng.shuffle(out)
-    return out
-
-
 def _layer_logprobs(lm: Any, lens: TunedLens | None, resid: Tensor, layer: int) -> Tensor:
     """Log-probabilities read from the residual entering block ``layer`` (``[..., V]``)."""
     h = resid if lens is None or layer >= lens.n_layers else lens.translate(resid, layer)
@@ -312,21 +274,20 @@ def train_tuned_lens(
     ck = Path(checkpoint) if checkpoint is not None else None
     if ck is not None:
         ck.mkdir(parents=True, exist_ok=True)  # fails before any compute if unwritable
-    texts = _zoo_texts(lm, n_texts, seed) if texts is None else texts
-    seqs = _sequences(lm, texts, max_len)
+    texts = zoo_texts(lm, n_texts, seed) if texts is None else texts
+    seqs = sequences(lm, texts, max_len)
     L, d = lm.cfg.n_layers, lm.cfg.d_model
     dev = next(lm.model.parameters()).device
     weight = torch.zeros(L, d, d, device=dev, requires_grad=True)
     bias = torch.zeros(L, d, device=dev, requires_grad=True)
     opt = torch.optim.Adam([weight, bias], lr=lr)
-    start = 0
-    if ck is not None and (ck / "state.json").exists():
-        start = _resume(ck, weight, bias, opt)
+    params = {"weight": weight, "bias": bias}
+    start = resume(ck, params, opt) if ck is not None else 0
     rng = random.Random(seed)
     order: list[Tensor] = []
     for _ in range(start):  # the same data order as an uninterrupted run
         if not order:
-            order = _batches(seqs, batch_size, rng)
+            order = batches(seqs, batch_size, rng)
         order.pop()
 
     def lr_at(step: int) -> float:
@@ -339,7 +300,7 @@ def train_tuned_lens(
     bar = tqdm(range(start, steps), disable=not progress, desc="tuned lens", leave=False)
     for step in bar:
         if not order:
-            order = _batches(seqs, batch_size, rng)
+            order = batches(seqs, batch_size, rng)
         ids = order.pop().to(dev)
         with torch.no_grad():
             logits, cache = lm.run(ids, cache=sites)
@@ -363,45 +324,11 @@ def train_tuned_lens(
         loss_v = float(loss.detach())
         bar.set_postfix(kl=f"{loss_v / L:.4f}")
         if ck is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-            _checkpoint(ck, weight, bias, opt, step + 1)
+            save_checkpoint(ck, params, opt, step + 1)
     meta = {"model": str(getattr(lm, "name", "")), "steps": steps, "lr": lr,
             "batch_size": batch_size, "n_sequences": len(seqs), "final_loss": loss_v,
             "seed": seed}  # fmt: skip
     return TunedLens(weight.detach().cpu(), bias.detach().cpu(), meta)
-
-
-def _checkpoint(ck: Path, weight: Tensor, bias: Tensor, opt: Any, step: int) -> None:
-    st = opt.state
-    tensors = {"weight": weight.detach().contiguous(), "bias": bias.detach().contiguous()}
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p in st:
-            tensors[f"adam.{name}.exp_avg"] = st[p]["exp_avg"].contiguous()
-            tensors[f"adam.{name}.exp_avg_sq"] = st[p]["exp_avg_sq"].contiguous()
-            adam_step = float(st[p]["step"])
-    _atomic_save({k: v.cpu() for k, v in tensors.items()}, ck / "checkpoint.safetensors")
-    _atomic_text(json.dumps({"step": step, "adam_step": adam_step if st else 0}),
-                 ck / "state.json")  # fmt: skip
-
-
-def _resume(ck: Path, weight: Tensor, bias: Tensor, opt: Any) -> int:
-    try:
-        state = json.loads((ck / "state.json").read_text())
-        t = load_file(str(ck / "checkpoint.safetensors"))
-    except (OSError, ValueError) as e:
-        raise FileFormatError(f"cannot resume the tuned lens from {ck}: {e}") from e
-    if t["weight"].shape != weight.shape:
-        raise InputError(f"the checkpoint in {ck} is for another model; use a new directory")
-    with torch.no_grad():
-        weight.copy_(t["weight"])
-        bias.copy_(t["bias"])
-    if "adam.weight.exp_avg" in t:
-        for name, p in (("weight", weight), ("bias", bias)):
-            opt.state[p] = {
-                "step": torch.tensor(float(state["adam_step"])),
-                "exp_avg": t[f"adam.{name}.exp_avg"].to(p.device),
-                "exp_avg_sq": t[f"adam.{name}.exp_avg_sq"].to(p.device),
-            }
-    return int(state["step"])
 
 
 @holds_model_lock
@@ -418,13 +345,13 @@ def lens_kl(lm: Any, texts: Iterable[Any], lens: TunedLens | None = None, max_le
     """
     if lens is not None:
         lens.check(lm)
-    seqs = _sequences(lm, texts, max_len)
+    seqs = sequences(lm, texts, max_len)
     L = lm.cfg.n_layers
     sites = [f"blocks.{layer}.resid_pre" for layer in range(L)]
     total = torch.zeros(L, dtype=torch.float64)
     count = 0
     with torch.no_grad():
-        for ids in _batches(seqs, 32, random.Random(0)):
+        for ids in batches(seqs, 32, random.Random(0)):
             logits, cache = lm.run(ids.to(lm.device), cache=sites)
             target = logits.float().log_softmax(-1)
             for layer, site in enumerate(sites):

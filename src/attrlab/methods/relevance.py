@@ -45,7 +45,7 @@ from .base import register
 from .context_baselines import SourceMethod
 from .gradient import INPUT_KINDS, AttributionPatching, InputXGradient, _row_list
 
-COMPONENT_KINDS = ("heads", "attn", "mlp", "neurons", "resid", "layers")
+COMPONENT_KINDS = ("heads", "attn", "mlp", "neurons", "resid", "layers", "features")
 
 
 class _WithRules:

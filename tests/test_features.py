@@ -1,0 +1,191 @@
+"""Sparse dictionaries (al.dictionaries) and their features as units (al.units.Features)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import attrlab as al
+from attrlab.dictionaries import Dictionary
+from attrlab.errors import FileFormatError, InputError
+from attrlab.model.interventions import Intervention
+from attrlab.testing import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = "When Mary and John went to the store, John gave"
+CF = "When Mary and John went to the store, Mary gave"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    m, t = tiny_model("gpt2")
+    return al.wrap(m.double(), t)
+
+
+def _sae(d_model: int, site: str = "blocks.1.resid_pre", seed: int = 0, **kw) -> Dictionary:
+    d = Dictionary.random(d_model, 48, site, seed=seed, **kw)
+    g = torch.Generator().manual_seed(seed + 1)
+    d.b_enc = 0.1 * torch.randn(48, generator=g)
+    d.b_dec = 0.1 * torch.randn(d_model, generator=g)
+    return d
+
+
+# ------------------------------------------------------------------ loading
+@pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk"])
+def test_saelens_layout_written_by_hand_loads_and_encodes(tmp_path, arch):
+    g = torch.Generator().manual_seed(0)
+    d_in, width = 8, 24
+    W_enc, W_dec = torch.randn(d_in, width, generator=g), torch.randn(width, d_in, generator=g)
+    b_enc, b_dec = torch.randn(width, generator=g), torch.randn(d_in, generator=g)
+    tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_dec": b_dec}
+    cfg = {"architecture": arch, "d_in": d_in, "d_sae": width, "hook_name": "blocks.2.hook_resid_pre",
+           "hook_layer": 2, "apply_b_dec_to_input": True, "activation_fn_str": "relu",
+           "normalize_activations": "none"}  # fmt: skip
+    if arch == "jumprelu":
+        tensors["threshold"] = torch.full((width,), 0.3)
+    if arch == "topk":
+        cfg["activation_fn_str"], cfg["activation_fn_kwargs"] = "topk", {"k": 5}
+    save_file(tensors, str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    d = al.dictionaries.load(tmp_path)
+    assert d.in_site == d.out_site == "blocks.2.resid_pre" and d.width == width
+    x = torch.randn(5, d_in, generator=g)
+    pre = (x - b_dec) @ W_enc + b_enc  # by hand
+    if arch == "standard":
+        f = pre.clamp_min(0)
+    elif arch == "jumprelu":
+        f = torch.where(pre > 0.3, pre, torch.zeros_like(pre))
+    else:
+        f = torch.zeros_like(pre)
+        top = pre.topk(5, dim=-1)
+        f.scatter_(-1, top.indices, top.values.clamp_min(0))
+    assert torch.allclose(d.encode(x), f)
+    assert torch.allclose(d(x), f @ W_dec + b_dec)
+    back = al.dictionaries.load(al.dictionaries.save_saelens(d, tmp_path / "again"))
+    assert torch.allclose(back(x), d(x)) and back.activation == d.activation
+
+
+def test_malformed_and_unsupported_files_raise(tmp_path):
+    with pytest.raises(FileFormatError):
+        al.dictionaries.load(tmp_path)
+    (tmp_path / "cfg.json").write_text("{not json")
+    with pytest.raises(FileFormatError):
+        al.dictionaries.load(tmp_path)
+    (tmp_path / "cfg.json").write_text(
+        json.dumps({"architecture": "standard", "hook_name": "blocks.0.hook_resid_pre"})
+    )
+    (tmp_path / "sae_weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(FileFormatError):
+        al.dictionaries.load(tmp_path)
+    with pytest.raises(InputError, match="not an attrlab site"):
+        al.dictionaries.site_of_hook("blocks.0.ln2.hook_normalized")
+    with pytest.raises(InputError, match="topk"):
+        Dictionary.random(4, 8, "s", activation="topk", k=99)
+
+
+def test_circuit_tracer_layout_loads(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    for layer in (0, 1):
+        save_file({"W_enc": torch.randn(16, 8, generator=g),  # stored [width, d]
+                   "b_enc": torch.randn(16, generator=g), "W_dec": torch.randn(16, 8, generator=g),
+                   "b_dec": torch.randn(8, generator=g), "threshold": torch.full((16,), 0.2)},
+                  str(tmp_path / f"layer_{layer}.safetensors"))  # fmt: skip
+    (tmp_path / "config.yaml").write_text(
+        "feature_input_hook: hook_resid_mid\nfeature_output_hook: hook_mlp_out\n"
+    )
+    ds = al.dictionaries.load(tmp_path)
+    assert [d.in_site for d in ds] == ["blocks.0.resid_mid", "blocks.1.resid_mid"]
+    assert ds[1].out_site == "blocks.1.mlp.out" and ds[0].activation == "jumprelu"
+    assert ds[0].W_enc.shape == (8, 16)
+
+
+# ------------------------------------------------------------------ features as units
+def test_features_f_matches_hand_patching(lm):
+    d = _sae(lm.cfg.d_model)
+    target = al.targets.Logit(" to")
+    b = al.units.Features(d).bind(lm, PROMPT, target)
+    logits, cache = lm.run(PROMPT, cache=[d.in_site])
+    assert abs(float(b.clean()[0]) - float(target.bind(lm)(logits, lm.tokenize(PROMPT)))) < 1e-10
+    # everything ablated (zero): the site becomes b_dec (decode of no feature, no error)
+    hand, _ = lm.run(
+        PROMPT,
+        interventions=[Intervention(d.in_site, d.b_dec.double().expand_as(cache[d.in_site]))],
+    )
+    assert abs(float(b.empty()[0]) - float(target(hand, lm.tokenize(PROMPT)))) < 1e-8
+    # one feature removed at one position
+    lab = b.labels()
+    u = next(
+        i
+        for i, (kind, p) in enumerate(zip(lab["unit"], lab["position"]))
+        if kind == "feature" and p == 3
+    )
+    f, p = lab["feature"][u], lab["position"][u]
+    a = d.encode(cache[d.in_site].float())
+    x = cache[d.in_site].clone()
+    x[0, p] -= (a[0, p, f] * d.W_dec[f]).double()
+    hand, _ = lm.run(PROMPT, interventions=[Intervention(d.in_site, x)])
+    keep = torch.ones(1, b.n, dtype=torch.bool)
+    keep[0, u] = False
+    assert abs(float(b.f(keep)[0, 0]) - float(target(hand, lm.tokenize(PROMPT)))) < 1e-8
+    # gates agree with masks
+    g = torch.rand(3, b.n, dtype=torch.float64) > 0.5
+    assert torch.allclose(b.f_gated(g.double()).detach(), b.f(g), atol=1e-8)
+
+
+def test_counterfactual_ablation_of_everything_is_patching_the_site(lm):
+    d = _sae(lm.cfg.d_model, "blocks.0.resid_post")
+    target = al.targets.LogitDiff(" Mary", " John")
+    b = al.units.Features(d).bind(lm, PROMPT, target.bind(lm), al.ablations.Counterfactual(CF))
+    _, cf_cache = lm.run(CF, cache=[d.in_site])
+    hand, _ = lm.run(PROMPT, interventions=[Intervention(d.in_site, cf_cache[d.in_site])])
+    assert abs(float(b.empty()[0]) - float(target.bind(lm)(hand, lm.tokenize(PROMPT)))) < 1e-6
+
+
+def test_transcoder_features_and_every_estimator(lm):
+    tc = Dictionary.random(lm.cfg.d_model, 40, "blocks.1.mlp.in", "blocks.1.mlp.out", seed=3,
+                           activation="topk", k=6)  # fmt: skip
+    sae = _sae(lm.cfg.d_model, "blocks.0.resid_post", seed=4)
+    units = al.units.Features([sae, tc], positions=[-1, -2])
+    target = (" Mary", " John")
+    for method, kw in (("occlusion", {}), ("kernelshap", {"samples": 40}), ("ig", {"steps": 4}),
+                       ("atp", {}), ("relp", {}), ("input-x-gradient", {})):  # fmt: skip
+        r = al.attribute(
+            lm, PROMPT, target=target, units=units, method=method, counterfactual=CF, **kw
+        )
+        assert len(r) > 4 and bool(torch.isfinite(r.scores).all()), method
+        assert set(r.to_pandas()["site"]) == {"blocks.0.resid_post", "blocks.1.mlp.out"}
+    # IG over features: completeness against f(all) - f(none)
+    r = al.attribute(
+        lm, PROMPT, target=target, units=units, method="ig", counterfactual=CF, steps=16
+    )
+    assert abs(r.diagnostics["relative_completeness_error"]) < 0.05
+
+
+def test_features_input_errors(lm):
+    with pytest.raises(InputError, match="needs dictionaries"):
+        al.attribute(lm, PROMPT, target=" to", units="features", method="occlusion")
+    bad = Dictionary.random(7, 8, "blocks.0.resid_pre")
+    with pytest.raises(InputError, match="wide"):
+        al.attribute(lm, PROMPT, target=" to", units=al.units.Features(bad), method="occlusion")
+    with pytest.raises(InputError, match="same token length"):
+        al.attribute(lm, PROMPT, target=" to", units=al.units.Features(_sae(lm.cfg.d_model)),
+                     method="occlusion", counterfactual="a b")  # fmt: skip
+
+
+# ------------------------------------------------------------------ training
+def test_train_a_transcoder_on_the_zoo_ioi_model(tmp_path):
+    lm = al.zoo.load("ioi")
+    d = al.dictionaries.train(lm, "blocks.1.mlp.in", out_site="blocks.1.mlp.out", width=256,
+                              activation="topk", k=16, steps=400, progress=False,
+                              checkpoint=tmp_path / "ck", checkpoint_every=200)  # fmt: skip
+    held = [e.prompt + e.answer for e in al.zoo.task("ioi").examples(64, seed=3)]
+    ev = al.dictionaries.evaluate(lm, d, held)
+    assert ev["fve"] >= 0.9 and ev["l0"] <= 16 and ev["kl"] < 0.05, ev
+    again = al.dictionaries.train(lm, "blocks.1.mlp.in", out_site="blocks.1.mlp.out", width=256,
+                                  activation="topk", k=16, steps=400, progress=False,
+                                  checkpoint=tmp_path / "ck")  # fmt: skip
+    assert torch.allclose(again.W_dec, d.W_dec)  # resumed at its last step: nothing left to do
