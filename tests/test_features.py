@@ -189,3 +189,44 @@ def test_train_a_transcoder_on_the_zoo_ioi_model(tmp_path):
                                   activation="topk", k=16, steps=400, progress=False,
                                   checkpoint=tmp_path / "ck")  # fmt: skip
     assert torch.allclose(again.W_dec, d.W_dec)  # resumed at its last step: nothing left to do
+
+
+# ------------------------------------------------------------------ attribution graphs
+def _transcoders(lm, seed=0):
+    return [Dictionary.random(lm.cfg.d_model, 32, f"blocks.{layer}.mlp.in", f"blocks.{layer}.mlp.out",
+                              activation="topk", k=4, seed=seed + layer)
+            for layer in range(lm.cfg.n_layers)]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+def test_attribution_graph_direct_effects_sum_to_each_node(family):
+    """Without model biases or learned positions, the direct effects into every
+    feature (its pre-activation without the encoder bias) and into the logit
+    sum to the node's value exactly: the replacement model is linear."""
+    m, t = tiny_model(family)
+    lm = al.wrap(m.double(), t)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+    g = al.attribution_graph(lm, PROMPT, _transcoders(lm), target=" Mary", node_threshold=1.0,
+                             edge_threshold=1.0, max_nodes=10_000)  # fmt: skip
+    assert g.diagnostics["constant_terms_max"] < 1e-6
+    assert (
+        0 <= g.diagnostics["replacement_score"] <= 1
+        and 0 <= g.diagnostics["completeness_score"] <= 1
+    )
+    ids = set(g.nodes["id"])
+    assert "logit" in ids and set(g.edges["source"]) | set(g.edges["target"]) <= ids
+    # the logit's direct inputs, summed, are the logit
+    logits, _ = lm.run(PROMPT)
+    into = g.incoming("logit")
+    assert abs(sum(into["weight"]) - float(logits[0, -1, lm.token_id(" Mary")])) < 1e-6
+
+
+def test_attribution_graph_checks_its_transcoders(lm):
+    tcs = _transcoders(lm)
+    with pytest.raises(InputError, match="every layer"):
+        al.attribution_graph(lm, PROMPT, tcs[:1])
+    with pytest.raises(InputError, match="transcoders"):
+        al.attribution_graph(lm, PROMPT, [_sae(lm.cfg.d_model)] + tcs[1:])

@@ -31,6 +31,7 @@ from . import (
 from .attribute import attribute
 from .errors import AttrlabError
 from .graph import GraphResult
+from .methods.attribution_graph import attribution_graph
 from .methods.lens import logit_lens
 from .methods.routes import routes
 from .model import LM, Batch, Cache, Intervention, load, wrap
@@ -48,6 +49,7 @@ __all__ = [
     "LM",
     "ablations",
     "attribute",
+    "attribution_graph",
     "circuit",
     "dictionaries",
     "errors",
