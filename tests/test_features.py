@@ -230,3 +230,41 @@ def test_attribution_graph_checks_its_transcoders(lm):
         al.attribution_graph(lm, PROMPT, tcs[:1])
     with pytest.raises(InputError, match="transcoders"):
         al.attribution_graph(lm, PROMPT, [_sae(lm.cfg.d_model)] + tcs[1:])
+
+
+def test_intervene_clamps_and_steers(lm):
+    d = _sae(lm.cfg.d_model, "blocks.1.resid_pre")
+    _, cache = lm.run(PROMPT, cache=[d.in_site])
+    a = d.encode(cache[d.in_site].float())
+    p, i = 5, int(a[0, 5].argmax())
+    logits = al.dictionaries.intervene(lm, PROMPT, [d], [[], [(0, p, i, "set", 0.0)],
+                                                         [(0, p, i, "add", -float(a[0, p, i]))]])  # fmt: skip
+    clean, _ = lm.run(PROMPT)
+    assert torch.allclose(logits[0], clean[0])
+    assert torch.allclose(logits[1], logits[2], atol=1e-6)  # clamping to 0 = subtracting the value
+    x = cache[d.in_site].clone()
+    x[0, p] -= (a[0, p, i] * d.W_dec[i]).double()
+    hand, _ = lm.run(PROMPT, interventions=[Intervention(d.in_site, x)])
+    assert torch.allclose(logits[1], hand[0], atol=1e-8)
+    with pytest.raises(InputError, match="op"):
+        al.dictionaries.intervene(lm, PROMPT, [d], [[(0, 1, 1, "mul", 2.0)]])
+
+
+def test_graph_features_carry_the_logit_and_their_ablation_moves_it():
+    m, t = tiny_model("llama")
+    lm = al.wrap(m.double(), t)
+    tcs = _transcoders(lm, seed=7)
+    g = al.attribution_graph(lm, PROMPT, tcs, target=" Mary")
+    r = al.evaluate.graph_faithfulness(lm, g, tcs)
+    assert abs(r["metric_full"] - r["metric_clean"]) < 1e-8
+    assert 0 < r["n_graph_features"] <= r["n_features"]
+    # the feature with the largest positive direct effect on the logit, zeroed: the logit drops
+    into = g.incoming("logit")
+    feats = [(w, s) for w, s in zip(into["weight"], into["source"]) if s.startswith("f")]
+    w, node = max(feats)
+    assert w > 0
+    layer, rest = node[1:].split(".", 1)
+    i, p = (int(x) for x in rest.split("@"))
+    logits = al.dictionaries.intervene(lm, PROMPT, tcs, [[], [(int(layer), p, i, "set", 0.0)]])
+    tok = lm.token_id(" Mary")
+    assert float(logits[1, -1, tok]) < float(logits[0, -1, tok])

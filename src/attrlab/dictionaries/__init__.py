@@ -9,6 +9,7 @@ Example:
 """
 
 from .base import ACTIVATIONS, Dictionary
+from .intervene import intervene
 from .io import load, load_circuit_tracer, load_saelens, save_saelens, site_of_hook
 from .train import evaluate, train
 
@@ -16,6 +17,7 @@ __all__ = [
     "ACTIVATIONS",
     "Dictionary",
     "evaluate",
+    "intervene",
     "load",
     "load_circuit_tracer",
     "load_saelens",

@@ -139,7 +139,9 @@ def attribution_graph(
         A[s : s + len(chunk)] = _direct_effects(lm, batch, tcs, acts, errs, chunk, tok, dt)
     # each target's value without its own encoder bias (a constant no source explains)
     pre = [
-        float(tcs[la].pre_activation(cache[f"blocks.{la}.mlp.in"][0, p].to(dt))[i] - tcs[la].b_enc[i])
+        float(
+            tcs[la].pre_activation(cache[f"blocks.{la}.mlp.in"][0, p].to(dt))[i] - tcs[la].b_enc[i]
+        )
         for la, p, i in feats
     ]
     values = torch.tensor(pre + [float(logits[0, -1, tok])], dtype=torch.float64)
@@ -323,7 +325,9 @@ def _graph(lm: Any, batch: Any, tok: int, feats: list[tuple[int, int, int]], act
         if lm.tokenizer is not None else f"logit({tok})",
         params={"node_threshold": node_threshold, "edge_threshold": edge_threshold,
                 "max_nodes": max_nodes},
-        model_id=str(lm.name), meta={"tokens": toks, "n_sources": n_src},
+        model_id=str(lm.name),
+        meta={"tokens": toks, "n_sources": n_src, "ids": batch.input_ids[0].tolist(),
+              "target_id": tok},  # fmt: skip
         diagnostics={"replacement_score": replacement, "completeness_score": completeness,
                      "n_features": n_feat, "n_nodes_unpruned": N,
                      "constant_terms_max": float(other.abs().max())},

@@ -252,7 +252,7 @@ class FeaturesBound(Bound):
                 a0 = self.a0[k].repeat_interleave(m, 0) if self.a0[k].shape[0] > 1 else self.a0[k]
                 e0 = self.e0[k].repeat_interleave(m, 0) if self.e0[k].shape[0] > 1 else self.e0[k]
                 if d.in_site != d.out_site:
-                    ivs.append(Intervention(d.in_site, _recorder(live, d.in_site)))
+                    ivs.append(Intervention(d.in_site, recorder(live, d.in_site)))
                 ivs.append(Intervention(d.out_site, _rewriter(d, live, G, Ge, a0, e0)))
             logits, _ = self.lm.run(rows, interventions=ivs, grad=torch.is_grad_enabled())
             vals = self.target(logits, rows)
@@ -272,7 +272,8 @@ class FeaturesBound(Bound):
         return {"n_forwards": self.n_forwards}
 
 
-def _recorder(live: dict[str, Tensor], site: str) -> Any:
+def recorder(live: dict[str, Tensor], site: str) -> Any:
+    """An intervention function that records the site's live value in ``live[site]``."""
     def fn(x: Tensor) -> Tensor:
         live[site] = x
         return x
