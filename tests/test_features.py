@@ -268,3 +268,68 @@ def test_graph_features_carry_the_logit_and_their_ablation_moves_it():
     logits = al.dictionaries.intervene(lm, PROMPT, tcs, [[], [(int(layer), p, i, "set", 0.0)]])
     tok = lm.token_id(" Mary")
     assert float(logits[1, -1, tok]) < float(logits[0, -1, tok])
+
+
+def test_circuit_tracer_graph_json_round_trips_unchanged(tmp_path):
+    doc = {
+        "metadata": {"slug": "demo", "scan": "gemma-2-2b", "transcoder_list": [],
+                     "prompt_tokens": ["<bos>", "The", " cat"], "prompt": "The cat",
+                     "node_threshold": 0.8, "schema_version": 1},
+        "qParams": {"pinnedIds": ["0_12_1"], "supernodes": [], "linkType": "both", "clickedId": "",
+                    "sg_pos": ""},
+        "nodes": [
+            {"node_id": "E_651_1", "feature": 1, "layer": "E", "ctx_idx": 1, "feature_type": "embedding",
+             "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0,
+             "jsNodeId": "E_651-1", "clerp": "", "influence": 0.5, "activation": None},
+            {"node_id": "0_12_1", "feature": 90, "layer": "0", "ctx_idx": 1,
+             "feature_type": "cross layer transcoder", "token_prob": 0.0, "is_target_logit": False,
+             "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": "0_12-0", "clerp": "cat-ish",
+             "influence": 0.4, "activation": 3.25},
+            {"node_id": "27_9999_2", "feature": 9999, "layer": "27", "ctx_idx": 2, "feature_type": "logit",
+             "token_prob": 0.61, "is_target_logit": True, "run_idx": 0, "reverse_ctx_idx": 0,
+             "jsNodeId": "L_9999-2", "clerp": 'Output " sat" (p=0.610)', "influence": None,
+             "activation": None},
+        ],
+        "links": [{"source": "E_651_1", "target": "0_12_1", "weight": 1.5},
+                  {"source": "0_12_1", "target": "27_9999_2", "weight": -0.25}],
+    }  # fmt: skip
+    src = tmp_path / "graph.json"
+    src.write_text(json.dumps(doc))
+    g = al.neuronpedia.load_graph_json(src)
+    assert g.n_nodes == 3 and g.n_edges == 2 and g.incoming("27_9999_2")["weight"] == [-0.25]
+    out = al.neuronpedia.save_graph_json(g, tmp_path / "again.json")
+    assert json.loads(out.read_text()) == doc
+    (tmp_path / "bad.json").write_text('{"nodes": 3}')
+    with pytest.raises(FileFormatError):
+        al.neuronpedia.load_graph_json(tmp_path / "bad.json")
+
+
+def test_attribution_graph_exports_to_the_circuit_tracer_format(tmp_path):
+    m, t = tiny_model("llama")
+    lm = al.wrap(m.double(), t)
+    g = al.attribution_graph(lm, PROMPT, _transcoders(lm), target=" Mary")
+    doc = json.loads(al.neuronpedia.save_graph_json(g, tmp_path / "g.json", slug="s").read_text())
+    kinds = {n["feature_type"] for n in doc["nodes"]}
+    assert {"embedding", "logit"} <= kinds and all(n["node_id"] for n in doc["nodes"])
+    logit = [n for n in doc["nodes"] if n["is_target_logit"]]
+    assert len(logit) == 1 and logit[0]["feature"] == lm.token_id(" Mary")
+    ours = {w for s, w in zip(g.edges["source"], g.edges["weight"]) if not s.startswith("tcbias")}
+    assert {lk["weight"] for lk in doc["links"]} == ours
+    with pytest.raises(InputError, match="attribution graphs"):
+        al.neuronpedia.save_graph_json(al.routes(lm, PROMPT), tmp_path / "r.json")
+
+
+def test_attribution_graph_row_budget():
+    m, t = tiny_model("llama")
+    lm = al.wrap(m.double(), t)
+    tcs = _transcoders(lm)
+    wide = {"node_threshold": 1.0, "edge_threshold": 1.0, "max_nodes": 10_000}
+    full = al.attribution_graph(lm, PROMPT, tcs, target=" Mary", **wide)
+    small = al.attribution_graph(lm, PROMPT, tcs, target=" Mary", max_feature_nodes=8, batch_size=4,
+                                 **wide)  # fmt: skip
+    assert small.diagnostics["n_feature_rows"] == 8 < full.diagnostics["n_feature_rows"]
+    # the logit's own inputs do not depend on the budget
+    assert sorted(small.incoming("logit")["weight"]) == pytest.approx(
+        sorted(full.incoming("logit")["weight"])
+    )
+    assert small.diagnostics["memory_estimate_bytes"] < full.diagnostics["memory_estimate_bytes"]

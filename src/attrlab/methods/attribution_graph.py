@@ -34,10 +34,12 @@ Example:
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..graph import GraphResult
@@ -45,7 +47,7 @@ from ..lrp import Composite, Gradient, Identity, Stop, propagation
 from ..model.interventions import Intervention
 from ..model.lock import holds_model_lock
 
-__all__ = ["attribution_graph", "FROZEN"]
+__all__ = ["attribution_graph", "memory_estimate", "FROZEN"]
 
 #: the replacement model's backward: softmax and norm scales frozen, everything else plain
 FROZEN = Composite(linear=Gradient(), norm=Identity(), activation=Gradient(), softmax=Stop(),
@@ -87,10 +89,24 @@ def attribution_graph(
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
     max_nodes: int = 200,
-    batch_size: int = 32,
+    batch_size: int | None = None,
+    max_feature_nodes: int | None = None,
+    memory_budget: int | str | None = None,
+    progress: bool = False,
 ) -> GraphResult:
     """The attribution graph of ``target`` (a token: its logit at the last
     position; None: the top prediction) on one prompt.
+
+    Args:
+        max_feature_nodes: compute the input rows of at most this many features
+            (None: all active ones), chosen by their influence on the logit
+            through the rows computed so far (the logit's row first), a batch at
+            a time; other features stay sources without inputs. Bounds time and
+            memory on long prompts.
+        batch_size: target rows per backward (copies of the prompt); None: as
+            many as fit ``memory_budget`` (:mod:`attrlab.model.budget`), at most 32.
+        progress: a progress bar and the pre-flight memory estimate on stderr
+            (printed anyway above 1 GiB).
 
     Returns:
         A :class:`~attrlab.graph.GraphResult`. Nodes: ``id`` (``emb.{p}``,
@@ -110,6 +126,10 @@ def attribution_graph(
     if batch.shape[0] != 1:
         raise InputError("attribution graphs explain one prompt")
     P = batch.shape[1]
+    from ..model.budget import batch_size_for
+
+    batch_size = batch_size_for(lm, P, cap=32, grad=True, batch_size=batch_size,
+                                memory_budget=memory_budget)  # fmt: skip
     sites = [f"blocks.{layer}.mlp.{s}" for layer in range(L) for s in ("in", "out")]
     with torch.no_grad():
         logits, cache = lm.run(batch, cache=sites)
@@ -133,10 +153,31 @@ def attribution_graph(
     n_emb, n_feat, n_err = P, len(feats), L * P
     n_src = n_emb + n_feat + n_err + L
     targets = [("feature", f) for f in feats] + [("logit", None)]
-    A = torch.zeros(len(targets), n_src, dtype=torch.float64)  # direct effects
-    for s in range(0, len(targets), batch_size):
-        chunk = targets[s : s + batch_size]
-        A[s : s + len(chunk)] = _direct_effects(lm, batch, tcs, acts, errs, chunk, tok, dt)
+    budget = n_feat if max_feature_nodes is None else min(n_feat, int(max_feature_nodes))
+    est = memory_estimate(lm, P, budget + 1, n_src, batch_size)
+    if progress or est > 2**30:
+        print(f"attribution graph: {n_feat} active features, {budget} rows of {n_src} sources; "
+              f"about {est / 2**20:.0f} MB", file=sys.stderr)  # fmt: skip
+    # direct effects, one row per computed target: slot 0 the logit, then features as computed
+    A = torch.zeros(budget + 1, n_src, dtype=torch.float64)
+    slot_of: list[int] = [-1]  # target (feature index, -1 = logit) of each slot
+    A[0:1] = _direct_effects(lm, batch, tcs, acts, errs, targets[-1:], tok, dt)
+    done = torch.zeros(n_feat, dtype=torch.bool)
+    bar = tqdm(total=budget, disable=not progress, desc="graph rows", leave=False)
+    while int(done.sum()) < budget:
+        if budget == n_feat:
+            todo = (~done).nonzero()[:, 0][:batch_size]
+        else:
+            inf = _influence(A[: len(slot_of)], slot_of, n_emb, n_feat)[n_emb : n_emb + n_feat]
+            inf[done] = -1.0
+            todo = torch.argsort(inf, descending=True)[: min(batch_size, budget - int(done.sum()))]
+        chunk = [targets[int(k)] for k in todo]
+        start = len(slot_of)
+        A[start : start + len(todo)] = _direct_effects(lm, batch, tcs, acts, errs, chunk, tok, dt)
+        slot_of += [int(k) for k in todo]
+        done[todo] = True
+        bar.update(len(todo))
+    bar.close()
     # each target's value without its own encoder bias (a constant no source explains)
     pre = [
         float(
@@ -145,8 +186,49 @@ def attribution_graph(
         for la, p, i in feats
     ]
     values = torch.tensor(pre + [float(logits[0, -1, tok])], dtype=torch.float64)
-    return _graph(lm, batch, tok, feats, acts, A, values, node_threshold, edge_threshold,
-                  max_nodes, (n_emb, n_feat, n_err, L))  # fmt: skip
+    g = _graph(lm, batch, tok, feats, acts, A, slot_of, values, node_threshold, edge_threshold,
+               max_nodes, (n_emb, n_feat, n_err, L))  # fmt: skip
+    g.diagnostics.update({"n_feature_rows": int(done.sum()), "memory_estimate_bytes": est})
+    g.params["max_feature_nodes"] = max_feature_nodes
+    return g
+
+
+def memory_estimate(lm: Any, n_pos: int, n_rows: int, n_src: int, batch_size: int) -> int:
+    """Bytes a graph build needs: the adjacency rows (float64) plus one backward
+    batch (``batch_size`` copies of the prompt, the activations autograd keeps
+    per layer, about 24 ``d_model``-wide tensors and the attention weights).
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> memory_estimate(lm, 16, 100, 1000, 8) > 100 * 1000 * 8
+        True
+    """
+    c = lm.cfg
+    item = 4 if lm.dtype != torch.float64 else 8
+    acts = batch_size * n_pos * c.n_layers * (24 * c.d_model + 2 * c.d_mlp + 2 * c.n_heads * n_pos)
+    return int(n_rows * n_src * 8 + acts * item)
+
+
+def _influence(A: Tensor, slot_of: list[int], n_emb: int, n_feat: int) -> Tensor:
+    """Influence on the logit of every source ``[n_src]`` through the computed rows
+    ``A [slots, n_src]`` (row-normalised absolute direct effects, all path lengths)."""
+    W = A.abs()
+    W = W / W.sum(1, keepdim=True).clamp_min(1e-30)
+    slot = {f: k for k, f in enumerate(slot_of) if f >= 0}  # feature -> its row
+    feat_slots = torch.tensor([slot.get(f, -1) for f in range(n_feat)], dtype=torch.long)
+    has_row = feat_slots >= 0
+    v = torch.zeros(len(slot_of), dtype=torch.float64)
+    v[0] = 1.0  # the logit
+    inf = torch.zeros(A.shape[1], dtype=torch.float64)
+    for _ in range(256):
+        step = v @ W  # [n_src]
+        inf += step
+        v = torch.zeros(len(slot_of), dtype=torch.float64)
+        v[feat_slots[has_row]] = step[n_emb : n_emb + n_feat][has_row]
+        if float(v.abs().sum()) < 1e-12:
+            break
+    return inf
 
 
 def _direct_effects(lm: Any, batch: Any, tcs: dict[int, Any], acts: list[Tensor], errs: list[Tensor],
@@ -218,7 +300,7 @@ def _direct_effects(lm: Any, batch: Any, tcs: dict[int, Any], acts: list[Tensor]
 
 
 def _graph(lm: Any, batch: Any, tok: int, feats: list[tuple[int, int, int]], acts: list[Tensor],
-           A_t: Tensor, values: Tensor, node_threshold: float, edge_threshold: float,
+           A_t: Tensor, slot_of: list[int], values: Tensor, node_threshold: float, edge_threshold: float,
            max_nodes: int, sizes: tuple[int, int, int, int]) -> GraphResult:  # fmt: skip
     """Prune by influence and build the graph result."""
     n_emb, n_feat, n_err, L = sizes
@@ -228,54 +310,37 @@ def _graph(lm: Any, batch: Any, tok: int, feats: list[tuple[int, int, int]], act
         if lm.tokenizer is not None
         else [str(int(t)) for t in batch.input_ids[0]]
     )
-    # square adjacency over all nodes: sources = emb | feat | err | bias; features are also targets
     n_src = A_t.shape[1]
     N = n_src + 1  # + the logit node
     logit = N - 1
-    M = torch.zeros(N, N, dtype=torch.float64)  # M[t, s]: direct effect of s on t
-    M[n_emb : n_emb + n_feat] = torch.cat([A_t[:n_feat], torch.zeros(n_feat, 1)], 1)[:, :N]
-    M[logit, :n_src] = A_t[-1]
-    W = M.abs()
+    # rows: the targets whose inputs were computed (slot 0: the logit)
+    row_node = torch.tensor([logit if f < 0 else n_emb + f for f in slot_of], dtype=torch.long)
+    W = A_t.abs()
     Wn = W / W.sum(1, keepdim=True).clamp_min(1e-30)
-    # influence on the logit through any path: x = e_logit (I + Wn + Wn^2 + ...)
-    inf = torch.zeros(N, dtype=torch.float64)
-    v = torch.zeros(N, dtype=torch.float64)
-    v[logit] = 1.0
-    for _ in range(4 * L + 4):
-        v = v @ Wn
-        inf += v
-        if float(v.abs().sum()) < 1e-12:
-            break
+    inf = torch.cat([_influence(A_t, slot_of, n_emb, n_feat), torch.zeros(1, dtype=torch.float64)])
     is_err = torch.zeros(N, dtype=torch.bool)
     is_err[n_emb + n_feat : n_emb + n_feat + n_err] = True
-    # per circuit-tracer: completeness = mean over nodes (weighted by influence) of the
-    # non-error share of each node's direct inputs; replacement = the non-error share of
-    # everything that flows into the logit through any path
     tok_inf, err_inf = inf[:n_emb].sum(), inf[is_err].sum()
     replacement = float(tok_inf / (tok_inf + err_inf).clamp_min(1e-30))
-    row_err = Wn[:, is_err].sum(1)
-    has_in = W.sum(1) > 0
-    w_nodes = torch.cat([inf[:n_src], torch.ones(1, dtype=torch.float64)])
-    w_nodes = w_nodes * has_in
-    completeness = float(((1 - row_err) * w_nodes).sum() / w_nodes.sum().clamp_min(1e-30))
-    # node pruning: features by influence until node_threshold (embeddings, errors, logit kept
-    # when they carry influence)
+    row_err = Wn[:, is_err[:n_src]].sum(1)  # [rows]
+    weight_t = torch.where(row_node == logit, torch.ones(len(row_node), dtype=torch.float64),
+                           inf[row_node])  # fmt: skip
+    w_rows = weight_t * (W.sum(1) > 0)
+    completeness = float(((1 - row_err) * w_rows).sum() / w_rows.sum().clamp_min(1e-30))
+    # node pruning by influence until node_threshold of the total (and max_nodes)
     order = torch.argsort(inf, descending=True)
     total = float(inf.sum())
     keep = torch.zeros(N, dtype=torch.bool)
     keep[logit] = True
     acc = 0.0
     for idx in order.tolist():
-        if acc >= node_threshold * total or int(keep.sum()) >= max_nodes:
-            break
-        if inf[idx] <= 0:
+        if acc >= node_threshold * total or int(keep.sum()) >= max_nodes or inf[idx] <= 0:
             break
         keep[idx] = True
         acc += float(inf[idx])
-    # edge pruning among kept nodes: by |effect| x influence of the target, cumulative
-    sub = W * keep[:, None] * keep[None, :]
-    score = sub * torch.cat([inf[:n_src], torch.ones(1, dtype=torch.float64)])[:, None].clamp_min(0)
-    score[logit] = sub[logit]
+    # edge pruning among kept nodes: |effect| x the target's influence, cumulative
+    sub = W * keep[row_node][:, None] * keep[:n_src][None, :]
+    score = sub * weight_t[:, None].clamp_min(0)
     flat = score.flatten()
     idx = torch.argsort(flat, descending=True)
     csum = torch.cumsum(flat[idx], 0)
@@ -302,7 +367,8 @@ def _graph(lm: Any, batch: Any, tok: int, feats: list[tuple[int, int, int]], act
         return {"id": "logit", "kind": "logit", "layer": L, "position": P - 1, "feature": -1,
                 "activation": 0.0}  # fmt: skip
 
-    used = sorted({int(i) // N for i in chosen} | {int(i) % N for i in chosen} | {logit})
+    pairs = [(int(row_node[int(i) // n_src]), int(i) % n_src) for i in chosen]
+    used = sorted({t for t, _ in pairs} | {s_ for _, s_ in pairs} | {logit})
     rows = [node(k) for k in used]
     nodes: dict[str, list[Any]] = {c: [r[c] for r in rows] for c in rows[0]}
     nodes["influence"] = [float(inf[k]) if k != logit else 1.0 for k in used]
@@ -310,16 +376,14 @@ def _graph(lm: Any, batch: Any, tok: int, feats: list[tuple[int, int, int]], act
     nodes["token"] = [toks[r["position"]] if r["position"] >= 0 else "" for r in rows]
     ids = {k: node(k)["id"] for k in used}
     edges: dict[str, list[Any]] = {"source": [], "target": [], "weight": [], "kind": []}
-    for flat_i in chosen.tolist():
-        t, s = divmod(int(flat_i), N)
-        edges["source"].append(ids[s])
+    for (t, src), flat_i in zip(pairs, chosen.tolist()):
+        edges["source"].append(ids[src])
         edges["target"].append(ids[t])
-        edges["weight"].append(float(M[t, s]))
-        edges["kind"].append(node(s)["kind"])
+        edges["weight"].append(float(A_t[int(flat_i) // n_src, src]))
+        edges["kind"].append(node(src)["kind"])
     # what the sources do not explain: the model's own constant terms (attention and norm
     # biases, learned position embeddings); 0 up to float error for a model without them
-    sums = torch.cat([A_t[:n_feat].sum(1), A_t[-1:].sum(1)])
-    other = values - sums
+    other = values[[len(values) - 1 if f < 0 else f for f in slot_of]] - A_t.sum(1)
     return GraphResult(
         nodes, edges, method="attribution_graph", target=f"logit({lm.to_str_tokens([tok])[0]!r})"
         if lm.tokenizer is not None else f"logit({tok})",
