@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -37,26 +37,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "_out" / "bench_relp"
-
-
-def corr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(
-        torch.corrcoef(torch.stack([a.double().reshape(-1), b.double().reshape(-1)]))[0, 1]
-    )
-
-
-def recall(a: torch.Tensor, b: torch.Tensor, k: int = 10) -> float:
-    top = set(torch.argsort(b.reshape(-1).abs(), descending=True)[:k].tolist())
-    return len(top & set(torch.argsort(a.reshape(-1).abs(), descending=True)[:k].tolist())) / k
-
-
-def timed(fn, runs: int = 5) -> float:
-    ts = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+sys.path.insert(0, str(ROOT))
+from bench_atp import corr, recall, timed  # noqa: E402  (the same measures as the AtP benchmark)
 
 
 def compare(lm, prompts, cfs, target, units, label: str, methods: dict) -> dict:
@@ -72,11 +54,12 @@ def compare(lm, prompts, cfs, target, units, label: str, methods: dict) -> dict:
         except Exception as e:  # a method that does not take these units
             row[name] = f"n/a ({type(e).__name__})"
             continue
-        row[name] = f"{corr(s, ex):.3f} / {recall(s, ex):.1f}"
+        s, e = s.reshape(-1), ex.reshape(-1)
+        row[name] = f"{corr(s, e):.3f} / {recall(s, e):.1f}"
     t_atp = timed(lambda: al.attribute(lm, prompts, target=target, units=units, method="atp",
-                                       counterfactual=cfs))  # fmt: skip
+                                       counterfactual=cfs), 5)  # fmt: skip
     t_relp = timed(lambda: al.attribute(lm, prompts, target=target, units=units, method="relp",
-                                        counterfactual=cfs))  # fmt: skip
+                                        counterfactual=cfs), 5)  # fmt: skip
     row["relp / atp time"] = f"{t_relp / t_atp:.2f}"
     print(json.dumps(row), flush=True)
     return row
@@ -112,12 +95,9 @@ def build_scaled(init: float):  # -> al.LM
 
 
 def accuracy() -> list[dict]:
-    import sys
+    from bench_atp import ANSWER, WRONG, _tokens, build
 
     import attrlab as al
-
-    sys.path.insert(0, str(ROOT))
-    from bench_atp import ANSWER, WRONG, _tokens, build
 
     rows = []
     lm = al.zoo.load("ioi")

@@ -51,7 +51,15 @@ from tqdm.auto import tqdm
 from ._files import write_atomically
 from .errors import FileFormatError, InputError
 from .model.lock import holds_model_lock
-from .training import batches, resume, save_checkpoint, sequences, zoo_texts
+from .training import (
+    batch_stream,
+    batches,
+    lr_schedule,
+    resume,
+    save_checkpoint,
+    sequences,
+    zoo_texts,
+)
 
 __all__ = ["TunedLens", "train_tuned_lens", "lens_kl"]
 
@@ -283,25 +291,14 @@ def train_tuned_lens(
     opt = torch.optim.Adam([weight, bias], lr=lr)
     params = {"weight": weight, "bias": bias}
     start = resume(ck, params, opt) if ck is not None else 0
-    rng = random.Random(seed)
-    order: list[Tensor] = []
-    for _ in range(start):  # the same data order as an uninterrupted run
-        if not order:
-            order = batches(seqs, batch_size, rng)
-        order.pop()
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        return lr * max(0.0, (steps - step) / max(1, steps - warmup))
+    stream = batch_stream(seqs, batch_size, seed, start)
+    lr_at = lr_schedule(lr, warmup, steps)
 
     sites = [f"blocks.{layer}.resid_pre" for layer in range(L)]
     loss_v = float("nan")
     bar = tqdm(range(start, steps), disable=not progress, desc="tuned lens", leave=False)
     for step in bar:
-        if not order:
-            order = batches(seqs, batch_size, rng)
-        ids = order.pop().to(dev)
+        ids = next(stream).to(dev)
         with torch.no_grad():
             logits, cache = lm.run(ids, cache=sites)
             target = logits.float().log_softmax(-1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,15 @@ from torch import Tensor
 from ._files import write_atomically
 from .errors import FileFormatError, InputError
 
-__all__ = ["zoo_texts", "sequences", "batches", "save_checkpoint", "resume"]
+__all__ = [
+    "zoo_texts",
+    "sequences",
+    "batches",
+    "batch_stream",
+    "lr_schedule",
+    "save_checkpoint",
+    "resume",
+]
 
 
 def zoo_texts(lm: Any, n: int, seed: int) -> list[str]:
@@ -75,6 +83,47 @@ def batches(seqs: list[Tensor], batch_size: int, rng: random.Random) -> list[Ten
         out += [torch.stack(group[i : i + batch_size]) for i in range(0, len(group), batch_size)]
     rng.shuffle(out)
     return out
+
+
+def batch_stream(
+    seqs: list[Tensor], batch_size: int, seed: int, start: int = 0
+) -> Iterator[Tensor]:
+    """Batches forever, reshuffled each pass, the first ``start`` skipped (so a
+    resumed run sees the same data as an uninterrupted one).
+
+    Example:
+        >>> seqs = [torch.tensor([1, 2]), torch.tensor([3, 4]), torch.tensor([5, 6])]
+        >>> a, b = batch_stream(seqs, 2, 0), batch_stream(seqs, 2, 0, start=1)
+        >>> _ = next(a); torch.equal(next(a), next(b))
+        True
+    """
+    rng = random.Random(seed)
+    order: list[Tensor] = []
+    step = 0
+    while True:
+        if not order:
+            order = batches(seqs, batch_size, rng)
+        batch = order.pop()
+        if step >= start:
+            yield batch
+        step += 1
+
+
+def lr_schedule(lr: float, warmup: int, steps: int) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``steps``.
+
+    Example:
+        >>> f = lr_schedule(1.0, 2, 10)
+        >>> [round(f(s), 3) for s in (0, 1, 2, 9)]
+        [0.5, 1.0, 1.0, 0.125]
+    """
+
+    def at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return at
 
 
 def save_checkpoint(ck: Path, params: dict[str, Tensor], opt: Any, step: int) -> None:

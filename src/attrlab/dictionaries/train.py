@@ -36,7 +36,15 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..model.interventions import Intervention
 from ..model.lock import holds_model_lock
-from ..training import batches, resume, save_checkpoint, sequences, zoo_texts
+from ..training import (
+    batch_stream,
+    batches,
+    lr_schedule,
+    resume,
+    save_checkpoint,
+    sequences,
+    zoo_texts,
+)
 from .base import ACTIVATIONS, Dictionary
 
 __all__ = ["train", "evaluate"]
@@ -118,26 +126,15 @@ def train(
     }
     opt = torch.optim.Adam(list(params.values()), lr=lr)
     start = resume(ck, params, opt) if ck is not None else 0
-    rng = random.Random(seed)
-    order: list[Any] = []
-    for _ in range(start):
-        if not order:
-            order = batches(seqs, batch_size, rng)
-        order.pop()
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        return lr * max(0.0, (steps - step) / max(1, steps - warmup))
+    stream = batch_stream(seqs, batch_size, seed, start)
+    lr_at = lr_schedule(lr, warmup, steps)
 
     shell = Dictionary(params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"],
                        in_site=in_site, out_site=out, activation=activation, k=k)  # fmt: skip
     loss_v, mse_v = float("nan"), float("nan")
     bar = tqdm(range(start, steps), disable=not progress, desc="dictionary", leave=False)
     for step in bar:
-        if not order:
-            order = batches(seqs, batch_size, rng)
-        ids = order.pop().to(dev)
+        ids = next(stream).to(dev)
         with torch.no_grad():
             _, cache = lm.run(ids, cache=list(dict.fromkeys([in_site, out])))
         x = cache[in_site].reshape(-1, d_model).float()

@@ -48,10 +48,19 @@ from .gradient import INPUT_KINDS, AttributionPatching, InputXGradient, _row_lis
 COMPONENT_KINDS = ("heads", "attn", "mlp", "neurons", "resid", "layers", "features")
 
 
-class _WithRules:
-    """Runs the gate-gradient path of an estimator under relevance rules."""
+class _RulesParams:
+    """Methods with relevance rules record them in their parameters."""
 
     rules: Composite
+
+    def params(self) -> dict[str, Any]:
+        p: dict[str, Any] = super().params()  # type: ignore[misc]
+        p["rules"] = self.rules.describe()
+        return p
+
+
+class _WithRules(_RulesParams):
+    """Runs the gate-gradient path of an estimator under relevance rules."""
 
     def _path(self, bound: Any, alphas: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
         with propagation(bound.lm, self.rules):
@@ -88,11 +97,6 @@ class AttnLRP(_WithRules, InputXGradient):
         self.rules = resolve_composite(rules)
         super().__init__(**options)
 
-    def params(self) -> dict[str, Any]:
-        p = super().params()
-        p["rules"] = self.rules.describe()
-        return p
-
     def estimate(self, bound: Any) -> tuple[Tensor, dict[str, Any]]:
         ledger = Ledger()
         with propagation(bound.lm, self.rules, ledger):
@@ -126,7 +130,7 @@ def _shares(ledger: Ledger, values: list[float], sums: list[float]) -> dict[str,
 
 
 @register("attnlrp", ("sources",))
-class AttnLRPSources(SourceMethod):
+class AttnLRPSources(_RulesParams, SourceMethod):
     """AttnLRP over the sources of a prompt: the relevance of each source's tokens
     for the response's value (the kind's ``output``: its log-probability by
     default; one row per response token with ``per_token=True``). One forward
@@ -147,11 +151,6 @@ class AttnLRPSources(SourceMethod):
     def __init__(self, rules: Composite | str = ATTNLRP, **common: Any):
         self.rules = resolve_composite(rules)
         super().__init__(**common)
-
-    def params(self) -> dict[str, Any]:
-        p = super().params()
-        p["rules"] = self.rules.describe()
-        return p
 
     def attribute(
         self, lm: Any, inputs: Any, target: Any, units: Any, counterfactual: Any = None
@@ -223,8 +222,3 @@ class RelP(_WithRules, AttributionPatching):
     def __init__(self, rules: Composite | str = CP_LRP, direction: str = "noising", **options: Any):
         self.rules = resolve_composite(rules)
         super().__init__(direction=direction, **options)
-
-    def params(self) -> dict[str, Any]:
-        p = super().params()
-        p["rules"] = self.rules.describe()
-        return p
