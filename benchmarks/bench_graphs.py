@@ -3,7 +3,9 @@
 The 12-layer, 768-wide random GPT-2 of ``bench_atp.py`` with random TopK
 transcoders of width 4 x d_model (k 16) on every layer; prompts of 16, 64 and
 256 random tokens; ``max_feature_nodes`` 512 (the rows computed), batch 32.
-One fresh process per length: wall time, peak RSS above the process's baseline,
+One fresh process per length: wall time, the peak resident memory the build
+adds (the process's peak is reset after the model is built and freed memory
+handed back, so the model's own construction peak does not hide the build's),
 and the pre-flight estimate the build prints.
 
 Run::
@@ -14,8 +16,8 @@ Run::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +27,20 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "_out" / "bench_graphs"
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/self/status")
+
+
+def _reset_peak() -> float:
+    """Hand freed heap memory back, reset the peak (Linux), return resident MB."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mb("VmRSS")
 
 
 def one(n_pos: int, budget: int) -> None:
@@ -41,11 +57,11 @@ def one(n_pos: int, budget: int) -> None:
                                              seed=layer) for layer in range(lm.cfg.n_layers)]  # fmt: skip
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(100, 50257, (1, n_pos), generator=g)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = _reset_peak()
     t0 = time.perf_counter()
     gr = al.attribution_graph(lm, ids, tcs, target=1000, max_feature_nodes=budget)
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
     print(json.dumps({"n_pos": n_pos, "time_s": round(dt, 2), "peak_rss_mb": round(peak - base, 1),
                       "estimate_mb": round(gr.diagnostics["memory_estimate_bytes"] / 2**20, 1),
                       "features": gr.diagnostics["n_features"],

@@ -82,7 +82,7 @@ def test_malformed_and_unsupported_files_raise(tmp_path):
     with pytest.raises(FileFormatError):
         al.dictionaries.load(tmp_path)
     with pytest.raises(InputError, match="not an attrlab site"):
-        al.dictionaries.site_of_hook("blocks.0.ln2.hook_normalized")
+        al.dictionaries.site_of_hook("blocks.0.attn.hook_z")
     with pytest.raises(InputError, match="topk"):
         Dictionary.random(4, 8, "s", activation="topk", k=99)
 
@@ -189,6 +189,52 @@ def test_train_a_transcoder_on_the_zoo_ioi_model(tmp_path):
                                   activation="topk", k=16, steps=400, progress=False,
                                   checkpoint=tmp_path / "ck")  # fmt: skip
     assert torch.allclose(again.W_dec, d.W_dec)  # resumed at its last step: nothing left to do
+
+
+def test_jumprelu_pseudo_derivatives_match_the_rectangle_kernel():
+    from attrlab.dictionaries.train import jumprelu_ste
+
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(50, 6, generator=g, dtype=torch.float64).requires_grad_(True)
+    theta = torch.full((6,), 0.2, dtype=torch.float64, requires_grad=True)
+    eps, w = 0.3, torch.randn(50, 6, generator=g, dtype=torch.float64)
+    f, l0 = jumprelu_ste(pre, theta, eps)
+    assert torch.equal(f, pre * (pre > theta)) and torch.equal(l0, (pre > theta).sum(-1).double())
+    gp, gt = torch.autograd.grad((f * w).sum() + 2.0 * l0.sum(), [pre, theta])
+    kernel = ((pre - theta).abs() < eps / 2).double()  # rectangle K((z - theta) / eps)
+    # reconstruction: d/dz = H(z - theta), d/dtheta = -(theta/eps) K; L0: d/dtheta = -(1/eps) K
+    assert torch.allclose(gp, w * (pre > theta))
+    hand = (-(theta / eps) * kernel * w - 2.0 / eps * kernel).sum(0)
+    assert torch.allclose(gt, hand) and bool((gt != 0).any())
+
+
+def test_train_a_jumprelu_transcoder_on_the_zoo_ioi_model(tmp_path):
+    lm = al.zoo.load("ioi")
+    kw = dict(out_site="blocks.1.mlp.out", width=256, activation="jumprelu", steps=300,
+              progress=False, checkpoint=tmp_path / "ck", checkpoint_every=150)  # fmt: skip
+    d = al.dictionaries.train(lm, "blocks.1.mlp.in", **kw)
+    held = [e.prompt + e.answer for e in al.zoo.task("ioi").examples(64, seed=3)]
+    ev = al.dictionaries.evaluate(lm, d, held)
+    # measured: fve 0.985, l0 31, kl 0.001; thresholds from 1e-3 to min 0.019, median 0.10
+    assert ev["fve"] >= 0.9 and ev["l0"] <= 40 and ev["kl"] < 0.05, ev
+    th = d.threshold
+    assert th is not None and d.activation == "jumprelu"
+    assert float(th.min()) > 5e-3 and float(th.median()) > 2e-2, th  # learned, not left at 1e-3
+    back = al.dictionaries.load(al.dictionaries.save_saelens(d, tmp_path / "tc"))
+    assert back.activation == "jumprelu" and torch.equal(back.threshold, th)
+    x = torch.randn(7, lm.cfg.d_model)
+    assert torch.equal(back.encode(x), d.encode(x)) and torch.allclose(back(x), d(x))
+    again = al.dictionaries.train(lm, "blocks.1.mlp.in", **kw)  # resumed at its last step
+    assert torch.equal(again.threshold, th) and torch.equal(again.W_enc, d.W_enc)
+
+
+def test_train_rejects_bad_settings_before_running():
+    lm = al.zoo.load("ioi")
+    for kw in ({"activation": "gelu"}, {"activation": "jumprelu", "bandwidth": 0.0},
+               {"l0": -1.0}, {"width": 0}, {"l0_warmup": 2.0}):  # fmt: skip
+        with pytest.raises(InputError):
+            al.dictionaries.train(lm, "blocks.0.mlp.in", texts=[PROMPT], out_site="blocks.0.mlp.out",
+                                  **{"steps": 1, "progress": False, **kw})  # fmt: skip
 
 
 # ------------------------------------------------------------------ attribution graphs

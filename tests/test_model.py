@@ -285,3 +285,18 @@ def test_unsupported_checkpoint_type(tmp_path):
     ).save_pretrained(tmp_path)
     with pytest.raises(al.errors.UnsupportedArchitectureError, match="bert"):
         al.load(str(tmp_path))
+
+
+def test_mlp_normed_is_what_the_mlp_reads(lm):
+    """``mlp.normed`` is the MLP's own input: its norm applied to ``mlp.in``; the
+    MLP run on it gives ``mlp.out`` (a block's post-MLP norm, if any, aside)."""
+    _, cache = lm.run(PROMPT, cache=["blocks.0.mlp.in", "blocks.0.mlp.normed", "blocks.0.mlp.out"])
+    a = lm.adapter
+    with torch.no_grad():
+        normed = a.mlp_in_norm(0)(cache["blocks.0.mlp.in"])
+    assert torch.allclose(cache["blocks.0.mlp.normed"], normed, atol=1e-5)
+    if a.mlp_out_norm(0) is None:
+        with torch.no_grad():
+            out = a.mlp(0)(cache["blocks.0.mlp.normed"])
+        out = out[0] if isinstance(out, tuple) else out
+        assert torch.allclose(cache["blocks.0.mlp.out"], out, atol=1e-5)

@@ -52,6 +52,8 @@ class GraphResult:
             ids) and ``weight`` (finite numbers).
         method, target, params, model_id, meta, diagnostics: as for
             :class:`attrlab.result.Attribution` (JSON-able).
+        tables: further named column tables about the graph (e.g. an
+            attribution graph's ``head_loadings``); saved and loaded with it.
 
     Example:
         >>> g = GraphResult({"id": ["x", "y"]}, {"source": ["x"], "target": ["y"], "weight": [1.0]})
@@ -69,6 +71,7 @@ class GraphResult:
         model_id: str = "",
         meta: Mapping[str, Any] | None = None,
         diagnostics: Mapping[str, Any] | None = None,
+        tables: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
     ):
         self.nodes = _columns(nodes, "nodes", ("id",))
         self.edges = _columns(edges, "edges", ("source", "target", "weight"))
@@ -88,6 +91,10 @@ class GraphResult:
         self.model_id = model_id
         self.meta = dict(meta or {})
         self.diagnostics = dict(diagnostics or {})
+        self.tables = {str(k): _columns(v, f"table {k!r}", ()) for k, v in (tables or {}).items()}
+        clash = {"nodes", "edges"} & set(self.tables)
+        if clash:
+            raise InputError(f"a table may not be called {sorted(clash)[0]!r}")
 
     @property
     def n_nodes(self) -> int:
@@ -103,7 +110,7 @@ class GraphResult:
 
     # ------------------------------------------------------------ conversions
     def to_pandas(self, what: str = "edges") -> Any:
-        """``"edges"`` (default) or ``"nodes"`` as a DataFrame.
+        """``"edges"`` (default), ``"nodes"`` or one of :attr:`tables` as a DataFrame.
 
         Example:
             >>> g = GraphResult({"id": ["a"]}, {"source": [], "target": [], "weight": []})
@@ -112,9 +119,10 @@ class GraphResult:
         """
         import pandas as pd
 
-        if what not in ("edges", "nodes"):
-            raise InputError(f"to_pandas takes 'edges' or 'nodes', not {what!r}")
-        return pd.DataFrame(self.edges if what == "edges" else self.nodes)
+        tables = {"edges": self.edges, "nodes": self.nodes, **self.tables}
+        if what not in tables:
+            raise InputError(f"to_pandas takes one of {', '.join(map(repr, tables))}, not {what!r}")
+        return pd.DataFrame(tables[what])
 
     def to_networkx(self) -> Any:
         """A ``networkx.MultiDiGraph`` (node and edge columns as attributes; two
@@ -156,6 +164,7 @@ class GraphResult:
             "format": FORMAT, "method": self.method, "target": self.target,
             "params": self.params, "model_id": self.model_id, "meta": self.meta,
             "diagnostics": self.diagnostics, "nodes": self.nodes, "edges": self.edges,
+            "tables": self.tables,
         }  # fmt: skip
 
     def save(self, path: str | Path) -> Path:
@@ -186,7 +195,7 @@ class GraphResult:
                 raise ValueError(f"format {d.get('format')!r}")
             return cls(d["nodes"], d["edges"], d.get("method", ""), d.get("target", ""),
                        d.get("params"), d.get("model_id", ""), d.get("meta"),
-                       d.get("diagnostics"))  # fmt: skip
+                       d.get("diagnostics"), d.get("tables"))  # fmt: skip
         except (OSError, ValueError, KeyError, TypeError, InputError) as e:
             raise FileFormatError(f"not an attrlab graph file: {path} ({e})") from e
 

@@ -17,7 +17,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -149,6 +149,20 @@ class Dictionary:
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x), x)
+
+    def to(self, dtype: torch.dtype | None = None, device: Any = None) -> Dictionary:
+        """A copy with every tensor in ``dtype`` / on ``device`` (None: unchanged).
+
+        Example:
+            >>> Dictionary.random(4, 8, "s").to(torch.float16).W_enc.dtype
+            torch.float16
+        """
+        names = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold", "W_skip")
+        moved = {n: getattr(self, n) for n in names}
+        moved = {
+            n: None if t is None else t.to(device=device, dtype=dtype) for n, t in moved.items()
+        }
+        return replace(self, **moved, meta=dict(self.meta))
 
     @classmethod
     def random(cls, d: int, width: int, in_site: str, out_site: str = "", activation: str = "relu",

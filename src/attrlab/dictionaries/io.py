@@ -5,9 +5,10 @@
 Hook names of TransformerLens (what SAELens and circuit-tracer record) are
 mapped to attrlab sites: ``blocks.{l}.hook_resid_pre|mid|post`` ->
 ``blocks.{l}.resid_pre|mid|post``, ``hook_mlp_out`` -> ``mlp.out``,
-``hook_attn_out`` -> ``attn.out``, ``hook_mlp_in`` / ``mlp.hook_in`` ->
-``mlp.in`` (the residual the MLP reads, before its norm). Sites attrlab does
-not expose (``ln2.hook_normalized``, ``attn.hook_z``) raise a typed error.
+``hook_attn_out`` / ``mlp.hook_out`` -> ``mlp.out``, ``hook_mlp_in`` ->
+``mlp.in`` (the residual the MLP's norm reads), ``ln2.hook_normalized`` and
+circuit-tracer's ``mlp.hook_in`` -> ``mlp.normed`` (the MLP's own input, after
+its norm). Sites attrlab does not expose (``attn.hook_z``) raise a typed error.
 
 Example:
     >>> import tempfile
@@ -32,14 +33,21 @@ from .._files import write_atomically
 from ..errors import FileFormatError, InputError
 from .base import Dictionary
 
-__all__ = ["load", "load_saelens", "load_circuit_tracer", "save_saelens", "site_of_hook"]
+__all__ = [
+    "load",
+    "load_saelens",
+    "load_circuit_tracer",
+    "save_saelens",
+    "save_saelens_set",
+    "site_of_hook",
+]
 
 _HOOKS = {
     "hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid", "hook_resid_post": "resid_post",
     "hook_mlp_out": "mlp.out", "hook_attn_out": "attn.out", "hook_mlp_in": "mlp.in",
-    "mlp.hook_in": "mlp.in",
+    "mlp.hook_in": "mlp.normed", "ln2.hook_normalized": "mlp.normed", "mlp.hook_out": "mlp.out",
 }  # fmt: skip
-_NATIVE = ("resid_pre", "resid_mid", "resid_post", "mlp.in", "mlp.out", "attn.out")
+_NATIVE = ("resid_pre", "resid_mid", "resid_post", "mlp.in", "mlp.normed", "mlp.out", "attn.out")
 
 
 def site_of_hook(hook: str, layer: int | None = None) -> str:
@@ -58,7 +66,7 @@ def site_of_hook(hook: str, layer: int | None = None) -> str:
     elif rest not in _NATIVE:
         raise InputError(
             f"hook {hook!r} is not an attrlab site; dictionaries can read resid_pre/mid/post, "
-            "mlp.in (before the MLP's norm), mlp.out and attn.out"
+            "mlp.in (before the MLP's norm), mlp.normed (after it), mlp.out and attn.out"
         )
     if layer is None:
         raise InputError(f"hook {hook!r} names no layer")
@@ -68,7 +76,8 @@ def site_of_hook(hook: str, layer: int | None = None) -> str:
 def _hook_of_site(site: str) -> str:
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", site)
     inv = {"resid_pre": "hook_resid_pre", "resid_mid": "hook_resid_mid", "resid_post": "hook_resid_post",
-           "mlp.out": "hook_mlp_out", "attn.out": "hook_attn_out", "mlp.in": "hook_mlp_in"}  # fmt: skip
+           "mlp.out": "hook_mlp_out", "attn.out": "hook_attn_out", "mlp.in": "hook_mlp_in",
+           "mlp.normed": "ln2.hook_normalized"}  # fmt: skip
     if m and m.group(2) in inv:
         return f"blocks.{m.group(1)}.{inv[m.group(2)]}"
     return site
@@ -211,26 +220,77 @@ def load_circuit_tracer(path: str | Path) -> list[Dictionary]:
             W_enc = W_enc.T  # stored [width, d]
         if W_dec.shape[0] != b_enc.shape[0]:
             W_dec = W_dec.T
+        # circuit-tracer writes a JumpReLU threshold as ``activation_function.threshold``
+        threshold = t.get("threshold", t.get("activation_function.threshold"))
         out.append(Dictionary(
             W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=t.get("b_dec", torch.zeros(W_dec.shape[1])),
             in_site=site_of_hook(in_hook, layer), out_site=site_of_hook(out_hook, layer),
-            activation="jumprelu" if "threshold" in t else "relu", threshold=t.get("threshold"),
+            activation="jumprelu" if threshold is not None else "relu", threshold=threshold,
             W_skip=t.get("W_skip"), meta={"source": str(f), "format": "circuit-tracer"},
         ))  # fmt: skip
     return out
 
 
-def load(path: str | Path) -> Any:
-    """A SAELens directory (one :class:`Dictionary`) or a circuit-tracer
-    directory (a list, one per layer), whichever ``path`` holds.
+def _layer_of(site: str) -> int | None:
+    m = re.match(r"blocks\.(\d+)\.", site)
+    return int(m.group(1)) if m else None
+
+
+def save_saelens_set(
+    ds: list[Dictionary], path: str | Path, dtype: torch.dtype | None = None
+) -> Path:
+    """Write a per-layer set (transcoders, SAEs) as one SAELens folder per
+    dictionary, ``path/layer_{l}/`` (``l`` the layer of its input site), in
+    ``dtype`` (None: as they are). :func:`load` reads the folder back as a list.
 
     Raises:
-        FileFormatError: neither layout.
+        InputError: empty set, or two dictionaries on the same layer.
+
+    Example:
+        >>> import tempfile
+        >>> ds = [Dictionary.random(4, 8, f"blocks.{l}.mlp.in", f"blocks.{l}.mlp.out") for l in (0, 1)]
+        >>> p = save_saelens_set(ds, tempfile.mkdtemp(), dtype=torch.float16)
+        >>> back = load(p)
+        >>> [d.in_site for d in back], back[0].W_enc.dtype
+        (['blocks.0.mlp.in', 'blocks.1.mlp.in'], torch.float16)
+    """
+    layers = [_layer_of(d.in_site) for d in ds]
+    if not ds:
+        raise InputError("no dictionaries to save")
+    names = [f"layer_{la}" if la is not None else f"dict_{i}" for i, la in enumerate(layers)]
+    if len(set(names)) != len(names):
+        raise InputError("two dictionaries read the same layer; save them to separate folders")
+    p = Path(path)
+    for d, name in zip(ds, names):
+        save_saelens(d.to(dtype) if dtype is not None else d, p / name)
+    return p
+
+
+def _load_saelens_set(p: Path) -> list[Dictionary]:
+    def order(f: Path) -> tuple[int, str]:
+        tail = f.name.split("_")[-1]
+        return (int(tail) if tail.isdigit() else 1 << 30, f.name)
+
+    folders = sorted((f.parent for f in p.glob("*/cfg.json")), key=order)
+    return [load_saelens(f) for f in folders]
+
+
+def load(path: str | Path) -> Any:
+    """A SAELens directory (one :class:`Dictionary`), a circuit-tracer
+    directory (a list, one per layer), or a folder of SAELens directories
+    (``layer_{l}/``, as :func:`save_saelens_set` and ``attrlab transcoders``
+    write them; a list in layer order), whichever ``path`` holds.
+
+    Raises:
+        FileFormatError: none of these layouts.
     """
     p = Path(path)
     if (p / "cfg.json").exists():
         return load_saelens(p)
     if (p / "config.yaml").exists():
         return load_circuit_tracer(p)
-    raise FileFormatError(f"{p} holds neither a SAELens dictionary (cfg.json) nor "
-                          "circuit-tracer transcoders (config.yaml)")  # fmt: skip
+    if p.is_dir() and any(p.glob("*/cfg.json")):
+        return _load_saelens_set(p)
+    raise FileFormatError(f"{p} holds neither a SAELens dictionary (cfg.json), a folder of "
+                          "them (layer_*/cfg.json), nor circuit-tracer transcoders "
+                          "(config.yaml)")  # fmt: skip

@@ -28,14 +28,15 @@ __all__ = ["graph_faithfulness"]
 @holds_model_lock
 def graph_faithfulness(lm: Any, graph: Any, transcoders: list[Any]) -> dict[str, Any]:
     """Ablate (zero) every transcoder feature that is not a node of ``graph``,
-    keep the error terms, and measure the graph's target logit.
+    keep the error terms, and measure the graph's target (its logit, or logit
+    difference).
 
     Returns ``metric_clean`` (the model), ``metric_full`` (every feature kept:
     equals clean), ``metric_graph`` (only the graph's features), ``metric_none``
     (no feature, errors kept), ``faithfulness`` = ``(graph - none) / (full -
     none)``, ``n_graph_features``, ``n_features``.
     """
-    from ..targets import Logit
+    from ..targets import Logit, LogitDiff
     from ..units.features import Features
 
     ids = graph.meta.get("ids")
@@ -45,7 +46,11 @@ def graph_faithfulness(lm: Any, graph: Any, transcoders: list[Any]) -> dict[str,
             "graph_faithfulness needs a graph from al.attribution_graph (prompt ids, target)"
         )
     prompt = torch.tensor([ids])
-    target = Logit(int(tok))
+    wrong = graph.meta.get("target_wrong_id")
+    target = Logit(int(tok)) if wrong is None else LogitDiff(int(tok), int(wrong))
+    if not isinstance(transcoders, (list, tuple)):
+        raise InputError("graph_faithfulness takes per-layer transcoders (a list); cross-layer "
+                         "transcoders are not supported yet")  # fmt: skip
     ds = sorted(transcoders, key=lambda d: int(d.in_site.split(".")[1]))
     b = Features(ds).bind(lm, prompt, target.bind(lm))
     lab = b.labels()
@@ -59,7 +64,7 @@ def graph_faithfulness(lm: Any, graph: Any, transcoders: list[Any]) -> dict[str,
     masks = torch.stack([torch.ones(b.n, dtype=torch.bool), keep_graph, errors])
     full, g, none = b.f(masks)[:, 0].tolist()
     logits, _ = lm.run(prompt)
-    clean = float(logits[0, -1, int(tok)])
+    clean = float(logits[0, -1, int(tok)] - (0.0 if wrong is None else logits[0, -1, int(wrong)]))
     gap = full - none
     return {
         "metric_clean": clean, "metric_full": full, "metric_graph": g, "metric_none": none,

@@ -406,6 +406,14 @@ _SPELLED_OUT = {
 }
 
 
+#: methods whose result is a graph: their own functions, not ``al.attribute``
+_GRAPH_FUNCTIONS = {
+    "graph": "al.attribution_graph(lm, prompt, transcoders, target)",
+    "attribution-graph": "al.attribution_graph(lm, prompt, transcoders, target)",
+    "routes": "al.routes(lm, prompt, target)",
+}
+
+
 def find_method(name: str, kind: str) -> type[Method]:
     """The method class registered as ``name`` for unit kind ``kind``.
 
@@ -422,6 +430,11 @@ def find_method(name: str, kind: str) -> type[Method]:
             f"Methods for {kind!r}: {', '.join(methods_for(kind)) or 'none yet'}"
         )
     norm = name.lower().replace("_", "-").replace(" ", "-")
+    if norm in _GRAPH_FUNCTIONS:
+        raise UnknownMethodError(
+            f"method {name!r} returns a graph, not scores over units: call "
+            f"{_GRAPH_FUNCTIONS[norm]} (a GraphResult)"
+        )
     close = [_SPELLED_OUT[norm]] if norm in _SPELLED_OUT else []
     close = close or difflib.get_close_matches(norm, list(all_methods()), n=1, cutoff=0.75)
     hint = f" Did you mean {close[0]!r}?" if close else ""

@@ -37,6 +37,7 @@ import torch
 from ..errors import InputError
 
 __all__ = [
+    "peak_rss_growth",
     "DEFAULT_CAP",
     "DEFAULT_FRACTION",
     "available_memory",
@@ -228,3 +229,54 @@ def batch_size_for(
     budget = _resolve(memory_budget, getattr(lm, "device", None))
     per_row = max(1, row_bytes(lm, seq_len, grad, logit_positions))
     return max(1, min(int(cap), budget // per_row))
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_rss_growth(fn: Any, interval: float = 0.0005) -> tuple[Any, int | None]:
+    """Run ``fn()`` and return ``(its result, the peak growth of the process's
+    resident memory while it ran)``, sampled every ``interval`` seconds by a
+    thread reading ``/proc/self/statm`` (None where there is no such file).
+    Freed heap memory is first handed back to the system (glibc's
+    ``malloc_trim``), so the growth is what ``fn`` allocates, not what the
+    allocator had kept.
+
+    Example:
+        >>> out, grew = peak_rss_growth(lambda: torch.ones(2**24).sum())
+        >>> grew is None or grew > 2**24  # 64 MB of ones, freed after
+        True
+    """
+    import ctypes
+    import threading
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    start = _rss_bytes()
+    if start is None:
+        return fn(), None
+    peak = [start]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            now = _rss_bytes() or 0
+            peak[0] = max(peak[0], now)
+            done.wait(interval)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        out = fn()
+    finally:
+        done.set()
+        t.join()
+    peak[0] = max(peak[0], _rss_bytes() or 0)
+    return out, peak[0] - start

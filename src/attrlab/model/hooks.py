@@ -195,7 +195,9 @@ class HookSession:
             target = out_norm if out_norm is not None else a.attn(layer)
             self._add(target, "fwd", self._attn_out_hook(layer, out_norm is not None))
         if self._needs(p + "mlp.in"):
-            self._add(a.mlp_in_norm(layer), "pre", self._mlp_in_hook(layer))
+            self._add(a.mlp_in_norm(layer), "pre", self._mlp_in_hook(p + "mlp.in"))
+        if self._needs(p + "mlp.normed"):
+            self._add(a.mlp(layer), "pre", self._mlp_in_hook(p + "mlp.normed"))
         if self._needs(p + "mlp.neurons"):
             self._add(a.down_proj(layer), "pre", self._neurons_hook(layer))
         if self._needs(p + "mlp.out"):
@@ -295,8 +297,8 @@ class HookSession:
             out = out + b.to(out.dtype)
         return out.to(values.dtype)
 
-    def _mlp_in_hook(self, layer: int) -> Any:
-        name = f"blocks.{layer}.mlp.in"
+    def _mlp_in_hook(self, name: str) -> Any:
+        """``mlp.in`` (the MLP norm's input) or ``mlp.normed`` (the MLP's own input)."""
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
             x = self._get_hidden(args, kwargs)

@@ -25,6 +25,8 @@ site                           shape                       meaning
 ``blocks.{l}.mlp.in``          ``[batch, pos, d_model]``   the residual input the MLP reads,
                                                            before its norm; writing it changes
                                                            what the MLP reads, not the residual
+``blocks.{l}.mlp.normed``      ``[batch, pos, d_model]``   the MLP's own input, after its norm
+                                                           (TransformerLens ``ln2.hook_normalized``)
 ``blocks.{l}.mlp.neurons``     ``[batch, pos, d_mlp]``     MLP post-activation (input of its
                                                            output projection)
 ``blocks.{l}.mlp.out``         ``[batch, pos, d_model]``   MLP's contribution to the residual
@@ -63,6 +65,7 @@ BLOCK_KINDS = (
     "attn.out",
     "resid_mid",
     "mlp.in",
+    "mlp.normed",
     "mlp.neurons",
     "mlp.out",
     "resid_post",

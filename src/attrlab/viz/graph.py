@@ -80,6 +80,19 @@ def graph_svg(
     return "".join(parts)
 
 
+def _via_heads(g: Any, shown: dict[str, list[Any]], k: int = 2) -> list[str]:
+    """Each shown edge's ``k`` strongest head loadings, as shares of its weight."""
+    hl = g.tables["head_loadings"]
+    by_edge: dict[tuple[str, str], list[tuple[float, str]]] = {}
+    for s, t, la, h, w in zip(hl["source"], hl["target"], hl["layer"], hl["head"], hl["weight"]):
+        by_edge.setdefault((s, t), []).append((w, "resid" if h < 0 else f"L{la}H{h}"))
+    out = []
+    for s, t, w in zip(shown["source"], shown["target"], shown["weight"]):
+        parts = sorted(by_edge.get((s, t), []), key=lambda x: -abs(x[0]))[:k]
+        out.append(", ".join(f"{name} {x / w:.2f}" for x, name in parts if w))
+    return out
+
+
 def graph_html(g: Any, max_rows: int = 20) -> str:
     """An HTML fragment: title, parameters, the SVG and the strongest edges.
 
@@ -91,6 +104,8 @@ def graph_html(g: Any, max_rows: int = 20) -> str:
     """
     order = sorted(range(g.n_edges), key=lambda i: -abs(g.edges["weight"][i]))[:max_rows]
     shown = {k: [v[i] for i in order] for k, v in g.edges.items() if k != "roots"}
+    if "head_loadings" in getattr(g, "tables", {}):
+        shown["via heads"] = _via_heads(g, shown)
     params = ", ".join(f"{esc(k)}={esc(v)}" for k, v in g.params.items())
     return (
         f"<div class='al-root'><style>{CSS}</style><div class='al-panel'>"

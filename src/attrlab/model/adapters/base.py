@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -439,6 +440,14 @@ class Adapter:
 
     def mlp(self, layer: int) -> nn.Module:
         return get_path(self.block(layer), self.mlp_name)
+
+    def mlp_passthrough(self, layer: int) -> Callable[..., Any] | None:
+        """A forward for the MLP module that computes nothing and returns its
+        input in the MLP's output format, for runs that replace the MLP's output
+        anyway (transcoders); None: the MLP has to run. A dense MLP returns a
+        tensor shaped like its input; an adapter whose MLP returns more (a
+        mixture of experts' router logits) overrides this."""
+        return lambda x, *args, **kwargs: x
 
     def down_proj(self, layer: int) -> nn.Module:
         return get_path(self.block(layer), self.down_proj_name)
