@@ -1,4 +1,6 @@
-"""The ``attrlab`` command line: ``attrlab demo``, ``attrlab explain``, ``attrlab show``.
+"""The ``attrlab`` command line: ``attrlab demo``, ``attrlab explain``, ``attrlab show``,
+``attrlab transcoders`` (train per-layer transcoders for a zoo model) and
+``attrlab serve`` (the local web explorer, ``docs/serve.md``).
 
 ``explain`` calls :func:`attrlab.load` and :func:`attrlab.attribute` exactly as
 the Python API would, so its scores equal the Python call's.
@@ -89,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         "model components, prompt sources and training examples.",
     )
     _common(p, top=True)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,explain,show}")
+    sub = p.add_subparsers(
+        dest="command", required=True, metavar="{demo,explain,show,transcoders,serve}"
+    )
 
     d = sub.add_parser(
         "demo",
@@ -220,6 +224,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--html", help="write a self-contained HTML report")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=_cmd_show)
+
+    tc = sub.add_parser(
+        "transcoders",
+        help="train per-layer transcoders for a zoo model (SAELens layout + summary.json)",
+        description="Train one transcoder per layer (blocks.l.mlp.in -> blocks.l.mlp.out) on a "
+        "zoo model's task texts with al.dictionaries.train_transcoders, evaluate each on 256 "
+        "held-out texts (FVE, L0, next-token KL) and write OUT/layer_{l}/ (SAELens layout) and "
+        "OUT/summary.json. al.dictionaries.load(OUT) reads the set back.",
+    )
+    _common(tc)
+    tc.add_argument("model", metavar="zoo:TASK", help="a zoo model, e.g. zoo:ioi")
+    tc.add_argument("--out", help="output directory (default: transcoders-TASK)")
+    tc.add_argument("--width", type=positive_int, default=512,
+                    help="features per transcoder (default: %(default)s)")  # fmt: skip
+    tc.add_argument("--kind", choices=("jumprelu", "topk", "relu"), default="jumprelu",
+                    help="activation (default: %(default)s)")  # fmt: skip
+    tc.add_argument("--k", type=positive_int, help="active features per position (--kind topk)")
+    tc.add_argument("--steps", type=positive_int, default=1500,
+                    help="training steps per layer (default: %(default)s)")  # fmt: skip
+    tc.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    tc.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                    help="stored precision (default: %(default)s)")  # fmt: skip
+    tc.set_defaults(func=_cmd_transcoders)
+
+    v = sub.add_parser(
+        "serve",
+        help="a local web explorer for the results in a directory, with live causal checks",
+        description="Serve a local web explorer of the results (.attr, graph .json) in "
+        "RESULTS_DIR on 127.0.0.1 (a random free port; the URL with its token is printed). "
+        "With --model, select units and ablate them live, and run new attributions "
+        "(saved into RESULTS_DIR). Needs: pip install 'attrlab[serve]'.",
+    )
+    _common(v)
+    v.add_argument("results_dir", nargs="?", default=".", metavar="RESULTS_DIR",
+                   help="the results directory (default: the current one)")  # fmt: skip
+    v.add_argument("--model", help="a model for live checks: HF id, local path, or zoo:TASK")
+    v.add_argument("--port", type=positive_int, help="the port (default: a random free one)")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="the interface to bind (default: %(default)s; others warn)")  # fmt: skip
+    v.add_argument("--transcoders", metavar="DIR",
+                   help="per-layer transcoders for live checks on attribution graphs "
+                   "(al.dictionaries.load; zoo:TASK models default to their bundled set)")  # fmt: skip
+    v.set_defaults(func=_cmd_serve)
     return p
 
 
@@ -656,6 +703,65 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
         page = Report(f"attrlab: {Path(args.file).name}", info=info).add(r, k=args.top)
         _status(args, f"wrote {_write(args.html, page.save)}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """``attrlab serve``: checked before the model loads; blocks until Ctrl-C."""
+    from .serve import require_serve_dependencies, serve
+
+    require_serve_dependencies()  # MissingDependencyError: pip install 'attrlab[serve]'
+    d = Path(args.results_dir).expanduser()
+    if d.exists() and not d.is_dir():
+        raise InputError(f"{args.results_dir} is a file; give the results directory")
+    if args.port is not None and args.port > 65535:
+        raise InputError(f"--port {args.port}: a port is at most 65535")
+    if args.transcoders is not None and not Path(args.transcoders).expanduser().is_dir():
+        raise InputError(f"--transcoders {args.transcoders}: not a directory of transcoders")
+    serve(d, model=args.model, host=args.host, port=args.port, quiet=args.quiet,
+          transcoders=args.transcoders)  # fmt: skip
+    return 0
+
+
+def _cmd_transcoders(args: argparse.Namespace) -> int:
+    """``attrlab transcoders zoo:TASK``: checked before the model loads."""
+    zoo = _zoo()
+    task = args.model[4:] if args.model.startswith("zoo:") else None
+    if zoo is None or task is None or task not in zoo.tasks():
+        names = ", ".join(f"zoo:{t}" for t in zoo.tasks()) if zoo is not None else "none"
+        raise InputError(
+            f"transcoders trains on a zoo model's task texts: give one of {names}, got "
+            f"{args.model!r} (other models: al.dictionaries.train_transcoders(lm, texts))"
+        )
+    if args.k is not None and args.kind != "topk":
+        raise InputError(f"--k is for --kind topk (got --kind {args.kind})")
+    out = Path(args.out or f"transcoders-{task}").expanduser()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: is a file; give a directory")
+    check_output(str(out / "summary.json"), "--out")
+    import torch
+
+    from . import dictionaries
+
+    lm = zoo.load(task)
+    _status(args, f"training {lm.cfg.n_layers} {args.kind} transcoders on zoo:{task} "
+                  f"(width {args.width}, {args.steps} steps each)")  # fmt: skip
+    options = {"k": args.k} if args.k is not None else {}
+    ds = dictionaries.train_transcoders(lm, kind=args.kind, width=args.width, steps=args.steps,
+                                       seed=args.seed, progress=not args.quiet, **options)  # fmt: skip
+    dtype = torch.float16 if args.dtype == "float16" else None
+    info = {"command": "attrlab transcoders " + " ".join(
+        [args.model, f"--width {args.width}", f"--kind {args.kind}", f"--steps {args.steps}",
+         f"--seed {args.seed}", f"--dtype {args.dtype}"] + ([f"--k {args.k}"] if args.k else [])),
+        "kind": args.kind, "width": args.width, "steps": args.steps, "seed": args.seed}  # fmt: skip
+    texts = dictionaries.heldout_texts(task)
+    summary = dictionaries.write_transcoder_set(lm, ds, out, texts, dtype=dtype, info=info)
+    print(f"{'layer':>5} {'FVE':>7} {'L0':>7} {'KL':>8} {'train s':>8}")
+    for row in summary["layers"]:
+        print(f"{row['layer']:>5} {row['fve']:>7.4f} {row['l0']:>7.1f} {row['kl']:>8.5f} "
+              f"{row['train_seconds'] or 0:>8.1f}")  # fmt: skip
+    mb = summary["bytes"] / 1e6
+    print(f"wrote {out} ({mb:.2f} MB; FVE, L0, KL on {len(texts)} held-out texts)")
     return 0
 
 

@@ -118,5 +118,10 @@ class UnitMismatchError(QuestionMismatchError):
     columns, duplicated labels, or the same unit labelled with another token."""
 
 
+class MissingDependencyError(AttrlabError, ImportError):
+    """An optional feature needs packages that are not installed; the message
+    names the extra to install (e.g. ``pip install 'attrlab[serve]'``)."""
+
+
 class CounterfactualWarning(UserWarning):
     """The counterfactual does not change the target: effects are all zero."""
