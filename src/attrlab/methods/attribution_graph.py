@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import sys
-import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -55,7 +54,6 @@ from ..lrp import Composite, Gradient, Identity, Stop, propagation
 from ..model.budget import peak_rss_growth
 from ..model.interventions import Intervention
 from ..model.lock import holds_model_lock
-from ..model.swap import swapped_forwards
 
 __all__ = ["attribution_graph", "memory_estimate", "FROZEN"]
 
@@ -385,30 +383,6 @@ def _influence(A: Tensor, slot_of: list[int], n_emb: int, n_feat: int) -> Tensor
     return inf
 
 
-def _mlps_skipped(lm: Any) -> Any:
-    """The MLPs compute nothing (their adapter's passthrough) in the calling
-    thread: the replacement model overwrites their outputs."""
-    owner = threading.get_ident()
-    skips = {}
-    for layer in range(lm.cfg.n_layers):
-        skip = lm.adapter.mlp_passthrough(layer)
-        if skip is not None:
-            skips[id(lm.adapter.mlp(layer))] = skip
-
-    def wrap(m: Any) -> Any:
-        skip = skips.get(id(m))
-        if skip is None:
-            return None
-        own = m.forward
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return (skip if threading.get_ident() == owner else own)(*args, **kwargs)
-
-        return forward
-
-    return swapped_forwards(lm.model, wrap)
-
-
 def _reader(chunk: list[tuple[str, Any]], tcs: dict[int, Any], tok: tuple[int, int | None],
             dt: Any) -> Any:  # fmt: skip
     """A readout for :meth:`_Replacement.rows`: row ``r`` reads target ``chunk[r]``."""
@@ -583,7 +557,7 @@ class _Replacement:
         self.leaves = probes if self.probe_attention else [g_emb, *g_feat, *g_err, g_bias]
         self._stack.enter_context(torch.enable_grad())
         self._stack.enter_context(propagation(lm, FROZEN))
-        self._stack.enter_context(_mlps_skipped(lm))  # their outputs are replaced: skip the work
+        self._stack.enter_context(lm.mlps_skipped())  # their outputs are replaced: skip the work
         rows = self.batch.repeat(R)
         self.logits, _ = lm.run(rows, interventions=ivs, grad=True, last_only=True)
         self.rec = rec

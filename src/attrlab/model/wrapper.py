@@ -537,6 +537,47 @@ class LM:
             )
         return out.logits, (self.adapter.kv_returned(out) if use_cache else None)
 
+    @contextmanager
+    def mlps_skipped(self) -> Iterator[int]:
+        """In the calling thread the MLPs compute nothing and return their input
+        in their output format (the adapter's passthrough), for runs that
+        replace every MLP's output anyway (transcoders); hooks on the MLP input
+        and output still fire. Yields how many MLPs are skipped.
+
+        Example:
+            >>> import attrlab as al
+            >>> from attrlab.model.interventions import Intervention
+            >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+            >>> zero = [Intervention(f"blocks.{l}.mlp.out", 0.0) for l in range(lm.cfg.n_layers)]
+            >>> with lm.mlps_skipped() as n:
+            ...     fast, _ = lm.run("a b", interventions=zero)
+            >>> slow, _ = lm.run("a b", interventions=zero)
+            >>> n, bool(torch.allclose(fast, slow, atol=1e-6))
+            (2, True)
+        """
+        from .swap import swapped_forwards
+
+        owner = threading.get_ident()
+        skips = {}
+        for layer in range(self.cfg.n_layers):
+            skip = self.adapter.mlp_passthrough(layer)
+            if skip is not None:
+                skips[id(self.adapter.mlp(layer))] = skip
+
+        def wrap(m: nn.Module) -> Any:
+            skip = skips.get(id(m))
+            if skip is None:
+                return None
+            own = m.forward
+
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                return (skip if threading.get_ident() == owner else own)(*args, **kwargs)
+
+            return forward
+
+        with swapped_forwards(self.model, wrap) as n:
+            yield n
+
     # ------------------------------------------------------------- weights
     def W_U(self) -> Tensor:
         """Unembedding ``[d_model, d_vocab]``."""
