@@ -246,7 +246,7 @@ def attribution_graph(
     targets = [("feature", f) for f in feats] + [("logit", None)]
     budget = n_feat if max_feature_nodes is None else min(n_feat, int(max_feature_nodes))
     # direct effects, one row per computed target: slot 0 the logit, then features as computed;
-    # the logit's row (one backward) also measures what a row keeps for the estimate
+    # the logit's row, run first on a few copies, also measures the memory a copy takes
     A = torch.zeros(budget + 1, n_src, dtype=torch.float64)
     slot_of: list[int] = [-1]  # target (feature index, -1 = logit) of each slot
     args = (lm, batch, tcs, acts, errs)
@@ -267,7 +267,9 @@ def attribution_graph(
               f"about {est / 2**20:.0f} MB", file=sys.stderr)  # fmt: skip
     done = torch.zeros(n_feat, dtype=torch.bool)
     bar = tqdm(total=budget, disable=not progress, desc="graph rows", leave=False)
-    with _Replacement(*args, copies, dt) as run:  # one forward, every row's backward
+    with ExitStack() as stack:
+        if budget:  # one forward, every row's backward
+            run = stack.enter_context(_Replacement(*args, copies, dt))
         while int(done.sum()) < budget:
             if budget == n_feat:
                 todo = (~done).nonzero()[:, 0][:batch_size]
@@ -286,7 +288,8 @@ def attribution_graph(
             bar.update(len(todo))
     bar.close()
     # each target's value without its own encoder bias (a constant no source explains)
-    pre = [float(tcs[la].pre_activation(xs[la][p])[i] - tcs[la].b_enc[i]) for la, p, i in feats]
+    pre_all = [tcs[la].pre_activation(xs[la]) - tcs[la].b_enc.to(dt) for la in range(L)]  # [P, W]
+    pre = [float(pre_all[la][p, i]) for la, p, i in feats]
     clean = logits[0, -1, tok] - (logits[0, -1, wrong] if wrong is not None else 0.0)
     values = torch.tensor(pre + [float(clean)], dtype=torch.float64)
     g, pairs = _graph(lm, batch, (tok, wrong), feats, acts, A, slot_of, values, node_threshold,
