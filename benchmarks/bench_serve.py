@@ -121,6 +121,21 @@ def graph(args: argparse.Namespace) -> dict:
     return out
 
 
+# moves the |weight| slider to `to` (0..1000, sqrt scale) and resolves with the
+# ms from the input event to the second animation frame after it (Cytoscape
+# draws on the first)
+RETHRESHOLD_JS = """(to) => new Promise((ok) => {
+    const s = document.querySelector('.view-graph input[type=range]');
+    const t0 = performance.now();
+    s.value = String(to);
+    s.dispatchEvent(new Event('input'));
+    requestAnimationFrame(() => requestAnimationFrame(() => ok(performance.now() - t0)));
+})"""
+# name -> the slider's new value from its initial one (the 300 strongest edges)
+STEPS = {"rethreshold_ms": lambda v: max(0, v - 150), "show_all_ms": lambda v: 0,
+         "back_to_300_ms": lambda v: v}  # fmt: skip
+
+
 def browser(d: Path, args: argparse.Namespace) -> dict | str:
     try:
         from playwright.sync_api import sync_playwright
@@ -134,31 +149,42 @@ def browser(d: Path, args: argparse.Namespace) -> dict | str:
     try:
         with sync_playwright() as p:
             b = p.chromium.launch(executable_path=str(exe), args=["--no-sandbox", "--disable-gpu"])
-            for cap in [None, *args.max_edges]:
-                runs = []
-                for _ in range(args.browser_repeats):
-                    pg = b.new_page(viewport={"width": 1400, "height": 1000})
-                    q = "&result=big.json&max_edges=" + str(cap or 0)
-                    t = time.perf_counter()
-                    pg.goto(url + q)
-                    pg.wait_for_selector(".view-graph[data-render-ms]", timeout=600_000)
-                    wall = time.perf_counter() - t
-                    ms = float(pg.get_attribute(".view-graph", "data-render-ms"))
-                    rethr = pg.evaluate("""() => new Promise((ok) => {
-                        const s = document.querySelector('.view-graph input[type=range]');
-                        const t0 = performance.now();
-                        s.value = String(Math.max(0, Number(s.value) - 150));
-                        s.dispatchEvent(new Event('input'));
-                        requestAnimationFrame(() => requestAnimationFrame(() => ok(performance.now() - t0)));
-                    })""")
-                    shown = pg.locator(".view-graph .count").inner_text()
-                    runs.append((wall, ms, rethr, shown))
-                    pg.close()
-                key = f"cap_{cap}" if cap else "full"
-                res[key] = {"goto_to_render_s": round(statistics.median(r[0] for r in runs), 2),
-                            "render_ms": round(statistics.median(r[1] for r in runs)),
-                            "rethreshold_ms": round(statistics.median(r[2] for r in runs)),
-                            "after_rethreshold": runs[-1][3], "runs": len(runs)}  # fmt: skip
+            for renderer in args.renderers:
+                for cap in [None, *args.max_edges]:
+                    runs = []
+                    for _ in range(args.browser_repeats):
+                        pg = b.new_page(viewport={"width": 1400, "height": 1000})
+                        q = f"&result=big.json&renderer={renderer}&max_edges={cap or 0}"
+                        t = time.perf_counter()
+                        pg.goto(url + q)
+                        pg.wait_for_selector(".view-graph[data-render-ms]", timeout=600_000)
+                        wall = time.perf_counter() - t
+                        ms = float(pg.get_attribute(".view-graph", "data-render-ms"))
+                        start = int(
+                            pg.evaluate(
+                                "document.querySelector('.view-graph input[type=range]').value"
+                            )
+                        )
+                        run = {
+                            "wall": wall,
+                            "render": ms,
+                            "renderer": pg.get_attribute(".view-graph .cy", "data-renderer"),
+                        }
+                        for name, to in STEPS.items():
+                            run[name] = pg.evaluate(RETHRESHOLD_JS, to(start))
+                            run[name + "_edges"] = pg.get_attribute(
+                                ".view-graph .cy", "data-shown-edges"
+                            )
+                        runs.append(run)
+                        pg.close()
+                    key = f"{renderer}_cap_{cap}" if cap else f"{renderer}_full"
+                    med = {k: round(statistics.median(r[k] for r in runs))
+                           for k in ("render", "rethreshold_ms", "show_all_ms", "back_to_300_ms")}  # fmt: skip
+                    res[key] = {"goto_to_render_s": round(statistics.median(r["wall"] for r in runs), 2),
+                                "render_ms": med.pop("render"), **med,
+                                "renderer": runs[-1]["renderer"],
+                                "edges": {k: runs[-1][k + "_edges"] for k in STEPS},
+                                "runs": len(runs)}  # fmt: skip
             b.close()
     finally:
         proc.terminate()
@@ -244,7 +270,8 @@ def main() -> None:
     g = sub.add_parser("graph")
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--browser-repeats", type=int, default=2)
-    g.add_argument("--max-edges", type=int, nargs="*", default=[5000])
+    g.add_argument("--max-edges", type=int, nargs="*", default=[])
+    g.add_argument("--renderers", nargs="+", default=["webgl", "canvas"])
     g.add_argument("--no-browser", action="store_true")
     v = sub.add_parser("live")
     v.add_argument("--repeats", type=int, default=20)

@@ -50,6 +50,13 @@ PAYLOADS = [
     HOSTILE,
 ]
 STATIC = Path(al.__file__).parent / "serve" / "static"
+# browser screenshots are kept here (CI uploads the folder as the run's artefacts)
+ARTIFACTS = Path(os.environ.get("ATTRLAB_TEST_ARTIFACTS") or Path(__file__).parent / "_artifacts")
+
+
+def artefact(name: str) -> str:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return str(ARTIFACTS / name)
 
 
 # ----------------------------------------------------------------- fixtures
@@ -944,7 +951,7 @@ def _shown_number(page, key):
     return float(page.locator(f'#check-out tr[data-key="{key}"] td').inner_text())
 
 
-def test_pin_a_node_and_press_ablate_in_the_page(page, server, lm, tcs, results_dir, tmp_path):
+def test_pin_a_node_and_press_ablate_in_the_page(page, server, lm, tcs, results_dir):
     """A real mouse click on a feature node of an attribution graph pins it; the
     check button shows the metric change the Python API gives."""
     page.goto(f"{server}&result=ag.json")
@@ -959,7 +966,7 @@ def test_pin_a_node_and_press_ablate_in_the_page(page, server, lm, tcs, results_
     page.wait_for_selector(".subgraph .pins li")
     assert page.locator(".subgraph .pins li").all_inner_texts() == [node]
     assert page.locator("#selection h3").inner_text() == "selection: 1 pinned node"
-    page.screenshot(path=str(tmp_path / "pinned.png"))
+    page.screenshot(path=artefact("graph-pinned.png"))
     page.click("#check-btn")
     page.wait_for_selector('#check-out tr[data-key="change"]')
     shown = _shown_number(page, "change")
@@ -971,7 +978,10 @@ def test_pin_a_node_and_press_ablate_in_the_page(page, server, lm, tcs, results_
                                        [[], _edits([node], "set", lambda *_: 0.0)])  # fmt: skip
     m = _ag_metric(logits, g)
     assert shown == pytest.approx(float(m[1] - m[0]), rel=1e-3, abs=1e-4)
-    page.screenshot(path=str(tmp_path / "ablated.png"))
+    page.screenshot(path=artefact("graph-ablated.png"))
+    # the README's picture (docs/img/serve.png): graph, pinned node and the check's result
+    page.locator("#selection").scroll_into_view_if_needed()
+    page.screenshot(path=artefact("serve.png"), full_page=True)
     assert not [c for c in page.console_lines if c.startswith("error")], page.console_lines
 
 
@@ -985,6 +995,7 @@ def test_select_three_heads_and_ablate_in_the_page(page, server, client):
     page.wait_for_selector('#check-out tr[data-key="change"]')
     api = client.post("/api/ablate", json={"id": "heads.attr", "select": [0, 5, 6]}).json()
     assert _shown_number(page, "change") == pytest.approx(api["change"], rel=1e-3, abs=1e-4)
+    page.screenshot(path=artefact("heatmap-ablated.png"))
 
 
 def test_diff_view_in_the_page(page, server):
@@ -997,3 +1008,93 @@ def test_diff_view_in_the_page(page, server):
     page.select_option("#diff-select", "tokens_occ.attr")
     page.wait_for_selector('[data-view="diff"][data-mode="units"]')
     assert "same units" in page.locator(".diff-note").inner_text()
+    page.screenshot(path=artefact("diff.png"), full_page=True)
+
+
+@pytest.mark.parametrize("rid, view", [("tokens.attr", "tokens"), ("lens.attr", "lens"),
+                                       ("routes.json", "graph")])  # fmt: skip
+def test_each_view_renders_and_is_kept_as_a_screenshot(page, server, rid, view):
+    page.goto(f"{server}&result={rid}")
+    page.wait_for_selector(f'body[data-ready="1"] [data-view="{view}"]')
+    if view == "graph":
+        page.wait_for_selector(".view-graph[data-render-ms]")
+    page.screenshot(path=artefact(f"{view}.png"), full_page=True)
+
+
+def _big_graph(n_nodes=10_000, n_edges=100_000, seed=0):
+    """As benchmarks/bench_serve.py: 20 layers x 50 positions x 10 features."""
+    g = torch.Generator().manual_seed(seed)
+    P, per = 50, n_nodes // 1000  # 20 layers of 50 positions x 10 features
+    layer = torch.arange(n_nodes) // (P * per)
+    pos = (torch.arange(n_nodes) // per) % P
+    ids = [f"f{lay}.{i % per}@{p}" for i, (lay, p) in enumerate(zip(layer.tolist(), pos.tolist()))]
+    a = torch.randint(0, n_nodes, (n_edges,), generator=g)
+    b = torch.randint(0, n_nodes, (n_edges,), generator=g)
+    b = torch.where(layer[a] == layer[b], (b + per * P) % n_nodes, b)
+    src, dst = torch.where(layer[a] < layer[b], a, b), torch.where(layer[a] < layer[b], b, a)
+    w = torch.randn(n_edges, generator=g).mul(1.5).exp()
+    w = torch.where(torch.rand(n_edges, generator=g) < 0.7, w, -w)
+    return al.GraphResult(
+        {"id": ids, "kind": ["feature"] * n_nodes, "layer": layer.tolist(), "position": pos.tolist()},
+        {"source": [ids[i] for i in src.tolist()], "target": [ids[i] for i in dst.tolist()],
+         "weight": w.tolist()}, method="synthetic", target="bench",
+    )  # fmt: skip
+
+
+def test_a_100k_edge_graph_renders_and_rethresholds_in_the_page(page, results_dir, tmp_path):
+    """#19: 10,000 nodes / 100,000 edges, all sent (the page's default cap is above
+    that); only above-threshold edges are Cytoscape elements. Bounds are loose
+    (shared CI machines); the numbers are printed and benchmarks/RESULTS.md has
+    the medians (benchmarks/bench_serve.py graph)."""
+    d = tmp_path / "big"
+    d.mkdir()
+    _big_graph().save(d / "big.json")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "attrlab.cli", "serve", str(d), "--port", str(port), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        url = re.search(r"(http://127\.0\.0\.1:\d+/\?token=\S+)", proc.stdout.readline()).group(1)
+        for _ in range(100):  # until uvicorn accepts connections
+            try:
+                urllib.request.urlopen(url, timeout=2).read()
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.1)
+        t = time.perf_counter()
+        page.goto(f"{url}&result=big.json")
+        page.wait_for_selector(".view-graph[data-render-ms]", timeout=120_000)
+        wall = time.perf_counter() - t
+        render = float(page.get_attribute(".view-graph", "data-render-ms"))
+        cy = page.locator(".view-graph .cy")
+        assert (
+            cy.get_attribute("data-edges") == "100000" and cy.get_attribute("data-nodes") == "10000"
+        )
+        assert not page.locator(".view-graph .capped").count()
+        assert cy.get_attribute("data-shown-edges") == "300"
+        start = int(page.locator(".view-graph input[type=range]").input_value())
+        times = {}
+        for name, to in [("rethreshold", max(0, start - 150)), ("back", start)]:
+            times[name] = page.evaluate("""(to) => new Promise((ok) => {
+                const s = document.querySelector('.view-graph input[type=range]');
+                const t0 = performance.now();
+                s.value = String(to); s.dispatchEvent(new Event('input'));
+                requestAnimationFrame(() => requestAnimationFrame(() => ok(performance.now() - t0)));
+            })""", to)  # fmt: skip
+            times[name + "_edges"] = int(cy.get_attribute("data-shown-edges"))
+        print(f"\n100k-edge graph: goto -> drawn {wall:.2f} s, render {render:.0f} ms, "
+              f"re-threshold to {times['rethreshold_edges']} edges {times['rethreshold']:.0f} ms, "
+              f"back to {times['back_edges']} edges {times['back']:.0f} ms")  # fmt: skip
+        assert (
+            times["rethreshold_edges"] > 1000 and abs(times["back_edges"] - 300) < 20
+        )  # slider rounding
+        assert (
+            page.evaluate("document.querySelector('.view-graph').cy.edges().length")
+            == times["back_edges"]
+        )
+        page.screenshot(path=artefact("graph-100k.png"))
+        assert wall < 30 and render < 15_000 and times["rethreshold"] < 15_000
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -274,6 +274,7 @@ class FeaturesBound(Bound):
 
 def recorder(live: dict[str, Tensor], site: str) -> Any:
     """An intervention function that records the site's live value in ``live[site]``."""
+
     def fn(x: Tensor) -> Tensor:
         live[site] = x
         return x

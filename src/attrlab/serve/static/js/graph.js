@@ -70,17 +70,52 @@ function nodeLabel(g, i) {
   return visible(g.nodes.id[i]);
 }
 
+// graphs with more nodes than this label a node only when hovered or pinned
+const LABEL_ALL_NODES = 500;
+// graphs with more edges than this draw edges as "haystack" lines without
+// arrowheads (Cytoscape's cheapest edges; edges run up the layers anyway)
+const FAST_EDGES = 2000;
+
+function hasWebGL2() {
+  try { return Boolean(document.createElement("canvas").getContext("webgl2")); } catch (e) { return false; }
+}
+
+// Cytoscape's 2-D canvas renderer, or its WebGL one with `?renderer=webgl` in
+// the page URL (when the browser has WebGL 2). Not the default: with software
+// WebGL (headless Chromium, SwiftShader) it drew large graphs about 1.5-2x slower
+// than the canvas (benchmarks/RESULTS.md)
+function chooseRenderer() {
+  const asked = new URLSearchParams(window.location.search).get("renderer");
+  return asked === "webgl" && hasWebGL2() ? "webgl" : "canvas";
+}
+
+// Only the edges at or above the threshold (and the nodes they touch, and the
+// pinned nodes) are elements of the Cytoscape graph: edges are kept sorted by
+// |weight|, so the shown set is always a prefix of that order and a new
+// threshold adds or removes only the edges between the old and new prefix
+// length (one cy.add of an array / one cy.remove in one batch). Positions are
+// preset (layer x position), styles are data-mapped or by class, no layout runs.
 export function renderGraph(g, ctx) {
   const t0 = performance.now();
   const box = el("div", { class: "view view-graph", data: { view: "graph" } });
   const n = g.nodes.id.length, m = g.edges.source.length;
-  const weights = g.edges.weight.map((w) => Math.abs(w));
-  const sorted = [...weights].sort((a, b) => b - a);
-  const maxW = sorted[0] || 1;
+  const absW = new Float64Array(m);
+  for (let j = 0; j < m; j++) absW[j] = Math.abs(Number(g.edges.weight[j]) || 0);
+  const order = new Uint32Array(m);
+  for (let j = 0; j < m; j++) order[j] = j;
+  order.sort((a, b) => absW[b] - absW[a] || a - b);
+  const maxW = m ? absW[order[0]] || 1 : 1;
+  // the number of edges with |weight| >= t (binary search over the sorted order)
+  const countAbove = (t) => {
+    let lo = 0, hi = m;
+    while (lo < hi) { const mid = (lo + hi) >> 1; if (absW[order[mid]] >= t) lo = mid + 1; else hi = mid; }
+    return lo;
+  };
   // default threshold: keep the strongest 300 edges (or all)
-  let threshold = m > 300 ? sorted[299] : 0;
+  let threshold = m > 300 ? absW[order[299]] : 0;
   const pins = ctx.pins;
-  const canvas = el("div", { class: "cy", data: { nodes: n, edges: m } });
+  const renderer = chooseRenderer();
+  const canvas = el("div", { class: "cy", data: { nodes: n, edges: m, renderer } });
   const pane = el("div", { class: "subgraph" });
   const label = el("span", { class: "thr" });
   const slider = el("input", { type: "range", min: "0", max: "1000", value: String(Math.round(1000 * Math.sqrt(threshold / maxW))),
@@ -88,31 +123,41 @@ export function renderGraph(g, ctx) {
   const shown = el("span", { class: "count" });
   box.append(el("div", { class: "toolbar" }, "|weight| ≥ ", slider, " ", label, " ", shown,
     el("button", { type: "button", text: "clear pins", on: { click: () => { pins.clear(); update(); } } }),
-    el("button", { type: "button", text: "fit", on: { click: () => cy && cy.fit() } })),
-    g.capped ? el("p", { class: "note capped", text: `the server sent the ${m} strongest of ${g.capped.n_edges} edges (|weight| ≥ ${fmt(g.capped.min_abs_weight)}) and their ${n} of ${g.capped.n_nodes} nodes` }) : null,
+    el("button", { type: "button", text: "fit", on: { click: () => cy && cy.fit(undefined, 20) } })),
+    g.capped ? el("p", { class: "note capped", text: `the server sent the ${m} strongest of ${g.capped.n_edges} edges (|weight| ≥ ${fmt(g.capped.min_abs_weight)}) and their ${n} of ${g.capped.n_nodes} nodes` }) : "",
     el("div", { class: "graph-row" }, canvas, pane));
+
+  const index = new Map();
+  for (let i = 0; i < n; i++) index.set(String(g.nodes.id[i]), i);
+  const srcIdx = new Int32Array(m), dstIdx = new Int32Array(m);
+  for (let j = 0; j < m; j++) {
+    srcIdx[j] = index.get(String(g.edges.source[j])) ?? -1;
+    dstIdx[j] = index.get(String(g.edges.target[j])) ?? -1;
+  }
+  const place = layout(g);
+  const labels = new Array(n);  // computed when a node is first added
+  const degree = new Int32Array(n);  // shown edges touching each node
+  const nodeEl = new Array(n).fill(null), edgeEl = new Array(m).fill(null);
+  let nShown = 0;  // edges order[0 .. nShown) are in the graph
 
   const hasCy = typeof window.cytoscape === "function";
   let cy = null;
-  const place = layout(g);
   if (hasCy) {
-    const elements = [];
-    g.nodes.id.forEach((id, i) => elements.push({ group: "nodes", data: { id: String(id), label: nodeLabel(g, i) }, position: place[i] }));
-    g.edges.source.forEach((s, j) => elements.push({ group: "edges", data: {
-      id: `e${j}`, source: String(s), target: String(g.edges.target[j]), w: g.edges.weight[j],
-      width: 0.5 + 5 * Math.abs(g.edges.weight[j]) / maxW } }));
+    const many = n > LABEL_ALL_NODES;
     cy = window.cytoscape({
-      container: canvas, elements, layout: { name: "preset" },
-      hideEdgesOnViewport: m > 5000, textureOnViewport: m > 5000, pixelRatio: 1,
+      container: canvas, elements: [], layout: { name: "preset" },
+      renderer: renderer === "webgl" ? { name: "canvas", webgl: true } : { name: "canvas" },
+      hideEdgesOnViewport: renderer === "canvas" && m > 5000, textureOnViewport: renderer === "canvas" && m > 5000, pixelRatio: 1,
       style: [
-        { selector: "node", style: { label: "data(label)", "font-size": 9, width: 12, height: 12,
-          "min-zoomed-font-size": n > 500 ? 7 : 0,
+        { selector: "node", style: { label: many ? "" : "data(label)", "font-size": 9, width: 12, height: 12,
           "background-color": "#888", "text-valign": "top", color: "#222" } },
+        { selector: "node.hover, node.pinned", style: { label: "data(label)", "z-index": 10 } },
         { selector: "node.pinned", style: { "background-color": "#ff9800", "border-width": 2, "border-color": "#333" } },
-        { selector: "edge", style: { width: "data(width)", "curve-style": "straight", "target-arrow-shape": "triangle",
-          "arrow-scale": 0.6, opacity: 0.7, "line-color": "#d62728", "target-arrow-color": "#d62728" } },
-        { selector: "edge[w < 0]", style: { "line-color": "#1f77b4", "target-arrow-color": "#1f77b4" } },
-        { selector: ".hidden", style: { display: "none" } },
+        { selector: "edge", style: m > FAST_EDGES
+          ? { width: "data(width)", "curve-style": "haystack", "haystack-radius": 0, opacity: 0.6, "line-color": "#d62728" }
+          : { width: "data(width)", "curve-style": "straight", "target-arrow-shape": "triangle",
+            "arrow-scale": 0.6, opacity: 0.7, "line-color": "#d62728", "target-arrow-color": "#d62728" } },
+        { selector: "edge.neg", style: { "line-color": "#1f77b4", "target-arrow-color": "#1f77b4" } },
       ],
     });
     cy.on("tap", "node", (e) => {
@@ -120,28 +165,67 @@ export function renderGraph(g, ctx) {
       if (pins.has(id)) pins.delete(id); else pins.add(id);
       update();
     });
+    cy.on("mouseover", "node", (e) => e.target.addClass("hover"));
+    cy.on("mouseout", "node", (e) => e.target.removeClass("hover"));
   } else {
     canvas.append(el("p", { class: "error", text: "Cytoscape.js did not load: the graph cannot be drawn" }));
   }
 
+  const nodeDef = (i) => {
+    if (labels[i] === undefined) labels[i] = nodeLabel(g, i);
+    return { group: "nodes", data: { id: String(g.nodes.id[i]), label: labels[i] }, position: { ...place[i] } };
+  };
+  const edgeDef = (j) => ({ group: "edges", classes: g.edges.weight[j] < 0 ? "neg" : "", data: {
+    id: `e${j}`, source: String(g.nodes.id[srcIdx[j]]), target: String(g.nodes.id[dstIdx[j]]), w: g.edges.weight[j],
+    width: 0.5 + 5 * absW[j] / maxW } });
+  const wanted = (i) => degree[i] > 0 || pins.has(String(g.nodes.id[i]));
+
+  // swap the shown edge set for the strongest k edges, and the nodes to match
+  function showTop(k) {
+    if (!cy) { nShown = k; return; }
+    const addNodes = [], addEdges = [], gone = [];
+    if (k > nShown) {
+      for (let r = nShown; r < k; r++) {
+        const j = order[r], a = srcIdx[j], b = dstIdx[j];
+        if (a < 0 || b < 0) continue;
+        for (const i of [a, b]) { if (degree[i]++ === 0 && !nodeEl[i]) { nodeEl[i] = true; addNodes.push(i); } }
+        addEdges.push(j);
+      }
+    } else {
+      for (let r = k; r < nShown; r++) {
+        const j = order[r], a = srcIdx[j], b = dstIdx[j];
+        if (a < 0 || b < 0) continue;
+        gone.push(edgeEl[j]); edgeEl[j] = null;
+        for (const i of [a, b]) { if (--degree[i] === 0 && !wanted(i)) { gone.push(nodeEl[i]); nodeEl[i] = null; } }
+      }
+    }
+    for (const id of pins) {  // pinned nodes stay drawn
+      const i = index.get(id);
+      if (i !== undefined && !nodeEl[i]) { nodeEl[i] = true; addNodes.push(i); }
+    }
+    nShown = k;
+    cy.batch(() => {
+      if (gone.length) cy.remove(cy.collection(gone));
+      if (addNodes.length || addEdges.length) {
+        const added = cy.add(addNodes.map(nodeDef).concat(addEdges.map(edgeDef)));
+        for (let q = 0; q < addNodes.length; q++) nodeEl[addNodes[q]] = added[q];
+        for (let q = 0; q < addEdges.length; q++) edgeEl[addEdges[q]] = added[addNodes.length + q];
+      }
+      // nodes that only a pin kept
+      const unpinned = [];
+      for (let i = 0; i < n; i++) if (nodeEl[i] && degree[i] === 0 && !pins.has(String(g.nodes.id[i]))) { unpinned.push(nodeEl[i]); nodeEl[i] = null; }
+      if (unpinned.length) cy.remove(cy.collection(unpinned));
+      cy.nodes(".pinned").removeClass("pinned");
+      for (const id of pins) { const i = index.get(id); if (i !== undefined && nodeEl[i]) nodeEl[i].addClass("pinned"); }
+    });
+  }
+
   function update() {
     label.textContent = fmt(threshold);
-    const keep = new Set();
-    let nEdges = 0;
-    if (cy) {
-      cy.batch(() => {
-        cy.edges().forEach((e, j) => {
-          const on = Math.abs(e.data("w")) >= threshold;
-          if (on) { nEdges++; keep.add(e.data("source")); keep.add(e.data("target")); }
-          e.toggleClass("hidden", !on);
-        });
-        cy.nodes().forEach((nd) => {
-          nd.toggleClass("hidden", !keep.has(nd.id()) && !pins.has(nd.id()));
-          nd.toggleClass("pinned", pins.has(nd.id()));
-        });
-      });
-    }
-    shown.textContent = `${nEdges} of ${m} edges shown`;
+    showTop(countAbove(threshold));
+    shown.textContent = `${nShown} of ${m} edges shown`;
+    canvas.dataset.shownEdges = String(nShown);
+    canvas.dataset.shownNodes = String(cy ? cy.nodes().length : 0);
     renderPane();
   }
 
@@ -150,11 +234,13 @@ export function renderGraph(g, ctx) {
     pane.append(el("h4", { text: `pinned nodes (${pins.size})` }));
     pane.append(el("ul", { class: "pins" }, [...pins].map((id) => el("li", { text: visible(id) }))));
     const sub = [];
-    g.edges.source.forEach((s, j) => {
-      if (pins.has(String(s)) && pins.has(String(g.edges.target[j]))) sub.push(j);
-    });
+    if (pins.size) {
+      const pinned = new Uint8Array(n);
+      for (const id of pins) { const i = index.get(id); if (i !== undefined) pinned[i] = 1; }
+      for (let j = 0; j < m; j++) if (srcIdx[j] >= 0 && dstIdx[j] >= 0 && pinned[srcIdx[j]] && pinned[dstIdx[j]]) sub.push(j);
+    }
     pane.append(el("h4", { text: `selected subgraph: ${sub.length} edges` }));
-    sub.sort((a, b) => Math.abs(g.edges.weight[b]) - Math.abs(g.edges.weight[a]));
+    sub.sort((a, b) => absW[b] - absW[a]);
     pane.append(el("table", { class: "sub-edges" }, sub.slice(0, 200).map((j) =>
       el("tr", {}, el("td", { text: visible(g.edges.label ? g.edges.label[j] : `${g.edges.source[j]} → ${g.edges.target[j]}`) }),
         el("td", { class: "num", text: fmt(g.edges.weight[j]) })))));

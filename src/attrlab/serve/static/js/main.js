@@ -21,8 +21,8 @@ const ctx = {
 };
 
 const $ = (id) => document.getElementById(id);
-// the most edges of a graph the page asks for (benchmarks/RESULTS.md: 100,000 take ~18 s to draw)
-const MAX_EDGES = 5000;
+// the most edges of a graph the page asks for (a 100,000-edge graph draws in ~1 s: benchmarks/RESULTS.md)
+const MAX_EDGES = 200000;
 
 function showError(where, e) {
   clear(where);
