@@ -502,7 +502,11 @@ def test_key_value_units_of_grouped_query_models(llama_gqa, head_site):
         torch.testing.assert_close(r.extra["atp_qk"], r.extra["atp"])
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "mistral", "gemma", "phi3"])
+@pytest.mark.parametrize(
+    "family",
+    ["gpt2", "llama", "qwen2", "mistral", "gemma", "phi3", "granite", "olmo", "starcoder2"]
+    + ["gpt_bigcode", "seed_oss", "arcee", "jais2", "cwm"],
+)
 def test_scores_qk_reproduce_the_attention_pattern(family):
     """Oracle for the QK fix: softmax(scaling * q'.k' + causal mask) of the
     adapter's rotated, head-shared q/k equals the model's own pattern (also for a
@@ -524,8 +528,9 @@ def test_scores_qk_reproduce_the_attention_pattern(family):
         ref = c[f"blocks.{ly}.attn.pattern"]
         for row, first in ((0, 1), (1, 0)):  # real query rows only
             torch.testing.assert_close(pat[row, :, first:], ref[row, :, first:], atol=1e-5, rtol=0)
-    # wrong positions give other scores: the rotation is really applied
-    if family != "gpt2":
+    # wrong positions give other scores: the rotation is really applied (GPT-2 and
+    # GPT-BigCode have learned positions, no rotation)
+    if not lm.adapter.plain_qk_scores:
         q, k = lm.adapter.scores_qk(c["blocks.0.attn.q"], c["blocks.0.attn.k"], b.position_ids + 3)
         q0, k0 = lm.adapter.scores_qk(c["blocks.0.attn.q"], c["blocks.0.attn.k"], b.position_ids)
         assert not torch.allclose(q, q0)
@@ -764,9 +769,10 @@ def _linear_tail_rotary_model(family: str):
     query heads, 2 key/value heads): layer 1's MLP writes nothing and the final
     RMSNorm is made linear (huge eps, rescaled weight)."""
     hf, tok = al.testing.tiny_model(family, dtype=torch.float64, num_hidden_layers=2)
-    # Gemma's tiny model attends softly: sharpen more, so that AtP's error stands
-    # clear of the float32 noise of its norms
-    sharpen = 32.0 if family == "gemma" else 4.0
+    # Gemma's and Granite's tiny models attend softly (Granite: attention and
+    # residual multipliers < 1): sharpen more, so that AtP's error stands clear of
+    # the float32 noise of their norms
+    sharpen = 32.0 if family in ("gemma", "granite") else 4.0
     with torch.no_grad():
         for blk in hf.model.layers:
             attn = blk.self_attn
@@ -786,7 +792,7 @@ def _linear_tail_rotary_model(family: str):
     return al.wrap(hf, tok)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "phi3", "granite"])
 def test_next_attn_is_exact_on_rotary_families(family):
     """The oracle of test_next_attn_is_exact_when_the_rest_is_linear on rotary
     models with grouped-query attention: the next layer's scores are recomputed
@@ -872,7 +878,9 @@ def test_default_atp_star_runs_on_every_family(family):
     q = al.attribute(lm, PROMPT, method="atp*", counterfactual=CF, head_site="q", **kw)
     assert torch.isfinite(z.scores).all() and torch.isfinite(q.scores).all()
     assert ("unavailable" in z.diagnostics["next_attn"]) == (
-        family not in ("gpt2", "llama", "mistral", "qwen2", "gemma", "phi3")
+        family
+        not in ("gpt2", "llama", "mistral", "qwen2", "gemma", "phi3", "granite", "olmo")
+        + ("starcoder2", "gpt_bigcode", "seed_oss", "arcee", "jais2", "cwm")
     )
     assert ("qk_fix" in q.diagnostics) != lm.adapter.qk_scores_exact(len(lm.encode(PROMPT)))
     assert ("unavailable" in z.diagnostics["tail_fix"]) == lm.cfg.parallel_residual
@@ -893,3 +901,19 @@ def test_atp_star_honours_a_neuron_subset_and_labels_like_occlusion(lm):
     d = lm.cfg.d_mlp
     cols = [la * d + n for la in range(lm.cfg.n_layers) for n in (0, 5)]
     torch.testing.assert_close(r.scores, full.scores[cols])
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2", "phi", "gptj"])
+def test_scores_qk_refuses_where_the_scores_are_not_a_function_of_the_sites(family):
+    """q/k norms (Qwen3, OLMo 2) and partial / interleaved rotary (Phi, GPT-J):
+    scores_qk raises a typed error naming the reason instead of returning wrong
+    scores, and AtP*'s QK fix falls back to linear AtP saying so."""
+    lm = al.wrap(*al.testing.tiny_model(family))
+    assert not lm.qk_scores_exact(8)
+    c = lm.cfg
+    q, k = torch.randn(1, 3, c.n_heads, c.d_head), torch.randn(1, 3, c.n_kv_heads, c.d_head)
+    with pytest.raises(al.errors.UnsupportedArchitectureError, match=f"family {family!r}"):
+        lm.scores_qk(q, k, torch.arange(3)[None])
+    r = al.attribute(lm, PROMPT, target=(" Mary", " John"), method="atp*", counterfactual=CF,
+                     units=al.units.Heads(per_position=True), head_site="q")  # fmt: skip
+    assert "unavailable" in r.diagnostics["qk_fix"]

@@ -34,6 +34,20 @@ Document 1: the meeting is on Monday. Document 2: the report is due Friday.
 # (family name, model_type, extra config kwargs)
 FAMILIES: tuple[str, ...] = (
     "gpt2",
+    "stablelm",
+    "granite",
+    "cohere",
+    "starcoder2",
+    "gpt_bigcode",
+    "helium",
+    "seed_oss",
+    "arcee",
+    "ernie4_5",
+    "smollm3",
+    "glm",
+    "jais2",
+    "ministral3",
+    "cwm",
     "gpt_neox",
     "gpt_neox_sequential",
     "llama",
@@ -43,7 +57,26 @@ FAMILIES: tuple[str, ...] = (
     "gemma2",
     "gemma3",
     "phi3",
+    "qwen3",
+    "olmo",
+    "olmo2",
+    "phi",
+    "gptj",
 )
+
+
+# extra config kwargs of the Llama-layout families built with AutoConfig.for_model
+_LLAMA_LAYOUT: dict[str, dict[str, Any]] = {
+    "helium": {},
+    "seed_oss": dict(attention_bias=True),
+    "arcee": {},
+    "ernie4_5": {},
+    "smollm3": dict(no_rope_layers=[1, 0]),  # layer 1 without rotary (NoPE)
+    "glm": {},
+    "jais2": {},
+    "ministral3": {},
+    "cwm": {},
+}
 
 
 @functools.lru_cache(maxsize=4)
@@ -121,12 +154,76 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
         cfg = MistralConfig(**llama_like)
     elif family == "qwen2":
         cfg = Qwen2Config(**llama_like)
+    elif family == "stablelm":
+        from transformers import StableLmConfig
+
+        cfg = StableLmConfig(use_qkv_bias=True, qk_layernorm=True, **llama_like)
+    elif family == "granite":
+        from transformers import GraniteConfig
+
+        cfg = GraniteConfig(
+            embedding_multiplier=2.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.25,
+            logits_scaling=4.0,
+            attention_bias=True,
+            **llama_like,
+        )
+    elif family == "cohere":
+        from transformers import CohereConfig
+
+        cfg = CohereConfig(logit_scale=0.5, use_qk_norm=True, **llama_like)
+    elif family == "starcoder2":
+        from transformers import Starcoder2Config
+
+        cfg = Starcoder2Config(**llama_like)
+    elif family == "gpt_bigcode":
+        from transformers import GPTBigCodeConfig
+
+        cfg = GPTBigCodeConfig(
+            n_embd=32, n_layer=2, n_head=4, n_positions=128, n_inner=64, **common
+        )  # multi_query=True: one shared key/value head
+    elif family in _LLAMA_LAYOUT:
+        # Llama-layout model types whose adapters are thin LlamaAdapter subclasses
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.for_model(family, head_dim=8, **llama_like, **_LLAMA_LAYOUT[family])
     elif family == "gemma":
         cfg = GemmaConfig(head_dim=8, **llama_like)
     elif family == "gemma2":
         cfg = Gemma2Config(head_dim=8, final_logit_softcapping=30.0, **llama_like)
     elif family == "gemma3":
         cfg = Gemma3TextConfig(head_dim=8, **llama_like)
+    elif family == "qwen3":
+        from transformers import Qwen3Config
+
+        cfg = Qwen3Config(head_dim=8, **llama_like)
+    elif family == "olmo":
+        from transformers import OlmoConfig
+
+        cfg = OlmoConfig(**llama_like)
+    elif family == "olmo2":
+        from transformers import Olmo2Config
+
+        cfg = Olmo2Config(**llama_like)
+    elif family == "phi":
+        from transformers import PhiConfig
+
+        # phi-2's layout: partial rotary, one shared LayerNorm; partial_rotary_factor is
+        # still read (into rope_parameters) but not in the signature
+        cfg = PhiConfig(  # type: ignore[call-arg]
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            partial_rotary_factor=0.5,
+            **common,
+        )
+    elif family == "gptj":
+        from transformers import GPTJConfig
+
+        cfg = GPTJConfig(n_embd=32, n_layer=2, n_head=4, n_positions=128, rotary_dim=4, **common)
     elif family == "phi3":
         cfg = Phi3Config(**llama_like)
     else:

@@ -90,6 +90,7 @@ class HookSession:
         self._z: dict[int, Tensor] = {}
         self._resid_pre: dict[int, Tensor] = {}
         self._attn_in: dict[int, Tensor] = {}  # input of the pre-attention norm
+        self._mlp_in: dict[int, Tensor] = {}  # input of a norm the MLP shares with attention
         self._qkv_w: dict[int, dict[str, tuple[Tensor, Tensor | None]]] = {}
         self._owner: int | None = None  # the thread whose forwards the hooks act on
 
@@ -146,7 +147,9 @@ class HookSession:
         # one-token forward, cached) before any hook is installed
         self._block_tuple = bool(self.start_layer) and a.block_returns_tuple()
         if self._needs("embed"):
-            self._add(a.token_embedding(), "fwd", self._global_out_hook("embed"))
+            self._add(
+                a.token_embedding(), "fwd", self._global_out_hook("embed", a.embedding_multiplier)
+            )
         for layer in range(self.cfg.n_layers):
             self._install_block(layer)
         norm = a.final_norm()
@@ -157,7 +160,7 @@ class HookSession:
         if self.last_only:
             self._add(a.unembed(), "pre", self._last_only_pre)
         if self._needs("unembed"):
-            self._add(a.unembed(), "fwd", self._global_out_hook("unembed"))
+            self._add(a.unembed(), "fwd", self._global_out_hook("unembed", a.logit_multiplier))
 
     def _install_block(self, layer: int) -> None:
         a, p = self.a, f"blocks.{layer}."
@@ -195,7 +198,11 @@ class HookSession:
             target = out_norm if out_norm is not None else a.attn(layer)
             self._add(target, "fwd", self._attn_out_hook(layer, out_norm is not None))
         if self._needs(p + "mlp.in"):
-            self._add(a.mlp_in_norm(layer), "pre", self._mlp_in_hook(p + "mlp.in"))
+            if a.mlp_shares_attn_norm(layer):
+                self._add(a.mlp_in_norm(layer), "pre", self._shared_norm_in_hook(layer))
+                self._add(a.mlp(layer), "pre", self._shared_mlp_in_hook(layer))
+            else:
+                self._add(a.mlp_in_norm(layer), "pre", self._mlp_in_hook(p + "mlp.in"))
         if self._needs(p + "mlp.normed"):
             self._add(a.mlp(layer), "pre", self._mlp_in_hook(p + "mlp.normed"))
         if self._needs(p + "mlp.neurons"):
@@ -203,7 +210,7 @@ class HookSession:
         if self._needs(p + "mlp.out"):
             out_norm = a.mlp_out_norm(layer)
             target = out_norm if out_norm is not None else a.mlp(layer)
-            self._add(target, "fwd", self._global_out_hook(p + "mlp.out"))
+            self._add(target, "fwd", self._global_out_hook(p + "mlp.out", a.residual_multiplier))
 
     def _skip_block(self, block: nn.Module) -> None:
         """Make ``block`` return its input: the run starts at a later layer."""
@@ -218,13 +225,28 @@ class HookSession:
         block.forward = passthrough
 
     # ---------------------------------------------------------------- hooks
-    def _global_out_hook(self, name: str) -> Any:
+    def _global_out_hook(self, name: str, factor: float = 1.0) -> Any:
+        """The module's output is the site, or, with ``factor``, the output times
+        the constant the model applies to it outside the module (Granite's and
+        Cohere's multipliers): the site holds the scaled value."""
+
         def hook(module: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
             x = _first(out)
-            new = self._process(name, x)
-            return None if new is x else _replace_first(out, new)
+            site = x if factor == 1.0 else x * factor
+            new = self._process(name, site)
+            if factor == 1.0:
+                return None if new is x else _replace_first(out, new)
+            return _replace_first(out, self._unscale(x, site, new, factor))
 
         return hook
+
+    def _unscale(self, x: Tensor, site: Tensor, new: Tensor, factor: float) -> Tensor:
+        """What the module returns for a site ``site = x * factor`` that became
+        ``new``: ``new / factor``, or ``x`` itself (its gradient through the site
+        in grad mode) when nothing wrote it."""
+        if new is not site:
+            return new / factor
+        return _straight_through(x, site / factor) if self.grad else x
 
     @staticmethod
     def _get_hidden(args: tuple, kwargs: dict) -> Tensor:
@@ -297,6 +319,30 @@ class HookSession:
             out = out + b.to(out.dtype)
         return out.to(values.dtype)
 
+    def _shared_norm_in_hook(self, layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._mlp_in[layer] = self._get_hidden(args, kwargs)
+
+        return hook
+
+    def _shared_mlp_in_hook(self, layer: int) -> Any:
+        """``mlp.in`` of a block whose MLP reads the pre-attention norm's output:
+        the norm's input, and the MLP's input recomputed from it through the norm
+        module's own forward (no hooks), so that writing it (or its gradient)
+        concerns the MLP alone."""
+        name = f"blocks.{layer}.mlp.in"
+        norm = self.a.mlp_in_norm(layer)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            x = self._mlp_in[layer]
+            own = x.view_as(x) if self.grad else x
+            new = self._process(name, own)
+            if new is x:
+                return None
+            return self._set_hidden(args, kwargs, norm.forward(new))
+
+        return hook
+
     def _mlp_in_hook(self, name: str) -> Any:
         """``mlp.in`` (the MLP norm's input) or ``mlp.normed`` (the MLP's own input)."""
 
@@ -364,9 +410,11 @@ class HookSession:
 
     def _attn_out_hook(self, layer: int, is_norm: bool) -> Any:
         p = f"blocks.{layer}."
+        factor = self.a.residual_multiplier  # Granite: the residual receives factor * out
 
         def hook(module: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
-            x = orig = _first(out)
+            raw = _first(out)
+            x = orig = raw if factor == 1.0 else raw * factor
             if self._needs(p + "attn.head_out"):
                 norm_in = self._get_hidden(args, kwargs) if is_norm else None
                 plain = self.grad and not self.ivs.get(p + "attn.head_out")
@@ -389,6 +437,8 @@ class HookSession:
                     x = new_mid - resid_pre
                 elif self.grad:
                     x = _straight_through(x, new_mid)
+            if factor != 1.0:
+                return _replace_first(out, self._unscale(raw, orig, x, factor))
             return None if x is orig else _replace_first(out, x)
 
         return hook

@@ -601,6 +601,8 @@ class LM:
     def unembed(self, normed: Tensor) -> Tensor:
         """The model's own unembedding (then logit soft-capping, if the model has one)."""
         logits = self.adapter.unembed()(normed)
+        if self.adapter.logit_multiplier != 1.0:  # Granite, Cohere
+            logits = logits * self.adapter.logit_multiplier
         cap = self.cfg.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -619,10 +621,11 @@ class LM:
             True
         """
         ids = ids.to(self.device)
+        m = self.adapter.embedding_multiplier  # Granite scales the module's output
         with torch.no_grad():
-            if ids.dim() == 1:
-                return self.adapter.token_embedding()(ids[None])[0].detach()
-            return self.adapter.token_embedding()(ids).detach()
+            e = self.adapter.token_embedding()(ids[None] if ids.dim() == 1 else ids)
+            e = e if m == 1.0 else e * m
+            return (e[0] if ids.dim() == 1 else e).detach()
 
     def b_O(self, layer: int) -> Tensor | None:
         """Attention output projection bias ``[d_model]`` (None if it has none)."""
@@ -785,7 +788,10 @@ class LM:
             raise IndexRangeError(f"layer {layer} has no next layer (0..{c.n_layers - 2})")
         ln1 = a.sub(layer + 1, a.attn_in_norm_name)
         assert ln1 is not None
-        h = ln1(resid_mid + a.mlp(layer)(a.mlp_in_norm(layer)(resid_mid)))
+        mlp_out = a.mlp(layer)(a.mlp_in_norm(layer)(resid_mid))
+        if a.residual_multiplier != 1.0:  # Granite
+            mlp_out = mlp_out * a.residual_multiplier
+        h = ln1(resid_mid + mlp_out)
         mods = a.qkv_modules(layer + 1)
         if "qkv" in mods:
             return a.split_qkv(mods["qkv"](h))

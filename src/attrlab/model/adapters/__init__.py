@@ -13,17 +13,49 @@ from __future__ import annotations
 from torch import nn
 
 from ...errors import UnsupportedArchitectureError
+from .arcee import ArceeAdapter
 from .base import Adapter, ModelConfig
+from .cohere import CohereAdapter
+from .cwm import CwmAdapter
+from .ernie4_5 import Ernie4_5Adapter
 from .gemma import Gemma2Adapter, GemmaAdapter
+from .glm import GlmAdapter
 from .gpt2 import GPT2Adapter
+from .gpt_bigcode import GPTBigCodeAdapter
 from .gpt_neox import GPTNeoXAdapter
+from .gptj import GPTJAdapter
+from .granite import GraniteAdapter
+from .helium import HeliumAdapter
+from .jais2 import Jais2Adapter
 from .llama import LlamaAdapter
+from .ministral3 import Ministral3Adapter
 from .mistral import MistralAdapter
+from .olmo import Olmo2Adapter, OlmoAdapter
+from .phi import PhiAdapter
 from .phi3 import Phi3Adapter
 from .qwen2 import Qwen2Adapter
+from .qwen3 import Qwen3Adapter
+from .seed_oss import SeedOssAdapter
+from .smollm3 import SmolLM3Adapter
+from .stablelm import StableLmAdapter
+from .starcoder2 import Starcoder2Adapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (
     GPT2Adapter,
+    StableLmAdapter,
+    GraniteAdapter,
+    CohereAdapter,
+    Starcoder2Adapter,
+    GPTBigCodeAdapter,
+    HeliumAdapter,
+    SeedOssAdapter,
+    ArceeAdapter,
+    Ernie4_5Adapter,
+    SmolLM3Adapter,
+    GlmAdapter,
+    Jais2Adapter,
+    Ministral3Adapter,
+    CwmAdapter,
     GPTNeoXAdapter,
     LlamaAdapter,
     MistralAdapter,
@@ -31,6 +63,11 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     GemmaAdapter,
     Gemma2Adapter,
     Phi3Adapter,
+    Qwen3Adapter,
+    OlmoAdapter,
+    Olmo2Adapter,
+    PhiAdapter,
+    GPTJAdapter,
 )
 SUPPORTED_MODEL_TYPES: dict[str, type[Adapter]] = {t: a for a in ADAPTERS for t in a.model_types}
 

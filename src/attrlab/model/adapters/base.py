@@ -27,7 +27,7 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-from ...errors import InputError
+from ...errors import InputError, UnsupportedArchitectureError
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
@@ -231,11 +231,32 @@ class Adapter:
     rotary_path: ClassVar[str | None] = None
     #: model-level learned position embedding added to the token embeddings, if any
     pos_embed_path: ClassVar[str | None] = None
+    #: why this family's attention scores are not a function of the ``attn.q`` /
+    #: ``attn.k`` sites that :meth:`scores_qk` can compute (q/k norms, ALiBi, ...);
+    #: set: :meth:`qk_scores_exact` is False and :meth:`scores_qk` refuses
+    qk_scores_refusal: ClassVar[str | None] = None
+    #: constant factors the model applies outside the named modules (Granite,
+    #: Cohere): on the token embedding module's output, on attention's and the
+    #: MLP's outputs before the residual add, and on the unembedding's output.
+    #: The sites ``embed``, ``attn.out`` / ``attn.head_out``, ``mlp.out`` and
+    #: ``unembed`` hold the scaled values (what the residual stream / the logits
+    #: really receive), and ``W_O`` / ``b_O`` / ``W_out`` / ``b_out`` / ``W_U`` /
+    #: ``b_U`` include the factor, so every decomposition sums exactly.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logit_multiplier: float = 1.0
 
     def __init__(self, model: nn.Module):
         self.model: Any = model
         self.hf_config: Any = model.config
         self.cfg = self._make_config()
+
+    def mlp_shares_attn_norm(self, layer: int) -> bool:
+        """Whether the MLP reads the output of the pre-attention norm itself
+        (parallel blocks with one norm: Cohere, parallel StableLM). The
+        ``mlp.in`` site is then recomputed through that norm for the MLP alone,
+        so writing it never changes what attention reads."""
+        return self.mlp_in_norm(layer) is self.attn_in_norm(layer)
 
     # --------------------------------------------------------- key/value cache
     def kv_kwargs(self, kv_cache: Any, use_cache: bool) -> dict[str, Any]:
@@ -335,6 +356,8 @@ class Adapter:
         """Whether :meth:`scores_qk` reproduces the attention scores of an
         ``n_pos``-token causal run (no softcapping, partial rotary, or sliding
         window shorter than the run)."""
+        if self.qk_scores_refusal is not None:
+            return False
         if self.plain_qk_scores:
             return True
         if self.rotary_path is None:
@@ -376,7 +399,15 @@ class Adapter:
             >>> q2, k2 = lm.adapter.scores_qk(q, k, torch.arange(3)[None])
             >>> tuple(k2.shape)
             (1, 3, 4, 8)
+
+        Raises:
+            UnsupportedArchitectureError: the family's scores are not a function
+                of these sites (:attr:`qk_scores_refusal` says why).
         """
+        if self.qk_scores_refusal is not None:
+            raise UnsupportedArchitectureError(
+                f"scores_qk is not available for family {self.family!r}: {self.qk_scores_refusal}"
+            )
         if self.rotary_path is not None and not self.plain_qk_scores:
             cos, sin = get_path(self.model, self.rotary_path)(q, position_ids)
             cos, sin = cos[:, :, None, :].to(q.dtype), sin[:, :, None, :].to(q.dtype)
@@ -521,27 +552,38 @@ class Adapter:
         return out
 
     # --------------------------------------------------------------- weights
+    @staticmethod
+    def _times(t: Tensor | None, factor: float) -> Tensor | None:
+        return t if t is None or factor == 1.0 else t * factor
+
     def W_O(self, layer: int) -> Tensor:
-        """Attention output projection per head, ``[head, d_head, d_model]``."""
-        w, _ = linear_in_out(self.o_proj(layer))
+        """Attention output projection per head, ``[head, d_head, d_model]``
+        (times the residual multiplier, if the family has one)."""
+        w0, _ = linear_in_out(self.o_proj(layer))
+        w = self._times(w0, self.residual_multiplier)
+        assert w is not None
         return w.reshape(self.cfg.n_heads, self.cfg.d_head, w.shape[-1])
 
     def b_O(self, layer: int) -> Tensor | None:
-        return linear_in_out(self.o_proj(layer))[1]
+        return self._times(linear_in_out(self.o_proj(layer))[1], self.residual_multiplier)
 
     def W_out(self, layer: int) -> Tensor:
-        """MLP output projection, ``[d_mlp, d_model]``."""
-        return linear_in_out(self.down_proj(layer))[0]
+        """MLP output projection, ``[d_mlp, d_model]`` (times the residual multiplier)."""
+        w = self._times(linear_in_out(self.down_proj(layer))[0], self.residual_multiplier)
+        assert w is not None
+        return w
 
     def b_out(self, layer: int) -> Tensor | None:
-        return linear_in_out(self.down_proj(layer))[1]
+        return self._times(linear_in_out(self.down_proj(layer))[1], self.residual_multiplier)
 
     def W_U(self) -> Tensor:
-        """Unembedding, ``[d_model, d_vocab]``."""
-        return linear_in_out(self.unembed())[0]
+        """Unembedding, ``[d_model, d_vocab]`` (times the logit multiplier)."""
+        w = self._times(linear_in_out(self.unembed())[0], self.logit_multiplier)
+        assert w is not None
+        return w
 
     def b_U(self) -> Tensor | None:
-        return linear_in_out(self.unembed())[1]
+        return self._times(linear_in_out(self.unembed())[1], self.logit_multiplier)
 
     # ----------------------------------------------------------------- norms
     @staticmethod
