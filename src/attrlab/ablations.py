@@ -268,7 +268,7 @@ def check_supported(ablation: Ablation | None, kind: str, supported: Sequence[ty
     """
     if ablation is None or isinstance(ablation, tuple(supported)):
         return
-    names = ", ".join(c.name for c in supported) or "none"
+    names = ", ".join(getattr(c, "name", c.__name__) for c in supported) or "none"
     raise UnsupportedAblationError(
         f"units={kind!r} cannot use ablation {ablation.name!r}; it supports {names}"
     )

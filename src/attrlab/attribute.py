@@ -101,8 +101,11 @@ def attribute(
     question = record(inputs, target, unit_obj, counterfactual, target_kind, abl)
     tgt = unit_obj.resolve_target(target, lm) if m.target_kind == "lm" else target
     if isinstance(m, Estimator) or "ablation" in inspect.signature(m.attribute).parameters:
-        result = m.attribute(lm, inputs, tgt, unit_obj, counterfactual=counterfactual, ablation=abl)
-    elif ablation is not None and not (counterfactual is not None and abl.name == "counterfactual"):
+        run: Any = m.attribute  # estimators and ablation-aware methods take ablation=
+        result = run(lm, inputs, tgt, unit_obj, counterfactual=counterfactual, ablation=abl)
+    elif ablation is not None and not (
+        counterfactual is not None and abl is not None and abl.name == "counterfactual"
+    ):
         raise InputError(
             f"method {m.name!r} does not take ablation=; it compares with counterfactual= only"
         )

@@ -92,6 +92,7 @@ def bind_circuit(
             stacklevel=3,
         )
         reference = mean_inputs if reference is None else reference
+    abl: Ablation | None
     if isinstance(ablation, Ablation):
         abl = ablation
     else:
@@ -295,7 +296,7 @@ def circuit_curve(
         b = bound or bind_circuit(
             lm,
             graph,
-            inputs,
+            inputs,  # type: ignore[arg-type]
             target,
             counterfactual,
             ablation,

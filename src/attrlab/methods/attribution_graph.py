@@ -158,8 +158,9 @@ def _reconstruct(tcs: dict[int, _Layer], acts: list[Tensor], xs: list[Tensor], j
         for la in range(j + 1)
         if j in tcs[la].writes
     )
-    if tcs[j].W_skip is not None:
-        out = out + xs[j] @ tcs[j].W_skip.to(xs[j].dtype)
+    skip = tcs[j].W_skip
+    if skip is not None:
+        out = out + xs[j] @ skip.to(xs[j].dtype)
     return out
 
 

@@ -231,6 +231,7 @@ def _acdc_bound(
         raise InputError("ACDC needs units='edges'")
     if units.per_position:
         raise InputError("ACDC here prunes edges summed over positions; use Edges()")
+    abl: Ablation | None
     if isinstance(ablation, Ablation):
         abl = ablation
     else:

@@ -599,6 +599,7 @@ class EdgePatcher:
             if grad:
                 self.diff[i] = -actual
             else:
+                assert self.buf is not None
                 torch.neg(actual, out=self.buf[:, a:b])
         else:
             r = ref.shape[0]
@@ -609,6 +610,7 @@ class EdgePatcher:
             if grad:
                 self.diff[i] = (ref - act).reshape(actual.shape)
             else:
+                assert self.buf is not None
                 torch.sub(ref, act, out=self.buf[:, a:b].unflatten(0, (r, n // r)))
         self.n_recorded = b
 
@@ -762,6 +764,7 @@ class EdgesBound(Bound):
 
         if ablation is None:
             ablation = units.default_ablation()  # raises: edges need one
+        assert ablation is not None
         self.units, self.lm, self.ablation = units, lm, ablation
         check_supported(lm)
         t = target if isinstance(target, Target) else resolve_target(target, lm)

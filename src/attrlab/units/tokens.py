@@ -445,6 +445,7 @@ class WrapperForward(EmbedForward):
             return self.inp.value(emb).reshape(n, 1)
         b = self.inp.batch.repeat(n)
         logits, _ = self.wrapper.run(b, grad=emb.requires_grad, embeddings=emb)
+        assert self.target is not None  # set whenever the wrapper has no value of its own
         return self.target(logits, b).reshape(n, -1)
 
 
