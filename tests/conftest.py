@@ -21,3 +21,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests parametrised over a model family skip, with the reason, the families
+    the installed transformers cannot build (the dependency-floors CI job)."""
+    from attrlab.testing import FAMILIES, family_skip_reason
+
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        for value in params.values():
+            if isinstance(value, str) and value in FAMILIES:
+                reason = family_skip_reason(value)
+                if reason is not None:
+                    item.add_marker(pytest.mark.skip(reason=reason))

@@ -505,7 +505,8 @@ def test_key_value_units_of_grouped_query_models(llama_gqa, head_site):
 @pytest.mark.parametrize(
     "family",
     ["gpt2", "llama", "qwen2", "mistral", "gemma", "phi3", "granite", "olmo", "starcoder2"]
-    + ["gpt_bigcode", "seed_oss", "arcee", "jais2", "cwm"],
+    + ["gpt_bigcode", "seed_oss", "arcee", "jais2", "cwm", "falcon", "falcon_new", "opt"]
+    + ["gpt_neo"],
 )
 def test_scores_qk_reproduce_the_attention_pattern(family):
     """Oracle for the QK fix: softmax(scaling * q'.k' + causal mask) of the
@@ -880,7 +881,9 @@ def test_default_atp_star_runs_on_every_family(family):
     assert ("unavailable" in z.diagnostics["next_attn"]) == (
         family
         not in ("gpt2", "llama", "mistral", "qwen2", "gemma", "phi3", "granite", "olmo")
-        + ("starcoder2", "gpt_bigcode", "seed_oss", "arcee", "jais2", "cwm")
+        + ("starcoder2", "gpt_bigcode", "seed_oss", "arcee", "jais2", "cwm", "opt")
+        + ("mixtral", "qwen2_moe")
+        + ("exaone", "internlm3")
     )
     assert ("qk_fix" in q.diagnostics) != lm.adapter.qk_scores_exact(len(lm.encode(PROMPT)))
     assert ("unavailable" in z.diagnostics["tail_fix"]) == lm.cfg.parallel_residual
@@ -903,16 +906,21 @@ def test_atp_star_honours_a_neuron_subset_and_labels_like_occlusion(lm):
     torch.testing.assert_close(r.scores, full.scores[cols])
 
 
-@pytest.mark.parametrize("family", ["qwen3", "olmo2", "phi", "gptj"])
+@pytest.mark.parametrize(
+    "family",
+    ["qwen3", "olmo2", "phi", "gptj", "bloom", "falcon_alibi", "mpt", "nemotron", "persimmon"]
+    + ["exaone4", "codegen"],
+)
 def test_scores_qk_refuses_where_the_scores_are_not_a_function_of_the_sites(family):
-    """q/k norms (Qwen3, OLMo 2) and partial / interleaved rotary (Phi, GPT-J):
-    scores_qk raises a typed error naming the reason instead of returning wrong
-    scores, and AtP*'s QK fix falls back to linear AtP saying so."""
+    """q/k norms (Qwen3, OLMo 2, EXAONE 4), partial / interleaved rotary (Phi,
+    GPT-J, CodeGen, Nemotron, Persimmon) and ALiBi (BLOOM, Falcon-RW, MPT): scores_qk raises a
+    typed error naming the reason instead of returning wrong scores, and AtP*'s
+    QK fix falls back to linear AtP saying so."""
     lm = al.wrap(*al.testing.tiny_model(family))
     assert not lm.qk_scores_exact(8)
     c = lm.cfg
     q, k = torch.randn(1, 3, c.n_heads, c.d_head), torch.randn(1, 3, c.n_kv_heads, c.d_head)
-    with pytest.raises(al.errors.UnsupportedArchitectureError, match=f"family {family!r}"):
+    with pytest.raises(al.errors.UnsupportedArchitectureError, match=f"family {lm.cfg.family!r}"):
         lm.scores_qk(q, k, torch.arange(3)[None])
     r = al.attribute(lm, PROMPT, target=(" Mary", " John"), method="atp*", counterfactual=CF,
                      units=al.units.Heads(per_position=True), head_site="q")  # fmt: skip

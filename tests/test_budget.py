@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -97,3 +99,54 @@ def test_batch_size_follows_prompt_length_and_the_global_budget(lm, monkeypatch)
 def test_bad_budgets_are_input_errors(lm, bad):
     with pytest.raises(al.errors.InputError, match="memory_budget"):
         al.attribute(lm, PROMPT, target=" Mary", method="ig", steps=4, memory_budget=bad)
+
+
+@pytest.mark.parametrize(
+    "rows, seq, kinds",
+    [(64, 128, ("attn.head_out", "resid_pre")), (64, 64, ("attn.z", "mlp.neurons", "resid_mid"))],
+)
+@pytest.mark.parametrize("grad", [False, True])
+def test_cache_estimate_is_within_half_of_the_measured_peak(lm, rows, seq, kinds, grad):
+    """The pre-flight estimate of a run that caches activations (the cached
+    tensors plus the forward's working memory) against the process's measured
+    peak memory growth during that run."""
+    from attrlab.model.budget import cache_bytes, peak_rss_growth
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sites = [f"blocks.{layer}.{k}" for layer in range(lm.cfg.n_layers) for k in kinds]
+        ids = torch.randint(
+            0, lm.cfg.d_vocab, (rows, seq), generator=torch.Generator().manual_seed(0)
+        )
+        lm.run(ids[:1, :4], cache=sites, grad=grad)  # warm up
+        grew = []
+        for _ in range(2):
+            (logits, cache), g = peak_rss_growth(lambda: lm.run(ids, cache=sites, grad=grad))
+            del logits, cache
+            if g is None:
+                pytest.skip("no /proc/self/statm to measure memory")
+            grew.append(g)
+    finally:
+        torch.set_num_threads(n)
+    est = cache_bytes(lm, sites, rows, seq, grad)
+    assert 0.5 * max(grew) <= est <= 1.5 * max(grew), (est / 2**20, [g / 2**20 for g in grew])
+
+
+def test_runs_that_cache_announce_their_memory(lm, monkeypatch, capsys):
+    """Above ANNOUNCE_BYTES a run that caches warns before it starts; with
+    progress=True a method prints its largest cached run's estimate."""
+    from attrlab.model import budget
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", budget.MemoryEstimateWarning)
+        lm.run(PROMPT, cache=["blocks.0.resid_pre"])  # small: silent
+    assert capsys.readouterr().err == ""
+    for method, units in [("patch", "heads"), ("atp*", "heads"), ("eap", "edges")]:
+        al.attribute(lm, PROMPT, target=" Mary", units=units, method=method,
+                     counterfactual=CF, progress=True)  # fmt: skip
+        err = capsys.readouterr().err
+        assert "attrlab: a run caching" in err and "will need about" in err, method
+    monkeypatch.setattr(budget, "ANNOUNCE_BYTES", 1000)
+    with pytest.warns(budget.MemoryEstimateWarning, match="will need about"):
+        lm.run(PROMPT, cache=["blocks.0.attn.head_out"])

@@ -124,7 +124,7 @@ def test_lds_of_an_additive_target_is_one_and_sign_matters():
 
 def test_availability_is_derived_from_needs_and_provides():
     table = all_methods()
-    components = ("heads", "attn", "mlp", "neurons", "resid", "layers", "features")
+    components = ("heads", "attn", "mlp", "neurons", "experts", "resid", "layers", "features")
     for kind in (*components, "tokens", "words", "sentences", "spans"):
         for m in ("occlusion", "shapley", "shapley-exact", "kernelshap", "lime", "coar",
                   "datamodels", "contextcite", "surrogate"):  # fmt: skip

@@ -72,6 +72,47 @@ def test_vmap_margin_gradients_equal_autograd(digits):
     torch.testing.assert_close(loop(xtr[:10], ytr[:10])[0], feats, atol=1e-6, rtol=1e-5)
 
 
+class _OldStyleTanh(torch.autograd.Function):
+    """An autograd.Function without setup_context (as BLOOM's GELU): torch.func cannot run it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _Net(nn.Module):
+    def __init__(self, old_style: bool):
+        super().__init__()
+        self.a, self.b, self.old_style = nn.Linear(4, 6), nn.Linear(6, 3), old_style
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(_OldStyleTanh.apply(h) if self.old_style else torch.tanh(h))
+
+
+def test_auto_mode_falls_back_to_autograd_where_torch_func_cannot_run():
+    torch.manual_seed(0)
+    old, plain = _Net(True), _Net(False)
+    plain.load_state_dict(old.state_dict())
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    ref = ad.GradientFeaturizer(plain, ad.ClassificationMargin(), ad.Projector(None), mode="loop")
+    f = ad.GradientFeaturizer(old, ad.ClassificationMargin(), ad.Projector(None))
+    feats, q = f(x, y)
+    assert f.mode == "autograd"
+    ref_feats, ref_q = ref(x, y)
+    torch.testing.assert_close(feats, ref_feats, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(q, ref_q)
+    with pytest.raises(RuntimeError):  # an explicit torch.func mode does not fall back
+        ad.GradientFeaturizer(old, ad.ClassificationMargin(), ad.Projector(None), mode="loop")(x, y)
+
+
 def test_grad_dot_and_cos_equal_explicit_loss_gradients(digits, tmp_path):
     model, xtr, ytr, xq, yq = digits
     store = ad.featurize(

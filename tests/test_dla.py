@@ -55,7 +55,8 @@ def test_parts_sum_to_target_minus_bias(family: str) -> None:
         (al.targets.LogitDiff(a, b), _pre_cap_target(lm, PROMPTS, a, b)),
         (al.targets.Logit(a), _pre_cap_target(lm, PROMPTS, a, None)),
     ):
-        for units, opts in (("heads", {}), ("neurons", {}), ("heads", {"per_source": True})):
+        mlp_units = "experts" if lm.has_experts(0) else "neurons"  # MoE MLPs have no neurons
+        for units, opts in (("heads", {}), (mlp_units, {}), ("heads", {"per_source": True})):
             r = al.attribute(
                 lm,
                 PROMPTS,

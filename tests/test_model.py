@@ -44,7 +44,12 @@ def test_site_shapes(lm):
     assert cache["blocks.0.attn.q"].shape == (b, p, c.n_heads, c.d_head)
     assert cache["blocks.0.attn.k"].shape == (b, p, c.n_kv_heads, c.d_head)
     assert cache["blocks.0.attn.pattern"].shape == (b, c.n_heads, p, p)
-    assert cache["blocks.1.mlp.neurons"].shape == (b, p, c.d_mlp)
+    if lm.has_experts(1):  # mixture of experts: no neuron layer, router and experts instead
+        slots = c.n_experts + c.n_shared_experts
+        assert cache["blocks.1.mlp.experts"].shape == (b, p, slots, c.d_model)
+        assert cache["blocks.1.mlp.router"].shape == (b, p, c.n_experts)
+    else:
+        assert cache["blocks.1.mlp.neurons"].shape == (b, p, c.d_mlp)
     assert cache["final_norm.scale"].shape == (b, p, 1)
     assert cache["unembed"].shape == (b, p, c.d_vocab)
 
@@ -67,10 +72,13 @@ def test_decompositions(lm):
             torch.testing.assert_close(
                 cache[p + "resid_mid"] + cache[p + "mlp.out"], cache[p + "resid_post"]
             )
-        # the MLP output is its neurons through the output projection
-        out = cache[p + "mlp.neurons"] @ lm.W_out(layer)
-        if lm.adapter.b_out(layer) is not None:
-            out = out + lm.adapter.b_out(layer)
+        # the MLP output is its neurons through the output projection (or its experts' sum)
+        if lm.has_experts(layer):
+            out = cache[p + "mlp.experts"].sum(2)
+        else:
+            out = cache[p + "mlp.neurons"] @ lm.W_out(layer)
+            if lm.adapter.b_out(layer) is not None:
+                out = out + lm.adapter.b_out(layer)
         if not lm.cfg.post_block_norms:
             torch.testing.assert_close(out, cache[p + "mlp.out"], atol=1e-5, rtol=1e-5)
     last = cache[f"blocks.{lm.cfg.n_layers - 1}.resid_post"]
@@ -84,9 +92,10 @@ def test_decompositions(lm):
 
 def test_batched_interventions_equal_separate_runs(lm):
     c = lm.cfg
+    mlp_units = "blocks.1.mlp.experts" if lm.has_experts(1) else "blocks.1.mlp.neurons"
     ivs = [
         Intervention("blocks.0.attn.z", 0.0, heads=[1]),
-        Intervention("blocks.1.mlp.neurons", 3.0, op="scale", positions=[2, 3]),
+        Intervention(mlp_units, 3.0, op="scale", positions=[2, 3]),
         Intervention("blocks.0.resid_pre", torch.randn(c.d_model), op="add", positions=[-1]),
         Intervention("blocks.1.attn.head_out", 0.5, op="scale", heads=[0, 2]),
         Intervention("blocks.0.attn.v", 0.0, heads=[0]),
@@ -159,7 +168,7 @@ def test_grad_mode_gives_live_cache(lm):
         "embed",
         "blocks.0.attn.head_out",
         "blocks.1.attn.z",
-        "blocks.1.mlp.neurons",
+        "blocks.1.mlp.experts" if lm.has_experts(1) else "blocks.1.mlp.neurons",
         "blocks.0.attn.q",
     ]
     logits, cache = lm.run(PROMPT, cache=sites, grad=True)

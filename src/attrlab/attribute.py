@@ -19,6 +19,7 @@ from .ablations import Ablation
 from .ablations import resolve as resolve_ablation
 from .errors import EmptyPromptError, InputError
 from .methods.base import Estimator, Method, find_method, option_names
+from .model.budget import announcing
 from .model.lock import holds_model_lock
 from .model.wrapper import LM, Inputs
 from .question import check_scores, record
@@ -100,17 +101,19 @@ def attribute(
     target_kind = unit_obj.target_kind if m.target_kind == "lm" else m.target_kind
     question = record(inputs, target, unit_obj, counterfactual, target_kind, abl)
     tgt = unit_obj.resolve_target(target, lm) if m.target_kind == "lm" else target
-    if isinstance(m, Estimator) or "ablation" in inspect.signature(m.attribute).parameters:
-        run: Any = m.attribute  # estimators and ablation-aware methods take ablation=
-        result = run(lm, inputs, tgt, unit_obj, counterfactual=counterfactual, ablation=abl)
-    elif ablation is not None and not (
-        counterfactual is not None and abl is not None and abl.name == "counterfactual"
-    ):
-        raise InputError(
-            f"method {m.name!r} does not take ablation=; it compares with counterfactual= only"
-        )
-    else:
-        result = m.attribute(lm, inputs, tgt, unit_obj, counterfactual=counterfactual)
+    # progress=True: runs that cache activations print their memory estimate first
+    with announcing(bool(getattr(m, "progress", False))):
+        if isinstance(m, Estimator) or "ablation" in inspect.signature(m.attribute).parameters:
+            run: Any = m.attribute  # estimators and ablation-aware methods take ablation=
+            result = run(lm, inputs, tgt, unit_obj, counterfactual=counterfactual, ablation=abl)
+        elif ablation is not None and not (
+            counterfactual is not None and abl is not None and abl.name == "counterfactual"
+        ):
+            raise InputError(
+                f"method {m.name!r} does not take ablation=; it compares with counterfactual= only"
+            )
+        else:
+            result = m.attribute(lm, inputs, tgt, unit_obj, counterfactual=counterfactual)
     check_scores(result, f"method {m.name!r} computed non-finite scores")
     if question is not None:
         used = result.meta.get("ablation")  # the ablation the method applied (defaults too)

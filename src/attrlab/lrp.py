@@ -28,6 +28,9 @@ elementwise act.      ``Identity()``     relevance passes unchanged: grad * act(
 softmax               ``Gradient()``     gradient x input (the paper's softmax rule)
 attention matmuls     ``Uniform()``      each of the two factors gets half
 gated products        ``Uniform()``      act(gate) * up: each factor gets half
+MoE routing weights   held constant      a mixture of experts' routing weights (and a
+                                         shared expert's gate) get no relevance: the
+                                         experts' outputs carry it all
 ====================  =================  ===============================================
 
 ``CP_LRP`` (Ali et al., "XAI for Transformers: Better Explanations through
@@ -461,10 +464,26 @@ _DETACH_IN_NORM = {torch.rsqrt, Tensor.rsqrt, torch.sqrt, Tensor.sqrt, torch.std
                    torch.var, Tensor.var}  # fmt: skip
 _TANH = {torch.tanh, Tensor.tanh}
 _MULS = {torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__}
+_ADDS = {torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__}
+_BADDBMMS = {torch.baddbmm, Tensor.baddbmm}
+
+
+def _score_bias(bias: Tensor) -> Tensor:
+    """A constant added to attention scores (an ALiBi bias, a mask), its mask
+    entries (``-inf`` or the dtype's minimum: probability 0) counted as 0."""
+    floor = torch.finfo(bias.dtype).min / 2
+    return torch.where(bias > floor, bias, torch.zeros_like(bias))
 
 
 def _live(*ts: Any) -> list[bool]:
-    return [isinstance(t, Tensor) and t.requires_grad for t in ts]
+    """Which of ``ts`` are activations in the graph: tensors that require grad
+    and are not a weight (a parameter or a view of one, such as the ``W.T`` of
+    a linear map written as ``x @ W.T``, Falcon's ``FalconLinear``)."""
+    return [isinstance(t, Tensor) and t.requires_grad and not _is_weight(t) for t in ts]
+
+
+def _is_weight(t: Tensor) -> bool:
+    return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
 
 
 class _AttentionMode(TorchFunctionMode):
@@ -494,6 +513,36 @@ class _AttentionMode(TorchFunctionMode):
                 if dtype is None and len(args) > at:
                     dtype = args[at]
                 return _LeakySoftmax.apply(x, dim, dtype, self.ledger)
+        elif func in _BADDBMMS:
+            # input + alpha * batch1 @ batch2 (BLOOM: ALiBi bias + scaled q . k): the
+            # uniform rule on the product, the constant input's share as position
+            a = list(args)
+            for name in ("batch1", "batch2"):
+                if name in kwargs:
+                    a.append(kwargs.pop(name))
+            if len(a) == 3:
+                inp, b1, b2 = a
+                if uniform and all(_live(b1, b2)):
+                    b1, b2 = _scale(b1, 0.5), _scale(b2, 0.5)
+                out = func(inp, b1, b2, **kwargs)
+                if self.ledger is not None and isinstance(inp, Tensor) and not _live(inp)[0]:
+                    bias = _score_bias(inp * kwargs.get("beta", 1))
+                    out = _record(out, bias, self.ledger, "position")
+                return out
+            args = tuple(a)
+        elif (
+            func in _ADDS
+            and self.ledger is not None
+            and len(args) == 2
+            and all(isinstance(t, Tensor) and t.is_floating_point() for t in args)
+            and sum(_live(*args)) == 1
+            and not any(_is_weight(t) for t in args)
+            and "alpha" not in kwargs
+        ):
+            # a constant added to live scores (an ALiBi bias folded into the mask,
+            # Falcon-RW): its share of the relevance is a position share
+            bias = args[1] if _live(*args)[0] else args[0]
+            return _record(func(*args, **kwargs), _score_bias(bias), self.ledger, "position")
         elif func in _TANH and args and isinstance(args[0], Tensor) and args[0].requires_grad:
             # an elementwise nonlinearity (Gemma 2's score soft-cap): identity rule
             if isinstance(self.c.activation, Identity):
@@ -661,6 +710,21 @@ def _model_of(lm: Any) -> nn.Module:
     return model
 
 
+def _router_forward(orig: Callable[..., Any], owner: int):
+    """A mixture of experts' router (``(logits, weights, index)``) or a shared
+    expert's gate (a tensor) whose weights are held constant in the backward."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        out = orig(*args, **kwargs)
+        if threading.get_ident() != owner or not torch.is_grad_enabled():
+            return out
+        if isinstance(out, tuple):
+            return (out[0], out[1].detach(), *out[2:])
+        return out.detach()
+
+    return _mark(forward)
+
+
 @contextlib.contextmanager
 def propagation(lm: Any, composite: Composite | str = ATTNLRP, ledger: Ledger | None = None
                 ) -> Iterator[Composite]:  # fmt: skip
@@ -725,13 +789,18 @@ def propagation(lm: Any, composite: Composite | str = ATTNLRP, ledger: Ledger | 
     gated = isinstance(c.gated_product, Uniform)
     for m in roles["mlp"]:
         by_id[id(m)] = lambda m: _mlp_forward(m.forward, sink, gated, owner)
+    for m in roles.get("router", []):  # mixture-of-experts routing: constant weights
+        by_id[id(m)] = lambda m: _router_forward(m.forward, owner)
     identity_act = isinstance(c.activation, Identity)
+    # elementwise activations an adapter names beyond the known types (BLOOM's GELU)
+    extra_acts = {id(m) for m in roles.get("activation", [])}
 
     def wrap(m: nn.Module) -> Callable[..., Any] | None:
         make = by_id.get(id(m))
         if make is not None:
             return make(m)
-        if identity_act and isinstance(m, act_types) and not any(True for _ in m.parameters(False)):
+        is_act = isinstance(m, act_types) or id(m) in extra_acts
+        if identity_act and is_act and not any(True for _ in m.parameters(False)):
             return _act_forward(m.forward, sink, owner)
         return None
 

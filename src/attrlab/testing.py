@@ -17,6 +17,7 @@ import functools
 from typing import Any
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 _CORPUS = """
@@ -62,7 +63,66 @@ FAMILIES: tuple[str, ...] = (
     "olmo2",
     "phi",
     "gptj",
+    "falcon",
+    "falcon_new",
+    "falcon_alibi",
+    "opt",
+    "bloom",
+    "gemma3_multimodal",
+    "mpt",
+    "gpt_neo",
+    "nemotron",
+    "persimmon",
+    "exaone4",
+    "codegen",
+    "exaone",
+    "internlm3",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
 )
+
+#: the mixture-of-experts families (4 experts, top 2; Qwen2-MoE adds a shared expert)
+MOE_FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+#: families whose tiny model needs a newer transformers than the declared floor
+#: (the floor lacks the model type, cannot initialise it, or has the older
+#: experts layout): the floors CI job skips them with this reason
+FAMILY_MIN_TRANSFORMERS: dict[str, str] = {
+    "stablelm": "5.0",  # 4.56's _init_weights fails on bias-free q/k LayerNorms
+    "jais2": "5.0",
+    "ministral3": "5.0",
+    "cwm": "5.0",
+    "exaone": "5.0",  # 4.56 has no model type "exaone" (5.x maps it to Llama)
+    "internlm3": "5.0",
+    # the adapters refuse these under 4.x (Adapter.min_transformers_major)
+    "opt": "5.0",
+    "nemotron": "5.0",
+    "persimmon": "5.0",
+    # relevance propagation refuses ALiBi under 4.x (OLD_ALIBI_RELEVANCE)
+    "mpt": "5.0",
+    "falcon_alibi": "5.0",
+    **{f: "5.0" for f in MOE_FAMILIES},  # fused experts (experts_implementation)
+}
+
+
+def family_skip_reason(family: str) -> str | None:
+    """Why the installed transformers cannot build ``family``'s tiny model, or None.
+
+    Example:
+        >>> from attrlab.testing import family_skip_reason
+        >>> family_skip_reason("gpt2") is None
+        True
+    """
+    need = FAMILY_MIN_TRANSFORMERS.get(family)
+    if need is None:
+        return None
+    have = tuple(int(x) for x in transformers.__version__.split(".")[:2] if x.isdigit())
+    if have >= tuple(int(x) for x in need.split(".")):
+        return None
+    return f"the tiny {family} model needs transformers >= {need} (installed {transformers.__version__})"
 
 
 # extra config kwargs of the Llama-layout families built with AutoConfig.for_model
@@ -76,6 +136,8 @@ _LLAMA_LAYOUT: dict[str, dict[str, Any]] = {
     "jais2": {},
     "ministral3": {},
     "cwm": {},
+    "exaone": {},  # loaded as LlamaForCausalLM
+    "internlm3": {},  # loaded as LlamaForCausalLM
 }
 
 
@@ -226,10 +288,118 @@ def tiny_config(family: str, vocab_size: int, **overrides: Any) -> Any:
         cfg = GPTJConfig(n_embd=32, n_layer=2, n_head=4, n_positions=128, rotary_dim=4, **common)
     elif family == "phi3":
         cfg = Phi3Config(**llama_like)
+    elif family in ("falcon", "falcon_new", "falcon_alibi"):
+        from transformers import FalconConfig
+
+        layouts: dict[str, dict[str, Any]] = {
+            "falcon": {},  # falcon-7b: parallel, multi-query, one shared norm
+            "falcon_new": dict(new_decoder_architecture=True, num_kv_heads=2),  # 40b / 180b
+            "falcon_alibi": dict(alibi=True, parallel_attn=False, multi_query=False, bias=True),
+        }
+        layout = layouts[family]
+        cfg = FalconConfig(
+            hidden_size=32,
+            ffn_hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            **layout,
+            **common,
+        )
+    elif family == "opt":
+        from transformers import OPTConfig
+
+        cfg = OPTConfig(
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+            **common,
+        )
+    elif family == "bloom":
+        from transformers import BloomConfig
+
+        cfg = BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common)
+    elif family == "gemma3_multimodal":
+        # Gemma3ForConditionalGeneration: the Gemma 3 text stack plus a tiny vision tower
+        from transformers import Gemma3Config, SiglipVisionConfig
+
+        vision = SiglipVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+        text = Gemma3TextConfig(head_dim=8, **llama_like)
+        cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=1)
+    elif family == "mpt":
+        from transformers import MptConfig
+
+        cfg = MptConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=128, **common)
+    elif family == "nemotron":
+        from transformers import NemotronConfig
+
+        cfg = NemotronConfig(head_dim=8, **llama_like)  # partial rotary (factor 0.5), relu2 MLP
+    elif family == "codegen":
+        from transformers import CodeGenConfig
+
+        # 8 heads: two per model-parallel group of the fused qkv_proj
+        cfg = CodeGenConfig(
+            n_embd=32, n_layer=2, n_head=8, n_positions=128, n_inner=64, rotary_dim=2, **common
+        )
+    elif family == "exaone4":
+        from transformers import Exaone4Config
+
+        # layer 0 sliding-window with rotary, layer 1 global without
+        cfg = Exaone4Config(sliding_window=4, sliding_window_pattern=2, **llama_like)
+    elif family == "persimmon":
+        from transformers import PersimmonConfig
+
+        cfg = PersimmonConfig(  # qk_layernorm, partial rotary (factor 0.5), relu2 MLP
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            **common,
+        )
+    elif family == "gpt_neo":
+        from transformers import GPTNeoConfig
+
+        # one global and one local layer, a local window shorter than the test prompts
+        cfg = GPTNeoConfig(
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            attention_types=[[["global", "local"], 1]],
+            window_size=8,
+            **common,
+        )
+    elif family in MOE_FAMILIES:
+        from transformers import AutoConfig
+
+        moe: dict[str, Any] = dict(num_experts_per_tok=2)
+        if family == "mixtral":
+            moe["num_local_experts"] = 4
+        else:
+            moe.update(num_experts=4, norm_topk_prob=family != "olmoe")
+        if family in ("qwen2_moe", "qwen3_moe"):
+            moe.update(moe_intermediate_size=16, head_dim=8)
+        if family == "qwen2_moe":
+            moe["shared_expert_intermediate_size"] = 24
+        cfg = AutoConfig.for_model(family, **llama_like, **moe)
     else:
         raise ValueError(f"unknown tiny family {family!r}; choose from {FAMILIES}")
     for k, v in overrides.items():
         setattr(cfg, k, v)
+        if family == "gemma3_multimodal":  # the text stack reads its own config
+            setattr(cfg.text_config, k, v)
     return cfg
 
 
@@ -245,11 +415,21 @@ def tiny_model(
     Biases and norm weights are randomized too (HF initializes them to 0/1),
     so that tests exercise every term of the decompositions.
     """
+    reason = family_skip_reason(family)
+    if reason is not None:
+        from .errors import UnsupportedArchitectureError
+
+        raise UnsupportedArchitectureError(reason)
     tok = tiny_tokenizer()
+    extra: dict[str, Any] = {}
+    if family in MOE_FAMILIES:
+        # transformers' default experts kernel (grouped_mm) takes no float64 on CPU, and
+        # tests cast models to float64: the eager loop over experts works in every dtype
+        extra["experts_implementation"] = overrides.pop("experts_implementation", "eager")
     cfg = tiny_config(family, len(tok), **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(
-        cfg, attn_implementation=attn_implementation, dtype=dtype
+        cfg, attn_implementation=attn_implementation, dtype=dtype, **extra
     )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

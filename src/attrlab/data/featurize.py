@@ -35,6 +35,7 @@ from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..model.offload import has_offload, onloaded, state_items
 from .outputs import AnswerLogProb, AnswerMargin, ClassificationMargin, ModelOutput
 from .project import Projector
 from .store import CLAIM_TIMEOUT, FeatureStore
@@ -195,7 +196,9 @@ class Examples:
 
 
 def checkpoint_hash(model: nn.Module) -> str:
-    """SHA-256 of every parameter and buffer (names, dtypes, shapes, values).
+    """SHA-256 of every parameter and buffer (names, dtypes, shapes, values);
+    weights accelerate offloads (``device_map`` with ``"cpu"`` / ``"disk"``) are
+    read from its weights map, one at a time.
 
     Example:
         >>> import torch
@@ -204,7 +207,7 @@ def checkpoint_hash(model: nn.Module) -> str:
         True
     """
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in state_items(model):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -242,8 +245,11 @@ class GradientFeaturizer:
         output: a :class:`~attrlab.data.outputs.ModelOutput`.
         projector: a :class:`~attrlab.data.project.Projector`.
         modules: parameter-name prefixes to differentiate (default: all trainable).
-        mode: ``"vmap"`` (batched ``torch.func``), ``"loop"`` (one example at a
-            time) or ``"auto"`` (vmap, falling back to loop if the model cannot be vmapped).
+        mode: ``"vmap"`` (batched ``torch.func``), ``"loop"`` (``torch.func``, one
+            example at a time), ``"autograd"`` (plain autograd, one example at a time:
+            for models ``torch.func`` cannot run, e.g. a ``torch.autograd.Function``
+            without ``setup_context`` such as BLOOM's GELU) or ``"auto"`` (the first
+            of vmap, loop, autograd that runs).
 
     Example:
         >>> import torch
@@ -262,8 +268,8 @@ class GradientFeaturizer:
         modules: Sequence[str] | None = None,
         mode: str = "auto",
     ):
-        if mode not in ("auto", "vmap", "loop"):
-            raise InputError(f"mode must be 'auto', 'vmap' or 'loop', got {mode!r}")
+        if mode not in ("auto", "vmap", "loop", "autograd"):
+            raise InputError(f"mode must be 'auto', 'vmap', 'loop' or 'autograd', got {mode!r}")
         model.eval()
         self.model = model
         self.output = output
@@ -271,15 +277,35 @@ class GradientFeaturizer:
         self.names = select_params(model, modules)
         named = dict(model.named_parameters())
         self.sizes = [named[n].numel() for n in self.names]
-        self._params = {n: named[n].detach() for n in self.names}
-        self._frozen = {n: p.detach() for n, p in model.named_parameters() if n not in self._params}
-        self._frozen.update({n: b for n, b in model.named_buffers()})
+        self._params, self._frozen = self._tensors()
+        # accelerate's offload loads weights inside each module's forward, which
+        # torch.func cannot run: grads() loads them around each batch instead
+        self._offloaded = has_offload(model)
         self.mode = mode
+        self._requested = mode
 
         def f(p: dict[str, Tensor], *ex: Tensor) -> tuple[Tensor, Tensor]:
             return output(model, {**p, **self._frozen}, *ex)
 
+        self._f = f
         self._grad = grad(f, has_aux=True)
+
+    def _autograd(self, params: dict[str, Tensor], *ex: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """``self._grad`` by plain autograd (same inputs and outputs)."""
+        leaves = {n: t.detach().requires_grad_(n in self.names) for n, t in params.items()}
+        with torch.enable_grad():
+            out, aux = self._f(leaves, *ex)
+            gs = torch.autograd.grad(out, [leaves[n] for n in self.names], allow_unused=True)
+        grads = {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(self.names, gs)}
+        return grads, aux.detach()
+
+    def _tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The model's differentiated parameters and the rest (parameters, buffers)."""
+        named = dict(self.model.named_parameters())
+        params = {n: named[n].detach() for n in self.names}
+        frozen = {n: p.detach() for n, p in named.items() if n not in params}
+        frozen.update({n: b for n, b in self.model.named_buffers()})
+        return params, frozen
 
     @property
     def dim(self) -> int:
@@ -287,6 +313,17 @@ class GradientFeaturizer:
 
     def grads(self, *batch: Tensor) -> tuple[list[Tensor], Tensor]:
         """Raw per-example gradients ``[b, *shape]`` per parameter, and out-to-loss ``[b]``."""
+        if not self._offloaded:
+            return self._grads(*batch)
+        saved = self._params, self._frozen
+        with onloaded(self.model):
+            self._params, self._frozen = self._tensors()
+            try:
+                return self._grads(*batch)
+            finally:
+                self._params, self._frozen = saved
+
+    def _grads(self, *batch: Tensor) -> tuple[list[Tensor], Tensor]:
         if self.mode in ("auto", "vmap"):
             try:
                 g, q = vmap(self._grad, in_dims=(None, *[0] * len(batch)))(self._params, *batch)
@@ -297,7 +334,17 @@ class GradientFeaturizer:
                 if self.mode == "vmap":
                     raise
                 self.mode = "loop"
-        per = [self._grad(self._params, *[t[i] for t in batch]) for i in range(batch[0].shape[0])]
+        one = self._autograd if self.mode == "autograd" else self._grad
+        try:
+            per = [one(self._params, *[t[i] for t in batch]) for i in range(batch[0].shape[0])]
+        except RuntimeError:  # torch.func cannot run the model (e.g. autograd.Function)
+            if self._requested != "auto" or self.mode == "autograd":
+                raise
+            self.mode = "autograd"
+            per = [
+                self._autograd(self._params, *[t[i] for t in batch])
+                for i in range(batch[0].shape[0])
+            ]
         return [torch.stack([g[n] for g, _ in per]) for n in self.names], torch.stack(
             [q for _, q in per]
         )

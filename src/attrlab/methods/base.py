@@ -15,6 +15,8 @@ Example:
     >>> from attrlab.methods.base import find_method
     >>> find_method("my-method", "tokens") is MyMethod
     True
+    >>> from attrlab.methods.base import _REGISTRY
+    >>> del _REGISTRY["my-method", "tokens"]  # (keep the registry as it was)
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ difference of two columns) pulled back through the frozen norm. Finer parts:
   position ``k`` gets its term (eager attention only);
 * **neurons**: MLP post-activation x its row of the output projection, plus
   the output bias;
+* **experts** (mixture-of-experts MLPs): each expert's routing-weighted output
+  (``blocks.{l}.mlp.experts``; a shared expert is the last slot) — they sum
+  to the layer's MLP part;
 * **layers**: embeddings, then attention + MLP of each block.
 
 With every part included (``complete=True``) the scores sum to the target
@@ -47,7 +50,7 @@ from ..model.wrapper import LM, Batch, Inputs
 from ..result import Attribution
 from ..targets import Logit, LogitDiff, Target
 from ..units.base import Units
-from ..units.components import AttnOut, Heads, Layers, MlpOut, Neurons
+from ..units.components import AttnOut, Experts, Heads, Layers, MlpOut, Neurons
 from .base import Method, register
 
 __all__ = ["DirectLogitAttribution", "dla_parts", "target_directions"]
@@ -125,11 +128,12 @@ def dla_parts(
 
     Args:
         attn: ``"heads"``, ``"source"`` (head x source position) or ``"whole"``.
-        mlp: ``"neurons"`` or ``"whole"``.
+        mlp: ``"neurons"``, ``"whole"`` or ``"experts"`` (mixture-of-experts
+            layers split per expert; dense layers whole).
 
     Returns:
         ``(labels, values, info)``: one label dict per part (``component``,
-        ``layer``, ``head``, ``source``, ``neuron``), ``values [n_prompts,
+        ``layer``, ``head``, ``source``, ``neuron``, ``expert``), ``values [n_prompts,
         n_parts]`` (float64), and ``info`` with ``target_minus_bias [n]`` (the
         model's own pre-soft-cap target minus the unembedding bias) and
         ``bias [n]``.
@@ -156,6 +160,8 @@ def dla_parts(
             sites.append(p + "attn.z")  # to recompute the post-attention norm's input
         if mlp == "neurons":
             sites.append(p + "mlp.neurons")
+        if mlp == "experts" and lm.has_experts(layer):
+            sites.append(p + "mlp.experts")
     with torch.no_grad():
         _, cache = lm.run(batch, cache=sites)
     n = batch.shape[0]
@@ -177,6 +183,7 @@ def dla_parts(
                 "head": -1,
                 "source": -1,
                 "neuron": -1,
+                "expert": -1,
                 **lab,
             }
         )
@@ -219,7 +226,11 @@ def dla_parts(
             b_O = lm.b_O(layer)
             bo = (post * b_O.detach().double()).sum(-1) if b_O is not None else 0.0
             add(bo + bias_part, component="attn_bias", layer=layer)
-        if mlp == "whole":
+        if mlp == "experts" and lm.has_experts(layer):
+            per_expert = cache[p + "mlp.experts"][:, -1]  # [n, expert, d]
+            for e in range(per_expert.shape[1]):
+                add(dot(per_expert[:, e]), component="expert", layer=layer, expert=e)
+        elif mlp in ("whole", "experts"):
             add(dot(cache[p + "mlp.out"][:, -1]), component="mlp", layer=layer)
         else:
             acts = cache[p + "mlp.neurons"][:, -1].double()  # [n, d_mlp]
@@ -256,12 +267,13 @@ _COMPONENTS_OF = {
     "heads": {"head"},
     "source": {"head_source"},
     "neurons": {"neuron"},
+    "experts": {"expert"},
     "attn": {"attn"},
     "mlp": {"mlp"},
 }
 
 
-@register("dla", ("heads", "layers", "attn", "mlp", "neurons"))
+@register("dla", ("heads", "layers", "attn", "mlp", "neurons", "experts"))
 class DirectLogitAttribution(Method):
     """Direct logit attribution (``method="dla"``): exact additive shares of a logit
     or logit difference at the last position.
@@ -314,6 +326,9 @@ class DirectLogitAttribution(Method):
             attn, mlp = ("source" if self.per_source else "heads"), "whole"
         elif isinstance(units, Neurons):
             attn, mlp = "whole", "neurons"
+        elif isinstance(units, Experts):
+            units.moe_layers(lm)  # a typed error for models without experts
+            attn, mlp = "whole", "experts"
         elif isinstance(units, (AttnOut, MlpOut, Layers)):
             attn, mlp = "whole", "whole"
         else:
@@ -354,6 +369,8 @@ class DirectLogitAttribution(Method):
         layers = set(units.layer_list(lm.cfg.n_layers))  # type: ignore[attr-defined]
         heads = set(units.head_list(lm.cfg.n_heads)) if isinstance(units, Heads) else None
         neurons = set(units.neuron_list(lm.cfg.d_mlp)) if isinstance(units, Neurons) else None
+        n_slots = lm.cfg.n_experts + lm.cfg.n_shared_experts
+        experts = set(units.expert_list(n_slots)) if isinstance(units, Experts) else None
         out = []
         for i, lab in enumerate(labels):
             if lab["component"] not in comps:
@@ -363,6 +380,8 @@ class DirectLogitAttribution(Method):
             if heads is not None and lab["head"] not in heads:
                 continue
             if neurons is not None and lab["neuron"] not in neurons:
+                continue
+            if experts is not None and lab["expert"] not in experts:
                 continue
             out.append(i)
         return out
@@ -409,6 +428,8 @@ def _columns(
         names.append("source")
     if isinstance(units, Neurons):
         names.append("neuron")
+    if isinstance(units, Experts):
+        names.append("expert")
     cols = {k: [lab[k] for lab in labels] for k in names}
     if per_source:
         toks = _tokens(lm, batch)

@@ -350,7 +350,7 @@ class AttributionPatching(InputXGradient):
         True
     """
 
-    only_kinds = ("heads", "attn", "mlp", "neurons", "resid", "layers", "features")
+    only_kinds = ("heads", "attn", "mlp", "neurons", "experts", "resid", "layers", "features")
     default_ablation = None  # the kind's: a counterfactual when given, else zero
 
     def __init__(self, direction: str = "noising", **options: Any):

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..errors import SiteNotExposedError
+from ..errors import SiteNotExposedError, UnsupportedArchitectureError
 from . import interventions as iv_mod
 from .adapters.base import Adapter
 from .interventions import Intervention
@@ -93,6 +93,13 @@ class HookSession:
         self._mlp_in: dict[int, Tensor] = {}  # input of a norm the MLP shares with attention
         self._qkv_w: dict[int, dict[str, tuple[Tensor, Tensor | None]]] = {}
         self._owner: int | None = None  # the thread whose forwards the hooks act on
+        # a model split across devices (device_map): cached values live on the
+        # input device; what a hook writes goes to the device of the module reading it
+        self.home = adapter.input_device()
+        # mixture-of-experts MLPs: input shape, experts' call, shared expert (output, gate)
+        self._moe_shape: dict[int, tuple[int, int]] = {}
+        self._moe_call: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self._moe_shared: dict[int, dict[str, Tensor]] = {}
 
     # ------------------------------------------------------------- helpers
     def _needs(self, name: str) -> bool:
@@ -104,6 +111,10 @@ class HookSession:
         if ivs:
             x = iv_mod.apply(ivs, x, head_axis)
         if name in self.want:
+            if x.device != self.home and not self.grad:  # a layer on another device
+                self.cache[name] = x.detach().to(self.home)
+                return x
+            # under grad the cache is the live graph node itself, on its layer's device
             self.cache[name] = x if self.grad else x.detach()
         return x
 
@@ -195,7 +206,7 @@ class HookSession:
             self._add(a.attn(layer), "fwd", self._pattern_hook(layer))
         if self._needs(p + "attn.out") or need_head_out or need_mid:
             out_norm = a.attn_out_norm(layer)
-            target = out_norm if out_norm is not None else a.attn(layer)
+            target = out_norm if out_norm is not None else a.attn_out_module(layer)
             self._add(target, "fwd", self._attn_out_hook(layer, out_norm is not None))
         if self._needs(p + "mlp.in"):
             if a.mlp_shares_attn_norm(layer):
@@ -207,10 +218,111 @@ class HookSession:
             self._add(a.mlp(layer), "pre", self._mlp_in_hook(p + "mlp.normed"))
         if self._needs(p + "mlp.neurons"):
             self._add(a.down_proj(layer), "pre", self._neurons_hook(layer))
+        if self._needs(p + "mlp.router") or self._needs(p + "mlp.experts"):
+            self._install_moe(layer)  # before mlp.out's hook: that one sees the change
         if self._needs(p + "mlp.out"):
             out_norm = a.mlp_out_norm(layer)
             target = out_norm if out_norm is not None else a.mlp(layer)
             self._add(target, "fwd", self._global_out_hook(p + "mlp.out", a.residual_multiplier))
+
+    def _install_moe(self, layer: int) -> None:
+        """Hooks for ``mlp.router`` / ``mlp.experts`` of a mixture-of-experts MLP."""
+        a, p = self.a, f"blocks.{layer}."
+        experts, router = a.experts(layer), a.router(layer)
+        if experts is None or router is None:
+            raise SiteNotExposedError(
+                f"{p}mlp.router / {p}mlp.experts do not exist: block {layer}'s MLP is not a "
+                f"mixture of experts (family {self.cfg.family!r})"
+            )
+        if a.mlp_out_norm(layer) is not None or a.residual_multiplier != 1.0:
+            raise UnsupportedArchitectureError(
+                f"{p}mlp.experts: a norm or multiplier after the MLP is not supported"
+            )
+        mlp = a.mlp(layer)
+
+        def shape(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = self._get_hidden(args, kwargs)
+            self._moe_shape[layer] = (int(x.shape[0]), int(x.shape[1]))
+
+        self._add(mlp, "pre", shape)
+        if self._needs(p + "mlp.router"):
+            self._add(router, "fwd", self._router_hook(layer))
+        if not self._needs(p + "mlp.experts"):
+            return
+
+        def call(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            names = ("hidden_states", "top_k_index", "top_k_weights")
+            got = [*args, *(kwargs[n] for n in names[len(args) :])]
+            self._moe_call[layer] = (got[0], got[1], got[2])
+
+        self._add(experts, "fwd", call)
+        shared = a.shared_expert(layer)
+        if shared is not None:
+            store = self._moe_shared.setdefault(layer, {})
+            for key, mod in zip(("out", "gate"), shared):
+                if mod is not None:
+                    self._add(mod, "fwd", self._store_hook(store, key))
+        self._add(mlp, "fwd", self._experts_hook(layer))
+
+    @staticmethod
+    def _store_hook(store: dict[str, Tensor], key: str) -> Any:
+        def hook(module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+            store[key] = _first(out)
+
+        return hook
+
+    def _router_hook(self, layer: int) -> Any:
+        """``mlp.router``: the router's logits as ``[batch, pos, expert]``; when
+        written (or read under grad, so that their gradient reaches the routing
+        weights) the weights and the choice of experts are recomputed from them
+        with the family's routing formula."""
+        name = f"blocks.{layer}.mlp.router"
+
+        def hook(module: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
+            logits = out[0]
+            b, n_pos = self._moe_shape[layer]
+            site = logits.reshape(b, n_pos, -1)
+            new = self._process(name, site, 2)
+            if new is site and not self.grad:
+                return None
+            flat = new.reshape(logits.shape).to(logits.dtype)
+            return (flat, *self.a.route(layer, flat), *out[3:])
+
+        return hook
+
+    def _experts_hook(self, layer: int) -> Any:
+        """``mlp.experts`` ``[batch, pos, expert (+ shared), d_model]``: each expert's
+        routing-weighted output (the experts module's own forward, one token and
+        expert per row), plus the shared expert's gated output; a write adds its
+        change to the MLP's output. Read under grad, it is built from detached
+        inputs and reaches the output by a straight-through path."""
+        name = f"blocks.{layer}.mlp.experts"
+
+        def hook(module: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:
+            x, index, weights = self._moe_call.pop(layer)
+            shared = self._moe_shared.get(layer, {})
+            plain = self.grad and not self.ivs.get(name)
+            if plain:
+                x, weights = x.detach(), weights.detach()
+            parts = [self.a.expert_outputs(layer, x, index, weights)]
+            if "out" in shared:
+                s, g = shared.pop("out"), shared.pop("gate", None)
+                if plain:
+                    s, g = s.detach(), None if g is None else g.detach()
+                parts.append(self.a.shared_output(layer, s, g)[:, None].to(parts[0].dtype))
+            b, n_pos = self._moe_shape[layer]
+            experts = torch.cat(parts, 1).reshape(b, n_pos, -1, x.shape[-1])
+            new = self._process(name, experts, 2)
+            y = _first(out)
+            if new is not experts:
+                y = y + (new - experts).sum(2).to(y.dtype)
+            elif plain:
+                y = _straight_through(y, new.sum(2).to(y.dtype))
+            else:
+                return None
+            return _replace_first(out, y)
+
+        return hook
 
     def _skip_block(self, block: nn.Module) -> None:
         """Make ``block`` return its input: the run starts at a later layer."""
@@ -243,10 +355,11 @@ class HookSession:
     def _unscale(self, x: Tensor, site: Tensor, new: Tensor, factor: float) -> Tensor:
         """What the module returns for a site ``site = x * factor`` that became
         ``new``: ``new / factor``, or ``x`` itself (its gradient through the site
-        in grad mode) when nothing wrote it."""
+        only, in grad mode) when nothing wrote it. ``site`` already depends on
+        ``x``: a gradient through both would reach ``x`` twice."""
         if new is not site:
             return new / factor
-        return _straight_through(x, site / factor) if self.grad else x
+        return _straight_through(x.detach(), site / factor) if self.grad else x
 
     @staticmethod
     def _get_hidden(args: tuple, kwargs: dict) -> Tensor:
@@ -314,9 +427,9 @@ class HookSession:
             self._qkv_w[layer] = self.a.qkv_weights(layer)
         w, b = self._qkv_w[layer][c]  # [d_model, heads, d_head], [heads, d_head]
         normed = self.a.attn_in_norm(layer).forward(new)  # the module's own norm, no hooks
-        out = torch.einsum("bphd,dhe->bphe", normed, w.to(normed.dtype))
+        out = torch.einsum("bphd,dhe->bphe", normed, w.to(normed.device, normed.dtype))
         if b is not None:
-            out = out + b.to(out.dtype)
+            out = out + b.to(out.device, out.dtype)
         return out.to(values.dtype)
 
     def _shared_norm_in_hook(self, layer: int) -> Any:
@@ -400,12 +513,12 @@ class HookSession:
             z = z.detach()
             out_norm_input = None if out_norm_input is None else out_norm_input.detach()
         W_O = self.a.W_O(layer)  # [h, dh, d_model]
-        head_out = torch.einsum("bphd,hdm->bphm", z, W_O.to(z.dtype))
+        head_out = torch.einsum("bphd,hdm->bphm", z, W_O.to(z.device, z.dtype))
         if norm is not None and out_norm_input is not None:
             # post-attention norm (Gemma 2/3): freeze its scale, it is then linear
             scale = self.a.norm_scale(norm, out_norm_input)  # [b, p, 1]
             w, _ = self.a.norm_affine(norm)
-            head_out = head_out * (scale * w).unsqueeze(2).to(head_out.dtype)
+            head_out = head_out * (scale * w.to(scale.device)).unsqueeze(2).to(head_out)
         return head_out
 
     def _attn_out_hook(self, layer: int, is_norm: bool) -> Any:
@@ -426,7 +539,7 @@ class HookSession:
                     x = _straight_through(x, new_head_out.sum(2))
             x = self._process(p + "attn.out", x)
             if self._needs(p + "resid_mid"):
-                resid_pre = self._resid_pre[layer]
+                resid_pre = self._resid_pre[layer].to(x.device)  # the block's input device
                 mid = resid_pre + x
                 if self.grad and not self.ivs.get(p + "resid_mid"):
                     # read-only cache: a leaf fed by the straight-through path below,
@@ -457,7 +570,7 @@ class HookSession:
         x = orig = self._get_hidden(args, kwargs)
         x = self._process("final_norm.input", x)
         if "final_norm.scale" in self.want:
-            self.cache["final_norm.scale"] = self.a.norm_scale(module, x).detach()
+            self.cache["final_norm.scale"] = self.a.norm_scale(module, x).detach().to(self.home)
         return None if x is orig else self._set_hidden(args, kwargs, x)
 
     def _final_norm_out(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> Any:

@@ -95,7 +95,7 @@ def apply(ivs: Sequence[Intervention], x: Tensor, head_axis: int | None) -> Tens
                 if new is old:  # a callable that only reads: the very tensor, no copy
                     continue
                 if new.shape == x.shape and (new.requires_grad or not torch.is_grad_enabled()):
-                    x = new.to(x.dtype)  # the whole site replaced (and in the graph)
+                    x = new.to(x.device, x.dtype)  # the whole site replaced (and in the graph)
                     continue
         else:
             v = torch.as_tensor(iv.value, device=x.device)
@@ -103,6 +103,7 @@ def apply(ivs: Sequence[Intervention], x: Tensor, head_axis: int | None) -> Tens
                 v = v.to(x.dtype)
             new = v if iv.op == "set" else old + v if iv.op == "add" else old * v
         y = x.clone()
-        y[sel] = new.to(x.dtype).expand_as(old) if new.dim() <= old.dim() else new.to(x.dtype)
+        new = new.to(x.device, x.dtype)  # a value from another device (device_map)
+        y[sel] = new.expand_as(old) if new.dim() <= old.dim() else new
         x = y
     return x

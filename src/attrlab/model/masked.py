@@ -65,6 +65,7 @@ INDEX_AXES: dict[str, str | None] = {
     "attn.v": "kv_head",
     "attn.head_out": "head",
     "mlp.neurons": "neuron",
+    "mlp.experts": "expert",
 }
 
 

@@ -29,6 +29,12 @@ site                           shape                       meaning
                                                            (TransformerLens ``ln2.hook_normalized``)
 ``blocks.{l}.mlp.neurons``     ``[batch, pos, d_mlp]``     MLP post-activation (input of its
                                                            output projection)
+``blocks.{l}.mlp.router``      ``[batch, pos, expert]``    router logits of a mixture-of-experts
+                                                           MLP (writing them re-routes)
+``blocks.{l}.mlp.experts``     ``[batch, pos, expert, d_model]``  each expert's routing-weighted
+                                                           output (zero where not routed; a
+                                                           shared expert is the last slot);
+                                                           sums to ``mlp.out``
 ``blocks.{l}.mlp.out``         ``[batch, pos, d_model]``   MLP's contribution to the residual
 ``blocks.{l}.resid_post``      ``[batch, pos, d_model]``   residual stream leaving block l
 ``final_norm.input``           ``[batch, pos, d_model]``   input of the final norm
@@ -67,6 +73,8 @@ BLOCK_KINDS = (
     "mlp.in",
     "mlp.normed",
     "mlp.neurons",
+    "mlp.router",
+    "mlp.experts",
     "mlp.out",
     "resid_post",
 )

@@ -31,6 +31,7 @@ from ..errors import (
 )
 from .adapters import Adapter, ModelConfig, adapter_for
 from .adapters.base import _META_MESSAGE, unmaterialisable
+from .budget import preflight
 from .hooks import HookSession
 from .interventions import Intervention
 from .lock import model_lock
@@ -218,7 +219,27 @@ class LM:
         names = all_site_names(self.cfg.n_layers)
         if self.cfg.parallel_residual:
             names = [n for n in names if not n.endswith("resid_mid")]
-        return names
+        # mixture-of-experts layers have router / experts sites and no neurons
+        moe = {str(lay) for lay in range(self.cfg.n_layers) if self.has_experts(lay)}
+
+        def exists(n: str) -> bool:
+            if n.endswith(("mlp.router", "mlp.experts")):
+                return n.split(".")[1] in moe
+            return not (n.endswith("mlp.neurons") and n.split(".")[1] in moe)
+
+        return [n for n in names if exists(n)]
+
+    def has_experts(self, layer: int) -> bool:
+        """Whether block ``layer``'s MLP is a mixture of experts (sites
+        ``mlp.router`` / ``mlp.experts``; ``cfg.n_experts`` routed experts plus
+        ``cfg.n_shared_experts`` shared ones).
+
+        Example:
+            >>> import attrlab as al
+            >>> al.wrap(*al.testing.tiny_model("mixtral")).has_experts(0)
+            True
+        """
+        return self.adapter.experts(layer) is not None
 
     def site(self, name: str) -> Site:
         """Parse and validate a site name for this model."""
@@ -471,6 +492,9 @@ class LM:
                 )
             if start_resid is None:
                 raise InputError("start_layer needs start_resid (the resid_pre of that layer)")
+        if cache_sites:  # say beforehand what a large cache will need
+            rows, n_pos = batch.shape
+            preflight(self, [s.name for s in cache_sites], rows, n_pos, grad=grad)
         session = HookSession(
             self.adapter, cache_sites, ivs, grad, start_layer, start_resid, last_only
         )
@@ -579,28 +603,33 @@ class LM:
             yield n
 
     # ------------------------------------------------------------- weights
+    # (on the input device, where cached values are, also when a device_map puts
+    # the layer elsewhere; a no-op on one device)
+    def _home(self, t: Tensor | None) -> Tensor | None:
+        return t if t is None else t.to(self.device)
+
     def W_U(self) -> Tensor:
         """Unembedding ``[d_model, d_vocab]``."""
-        return self.adapter.W_U()
+        return self.adapter.W_U().to(self.device)
 
     def b_U(self) -> Tensor | None:
-        return self.adapter.b_U()
+        return self._home(self.adapter.b_U())
 
     def W_O(self, layer: int) -> Tensor:
         """Attention output projection per head ``[head, d_head, d_model]``."""
-        return self.adapter.W_O(layer)
+        return self.adapter.W_O(layer).to(self.device)
 
     def W_out(self, layer: int) -> Tensor:
         """MLP output projection ``[d_mlp, d_model]``."""
-        return self.adapter.W_out(layer)
+        return self.adapter.W_out(layer).to(self.device)
 
     def apply_final_norm(self, resid: Tensor) -> Tensor:
         """The model's own final norm applied to a residual stream ``[..., d_model]``."""
-        return self.adapter.final_norm()(resid)
+        return self.adapter.final_norm()(resid).to(resid.device)
 
     def unembed(self, normed: Tensor) -> Tensor:
         """The model's own unembedding (then logit soft-capping, if the model has one)."""
-        logits = self.adapter.unembed()(normed)
+        logits = self.adapter.unembed()(normed).to(normed.device)
         if self.adapter.logit_multiplier != 1.0:  # Granite, Cohere
             logits = logits * self.adapter.logit_multiplier
         cap = self.cfg.final_logit_softcap
@@ -629,11 +658,11 @@ class LM:
 
     def b_O(self, layer: int) -> Tensor | None:
         """Attention output projection bias ``[d_model]`` (None if it has none)."""
-        return self.adapter.b_O(layer)
+        return self._home(self.adapter.b_O(layer))
 
     def b_out(self, layer: int) -> Tensor | None:
         """MLP output projection bias ``[d_model]`` (None if it has none)."""
-        return self.adapter.b_out(layer)
+        return self._home(self.adapter.b_out(layer))
 
     def block_path(self, layer: int) -> str:
         """Dotted name of block ``layer`` in ``lm.model`` (e.g. for ``modules=``
@@ -736,7 +765,7 @@ class LM:
     def norm_bias(self, name: str) -> Tensor | None:
         """The bias ``[d_model]`` the norm ``name`` adds after scaling (None for RMSNorm):
         ``frozen_norm(name, 0, scale)``."""
-        return self.adapter.norm_affine(self._require_norm(name))[1]
+        return self._home(self.adapter.norm_affine(self._require_norm(name))[1])
 
     def attn_scale(self, layer: int) -> float:
         """The factor on ``q . k`` in layer ``layer``'s attention scores.
@@ -788,12 +817,17 @@ class LM:
             raise IndexRangeError(f"layer {layer} has no next layer (0..{c.n_layers - 2})")
         ln1 = a.sub(layer + 1, a.attn_in_norm_name)
         assert ln1 is not None
-        mlp_out = a.mlp(layer)(a.mlp_in_norm(layer)(resid_mid))
+        normed = a.mlp_in_norm(layer)(resid_mid)
+        if self.has_experts(layer):  # a mixture of experts reads [batch, pos, d_model]
+            mlp_out = a.mlp(layer)(normed.reshape(-1, 1, c.d_model)).reshape(normed.shape)
+        else:
+            mlp_out = a.mlp(layer)(normed)
         if a.residual_multiplier != 1.0:  # Granite
             mlp_out = mlp_out * a.residual_multiplier
-        h = ln1(resid_mid + mlp_out)
+        dev = resid_mid.device  # the layers may be on other devices (device_map)
+        h = ln1(resid_mid + mlp_out.to(dev))
         mods = a.qkv_modules(layer + 1)
         if "qkv" in mods:
-            return a.split_qkv(mods["qkv"](h))
-        q, k, v = (mods[p](h).unflatten(-1, (-1, c.d_head)) for p in ("q", "k", "v"))
+            return a.split_qkv(mods["qkv"](h).to(dev))
+        q, k, v = (mods[p](h).to(dev).unflatten(-1, (-1, c.d_head)) for p in ("q", "k", "v"))
         return q, k, v

@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 
 from .base import Units, register_units, resolve, unit_kinds
-from .components import AttnOut, Heads, Layers, MlpOut, Neurons, Resid
+from .components import AttnOut, Experts, Heads, Layers, MlpOut, Neurons, Resid
 
 for _m in pkgutil.iter_modules(__path__):
     if _m.name not in ("base", "components"):
@@ -30,4 +30,5 @@ __all__ = [
     "MlpOut",
     "Resid",
     "Neurons",
+    "Experts",
 ]

@@ -25,7 +25,13 @@ import torch
 from torch import Tensor
 
 from ..ablations import Ablation, Counterfactual, Mean, Noise, Resample, Zero
-from ..errors import CounterfactualWarning, IndexRangeError, InputError, SiteNotExposedError
+from ..errors import (
+    CounterfactualWarning,
+    IndexRangeError,
+    InputError,
+    SiteNotExposedError,
+    UnsupportedArchitectureError,
+)
 from ..model.interventions import Intervention
 from ..model.masked import MaskedRunner, SiteUnit
 from .base import Bound, Units, register_units
@@ -37,6 +43,7 @@ __all__ = [
     "MlpOut",
     "Resid",
     "Neurons",
+    "Experts",
     "ComponentBound",
     "locations",
     "label_columns",
@@ -67,6 +74,21 @@ class _Component(Units):
             out.append(layer % n_layers)
         return out
 
+    @staticmethod
+    def _indices(chosen: list[int] | None, size: int, what: str, owner: str) -> list[int]:
+        """``chosen`` (default ``range(size)``) validated: ``what`` indices below ``size``.
+
+        Example:
+            >>> _Component._indices([1], 4, "expert", "the MLPs have")
+            [1]
+        """
+        if chosen is None:
+            return list(range(size))
+        for i in chosen:
+            if not 0 <= i < size:
+                raise IndexRangeError(f"{what} {i} out of range; {owner} {size} {what}s")
+        return list(chosen)
+
 
 @register_units("heads")
 class Heads(_Component):
@@ -82,12 +104,7 @@ class Heads(_Component):
         self.heads = list(heads) if heads is not None else None
 
     def head_list(self, n_heads: int) -> list[int]:
-        if self.heads is None:
-            return list(range(n_heads))
-        for h in self.heads:
-            if not 0 <= h < n_heads:
-                raise IndexRangeError(f"head {h} out of range; the model has {n_heads} heads")
-        return list(self.heads)
+        return self._indices(self.heads, n_heads, "head", "the model has")
 
 
 @register_units("layers")
@@ -133,12 +150,64 @@ class Neurons(_Component):
 
     def neuron_list(self, d_mlp: int) -> list[int]:
         """The selected neurons, validated against the MLP width."""
-        if self.neurons is None:
-            return list(range(d_mlp))
-        for n in self.neurons:
-            if not 0 <= n < d_mlp:
-                raise IndexRangeError(f"neuron {n} out of range; the MLPs have {d_mlp} neurons")
-        return list(self.neurons)
+        return self._indices(self.neurons, d_mlp, "neuron", "the MLPs have")
+
+
+@register_units("experts")
+class Experts(_Component):
+    """Experts of mixture-of-experts MLPs: expert ``e`` of layer ``l`` is slot ``e``
+    of ``blocks.{l}.mlp.experts`` (its routing-weighted output; zero at tokens
+    not routed to it). A shared expert (Qwen2-MoE) is the last slot, number
+    ``cfg.n_experts``. ``layers`` default to every MoE layer; ``experts`` select
+    some (default all). Models without experts raise
+    :class:`~attrlab.errors.UnsupportedArchitectureError` when bound.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("mixtral"))
+        >>> r = al.attribute(lm, "a b c", target=" a", units="experts", method="dla")
+        >>> len(r) == lm.cfg.n_layers * lm.cfg.n_experts
+        True
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int] | None = None,
+        experts: Sequence[int] | None = None,
+        per_position: bool = False,
+    ):
+        super().__init__(layers, per_position)
+        self.experts = list(experts) if experts is not None else None
+
+    def expert_list(self, n_experts: int) -> list[int]:
+        """The selected experts, validated against the number of slots."""
+        return self._indices(self.experts, n_experts, "expert", "the MoE MLPs have")
+
+    def moe_layers(self, lm: Any) -> list[int]:
+        """The selected layers, all mixture-of-experts layers of ``lm``.
+
+        Raises:
+            UnsupportedArchitectureError: the model has no experts.
+            InputError: a selected layer has a dense MLP.
+        """
+        c = lm.cfg
+        moe = [layer for layer in range(c.n_layers) if lm.has_experts(layer)]
+        if not moe:
+            raise UnsupportedArchitectureError(
+                f"units='experts': model {lm.name!r} (family {c.family!r}) has no "
+                "mixture-of-experts MLPs, so it has no experts. Use units='mlp' or 'neurons', "
+                "or a MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)."
+            )
+        if self.layers is None:
+            return moe
+        layers = self.layer_list(c.n_layers)
+        dense = [layer for layer in layers if layer not in moe]
+        if dense:
+            raise InputError(
+                f"units='experts': layer(s) {dense} have dense MLPs (no experts); "
+                f"the mixture-of-experts layers are {moe}"
+            )
+        return layers
 
 
 # ------------------------------------------------------------------ binding
@@ -233,6 +302,11 @@ def locations(
             for n in units.neuron_list(c.d_mlp):
                 for pos in positions:
                     add(SiteUnit(layer, "mlp.neurons", pos, n), layer=layer, neuron=n)
+    elif isinstance(units, Experts):
+        for layer in units.moe_layers(lm):
+            for e in units.expert_list(c.n_experts + c.n_shared_experts):
+                for pos in positions:
+                    add(SiteUnit(layer, "mlp.experts", pos, e), layer=layer, expert=e)
     elif isinstance(units, (Resid, AttnOut, MlpOut)):
         kind = {Resid: "resid_pre", AttnOut: "attn.out", MlpOut: "mlp.out"}[type(units)]
         for layer in layers:

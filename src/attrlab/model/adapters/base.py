@@ -31,6 +31,13 @@ from ...errors import InputError, UnsupportedArchitectureError
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
+#: why relevance propagation refuses ALiBi checkpoints (MPT, Falcon-RW) under transformers 4.x
+OLD_ALIBI_RELEVANCE = (
+    "relevance propagation on ALiBi checkpoints needs transformers >= 5 (installed "
+    f"{transformers.__version__}): the 4.x implementation adds the position bias to the "
+    "attention scores in place, which the relevance rules cannot wrap"
+)
+
 
 def _kv_param_name(model: nn.Module) -> str:
     """``"cache"`` where the model's forward takes it, else ``"past_key_values"``.
@@ -61,6 +68,8 @@ class ModelConfig:
     norm_kind: str  # "layernorm" | "rmsnorm" | "rmsnorm_plus_one"
     post_block_norms: bool  # Gemma 2/3: norms on attn/MLP outputs before the residual add
     final_logit_softcap: float | None
+    n_experts: int = 0  # routed experts per mixture-of-experts MLP (0: dense MLPs)
+    n_shared_experts: int = 0  # always-on experts beside them (Qwen2-MoE: 1)
 
 
 def get_path(root: nn.Module, path: str) -> nn.Module:
@@ -245,10 +254,21 @@ class Adapter:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logit_multiplier: float = 1.0
+    #: the oldest transformers major version whose implementation of the family
+    #: the adapter is tested against (older ones: a typed refusal at wrap time,
+    #: with :attr:`old_transformers_reason`)
+    min_transformers_major: ClassVar[int] = 0
+    old_transformers_reason: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module):
         self.model: Any = model
         self.hf_config: Any = model.config
+        if TRANSFORMERS_MAJOR < self.min_transformers_major:
+            raise UnsupportedArchitectureError(
+                f"{type(model).__name__} needs transformers >= {self.min_transformers_major} "
+                f"here (installed {transformers.__version__}): {self.old_transformers_reason}; "
+                "pip install -U transformers"
+            )
         self.cfg = self._make_config()
 
     def mlp_shares_attn_norm(self, layer: int) -> bool:
@@ -410,7 +430,8 @@ class Adapter:
             )
         if self.rotary_path is not None and not self.plain_qk_scores:
             cos, sin = get_path(self.model, self.rotary_path)(q, position_ids)
-            cos, sin = cos[:, :, None, :].to(q.dtype), sin[:, :, None, :].to(q.dtype)
+            cos = cos[:, :, None, :].to(q.device, q.dtype)
+            sin = sin[:, :, None, :].to(q.device, q.dtype)
 
             def rope(x: Tensor) -> Tensor:
                 x1, x2 = x.chunk(2, dim=-1)
@@ -440,7 +461,9 @@ class Adapter:
         q/k norms), ``attention`` and ``mlp`` (the blocks' modules, whose
         matmuls / gated products get the uniform rule), ``linear`` (plain linear
         layers), ``position`` (a learned position embedding: its share is
-        reported like a bias's), ``first_block`` and ``unembed``."""
+        reported like a bias's), ``first_block`` and ``unembed``; an adapter may
+        add ``activation``: elementwise activation modules of types the rules do
+        not know (BLOOM's custom-autograd GELU)."""
         model = self.model
         named = {id(self.final_norm())}
         for layer in range(self.cfg.n_layers):
@@ -469,6 +492,13 @@ class Adapter:
     def o_proj(self, layer: int) -> nn.Module:
         return get_path(self.block(layer), self.o_proj_name)
 
+    def attn_out_module(self, layer: int) -> nn.Module:
+        """The module whose output is attention's contribution to the residual
+        (the ``attn.out`` site, unless a post-attention norm follows): the
+        attention module, or its output projection where the attention module
+        adds the residual itself (BLOOM)."""
+        return self.attn(layer)
+
     def mlp(self, layer: int) -> nn.Module:
         return get_path(self.block(layer), self.mlp_name)
 
@@ -479,6 +509,32 @@ class Adapter:
         tensor shaped like its input; an adapter whose MLP returns more (a
         mixture of experts' router logits) overrides this."""
         return lambda x, *args, **kwargs: x
+
+    # ------------------------------------------------------ mixture of experts
+    def experts(self, layer: int) -> nn.Module | None:
+        """The fused experts module of layer ``layer``'s mixture-of-experts MLP
+        (None: a dense MLP; see :mod:`.moe`)."""
+        return None
+
+    def router(self, layer: int) -> nn.Module | None:
+        """The top-k router of layer ``layer``'s mixture-of-experts MLP (None: dense)."""
+        return None
+
+    def shared_expert(self, layer: int) -> tuple[nn.Module, nn.Module | None] | None:
+        """``(shared expert, its gate or None)`` of an MoE MLP that has one."""
+        return None
+
+    def route(self, layer: int, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Router logits -> ``(weights, index)`` (MoE families only)."""
+        raise UnsupportedArchitectureError(f"family {self.family!r} has no experts")
+
+    def expert_outputs(self, layer: int, x: Tensor, index: Tensor, weights: Tensor) -> Tensor:
+        """Each expert's weighted output ``[tokens, n_experts, d_model]`` (MoE only)."""
+        raise UnsupportedArchitectureError(f"family {self.family!r} has no experts")
+
+    def shared_output(self, layer: int, out: Tensor, gate: Tensor | None) -> Tensor:
+        """The shared expert's contribution from its output and gate logit (MoE only)."""
+        raise UnsupportedArchitectureError(f"family {self.family!r} has no shared expert")
 
     def down_proj(self, layer: int) -> nn.Module:
         return get_path(self.block(layer), self.down_proj_name)
@@ -621,5 +677,6 @@ class Adapter:
         if self.norm_kind == "layernorm":
             x = x - x.mean(-1, keepdim=True)
         ct = torch.promote_types(x.dtype, torch.float32)
-        y = (x.to(ct) * scale.to(ct) * w.to(ct)).to(x.dtype)
-        return y if b is None else y + b.to(y.dtype)
+        # the norm's weights may be on another device than x (device_map)
+        y = (x.to(ct) * scale.to(x.device, ct) * w.to(x.device, ct)).to(x.dtype)
+        return y if b is None else y + b.to(y.device, y.dtype)
