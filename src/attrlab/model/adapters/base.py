@@ -320,14 +320,24 @@ class Adapter:
             n_kv_heads=getattr(c, "num_key_value_heads", None) or n_heads,
             d_model=d_model,
             d_head=d_head,
-            d_mlp=c.intermediate_size,
+            d_mlp=self._d_mlp(),
             d_vocab=c.vocab_size,
-            n_ctx=getattr(c, "max_position_embeddings", None),
+            n_ctx=self._n_ctx(),
             parallel_residual=self.parallel_residual(),
             norm_kind=self.norm_kind,
             post_block_norms=self.attn_out_norm_name is not None,
             final_logit_softcap=getattr(c, "final_logit_softcapping", None),
         )
+
+    def _d_mlp(self) -> int:
+        """The MLP's hidden width: ``intermediate_size``, GPT-style ``n_inner``, or 4 x d_model."""
+        c = self.hf_config
+        d = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None)
+        return int(d or 4 * c.hidden_size)
+
+    def _n_ctx(self) -> int | None:
+        """The learned or rotary context length, if the config has one."""
+        return getattr(self.hf_config, "max_position_embeddings", None)
 
     def parallel_residual(self) -> bool:
         return False

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import UnsupportedArchitectureError
-from .base import Adapter, ModelConfig
+from .base import Adapter
 from .hookpoints import Chain, real_roles
 
 
@@ -59,24 +59,6 @@ class BloomAdapter(Adapter):
                 "the attn.out / mlp.out sites hook; load with slow_but_exact=False (same weights)"
             )
         super().__init__(model)
-
-    def _make_config(self) -> ModelConfig:
-        c = self.hf_config
-        return ModelConfig(
-            family=self.family,
-            n_layers=c.n_layer,
-            n_heads=c.n_head,
-            n_kv_heads=c.n_head,
-            d_model=c.hidden_size,
-            d_head=c.hidden_size // c.n_head,
-            d_mlp=4 * c.hidden_size,
-            d_vocab=c.vocab_size,
-            n_ctx=None,  # ALiBi: no position table
-            parallel_residual=False,
-            norm_kind=self.norm_kind,
-            post_block_norms=False,
-            final_logit_softcap=None,
-        )
 
     def attn_out_module(self, layer: int) -> nn.Module:
         # the attention module returns resid_pre + its output: hook the projection

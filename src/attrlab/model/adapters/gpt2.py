@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Adapter, ModelConfig
+from .base import Adapter
 
 
 class GPT2Adapter(Adapter):
@@ -33,21 +33,3 @@ class GPT2Adapter(Adapter):
         if getattr(c, "scale_attn_by_inverse_layer_idx", False):
             s /= float(layer + 1)
         return s
-
-    def _make_config(self) -> ModelConfig:
-        c = self.hf_config
-        return ModelConfig(
-            family=self.family,
-            n_layers=c.n_layer,
-            n_heads=c.n_head,
-            n_kv_heads=c.n_head,
-            d_model=c.n_embd,
-            d_head=c.n_embd // c.n_head,
-            d_mlp=c.n_inner or 4 * c.n_embd,
-            d_vocab=c.vocab_size,
-            n_ctx=c.n_positions,
-            parallel_residual=False,
-            norm_kind=self.norm_kind,
-            post_block_norms=False,
-            final_logit_softcap=None,
-        )

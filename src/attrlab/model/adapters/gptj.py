@@ -4,7 +4,7 @@ interleaved pairs (GPT-NeoX rotates halves); no q/k/v biases, biased ``lm_head``
 
 from __future__ import annotations
 
-from .base import Adapter, ModelConfig
+from .base import Adapter
 
 
 class GPTJAdapter(Adapter):
@@ -30,21 +30,3 @@ class GPTJAdapter(Adapter):
 
     def parallel_residual(self) -> bool:
         return True
-
-    def _make_config(self) -> ModelConfig:
-        c = self.hf_config
-        return ModelConfig(
-            family=self.family,
-            n_layers=c.n_layer,
-            n_heads=c.n_head,
-            n_kv_heads=c.n_head,
-            d_model=c.n_embd,
-            d_head=c.n_embd // c.n_head,
-            d_mlp=c.n_inner or 4 * c.n_embd,
-            d_vocab=c.vocab_size,
-            n_ctx=c.n_positions,
-            parallel_residual=True,
-            norm_kind=self.norm_kind,
-            post_block_norms=False,
-            final_logit_softcap=None,
-        )

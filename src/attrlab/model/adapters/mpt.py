@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from ...errors import UnsupportedArchitectureError
-from .base import OLD_ALIBI_RELEVANCE, TRANSFORMERS_MAJOR, Adapter, ModelConfig
+from .base import OLD_ALIBI_RELEVANCE, TRANSFORMERS_MAJOR, Adapter
 from .hookpoints import Chain, real_roles
 
 
@@ -39,24 +39,12 @@ class MptAdapter(Adapter):
         "attention scores, so they are not a function of the attn.q / attn.k sites"
     )
 
-    def _make_config(self) -> ModelConfig:
-        c = self.hf_config
+    def _d_mlp(self) -> int:
         ffn: Any = self.block(0).ffn
-        return ModelConfig(
-            family=self.family,
-            n_layers=c.n_layers,
-            n_heads=c.n_heads,
-            n_kv_heads=c.n_heads,
-            d_model=c.d_model,
-            d_head=c.d_model // c.n_heads,
-            d_mlp=ffn.up_proj.out_features,
-            d_vocab=c.vocab_size,
-            n_ctx=c.max_seq_len,
-            parallel_residual=False,
-            norm_kind=self.norm_kind,
-            post_block_norms=False,
-            final_logit_softcap=None,
-        )
+        return int(ffn.up_proj.out_features)
+
+    def _n_ctx(self) -> int | None:
+        return int(self.hf_config.max_seq_len)
 
     def attn_scale(self, layer: int) -> float:
         return float(self.attn(layer).softmax_scale)  # type: ignore[arg-type]
