@@ -221,3 +221,23 @@ def test_dense_layers_of_a_partly_sparse_model():
     out = cache["blocks.1.mlp.neurons"] @ lm.W_out(1)
     torch.testing.assert_close(out, cache["blocks.1.mlp.out"], atol=1e-5, rtol=1e-5)
 
+
+def test_router_units_equal_a_hand_edit_of_the_router_logits(lm):
+    """``Experts(site="router")``: occlusion of router logit e equals the run with that
+    logit set to zero by hand (the tokens are re-routed); AtP is its first-order
+    estimate; DLA refuses (router logits write nothing to the residual)."""
+    units = al.units.Experts(layers=[1], site="router")
+    r = al.attribute(lm, PROMPT, target=TARGET, units=units, method="occlusion")
+    assert len(r) == lm.cfg.n_experts  # routed experts only (no shared slot)
+    site = "blocks.1.mlp.router"
+    clean = _logit_diff(lm)
+    for j, e in enumerate(r.units["expert"]):
+        hand = clean - _logit_diff(lm, [Intervention(site, torch.zeros(1), heads=[e])])
+        assert abs(float(r.scores[j]) - hand) < 1e-5, (e, float(r.scores[j]), hand)
+    assert any(abs(float(s)) > 1e-6 for s in r.scores)  # the edit changes the routing
+    atp = al.attribute(lm, PROMPT, target=TARGET, units=units, method="atp")
+    assert torch.isfinite(atp.scores).all() and len(atp) == len(r)
+    with pytest.raises(al.errors.InputError, match="router logits"):
+        al.attribute(lm, PROMPT, target=TARGET, units=units, method="dla")
+    with pytest.raises(al.errors.InputError, match="'experts' .* or 'router'"):
+        al.units.Experts(site="gate")

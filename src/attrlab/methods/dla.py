@@ -327,6 +327,12 @@ class DirectLogitAttribution(Method):
         elif isinstance(units, Neurons):
             attn, mlp = "whole", "neurons"
         elif isinstance(units, Experts):
+            if units.site == "router":
+                raise InputError(
+                    "dla needs parts that write to the residual stream; router logits do not. "
+                    "Use al.units.Experts() (the experts' outputs), or an estimator such as "
+                    "occlusion or atp over Experts(site='router')"
+                )
             units.moe_layers(lm)  # a typed error for models without experts
             attn, mlp = "whole", "experts"
         elif isinstance(units, (AttnOut, MlpOut, Layers)):

@@ -66,6 +66,7 @@ INDEX_AXES: dict[str, str | None] = {
     "attn.head_out": "head",
     "mlp.neurons": "neuron",
     "mlp.experts": "expert",
+    "mlp.router": "expert",
 }
 
 

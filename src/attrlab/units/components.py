@@ -162,10 +162,20 @@ class Experts(_Component):
     some (default all). Models without experts raise
     :class:`~attrlab.errors.UnsupportedArchitectureError` when bound.
 
+    ``site="router"`` makes the units the router's logits instead (logit ``e`` of
+    ``blocks.{l}.mlp.router``, routed experts only): ablating one re-routes the
+    tokens (the routing weights are recomputed from the edited logits), so the
+    score says how much the router's preference for that expert matters. Not
+    for DLA (router logits write nothing to the residual stream).
+
     Example:
         >>> import attrlab as al
         >>> lm = al.wrap(*al.testing.tiny_model("mixtral"))
         >>> r = al.attribute(lm, "a b c", target=" a", units="experts", method="dla")
+        >>> len(r) == lm.cfg.n_layers * lm.cfg.n_experts
+        True
+        >>> r = al.attribute(lm, "a b c", target=" a", method="occlusion",
+        ...                  units=al.units.Experts(site="router"))
         >>> len(r) == lm.cfg.n_layers * lm.cfg.n_experts
         True
     """
@@ -175,9 +185,16 @@ class Experts(_Component):
         layers: Sequence[int] | None = None,
         experts: Sequence[int] | None = None,
         per_position: bool = False,
+        site: str = "experts",
     ):
+        if site not in ("experts", "router"):
+            raise InputError(
+                f"Experts(site=...) is 'experts' (their outputs) or 'router' (its logits), "
+                f"got {site!r}"
+            )
         super().__init__(layers, per_position)
         self.experts = list(experts) if experts is not None else None
+        self.site = site
 
     def expert_list(self, n_experts: int) -> list[int]:
         """The selected experts, validated against the number of slots."""
@@ -303,10 +320,12 @@ def locations(
                 for pos in positions:
                     add(SiteUnit(layer, "mlp.neurons", pos, n), layer=layer, neuron=n)
     elif isinstance(units, Experts):
+        router = units.site == "router"  # the router's logits: routed experts only
+        n_slots = c.n_experts if router else c.n_experts + c.n_shared_experts
         for layer in units.moe_layers(lm):
-            for e in units.expert_list(c.n_experts + c.n_shared_experts):
+            for e in units.expert_list(n_slots):
                 for pos in positions:
-                    add(SiteUnit(layer, "mlp.experts", pos, e), layer=layer, expert=e)
+                    add(SiteUnit(layer, f"mlp.{units.site}", pos, e), layer=layer, expert=e)
     elif isinstance(units, (Resid, AttnOut, MlpOut)):
         kind = {Resid: "resid_pre", AttnOut: "attn.out", MlpOut: "mlp.out"}[type(units)]
         for layer in layers:
