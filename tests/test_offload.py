@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import attrlab as al
+from attrlab import architectures as A
 
 pytest.importorskip("accelerate")
 
@@ -206,3 +207,26 @@ def test_cached_sites_go_to_the_input_device(monkeypatch):
     assert {n: (t.device.type, t.shape) for n, t in cache.items()} == {
         n: ("meta", t.shape) for n, t in want.items()
     }
+
+
+@pytest.fixture(scope="module")
+def offloaded_matrix_model(tmp_path_factory):
+    """The method x architecture matrix's GPT-2 (attrlab.architectures.model), saved
+    and reloaded with layer 1 on disk and layer 0 on the CPU."""
+    d = _save("gpt2", tmp_path_factory.mktemp("gpt2_matrix"), initializer_range=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm = al.load(d, device_map=MAPS["split"], offload_folder=str(d / "offload"))
+    assert any(p.device.type == "meta" for p in lm.model.parameters())
+    return lm
+
+
+@pytest.mark.parametrize("method", [c.method for c in A.CELLS])
+def test_every_method_runs_and_keeps_its_invariant_under_disk_offload(
+    offloaded_matrix_model, method
+):
+    """Every cell of the method x architecture matrix (each registered method,
+    the lenses, routes and attribution graphs, with the method's own invariant)
+    passes on an offloaded GPT-2, as GPT-2 must on one device."""
+    torch.manual_seed(0)
+    A.CELL[method].run(offloaded_matrix_model)

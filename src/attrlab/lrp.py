@@ -82,6 +82,7 @@ from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
 from .errors import InputError
+from .model.offload import materialised
 from .model.swap import RULE_MARK, elementwise_types, swapped_forwards
 
 __all__ = [
@@ -655,12 +656,13 @@ def _mlp_forward(orig: Callable[..., Any], sink: list[list[Tensor]], gated: bool
 
 def _linear_forward(module: nn.Module, eps: float, ledger: Ledger | None, owner: int):
     orig = module.forward
-    bias = getattr(module, "bias", None)
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         out: Tensor = orig(x, *args, **kwargs)
         if threading.get_ident() != owner or not (torch.is_grad_enabled() and out.requires_grad):
             return out
+        # read per call: an offloaded module's bias is real only inside its forward
+        bias = materialised(module, "bias") if ledger is not None else None
         if ledger is not None and isinstance(bias, Tensor):
             out = _record(out, bias, ledger, "bias")
         if eps > 0:

@@ -39,7 +39,22 @@ from torch import Tensor, nn
 from .adapters.base import _offload_hooks
 from .lock import model_lock
 
-__all__ = ["has_offload", "module_device", "onloaded", "state_items"]
+__all__ = ["has_offload", "materialised", "module_device", "onloaded", "state_items"]
+
+
+def materialised(module: nn.Module, name: str) -> Tensor | None:
+    """``module.<name>`` (a weight or bias) as a real tensor: loaded from
+    accelerate's weights map when the module is offloaded (its parameters sit on
+    the meta device outside its own forward), else the attribute itself.
+
+    Example:
+        >>> import torch
+        >>> materialised(torch.nn.Linear(2, 3), "bias").shape
+        torch.Size([3])
+    """
+    from .adapters.base import param
+
+    return param(module, name)
 
 
 def has_offload(model: nn.Module) -> bool:
