@@ -241,3 +241,17 @@ def test_router_units_equal_a_hand_edit_of_the_router_logits(lm):
         al.attribute(lm, PROMPT, target=TARGET, units=units, method="dla")
     with pytest.raises(al.errors.InputError, match="'experts' .* or 'router'"):
         al.units.Experts(site="gate")
+
+
+@pytest.mark.parametrize("site", ["experts", "router"])
+def test_exact_patching_over_experts_equals_counterfactual_occlusion(lm, site):
+    """``method="patch"`` runs on experts (and router logits) through the same
+    component locations: its scores are occlusion's with the counterfactual
+    ablation, per layer and per position."""
+    for units in (al.units.Experts(site=site), al.units.Experts(layers=[1], per_position=True)):
+        kw = dict(target=TARGET, units=units, counterfactual=CF)
+        p = al.attribute(lm, PROMPT, method="patch", **kw)
+        o = al.attribute(lm, PROMPT, method="occlusion", **kw)
+        assert p.units == o.units
+        torch.testing.assert_close(p.scores.double(), o.scores.double(), atol=1e-6, rtol=1e-6)
+        assert float(p.scores.abs().max()) > 1e-6

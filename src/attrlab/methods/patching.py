@@ -48,6 +48,7 @@ from ..targets import resolve as resolve_target
 from ..units.base import Units
 from ..units.components import (
     AttnOut,
+    Experts,
     Heads,
     Layers,
     MlpOut,
@@ -162,7 +163,7 @@ def units_for(lm: LM, units: Units, n_pos: int, site: str = "z") -> list[PatchUn
             "activation patching of whole layers: use units='resid' (the residual stream "
             "entering each layer), 'attn' or 'mlp'"
         )
-    if not isinstance(units, (Heads, Neurons, Resid, AttnOut, MlpOut)):
+    if not isinstance(units, (Heads, Neurons, Experts, Resid, AttnOut, MlpOut)):
         raise InputError(f"activation patching does not support units={units.kind!r}")
     locs, _, _ = locations(lm, units, n_pos, site)  # the one labelling path for components
     return locs
@@ -369,7 +370,7 @@ def _metric_target(metric: str, target: Target, lm: LM, batch: Batch) -> Target:
     return KL(reference_logits=logits[:, -1].detach())
 
 
-@register("patch", ("heads", "resid", "attn", "mlp", "neurons"))
+@register("patch", ("heads", "resid", "attn", "mlp", "neurons", "experts"))
 class ActivationPatching(Method):
     """Exact activation patching (``method="patch"``).
 

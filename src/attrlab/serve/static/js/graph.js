@@ -75,6 +75,8 @@ const LABEL_ALL_NODES = 500;
 // graphs with more edges than this draw edges as "haystack" lines without
 // arrowheads (Cytoscape's cheapest edges; edges run up the layers anyway)
 const FAST_EDGES = 2000;
+// edge widths come in this many steps above the thinnest (one style class each)
+const WIDTH_CLASSES = 10;
 
 function hasWebGL2() {
   try { return Boolean(document.createElement("canvas").getContext("webgl2")); } catch (e) { return false; }
@@ -154,10 +156,12 @@ export function renderGraph(g, ctx) {
         { selector: "node.hover, node.pinned", style: { label: "data(label)", "z-index": 10 } },
         { selector: "node.pinned", style: { "background-color": "#ff9800", "border-width": 2, "border-color": "#333" } },
         { selector: "edge", style: m > FAST_EDGES
-          ? { width: "data(width)", "curve-style": "haystack", "haystack-radius": 0, opacity: 0.6, "line-color": "#d62728" }
-          : { width: "data(width)", "curve-style": "straight", "target-arrow-shape": "triangle",
+          ? { width: 0.5, "curve-style": "haystack", "haystack-radius": 0, opacity: 0.6, "line-color": "#d62728" }
+          : { width: 0.5, "curve-style": "straight", "target-arrow-shape": "triangle",
             "arrow-scale": 0.6, opacity: 0.7, "line-color": "#d62728", "target-arrow-color": "#d62728" } },
         { selector: "edge.neg", style: { "line-color": "#1f77b4", "target-arrow-color": "#1f77b4" } },
+        // widths by class (w1 .. w10), not a data mapping evaluated per edge
+        ...Array.from({ length: WIDTH_CLASSES }, (_, k) => ({ selector: `edge.w${k + 1}`, style: { width: 0.5 + 5 * (k + 1) / WIDTH_CLASSES } })),
       ],
     });
     cy.on("tap", "node", (e) => {
@@ -175,9 +179,13 @@ export function renderGraph(g, ctx) {
     if (labels[i] === undefined) labels[i] = nodeLabel(g, i);
     return { group: "nodes", data: { id: String(g.nodes.id[i]), label: labels[i] }, position: { ...place[i] } };
   };
-  const edgeDef = (j) => ({ group: "edges", classes: g.edges.weight[j] < 0 ? "neg" : "", data: {
-    id: `e${j}`, source: String(g.nodes.id[srcIdx[j]]), target: String(g.nodes.id[dstIdx[j]]), w: g.edges.weight[j],
-    width: 0.5 + 5 * absW[j] / maxW } });
+  // width 0.5 + 5 |w| / max|w|, rounded to one of WIDTH_CLASSES steps (class wK)
+  const edgeDef = (j) => {
+    const k = Math.round(WIDTH_CLASSES * absW[j] / maxW);
+    const cls = (g.edges.weight[j] < 0 ? "neg" : "") + (k > 0 ? ` w${Math.min(k, WIDTH_CLASSES)}` : "");
+    return { group: "edges", classes: cls.trim(), data: {
+      id: `e${j}`, source: String(g.nodes.id[srcIdx[j]]), target: String(g.nodes.id[dstIdx[j]]), w: g.edges.weight[j] } };
+  };
   const wanted = (i) => degree[i] > 0 || pins.has(String(g.nodes.id[i]));
 
   // swap the shown edge set for the strongest k edges, and the nodes to match
