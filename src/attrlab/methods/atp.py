@@ -75,7 +75,7 @@ from ..model.wrapper import LM, Batch, Inputs
 from ..result import Attribution
 from ..targets import KL, Logit, LogitDiff, LogProb, Prob, Target, TopToken
 from ..units.base import Units
-from ..units.components import AttnOut, Heads, MlpOut, Neurons, Resid
+from ..units.components import AttnOut, Experts, Heads, MlpOut, Neurons, Resid
 from .base import Method, check_float, check_int, register
 
 __all__ = [
@@ -88,7 +88,7 @@ __all__ = [
     "verify_units",
 ]
 
-NODE_KINDS = ("heads", "attn", "mlp", "neurons", "resid")
+NODE_KINDS = ("heads", "attn", "mlp", "neurons", "experts", "resid")
 HEAD_SITES = ("z", "head_out", "q", "k", "v")
 
 
@@ -115,7 +115,7 @@ class NodeSet:
     heads: list[int] | None
     per_position: bool
     n_pos: int
-    width: int  # heads, or neurons, or 1
+    width: int  # heads, or neurons, or expert slots, or 1
 
     @classmethod
     def build(cls, lm: LM, units: Units, n_pos: int, head_site: str = "z") -> NodeSet:
@@ -134,6 +134,19 @@ class NodeSet:
                 units.per_position,
                 n_pos,
                 len(heads),
+            )
+        if isinstance(units, Experts):  # MoE layers only; every slot (a subset via labels)
+            slots = (
+                cfg.n_experts if units.site == "router" else cfg.n_experts + cfg.n_shared_experts
+            )
+            return cls(
+                "experts",
+                f"mlp.{units.site}",
+                units.moe_layers(lm),
+                None,
+                units.per_position,
+                n_pos,
+                slots,
             )
         table = {
             AttnOut: ("attn", "attn.out"),
@@ -181,6 +194,8 @@ class NodeSet:
                 x = x[:, :, self.heads]
         elif self.kind == "neurons":
             x = prod  # [b, p, d_mlp]
+        elif self.kind == "experts":
+            x = prod.sum(-1) if prod.dim() == 4 else prod  # [b, p, slot]
         else:
             x = prod.sum(-1, keepdim=True)  # [b, p, 1]
         x = x.mean(0)  # [p, width]
@@ -200,7 +215,7 @@ class NodeSet:
         if self.kind == "heads":
             assert self.heads is not None
             sub = self.heads[w]
-        elif self.kind == "neurons":
+        elif self.kind in ("neurons", "experts"):
             sub = w
         else:
             sub = None
@@ -924,7 +939,7 @@ def _unit_order(lm: LM, nodes: NodeSet, units: Units) -> tuple[list[int], list[d
     index = {nodes.unit(i): i for i in range(nodes.n_units)}
     order = []
     for lab in labels:
-        sub = lab.get("head", lab.get("kv_head", lab.get("neuron")))
+        sub = lab.get("head", lab.get("kv_head", lab.get("neuron", lab.get("expert"))))
         key = (lab["layer"], lab.get("position"), sub)
         if key not in index:
             raise InputError(f"unit {lab} is not among the attributed nodes")
