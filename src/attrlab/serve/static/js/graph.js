@@ -96,7 +96,9 @@ function chooseRenderer() {
 // |weight|, so the shown set is always a prefix of that order and a new
 // threshold adds or removes only the edges between the old and new prefix
 // length (one cy.add of an array / one cy.remove in one batch). Positions are
-// preset (layer x position), styles are data-mapped or by class, no layout runs.
+// preset (layer x position), styles are by class (edge widths in 10 steps, not
+// a per-edge data mapping), no layout runs; slider input is coalesced to one
+// update per animation frame.
 export function renderGraph(g, ctx) {
   const t0 = performance.now();
   const box = el("div", { class: "view view-graph", data: { view: "graph" } });
@@ -118,6 +120,11 @@ export function renderGraph(g, ctx) {
   const pins = ctx.pins;
   const renderer = chooseRenderer();
   const canvas = el("div", { class: "cy", data: { nodes: n, edges: m, renderer } });
+  // Cytoscape's container is a child of .cy: Cytoscape watches its container's
+  // attributes (a MutationObserver) and answers any change with a resize and a
+  // full redraw, so the data-shown-* attributes set on every update live on .cy
+  const host = el("div", { class: "cy-host" });
+  canvas.append(host);
   const pane = el("div", { class: "subgraph" });
   const label = el("span", { class: "thr" });
   const slider = el("input", { type: "range", min: "0", max: "1000", value: String(Math.round(1000 * Math.sqrt(threshold / maxW))),
@@ -141,13 +148,14 @@ export function renderGraph(g, ctx) {
   const degree = new Int32Array(n);  // shown edges touching each node
   const nodeEl = new Array(n).fill(null), edgeEl = new Array(m).fill(null);
   let nShown = 0;  // edges order[0 .. nShown) are in the graph
+  let pinnedEls = new Set();  // the Cytoscape nodes that have the class "pinned"
 
   const hasCy = typeof window.cytoscape === "function";
   let cy = null;
   if (hasCy) {
     const many = n > LABEL_ALL_NODES;
     cy = window.cytoscape({
-      container: canvas, elements: [], layout: { name: "preset" },
+      container: host, elements: [], layout: { name: "preset" },
       renderer: renderer === "webgl" ? { name: "canvas", webgl: true } : { name: "canvas" },
       hideEdgesOnViewport: renderer === "canvas" && m > 5000, textureOnViewport: renderer === "canvas" && m > 5000, pixelRatio: 1,
       style: [
@@ -223,8 +231,12 @@ export function renderGraph(g, ctx) {
       const unpinned = [];
       for (let i = 0; i < n; i++) if (nodeEl[i] && degree[i] === 0 && !pins.has(String(g.nodes.id[i]))) { unpinned.push(nodeEl[i]); nodeEl[i] = null; }
       if (unpinned.length) cy.remove(cy.collection(unpinned));
-      cy.nodes(".pinned").removeClass("pinned");
-      for (const id of pins) { const i = index.get(id); if (i !== undefined && nodeEl[i]) nodeEl[i].addClass("pinned"); }
+      // re-mark only the nodes whose pin state changed (no scan of all nodes)
+      const nowPinned = new Set();
+      for (const id of pins) { const i = index.get(id); if (i !== undefined && nodeEl[i]) nowPinned.add(nodeEl[i]); }
+      for (const e of pinnedEls) if (!nowPinned.has(e) && !e.removed()) e.removeClass("pinned");
+      for (const e of nowPinned) if (!pinnedEls.has(e)) e.addClass("pinned");
+      pinnedEls = nowPinned;
     });
   }
 
@@ -256,10 +268,17 @@ export function renderGraph(g, ctx) {
     else if (ctx.onPins) ctx.onPins();
   }
 
+  // one update per animation frame at most: a drag fires many input events,
+  // and each would otherwise add/remove elements and redraw in turn
+  let pending = 0;
   slider.addEventListener("input", () => {
-    const t = Number(slider.value) / 1000;
-    threshold = t * t * maxW;
-    update();
+    if (pending) return;
+    pending = requestAnimationFrame(() => {
+      pending = 0;
+      const t = Number(slider.value) / 1000;
+      threshold = t * t * maxW;
+      update();
+    });
   });
   update();
   // the container gets its size once attached
