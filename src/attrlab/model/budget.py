@@ -349,12 +349,11 @@ def _site_width(lm: Any, site: str, seq_len: int) -> int:
         return heads * max(1, seq_len)
     if kind == "mlp.neurons":
         return d_mlp
-    hf = getattr(getattr(lm, "model", None), "config", None)
-    experts = getattr(hf, "num_local_experts", None) or getattr(hf, "num_experts", None) or 8
+    experts = int(getattr(cfg, "n_experts", 0) or 0)
     if kind == "mlp.router":
-        return int(experts)
+        return experts
     if kind == "mlp.experts":
-        return (int(experts) + 1) * d_model
+        return (experts + int(getattr(cfg, "n_shared_experts", 0) or 0)) * d_model
     if kind == "final_norm.scale":
         return 1
     if kind == "unembed":
