@@ -31,6 +31,12 @@ from ...errors import InputError, UnsupportedArchitectureError
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
+#: why families whose 4.x attention hides its weights are refused under transformers 4
+OLD_ATTENTION_WEIGHTS = (
+    "its 4.x attention returns no attention weights to the block, so the pattern "
+    "sites the adapter reads are missing"
+)
+
 #: why relevance propagation refuses ALiBi checkpoints (MPT, Falcon-RW) under transformers 4.x
 OLD_ALIBI_RELEVANCE = (
     "relevance propagation on ALiBi checkpoints needs transformers >= 5 (installed "

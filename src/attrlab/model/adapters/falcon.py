@@ -19,6 +19,7 @@ exact); ALiBi scores are not a function of q and k, and ``scores_qk`` refuses.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -54,26 +55,14 @@ class FalconAdapter(Adapter):
 
     def _make_config(self) -> ModelConfig:
         c = self.hf_config
-        n_heads = c.num_attention_heads
         if c.new_decoder_architecture:
             n_kv = c.num_kv_heads
         else:
-            n_kv = 1 if c.multi_query else n_heads
-        return ModelConfig(
-            family=self.family,
-            n_layers=c.num_hidden_layers,
-            n_heads=n_heads,
-            n_kv_heads=n_kv,
-            d_model=c.hidden_size,
-            d_head=c.hidden_size // n_heads,
-            d_mlp=c.ffn_hidden_size,
-            d_vocab=c.vocab_size,
-            n_ctx=c.max_position_embeddings,
-            parallel_residual=self.parallel_residual(),
-            norm_kind=self.norm_kind,
-            post_block_norms=False,
-            final_logit_softcap=None,
-        )
+            n_kv = 1 if c.multi_query else c.num_attention_heads
+        return dataclasses.replace(super()._make_config(), n_kv_heads=n_kv)
+
+    def _d_mlp(self) -> int:
+        return int(self.hf_config.ffn_hidden_size)
 
     def parallel_residual(self) -> bool:
         c = self.hf_config

@@ -6,7 +6,7 @@ the scores of runs no longer than the window."""
 
 from __future__ import annotations
 
-from .base import Adapter, ModelConfig
+from .base import Adapter
 
 
 class GPTNeoAdapter(Adapter):
@@ -27,24 +27,6 @@ class GPTNeoAdapter(Adapter):
     mlp_in_norm_name = "ln_2"
     norm_kind = "layernorm"
     plain_qk_scores = True
-
-    def _make_config(self) -> ModelConfig:
-        c = self.hf_config
-        return ModelConfig(
-            family=self.family,
-            n_layers=c.num_layers,
-            n_heads=c.num_heads,
-            n_kv_heads=c.num_heads,
-            d_model=c.hidden_size,
-            d_head=c.hidden_size // c.num_heads,
-            d_mlp=c.intermediate_size or 4 * c.hidden_size,
-            d_vocab=c.vocab_size,
-            n_ctx=c.max_position_embeddings,
-            parallel_residual=False,
-            norm_kind=self.norm_kind,
-            post_block_norms=False,
-            final_logit_softcap=None,
-        )
 
     def attn_scale(self, layer: int) -> float:
         return 1.0  # GPT-Neo does not scale q . k

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import Adapter
+from .base import OLD_ATTENTION_WEIGHTS, Adapter
 
 
 class NemotronAdapter(Adapter):
@@ -16,10 +16,7 @@ class NemotronAdapter(Adapter):
     model_types = ("nemotron",)
     norm_kind = "layernorm"
     min_transformers_major = 5
-    old_transformers_reason = (
-        "its 4.x attention returns no attention weights to the block, so the pattern "
-        "sites the adapter reads are missing"
-    )
+    old_transformers_reason = OLD_ATTENTION_WEIGHTS
     qk_scores_refusal = (
         "Nemotron rotates only the first partial_rotary_factor of each query / key "
         "head, which scores_qk does not reproduce"

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import UnsupportedArchitectureError
-from .base import Adapter, ModelConfig, linear_in_out, param
+from .base import OLD_ATTENTION_WEIGHTS, Adapter, linear_in_out, param
 from .hookpoints import Chain, real_roles
 
 POST_LN_REFUSAL = (
@@ -57,10 +57,7 @@ class OPTAdapter(Adapter):
     norm_kind = "layernorm"
     plain_qk_scores = True
     min_transformers_major = 5
-    old_transformers_reason = (
-        "its 4.x attention returns no attention weights to the block, so the pattern "
-        "sites the adapter reads are missing"
-    )
+    old_transformers_reason = OLD_ATTENTION_WEIGHTS
 
     def __init__(self, model: nn.Module):
         c: Any = model.config
@@ -70,23 +67,8 @@ class OPTAdapter(Adapter):
             raise UnsupportedArchitectureError(f"family 'opt': {NO_FINAL_NORM_REFUSAL}")
         super().__init__(model)
 
-    def _make_config(self) -> ModelConfig:
-        c = self.hf_config
-        return ModelConfig(
-            family=self.family,
-            n_layers=c.num_hidden_layers,
-            n_heads=c.num_attention_heads,
-            n_kv_heads=c.num_attention_heads,
-            d_model=c.hidden_size,
-            d_head=c.hidden_size // c.num_attention_heads,
-            d_mlp=c.ffn_dim,
-            d_vocab=c.vocab_size,
-            n_ctx=c.max_position_embeddings,
-            parallel_residual=False,
-            norm_kind=self.norm_kind,
-            post_block_norms=False,
-            final_logit_softcap=None,
-        )
+    def _d_mlp(self) -> int:
+        return int(self.hf_config.ffn_dim)
 
     # -------------------------------------------- embedding and unembedding
     def _decoder(self) -> Any:

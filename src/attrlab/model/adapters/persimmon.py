@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Adapter
+from .base import OLD_ATTENTION_WEIGHTS, Adapter
 
 
 class PersimmonAdapter(Adapter):
@@ -24,10 +24,7 @@ class PersimmonAdapter(Adapter):
     down_proj_name = "mlp.dense_4h_to_h"
     norm_kind = "layernorm"
     min_transformers_major = 5
-    old_transformers_reason = (
-        "its 4.x attention returns no attention weights to the block, so the pattern "
-        "sites the adapter reads are missing"
-    )
+    old_transformers_reason = OLD_ATTENTION_WEIGHTS
     qk_scores_refusal = (
         "Persimmon rotates only the first partial_rotary_factor of each query / key head "
         "(after per-head q / k LayerNorms), which scores_qk does not reproduce"
