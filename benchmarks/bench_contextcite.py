@@ -1,10 +1,13 @@
 """attrlab's ContextCite vs the ``context-cite`` package (0.0.4).
 
-Part 1 (same masks): a 12-layer, 768-wide random Llama-architecture model with
-the local tiny tokenizer, 20 sources of ~25 tokens, a 4-token query and a
-20-token response, 2 threads. context-cite runs at batch sizes 1 and 8; attrlab
-runs on context-cite's masks and response. Prints the largest score difference
-and the time ratio (medians).
+Part 1 (speed with defaults): a 12-layer, 768-wide random Llama-architecture
+model with the local tiny tokenizer, 20 sources of ~25 tokens, a 4-token query
+and a 20-token response (generated once, not timed), 64 ablations, 2 threads.
+attrlab is called as a user would, with no tuning arguments; context-cite at
+batch size 1 (its default) and at 8 and 16 (its best is reported). The sides
+alternate (A B C, C B A, ...; benchmarks/_interleave.py); ``--load`` repeats
+it beside a second CPU-bound process. Values: attrlab run on context-cite's
+own masks and response, largest score difference.
 
 Part 2 (same quality): on the zoo context_qa task (when it is available), the
 held-out LDS of context-cite's estimator at 64 ablations versus cheaper attrlab
@@ -15,7 +18,7 @@ context-cite downloads nltk data when imported and imports spacy and datasets;
 sentence splitter becomes attrlab's regex splitter), before importing it.
 Install it without its dependencies: ``pip install --no-deps context-cite==0.0.4``.
 
-Run: ``python benchmarks/bench_contextcite.py [--repeats 3] [--part 1|2|all]``
+Run: ``python benchmarks/bench_contextcite.py [--repeats 3] [--part 1|2|all] [--load]``
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ def make_sources(n: int = 20, tokens: int = 25, seed: int = 0) -> list[str]:
     return out
 
 
-def big_llama(seed: int = 0) -> Any:
+def big_llama(seed: int = 0, layers: int = 12) -> Any:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import attrlab as al
@@ -137,7 +140,7 @@ def big_llama(seed: int = 0) -> Any:
         vocab_size=len(al.testing.tiny_tokenizer()),
         hidden_size=768,
         intermediate_size=2048,
-        num_hidden_layers=12,
+        num_hidden_layers=layers,
         num_attention_heads=12,
         num_key_value_heads=12,
         max_position_embeddings=2048,
@@ -149,6 +152,94 @@ def big_llama(seed: int = 0) -> Any:
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
+def part1(
+    repeats: int, layers: int = 12, batch_sizes: tuple[int, ...] = (1, 8, 16), load: bool = False
+) -> list[dict[str, Any]]:
+    """attrlab with its defaults vs context-cite at each batch size, interleaved;
+    scores compared on context-cite's own masks. Returns result rows."""
+    import contextlib
+
+    from _interleave import ConcurrentLoad, interleaved, loadavg, print_rows, row
+
+    import attrlab as al
+
+    torch.set_num_threads(2)
+    model, tok = big_llama(layers=layers), chat_tokenizer()
+    lm = al.wrap(model, tok)
+    context = " ".join(make_sources())
+    query = "The capital city?"  # 4 tokens
+    gen = {"max_new_tokens": 20, "min_new_tokens": 20, "do_sample": False}
+    citers = {
+        bs: context_citer(
+            model, tok, context, query, num_ablations=64, batch_size=bs, generate_kwargs=gen
+        )
+        for bs in batch_sizes
+    }
+    response_ids = None
+    for cc in citers.values():  # generation is not timed
+        ids = list(cc._response_ids)
+        assert response_ids is None or ids == response_ids
+        response_ids = ids
+    assert response_ids is not None and len(response_ids) == 20
+    assert next(iter(citers.values())).num_sources == 20
+    out: dict[str, Any] = {}
+
+    def cc_side(bs: int) -> Any:
+        def run() -> None:
+            cc = citers[bs]
+            cc._cache.pop("reg_masks", None)
+            cc._cache.pop("reg_logit_probs", None)
+            out[f"cc{bs}"] = cc.get_attributions(verbose=False)
+            out["masks"] = cc._masks
+
+        return run
+
+    def ours() -> None:  # attrlab as a user calls it: no tuning arguments
+        out["ours"] = al.attribute(
+            lm, context, response_ids, units="sources", method="contextcite", query=query
+        )
+
+    sides: dict[str, Any] = {"attrlab defaults": ours}
+    sides.update({f"context-cite bs={bs}": cc_side(bs) for bs in batch_sizes})
+    where = "under a concurrent CPU load" if load else "quiet"
+    print(
+        f"ContextCite, {layers}-layer 768-wide Llama, 20 sources x 25 tokens, 64 ablations, "
+        f"20-token response, 2 threads, {where}; load {loadavg()}",
+        flush=True,
+    )
+    with ConcurrentLoad() if load else contextlib.nullcontext():
+        times = interleaved(sides, repeats)
+    # values: attrlab on context-cite's masks and response
+    same = al.attribute(
+        lm, context, response_ids, units="sources", method="contextcite", query=query,
+        masks=out["masks"],
+    )  # fmt: skip
+    diff = max(float(np.abs(same.scores.numpy() - out[f"cc{bs}"]).max()) for bs in batch_sizes)
+    setup = f"{layers}x768 llama, 20x25 tokens, 64 abl., {where}"
+    rows = []
+    best = min(batch_sizes, key=lambda bs: statistics.median(times[f"context-cite bs={bs}"]))
+    peers = [("context-cite defaults (bs=1)", 1)] if 1 in batch_sizes else []
+    peers.append((f"context-cite best (bs={best})", best))
+    for label, bs in peers:
+        t = {"attrlab defaults": times["attrlab defaults"], label: times[f"context-cite bs={bs}"]}
+        rows.append(
+            row(
+                "contextcite",
+                setup,
+                t,
+                ours="attrlab defaults",
+                peer=label,
+                agreement=diff,
+                metric="max |score diff| (same masks)",
+                strategy=out["ours"].diagnostics.get("strategy"),
+                n_tokens=out["ours"].diagnostics.get("n_tokens"),
+            )  # fmt: skip
+        )
+    print_rows(rows)
+    return rows
+
+
+# ------------------------------------------------------------------ part 2
 class Timer:
     """Wall-clock and CPU (process) seconds of a block; CPU time is steadier on a busy box."""
 
@@ -161,69 +252,6 @@ class Timer:
         self.cpu = time.process_time() - self.c
 
 
-def part1(repeats: int) -> dict[str, Any]:
-    import attrlab as al
-
-    torch.set_num_threads(2)
-    model, tok = big_llama(), chat_tokenizer()
-    lm = al.wrap(model, tok)
-    context = " ".join(make_sources())
-    query = "The capital city?"  # 4 tokens
-    print(f"query tokens: {len(tok(query, add_special_tokens=False)['input_ids'])}")
-    gen = {"max_new_tokens": 20, "min_new_tokens": 20, "do_sample": False}
-    wall: dict[str, list[float]] = {"cc_bs1": [], "cc_bs8": [], "attrlab": []}
-    cpu: dict[str, list[float]] = {k: [] for k in wall}
-    diffs = []
-    for rep in range(repeats):
-        for name in ("cc_bs1", "attrlab", "cc_bs8"):  # attrlab between the two, on a noisy box
-            if name.startswith("cc"):
-                bs = int(name[5:])
-                cc = context_citer(
-                    model, tok, context, query, num_ablations=64, batch_size=bs, generate_kwargs=gen
-                )
-                response_ids = cc._response_ids  # generation is not timed
-                with Timer() as t:
-                    cc_scores = cc.get_attributions(verbose=False)
-                if bs == 1:
-                    masks, ref_scores = cc._masks, cc_scores
-                assert cc.num_sources == 20 and len(response_ids) == 20
-            else:
-                with Timer() as t:
-                    r = al.attribute(
-                        lm,
-                        context,
-                        response_ids,
-                        units="sources",
-                        method="contextcite",
-                        query=query,
-                        masks=masks,
-                    )
-                diffs.append(float(np.abs(r.scores.numpy() - ref_scores).max()))
-            wall[name].append(t.wall)
-            cpu[name].append(t.cpu)
-        prompt = al.units.Sources(query=query).prompt(lm, context, response_ids)
-        plain_tokens = sum(len(x) + 20 for x in prompt.prompt_ids(masks))
-        print(
-            f"repeat {rep}: "
-            + ", ".join(f"{k} {wall[k][-1]:.1f}s wall / {cpu[k][-1]:.1f}s cpu" for k in wall)
-            + f"; max |score diff| {diffs[-1]:.1e}; tokens run by attrlab "
-            f"{r.diagnostics['n_tokens']} (plain forwards: {plain_tokens})"
-        )
-    out = {}
-    for label, d in (("wall", wall), ("cpu", cpu)):
-        med = {k: statistics.median(v) for k, v in d.items()}
-        best = min(med["cc_bs1"], med["cc_bs8"])
-        out[label] = med
-        print(
-            f"median {label} seconds: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in med.items())
-            + f"; context-cite best / attrlab = {best / med['attrlab']:.2f}x"
-        )
-    print(f"max |score diff| over repeats: {max(diffs):.2e}")
-    return {**out, "max_diff": max(diffs)}
-
-
-# ------------------------------------------------------------------ part 2
 def zoo_chat_tokenizer(tok: Any) -> Any:
     """The zoo tokenizer with a chat template that renders the bare prompt after BOS,
     so context-cite's prompts are exactly the zoo prompts."""
@@ -326,15 +354,31 @@ def part2(n_prompts: int, threads: int = 1) -> dict[str, Any]:
     return {"wall": wall, "cpu": cpu, "lds": {k: float(np.nanmean(v)) for k, v in lds.items()}}
 
 
+def summary(quick: bool = False) -> list[dict[str, Any]]:
+    """Rows for ``benchmarks/run_all.py``: part 1, quiet and under a concurrent load
+    (quick: a 6-layer model, context-cite at batch size 8 only)."""
+    if quick:
+        kw: dict[str, Any] = dict(repeats=3, layers=6, batch_sizes=(8,))
+    else:
+        kw = dict(repeats=3, layers=12, batch_sizes=(1, 8, 16))
+    return part1(**kw) + part1(**kw, load=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--part", default="all", choices=["1", "2", "all"])
+    ap.add_argument("--layers", type=int, default=12, help="part 1 model depth")
+    ap.add_argument("--batch-sizes", default="1,8,16", help="context-cite batch sizes (part 1)")
+    ap.add_argument("--load", action="store_true", help="part 1 under a concurrent CPU load too")
     ap.add_argument("--n-prompts", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1, help="threads for part 2 (tiny model)")
     args = ap.parse_args()
     if args.part in ("1", "all"):
-        part1(args.repeats)
+        sizes = tuple(int(x) for x in args.batch_sizes.split(","))
+        part1(args.repeats, args.layers, sizes)
+        if args.load:
+            part1(args.repeats, args.layers, sizes, load=True)
     if args.part in ("2", "all"):
         part2(args.n_prompts, args.threads)
 

@@ -158,7 +158,8 @@ def test_engine_equals_plain_forwards(family, modes):
 
 
 def test_engine_chunked_long_prompt(llama):
-    from attrlab.units.sources import _Runner, _token_logprobs
+    from attrlab.model.prefixes import PrefixRunner as _Runner
+    from attrlab.units.sources import _token_logprobs
 
     p = Sources().prompt(llama, CTX, response=" Paris is")
     masks = sample_masks(5, p.n_sources, 0.5, 1)
@@ -315,7 +316,8 @@ def test_loo_jsd_attention_hierarchical(llama):
     h = al.attribute(
         llama, CTX, " Paris is", units="sources", method="hierarchical", query=QUERY, branching=8
     )
-    np.testing.assert_allclose(h.scores.numpy(), loo.scores.numpy(), atol=1e-9)
+    # the two may run their masks by different strategies: float32 round-off apart
+    np.testing.assert_allclose(h.scores.numpy(), loo.scores.numpy(), atol=1e-7)
     assert all(h.diagnostics["resolved"])
 
 

@@ -88,7 +88,8 @@ def test_ablated_prompts_are_built_a_batch_at_a_time(monkeypatch, batch_size):
 def test_prefix_walk_with_chunked_prefill_over_the_response(chunk):
     """A prompt longer than the prefill chunk whose response positions straddle two
     chunks: the walk keeps every response position (it raised a size mismatch)."""
-    from attrlab.units.sources import _Runner, _token_logprobs
+    from attrlab.model.prefixes import PrefixRunner as _Runner
+    from attrlab.units.sources import _token_logprobs
 
     lm = al.wrap(*al.testing.tiny_model("llama"))
     p = al.units.Sources().prompt(lm, "A b c. D e f. G h i.", " A b c d e")

@@ -12,14 +12,13 @@ source loses its separator, so ``"A. B. C."`` with ``A`` removed reads
 ``"B. C."``. Text before the first and after the last source always stays.
 
 Speed: every ablated prompt is tokenized as text (so ablation sees exactly the
-tokens a user would get), then the prompts are run so that shared work is done
-once. With ``batch_size=1`` prompts are visited in lexicographic token order
-and the KV cache of the previous prompt is kept up to the longest common prefix
-(a walk over the prefix tree of the prompts: no padding, and every shared
-prefix is encoded once). With ``batch_size > 1`` the prefix common to all
-prompts (system prompt, instructions, the part before the first source) is
-encoded once and its KV cache reused by length-sorted batches. Only the
-response positions' logits are computed (``logits_to_keep``).
+tokens a user would get), then the prompts are run by
+:class:`attrlab.model.prefixes.PrefixRunner` so that shared prefixes are
+encoded once: a walk over the prefix tree of the prompts, the same walk
+batched in waves, or length-sorted batches after the common prefix, whichever
+its cost model (model width and depth, the prompts' lengths and shared
+prefixes, the memory budget) expects to be fastest. Only the response
+positions' logits are computed (``logits_to_keep``).
 
 Example:
     >>> import attrlab as al
@@ -37,7 +36,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import inspect
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,8 +46,8 @@ from torch import Tensor
 
 from ..ablations import Ablation, Remove
 from ..errors import ContextTooLongError, EmptyPromptError, InputError
-from ..model.budget import batch_size_for
 from ..model.lock import model_lock
+from ..model.prefixes import STRATEGIES, PrefixRunner, Rows, lcp
 from .base import Bound, Units, register_units
 
 __all__ = [
@@ -208,220 +206,6 @@ def _locate(context: str, sources: Sequence[Any]) -> list[tuple[int, int]]:
     return spans
 
 
-# ---------------------------------------------------------------- the engine
-def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def _supports_logits_to_keep(model: Any) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _cache_from(kv: list[tuple[Tensor, Tensor]] | None, n: int, batch: int = 1) -> Any:
-    """A fresh DynamicCache holding the first ``n`` positions of ``kv`` (``batch`` copies)."""
-    from transformers import DynamicCache
-
-    if kv is None or n == 0:
-        return DynamicCache()
-    data = []
-    for k, v in kv:
-        k, v = k[:, :, :n], v[:, :, :n]
-        if batch != k.shape[0]:
-            k, v = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
-        data.append((k, v))
-    return DynamicCache(ddp_cache_data=data)
-
-
-def _kv_of(cache: Any) -> list[tuple[Tensor, Tensor]]:
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [(layer.keys, layer.values) for layer in layers]
-    return list(zip(cache.key_cache, cache.value_cache))  # older transformers
-
-
-class _Rows:
-    """Token rows known by their lengths, fetched (tokenized) a few at a time.
-
-    ``lengths``: tokens per row; ``first``: the first row's tokens; ``common``:
-    the length of the prefix every row shares. ``fetch(idx)`` materializes some
-    rows; ``walk_order()`` is the order of the prefix-tree walk (rows that share
-    a prefix next to each other). :meth:`of` wraps ready lists.
-    """
-
-    def __init__(
-        self,
-        lengths: list[int],
-        first: list[int],
-        common: int,
-        fetch: Callable[[list[int]], list[list[int]]],
-        walk_order: Callable[[], list[int]],
-        per_fetch: int = 32,
-    ):
-        self.lengths = lengths
-        self.first = first
-        self.common = common
-        self.fetch = fetch
-        self.walk_order = walk_order
-        self.per_fetch = per_fetch
-
-    @classmethod
-    def of(cls, rows: Sequence[Sequence[int]]) -> _Rows:
-        lists = [list(r) for r in rows]
-        common = min(len(r) for r in lists)
-        for r in lists[1:]:
-            common = min(common, _lcp(lists[0], r))
-        return cls(
-            [len(r) for r in lists],
-            lists[0],
-            common,
-            lambda idx: [lists[i] for i in idx],
-            lambda: sorted(range(len(lists)), key=lambda i: lists[i]),
-        )
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def iterate(self, order: Sequence[int]) -> Any:
-        """``(index, tokens)`` in ``order``, fetching ``per_fetch`` rows at a time."""
-        for b0 in range(0, len(order), self.per_fetch):
-            idx = list(order[b0 : b0 + self.per_fetch])
-            yield from zip(idx, self.fetch(idx))
-
-
-class _Runner:
-    """Runs ``rows`` (token lists) followed by a fixed response and applies ``fn``
-    to the response positions' logits, reusing KV caches of shared prefixes."""
-
-    def __init__(self, lm: Any, n_ctx: int | None, chunk: int = 1024):
-        self.lm = lm
-        self.n_ctx = n_ctx
-        self.chunk = chunk
-        self.keep_ok = _supports_logits_to_keep(lm.model)
-        # the wrapper's input device: the first parameter may be offloaded ("meta")
-        self.device = lm.device
-        self.n_tokens = 0  # tokens run through the model (a cost measure)
-        self.n_forwards = 0
-
-    def _forward(
-        self, ids: Tensor, pos: Tensor, cache: Any, keep: int, mask: Tensor | None = None
-    ) -> Tensor:
-        kw: dict[str, Any] = {}
-        if self.keep_ok:
-            kw["logits_to_keep"] = max(1, keep)
-        if mask is not None:
-            kw["attention_mask"] = mask
-        logits, _ = self.lm.hf_forward(
-            ids.to(self.device),
-            position_ids=pos.to(self.device),
-            kv_cache=cache,
-            use_cache=True,
-            **kw,
-        )
-        self.n_tokens += int(ids.numel())
-        self.n_forwards += 1
-        return logits[:, logits.shape[1] - keep :] if keep > 0 else logits[:, :0]
-
-    def _check_len(self, longest_row: int, n_resp: int) -> None:
-        longest = longest_row + n_resp - 1
-        if self.n_ctx is not None and longest > self.n_ctx:
-            raise ContextTooLongError(
-                f"a prompt with its response has {longest} tokens; this model's context is "
-                f"{self.n_ctx}. Use fewer or shorter sources."
-            )
-
-    @torch.no_grad()
-    def run(
-        self,
-        rows: Sequence[Sequence[int]] | _Rows,
-        response: Sequence[int],
-        fn: Callable[[Tensor, list[int]], Tensor],
-        batch_size: int = 1,
-        reuse: bool = True,
-        progress: bool = False,
-    ) -> list[Tensor]:
-        from tqdm.auto import tqdm
-
-        n = len(response)
-        if n == 0:
-            raise EmptyResponseError("the response is empty")
-        if not isinstance(rows, _Rows):
-            rows = _Rows.of(rows)
-        # lengths are known before any prompt is materialized: check them first
-        self._check_len(max(rows.lengths), n)
-        tail = list(response[:-1])
-        out: list[Tensor | None] = [None] * len(rows)
-        bar = tqdm(total=len(rows), disable=not progress, desc="ablations")
-        longest = max(rows.lengths) + n
-        if batch_size <= 1 or longest > self.chunk:
-            order = rows.walk_order() if reuse else list(range(len(rows)))
-            kv: list[tuple[Tensor, Tensor]] | None = None
-            prev: Sequence[int] = []
-            for i, row in rows.iterate(order):
-                k = min(_lcp(prev, row), len(row) - 1) if (reuse and kv is not None) else 0
-                new = row[k:] + tail
-                cache = _cache_from(kv, k)
-                pieces = []
-                for s in range(0, len(new), self.chunk):
-                    piece = new[s : s + self.chunk]
-                    keep = min(len(piece), max(0, s + len(piece) - (len(new) - n)))
-                    ids = torch.tensor([piece])
-                    pos = torch.arange(k + s, k + s + len(piece))[None]
-                    pieces.append(self._forward(ids, pos, cache, keep))
-                logits = torch.cat(pieces, 1)  # [1, n, vocab]
-                out[i] = fn(logits, [i])[0]
-                kv = _kv_of(cache) if reuse else None
-                prev = row
-                bar.update(1)
-        else:
-            # the prefix common to every row, encoded once
-            p = min(min(rows.lengths) - 1, rows.common)
-            kv = None
-            if reuse and p > 0:
-                cache = _cache_from(None, 0)
-                for s in range(0, p, self.chunk):
-                    piece = list(rows.first[s : min(p, s + self.chunk)])
-                    pos = torch.arange(s, s + len(piece))[None]
-                    self._forward(torch.tensor([piece]), pos, cache, 0)
-                kv = _kv_of(cache)
-            else:
-                p = 0
-            order = sorted(range(len(rows)), key=lambda i: rows.lengths[i])
-            for b0 in range(0, len(order), batch_size):
-                idx = order[b0 : b0 + batch_size]
-                seqs = [list(r[p:]) + tail for r in rows.fetch(idx)]
-                lens = [len(s) for s in seqs]
-                width = max(lens)
-                # right padding: real tokens stay contiguous after the shared prefix
-                # (sliding-window attention counts cache slots, not positions)
-                ids = torch.full((len(idx), width), int(seqs[0][0]), dtype=torch.long)
-                mask = torch.zeros((len(idx), p + width), dtype=torch.long)
-                mask[:, :p] = 1
-                for j, seq in enumerate(seqs):
-                    ids[j, : len(seq)] = torch.tensor(seq)
-                    mask[j, p : p + len(seq)] = 1
-                pos = p + torch.arange(width).expand(len(idx), -1)
-                cache = _cache_from(kv, p, len(idx))
-                keep = n + width - min(lens)
-                logits = self._forward(ids, pos, cache, keep, mask.to(self.device))
-                sel = torch.stack([torch.arange(L - n, L) - (width - keep) for L in lens]).to(
-                    logits.device
-                )  # [b, n] indices into the kept positions
-                logits = logits.gather(1, sel[..., None].expand(-1, -1, logits.shape[-1]))
-                vals = fn(logits, idx)
-                for j, i in enumerate(idx):
-                    out[i] = vals[j]
-                bar.update(len(idx))
-        bar.close()
-        return [o for o in out if o is not None]
-
-
 def _token_logprobs(response: Sequence[int]) -> Callable[[Tensor, list[int]], Tensor]:
     ids = torch.tensor(list(response), dtype=torch.long)
 
@@ -432,29 +216,6 @@ def _token_logprobs(response: Sequence[int]) -> Callable[[Tensor, list[int]], Te
         ].cpu()
 
     return fn
-
-
-def auto_batch_size(lm: Any, longest: int = 128) -> int:
-    """Rows per forward: a token budget of 8192 for models up to 256 wide, shrinking
-    with the cube of the width above that (at most 64 rows).
-
-    Small models are dominated by per-forward overhead, so length-sorted batches
-    win; wide models are dominated by arithmetic, and there ``batch_size=1`` (the
-    prefix-tree walk, which runs the fewest tokens) wins on an idle CPU (12-layer,
-    768-wide Llama, 2 threads, 64 ablations of 20 sources: 12.6 s at batch 1 vs
-    21.9 s with an 8192-token budget; 01:31 UTC, 2026-11-22). Never more rows
-    than fit the memory budget (:func:`attrlab.model.budget.batch_size_for`).
-
-    Example:
-        >>> import attrlab as al
-        >>> auto_batch_size(al.wrap(*al.testing.tiny_model("llama")), longest=256)
-        32
-    """
-    width = int(getattr(getattr(lm, "cfg", None), "d_model", 256) or 256)
-    budget = int(8192 * min(1.0, (256 / width) ** 3))
-    cap = max(1, min(64, budget // max(1, longest)))
-    # and no more rows than fit the memory budget (attrlab.model.budget)
-    return batch_size_for(lm, longest, cap=cap)
 
 
 # ---------------------------------------------------------------- the prompt
@@ -579,7 +340,7 @@ class SourcePrompt:
                 r.append(self.lm.token_id(self._bos_id()))
         return rows
 
-    def _distinct_rows(self, masks: Tensor, per_call: int = 64) -> tuple[_Rows, list[int]]:
+    def _distinct_rows(self, masks: Tensor, per_call: int = 64) -> tuple[Rows, list[int]]:
         """The distinct ablated prompts of ``masks`` (identical prompts are run once),
         tokenized on demand, and for each mask the index of its prompt among them.
 
@@ -605,7 +366,7 @@ class SourcePrompt:
                     if k == 0:
                         first, common = r, len(r)
                     else:
-                        common = min(common, _lcp(first, r))
+                        common = min(common, lcp(first, r))
                 where.append(k)
 
         def fetch(idx: list[int]) -> list[list[int]]:
@@ -620,7 +381,7 @@ class SourcePrompt:
             keys = [row.tobytes().rstrip(b"\x01") for row in removed]
             return sorted(range(len(reps)), key=keys.__getitem__)
 
-        return _Rows(lengths, first, common, fetch, walk_order), where
+        return Rows(lengths, first, common, fetch, walk_order), where
 
     def _bos_id(self) -> int:
         for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -729,33 +490,38 @@ class SourcePrompt:
         batch_size: int | str = "auto",
         reuse: bool = True,
         progress: bool = False,
-        stats: dict[str, int] | None = None,
+        stats: dict[str, Any] | None = None,
+        strategy: str = "auto",
     ) -> list[Tensor]:
         """Apply ``fn(logits [b, n_response, vocab], row_indices) -> [b, ...]`` to the
         response positions of every ablated prompt; returns one tensor per mask.
 
         Identical prompts are run once (``row_indices`` index the distinct prompts).
-        ``stats`` (if given) accumulates ``n_tokens`` run through the model,
-        ``n_forwards`` and ``n_prompts`` (distinct prompts).
+        ``batch_size``: at most this many prompts per forward (1: the prefix-tree
+        walk); ``strategy``: one of :data:`attrlab.model.prefixes.STRATEGIES`
+        (``"auto"``: the cost model's choice). ``stats`` (if given) accumulates
+        ``n_tokens`` run through the model, ``n_forwards`` and ``n_prompts``
+        (distinct prompts), and records the ``strategy`` run.
         """
         masks = _as_masks(masks, self.n_sources)
         unique, where = self._distinct_rows(masks)
-        longest = max(unique.lengths) + len(self.response_ids)
-        bs = auto_batch_size(self.lm, longest) if batch_size == "auto" else int(batch_size)
-        runner = _Runner(self.lm, self.lm.cfg.n_ctx)
+        runner = PrefixRunner(self.lm, self.lm.cfg.n_ctx)
         with model_lock(self.lm.model):
             out = runner.run(
                 unique,
                 self.response_ids,
                 fn or _token_logprobs(self.response_ids),
-                bs,
+                batch_size,
                 reuse,
                 progress,
+                strategy,
             )
         if stats is not None:
             stats["n_tokens"] = stats.get("n_tokens", 0) + runner.n_tokens
             stats["n_forwards"] = stats.get("n_forwards", 0) + runner.n_forwards
             stats["n_prompts"] = stats.get("n_prompts", 0) + len(unique)
+            if runner.plan is not None:
+                stats["strategy"] = runner.plan.strategy
         return [out[w] for w in where]
 
     def logprobs(
@@ -764,11 +530,12 @@ class SourcePrompt:
         batch_size: int | str = "auto",
         reuse: bool = True,
         progress: bool = False,
-        stats: dict[str, int] | None = None,
+        stats: dict[str, Any] | None = None,
+        strategy: str = "auto",
     ) -> Tensor:
         """Per-token log-probabilities of the response under each mask, ``[n_masks, n_response]``
-        (float64)."""
-        return torch.stack(self.run(masks, None, batch_size, reuse, progress, stats))
+        (float64); options as :meth:`run`."""
+        return torch.stack(self.run(masks, None, batch_size, reuse, progress, stats, strategy))
 
 
 def _as_masks(masks: Any, n_sources: int) -> Tensor:
@@ -880,6 +647,9 @@ class Sources(Units):
             ``[n_response_tokens, n_sources]``).
         do_sample, seed: how a response is generated when none is given
             (greedy by default; sampling seeded by ``seed``).
+        strategy: how the ablated prompts are run (:data:`attrlab.model.prefixes.STRATEGIES`:
+            ``"walk"``, ``"tree"``, ``"flat"``); ``"auto"`` (default): the cost
+            model's choice. Values do not depend on it (beyond float round-off).
 
     These fields may also be given to :func:`attrlab.attribute` as options
     (``query=``, ``output=`` …).
@@ -907,6 +677,7 @@ class Sources(Units):
         per_token: bool = False,
         do_sample: bool = False,
         seed: int = 0,
+        strategy: str = "auto",
     ):
         if split not in SPLITS:
             raise InputError(f"split must be one of {SPLITS}, got {split!r}")
@@ -925,6 +696,9 @@ class Sources(Units):
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise InputError(f"seed must be a non-negative int, got {seed!r}")
         self.seed = int(seed)
+        if strategy not in STRATEGIES:
+            raise InputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self.strategy = strategy
         self._bound: tuple[Any, ...] | None = None
 
     def updated(self, **changes: Any) -> Sources:
@@ -1037,8 +811,9 @@ class Sources(Units):
         None: generate one, at most ``max_new_tokens``, default 64).
 
         ``output``: the method's preference when the units give none.
-        ``batch_size``: prompts per forward (None / ``"auto"``: up to 64 prompts
-        of 8192 tokens in length-sorted batches; 1 walks the prefix tree).
+        ``batch_size``: at most this many prompts per forward (None / ``"auto"``:
+        the cost model's choice, see :mod:`attrlab.model.prefixes`; 1 walks the
+        prefix tree one prompt at a time).
 
         Example:
             >>> import attrlab as al
@@ -1095,7 +870,7 @@ class SourcesBound(Bound):
         self.n = prompt.n_sources
         self.n_rows = len(prompt.response_ids) if units.per_token else 1
         self.target_name = f"response_{output}({prompt.response!r})"
-        self.stats: dict[str, int] = {}
+        self.stats: dict[str, Any] = {}
         self._memo: dict[bytes, Tensor] = {}  # mask bits -> per-token log-probs [n_response]
 
     @property
@@ -1116,7 +891,11 @@ class SourcesBound(Bound):
         todo = list({keys[i]: i for i in todo}.values())  # one run per distinct mask
         if todo:
             lp = self.prompt.logprobs(
-                k[todo], batch_size=self.batch_size, progress=self.progress, stats=self.stats
+                k[todo],
+                batch_size=self.batch_size,
+                progress=self.progress,
+                stats=self.stats,
+                strategy=self.units.strategy,
             )
             for i, row in zip(todo, lp):
                 self._memo[keys[i]] = row
