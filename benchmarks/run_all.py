@@ -44,9 +44,9 @@ BENCHMARKS = {
 
 def _run_one(name: str, module: str, quick: bool, timeout: float) -> list[dict[str, Any]]:
     code = (
-        "import json, sys; sys.path.insert(0, {root!r}); import {mod} as m; "
-        "rows = m.summary(quick={quick}); print('@@ROWS@@' + json.dumps(rows))"
-    ).format(root=str(ROOT), mod=module, quick=quick)
+        f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); import {module} as m; "
+        f"rows = m.summary(quick={quick}); print('@@ROWS@@' + json.dumps(rows))"
+    )
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
