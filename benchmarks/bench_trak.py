@@ -1,13 +1,35 @@
 """TRAK on the digits MLP: attrlab vs the ``traker`` package (BasicProjector, CPU).
 
-Same models (C independently trained MLPs), same checkpoints, same projection
-dimension, same batch size, same LDS subsets and retrained models, in one run.
-Reports featurization throughput (examples/s, median of repeats), scoring time,
-LDS with bootstrap CI for both libraries, and the peak RSS of featurizing 10k
-vs 100k examples with attrlab (fresh child processes).
+Two setups (``--setup``): ``digits64`` (MLP 64-64-10, 1497 train / 300
+queries, batch 128, the original one) and ``digits128`` (MLP 64-128-10, the
+80/20 split 1437 train / 360 queries, batch 100). Same models (C independently
+trained MLPs), same checkpoints, same projection dimension in one process.
 
-    python benchmarks/bench_trak.py            # full run (~10 min on a busy 2-core machine)
-    python benchmarks/bench_trak.py --quick    # small smoke run
+Timings are interleaved (A B C …, then reversed; ``_interleave.interleaved``)
+with load averages printed. Sides:
+
+- ``attrlab defaults``: ``ad.featurize(m, data, path, proj_dim=k)`` and
+  ``ad.TRAK(stores).scores(models, queries)``, no tuning arguments (a fresh
+  ``TRAK`` per call: the kernel solve and projection blocks are cold).
+- ``attrlab tuned``: the setup's batch size forced (``batch_size=``), shard 4096.
+- ``traker defaults``: ``TRAKer(..., proj_dim=k)`` with nothing else (on CPU:
+  BasicProjector, normal projection, float16, block 100), the setup's batch loop.
+- ``traker tuned``: the original comparison (BasicProjector Rademacher, float32,
+  default block 100).
+- ``traker best``: BasicProjector with ``block_size=k`` (the whole matrix, made
+  once per checkpoint), float32.
+
+Values: attrlab vs traker *on the same projection* (traker given attrlab's
+projection through a small ``AbstractProjector`` subclass below) and the same
+ridge: max |diff| / max |score| of the scores, and of the training features.
+
+The full run (``main``) adds LDS with bootstrap CI for both libraries and the
+peak RSS of featurizing 10k vs 100k examples (fresh child processes).
+
+    python benchmarks/bench_trak.py                      # full run, digits64
+    python benchmarks/bench_trak.py --setup digits128    # full run, second setup
+    python benchmarks/bench_trak.py --timing-only --setup both --repeats 3
+    python benchmarks/bench_trak.py --quick              # small smoke run
 """
 
 from __future__ import annotations
@@ -16,69 +38,271 @@ import argparse
 import copy
 import json
 import logging
-import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 import attrlab.data as ad
 from attrlab.data.digits import digits_harness, load_digits_data, train_mlp
+from attrlab.data.project import Projector
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _interleave import interleaved, loadavg, median, print_rows, row  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "_out"
 SWEEP = (0.0, 0.01, 0.1, 1.0, 10.0)
+#: the two digits setups: hidden width, held-out queries (the rest trains), batch
+SETUPS: dict[str, dict[str, int]] = {
+    "digits64": {"hidden": 64, "n_test": 300, "batch": 128},
+    "digits128": {"hidden": 128, "n_test": 360, "batch": 100},
+}
 
 
-def traker_run(models, xtr, ytr, xq, yq, k, batch, save_dir):
-    """Featurize with traker (BasicProjector on CPU) and score; returns (scores [q, N], feat_s, score_s)."""
-    from trak import TRAKer
-    from trak.projectors import BasicProjector, ProjectionType
+def attrlab_projector_for_traker(store: ad.FeatureStore) -> Any:
+    """A traker ``AbstractProjector`` applying attrlab's projection of ``store``
+    (so both libraries score on the same random matrix)."""
+    from trak.projectors import AbstractProjector, ProjectionType
 
+    class AttrlabProjection(AbstractProjector):
+        def __init__(self, grad_dim: int, spec: dict[str, Any]):
+            super().__init__(grad_dim, spec["dim"], spec["seed"], ProjectionType.rademacher, "cpu")
+            self.proj = Projector.from_spec(spec)
+
+        def project(self, grads: Any, model_id: int) -> torch.Tensor:
+            parts = list(grads.values()) if isinstance(grads, dict) else [grads]
+            return self.proj.project(parts)
+
+        def free_memory(self) -> None:
+            pass
+
+    return AttrlabProjection(int(store.manifest["n_params"]), store.manifest["projection"])
+
+
+class TrakerSide:
+    """One traker configuration: featurize (+ finalize) and score with its batch loop."""
+
+    def __init__(self, kind: str, models, xtr, ytr, k: int, batch: int, lambda_reg: float = 0.0,
+                 projector: Any = None):  # fmt: skip
+        self.kind, self.models, self.xtr, self.ytr = kind, models, xtr, ytr
+        self.k, self.batch, self.lambda_reg, self.projector = k, batch, lambda_reg, projector
+        self.tr: Any = None
+
+    def _make(self, save_dir: str) -> Any:
+        from trak import TRAKer
+        from trak.projectors import BasicProjector, ProjectionType
+
+        d = sum(p.numel() for p in self.models[0].parameters())
+        kw: dict[str, Any] = {"proj_dim": self.k}
+        if self.kind == "tuned":
+            kw["projector"] = BasicProjector(d, self.k, 0, ProjectionType.rademacher, "cpu",
+                                             dtype=torch.float32)  # fmt: skip
+            kw["use_half_precision"] = False
+        elif self.kind == "best":
+            kw["projector"] = BasicProjector(d, self.k, 0, ProjectionType.rademacher, "cpu",
+                                             dtype=torch.float32, block_size=self.k)  # fmt: skip
+            kw["use_half_precision"] = False
+        elif self.kind == "same-projection":
+            kw["projector"] = self.projector
+            kw["use_half_precision"] = False
+            kw["lambda_reg"] = self.lambda_reg
+        return TRAKer(model=copy.deepcopy(self.models[0]), task="image_classification",
+                      train_set_size=len(self.ytr), save_dir=save_dir, device="cpu",
+                      logging_level=logging.ERROR, **kw)  # fmt: skip
+
+    def featurize(self, save_dir: str) -> None:
+        tr = self._make(save_dir)
+        b = self.batch
+        for i, m in enumerate(self.models):
+            tr.load_checkpoint(m.state_dict(), model_id=i)
+            for s in range(0, len(self.ytr), b):
+                tr.featurize(batch=(self.xtr[s : s + b], self.ytr[s : s + b]),
+                             num_samples=len(self.ytr[s : s + b]))  # fmt: skip
+        tr.finalize_features()
+        self.tr = tr
+
+    def score(self, xq: torch.Tensor, yq: torch.Tensor) -> np.ndarray:
+        tr, b = self.tr, self.batch
+        for i, m in enumerate(self.models):
+            tr.start_scoring_checkpoint(exp_name="q", checkpoint=m.state_dict(), model_id=i,
+                                        num_targets=len(yq))  # fmt: skip
+            for s in range(0, len(yq), b):
+                tr.score(batch=(xq[s : s + b], yq[s : s + b]), num_samples=len(yq[s : s + b]))
+        return np.asarray(tr.finalize_scores(exp_name="q"), np.float64).T
+
+
+def _quiet_tqdm() -> None:
+    """traker prints a tqdm bar per finalize; keep the benchmark output readable."""
+    import functools
+
+    import trak.traker as tt
+
+    if not getattr(tt, "_attrlab_quiet", False):
+        tt.tqdm = functools.partial(tt.tqdm, disable=True)
+        tt._attrlab_quiet = True
+
+
+def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| / max |b|."""
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def build(setup: str, n_models: int, epochs: int, k: int) -> dict[str, Any]:
+    """Data and trained models of one setup."""
+    cfg = SETUPS[setup]
+    xtr, ytr, xq, yq = load_digits_data(n_test=cfg["n_test"])
+    models = [train_mlp(xtr, ytr, hidden=cfg["hidden"], epochs=epochs, seed=s)
+              for s in range(n_models)]  # fmt: skip
     d = sum(p.numel() for p in models[0].parameters())
-    proj = BasicProjector(d, k, 0, ProjectionType.rademacher, "cpu", dtype=torch.float32)
-    t0 = time.perf_counter()
-    tr = TRAKer(
-        model=copy.deepcopy(models[0]), task="image_classification", train_set_size=len(ytr),
-        save_dir=str(save_dir), device="cpu", projector=proj, proj_dim=k, use_half_precision=False,
-        logging_level=logging.ERROR,
-    )  # fmt: skip
-    for i, m in enumerate(models):
-        tr.load_checkpoint(m.state_dict(), model_id=i)
-        for s in range(0, len(ytr), batch):
-            tr.featurize(
-                batch=(xtr[s : s + batch], ytr[s : s + batch]), num_samples=len(ytr[s : s + batch])
-            )
-    tr.finalize_features()
-    t1 = time.perf_counter()
-    for i, m in enumerate(models):
-        tr.start_scoring_checkpoint(
-            exp_name="q", checkpoint=m.state_dict(), model_id=i, num_targets=len(yq)
-        )
-        for s in range(0, len(yq), batch):
-            tr.score(
-                batch=(xq[s : s + batch], yq[s : s + batch]), num_samples=len(yq[s : s + batch])
-            )
-    scores = np.asarray(tr.finalize_scores(exp_name="q"), np.float64).T
-    t2 = time.perf_counter()
-    return scores, t1 - t0, t2 - t1
+    desc = (f"{setup}: MLP 64-{cfg['hidden']}-10 ({d} params), {len(ytr)} train / {len(yq)} "
+            f"queries, {n_models} models, k={k}, batch {cfg['batch']}")  # fmt: skip
+    return {"xtr": xtr, "ytr": ytr, "xq": xq, "yq": yq, "models": models, "d": d,
+            "batch": cfg["batch"], "hidden": cfg["hidden"], "k": k, "desc": desc}  # fmt: skip
 
 
-def attrlab_run(models, xtr, ytr, xq, yq, k, batch, save_dir, reg):
-    t0 = time.perf_counter()
-    stores = [
-        ad.featurize(
-            m, (xtr, ytr), Path(save_dir) / f"m{i}", proj_dim=k, batch_size=batch, shard_size=4096
-        )
-        for i, m in enumerate(models)
-    ]
-    t1 = time.perf_counter()
-    scores = ad.TRAK(stores, reg=reg).scores(models, (xq, yq), batch_size=batch).numpy()
-    t2 = time.perf_counter()
-    return scores, stores, t1 - t0, t2 - t1
+def agreement(b: dict[str, Any], stores: list[ad.FeatureStore], tmp: str) -> dict[str, float]:
+    """attrlab vs traker on attrlab's projection and the same ridge: relative max |diff|
+    of the training features and of the scores, and the scores' Spearman correlation.
+
+    traker divides each checkpoint's ``(Phi^T Phi + lambda I)^-1`` by its mean
+    absolute entry before scoring (``BasicScoreComputer``), which reweights the
+    checkpoints of an ensemble; the max |diff| compares attrlab's per-checkpoint
+    scores combined with that same weighting, the Spearman correlation uses
+    attrlab's own ensemble scores.
+    """
+    from scipy.stats import spearmanr
+
+    d, q = b["d"], (b["xq"], b["yq"])
+    lam = 0.1 * float(np.diag(stores[0].gram()).mean())  # attrlab's default ridge on store 0
+    side = TrakerSide("same-projection", b["models"], b["xtr"], b["ytr"], b["k"], b["batch"],
+                      lambda_reg=lam / d, projector=attrlab_projector_for_traker(stores[0]))  # fmt: skip
+    side.featurize(tmp)
+    theirs = side.score(*q)
+    trak = ad.TRAK(stores, lambda_=lam)
+    ours = trak.scores(b["models"], q).numpy().astype(np.float64)
+    q_mean = trak.mean_out_to_loss().astype(np.float64)
+    like_theirs = np.zeros_like(ours)
+    for c, (m, st) in enumerate(zip(b["models"], stores)):
+        s_c = ad.TRAK(st, lambda_=lam, out_to_loss=False).scores(m, q).numpy().astype(np.float64)
+        like_theirs += s_c / (d * float(trak.kernel(c).abs().mean()))  # traker's kernel scale
+    like_theirs *= q_mean[None, :] / len(stores)
+    side.tr.saver.load_current_store(0)
+    feats_t = np.asarray(side.tr.saver.current_store["grads"], np.float64) * np.sqrt(d)
+    return {
+        "features": rel_diff(stores[0].features().astype(np.float64), feats_t),
+        "scores": rel_diff(like_theirs, theirs),
+        "spearman": float(spearmanr(ours.ravel(), theirs.ravel())[0]),
+    }
+
+
+def compare(setup: str, n_models: int = 5, epochs: int = 20, k: int = 512, repeats: int = 3,
+            featurize: bool = True, reg: float | None = None, built: dict[str, Any] | None = None,
+            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+    """Interleaved featurize and scoring timings of one setup; rows for run_all, and state
+    (stores, traker scores) for the LDS part of ``main``."""
+    _quiet_tqdm()
+    b = built or build(setup, n_models, epochs, k)
+    print(b["desc"], f"(load {loadavg()})", flush=True)
+    models, xtr, ytr, xq, yq, batch = (b[n] for n in ("models", "xtr", "ytr", "xq", "yq", "batch"))
+    tmp = tempfile.mkdtemp(prefix="bench_trak_")
+    reg = ad.TRAK.__init__.__defaults__[1] if reg is None else reg  # type: ignore[index]
+    sides = {n: TrakerSide(n, models, xtr, ytr, k, batch) for n in ("defaults", "tuned", "best")}
+    state: dict[str, Any] = {"build": b}
+    counter = iter(range(10**6))
+
+    def fresh() -> str:
+        return f"{tmp}/{next(counter)}"
+
+    def ours_feat(**kw: Any) -> Callable[[], None]:
+        def run() -> None:
+            d = fresh()
+            state[f"stores_{bool(kw)}"] = [
+                ad.featurize(m, (xtr, ytr), f"{d}/m{i}", proj_dim=k, **kw)
+                for i, m in enumerate(models)
+            ]
+
+        return run
+
+    rows: list[dict[str, Any]] = []
+    feat_sides = {
+        "attrlab defaults": ours_feat(),
+        "attrlab tuned": ours_feat(batch_size=batch, shard_size=4096),
+        **{f"traker {n}": (lambda s=s: s.featurize(fresh())) for n, s in sides.items()},
+    }
+    if featurize:
+        print("featurize (s per run):")
+        ft = interleaved(feat_sides, repeats)
+    else:  # states for scoring only, untimed (both attrlab rows score the same stores)
+        for name, fn in feat_sides.items():
+            if name != "attrlab tuned":
+                fn()
+        state["stores_True"] = state["stores_False"]
+    stores = state["stores_False"]
+    agree = agreement(b, stores, fresh())
+    print(f"same projection & ridge vs traker: features max|diff|/max {agree['features']:.2e}, "
+          f"scores max|diff|/max {agree['scores']:.2e}, Spearman {agree['spearman']:.6f}")  # fmt: skip
+    extra = {
+        "n_train": len(ytr),
+        "n_queries": len(yq),
+        "models": len(models),
+        "k": k,
+        "batch": batch,
+    }
+    if featurize:
+        n_ex = len(models) * len(ytr)
+        for ours, peer in (("attrlab defaults", "traker defaults"), ("attrlab tuned", "traker tuned"),
+                           ("attrlab defaults", "traker best")):  # fmt: skip
+            rows.append(row("trak-featurize", b["desc"], ft, ours=ours, peer=peer,
+                            agreement=agree["features"], metric="max |diff| / max (same projection)",
+                            throughput_ex_s={"ours": n_ex / median(ft[ours]),
+                                             "peer": n_ex / median(ft[peer])}, **extra))  # fmt: skip
+
+    score_sides: dict[str, Callable[[], Any]] = {
+        "attrlab defaults": lambda: state.__setitem__(
+            "s_ours", ad.TRAK(state["stores_False"]).scores(models, (xq, yq))
+        ),
+        "attrlab tuned": lambda: ad.TRAK(state["stores_True"], reg=reg).scores(
+            models, (xq, yq), batch_size=batch
+        ),
+        **{
+            f"traker {n}": (lambda s=s: state.__setitem__(f"s_{s.kind}", s.score(xq, yq)))
+            for n, s in sides.items()
+        },  # fmt: skip
+    }
+    print("scoring (s per run):")
+    st = interleaved(score_sides, repeats)
+    for ours, peer in (("attrlab defaults", "traker defaults"), ("attrlab tuned", "traker tuned"),
+                       ("attrlab defaults", "traker best")):  # fmt: skip
+        rows.append(row("trak-score", b["desc"], st, ours=ours, peer=peer, agreement=agree["scores"],
+                        metric="max |diff| / max (same projection & ridge)",
+                        spearman=agree["spearman"], **extra))  # fmt: skip
+    state.update(stores=stores, tmp=tmp, agreement=agree)
+    return rows, state
+
+
+def summary(quick: bool = False) -> list[dict[str, Any]]:
+    """Rows for ``benchmarks/run_all.py``: scoring (and, unless ``quick``, featurize)
+    on both digits setups. ``quick``: 2 models, 8 training epochs, no featurize
+    timing, 3 repeats (well under a minute and a half on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows: list[dict[str, Any]] = []
+        for setup in SETUPS:
+            r, state = compare(setup, n_models=2 if quick else 5, epochs=8 if quick else 20,
+                               repeats=3, featurize=not quick)  # fmt: skip
+            shutil.rmtree(state["tmp"], ignore_errors=True)
+            rows += r
+        return rows
+    finally:
+        torch.set_num_threads(threads)
 
 
 _RSS_CHILD = """
@@ -148,19 +372,53 @@ def facts_benchmark(n_queries: int, dim: int, modules: list[str] | None, batch: 
                   f"{time.perf_counter() - t:.1f}s")  # fmt: skip
 
 
+def lds_report(state: dict[str, Any], retrain: int, epochs: int, reg: float) -> dict[str, Any]:
+    """LDS of both libraries on one setup (the same retrained models and subsets)."""
+    b, stores = state["build"], state["stores"]
+    models, xtr, ytr, xq, yq = (b[n] for n in ("models", "xtr", "ytr", "xq", "yq"))
+    harness = digits_harness(xtr, ytr, xq, yq, n_models=retrain, hidden=b["hidden"], epochs=epochs,
+                             cache_dir=str(OUT / "lds_cache"), progress=True)  # fmt: skip
+    t = time.perf_counter()
+    harness.outputs()
+    print(f"LDS harness: {retrain} retrained models ready ({time.perf_counter() - t:.1f}s, cached)")
+    s_peer = state["s_tuned"]
+    s_ours = ad.TRAK(stores, reg=reg).scores(models, (xq, yq)).numpy()
+    s_ours0 = ad.TRAK(stores, reg=0.0).scores(models, (xq, yq)).numpy()
+    tr = harness.score(ad.tracin(stores, models, (xq, yq)))
+    sweep = {r: harness.score(ad.TRAK(stores, reg=r).scores(models, (xq, yq))).lds for r in SWEEP}
+    l_peer, l_ours, l_ours0 = harness.score(s_peer), harness.score(s_ours), harness.score(s_ours0)
+    corr = float(np.corrcoef(s_peer.ravel(), s_ours0.ravel())[0, 1])
+    print(f"LDS        traker {l_peer}")
+    print(f"LDS        attrlab (reg={reg}) {l_ours}")
+    print(f"LDS        attrlab (reg=0, traker's kernel) {l_ours0}")
+    print("LDS vs relative ridge reg: " + ", ".join(f"{r:g}: {v:.4f}" for r, v in sweep.items()))
+    print(f"LDS        attrlab TracIn-CP (final checkpoints) {tr}")
+    print(f"score correlation attrlab(reg=0) vs traker (different random projections): {corr:.3f}")
+    return {
+        "traker": [l_peer.lds, *l_peer.ci],
+        "attrlab": [l_ours.lds, *l_ours.ci],
+        "attrlab_reg0": [l_ours0.lds, *l_ours0.ci],
+        "reg": reg,
+        "sweep": sweep,
+        "tracin": [tr.lds, *tr.ci],
+        "corr_reg0_other_projection": corr,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="small smoke run (2 models, 1 repeat)")
+    ap.add_argument("--setup", choices=[*SETUPS, "both"], default="digits64")
+    ap.add_argument("--timing-only", action="store_true", help="skip the LDS and RSS parts")
+    ap.add_argument("--no-featurize", action="store_true", help="time scoring only")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (both libraries)")
     ap.add_argument("--facts", action="store_true", help="only the zoo facts top-10 benchmark")
     ap.add_argument("--facts-queries", type=int, default=100)
     ap.add_argument("--facts-modules", default=None, help="comma-separated parameter prefixes")
-    ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--models", type=int, default=5)
     ap.add_argument("--retrain", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--queries", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
         "--reg",
@@ -170,91 +428,37 @@ def main() -> None:
     )
     a = ap.parse_args()
     if a.quick:
-        a.models, a.retrain, a.epochs, a.queries, a.repeats = 2, 16, 8, 60, 1
-    torch.set_num_threads(1)
+        a.models, a.retrain, a.epochs, a.repeats = 2, 16, 8, 1
+    torch.set_num_threads(a.threads)
     if a.facts:
         mods = a.facts_modules.split(",") if a.facts_modules else None
         facts_benchmark(a.facts_queries, 256 if a.dim == 512 else a.dim, mods, 32)
         return
     OUT.mkdir(exist_ok=True)
-    xtr, ytr, xte, yte = load_digits_data()
-    xq, yq = xte[: a.queries], yte[: a.queries]
-    models = [
-        train_mlp(xtr, ytr, hidden=a.hidden, epochs=a.epochs, seed=s) for s in range(a.models)
-    ]
-    acc = float(np.mean([(m(xte).argmax(1) == yte).float().mean() for m in models]))
-    d = sum(p.numel() for p in models[0].parameters())
-    print(f"digits: train {len(ytr)}, queries {len(yq)}, MLP 64-{a.hidden}-10 ({d} params, test acc {acc:.3f}), "
-          f"{a.models} models, k={a.dim}, batch {a.batch}")  # fmt: skip
-    harness = digits_harness(xtr, ytr, xq, yq, n_models=a.retrain, hidden=a.hidden, epochs=a.epochs,
-                             cache_dir=str(OUT / "lds_cache"), progress=True)  # fmt: skip
-    t = time.perf_counter()
-    harness.outputs()
-    print(
-        f"LDS harness: {a.retrain} retrained models ready ({time.perf_counter() - t:.1f}s, cached)"
-    )
-
     reg = ad.TRAK.__init__.__defaults__[1] if a.reg is None else a.reg  # type: ignore[index]
-    tk, ours = [], []
-    for _ in range(a.repeats):
-        with tempfile.TemporaryDirectory() as tmp:
-            s_peer, f_peer, sc_peer = traker_run(
-                models, xtr, ytr, xq, yq, a.dim, a.batch, Path(tmp) / "t"
-            )
-            s_ours, stores, f_ours, sc_ours = attrlab_run(
-                models, xtr, ytr, xq, yq, a.dim, a.batch, tmp, reg
-            )
-            s_ours0 = ad.TRAK(stores, reg=0.0).scores(models, (xq, yq)).numpy()
-            tr = harness.score(ad.tracin(stores, models, (xq, yq)))
-            sweep = {
-                r: harness.score(ad.TRAK(stores, reg=r).scores(models, (xq, yq))).lds for r in SWEEP
-            }
-        tk.append((f_peer, sc_peer))
-        ours.append((f_ours, sc_ours))
-    n_feat = a.models * len(ytr)
-    thr_peer = n_feat / statistics.median(f for f, _ in tk)
-    thr_ours = n_feat / statistics.median(f for f, _ in ours)
-    sc_peer = statistics.median(s for _, s in tk)
-    sc_ours = statistics.median(s for _, s in ours)
-    l_peer, l_ours, l_ours0 = harness.score(s_peer), harness.score(s_ours), harness.score(s_ours0)
-    corr = float(np.corrcoef(s_peer.ravel(), s_ours0.ravel())[0, 1])
-    print(
-        f"featurize  traker {thr_peer:8.0f} ex/s | attrlab {thr_ours:8.0f} ex/s | ratio {thr_ours / thr_peer:.2f}x"
-    )
-    print(
-        f"scoring    traker {sc_peer:8.3f} s    | attrlab {sc_ours:8.3f} s    | ratio {sc_peer / sc_ours:.2f}x"
-    )
-    print(f"LDS        traker {l_peer}")
-    print(f"LDS        attrlab (reg={reg}) {l_ours}")
-    print(f"LDS        attrlab (reg=0, traker's kernel) {l_ours0}")
-    print("LDS vs relative ridge reg: " + ", ".join(f"{r:g}: {v:.4f}" for r, v in sweep.items()))
-    print(f"LDS        attrlab TracIn-CP (final checkpoints) {tr}")
-    print(f"score correlation attrlab(reg=0) vs traker (different random projections): {corr:.3f}")
-
-    n_small, n_big = (2000, 20000) if a.quick else (10000, 100000)
-    b_small, p_small, m_small = peak_rss(n_small, a.hidden, a.dim, a.batch)
-    b_big, p_big, m_big = peak_rss(n_big, a.hidden, a.dim, a.batch)
-    print(f"peak RSS while featurizing  {n_small} ex: {p_small / 1024:.0f} MiB | {n_big} ex: {p_big / 1024:.0f} MiB"
-          f" | ratio {p_big / p_small:.3f}; growth over the RSS before featurizing: "
-          f"{(p_small - b_small) / 1024:.1f} / {(p_big - b_big) / 1024:.1f} MiB; "
-          f"process peak {m_small / 1024:.0f} / {m_big / 1024:.0f} MiB")  # fmt: skip
-    res = {
-        "setup": vars(a) | {"n_train": len(ytr), "params": d, "test_acc": acc},
-        "throughput_ex_s": {"traker": thr_peer, "attrlab": thr_ours},
-        "scoring_s": {"traker": sc_peer, "attrlab": sc_ours},
-        "lds": {
-            "traker": [l_peer.lds, *l_peer.ci],
-            "attrlab": [l_ours.lds, *l_ours.ci],
-            "attrlab_reg0": [l_ours0.lds, *l_ours0.ci],
-            "reg": reg,
-            "sweep": sweep,
-            "tracin": [tr.lds, *tr.ci],
-        },
-        "peak_rss_kib": {
-            str(n_small): [b_small, p_small, m_small],
-            str(n_big): [b_big, p_big, m_big],
-        },
-    }
+    rows: list[dict[str, Any]] = []
+    res: dict[str, Any] = {"args": vars(a), "setups": {}}
+    for setup in SETUPS if a.setup == "both" else [a.setup]:
+        r, state = compare(setup, a.models, a.epochs, a.dim, a.repeats,
+                           featurize=not a.no_featurize, reg=reg)  # fmt: skip
+        rows += r
+        out: dict[str, Any] = {"rows": r, "agreement": state["agreement"]}
+        if not a.timing_only:
+            out["lds"] = lds_report(state, a.retrain, a.epochs, reg)
+            cfg = SETUPS[setup]
+            n_small, n_big = (2000, 20000) if a.quick else (10000, 100000)
+            b_small, p_small, m_small = peak_rss(n_small, cfg["hidden"], a.dim, cfg["batch"])
+            b_big, p_big, m_big = peak_rss(n_big, cfg["hidden"], a.dim, cfg["batch"])
+            print(f"peak RSS while featurizing  {n_small} ex: {p_small / 1024:.0f} MiB | {n_big} ex: "
+                  f"{p_big / 1024:.0f} MiB | ratio {p_big / p_small:.3f}; growth over the RSS before "
+                  f"featurizing: {(p_small - b_small) / 1024:.1f} / {(p_big - b_big) / 1024:.1f} MiB; "
+                  f"process peak {m_small / 1024:.0f} / {m_big / 1024:.0f} MiB")  # fmt: skip
+            out["peak_rss_kib"] = {str(n_small): [b_small, p_small, m_small],
+                                   str(n_big): [b_big, p_big, m_big]}  # fmt: skip
+        shutil.rmtree(state["tmp"], ignore_errors=True)
+        res["setups"][setup] = out
+    print_rows(rows)
+    print(f"load averages {loadavg()}, torch threads {torch.get_num_threads()}")
     (OUT / "bench_trak.json").write_text(json.dumps(res, indent=1))
 
 

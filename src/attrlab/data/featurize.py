@@ -35,6 +35,7 @@ from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..model.budget import example_grad_bytes, grad_batch_size, saved_tensor_bytes
 from ..model.offload import has_offload, onloaded, state_items
 from .outputs import AnswerLogProb, AnswerMargin, ClassificationMargin, ModelOutput
 from .project import Projector
@@ -349,6 +350,48 @@ class GradientFeaturizer:
             [q for _, q in per]
         )
 
+    def example_bytes(self, *example: Tensor) -> int:
+        """Estimated bytes one example of a gradient batch needs (for
+        :func:`~attrlab.model.budget.grad_batch_size`): the gradients, plus the
+        activations a forward on ``example`` (one example, no batch dim) saves
+        for its backward, measured once by a probe. Offloaded models, or a probe
+        that fails, count the gradients only.
+
+        Example:
+            >>> import torch
+            >>> net = torch.nn.Linear(4, 3)
+            >>> f = GradientFeaturizer(net, ClassificationMargin(), Projector(dim=8))
+            >>> f.example_bytes(torch.ones(4), torch.tensor(1)) >= 3 * 15 * 4
+            True
+        """
+        saved = 0
+        if not self._offloaded:
+            leaves = {n: t.detach().requires_grad_(True) for n, t in self._params.items()}
+            shared = [*leaves.values(), *self._frozen.values()]
+            try:
+                _, saved = saved_tensor_bytes(lambda: self._f(leaves, *example), exclude=shared)
+            except Exception:  # noqa: BLE001 - the probe only sizes batches
+                saved = 0
+        return example_grad_bytes(sum(self.sizes), saved)
+
+    def batch_size(
+        self, data: Examples, batch_size: int | None = None, memory_budget: int | str | None = None
+    ) -> int:
+        """Examples per batch for ``data``: ``batch_size`` if given, else the
+        memory model's choice (:func:`~attrlab.model.budget.grad_batch_size`).
+
+        Example:
+            >>> import torch
+            >>> f = GradientFeaturizer(torch.nn.Linear(4, 3), ClassificationMargin(), Projector(8))
+            >>> data = Examples((torch.ones(50, 4), torch.zeros(50, dtype=torch.long)))
+            >>> f.batch_size(data), f.batch_size(data, 16)
+            (50, 16)
+        """
+        if batch_size is not None or len(data) == 0:
+            return grad_batch_size(0, len(data), batch_size)
+        one = tuple(t[0] for t in data.batch(0, 1))
+        return grad_batch_size(self.example_bytes(*one), len(data), None, memory_budget)
+
     @torch.no_grad()
     def _project(self, grads: list[Tensor]) -> Tensor:
         return self.projector.project(grads)
@@ -527,11 +570,23 @@ def query_features(
     queries: Examples | Sequence[Tensor],
     store: FeatureStore,
     output: ModelOutput | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     mode: str = "auto",
     check_checkpoint: bool = True,
+    projector: Projector | None = None,
+    memory_budget: int | str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Features ``[m, k]`` and out-to-loss ``[m]`` of query examples, with the store's projection.
+
+    Args:
+        batch_size: queries per vmapped batch; None: as many as the memory
+            budget allows (:meth:`GradientFeaturizer.batch_size`), which for a
+            small model is all of them. Features do not depend on it (beyond
+            float round-off).
+        projector: the store's projection, to reuse one whose blocks are already
+            generated (several checkpoints share one projection); built from the
+            store's manifest if None.
+        memory_budget: bytes (or ``"2GB"``) for the automatic batch size.
 
     Raises:
         StoreMismatchError: ``model`` is not the checkpoint the store was written for.
@@ -552,12 +607,14 @@ def query_features(
             )
     if check_checkpoint:
         store.check({"checkpoint": checkpoint_hash(model)})
-    proj = Projector(
-        man["projection"]["dim"],
-        seed=man["projection"]["seed"],
-        kind=man["projection"]["kind"],
-        chunk_rows=man["projection"]["chunk_rows"],
-    )
+    if projector is None:
+        proj = Projector.from_spec(man["projection"])
+    elif projector.spec() != man["projection"]:
+        raise InputError(
+            f"projector {projector.spec()} is not the projection of {store.path} ({man['projection']})"
+        )
+    else:
+        proj = projector
     if output is None:
         output = {
             "classification_margin": ClassificationMargin,
@@ -569,6 +626,7 @@ def query_features(
         raise InputError(
             f"the model's parameters {feat.names[:3]}… differ from the store's {man['params'][:3]}…"
         )
+    batch_size = feat.batch_size(queries, batch_size, memory_budget)
     fs, qs = [], []
     for s in range(0, len(queries), batch_size):
         f, q = feat(*queries.batch(s, min(len(queries), s + batch_size)))

@@ -90,6 +90,23 @@ class Projector:
         self._cache: dict[tuple[int, int, int], Tensor] = {}
         self._cached_bytes = 0
 
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], cache_bytes: int = 256 * 2**20) -> Projector:
+        """The projector a :meth:`spec` (e.g. a feature store's ``projection``) describes.
+
+        Example:
+            >>> p = Projector(dim=8, seed=3)
+            >>> Projector.from_spec(p.spec()).spec() == p.spec()
+            True
+        """
+        return cls(
+            spec["dim"],
+            seed=spec["seed"],
+            kind=spec["kind"],
+            chunk_rows=spec["chunk_rows"],
+            cache_bytes=cache_bytes,
+        )
+
     def spec(self) -> dict[str, Any]:
         """What determines the projection (stored in and checked against manifests)."""
         return {
@@ -111,12 +128,14 @@ class Projector:
             return self._cache[key]
         g = torch.Generator().manual_seed(block_seed(self.seed, param, chunk))
         k = self.dim
+        scale = 1.0 / math.sqrt(k)
         if self.kind == "rademacher":
             b = torch.randint(0, 2, (rows, k), generator=g, dtype=torch.int8).to(torch.float32)
-            b.mul_(2.0).sub_(1.0)
+            # {0, 1} -> {-scale, +scale} in one pass; exact (2 * scale - scale == scale)
+            b.mul_(2.0 * scale).sub_(scale)
         else:
             b = torch.randn(rows, k, generator=g, dtype=torch.float32)
-        b.mul_(1.0 / math.sqrt(k))
+            b.mul_(scale)
         size = b.numel() * 4
         if self._cached_bytes + size <= self.cache_bytes:
             self._cache[key] = b

@@ -18,7 +18,9 @@ the store's identity (``store_id``, random at creation) and the file's path
 inside the store, then its bytes, so a file is valid only in the store and the
 place it was written for. A shard counts as done only when both of its files
 are recorded *and* match: opening checks sizes (``verify=True``: full
-checksums), every read checks the checksum and that the numbers are finite.
+checksums), every read checks the checksum and that the numbers are finite
+(a store object hashes a file once: read again with the same inode, size,
+modification and change times and recorded checksum, it is not re-hashed).
 A shard that fails is treated as not done, so :func:`attrlab.data.featurize`
 recomputes it; reading it raises :class:`~attrlab.errors.StoreCorruptError`.
 ``gram.npy`` records the checksums of the shards it was computed from and is
@@ -72,6 +74,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
+import torch
 
 from ..errors import FileFormatError, InputError, StoreCorruptError, StoreMismatchError
 
@@ -316,6 +319,9 @@ class FeatureStore:
         # files found damaged by a full check, by (path, inode, size, mtime): a
         # rewritten file has another key and is checked afresh
         self._bad: dict[tuple[str, int, int, int], str] = {}
+        # files that matched their recorded checksum, by (path, inode, size, mtime,
+        # ctime, checksum): read again unchanged, they are not hashed again
+        self._good: set[tuple[str, int, int, int, int, str]] = set()
 
     # ----------------------------------------------------------- creation
     @classmethod
@@ -497,19 +503,25 @@ class FeatureStore:
         if e is None:
             raise InputError(f"{self.path / rel} is not part of the store; {_REPAIR}")
         try:
-            data = (self.path / rel).read_bytes()
+            with open(self.path / rel, "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read()
         except FileNotFoundError:
             raise InputError(
                 f"{self.path / rel} is recorded in manifest.json but missing; {_REPAIR}"
             ) from None
         if len(data) != e["size"]:
             raise self._mark_bad(rel, f"has {len(data)} bytes, manifest.json records {e['size']}")
+        good = (rel, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, e["blake2b"])
+        if good in self._good:  # this very file already matched this checksum
+            return data
         if file_digest(self.manifest["store_id"], rel, data) != e["blake2b"]:
             raise self._mark_bad(
                 rel,
                 "does not match its checksum in manifest.json (damaged, or copied from "
                 "another store or shard)",
             )
+        self._good.add(good)
         return data
 
     def _read_npy(self, rel: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -822,12 +834,14 @@ class FeatureStore:
     def partial_gram(self, ranges: list[tuple[int, int]] | None = None) -> np.ndarray:
         """``sum Phi_s^T Phi_s`` over the shards with these ranges (default: all)."""
         self._require_complete()
-        g = np.zeros((self.dim, self.dim), np.float64)
+        g = torch.zeros((self.dim, self.dim), dtype=torch.float64)
         for a, b in ranges if ranges is not None else self.planned():
-            x = self._read_npy(self._rels(a, b)[0], (b - a, self.dim)).astype(np.float64)
-            g += x.T @ x
+            x = torch.from_numpy(
+                self._read_npy(self._rels(a, b)[0], (b - a, self.dim)).astype(np.float64)
+            )
+            g.addmm_(x.T, x)  # float64 GEMM (torch's BLAS: several times numpy's here)
             del x
-        return g
+        return g.numpy()
 
     def finalize(self, gram: np.ndarray | None = None) -> np.ndarray:
         """Write ``gram.npy`` (given, or computed from all shards) and mark the store finalized.

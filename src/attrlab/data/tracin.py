@@ -87,7 +87,7 @@ def grad_similarity(
     kind: str = "dot",
     weights: Sequence[float] | None = None,
     texts: Sequence[str] | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     method: str | None = None,
 ) -> Attribution:
     """Gradient dot (``kind="dot"``) or cosine (``"cos"``) of loss gradients, summed over stores with ``weights``.
@@ -120,7 +120,7 @@ def tracin(
     queries: Examples | Sequence[Tensor],
     lrs: float | Sequence[float] = 1.0,
     texts: Sequence[str] | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
 ) -> Attribution:
     """TracIn-CP: learning-rate-weighted sum of loss-gradient dot products over checkpoints.
 

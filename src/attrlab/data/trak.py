@@ -7,8 +7,11 @@ scores are averaged, then every training example's column is multiplied by
 its out-to-loss weight averaged over the checkpoints (``1 - p`` of the true
 class for classifiers), as in "TRAK: Attributing Model Behavior at Scale".
 
-Scoring streams the store shard by shard: ``phi M`` (``[m, k]``) times each
-memory-mapped block ``Phi_s^T``; the ``N x k`` matrix is never loaded whole.
+Scoring streams the store shard by shard: ``phi M`` (``[m, k]``, a Cholesky
+solve, never the explicit inverse) times each block ``Phi_s^T``; the ``N x k``
+matrix is never loaded whole. Query gradients come in batches the memory model
+sizes (all queries at once for a small model), and checkpoints that share a
+projection generate its random blocks once.
 
 Example:
     >>> import tempfile, torch
@@ -36,6 +39,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..result import Attribution
 from .featurize import Examples, query_features
+from .project import Projector
 from .store import FeatureStore
 
 StoreLike = Union[FeatureStore, str, Path]
@@ -91,20 +95,31 @@ def store_labels(store: FeatureStore, texts: Sequence[str] | None = None) -> dic
     return labels
 
 
-def block_scores(store: FeatureStore, left: Tensor, weight: np.ndarray | None = None) -> Tensor:
+def block_scores(
+    store: FeatureStore,
+    left: Tensor,
+    weight: np.ndarray | None = None,
+    out: Tensor | None = None,
+    q_into: np.ndarray | None = None,
+) -> Tensor:
     """``left @ Phi^T`` ``[m, N]`` streamed over the store's shards (``left``: ``[m, k]``).
 
     ``weight`` (``[N]``) scales the training rows first (e.g. out-to-loss).
+    ``out`` (``[m, N]`` float32): add the scores to it instead of a new tensor.
+    ``q_into`` (``[N]``): filled with the store's out-to-loss weights in the
+    same pass (every shard is read and checked once).
     """
     left = left.to(torch.float32)
-    out = torch.empty(left.shape[0], store.n, dtype=torch.float32)
-    for a, feats, _ in store.iter_blocks():
-        block = torch.from_numpy(np.array(feats, dtype=np.float32))  # [n_s, k], one shard copied
+    if out is None:
+        out = torch.zeros(left.shape[0], store.n, dtype=torch.float32)
+    for a, feats, q in store.iter_blocks(with_q=q_into is not None):
+        block = torch.from_numpy(np.asarray(feats, dtype=np.float32))  # [n_s, k]
+        b = a + block.shape[0]
         if weight is not None:
-            block = (
-                block * torch.from_numpy(weight[a : a + block.shape[0]].astype(np.float32))[:, None]
-            )
-        out[:, a : a + block.shape[0]] = left @ block.T
+            block = block * torch.from_numpy(weight[a:b].astype(np.float32))[:, None]
+        if q_into is not None:
+            q_into[a:b] = q
+        out[:, a:b].addmm_(left, block.T)
     return out
 
 
@@ -166,7 +181,8 @@ class TRAK:
         self.lambda_ = lambda_
         self.reg = reg
         self.out_to_loss = out_to_loss
-        self._kernels: dict[int, Tensor] = {}
+        self._solvers: dict[int, tuple[str, Tensor]] = {}
+        self._projectors: dict[str, Projector] = {}
 
     def params(self) -> dict[str, Any]:
         return {
@@ -176,50 +192,98 @@ class TRAK:
             "n_checkpoints": len(self.stores),
         }
 
-    def kernel(self, c: int) -> Tensor:
-        """``(Phi^T Phi + lambda I)^-1`` ``[k, k]`` of checkpoint ``c`` (float64 solve, cached)."""
-        if c not in self._kernels:
+    def _solver(self, c: int) -> tuple[str, Tensor]:
+        """A factorization of ``Phi^T Phi + lambda I`` of checkpoint ``c`` (float64, cached):
+        ``("cholesky", L)``, or ``("pinv", inverse)`` when it is not positive definite."""
+        if c not in self._solvers:
             g = torch.from_numpy(self.stores[c].gram())
             lam = (
                 self.lambda_ if self.lambda_ is not None else self.reg * float(g.diagonal().mean())
             )
-            eye = torch.eye(g.shape[0], dtype=g.dtype)
-            try:
-                inv = torch.linalg.solve(g + lam * eye, eye)
-            except RuntimeError:  # singular without a ridge
-                inv = torch.linalg.pinv(g + lam * eye, hermitian=True)
-            self._kernels[c] = inv.to(torch.float32)
-        return self._kernels[c]
+            a = g + lam * torch.eye(g.shape[0], dtype=g.dtype)
+            chol, info = torch.linalg.cholesky_ex(a)
+            if int(info) == 0:
+                self._solvers[c] = ("cholesky", chol)
+            else:  # singular or indefinite without a ridge
+                self._solvers[c] = ("pinv", torch.linalg.pinv(a, hermitian=True))
+        return self._solvers[c]
+
+    def apply_kernel(self, c: int, phi: Tensor) -> Tensor:
+        """``phi (Phi^T Phi + lambda I)^-1`` ``[m, k]`` for checkpoint ``c`` (float64 solve).
+
+        Solves with the cached Cholesky factor instead of forming the inverse.
+
+        Example:
+            >>> import tempfile, torch
+            >>> import attrlab.data as ad
+            >>> net = torch.nn.Linear(4, 3)
+            >>> x, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+            >>> t = ad.TRAK(ad.featurize(net, (x, y), tempfile.mkdtemp(), proj_dim=8))
+            >>> phi = torch.randn(2, 8)
+            >>> torch.allclose(t.apply_kernel(0, phi), phi @ t.kernel(0), atol=1e-4)
+            True
+        """
+        kind, f = self._solver(c)
+        x = phi.to(torch.float64).T  # [k, m]
+        y = torch.cholesky_solve(x, f) if kind == "cholesky" else f @ x
+        return y.T.to(torch.float32)
+
+    def kernel(self, c: int) -> Tensor:
+        """``(Phi^T Phi + lambda I)^-1`` ``[k, k]`` of checkpoint ``c`` (float32, from the cached factor)."""
+        kind, f = self._solver(c)
+        return (torch.cholesky_inverse(f) if kind == "cholesky" else f).to(torch.float32)
 
     def mean_out_to_loss(self) -> np.ndarray:
         """Out-to-loss weights ``[N]`` averaged over checkpoints."""
         return np.mean([s.out_to_loss() for s in self.stores], axis=0)
 
     def scores_from_features(self, query_feats: Sequence[Tensor]) -> Tensor:
-        """Scores ``[m, N]`` from query features ``[m, k]``, one per checkpoint."""
+        """Scores ``[m, N]`` from query features ``[m, k]``, one per checkpoint.
+
+        Every store is read once: its shards give the scores and (for
+        ``out_to_loss``) the out-to-loss weights in the same pass.
+        """
         if len(query_feats) != len(self.stores):
             raise InputError(f"{len(query_feats)} query feature sets for {len(self.stores)} stores")
-        total: Tensor | None = None
-        for c, (store, phi) in enumerate(zip(self.stores, query_feats)):
+        for store, phi in zip(self.stores, query_feats):
             if phi.dim() != 2 or phi.shape[1] != store.dim:
                 raise InputError(
                     f"query features of shape {tuple(phi.shape)} for a store of dim {store.dim}"
                 )
-            s = block_scores(store, phi.float() @ self.kernel(c))
-            total = s if total is None else total.add_(s)
-        assert total is not None
+        n = self.stores[0].n
+        total = torch.zeros(query_feats[0].shape[0], n, dtype=torch.float32)
+        q_sum = np.zeros(n, np.float64)
+        q = np.empty(n, np.float32) if self.out_to_loss else None
+        for c, (store, phi) in enumerate(zip(self.stores, query_feats)):
+            block_scores(store, self.apply_kernel(c, phi), out=total, q_into=q)
+            if q is not None:
+                q_sum += q
         total /= len(self.stores)
         if self.out_to_loss:
-            total *= torch.from_numpy(self.mean_out_to_loss().astype(np.float32))[None, :]
+            total *= torch.from_numpy((q_sum / len(self.stores)).astype(np.float32))[None, :]
         return total
+
+    def projector(self, store: FeatureStore) -> Projector:
+        """The projection of ``store``, one object per distinct projection (so the
+        checkpoints that share a projection generate its blocks once)."""
+        spec = store.manifest["projection"]
+        key = json.dumps(spec, sort_keys=True)
+        if key not in self._projectors:
+            self._projectors[key] = Projector.from_spec(spec)
+        return self._projectors[key]
 
     def scores(
         self,
         models: nn.Module | Sequence[nn.Module],
         queries: Examples | Sequence[Tensor],
-        batch_size: int = 64,
+        batch_size: int | None = None,
     ) -> Tensor:
         """Scores ``[m, N]`` of query examples, with ``models[c]`` the checkpoint of ``stores[c]``.
+
+        ``batch_size``: queries per gradient batch; None lets the memory model
+        choose (:func:`~attrlab.data.featurize.query_features`), e.g. all the
+        queries of a small model in one batch. Scores do not depend on it
+        beyond float round-off.
 
         Raises:
             StoreMismatchError: a model is not the checkpoint its store was written for.
@@ -227,7 +291,8 @@ class TRAK:
         """
         ms = as_models(models, len(self.stores))
         feats = [
-            query_features(m, queries, s, batch_size=batch_size)[0] for m, s in zip(ms, self.stores)
+            query_features(m, queries, s, batch_size=batch_size, projector=self.projector(s))[0]
+            for m, s in zip(ms, self.stores)
         ]
         return self.scores_from_features(feats)
 
@@ -236,7 +301,7 @@ class TRAK:
         models: nn.Module | Sequence[nn.Module],
         queries: Examples | Sequence[Tensor],
         texts: Sequence[str] | None = None,
-        batch_size: int = 64,
+        batch_size: int | None = None,
     ) -> Attribution:
         """An :class:`~attrlab.result.Attribution` ``[m, N]`` (units: index, id, text)."""
         t0 = time.perf_counter()

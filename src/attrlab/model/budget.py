@@ -60,9 +60,12 @@ __all__ = [
     "DEFAULT_FRACTION",
     "available_memory",
     "batch_size_for",
+    "example_grad_bytes",
+    "grad_batch_size",
     "memory_budget",
     "parse_bytes",
     "row_bytes",
+    "saved_tensor_bytes",
     "set_memory_budget",
 ]
 
@@ -247,6 +250,94 @@ def batch_size_for(
     budget = _resolve(memory_budget, getattr(lm, "device", None))
     per_row = max(1, row_bytes(lm, seq_len, grad, logit_positions))
     return max(1, min(int(cap), budget // per_row))
+
+
+#: a batch of per-example gradients holds each gradient about this many times
+#: (the vmapped gradient, its float32 flat view or copy, the backward's buffers)
+_GRAD_COPIES = 3
+
+
+def example_grad_bytes(
+    n_params: int, saved_bytes: int = 0, param_bytes: int = 4, copies: int = _GRAD_COPIES
+) -> int:
+    """Estimated bytes one example of a batch of per-example gradients needs:
+    ``copies`` gradients of ``n_params`` parameters plus the activations its
+    forward saves for the backward (``saved_bytes``, e.g. measured by
+    :func:`saved_tensor_bytes`, twice for the backward).
+
+    Example:
+        >>> example_grad_bytes(1000) == 3 * 1000 * 4
+        True
+        >>> example_grad_bytes(1000, saved_bytes=500) > example_grad_bytes(1000)
+        True
+    """
+    return int(copies * n_params * param_bytes + _BACKWARD_FACTOR * max(0, saved_bytes))
+
+
+def grad_batch_size(
+    per_example_bytes: int,
+    n_examples: int,
+    batch_size: int | None = None,
+    memory_budget: int | str | None = None,
+    device: Any = None,
+    cap: int | None = None,
+) -> int:
+    """Examples per batch of per-example gradients: ``batch_size`` if given, else
+    as many as fit the memory budget (at :func:`example_grad_bytes` each), never
+    more than ``n_examples`` (nor ``cap``), at least 1.
+
+    Per-example gradients cost a fixed overhead per batch (one vmapped call, one
+    projection matmul per parameter block) plus a cost per example, so the
+    fewest batches that fit memory are the fastest: a small model scores all
+    its queries in one batch, a large one gets few examples per batch.
+
+    Raises:
+        InputError: ``batch_size`` is not a positive integer.
+
+    Example:
+        >>> grad_batch_size(4 * 10_000, 360, memory_budget="1GB")  # a small MLP: one batch
+        360
+        >>> grad_batch_size(3 * 4 * 10**8, 360, memory_budget="8GB")  # 100M parameters
+        7
+        >>> grad_batch_size(4 * 10_000, 360, batch_size=100)  # a forced value wins
+        100
+    """
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        return batch_size
+    budget = _resolve(memory_budget, device)
+    fit = budget // max(1, int(per_example_bytes))
+    most = max(1, int(n_examples)) if cap is None else max(1, min(int(n_examples), int(cap)))
+    return int(max(1, min(most, fit)))
+
+
+def saved_tensor_bytes(fn: Any, exclude: Sequence[torch.Tensor] = ()) -> tuple[Any, int]:
+    """Run ``fn()`` (with autograd on) and return ``(its result, the bytes of the
+    tensors its graph saves for the backward)``, not counting ``exclude`` (e.g.
+    the parameters, which every example shares). A cheap measured probe of a
+    forward's activation memory for models without a config.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+        >>> _, b = saved_tensor_bytes(lambda: net(torch.ones(1, 8)).sum(), exclude=list(net.parameters()))
+        >>> 0 < b < 1024
+        True
+    """
+    skip = {t.data_ptr() for t in exclude}
+    seen: set[tuple[int, int]] = set()
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = (t.data_ptr(), t.numel())
+        if t.data_ptr() not in skip and key not in seen:
+            seen.add(key)
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
 
 
 def _rss_bytes() -> int | None:
