@@ -248,6 +248,86 @@ def batch_size_for(
     return max(1, min(int(cap), budget // per_row))
 
 
+# ------------------------------------------------------- throughput cost model
+#: fixed seconds of one block's forward on a tiny input (Python, hooks, kernel
+#: launches) per device type; measured on the 12-layer GPT-2 of the benchmarks
+#: (2 CPU threads: ~0.3 ms a block with attrlab's hooks)
+BLOCK_OVERHEAD_S = {"cpu": 3e-4, "cuda": 1e-4}
+#: matrix-multiply throughput (FLOP/s) per device type; on CPU per thread
+#: (2 threads reached ~230 GFLOP/s in the patching profile)
+MATMUL_FLOPS = {"cpu": 1.1e11, "cuda": 1.5e13}
+#: a matrix product over ``M`` tokens runs at about ``M / (M + M_half)`` of
+#: the peak; ``M_half`` tokens per device type (small products are slow)
+GEMM_HALF_TOKENS = {"cpu": 16, "cuda": 256}
+#: a forward is efficient when its fixed cost is at most 1/this of its work
+EFFICIENT_FACTOR = 50
+
+
+def token_layer_flops(lm: Any, seq_len: int = 1) -> int:
+    """Forward FLOPs of one token through one block: the attention projections
+    (``4 d_model^2``, fewer with grouped key/value heads), the MLP
+    (``2 x d_model x d_mlp``; a gated MLP's third matrix is left out: a cost
+    model, not an account) and the attention scores over ``seq_len`` keys, two
+    FLOPs per multiply-add.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> token_layer_flops(lm) < token_layer_flops(lm, seq_len=1024)
+        True
+    """
+    _, d_model, d_mlp, heads, _, _ = _shape(lm)
+    cfg = getattr(lm, "cfg", None)
+    d_head = getattr(cfg, "d_head", None) or d_model // max(1, heads)
+    kv = getattr(cfg, "n_kv_heads", None) or heads
+    attn = 2 * d_model * heads * d_head + 2 * d_model * kv * d_head
+    mlp = 2 * d_model * d_mlp
+    scores = 2 * heads * d_head * max(1, int(seq_len))
+    return 2 * (attn + mlp + scores)
+
+
+def _device_kind(lm: Any) -> str:
+    dev = getattr(lm, "device", None)
+    kind = getattr(dev, "type", None) or str(dev or "cpu").split(":")[0]
+    return kind if kind in BLOCK_OVERHEAD_S else "cuda" if kind != "cpu" else "cpu"
+
+
+def overhead_tokens(lm: Any, seq_len: int = 1) -> float:
+    """The fixed cost of one block's forward, in tokens of that block's work:
+    the per-call overhead (:data:`BLOCK_OVERHEAD_S` at :data:`MATMUL_FLOPS`)
+    plus the matrix products' small-size loss (:data:`GEMM_HALF_TOKENS`).
+    A batched run should put many more tokens than this in one forward; a
+    narrow model needs more rows for that than a wide one.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> overhead_tokens(lm) > 100  # a tiny model: the overhead dominates
+        True
+    """
+    kind = _device_kind(lm)
+    flops = MATMUL_FLOPS[kind] * (max(1, torch.get_num_threads()) if kind == "cpu" else 1)
+    work = BLOCK_OVERHEAD_S[kind] * flops / max(1, token_layer_flops(lm, seq_len))
+    return float(work + GEMM_HALF_TOKENS[kind])
+
+
+def efficient_rows(lm: Any, tokens_per_row: int) -> int:
+    """Rows per forward at which batching stops paying: the forward's tokens
+    reach :data:`EFFICIENT_FACTOR` x :func:`overhead_tokens`. The cost-model
+    ``cap`` of :func:`batch_size_for` for runs with many rows (patching sweeps,
+    masked runs); the memory budget may lower it further.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> efficient_rows(lm, 16) > efficient_rows(lm, 256) >= 1
+        True
+    """
+    per_row = max(1, int(tokens_per_row))
+    want = EFFICIENT_FACTOR * overhead_tokens(lm, per_row)
+    return max(1, int(-(-want // per_row)))
+
+
 def _rss_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as f:
