@@ -24,7 +24,9 @@ Speed (exact values, no approximation):
   or a short prompt), no more than the memory budget allows; ``batch_size=``
   forces it;
 * rows where nothing is ablated take the base value without a forward; only
-  the last position is unembedded for next-token targets.
+  the last position is unembedded for next-token targets, and only the
+  vocabulary columns the target reads (``Target.logit_columns``: a logit or a
+  logit difference) when the unembedding is a plain linear map.
 
 Example:
     >>> import torch, attrlab as al
@@ -203,6 +205,9 @@ class MaskedRunner:
         #: rows per forward of the gradient path (``gated`` under autograd)
         self.grad_batch_size = batch_size_for(lm, self.n_pos, grad=True, **sizing)
         self.prefix = prefix_cache(lm, batch) if reuse_prefix and self.last_only else None
+        #: the vocabulary columns the target reads (None: all); the masked
+        # forwards compute only these logits
+        self.logit_columns = target.logit_columns() if hasattr(target, "logit_columns") else None
         self._maps = {s: self._index_map(s) for s in self.sites}
         self.n_forwards = 0
 
@@ -346,7 +351,11 @@ class MaskedRunner:
         """One batched forward of ``k`` rows per prompt: ``[k]`` (mean over
         prompts) or ``[k, n_prompts]``."""
         vb = self.batch.repeat(k)  # rows prompt-major: row = i * k + j
-        kw: dict[str, Any] = {"last_only": self.last_only, "grad": grad}
+        kw: dict[str, Any] = {
+            "last_only": self.last_only,
+            "grad": grad,
+            "logit_columns": self.logit_columns,
+        }
         run_batch = vb
         if layer > 0:
             kw["start_layer"] = layer
