@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import attrlab as al
+from attrlab.model import budget
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 CF = "When Mary and John went to the store, Mary gave a drink to"
@@ -150,3 +151,68 @@ def test_runs_that_cache_announce_their_memory(lm, monkeypatch, capsys):
     monkeypatch.setattr(budget, "ANNOUNCE_BYTES", 1000)
     with pytest.warns(budget.MemoryEstimateWarning, match="will need about"):
         lm.run(PROMPT, cache=["blocks.0.attn.head_out"])
+
+
+# ------------------------------------------------ the throughput cost model (issue 23)
+def _gpt2(d_model: int, heads: int, vocab: int = 2003):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=d_model, n_head=heads, vocab_size=vocab, n_positions=64)
+    return al.wrap(GPT2LMHeadModel(cfg).eval())
+
+
+def test_efficient_rows_grow_for_narrow_models_and_short_prompts():
+    narrow, wide = _gpt2(32, 4), _gpt2(512, 8)
+    assert budget.overhead_tokens(narrow) > 10 * budget.overhead_tokens(wide)
+    assert budget.efficient_rows(narrow, 16) > 10 * budget.efficient_rows(wide, 16)
+    for m in (narrow, wide):
+        assert budget.efficient_rows(m, 8) > budget.efficient_rows(m, 64) >= 1
+        # the choice is rows x tokens ~ EFFICIENT_FACTOR x the fixed cost in tokens
+        want = budget.EFFICIENT_FACTOR * budget.overhead_tokens(m, 16)
+        assert 16 * budget.efficient_rows(m, 16) == pytest.approx(want, abs=16)
+
+
+def test_memory_budget_caps_the_cost_model_and_vocabulary_counts():
+    small_v, large_v = _gpt2(32, 4, vocab=2003), _gpt2(32, 4, vocab=50257)
+    cap = budget.efficient_rows(small_v, 16)
+    assert budget.efficient_rows(large_v, 16) == cap  # throughput ignores the vocabulary
+    rows = [budget.batch_size_for(m, 16, cap=cap, memory_budget="8MB") for m in (small_v, large_v)]
+    assert rows[1] < rows[0] <= cap  # memory does not: the logits rows
+
+
+def _heads_sweep(lm, **kw):
+    from attrlab.methods.patching import patch_sweep
+
+    units = al.units.Heads(per_position=True)
+    return patch_sweep(lm, PROMPT, CF, (" Mary", " John"), units, direction="denoising", **kw)
+
+
+def test_sweep_defaults_use_the_cost_model_and_a_forced_batch_size_wins(lm):
+    auto = _heads_sweep(lm)
+    n_pos = auto.meta["n_positions"]
+    chosen = budget.batch_size_for(lm, n_pos, cap=budget.efficient_rows(lm, n_pos))
+    assert auto.meta["batch_size"] == chosen > 128  # a tiny model: more than the old fixed cap
+    forced_same = _heads_sweep(lm, batch_size=chosen)
+    assert torch.equal(auto.patched, forced_same.patched)  # the same plan, the same values
+    assert forced_same.n_forwards == auto.n_forwards
+    forced = _heads_sweep(lm, batch_size=3)
+    assert forced.meta["batch_size"] == 3
+    assert forced.n_forwards > auto.n_forwards
+    assert torch.allclose(forced.patched, auto.patched, atol=1e-5)
+
+
+def test_positions_share_a_forward_by_the_cost_model(lm, monkeypatch):
+    """A forward's fixed cost (in tokens) decides whether the next position's
+    rows join the current forward: never when it is ~0, always when it is huge."""
+    import attrlab.model.masked as masked
+
+    n_layers = lm.cfg.n_layers
+    monkeypatch.setattr(masked, "overhead_tokens", lambda lm, n_pos=1: 0.0)
+    apart = _heads_sweep(lm)
+    n_pos = apart.meta["n_positions"]
+    assert apart.n_forwards == n_layers * n_pos  # one forward per layer and position
+    monkeypatch.setattr(masked, "overhead_tokens", lambda lm, n_pos=1: 1e12)
+    joined = _heads_sweep(lm)
+    assert joined.n_forwards == n_layers  # one per layer, from position 0
+    assert torch.allclose(apart.patched, joined.patched, atol=1e-5)

@@ -68,6 +68,20 @@ class Target:
     def value(self, logits: Tensor, batch: Batch) -> Tensor:
         raise NotImplementedError
 
+    def logit_columns(self) -> Tensor | None:
+        """The vocabulary columns :meth:`value` reads, or None when it reads the
+        whole distribution (a softmax). Runs may then compute only these logits
+        (``lm.run(logit_columns=...)``); the others are zero there.
+
+        Example:
+            >>> import attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+            >>> t = LogitDiff(5, 7).bind(lm)
+            >>> t.logit_columns().tolist(), LogProb(5).bind(lm).logit_columns()
+            ([5, 7], None)
+        """
+        return None
+
     def describe(self) -> str:
         return type(self).__name__
 
@@ -154,6 +168,11 @@ class Logit(_TokenTarget):
     def value(self, logits: Tensor, batch: Batch) -> Tensor:
         return _gather_last(logits, self._require())
 
+    def logit_columns(self) -> Tensor | None:
+        if self.ids is None:
+            return None
+        return torch.as_tensor(self.ids, dtype=torch.long).reshape(-1).unique()
+
 
 class LogProb(_TokenTarget):
     """The log-probability of ``token`` at the last position."""
@@ -182,6 +201,10 @@ class LogitDiff(Target):
 
     def value(self, logits: Tensor, batch: Batch) -> Tensor:
         return self.a.value(logits, batch) - self.b.value(logits, batch)
+
+    def logit_columns(self) -> Tensor | None:
+        a, b = self.a.logit_columns(), self.b.logit_columns()
+        return None if a is None or b is None else torch.cat([a, b]).unique()
 
     def describe(self) -> str:
         return f"logit_diff({self.a.token!r}, {self.b.token!r})"

@@ -11,7 +11,9 @@ Speed: every unit is one row of a batched forward (paired-index
 :class:`~attrlab.model.interventions.Intervention`), units of one layer share
 a forward that starts *at that layer* from the cached residual stream of the
 base run (layers below the patch are not recomputed), and only the last
-position is unembedded. ``batch_size`` bounds the rows of one forward.
+position is unembedded. Rows per forward, and which neighbouring positions
+share one, follow the cost model of :mod:`attrlab.model.budget` (the model's
+width, the prompt length, the memory budget); ``batch_size`` forces the rows.
 
 The low-level entry point :func:`patch_sweep` returns raw target values per
 prompt and unit; :class:`ActivationPatching` (``method="patch"``) turns them into
@@ -229,8 +231,10 @@ def patch_sweep(
         direction: ``"noising"`` (clean run, patch in corrupt activations) or
             ``"denoising"`` (corrupt run, patch in clean activations).
         site: for head units, ``"z"`` (output), ``"q"``, ``"k"`` or ``"v"``.
-        batch_size: maximum rows (units x prompts) of one forward; None: as many
-            as fit ``memory_budget`` (:mod:`attrlab.model.budget`), at most 128.
+        batch_size: maximum rows (units x prompts) of one forward; None: the
+            cost model's choice (:func:`attrlab.model.budget.efficient_rows`:
+            enough rows that a forward's fixed cost is small for this model's
+            width and prompt length), lowered to what fits ``memory_budget``.
         progress: show a tqdm bar.
         reuse_prefix: for per-position units, reuse the base run's key/value
             cache of the positions before the patch (they are unchanged) instead
@@ -345,7 +349,12 @@ def _sweep(
         corrupt=corrupt_val,
         direction=direction,
         n_forwards=runner.n_forwards,
-        meta={"corruption": abl.name, "n_positions": n_pos, "batch": batch},
+        meta={
+            "corruption": abl.name,
+            "n_positions": n_pos,
+            "batch": batch,
+            "batch_size": runner.batch_size,
+        },
     )
 
 
@@ -391,8 +400,8 @@ class ActivationPatching(Method):
         site: head activation to patch for ``units="heads"``: ``"z"``, ``"q"``,
             ``"k"``, ``"v"``.
         per_prompt: scores ``[n_prompts, n_units]`` instead of the mean over prompts.
-        batch_size: rows per forward (None: as many as fit ``memory_budget``, at
-            most 128; see :mod:`attrlab.model.budget`); progress: tqdm bar.
+        batch_size: rows per forward (None: the cost model's choice, within
+            ``memory_budget``; see :mod:`attrlab.model.budget`); progress: tqdm bar.
 
     Example:
         >>> import attrlab as al

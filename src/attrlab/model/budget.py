@@ -60,6 +60,7 @@ __all__ = [
     "DEFAULT_FRACTION",
     "available_memory",
     "batch_size_for",
+    "efficient_rows",
     "example_grad_bytes",
     "grad_batch_size",
     "memory_budget",
@@ -67,6 +68,8 @@ __all__ = [
     "row_bytes",
     "saved_tensor_bytes",
     "set_memory_budget",
+    "token_layer_flops",
+    "overhead_tokens",
 ]
 
 #: share of the memory available now that one forward may use by default
@@ -340,6 +343,117 @@ def saved_tensor_bytes(fn: Any, exclude: Sequence[torch.Tensor] = ()) -> tuple[A
     return out, total[0]
 
 
+# ------------------------------------------------------- throughput cost model
+#: fixed seconds of one block's forward on a tiny input (Python, hooks, kernel
+#: launches) per device type; measured on the 12-layer GPT-2 of the benchmarks
+#: (2 CPU threads: ~0.3 ms a block with attrlab's hooks)
+BLOCK_OVERHEAD_S = {"cpu": 3e-4, "cuda": 1e-4}
+#: matrix-multiply throughput (FLOP/s) per device type; on CPU per thread
+#: (2 threads reached ~230 GFLOP/s in the patching profile)
+MATMUL_FLOPS = {"cpu": 1.1e11, "cuda": 1.5e13}
+#: a matrix product over ``M`` tokens runs at about ``M / (M + M_half)`` of
+#: the peak; ``M_half`` tokens per device type (small products are slow)
+GEMM_HALF_TOKENS = {"cpu": 16, "cuda": 256}
+#: a forward is efficient when its fixed cost is at most 1/this of its work
+EFFICIENT_FACTOR = 50
+
+
+def token_layer_flops(lm: Any, seq_len: int = 1) -> int:
+    """Forward FLOPs of one token through one block: the attention projections
+    (``4 d_model^2``, fewer with grouped key/value heads), the MLP
+    (``2 x d_model x d_mlp``; a gated MLP's third matrix is left out: a cost
+    model, not an account) and the attention scores over ``seq_len`` keys, two
+    FLOPs per multiply-add.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> token_layer_flops(lm) < token_layer_flops(lm, seq_len=1024)
+        True
+    """
+    _, d_model, d_mlp, heads, _, _ = _shape(lm)
+    cfg = getattr(lm, "cfg", None)
+    d_head = getattr(cfg, "d_head", None) or d_model // max(1, heads)
+    kv = getattr(cfg, "n_kv_heads", None) or heads
+    attn = 2 * d_model * heads * d_head + 2 * d_model * kv * d_head
+    mlp = 2 * d_model * d_mlp
+    scores = 2 * heads * d_head * max(1, int(seq_len))
+    return 2 * (attn + mlp + scores)
+
+
+def _device_kind(lm: Any) -> str:
+    dev = getattr(lm, "device", None)
+    kind = getattr(dev, "type", None) or str(dev or "cpu").split(":")[0]
+    return kind if kind in BLOCK_OVERHEAD_S else "cuda" if kind != "cpu" else "cpu"
+
+
+def overhead_tokens(lm: Any, seq_len: int = 1) -> float:
+    """The fixed cost of one block's forward, in tokens of that block's work:
+    the per-call overhead (:data:`BLOCK_OVERHEAD_S` at :data:`MATMUL_FLOPS`)
+    plus the matrix products' small-size loss (:data:`GEMM_HALF_TOKENS`).
+    A batched run should put many more tokens than this in one forward; a
+    narrow model needs more rows for that than a wide one.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> overhead_tokens(lm) > 100  # a tiny model: the overhead dominates
+        True
+    """
+    kind = _device_kind(lm)
+    flops = MATMUL_FLOPS[kind] * (max(1, torch.get_num_threads()) if kind == "cpu" else 1)
+    work = BLOCK_OVERHEAD_S[kind] * flops / max(1, token_layer_flops(lm, seq_len))
+    return float(work + GEMM_HALF_TOKENS[kind])
+
+
+def efficient_rows(lm: Any, tokens_per_row: int) -> int:
+    """Rows per forward at which batching stops paying: the forward's tokens
+    reach :data:`EFFICIENT_FACTOR` x :func:`overhead_tokens`. The cost-model
+    ``cap`` of :func:`batch_size_for` for runs with many rows (patching sweeps,
+    masked runs); the memory budget may lower it further.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+        >>> efficient_rows(lm, 16) > efficient_rows(lm, 256) >= 1
+        True
+    """
+    per_row = max(1, int(tokens_per_row))
+    want = EFFICIENT_FACTOR * overhead_tokens(lm, per_row)
+    return max(1, int(-(-want // per_row)))
+
+
+def forward_seconds(
+    lm: Any, tokens: int, cached: int = 0, forwards: int = 1, grad: bool = False
+) -> float:
+    """Estimated seconds of ``forwards`` forwards running ``tokens`` new token
+    positions in total (padding included), each position attending to about
+    ``cached`` earlier ones: the same throughput model as :func:`overhead_tokens`
+    (a fixed cost per block and forward, :func:`token_layer_flops` at
+    :data:`MATMUL_FLOPS`, small products penalised by :data:`GEMM_HALF_TOKENS`),
+    summed over the layers. For choosing strategies and batch sizes: compare
+    estimates, do not read them as times.
+
+    Example:
+        >>> import attrlab as al
+        >>> wide = al.wrap(*al.testing.tiny_model("llama", hidden_size=768, intermediate_size=2048))
+        >>> tiny = al.wrap(*al.testing.tiny_model("llama"))
+        >>> # one forward of 8 x 100 tokens vs eight of 100: batching pays on a tiny model ...
+        >>> forward_seconds(tiny, 800) < 0.5 * forward_seconds(tiny, 800, forwards=8)
+        True
+        >>> # ... and hardly on a wide one, where the arithmetic dominates
+        >>> forward_seconds(wide, 800) > 0.8 * forward_seconds(wide, 800, forwards=8)
+        True
+    """
+    layers = _shape(lm)[0]
+    kind = _device_kind(lm)
+    flops = MATMUL_FLOPS[kind] * (max(1, torch.get_num_threads()) if kind == "cpu" else 1)
+    n = max(1, int(forwards))
+    per_token = token_layer_flops(lm, max(1, int(cached))) * (3 if grad else 1)
+    work = per_token * (max(0, int(tokens)) + n * GEMM_HALF_TOKENS[kind]) / flops
+    return layers * (n * BLOCK_OVERHEAD_S[kind] + work)
+
+
 def _rss_bytes() -> int | None:
     try:
         with open("/proc/self/statm") as f:
@@ -515,46 +629,3 @@ def preflight(lm: Any, sites: Sequence[str], rows: int, seq_len: int, grad: bool
     if state is not None:
         state["max"] = max(state["max"], est)
     return est
-
-
-# ------------------------------------------------------------------ time
-#: nominal arithmetic rate (FLOP/s) of one forward; only ratios of estimates matter
-NOMINAL_FLOPS = 1.5e11
-#: fixed cost of one forward (seconds): framework dispatch, per layer and per call
-FORWARD_OVERHEAD = (1e-3, 2e-4)
-#: matrix products over few rows run below the nominal rate: a forward over
-#: ``t`` tokens costs as if it had ``t + SMALL_GEMM_TOKENS`` (measured on a 2-core
-#: CPU, 12-layer 768-wide Llama: one 280-token row at ~85% of eight rows' rate)
-SMALL_GEMM_TOKENS = 48
-
-
-def forward_seconds(
-    lm: Any, tokens: int, cached: int = 0, forwards: int = 1, grad: bool = False
-) -> float:
-    """Estimated seconds of ``forwards`` forwards running ``tokens`` new token
-    positions in total (padding included), each position attending to about
-    ``cached`` earlier ones: a fixed cost per forward (dispatch, per layer),
-    the matrix products of the layers at a nominal rate with a penalty for
-    small ones, and the attention over the cache. A cost model for choosing
-    strategies and batch sizes: compare estimates, do not read them as times.
-
-    Example:
-        >>> import attrlab as al
-        >>> wide = al.wrap(*al.testing.tiny_model("llama", hidden_size=768, intermediate_size=2048))
-        >>> tiny = al.wrap(*al.testing.tiny_model("llama"))
-        >>> # one forward of 8 x 100 tokens vs eight of 100: batching pays on a tiny model ...
-        >>> forward_seconds(tiny, 800) < 0.5 * forward_seconds(tiny, 800, forwards=8)
-        True
-        >>> # ... and hardly on a wide one, where the arithmetic dominates
-        >>> forward_seconds(wide, 800) > 0.8 * forward_seconds(wide, 800, forwards=8)
-        True
-    """
-    layers, d_model, d_mlp, heads, vocab, size = _shape(lm)
-    per_token = 2 * layers * (4 * d_model * d_model + 3 * d_model * d_mlp)
-    per_token += 4 * layers * d_model * max(0, int(cached))  # scores and mixing over the cache
-    if grad:
-        per_token *= 3
-    base, per_layer = FORWARD_OVERHEAD
-    fixed = max(1, int(forwards)) * (base + per_layer * layers)
-    work = per_token * (max(0, int(tokens)) + max(1, int(forwards)) * SMALL_GEMM_TOKENS)
-    return fixed + work / NOMINAL_FLOPS

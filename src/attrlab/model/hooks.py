@@ -71,8 +71,10 @@ class HookSession:
         start_layer: int | None = None,
         start_resid: Tensor | None = None,
         last_only: bool = False,
+        logit_columns: Tensor | None = None,
     ):
         self.a = adapter
+        self.logit_columns = logit_columns
         self.cfg = adapter.cfg
         self.grad = grad
         self.cache: dict[str, Tensor] = {}
@@ -170,6 +172,8 @@ class HookSession:
             self._add(norm, "fwd", self._final_norm_out)
         if self.last_only:
             self._add(a.unembed(), "pre", self._last_only_pre)
+        if self.logit_columns is not None and not self._needs("unembed"):
+            self._columns_only(a.unembed(), self.logit_columns)
         if self._needs("unembed"):
             self._add(a.unembed(), "fwd", self._global_out_hook("unembed", a.logit_multiplier))
 
@@ -335,6 +339,28 @@ class HookSession:
             return (hidden_states,) if as_tuple else hidden_states
 
         block.forward = passthrough
+
+    def _columns_only(self, unembed: nn.Module, cols: Tensor) -> None:
+        """Make a plain linear unembedding compute the vocabulary columns
+        ``cols`` only, the others zero (a target that reads a few logits: the
+        full projection is the largest matrix of a one-position forward). Left
+        alone for any other module, or one whose weights accelerate manages."""
+        if type(unembed) is not nn.Linear or hasattr(unembed, "_hf_hook"):
+            return
+        owner, own = self._owner, unembed.forward
+        self._saved_forwards.append((unembed, unembed.__dict__.get("forward")))
+        idx = cols.to(unembed.weight.device)
+        w = unembed.weight[idx]
+        b = None if unembed.bias is None else unembed.bias[idx]
+
+        def columns(x: Tensor) -> Tensor:
+            if threading.get_ident() != owner:
+                return own(x)
+            y = torch.nn.functional.linear(x, w, b)
+            out = y.new_zeros(*y.shape[:-1], unembed.out_features)
+            return out.index_copy(-1, idx, y)
+
+        unembed.forward = columns  # type: ignore[method-assign,assignment]
 
     # ---------------------------------------------------------------- hooks
     def _global_out_hook(self, name: str, factor: float = 1.0) -> Any:

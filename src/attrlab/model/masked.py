@@ -16,9 +16,17 @@ Speed (exact values, no approximation):
   ablated position** and a forward reuses the base run's key/value cache of
   the positions before it, so a row recomputes only the positions at and
   after its first change (neighbouring positions share a forward only when
-  it would otherwise be small);
+  the positions that sharing recomputes cost less than a forward's fixed
+  cost, :func:`attrlab.model.budget.overhead_tokens`);
+* rows per forward come from the cost model of :mod:`attrlab.model.budget`:
+  enough tokens that a forward's fixed cost is small for this model's width
+  (:func:`~attrlab.model.budget.efficient_rows`: more rows for a narrow model
+  or a short prompt), no more than the memory budget allows; ``batch_size=``
+  forces it;
 * rows where nothing is ablated take the base value without a forward; only
-  the last position is unembedded for next-token targets.
+  the last position is unembedded for next-token targets, and only the
+  vocabulary columns the target reads (``Target.logit_columns``: a logit or a
+  logit difference) when the unembedding is a plain linear map.
 
 Example:
     >>> import torch, attrlab as al
@@ -45,7 +53,7 @@ import torch
 from torch import Tensor
 
 from ..targets import upcast
-from .budget import batch_size_for
+from .budget import batch_size_for, efficient_rows, overhead_tokens
 from .interventions import Intervention
 from .wrapper import LM, Batch
 
@@ -140,7 +148,8 @@ class MaskedRunner:
         donors: site name -> donor values ``[n_prompts | 1, pos, ...]`` (the
             site's shape); a missing site means zeros.
         base_cache: site name -> the base run's values; computed when None.
-        batch_size: rows per forward (None: the memory budget, at most 128).
+        batch_size: rows per forward (None: the cost model, :func:`efficient_rows`
+            rows of this prompt length, fewer if the memory budget says so).
         memory_budget, progress: see :mod:`attrlab.model.budget`; a tqdm bar.
         reuse_prefix: reuse the base run's key/value cache before the earliest
             change (next-token targets on models whose cache can be cropped).
@@ -186,15 +195,19 @@ class MaskedRunner:
         # the target's own precision: float64 models give float64 values
         self.base_values = upcast(target(logits, batch).detach()).cpu()
         self.base_value = self.base_values.mean()
-        self.batch_size = batch_size_for(
-            lm,
-            self.n_pos,
-            cap=128,
+        sizing: dict[str, Any] = dict(
+            cap=efficient_rows(lm, self.n_pos),
             batch_size=batch_size,
             memory_budget=memory_budget,
             logit_positions=1 if self.last_only else None,
         )
+        self.batch_size = batch_size_for(lm, self.n_pos, **sizing)
+        #: rows per forward of the gradient path (``gated`` under autograd)
+        self.grad_batch_size = batch_size_for(lm, self.n_pos, grad=True, **sizing)
         self.prefix = prefix_cache(lm, batch) if reuse_prefix and self.last_only else None
+        #: the vocabulary columns the target reads (None: all); the masked
+        # forwards compute only these logits
+        self.logit_columns = target.logit_columns() if hasattr(target, "logit_columns") else None
         self._maps = {s: self._index_map(s) for s in self.sites}
         self.n_forwards = 0
 
@@ -257,10 +270,10 @@ class MaskedRunner:
         first_layer = torch.where(ablated, layer_of[None], big).min(1).values  # [m]
         first_pos = torch.where(ablated, pos_of[None], big).min(1).values if has_pos else None
         per_fwd = max(1, self.batch_size // self.n_prompts)
-        # a forward holds the rows of one earliest position unless they are
-        # fewer than this; then neighbouring positions join it (each recomputes
-        # a few positions before its own patch instead of paying a forward)
-        min_rows = max(1, min(16, per_fwd // 4))
+        # rows of the next earliest position join the current forward when the
+        # positions they then recompute (rows x gap) cost less than a forward's
+        # fixed cost, in tokens of work
+        join_tokens = overhead_tokens(self.lm, self.n_pos)
         use_prefix = self.prefix is not None and first_pos is not None
         chunks: list[tuple[int, int, list[int]]] = []
         by_layer: dict[int, list[int]] = {}
@@ -278,18 +291,26 @@ class MaskedRunner:
                     chunks.append((start_layer, 0, rows[s : s + per_fwd]))
                 continue
             assert first_pos is not None
-            rows = sorted(rows, key=lambda r: int(first_pos[r]))
-            cur: list[int] = []
+            groups: dict[int, list[int]] = {}
             for r in rows:
-                p = int(first_pos[r])
-                if cur and (
-                    len(cur) >= per_fwd or (p != int(first_pos[cur[-1]]) and len(cur) >= min_rows)
-                ):
-                    chunks.append((start_layer, int(first_pos[cur[0]]), cur))
+                groups.setdefault(int(first_pos[r]), []).append(r)
+            cur: list[int] = []
+            p0 = 0
+            for p, grp in sorted(groups.items()):
+                extra = len(grp) * self.n_prompts * (p - p0)
+                if cur and (len(cur) + len(grp) > per_fwd or extra > join_tokens):
+                    chunks.append((start_layer, p0, cur))
                     cur = []
-                cur.append(r)
+                while grp:
+                    if not cur:
+                        p0 = p
+                    take = per_fwd - len(cur)
+                    cur, grp = cur + grp[:take], grp[take:]
+                    if len(cur) >= per_fwd:
+                        chunks.append((start_layer, p0, cur))
+                        cur = []
             if cur:
-                chunks.append((start_layer, int(first_pos[cur[0]]), cur))
+                chunks.append((start_layer, p0, cur))
         return chunks
 
     def _embed_ablated(self, keep: Tensor, rows: list[int]) -> bool:
@@ -330,7 +351,11 @@ class MaskedRunner:
         """One batched forward of ``k`` rows per prompt: ``[k]`` (mean over
         prompts) or ``[k, n_prompts]``."""
         vb = self.batch.repeat(k)  # rows prompt-major: row = i * k + j
-        kw: dict[str, Any] = {"last_only": self.last_only, "grad": grad}
+        kw: dict[str, Any] = {
+            "last_only": self.last_only,
+            "grad": grad,
+            "logit_columns": self.logit_columns,
+        }
         run_batch = vb
         if layer > 0:
             kw["start_layer"] = layer
@@ -352,7 +377,8 @@ class MaskedRunner:
         ``[m]``, differentiable in ``g`` (forwards start at the earliest unit's layer)."""
         first = min(0 if u.kind == "embed" else u.layer for u in self.units)
         start = -1 if any(u.kind == "embed" for u in self.units) else first
-        per_fwd = max(1, self.batch_size // self.n_prompts)
+        grad = torch.is_grad_enabled()
+        per_fwd = max(1, (self.grad_batch_size if grad else self.batch_size) // self.n_prompts)
         outs = []
         for s in range(0, g.shape[0], per_fwd):
             gc = g[s : s + per_fwd]
@@ -360,7 +386,7 @@ class MaskedRunner:
             ones = torch.ones(k, 1, dtype=gc.dtype, device=gc.device)
             site_g = self._site_gates(torch.cat([ones, gc], 1))
             ivs = [self._intervention(site, sg, k, 0) for site, sg in site_g.items()]
-            outs.append(self._forward(ivs, k, start, 0, grad=torch.is_grad_enabled()))
+            outs.append(self._forward(ivs, k, start, 0, grad=grad))
         return torch.cat(outs, 0)
 
 

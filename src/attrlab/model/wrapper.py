@@ -441,6 +441,7 @@ class LM:
         last_only: bool = False,
         prepend_bos: bool | None = None,
         kv_cache: Any = None,
+        logit_columns: Tensor | None = None,
     ) -> tuple[Tensor, Cache]:
         """Run the model; return ``(logits, cache)``.
 
@@ -459,6 +460,9 @@ class LM:
                 (one row per batch row). ``inputs`` is then a :class:`Batch` of the
                 tokens after the prefix whose ``attention_mask`` covers prefix + new
                 tokens; sites, interventions and ``start_resid`` see the new tokens only.
+            logit_columns: vocabulary ids (``Target.logit_columns()``): compute only
+                these logits, the others are zero (a plain linear unembedding;
+                otherwise all are computed). For targets that read a few logits.
 
         Returns:
             logits ``[batch, pos, d_vocab]`` (after any soft-capping) and a :class:`Cache`.
@@ -496,8 +500,9 @@ class LM:
             rows, n_pos = batch.shape
             preflight(self, [s.name for s in cache_sites], rows, n_pos, grad=grad)
         session = HookSession(
-            self.adapter, cache_sites, ivs, grad, start_layer, start_resid, last_only
-        )
+            self.adapter, cache_sites, ivs, grad, start_layer, start_resid, last_only,
+            logit_columns,
+        )  # fmt: skip
         try:
             # hooks are model state: calls on one model from several threads take turns
             with self.lock, torch.set_grad_enabled(grad), session:
