@@ -12,10 +12,10 @@ hidden dimension; word / sentence / span gates cover their tokens.
 Many points (interpolation steps, noise samples) go through the model in one
 batched forward (``batch_size`` per chunk; by default all of them when they
 fit the memory budget, else the fewest equal chunks that fit). For a
-multi-token continuation (``ContinuationLogProb(..., reduce="none")`` or ``max_new_tokens``), every row
-shares the same forwards: one forward per chunk of points, then one backward
-per continuation token through the retained graph, instead of a whole IG per
-token.
+multi-token continuation (``ContinuationLogProb(..., reduce="none")`` or
+``max_new_tokens``), every row shares the same forwards: one forward per chunk
+of points, then one backward per continuation token through the retained
+graph, instead of a whole IG per token.
 
 Integrated Gradients (Sundararajan et al., "Axiomatic Attribution for Deep
 Networks") integrates the gradient along the straight line from a baseline

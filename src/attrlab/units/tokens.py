@@ -174,8 +174,9 @@ class EmbedForward:
         """
         from ..model.budget import batch_size_for
 
+        model = getattr(self, "lm", None) or getattr(self, "wrapper", None)
         return batch_size_for(
-            getattr(self, "lm", None),
+            model,
             self.view.n_pos,
             cap=None,
             grad=grad,
