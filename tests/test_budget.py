@@ -158,8 +158,9 @@ def _gpt2(d_model: int, heads: int, vocab: int = 2003):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=d_model, n_head=heads, vocab_size=vocab, n_positions=64)
-    return al.wrap(GPT2LMHeadModel(cfg).eval())
+    cfg = GPT2Config(n_layer=2, n_embd=d_model, n_head=heads, vocab_size=vocab, n_positions=128,
+                     bos_token_id=0, eos_token_id=0)  # fmt: skip
+    return al.wrap(GPT2LMHeadModel(cfg).eval(), al.testing.tiny_tokenizer())
 
 
 def test_efficient_rows_grow_for_narrow_models_and_short_prompts():
@@ -216,3 +217,97 @@ def test_positions_share_a_forward_by_the_cost_model(lm, monkeypatch):
     joined = _heads_sweep(lm)
     assert joined.n_forwards == n_layers  # one per layer, from position 0
     assert torch.allclose(apart.patched, joined.patched, atol=1e-5)
+
+
+# ------------------------------------------- gradient points per forward (#23)
+CONT = [5, 9, 13, 17]  # a 4-token continuation (ids of the tiny tokenizer)
+
+
+def _ig(lm, **options):
+    return al.attribute(
+        lm,
+        PROMPT,
+        target=al.targets.ContinuationLogProb(CONT, reduce="none"),
+        units=al.units.Tokens(include_generated=False),
+        method="ig",
+        **options,
+    )
+
+
+def test_ig_defaults_take_all_steps_in_one_forward_and_equal_the_forced_choice(lm):
+    """With the budget to spare, IG's default is one forward over all steps
+    (not 32 + 18 for 50 steps), and its scores are exactly those of
+    batch_size=steps."""
+    auto, sizes = _rows_per_forward(lm, lambda: _ig(lm, steps=50))
+    assert max(sizes) == 50 and sizes.count(50) == 1
+    forced, forced_sizes = _rows_per_forward(lm, lambda: _ig(lm, steps=50, batch_size=50))
+    assert sizes == forced_sizes
+    assert torch.equal(auto.scores, forced.scores)
+
+
+def test_ig_splits_into_equal_forwards_when_the_budget_is_short(lm):
+    """A budget that fits fewer points than the steps gives the fewest forwards
+    of equal size; scores agree with one forward to round-off."""
+    from attrlab.units.tokens import make_forward
+
+    fwd = make_forward(lm, PROMPT, al.targets.ContinuationLogProb(CONT, reduce="none"))
+    per_point = fwd.points_per_forward(1, memory_budget="1GB")  # = 1
+    assert per_point == 1
+    from attrlab.model.budget import row_bytes
+
+    one = row_bytes(lm, fwd.view.n_pos, True, fwd.logit_positions(), expected=True)
+    budget = 35 * one  # fits 35 points: 50 steps take 2 x 25
+    assert fwd.points_per_forward(50, memory_budget=budget) == 25
+    small, sizes = _rows_per_forward(lm, lambda: _ig(lm, steps=50, memory_budget=budget))
+    assert [s for s in sizes if s > 1] == [25, 25]
+    big = _ig(lm, steps=50)
+    torch.testing.assert_close(small.scores, big.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_user_batch_size_is_respected(lm):
+    _, sizes = _rows_per_forward(lm, lambda: _ig(lm, steps=20, batch_size=7))
+    assert [s for s in sizes if s > 1] == [7, 7, 6]
+    _, sizes = _rows_per_forward(
+        lm,
+        lambda: al.attribute(
+            lm, PROMPT, target=" Mary", method="smoothgrad", samples=10, batch_size=4
+        ),  # fmt: skip
+    )
+    assert [s for s in sizes if s > 1] == [4, 4, 2]
+
+
+def test_points_per_forward_follow_width_vocabulary_and_budget():
+    """Under one budget: a wider model or a larger vocabulary (logits of a
+    next-token target at every position's share, here one position per row)
+    fit fewer points per forward; a continuation read row by row counts its
+    rows' logits only, not the whole sequence's."""
+    from attrlab.units.tokens import make_forward
+
+    def points(width: int, vocab: int, target=" Mary", budget="4MB") -> int:
+        m = _gpt2(width, 4, vocab)
+        return make_forward(m, PROMPT, target).points_per_forward(1000, memory_budget=budget)
+
+    narrow, wide = points(32, 600), points(256, 600)
+    assert wide < narrow
+    small_vocab, big_vocab = points(32, 600), points(32, 60_000)
+    assert big_vocab < small_vocab
+    assert points(32, 600, budget="8MB") > narrow  # a larger budget, more points
+    m = _gpt2(32, 4, 60_000)
+    cont = make_forward(m, PROMPT, al.targets.ContinuationLogProb(CONT, reduce="none"))
+    assert cont.logit_positions() == len(CONT) < cont.view.n_pos
+
+
+def test_ig_memory_stays_within_the_budget():
+    """The auto choice sizes by the expected need of a point; the measured
+    peak growth of an IG run stays within 1.5x the budget."""
+    from attrlab.model.budget import peak_rss_growth
+
+    m = _gpt2(256, 4, 2000)
+    prompt = " ".join(["Mary and John went to the store"] * 12)
+    run = lambda: al.attribute(m, prompt, target=" Mary", method="ig", steps=64,  # noqa: E731
+                               memory_budget="48MB")  # fmt: skip
+    run()
+    grew = [peak_rss_growth(run)[1] for _ in range(3)]  # the least noisy of three
+    if grew[0] is None:
+        pytest.skip("no /proc/self/statm to measure memory")
+    assert min(grew) <= 1.5 * 48 * 2**20, [g / 2**20 for g in grew]

@@ -10,11 +10,12 @@ a counterfactual token's) and its actual embedding (the output of the
 hidden dimension; word / sentence / span gates cover their tokens.
 
 Many points (interpolation steps, noise samples) go through the model in one
-batched forward (``batch_size`` per chunk). For a multi-token continuation
-(``ContinuationLogProb(..., reduce="none")`` or ``max_new_tokens``), every row
-shares the same forwards: one forward per chunk of points, then one backward
-per continuation token through the retained graph, instead of a whole IG per
-token.
+batched forward (``batch_size`` per chunk; by default all of them when they
+fit the memory budget, else the fewest equal chunks that fit). For a
+multi-token continuation (``ContinuationLogProb(..., reduce="none")`` or
+``max_new_tokens``), every row shares the same forwards: one forward per chunk
+of points, then one backward per continuation token through the retained
+graph, instead of a whole IG per token.
 
 Integrated Gradients (Sundararajan et al., "Axiomatic Attribution for Deep
 Networks") integrates the gradient along the straight line from a baseline
@@ -42,7 +43,6 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..model.budget import batch_size_for
 from ..units.token_grads import grad_products
 from ..units.tokens import EmbedForward, InputUnits, input_result, make_forward
 from .base import Estimator, Method, check_float, check_int, deprecated_baseline, register
@@ -114,18 +114,11 @@ class _GradientMethod(Method):
         self.progress = progress
         self.memory_budget = memory_budget
 
-    def _rows_per_forward(self, fwd: EmbedForward) -> int:
-        """Points per forward: ``batch_size``, or as many (at most 32) as fit the
-        memory budget (:mod:`attrlab.model.budget`) for this prompt length."""
-        return batch_size_for(
-            getattr(fwd, "lm", None),
-            fwd.view.n_pos,
-            cap=32,
-            grad=True,
-            batch_size=self.batch_size,
-            memory_budget=self.memory_budget,
-            logit_positions=1 if getattr(fwd, "next_token", False) else None,
-        )
+    def _rows_per_forward(self, fwd: EmbedForward, points: int) -> int:
+        """Points per forward: ``batch_size``, or all ``points`` in one forward
+        when they fit the memory budget, else the fewest equal forwards that fit
+        (:meth:`EmbedForward.points_per_forward`)."""
+        return fwd.points_per_forward(points, True, self.batch_size, self.memory_budget)
 
     def _check(self) -> None:
         if self.reduce not in ("sum", "l2"):
@@ -191,7 +184,8 @@ class Saliency(_GradientMethod):
         self, fwd: EmbedForward, unit_pos: Tensor, counterfactual: Any
     ) -> tuple[Tensor, dict[str, Any], dict[str, Tensor]]:
         x = fwd.inputs_embeds()[None]
-        g, v = grad_products(fwd, x, torch.ones_like(x), self._rows_per_forward(fwd), self.progress)
+        bs = self._rows_per_forward(fwd, 1)
+        g, v = grad_products(fwd, x, torch.ones_like(x), bs, self.progress)
         return g, {"value": _row_list(v[0])}, {}
 
 
@@ -245,7 +239,8 @@ class SmoothGrad(_GradientMethod):
         eps = (eps * sigma).to(device=x.device, dtype=x.dtype) * unit_pos.to(x.device)[:, None]
         points = x[None] + eps
         mult = (x if self.multiply_by_inputs else torch.ones_like(x))[None] / self.samples
-        g, _ = grad_products(fwd, points, mult, self._rows_per_forward(fwd), self.progress)
+        bs = self._rows_per_forward(fwd, points.shape[0])
+        g, _ = grad_products(fwd, points, mult, bs, self.progress)
         return g, {"sigma": sigma}, {}
 
 
@@ -392,7 +387,8 @@ class IntegratedGradients(_GateGradient):
     Args:
         steps: number of quadrature points.
         rule: ``gausslegendre`` (default) or ``riemann_left|right|middle|trapezoid``.
-        batch_size: points per forward (None: the memory budget, at most 32).
+        batch_size: points per forward (None: all ``steps`` in one forward when
+            they fit the memory budget, else the fewest equal forwards that fit).
         max_new_tokens: with no target, generate this many tokens greedily and
             attribute each of them (one row per token).
 

@@ -498,7 +498,8 @@ class LM:
                 raise InputError("start_layer needs start_resid (the resid_pre of that layer)")
         if cache_sites:  # say beforehand what a large cache will need
             rows, n_pos = batch.shape
-            preflight(self, [s.name for s in cache_sites], rows, n_pos, grad=grad)
+            sites = [s.name for s in cache_sites]
+            preflight(self, sites, rows, n_pos, grad, logit_positions=1 if last_only else None)
         session = HookSession(
             self.adapter, cache_sites, ivs, grad, start_layer, start_resid, last_only,
             logit_columns,

@@ -142,6 +142,51 @@ class EmbedForward:
         v = self(emb)
         return [v[:, r] for r in range(v.shape[1])]
 
+    def logit_positions(self) -> int | None:
+        """Positions a forward unembeds per batch row (None: every position);
+        the memory estimate of :func:`attrlab.model.budget.row_bytes` counts
+        ``vocab`` logits at each."""
+        return None
+
+    def points_per_forward(
+        self,
+        points: int,
+        grad: bool = True,
+        batch_size: int | None = None,
+        memory_budget: int | str | None = None,
+    ) -> int:
+        """Embedding points per forward when ``points`` go through this forward
+        (IG's steps, SmoothGrad's samples): ``batch_size`` if given, else all of
+        them in one forward when they fit the memory budget, else the fewest
+        forwards that fit, of equal size (:func:`attrlab.model.budget.batch_size_for`
+        with ``total=points``, by the expected need of a point: the estimate
+        follows the model's depth and width, the sequence length and the logits
+        actually unembedded).
+
+        Example:
+            >>> import attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+            >>> f = make_forward(lm, "When Mary and John went", " to")
+            >>> f.points_per_forward(50), f.points_per_forward(50, memory_budget="2MB")
+            (50, 25)
+            >>> f.points_per_forward(50, batch_size=7)
+            7
+        """
+        from ..model.budget import batch_size_for
+
+        model = getattr(self, "lm", None) or getattr(self, "wrapper", None)
+        return batch_size_for(
+            model,
+            self.view.n_pos,
+            cap=None,
+            grad=grad,
+            batch_size=batch_size,
+            memory_budget=memory_budget,
+            logit_positions=self.logit_positions(),
+            total=points,
+            expected=True,
+        )
+
     def inputs_embeds(self) -> Tensor:
         """The real token embeddings ``[pos, d]``."""
         return self.embed_ids(torch.tensor(self.view.ids, dtype=torch.long))
@@ -322,6 +367,12 @@ class LMEmbedForward(EmbedForward):
 
     def embed_ids(self, ids: Tensor) -> Tensor:
         return self.lm.embed_ids(ids)
+
+    def logit_positions(self) -> int | None:
+        if self.next_token:
+            return 1
+        # a continuation read row by row unembeds one position per row
+        return self.n_rows if self._per_token_path() else None
 
     def __call__(self, emb: Tensor) -> Tensor:
         from ..model.interventions import Intervention
@@ -537,10 +588,12 @@ class InputUnits(Units):
             grad=grad,
             batch_size=batch_size,
             memory_budget=memory_budget,
-            logit_positions=1 if getattr(fwd, "next_token", False) else None,
+            logit_positions=fwd.logit_positions(),
         )
         b = InputBound(self, lm, fwd, self.check_ablation(ablation), bs)
-        b.grad_batch_size, b.progress = bs, progress
+        # gradient points per forward: chosen per call from the number of points
+        # (EmbedForward.points_per_forward), unless the user forced batch_size
+        b.grad_batch_size, b.memory_budget, b.progress = batch_size, memory_budget, progress
         return b
 
 
@@ -557,7 +610,8 @@ class InputBound(Bound):
         batch_size: int | None = None,
     ):
         self.units, self.lm, self.fwd, self.ablation = units, lm, fwd, ablation
-        self.grad_batch_size: int | None = None
+        self.grad_batch_size: int | None = None  # gradient points per forward (None: auto)
+        self.memory_budget: int | str | None = None
         self.progress = False
         self.groups, self._labels = units.groups(fwd.view)
         self.n, self.n_rows = len(self.groups), fwd.n_rows
@@ -630,7 +684,9 @@ class InputBound(Bound):
         delta = self.x - self.x0  # [pos, d]
         points = self.x0[None] + gp[..., None] * delta[None]  # [k, pos, d]
         w = weights.to(self.x.device, self.x.dtype)[:, None, None]
-        bs = self.grad_batch_size or chunk
+        bs = self.fwd.points_per_forward(
+            points.shape[0], True, self.grad_batch_size, self.memory_budget
+        )
         acc, vals = grad_products(self.fwd, points, w * delta[None], bs, self.progress)
         per_pos = acc.sum(-1)  # [rows, pos]
         scores = torch.stack([per_pos[:, grp].sum(-1) for grp in self.groups], -1)
