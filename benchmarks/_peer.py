@@ -17,7 +17,7 @@ Peer side (in the peer venv, the script run with ``--serve``)::
     serve({"run": lambda msg: {"seconds": run_once()}}, ready={"loaded": True})
 
 Example:
-    python -c "import _peer; print(_peer.missing_env('x', '/no/python', 'pip install x'))"
+    python -c "import _peer; print(_peer.rows_or_error('x', '/no/python', 'pip install x', list))"
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ from pathlib import Path
 from typing import Any
 
 TAG = "@@"
+
+
+class PeerError(RuntimeError):
+    """The peer process could not start (e.g. an import failed in its venv) or failed a command."""
 
 
 class PeerProcess:
@@ -55,9 +59,9 @@ class PeerProcess:
             if line.startswith(TAG):
                 out: dict[str, Any] = json.loads(line[len(TAG) :])
                 if "peer_error" in out:
-                    raise RuntimeError(f"peer failed: {out['peer_error']}")
+                    raise PeerError(f"peer failed: {out['peer_error']}")
                 return out
-        raise RuntimeError(f"the peer process ended (exit code {self.proc.wait()})")
+        raise PeerError(f"the peer process ended (exit code {self.proc.wait()}; its stderr above)")
 
     def call(self, command: str = "run", **args: Any) -> dict[str, Any]:
         """Send one command, wait for its one-line JSON answer."""
@@ -99,8 +103,16 @@ def serve(handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]], ready
         print(TAG + json.dumps(out), flush=True)
 
 
-def missing_env(benchmark: str, python: str | Path, install: str) -> dict[str, Any] | None:
-    """The error row for ``run_all.py`` when the peer venv's interpreter is missing, else None."""
-    if Path(python).exists():
-        return None
-    return {"benchmark": benchmark, "error": f"peer venv missing ({python}); build it: {install}"}
+def rows_or_error(
+    benchmark: str, python: str | Path, install: str, measure: Callable[[], list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """``measure()``'s rows, or one error row for ``run_all.py`` (with the command that builds
+    the peer venv) when the venv's interpreter is missing or the peer process fails."""
+    if not Path(python).exists():
+        return [
+            {"benchmark": benchmark, "error": f"peer venv missing ({python}); build it: {install}"}
+        ]
+    try:
+        return measure()
+    except PeerError as e:
+        return [{"benchmark": benchmark, "error": f"{e}; (re)build the peer venv: {install}"}]

@@ -544,13 +544,12 @@ def compare_autocircuit(runs: int, threads: int, n_prompts: int = 4) -> list:
 
 def summary(quick: bool = False) -> list:
     """Rows for ``benchmarks/run_all.py``: EAP vs auto-circuit (quick: 2 prompts)."""
-    from _peer import missing_env
+    from _peer import rows_or_error
 
-    err = missing_env("atp", PEER_PY, INSTALL)
-    if err:
-        return [err]
-    rows = compare_autocircuit(runs=3, threads=2, n_prompts=2 if quick else 4)
-    print_rows_of(rows)
+    rows = rows_or_error("atp", PEER_PY, INSTALL,
+                         lambda: compare_autocircuit(runs=3, threads=2, n_prompts=2 if quick else 4))  # fmt: skip
+    if "error" not in rows[0]:
+        print_rows_of(rows)
     return rows
 
 

@@ -179,14 +179,12 @@ def measure(
 
 def summary(quick: bool = False) -> list[dict[str, Any]]:
     """Rows for ``benchmarks/run_all.py``; an error row when the TL venv is missing."""
-    from _peer import missing_env
+    from _peer import rows_or_error
 
-    err = missing_env("coar", PEER_PY, INSTALL)
-    if err:
-        return [err]
     if quick:
-        return measure(n_masks=32, repeats=3, keeps=(0.5,))
-    return measure(n_masks=256, repeats=3)
+        return rows_or_error("coar", PEER_PY, INSTALL,
+                             lambda: measure(n_masks=32, repeats=3, keeps=(0.5,)))  # fmt: skip
+    return rows_or_error("coar", PEER_PY, INSTALL, lambda: measure(n_masks=256, repeats=3))
 
 
 def main() -> None:

@@ -479,15 +479,11 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
 
 def summary(quick: bool = False) -> list[dict[str, Any]]:
     """Rows for ``benchmarks/run_all.py`` (quick: 3 repeats of the default 2x32 setup)."""
-    from _peer import missing_env
+    from _peer import rows_or_error
 
-    err = missing_env("graph", PEER_PY, INSTALL)
-    if err:
-        return [err]
     a = argparse.Namespace(layers=2, d_model=32, seq=12, repeats=3 if quick else 5, threads=1,
                            seed=0, input_hook="hook_resid_mid")  # fmt: skip
-    rows: list[dict[str, Any]] = measure(a)["rows"]
-    return rows
+    return rows_or_error("graph", PEER_PY, INSTALL, lambda: measure(a)["rows"])
 
 
 def main() -> None:

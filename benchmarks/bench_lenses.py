@@ -189,14 +189,12 @@ def parity(
 
 def summary(quick: bool = False) -> list[dict]:
     """Rows for ``benchmarks/run_all.py`` (quick: the ioi model, 16 prompts, 30 training steps)."""
-    from _peer import missing_env
+    from _peer import rows_or_error
 
-    err = missing_env("lenses", PEER_PY, INSTALL)
-    if err:
-        return [err]
     if quick:
-        return parity(("ioi",), n_prompts=16, repeats=3, steps=30)
-    return parity()
+        return rows_or_error("lenses", PEER_PY, INSTALL,
+                             lambda: parity(("ioi",), n_prompts=16, repeats=3, steps=30))  # fmt: skip
+    return rows_or_error("lenses", PEER_PY, INSTALL, parity)
 
 
 def main() -> None:

@@ -297,16 +297,16 @@ def timing(rounds: int, n_pos: int, ig: bool = True) -> list[dict[str, Any]]:
 def summary(quick: bool = False) -> list[dict[str, Any]]:
     """Rows for ``benchmarks/run_all.py``: the timed comparison (quick: 32 tokens, no IG),
     with the float64 parity on every family as extra fields in the full run."""
-    from _peer import missing_env
+    from _peer import rows_or_error
 
-    err = missing_env("lrp", PEER_PY, INSTALL)
-    if err:
-        return [err]
-    rows = timing(rounds=3, n_pos=32, ig=False) if quick else timing(rounds=5, n_pos=64)
-    if not quick:
-        par = parity()
-        rows[0]["parity_max_rel_diff_float64"] = {f: v["max_rel_diff"] for f, v in par.items()}
-    return rows
+    def measure() -> list[dict[str, Any]]:
+        rows = timing(rounds=3, n_pos=32, ig=False) if quick else timing(rounds=5, n_pos=64)
+        if not quick:
+            par = parity()
+            rows[0]["parity_max_rel_diff_float64"] = {f: v["max_rel_diff"] for f, v in par.items()}
+        return rows
+
+    return rows_or_error("lrp", PEER_PY, INSTALL, measure)
 
 
 def scaling_one(n_pos: int) -> None:
