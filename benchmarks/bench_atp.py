@@ -32,15 +32,19 @@ Run::
     python benchmarks/bench_atp.py --induction --threads 1  # zoo induction model (Llama, rotary)
 
 Peer comparison (EAP vs auto-circuit's mask-gradient EAP, same weights, all
-edges with separate q/k/v inputs): auto-circuit needs TransformerLens 2.x and
-transformers < 5, so it runs in its own venv; this script re-runs itself there
-with ``--peer`` and the sides exchange safetensors files in
-``benchmarks/_out/bench_atp/``::
+edges with separate q/k/v inputs, ``--prompts`` prompt pairs): auto-circuit
+needs TransformerLens 2.x and transformers < 5, so it runs in its own venv as
+a long-lived subprocess (``benchmarks/_peer.py``; this script re-run there
+with ``--peer``; tensors exchanged as safetensors files in
+``benchmarks/_out/bench_atp/``), so the sides interleave (A B C, C B A, ...;
+``benchmarks/_interleave.py``): attrlab with its defaults vs
+``mask_gradient_prune_scores`` as documented for EAP (``mask_val=0``, logit
+difference) at batch size 1 and with every prompt in one batch::
 
     python -m venv benchmarks/_envs/ac
     benchmarks/_envs/ac/bin/pip install torch==2.13.0 transformer-lens==2.18.0 \\
-        "transformers<5" auto-circuit==1.0.1
-    python benchmarks/bench_atp.py --autocircuit --runs 3 --threads 1
+        "transformers<5" auto-circuit==1.0.1 "datasets<3" "pyarrow<16"
+    python benchmarks/bench_atp.py --autocircuit --runs 3 --prompts 4
 
 Example:
     python benchmarks/bench_atp.py --runs 3
@@ -51,7 +55,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -60,6 +63,10 @@ import torch
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "_out" / "bench_atp"
 PEER_PY = ROOT / "_envs" / "ac" / "bin" / "python"
+INSTALL = (
+    "python -m venv benchmarks/_envs/ac && benchmarks/_envs/ac/bin/pip install torch==2.13.0 "
+    'transformer-lens==2.18.0 "transformers<5" auto-circuit==1.0.1 "datasets<3" "pyarrow<16"'
+)
 N_LAYERS, D_MODEL, N_HEADS, VOCAB, N_POS = 12, 768, 12, 50257, 16
 ANSWER, WRONG = 1000, 2000
 
@@ -133,6 +140,7 @@ def main() -> None:
         help="compare EAP with auto-circuit's mask-gradient EAP (needs _envs/ac)",
     )
     ap.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--prompts", type=int, default=4, help="prompt pairs (--autocircuit)")
     ap.add_argument(
         "--options-only",
         action="store_true",
@@ -161,7 +169,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.peer:
-        return peer(args.runs)
+        return peer(args.threads)
     if args.ioi:
         return ioi_table()
     if args.ioi_prompt_sets:
@@ -171,7 +179,7 @@ def main() -> None:
     if args.random_accuracy:
         return random_accuracy()
     if args.autocircuit:
-        return compare_autocircuit(args.runs, args.threads)
+        return print_rows_of(compare_autocircuit(args.runs, args.threads, args.prompts))
     import attrlab as al
     from attrlab.methods.atp import NodeSet, prepare_pair
 
@@ -444,40 +452,55 @@ def random_accuracy() -> None:
         print(f"{direction} ({len(order)} units): " + " | ".join(cells), flush=True)
 
 
-def _tokens():
+def _tokens(n: int = 1):
+    """``n`` random prompts and their counterfactuals (3 tokens changed); the first
+    is the same for every ``n``."""
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(100, VOCAB, (1, N_POS), generator=g)
+    ids = torch.randint(100, VOCAB, (n, N_POS), generator=g)
     cf = ids.clone()
-    cf[0, [3, 7, 11]] = torch.randint(100, VOCAB, (3,), generator=g)
+    cf[:, [3, 7, 11]] = torch.randint(100, VOCAB, (n, 3), generator=g)
     return ids, cf
 
 
-def compare_autocircuit(runs: int, threads: int) -> None:
-    """attrlab EAP vs auto-circuit's mask-gradient EAP on the same weights."""
+def print_rows_of(rows: list) -> None:
+    from _interleave import print_rows
+
+    print_rows(rows)
+
+
+def compare_autocircuit(runs: int, threads: int, n_prompts: int = 4) -> list:
+    """attrlab EAP (defaults) vs auto-circuit's mask-gradient EAP on the same weights and
+    prompts, interleaved; returns result rows (``_interleave.row``)."""
+    from _interleave import interleaved, loadavg, row
+    from _peer import PeerProcess
     from safetensors.torch import load_file, save_file
 
     import attrlab as al
 
+    torch.set_num_threads(threads)
     lm = build()
     OUT.mkdir(parents=True, exist_ok=True)
     lm.model.save_pretrained(OUT / "model")
-    ids, cf = _tokens()
+    ids, cf = _tokens(n_prompts)
     save_file({"clean": ids, "corrupt": cf}, str(OUT / "tokens.safetensors"))
     target = al.targets.LogitDiff(ANSWER, WRONG)
-    r = al.attribute(lm, ids, target=target, units="edges", method="eap", counterfactual=cf)
-    t_ours = timed(
-        lambda: al.attribute(
-            lm, ids, target=target, units="edges", method="eap", counterfactual=cf
-        ),
-        runs,
-    )
+    out: dict = {}
+
+    def ours() -> None:  # no tuning arguments
+        out["r"] = al.attribute(lm, ids, target=target, units="edges", method="eap",
+                                counterfactual=cf)  # fmt: skip
+
     if not PEER_PY.exists():
-        print(f"auto-circuit environment missing ({PEER_PY}); see the module docs")
-        return
-    subprocess.run(
-        [str(PEER_PY), __file__, "--peer", "--runs", str(runs), "--threads", str(threads)],
-        check=True,
-    )
+        raise SystemExit(f"auto-circuit environment missing ({PEER_PY}); see the module docs")
+    argv = [str(PEER_PY), __file__, "--peer", "--threads", str(threads)]
+    print(f"EAP, 12x768 gpt2, {n_prompts} x {N_POS} tokens, {threads} threads; load {loadavg()}")
+    with PeerProcess(argv, cwd=ROOT, env={"PYTHONPATH": str(ROOT)}) as ac:
+        ac.call("save", batch=n_prompts)
+        sides = {"attrlab defaults": ours,
+                 "ac bs=1": lambda: ac.call("run", batch=1),
+                 f"ac bs={n_prompts}": lambda: ac.call("run", batch=n_prompts)}  # fmt: skip
+        times = interleaved(sides, runs)
+    r = out["r"]
     peer_scores = load_file(str(OUT / "ac_scores.safetensors"))["scores"]
     peer_meta = json.loads((OUT / "ac_meta.json").read_text())
     names = {"embed": "Resid Start", "logits": "Resid End"}
@@ -493,30 +516,50 @@ def compare_autocircuit(runs: int, threads: int) -> None:
         return f"A{layer}.{head}" + (f".{comp.upper()}" if comp else "")
 
     index = {tuple(k.split("->")): i for i, k in enumerate(peer_meta["edges"])}
-    ours, theirs = [], []
+    mine, theirs = [], []
     # auto-circuit reports the effect of patching an edge (the metric change when
-    # it is patched); attrlab's scores are contributions, their negative
+    # it is patched); attrlab's scores are contributions, their negative. Both
+    # average the metric over the prompts of a batch.
     effect = r.effect_of_patching().scores.tolist()
     for u, v, s in zip(r.units["upstream"], r.units["downstream"], effect):
         key = (ac_name(u), ac_name(v))
         if key in index:
-            ours.append(s)
+            mine.append(s)
             theirs.append(-float(peer_scores[index[key]]))  # their score: d(-metric)/d mask
-    a, b = torch.tensor(ours, dtype=torch.float64), torch.tensor(theirs, dtype=torch.float64)
+    a, b = torch.tensor(mine, dtype=torch.float64), torch.tensor(theirs, dtype=torch.float64)
     pear = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
-    print(f"edges matched: {len(ours)} of {len(r)} (auto-circuit: {len(index)})")
-    print(
-        f"Pearson {pear:.6f}, max |diff| {float((a - b).abs().max()):.3g}, "
-        f"max |score| {float(a.abs().max()):.3g}"
-    )
-    print(
-        f"time: attrlab {t_ours:.3f} s, auto-circuit {peer_meta['seconds']:.3f} s "
-        f"(ratio {peer_meta['seconds'] / t_ours:.2f}x)"
-    )
+    diff = float((a - b).abs().max())
+    print(f"edges matched: {len(mine)} of {len(r)} (auto-circuit: {len(index)})")
+    print(f"Pearson {pear:.6f}, max |diff| {diff:.3g}, max |score| {float(a.abs().max()):.3g}")
+    setup = f"eap, all edges, 12x768 gpt2, {n_prompts}x{N_POS} tokens"
+    rows = []
+    for label, peer_name in (("ac bs=1", "auto-circuit defaults (bs=1)"),
+                             (f"ac bs={n_prompts}", f"auto-circuit best (bs={n_prompts})")):  # fmt: skip
+        t = {"attrlab defaults": times["attrlab defaults"], peer_name: times[label]}
+        rows.append(row("atp", setup, t, ours="attrlab defaults", peer=peer_name, agreement=diff,
+                        metric="max |edge score diff|", pearson=pear, edges_matched=len(mine),
+                        max_abs_score=float(a.abs().max())))  # fmt: skip
+    return rows
 
 
-def peer(runs: int) -> None:
-    """auto-circuit side (runs in _envs/ac: TransformerLens 2.x, transformers 4)."""
+def summary(quick: bool = False) -> list:
+    """Rows for ``benchmarks/run_all.py``: EAP vs auto-circuit (quick: 2 prompts)."""
+    from _peer import rows_or_error
+
+    rows = rows_or_error("atp", PEER_PY, INSTALL,
+                         lambda: compare_autocircuit(runs=3, threads=2, n_prompts=2 if quick else 4))  # fmt: skip
+    if "error" not in rows[0]:
+        print_rows_of(rows)
+    return rows
+
+
+def peer(threads: int) -> None:
+    """auto-circuit side (runs in _envs/ac: TransformerLens 2.x, transformers 4), long-lived:
+    ``run {"batch"}`` times one ``mask_gradient_prune_scores``; ``save`` writes its scores."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from _peer import serve
     from _tl_gpt2 import hooked_gpt2
     from auto_circuit.data import PromptDataLoader, PromptDataset
     from auto_circuit.prune_algos.mask_gradient import mask_gradient_prune_scores
@@ -524,6 +567,7 @@ def peer(runs: int) -> None:
     from safetensors.torch import load_file, save_file
     from transformers import GPT2LMHeadModel
 
+    torch.set_num_threads(threads)
     hf = GPT2LMHeadModel.from_pretrained(OUT / "model")
     hf.eval()
     model = hooked_gpt2(hf)
@@ -535,10 +579,9 @@ def peer(runs: int) -> None:
     for p in model.parameters():
         p.requires_grad = False
     toks = load_file(str(OUT / "tokens.safetensors"))
-    ds = PromptDataset(
-        toks["clean"], toks["corrupt"], [torch.tensor([ANSWER])], [torch.tensor([WRONG])]
-    )
-    loader = PromptDataLoader(ds, seq_len=None, diverge_idx=0, batch_size=1)
+    n = len(toks["clean"])
+    ds = PromptDataset(toks["clean"], toks["corrupt"], [torch.tensor([ANSWER])] * n,
+                       [torch.tensor([WRONG])] * n)  # fmt: skip
     pm = patchable_model(
         model,
         factorized=True,
@@ -547,19 +590,30 @@ def peer(runs: int) -> None:
         device=torch.device("cpu"),
     )
 
-    def run():
+    def scores(bs: int):
+        loader = PromptDataLoader(ds, seq_len=None, diverge_idx=0, batch_size=bs)
         return mask_gradient_prune_scores(
             pm, loader, None, grad_function="logit", answer_function="avg_diff", mask_val=0.0
         )
 
-    scores = run()
-    seconds = timed(run, runs)
-    edges = sorted(pm.edges, key=lambda e: (e.dest.module_name, e.patch_idx))
-    vals = [float(scores[e.dest.module_name][e.patch_idx]) for e in edges]
-    save_file({"scores": torch.tensor(vals)}, str(OUT / "ac_scores.safetensors"))
-    (OUT / "ac_meta.json").write_text(
-        json.dumps({"edges": [f"{e.src.name}->{e.dest.name}" for e in edges], "seconds": seconds})
-    )
+    def run(msg: dict) -> dict:
+        t0 = time.perf_counter()
+        scores(int(msg.get("batch", 1)))
+        return {"seconds": time.perf_counter() - t0}
+
+    def save(msg: dict) -> dict:
+        bs = int(msg.get("batch", n))
+        sc = scores(bs)
+        edges = sorted(pm.edges, key=lambda e: (e.dest.module_name, e.patch_idx))
+        # mask-gradient scores add up over batches: per prompt-batch mean, like attrlab's
+        vals = [float(sc[e.dest.module_name][e.patch_idx]) / -(-n // bs) for e in edges]
+        save_file({"scores": torch.tensor(vals)}, str(OUT / "ac_scores.safetensors"))
+        (OUT / "ac_meta.json").write_text(
+            json.dumps({"edges": [f"{e.src.name}->{e.dest.name}" for e in edges]})
+        )
+        return {"edges": len(edges)}
+
+    serve({"run": run, "save": save}, ready={"prompts": n})
 
 
 if __name__ == "__main__":

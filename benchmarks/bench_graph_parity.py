@@ -14,7 +14,8 @@ sparsity, nonzero decoder bias), written once to a temp dir: the model with
   exactly as ``from_pretrained_and_transcoders`` does; the transcoders through
   circuit-tracer's own ``load_transcoders`` on the local ``config.yaml``;
   ``circuit_tracer.attribute(ids, model, attribution_targets=tensor([tok]))``.
-  It stays alive and runs on request, so timings interleave with attrlab's.
+  It stays alive and runs on request (``benchmarks/_peer.py``), so timings
+  interleave with attrlab's (A B C D, D C B A, ...; ``benchmarks/_interleave.py``).
 * attrlab side: the same files through ``al.dictionaries.load`` and
   ``al.attribution_graph(lm, ids, tcs, target=tok, node_threshold=1.0,
   edge_threshold=1.0, max_nodes=10**9)``; the unpruned adjacency rows are also
@@ -35,12 +36,19 @@ Conventions made to match (where the libraries legitimately differ):
   separately, as are attrlab's transcoder-bias columns (circuit-tracer keeps
   ``b_dec`` out of the error and drops it as a constant).
 
+Timed rows (ratio = circuit-tracer / attrlab): the library defaults (attrlab's
+``al.attribution_graph(lm, ids, tcs, target=tok)`` with no tuning arguments vs
+``circuit_tracer.attribute`` with its default batch size plus ``prune_graph``
+at its documented 0.8 / 0.98 thresholds) and the parity run (every edge kept,
+32 rows per backward on both sides; circuit-tracer's ``attribute`` alone).
+
 Build the peer environment once::
 
     python -m venv benchmarks/_envs/circuittracer
     benchmarks/_envs/circuittracer/bin/pip install torch==2.13.0
     benchmarks/_envs/circuittracer/bin/pip install "transformers==4.57.3" \\
-        "transformer-lens==2.18.0" "huggingface-hub<1" einops pyyaml safetensors numpy
+        "transformer-lens==2.18.0" "huggingface-hub<1" einops pyyaml safetensors numpy \\
+        "datasets<3" "pyarrow<16"
     benchmarks/_envs/circuittracer/bin/pip install --no-deps circuit-tracer==0.5.0
 
 (circuit-tracer pins ``transformers<=4.57.3`` and requires ``nnsight``, which
@@ -56,8 +64,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,12 +76,19 @@ import torch
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "_out" / "bench_graph_parity"
 PEER_PY = ROOT / "_envs" / "circuittracer" / "bin" / "python"
+INSTALL = (
+    "python -m venv benchmarks/_envs/circuittracer && benchmarks/_envs/circuittracer/bin/pip "
+    'install torch==2.13.0 && benchmarks/_envs/circuittracer/bin/pip install "transformers==4.57.3" '
+    '"transformer-lens==2.18.0" "huggingface-hub<1" einops pyyaml safetensors numpy "datasets<3" "pyarrow<16" && '
+    "benchmarks/_envs/circuittracer/bin/pip install --no-deps circuit-tracer==0.5.0"
+)
 
 
 # ---------------------------------------------------------------- peer side
 def peer(tmp: str) -> None:
-    """circuit-tracer side: load the local model and transcoders, then run
-    ``attribute`` once per ``run`` line on stdin (the first run's graph saved)."""
+    """circuit-tracer side: load the local model and transcoders, then answer
+    ``run {"batch_size", "prune"}`` lines on stdin with one ``attribute`` (and
+    ``prune_graph``) each; ``save`` runs the parity graph and writes it."""
     import circuit_tracer
     import yaml
     from circuit_tracer.graph import compute_graph_scores, prune_graph
@@ -126,29 +139,35 @@ def peer(tmp: str) -> None:
         hf_logits = hf(ids[None]).logits[0]
     check = {"tl_vs_hf_logits_max_abs": float((tl_logits - hf_logits).abs().max()),
              "circuit_tracer": circuit_tracer.__version__}  # fmt: skip
-    print("@@ready " + json.dumps(check), flush=True)
-    first = True
-    for line in sys.stdin:
-        if line.strip() != "run":
-            break
+    from _peer import serve
+
+    def attribute(msg: dict[str, Any]) -> Any:
+        kw = {} if msg.get("batch_size") is None else {"batch_size": int(msg["batch_size"])}
+        return circuit_tracer.attribute(ids, model, attribution_targets=torch.tensor([meta["target"]]),
+                                        **kw)  # fmt: skip
+
+    def run(msg: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
-        g = circuit_tracer.attribute(ids, model, attribution_targets=torch.tensor([meta["target"]]),
-                                     batch_size=int(meta["ct_batch_size"]))  # fmt: skip
+        g = attribute(msg)
         t1 = time.perf_counter()
-        prune_graph(g, node_threshold=0.8, edge_threshold=0.98)
-        t2 = time.perf_counter()
-        out = {"attribute": t1 - t0, "prune": t2 - t1}
-        if first:
-            save_file({
-                "adjacency": g.adjacency_matrix.float().contiguous(),
-                "active_features": g.active_features.long().contiguous(),
-                "activation_values": g.activation_values.float().contiguous(),
-                "selected_features": g.selected_features.long().contiguous(),
-            }, str(d / "peer.safetensors"))  # fmt: skip
-            out["replacement_score"], out["completeness_score"] = compute_graph_scores(g)
-            out["completeness_rows_with_inputs"] = completeness_rows_with_inputs(g)
-            first = False
-        print("@@time " + json.dumps(out), flush=True)
+        if msg.get("prune", True):
+            prune_graph(g, node_threshold=0.8, edge_threshold=0.98)
+        return {"attribute": t1 - t0, "prune": time.perf_counter() - t1}
+
+    def save(msg: dict[str, Any]) -> dict[str, Any]:
+        g = attribute(msg)
+        save_file({
+            "adjacency": g.adjacency_matrix.float().contiguous(),
+            "active_features": g.active_features.long().contiguous(),
+            "activation_values": g.activation_values.float().contiguous(),
+            "selected_features": g.selected_features.long().contiguous(),
+        }, str(d / "peer.safetensors"))  # fmt: skip
+        out: dict[str, Any] = {}
+        out["replacement_score"], out["completeness_score"] = compute_graph_scores(g)
+        out["completeness_rows_with_inputs"] = completeness_rows_with_inputs(g)
+        return out
+
+    serve({"run": run, "save": save}, ready=check)
 
 
 def completeness_rows_with_inputs(g: Any) -> float:
@@ -165,34 +184,6 @@ def completeness_rows_with_inputs(g: Any) -> float:
     An = normalize_matrix(A)
     w = (compute_influence(An, lw) + lw) * (A.abs().sum(1) > 0)
     return float(((1 - An[:, nf : nf + n_err].sum(-1)) * w).sum() / w.sum())
-
-
-class Peer:
-    """The circuit-tracer process, kept alive between runs."""
-
-    def __init__(self, tmp: Path):
-        self.p = subprocess.Popen([str(PEER_PY), __file__, "--peer", str(tmp)], cwd=str(ROOT),
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-        self.ready = json.loads(self._read("@@ready"))
-
-    def _read(self, tag: str) -> str:
-        assert self.p.stdout is not None
-        for line in self.p.stdout:
-            if line.startswith(tag):
-                return line[len(tag) :].strip()
-        raise RuntimeError(f"the circuit-tracer process ended (exit {self.p.wait()})")
-
-    def run(self) -> dict[str, float]:
-        assert self.p.stdin is not None
-        self.p.stdin.write("run\n")
-        self.p.stdin.flush()
-        return json.loads(self._read("@@time"))
-
-    def close(self) -> None:
-        assert self.p.stdin is not None
-        self.p.stdin.write("quit\n")
-        self.p.stdin.close()
-        self.p.wait(timeout=60)
 
 
 # ---------------------------------------------------------------- setup
@@ -407,21 +398,11 @@ def compare(tmp: Path, g: Any, cap: dict[str, Any], P: int, L: int) -> dict[str,
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--d-model", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=12, help="prompt length incl. the leading BOS")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--input-hook", default="hook_resid_mid", choices=["hook_resid_mid", "mlp.hook_in"],
-                    help="circuit-tracer's feature_input_hook; mlp.hook_in shows the loader's mapping")  # fmt: skip
-    ap.add_argument("--peer", default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.peer:
-        peer(a.peer)
-        return
+def measure(a: argparse.Namespace) -> dict[str, Any]:
+    """Parity and interleaved timing for the setup in ``a`` (the command-line options)."""
+    from _interleave import interleaved, loadavg, print_rows, row
+    from _peer import PeerProcess
+
     import attrlab as al
 
     if not PEER_PY.exists():
@@ -440,58 +421,88 @@ def main() -> None:
         meta = {"ids": b["ids"], "target": target, "rope_theta": b["rope_theta"],
                 "threads": a.threads, "ct_batch_size": bs}  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta))
-        peer_p = Peer(tmp)
+        argv = [str(PEER_PY), __file__, "--peer", str(tmp)]
         full = dict(target=target, node_threshold=1.0, edge_threshold=1.0, max_nodes=10**9,
                     batch_size=bs)  # fmt: skip
-        default = dict(target=target, batch_size=bs)  # thresholds 0.8 / 0.98, 200 nodes
+        out: dict[str, Any] = {}
 
-        def timed(**kw: Any) -> tuple[float, Any]:
-            t0 = time.perf_counter()
-            out = al.attribution_graph(lm, batch, tcs, **kw)
-            return time.perf_counter() - t0, out
+        def ours_full() -> None:
+            out["full"] = al.attribution_graph(lm, batch, tcs, **full)
 
-        ct_runs, t_full, t_default = [], [], []
-        try:
-            for r in range(a.repeats):  # interleaved: circuit-tracer, attrlab full, attrlab default
-                ct_runs.append(peer_p.run())
-                if r == 0:
-                    with Capture() as cap:
-                        dt, g = timed(**full)
-                else:
-                    dt, _ = timed(**full)
-                t_full.append(dt)
-                t_default.append(timed(**default)[0])
-        finally:
-            peer_p.close()
+        def ours_default() -> None:  # no tuning arguments: thresholds 0.8 / 0.98, 200 nodes
+            al.attribution_graph(lm, batch, tcs, target=target)
+
+        print(f"attribution graph, {a.layers}x{a.d_model} llama, {a.seq} tokens; load {loadavg()}")
+        with PeerProcess(argv, cwd=ROOT, env={"PYTHONPATH": str(ROOT)}) as ct:
+            ct_scores = ct.call("save", batch_size=bs)
+            with Capture() as cap:
+                ours_full()
+            g = out["full"]
+            sides = {
+                "attrlab defaults": ours_default,
+                "circuit-tracer defaults": lambda: ct.call("run"),
+                "attrlab bs=32, unpruned": ours_full,
+                "circuit-tracer bs=32, attribute": lambda: ct.call("run", batch_size=bs, prune=False),
+            }  # fmt: skip
+            times = interleaved(sides, a.repeats)
+            ready = ct.ready
         res = {"layers": a.layers, "d_model": a.d_model, "width": 4 * a.d_model, "seq": a.seq,
-               "target": target, **peer_p.ready}  # fmt: skip
+               "target": target, **ready}  # fmt: skip
         res.update(compare(tmp, g, cap.got, a.seq, a.layers))
         res["constant_terms_max"] = g.diagnostics.get("constant_terms_max")
         res["scores"] = {
-            "circuit_tracer": [ct_runs[0]["replacement_score"], ct_runs[0]["completeness_score"]],
-            "circuit_tracer_completeness_rows_with_inputs": ct_runs[0][
+            "circuit_tracer": [ct_scores["replacement_score"], ct_scores["completeness_score"]],
+            "circuit_tracer_completeness_rows_with_inputs": ct_scores[
                 "completeness_rows_with_inputs"
             ],
             "attrlab": [g.diagnostics["replacement_score"], g.diagnostics["completeness_score"]],
         }
-        med = statistics.median
-        t_attr = med([x["attribute"] for x in ct_runs])
-        t_both = med([x["attribute"] + x["prune"] for x in ct_runs])
-        res["time_s"] = {
-            "ct_attribute": t_attr, "attrlab_thresholds_1": med(t_full),
-            "ct_attribute_plus_prune_graph": t_both, "attrlab_default_thresholds": med(t_default),
-        }  # fmt: skip
-        res["time_ratio_attrlab_over_ct"] = {
-            "unpruned (parity run)": med(t_full) / t_attr,
-            "default pruning": med(t_default) / t_both,
-        }
-        res["times_raw"] = {"ct": ct_runs, "attrlab_thresholds_1": t_full,
-                            "attrlab_default": t_default}  # fmt: skip
+        setup = f"{a.layers}x{a.d_model} llama + transcoders, {a.seq} tokens"
+        rows = [
+            row("graph", setup + ", library defaults", times, ours="attrlab defaults",
+                peer="circuit-tracer defaults", agreement=res["max_rel_err_all"],
+                metric="max rel adjacency err (unpruned)"),
+            row("graph", setup + ", unpruned bs=32", times, ours="attrlab bs=32, unpruned",
+                peer="circuit-tracer bs=32, attribute", agreement=res["max_rel_err_all"],
+                metric="max rel adjacency err (unpruned)"),
+        ]  # fmt: skip
+        res["rows"] = rows
+        res["times_raw"] = times
     print(json.dumps(res, indent=1), flush=True)
+    print_rows(res["rows"])
     tag = f"L{a.layers}_d{a.d_model}_p{a.seq}" + (
         "" if a.input_hook == "hook_resid_mid" else "_mlphookin"
     )
     (OUT / f"parity_{tag}.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def summary(quick: bool = False) -> list[dict[str, Any]]:
+    """Rows for ``benchmarks/run_all.py`` (quick: 3 repeats of the default 2x32 setup)."""
+    from _peer import rows_or_error
+
+    a = argparse.Namespace(layers=2, d_model=32, seq=12, repeats=3 if quick else 5, threads=1,
+                           seed=0, input_hook="hook_resid_mid")  # fmt: skip
+    return rows_or_error("graph", PEER_PY, INSTALL, lambda: measure(a)["rows"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--d-model", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=12, help="prompt length incl. the leading BOS")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--input-hook", default="hook_resid_mid", choices=["hook_resid_mid", "mlp.hook_in"],
+                    help="circuit-tracer's feature_input_hook; mlp.hook_in shows the loader's mapping")  # fmt: skip
+    ap.add_argument("--peer", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.peer:
+        sys.path.insert(0, str(ROOT))
+        peer(a.peer)
+        return
+    measure(a)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,12 @@ Three parts:
   (``benchmarks/_envs/lxt``): this script re-runs itself there with ``--peer``
   on the same safetensors weights.
 * ``time``: wall time of one token attribution on a 12-layer, 768-wide random
-  GPT-2 with a 64-token prompt, attrlab vs lxt (interleaved rounds, medians),
-  and vs attrlab's IG at equal completeness (the fewest Gauss-Legendre steps
+  GPT-2 with a 64-token prompt, attrlab with its defaults vs lxt's documented
+  use (``monkey_patch`` then input x gradient; lxt has no batch setting and
+  attrlab explains one prompt at a time). lxt runs as a long-lived subprocess
+  (``benchmarks/_peer.py``) so the sides interleave (A B, B A, ...;
+  ``benchmarks/_interleave.py``); values: Pearson of the relevances (float32).
+  Then attrlab's IG at equal completeness (the fewest Gauss-Legendre steps
   whose completeness error is below 1% of the target change).
 * ``scaling``: peak RSS and time of ``attnlrp`` at 256, 1,024, 4,096 tokens on a
   tiny Llama with sdpa attention (memory-linear attention), one fresh process
@@ -25,7 +29,7 @@ Build the peer environment once::
 Run::
 
     python benchmarks/bench_lrp.py parity
-    python benchmarks/bench_lrp.py time --rounds 3
+    python benchmarks/bench_lrp.py time --rounds 5
     python benchmarks/bench_lrp.py scaling
 """
 
@@ -44,6 +48,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "_out" / "bench_lrp"
 PEER_PY = ROOT / "_envs" / "lxt" / "bin" / "python"
+INSTALL = (
+    "python -m venv benchmarks/_envs/lxt && benchmarks/_envs/lxt/bin/pip install torch==2.13.0 "
+    '"transformers==4.53.3" safetensors numpy && benchmarks/_envs/lxt/bin/pip install --no-deps lxt==2.1'
+)
 FAMILIES = ("gpt2", "llama", "qwen2", "gemma3")
 VOCAB = 512
 
@@ -87,8 +95,8 @@ def ids_for(n: int, vocab: int = VOCAB, seed: int = 1) -> Any:
 
 
 # ------------------------------------------------------------------ peer side
-def peer(task: str, family: str, n_pos: int, reps: int) -> None:
-    """lxt side: load the weights, patch the modeling module, relevance = x * grad."""
+def _peer_setup(task: str, family: str, n_pos: int) -> tuple[Any, Any]:
+    """lxt side: load the weights, patch the modeling module; returns (model, ids)."""
     import importlib
     import types
 
@@ -106,7 +114,7 @@ def peer(task: str, family: str, n_pos: int, reps: int) -> None:
     sys.modules.update({"torchvision": tv, "torchvision.models": tv.models,
                         "torchvision.models.vision_transformer": vt})  # fmt: skip
     from lxt.efficient import monkey_patch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     torch.set_num_threads(2)
     mod_name = {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3"}[family]
@@ -121,24 +129,47 @@ def peer(task: str, family: str, n_pos: int, reps: int) -> None:
     ids = load_file(str(OUT / f"ids_{family}_{n_pos}.safetensors"))["ids"]
     if not big:
         model = model.double()
-    target = int(ids[0, -1])
+    return model, ids
 
-    def run() -> torch.Tensor:
-        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        out = model(inputs_embeds=emb).logits[0, -1, target]
-        out.backward()
-        return (emb * emb.grad).sum(-1)[0].detach()
 
-    rel = run()
+def _peer_relevance(model: Any, ids: Any) -> Any:
+    """lxt's documented use: input x gradient of the target logit on the patched model."""
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=emb).logits[0, -1, int(ids[0, -1])]
+    out.backward()
+    return (emb * emb.grad).sum(-1)[0].detach()
+
+
+def peer(task: str, family: str, n_pos: int, reps: int) -> None:
+    """lxt side, one shot (parity): relevance and logits written to a safetensors file."""
+    import torch
+    from safetensors.torch import save_file
+
+    model, ids = _peer_setup(task, family, n_pos)
+    rel = _peer_relevance(model, ids)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        run()
+        _peer_relevance(model, ids)
         times.append(time.perf_counter() - t0)
     with torch.no_grad():
         logits = model(ids).logits[0, -1]
     save_file({"rel": rel, "logits": logits.contiguous()}, str(OUT / f"peer_{family}.safetensors"))
     (OUT / f"peer_{family}.json").write_text(json.dumps({"times": times}))
+
+
+def serve_peer(family: str, n_pos: int) -> None:
+    """lxt side, long-lived (time): ``run`` answers one attribution's seconds and relevances."""
+    from _peer import serve
+
+    model, ids = _peer_setup("time", family, n_pos)
+
+    def run(msg: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        rel = _peer_relevance(model, ids)
+        return {"seconds": time.perf_counter() - t0, "rel": rel.tolist()}
+
+    serve({"run": run}, ready={"family": family, "n_pos": n_pos})
 
 
 def run_peer(task: str, family: str, n_pos: int, reps: int = 0) -> dict[str, Any]:
@@ -211,12 +242,17 @@ def parity() -> dict[str, Any]:
     return rows
 
 
-def timing(rounds: int, n_pos: int) -> dict[str, Any]:
+def timing(rounds: int, n_pos: int, ig: bool = True) -> list[dict[str, Any]]:
+    """attrlab's AttnLRP with its defaults vs lxt, interleaved; then IG at equal completeness."""
     import torch
+    from _interleave import interleaved, loadavg, print_rows, row
+    from _peer import PeerProcess
     from safetensors.torch import save_file
 
     import attrlab as al
 
+    if not PEER_PY.exists():
+        sys.exit(f"no lxt venv at {PEER_PY}; see this file's docstring")
     torch.set_num_threads(2)
     OUT.mkdir(parents=True, exist_ok=True)
     model = save_model("gpt2", big=True)
@@ -224,37 +260,53 @@ def timing(rounds: int, n_pos: int) -> dict[str, Any]:
     save_file({"ids": ids}, str(OUT / f"ids_gpt2_{n_pos}.safetensors"))
     lm = al.wrap(model, al.testing.tiny_tokenizer(VOCAB))
     target = al.targets.Logit(int(ids[0, -1]))
-    ours, theirs = [], []
-    r = al.attribute(lm, ids, target=target, method="attnlrp")  # warm-up
-    agreement = None
-    for _ in range(rounds):
-        for _ in range(3):
+    out: dict[str, Any] = {}
+
+    def ours() -> None:  # no tuning arguments
+        out["ours"] = al.attribute(lm, ids, target=target, method="attnlrp")
+
+    argv = [str(PEER_PY), __file__, "--serve", "--family", "gpt2", "--n-pos", str(n_pos)]
+    print(f"AttnLRP, 12x768 gpt2, {n_pos} tokens, 2 threads; load {loadavg()}", flush=True)
+    with PeerProcess(argv, cwd=ROOT, env={"PYTHONPATH": str(ROOT)}) as lxt:
+        sides = {"attrlab defaults": ours,
+                 "lxt defaults": lambda: out.__setitem__("lxt", lxt.call("run"))}  # fmt: skip
+        times = interleaved(sides, rounds)
+    r = out["ours"]
+    a = r.scores.reshape(-1).double()
+    b = torch.tensor(out["lxt"]["rel"], dtype=torch.float64)
+    agreement = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+    rows = [row("lrp", f"attnlrp, 12x768 gpt2, {n_pos} tokens", times, ours="attrlab defaults",
+                peer="lxt defaults", agreement=agreement, metric="pearson (float32)",
+                max_rel_diff=float((a - b).abs().max() / b.abs().max()),
+                attnlrp_conservation_error=r.diagnostics["conservation_error"])]  # fmt: skip
+    print_rows(rows)
+    if ig:  # IG at equal completeness: fewest steps with |completeness error| < 1% of the change
+        t_lrp = statistics.median(times["attrlab defaults"])
+        for steps in (8, 16, 32, 64, 128):
             t0 = time.perf_counter()
-            r = al.attribute(lm, ids, target=target, method="attnlrp")
-            ours.append(time.perf_counter() - t0)
-        p = run_peer("time", "gpt2", n_pos, reps=3)
-        theirs.extend(p["times"])
-        a, b = r.scores.reshape(-1).double(), p["rel"].double()
-        agreement = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
-    # IG at equal completeness: fewest steps with |completeness error| < 1% of the change
-    ig_steps, ig_time = None, None
-    for steps in (8, 16, 32, 64, 128):
-        t0 = time.perf_counter()
-        g = al.attribute(lm, ids, target=target, method="ig", steps=steps)
-        dt = time.perf_counter() - t0
-        if g.diagnostics["relative_completeness_error"] < 0.01:
-            ig_steps, ig_time = steps, dt
-            break
-    res = {
-        "attrlab_median_s": statistics.median(ours), "lxt_median_s": statistics.median(theirs),
-        "ratio_lxt_over_attrlab": statistics.median(theirs) / statistics.median(ours),
-        "pearson_with_lxt_float32": agreement, "ig_steps_for_1pct": ig_steps, "ig_time_s": ig_time,
-        "ig_over_attnlrp": None if ig_time is None else ig_time / statistics.median(ours),
-        "attnlrp_conservation_error": r.diagnostics["conservation_error"],
-    }  # fmt: skip
-    print(json.dumps(res, indent=1))
-    (OUT / "time.json").write_text(json.dumps(res, indent=1))
-    return res
+            g = al.attribute(lm, ids, target=target, method="ig", steps=steps)
+            dt = time.perf_counter() - t0
+            if g.diagnostics["relative_completeness_error"] < 0.01:
+                rows[0].update(ig_steps_for_1pct=steps, ig_time_s=dt, ig_over_attnlrp=dt / t_lrp)
+                break
+        print(json.dumps({k: rows[0].get(k) for k in ("ig_steps_for_1pct", "ig_over_attnlrp")}))
+    (OUT / "time.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def summary(quick: bool = False) -> list[dict[str, Any]]:
+    """Rows for ``benchmarks/run_all.py``: the timed comparison (quick: 32 tokens, no IG),
+    with the float64 parity on every family as extra fields in the full run."""
+    from _peer import rows_or_error
+
+    def measure() -> list[dict[str, Any]]:
+        rows = timing(rounds=3, n_pos=32, ig=False) if quick else timing(rounds=5, n_pos=64)
+        if not quick:
+            par = parity()
+            rows[0]["parity_max_rel_diff_float64"] = {f: v["max_rel_diff"] for f, v in par.items()}
+        return rows
+
+    return rows_or_error("lrp", PEER_PY, INSTALL, measure)
 
 
 def scaling_one(n_pos: int) -> None:
@@ -301,9 +353,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--scaling-one", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--lengths", default="256,1024,4096")
     a = ap.parse_args()
-    if a.peer:
+    if a.serve:
+        sys.path.insert(0, str(ROOT))
+        serve_peer(a.family, a.n_pos)
+    elif a.peer:
         peer(a.task, a.family, a.n_pos, a.reps)
     elif a.scaling_one:
         scaling_one(a.scaling_one)

@@ -39,6 +39,12 @@ BENCHMARKS = {
     "ig": "bench_ig",
     "trak": "bench_trak",
     "patching": "bench_patching",
+    "atp": "bench_atp",
+    "coar": "bench_coar",
+    "lenses": "bench_lenses",
+    "lrp": "bench_lrp",
+    "wrapper": "bench_wrapper",
+    "graph": "bench_graph_parity",
 }
 
 
