@@ -62,7 +62,7 @@ MAX_ROWS = 64
 #: a batched forward runs at least this many token positions when rows allow
 MIN_BATCH_TOKENS = 2048
 #: "auto" prefers a batched strategy whose estimate is within this share of the walk's
-BATCHED_MARGIN = 0.15
+BATCHED_MARGIN = 0.05
 
 
 def lcp(a: Sequence[int], b: Sequence[int]) -> int:
@@ -329,9 +329,9 @@ class PrefixRunner:
             strategy = min(est, key=est.__getitem__)
             # the model knows no machine load: a batched strategy within
             # BATCHED_MARGIN of the walk is taken, since fewer, larger forwards
-            # lose much less to a busy CPU (tree vs walk, 12-layer 768-wide
-            # Llama, 64 ablations, load ~6 on 2 cores: 1.45x faster, where the
-            # model predicts 8% slower)
+            # lose less to a busy CPU (12-layer 768-wide Llama, 64 ablations:
+            # tree 1.45x faster than the walk at load ~6 on 2 cores; on a quiet
+            # machine the walk 8-15% faster, as the model predicts)
             if strategy == "walk":
                 batched = min(("tree", "flat"), key=lambda k: est.get(k, float("inf")))
                 if est.get(batched, float("inf")) <= (1 + BATCHED_MARGIN) * est["walk"]:
