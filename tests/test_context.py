@@ -41,15 +41,7 @@ def llama():
     return al.wrap(*al.testing.tiny_model("llama"))
 
 
-def _plain_logprobs(lm, prompt, masks):
-    """Per-token response log-probs, one ablated prompt at a time, through lm.run."""
-    target = al.targets.ContinuationLogProb(prompt.response_ids, reduce="none").bind(lm)
-    out = []
-    for ids in prompt.prompt_ids(masks):
-        batch = target.prepare(lm, lm.tokenize([ids]))
-        logits, _ = lm.run(batch)
-        out.append(target(logits, batch)[0].double())
-    return torch.stack(out)
+_plain_logprobs = al.testing.plain_response_logprobs
 
 
 @pytest.mark.parametrize(

@@ -20,14 +20,7 @@ CTX = (
 )
 
 
-def _plain(lm, p, masks):
-    target = al.targets.ContinuationLogProb(p.response_ids, reduce="none").bind(lm)
-    out = []
-    for ids in p.prompt_ids(masks):
-        batch = target.prepare(lm, lm.tokenize([ids]))
-        logits, _ = lm.run(batch)
-        out.append(target(logits, batch)[0].double())
-    return torch.stack(out)
+_plain = al.testing.plain_response_logprobs
 
 
 def test_doctests():

@@ -53,16 +53,7 @@ def test_too_long_context_fails_before_any_ablation_or_forward(monkeypatch, meth
     assert sum(count.calls) <= 2, count.calls
 
 
-def _plain(lm, p, masks):
-    """The oracle: per-token response log-probs from a plain forward per ablated prompt."""
-    out = []
-    resp = torch.tensor(p.response_ids)
-    for row in p.prompt_ids(masks):
-        ids = torch.tensor([row + p.response_ids])
-        with torch.no_grad():
-            logp = lm.model(input_ids=ids).logits[0, len(row) - 1 : -1].double().log_softmax(-1)
-        out.append(logp.gather(-1, resp[:, None])[:, 0])
-    return torch.stack(out)
+_plain = al.testing.plain_response_logprobs
 
 
 LETTERS = " ".join(f"x{chr(97 + i % 26)}." for i in range(70))

@@ -438,3 +438,28 @@ def tiny_model(
                 p.add_(0.1 * torch.randn(p.shape, generator=g).to(p.dtype))
     model.eval()
     return model, tok
+
+
+def plain_response_logprobs(lm: Any, prompt: Any, masks: Any) -> torch.Tensor:
+    """The oracle for the sources engine: per-token log-probabilities of a
+    :class:`~attrlab.units.sources.SourcePrompt`'s response under each mask,
+    from one plain Hugging Face forward per ablated prompt (no cache, no
+    batching), ``[n_masks, n_response]`` float64.
+
+    Example:
+        >>> import attrlab as al, torch
+        >>> lm = al.wrap(*tiny_model("llama"))
+        >>> p = al.units.Sources().prompt(lm, "A is red. B is blue.", " red")
+        >>> masks = [[True, True], [False, True]]
+        >>> bool(torch.allclose(plain_response_logprobs(lm, p, masks), p.logprobs(masks), atol=1e-5))
+        True
+    """
+    out = []
+    resp = torch.tensor(list(prompt.response_ids))
+    for row in prompt.prompt_ids(masks):
+        ids = torch.tensor([list(row) + list(prompt.response_ids)], device=lm.device)
+        with torch.no_grad():
+            logits = lm.model(input_ids=ids).logits[0, len(row) - 1 : -1]
+        logp = logits.double().log_softmax(-1).cpu()
+        out.append(logp.gather(-1, resp[:, None])[:, 0])
+    return torch.stack(out)
