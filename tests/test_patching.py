@@ -33,13 +33,7 @@ CF = "When Mary and John went to the store, Mary gave a drink to"
 TARGET = (" Mary", " John")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids thread hand-off costs on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread
 
 
 @functools.cache

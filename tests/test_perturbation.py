@@ -24,13 +24,7 @@ from attrlab.methods.surrogate import Lime
 PROMPT = "When Mary and John went to the"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: extra threads only add overhead (and spin on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread
 
 
 @pytest.fixture(scope="module")
