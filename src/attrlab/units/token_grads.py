@@ -115,7 +115,9 @@ class _PrefixLinear(torch.autograd.Function):
     """``y = fn(x)`` for a linear layer ``fn``; the backward (input gradient only)
     multiplies only the positions of ``[batch, pos, out]`` gradients before
     ``cut[0]`` and from the first nonzero one on by the weight, and fills the
-    rest with zeros. ``cut`` is a one-element list owned by the caller
+    rest with zeros, when that live span is at most half the positions (a
+    longer one costs more in the slice's copies than the skipped rows save; the
+    whole product is then exact too, as the dead positions' gradients are 0). ``cut`` is a one-element list owned by the caller
     (:func:`grad_products`), set before each row's backward (None: no cut)."""
 
     @staticmethod
@@ -144,8 +146,8 @@ class _PrefixLinear(torch.autograd.Function):
         lo = 0  # leading positions with no gradient (e.g. the last block: one position)
         while lo < k and not bool(grad[:, lo].any()):
             lo += 1
-        if lo == 0 and k == grad.shape[1]:
-            return grad @ w, None, None, None, None
+        if 2 * (k - lo) > grad.shape[1]:  # slicing copies; it pays only for a short live span
+            return grad @ w, None, None, None, None  # exact: the dead positions' gradients are 0
         gx = grad.new_zeros(ctx.x_shape) if lo == k else grad.new_empty(ctx.x_shape)
         if lo < k:
             gx[:, :lo] = 0
