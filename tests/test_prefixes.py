@@ -133,3 +133,71 @@ def test_units_option_reaches_the_runner():
     assert r.diagnostics["strategy"] == "walk"
     auto = al.attribute(lm, CTX, " Paris", units="sources", method="occlusion")
     torch.testing.assert_close(auto.scores, r.scores, atol=3e-5, rtol=0)
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads (the suite may run at one), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "falcon_alibi", "qwen3_moe"])
+def test_parallel_walk_equals_plain_forwards(family, two_threads):
+    """Chains of the walk in parallel threads give the plain forwards' values,
+    count every token once, and leave the thread count as it was."""
+    lm = al.wrap(*al.testing.tiny_model(family))
+    p = Sources(query="Where?").prompt(lm, CTX, response=" Paris is the capital")
+    masks = sample_masks(16, p.n_sources, 0.5, 2)
+    one, par = {}, {}
+    torch.set_num_threads(1)
+    single = p.logprobs(masks, strategy="walk", stats=one)
+    torch.set_num_threads(2)
+    got = p.logprobs(masks, strategy="walk", stats=par)
+    assert one["workers"] == 1 and par["workers"] == 2 and torch.get_num_threads() == 2
+    torch.testing.assert_close(got, _plain(lm, p, masks), atol=3e-5, rtol=0)
+    torch.testing.assert_close(got, single, atol=3e-5, rtol=0)
+    # each chain starts with no cache: at most one more prefix per extra chain
+    longest = max(p._distinct_rows(masks)[0].lengths)
+    assert one["n_tokens"] <= par["n_tokens"] <= one["n_tokens"] + longest
+
+
+def test_parallel_walk_only_when_safe(two_threads):
+    """One chain when the model has hooks, for few rows, or at one thread."""
+    lm = al.wrap(*al.testing.tiny_model("llama"))
+    runner = PrefixRunner(lm)
+    assert runner.parallel_workers(64) == 2
+    assert runner.parallel_workers(2 * prefixes.MIN_CHAIN_ROWS - 1) == 1
+    h = lm.model.model.layers[0].register_forward_hook(lambda *a: None)
+    try:
+        assert runner.parallel_workers(64) == 1
+    finally:
+        h.remove()
+    torch.set_num_threads(1)
+    assert runner.parallel_workers(64) == 1
+
+
+def test_parallel_walk_errors_propagate_and_restore_threads(two_threads):
+    lm = al.wrap(*al.testing.tiny_model("llama"))
+    rows = [[1, 2, 3, i] for i in range(4, 20)]
+
+    def bad(logits, idx):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        PrefixRunner(lm).run(rows, [4, 5], bad, strategy="walk")
+    assert torch.get_num_threads() == 2
+    assert not lm.lock._is_owned()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_chains_cut_the_order_into_contiguous_balanced_pieces(k):
+    order = [7, 3, 0, 9, 1, 4, 8, 2, 6, 5]
+    cost = [1, 5, 2, 2, 9, 1, 1, 3, 2, 4]
+    chains = prefixes._chains(order, cost, k)
+    assert len(chains) == k and all(chains)
+    assert [i for c in chains for i in c] == order
+    sums = [sum(cost[i] for i in c) for c in chains]
+    assert max(sums) - min(sums) <= 2 * max(cost)

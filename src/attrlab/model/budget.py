@@ -484,15 +484,22 @@ def efficient_rows(lm: Any, tokens_per_row: int) -> int:
 
 
 def forward_seconds(
-    lm: Any, tokens: int, cached: int = 0, forwards: int = 1, grad: bool = False
+    lm: Any,
+    tokens: int,
+    cached: int = 0,
+    forwards: int = 1,
+    grad: bool = False,
+    workers: int = 1,
 ) -> float:
     """Estimated seconds of ``forwards`` forwards running ``tokens`` new token
     positions in total (padding included), each position attending to about
     ``cached`` earlier ones: the same throughput model as :func:`overhead_tokens`
     (a fixed cost per block and forward, :func:`token_layer_flops` at
     :data:`MATMUL_FLOPS`, small products penalised by :data:`GEMM_HALF_TOKENS`),
-    summed over the layers. For choosing strategies and batch sizes: compare
-    estimates, do not read them as times.
+    summed over the layers. ``workers`` > 1: the forwards split over that many
+    threads running in parallel at one intra-op thread each (the per-forward
+    costs are paid side by side; the arithmetic rate is the same). For choosing
+    strategies and batch sizes: compare estimates, do not read them as times.
 
     Example:
         >>> import attrlab as al
@@ -511,7 +518,7 @@ def forward_seconds(
     n = max(1, int(forwards))
     per_token = token_layer_flops(lm, max(1, int(cached))) * (3 if grad else 1)
     work = per_token * (max(0, int(tokens)) + n * GEMM_HALF_TOKENS[kind]) / flops
-    return layers * (n * BLOCK_OVERHEAD_S[kind] + work)
+    return layers * (n * BLOCK_OVERHEAD_S[kind] / max(1, int(workers)) + work)
 
 
 def _rss_bytes() -> int | None:

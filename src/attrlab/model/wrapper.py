@@ -558,13 +558,45 @@ class LM:
             True
         """
         with self.lock:
-            out = self.model(
-                input_ids=input_ids,
+            return self.hf_forward_held(
+                input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                **self.adapter.kv_kwargs(kv_cache, use_cache),
+                kv_cache=kv_cache,
+                use_cache=use_cache,
                 **kwargs,
             )
+
+    def hf_forward_held(
+        self,
+        input_ids: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        kv_cache: Any = None,
+        use_cache: bool = False,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Any]:
+        """:meth:`hf_forward` without taking the model's lock: for threads working
+        for a caller that holds it (e.g. a parallel prefix walk), which must not
+        install hooks meanwhile.
+
+        Example:
+            >>> import attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+            >>> ids = lm.tokenize("a b c").input_ids
+            >>> with lm.lock:
+            ...     held, _ = lm.hf_forward_held(ids)
+            >>> bool(torch.equal(held, lm.hf_forward(ids)[0]))
+            True
+        """
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **self.adapter.kv_kwargs(kv_cache, use_cache),
+            **kwargs,
+        )
         return out.logits, (self.adapter.kv_returned(out) if use_cache else None)
 
     @contextmanager

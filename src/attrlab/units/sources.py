@@ -522,6 +522,7 @@ class SourcePrompt:
             stats["n_prompts"] = stats.get("n_prompts", 0) + len(unique)
             if runner.plan is not None:
                 stats["strategy"] = runner.plan.strategy
+                stats["workers"] = runner.plan.workers
         return [out[w] for w in where]
 
     def logprobs(
