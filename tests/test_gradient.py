@@ -512,17 +512,17 @@ def test_prefix_linears_skip_only_gradient_free_positions(family):
     ids = torch.tensor([[3, 7, 1, 4, 9, 2]])
     reads = ((2, 5), (4, 1))
 
-    cut: list = [None]
+    cut = gradient_mod._Cut()
 
     def grads(prefixes) -> list[torch.Tensor]:
         e = emb(ids.repeat(2, 1)).detach().requires_grad_(True)
         logits = hf(inputs_embeds=e).logits
         out = []
         for (p, t), k in zip(reads, prefixes):
-            cut[0] = k
+            cut.value = k
             y = logits[:, p].log_softmax(-1)[:, t].sum()
             out.append(torch.autograd.grad(y, e, retain_graph=True)[0])
-        cut[0] = None
+        cut.value = None
         return out
 
     plain = grads([None, None])
@@ -546,3 +546,32 @@ def test_live_prefixes_are_the_continuation_positions(lm64):
     total = make_forward(lm64, PROMPT, al.targets.ContinuationLogProb(" store and Mary"))
     assert gradient_mod._live_prefixes(total, 1) is None
     assert gradient_mod._live_prefixes(make_forward(lm64, PROMPT, " store"), 1) is None
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_parallel_row_backwards_equal_one_thread(family):
+    """With two intra-op threads the continuation rows' backwards run in two
+    threads through the shared graph (each its own cut); the scores equal the
+    one-thread run's, and the thread count is restored."""
+    lm = al.wrap(*al.testing.tiny_model(family, dtype=torch.float64))
+    target = al.targets.ContinuationLogProb(" store and Mary went", reduce="none")
+
+    def run() -> torch.Tensor:
+        return al.attribute(lm, PROMPT, target=target, method="ig", steps=8).scores
+
+    single = run()
+    torch.set_num_threads(2)  # the module's fixture restores one thread after
+    from attrlab.units.tokens import make_forward
+
+    f = make_forward(lm, PROMPT, target)
+    assert gradient_mod._backward_workers(lm.model, f.inputs_embeds(), f.n_rows) == 2
+    torch.testing.assert_close(run(), single, atol=1e-12, rtol=1e-10)
+    assert torch.get_num_threads() == 2
+
+
+def test_row_groups_deal_every_row_once():
+    for rows in range(1, 9):
+        for k in (1, 2, 3):
+            groups = gradient_mod._row_groups(rows, k)
+            assert sorted(r for g in groups for r in g) == list(range(rows))
+            assert len(groups) == min(k, rows) and all(groups)

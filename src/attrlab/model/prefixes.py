@@ -50,8 +50,8 @@ import bisect
 import inspect
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -59,6 +59,7 @@ from torch import Tensor
 
 from ..errors import ContextTooLongError, InputError
 from .budget import _shape, batch_size_for, forward_seconds, memory_budget
+from .threads import has_module_hooks, intra_op_threads, parallel
 
 __all__ = ["STRATEGIES", "Plan", "PrefixRunner", "Rows", "lcp"]
 
@@ -374,16 +375,15 @@ class PrefixRunner:
         Example:
             >>> import attrlab as al, torch
             >>> runner = PrefixRunner(al.wrap(*al.testing.tiny_model("llama")))
-            >>> runner.parallel_workers(64) == min(torch.get_num_threads(), 16)
+            >>> runner.parallel_workers(64) == min(torch.get_num_threads(), 16)  # no run active
             True
             >>> runner.parallel_workers(3)
             1
         """
-        threads = torch.get_num_threads()
+        threads = intra_op_threads()
         if threads < 2 or rows < 2 * MIN_CHAIN_ROWS or self.device.type != "cpu":
             return 1
-        model = self.lm.model
-        if _hooked(model):
+        if has_module_hooks(self.lm.model):
             return 1
         return max(1, min(threads, rows // MIN_CHAIN_ROWS))
 
@@ -550,20 +550,14 @@ class PrefixRunner:
         )  # fmt: skip
 
         def chain(order: list[int]) -> None:
-            torch.set_num_threads(1)
             with torch.no_grad():  # grad mode is per thread
                 self._chain(locked, order, tail, n, fn, out, bar, reuse)
 
-        threads = torch.get_num_threads()
         with self.lm.lock:  # held for the chains: they run the model without it
             self._lock_each = False
-            torch.set_num_threads(1)
             try:
-                with ThreadPoolExecutor(len(chains), thread_name_prefix="attrlab-walk") as pool:
-                    for fut in [pool.submit(chain, c) for c in chains]:
-                        fut.result()
+                parallel([partial(chain, c) for c in chains])
             finally:
-                torch.set_num_threads(threads)
                 self._lock_each = True
 
     def _chain(self, rows, order, tail, n, fn, out, bar, reuse) -> None:  # type: ignore[no-untyped-def]
@@ -736,16 +730,3 @@ def _chains(order: list[int], cost: list[int], k: int) -> list[list[int]]:
 def _locked_call(lock: threading.Lock, fn: Callable[[list[int]], Any], idx: list[int]) -> Any:
     with lock:
         return fn(idx)
-
-
-def _hooked(model: torch.nn.Module) -> bool:
-    """Whether any module of ``model`` has forward hooks (or accelerate's), or
-    global module hooks are set: such runs stay on one thread."""
-    from torch.nn.modules import module as nn_module
-
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-        return True
-    for m in model.modules():
-        if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
-            return True
-    return False

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..model import linear_layout
 from ..model.swap import elementwise_types, has_rule, swapped_forwards
+from ..model.threads import has_module_hooks, intra_op_threads, parallel
 from .tokens import EmbedForward
 
 __all__: list[str] = []  # used by the token kinds and gradient methods, not public names
@@ -114,11 +116,11 @@ def _shared_forward(orig: Callable[..., Tensor]) -> Callable[..., Tensor]:
 class _PrefixLinear(torch.autograd.Function):
     """``y = fn(x)`` for a linear layer ``fn``; the backward (input gradient only)
     multiplies only the positions of ``[batch, pos, out]`` gradients before
-    ``cut[0]`` and from the first nonzero one on by the weight, and fills the
+    ``cut.value`` and from the first nonzero one on by the weight, and fills the
     rest with zeros, when that live span is at most half the positions (a
     longer one costs more in the slice's copies than the skipped rows save; the
-    whole product is then exact too, as the dead positions' gradients are 0). ``cut`` is a one-element list owned by the caller
-    (:func:`grad_products`), set before each row's backward (None: no cut)."""
+    whole product is then exact too, as the dead positions' gradients are 0). ``cut`` (a :class:`_Cut`, per
+    thread) is set by :func:`grad_products` before each row's backward (None: no cut)."""
 
     @staticmethod
     def forward(
@@ -127,7 +129,7 @@ class _PrefixLinear(torch.autograd.Function):
         fn: Callable[[Tensor], Tensor],
         weight: Tensor,
         w_in_out: bool,
-        cut: list[int | None],
+        cut: _Cut,
     ) -> Tensor:
         ctx.cut = cut
         ctx.weight = weight
@@ -139,7 +141,7 @@ class _PrefixLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         w = ctx.weight.t() if ctx.w_in_out else ctx.weight  # [out, in]
-        k = ctx.cut[0]
+        k = ctx.cut.value
         if k is None or grad.dim() != 3:
             return grad @ w, None, None, None, None
         k = min(k, grad.shape[1])
@@ -157,12 +159,10 @@ class _PrefixLinear(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def _prefix_linears(
-    model: nn.Module, lead: Callable[[Tensor], bool], cut: list[int | None]
-) -> Iterator[int]:
+def _prefix_linears(model: nn.Module, lead: Callable[[Tensor], bool], cut: _Cut) -> Iterator[int]:
     """While active, plain linear layers (``nn.Linear``, GPT-2's ``Conv1D``) of
     ``model`` record a node whose input-gradient backward skips the positions
-    at and after ``cut[0]`` (exact when those positions carry no gradient,
+    at and after ``cut.value`` (exact when those positions carry no gradient,
     as the later positions of a causal LM for a target read at an earlier one).
     Only inputs ``[batch, pos, d]`` for which ``lead(x)`` holds (the run's batch
     and positions) get such nodes. No gradient reaches the weights through them."""
@@ -185,7 +185,7 @@ def _prefix_forward(
     weight: Tensor,
     w_in_out: bool,
     lead: Callable[[Tensor], bool],
-    cut: list[int | None],
+    cut: _Cut,
 ) -> Callable[..., Tensor]:
     owner = threading.get_ident()
 
@@ -219,6 +219,56 @@ def _live_prefixes(fwd: EmbedForward, rows: int) -> list[int] | None:
     return [int(p) for p in pos]
 
 
+class _Cut(threading.local):
+    """The position from which a row's gradients are known to be 0, per thread
+    (a CPU backward runs on the thread that calls it)."""
+
+    value: int | None = None
+
+
+def _backward_workers(model: nn.Module | None, points: Tensor, rows: int) -> int:
+    """Threads that share the rows' backwards: the process's intra-op threads on
+    a CPU when there are rows to share and the model runs no hooks; else 1."""
+    if model is None or rows < 2 or points.device.type != "cpu" or has_module_hooks(model):
+        return 1
+    return max(1, min(intra_op_threads(), rows))
+
+
+def _row_groups(rows: int, workers: int) -> list[list[int]]:
+    """Rows dealt to ``workers`` groups in snake order (later rows cost more:
+    their gradients reach more positions).
+
+    Example:
+        >>> _row_groups(5, 2)
+        [[0, 3, 4], [1, 2]]
+    """
+    groups: list[list[int]] = [[] for _ in range(max(1, min(workers, rows)))]
+    k = len(groups)
+    for r in range(rows):
+        lap, j = divmod(r, k)
+        groups[j if lap % 2 == 0 else k - 1 - j].append(r)
+    return groups
+
+
+def _backwards(
+    outs: list[Tensor],
+    e: Tensor,
+    mult: Tensor,
+    acc: Tensor,
+    rows: list[int],
+    prefixes: list[int] | None,
+    cut: _Cut,
+    free: bool,
+) -> None:
+    """``acc[r] += sum_k mult_k * d outs[r] / d e_k`` for ``r`` in ``rows``, one
+    backward each through the retained graph (``free``: the last one frees it)."""
+    for j, r in enumerate(rows):
+        cut.value = prefixes[r] if prefixes is not None else None
+        retain = not (free and j == len(rows) - 1)
+        (g,) = torch.autograd.grad(outs[r].sum(), e, retain_graph=retain)
+        acc[r] += (mult * g).sum(0)
+
+
 def _model_of(fwd: EmbedForward) -> nn.Module | None:
     """The torch module behind an :class:`EmbedForward` (None if unknown)."""
     model = getattr(getattr(fwd, "lm", None), "model", None)
@@ -240,7 +290,9 @@ def grad_products(
 
     Returns:
         ``([rows, pos, d], values [n, rows])``. One forward per chunk of points,
-        one backward per row through the retained graph. With several rows, the
+        one backward per row through the retained graph (on a CPU with several
+        intra-op threads, the rows are shared by that many threads at one
+        intra-op thread each: :mod:`attrlab.model.threads`). With several rows, the
         activations' derivatives are computed once per forward and shared by the
         rows' backwards (:func:`shared_activation_derivatives`); for the
         continuation rows of a causal LM, the linear layers' backwards also skip
@@ -264,7 +316,8 @@ def grad_products(
     n_rows = getattr(fwd, "n_rows", 1)
     model = _model_of(fwd) if n_rows > 1 else None
     prefixes = _live_prefixes(fwd, n_rows) if model is not None else None
-    cut: list[int | None] = [None]  # positions from cut[0] on carry no gradient
+    cut = _Cut()  # per thread: positions from cut.value on carry no gradient
+    workers = _backward_workers(model, points, n_rows)
     for i in tqdm(chunks, disable=not progress, desc="gradients", leave=False):
         e = points[i : i + batch_size].detach().clone().requires_grad_(True)
         with torch.enable_grad():
@@ -278,10 +331,16 @@ def grad_products(
             if acc is None:
                 acc = torch.zeros(rows, *points.shape[1:], dtype=points.dtype, device=points.device)
             m = mult[i : i + batch_size]
-            for r, out in enumerate(outs):
-                cut[0] = prefixes[r] if prefixes is not None else None
-                (g,) = torch.autograd.grad(out.sum(), e, retain_graph=r < rows - 1)
-                acc[r] += (m * g).sum(0)
+            groups = _row_groups(rows, workers)
+            if len(groups) == 1:
+                _backwards(outs, e, m, acc, groups[0], prefixes, cut, free=True)
+            else:  # each group's backwards in its own thread through the shared graph
+                parallel(
+                    [
+                        partial(_backwards, outs, e, m, acc, g, prefixes, cut, free=False)
+                        for g in groups
+                    ]
+                )
         values.append(torch.stack([o.detach() for o in outs], 1))
     assert acc is not None
     return acc, torch.cat(values, 0)
