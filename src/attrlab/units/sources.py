@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import re
 from collections.abc import Callable, Sequence
@@ -158,22 +159,34 @@ def split_text(text: str, by: str = "sentences") -> list[tuple[int, int]]:
 def _locate(context: str, sources: Sequence[Any]) -> list[tuple[int, int]]:
     """Character spans of user-given sources (texts found verbatim, or spans)."""
     spans: list[tuple[int, int]] = []
-    taken: list[tuple[int, int]] = []
+    starts: list[int] = []  # the taken spans, sorted by start (they never overlap)
+    ends: list[int] = []
     cursor = 0
+
+    def free(a: int, b: int) -> bool:
+        k = bisect.bisect_right(starts, a)
+        return (k == 0 or ends[k - 1] <= a) and (k == len(starts) or starts[k] >= b)
+
+    def take(a: int, b: int) -> None:
+        k = bisect.bisect_right(starts, a)
+        starts.insert(k, a)
+        ends.insert(k, b)
+
     for i, s in enumerate(sources):
         if isinstance(s, str):
             if not s.strip():
                 raise InputError(f"source {i} is empty")
             # the first occurrence at or after the previous source, else anywhere free
-            cands = [context.find(s, cursor)]
-            j = context.find(s)
-            while j >= 0:
-                cands.append(j)
-                j = context.find(s, j + 1)
-            hit = next(
-                (c for c in cands if c >= 0 and all(c + len(s) <= a or c >= b for a, b in taken)),
-                None,
-            )
+            # (occurrences are searched lazily: the usual case costs one find)
+            hit = None
+            c = context.find(s, cursor)
+            if c >= 0 and free(c, c + len(s)):
+                hit = c
+            else:
+                c = context.find(s)
+                while c >= 0 and not free(c, c + len(s)):
+                    c = context.find(s, c + 1)
+                hit = c if c >= 0 else None
             if hit is None:
                 found = (
                     "occurs only overlapping another source"
@@ -196,12 +209,12 @@ def _locate(context: str, sources: Sequence[Any]) -> list[tuple[int, int]]:
                 raise InputError(
                     f"source {i}: span {span} is outside the context (0..{len(context)})"
                 )
-            if any(span[0] < b and a < span[1] for a, b in taken):
+            if not free(*span):
                 raise InputError(f"source {i}: span {span} overlaps another source")
         else:
             raise InputError(f"source {i} must be a string or a (start, end) span, got {s!r}")
         spans.append(span)
-        taken.append(span)
+        take(*span)
         cursor = span[1]
     return spans
 
@@ -288,17 +301,26 @@ class SourcePrompt:
 
     def context_text(self, mask: Any = None) -> str:
         """The context with the sources where ``mask`` is False removed."""
+        return self._context_layout(mask)[0]
+
+    def _context_layout(self, mask: Any = None) -> tuple[str, dict[int, tuple[int, int]]]:
+        """The ablated context and the character span of each kept source in it."""
         keep = [True] * self.n_sources if mask is None else self._mask(mask)
         parts = [self._lead]
+        at = len(self._lead)
+        where: dict[int, tuple[int, int]] = {}
         first = True
         for i in self._order:
             if keep[i]:
                 if not first:
                     parts.append(self._seps[i])
+                    at += len(self._seps[i])
                 parts.append(self.texts[i])
+                where[i] = (at, at + len(self.texts[i]))
+                at += len(self.texts[i])
                 first = False
         parts.append(self._trail)
-        return "".join(parts)
+        return "".join(parts), where
 
     def _render(self, context: str) -> str:
         fields = {"context": context, "query": self.query or ""}
@@ -465,21 +487,47 @@ class SourcePrompt:
 
         Needs a fast tokenizer (offset mappings).
         """
+        ids, ranges = self.token_ranges(None)
+        return ids, [r if r is not None else (0, 0) for r in ranges]
+
+    def token_ranges(self, mask: Any = None) -> tuple[list[int], list[tuple[int, int] | None]]:
+        """Token ids of the prompt with only the sources of ``mask`` kept and, per
+        source, its ``[start, end)`` token range in it (None for a removed source;
+        ``(0, 0)`` for a kept source that got no token of its own).
+
+        Needs a fast tokenizer (offset mappings).
+
+        Example:
+            >>> import attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("llama"))
+            >>> p = al.units.Sources().prompt(lm, "A is red. B is blue.", " red")
+            >>> ids, ranges = p.token_ranges([False, True])
+            >>> ranges[0] is None, ranges[1][1] - ranges[1][0] > 0
+            (True, True)
+        """
+        context, where = self._context_layout(mask)
         mark = "\ue000"
         marked = self._render(mark)
-        prompt = self.prompt_text()
+        prompt = self._render(context)
         off = marked.find(mark)
-        if off < 0 or prompt[off : off + len(self.context)] != self.context:
-            off = prompt.find(self.context)
+        if off < 0 or prompt[off : off + len(context)] != context:
+            off = prompt.find(context)
         if off < 0:
             raise InputError("cannot find the context inside the rendered prompt")
         enc = self.tokenizer(prompt, add_special_tokens=not self.chat, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
-        ranges = []
-        for a, b in self.spans:
-            a, b = a + off, b + off
-            toks = [j for j, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
-            ranges.append((toks[0], toks[-1] + 1) if toks else (0, 0))
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        idx = np.flatnonzero(offsets[:, 1] > offsets[:, 0])  # tokens with text, in order
+        starts, ends = offsets[idx, 0], offsets[idx, 1]
+        ranges: list[tuple[int, int] | None] = []
+        for i in range(self.n_sources):
+            if i not in where:
+                ranges.append(None)
+                continue
+            a, b = where[i][0] + off, where[i][1] + off
+            # the tokens overlapping [a, b): end > a and start < b (offsets increase)
+            lo = int(np.searchsorted(ends, a, side="right"))
+            hi = int(np.searchsorted(starts, b, side="left"))
+            ranges.append((int(idx[lo]), int(idx[hi - 1]) + 1) if hi > lo else (0, 0))
         return list(enc["input_ids"]), ranges
 
     # ------------------------------------------------------------- runs
