@@ -13,12 +13,12 @@ import torch
 import attrlab as al
 from attrlab.errors import ContextTooLongError, InputError
 from attrlab.methods.context_traceback import (
-    attention_prefill_chunk,
     subsample_masks,
     topk_mean,
     tracllm_ensemble,
     tracllm_search,
 )
+from attrlab.model.long_context import attention_prefill_chunk
 from attrlab.units import Sources
 
 CTX = (

@@ -48,6 +48,12 @@ from torch import Tensor
 from ..ablations import Ablation, Remove
 from ..errors import ContextTooLongError, EmptyPromptError, InputError
 from ..model.lock import model_lock
+from ..model.long_context import (
+    LONG_PROMPT,
+    announce,
+    attention_prefill_chunk,
+    long_context_estimate,
+)
 from ..model.prefixes import STRATEGIES, PrefixRunner, Rows, lcp
 from .base import Bound, Units, register_units
 
@@ -553,7 +559,17 @@ class SourcePrompt:
         """
         masks = _as_masks(masks, self.n_sources)
         unique, where = self._distinct_rows(masks)
-        runner = PrefixRunner(self.lm, self.lm.cfg.n_ctx)
+        # long prompts are prefilled in chunks sized to the memory budget (the eager
+        # attention of a chunk is chunk x length per head): memory linear in the length
+        n_resp = len(self.response_ids)
+        longest = max(unique.lengths) + n_resp - 1
+        chunk = attention_prefill_chunk(self.lm, longest)
+        if longest > LONG_PROMPT or (progress and longest > chunk):
+            est = long_context_estimate(self.lm, longest, 0, chunk, kv_copies=2)
+            est += 2 * n_resp * int(self.lm.cfg.d_vocab) * 8  # the response's logits
+            announce(self.lm, f"{len(unique)} ablated prompts of up to {longest} tokens "
+                     f"(prefill chunks of {chunk})", est, progress)  # fmt: skip
+        runner = PrefixRunner(self.lm, self.lm.cfg.n_ctx, chunk=chunk)
         with model_lock(self.lm.model):
             out = runner.run(
                 unique,
