@@ -67,8 +67,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import IndexRangeError, InputError, NonFiniteError
-from ..model.long_context import announce, attention_prefill_chunk, long_context_estimate
 from ..model.lock import model_lock
+from ..model.long_context import announce, attention_prefill_chunk, long_context_estimate
 from ..model.wrapper import Batch
 from ..result import Attribution
 from .base import register
@@ -155,8 +155,8 @@ def _response_attention(
         sites = [f"blocks.{la}.attn.pattern" for la in layers]
         _, got = lm.run(batch, cache=sites, kv_cache=cache if q0 > 0 else None)
     total = torch.zeros(q0 + n_resp, dtype=torch.float64)
-    for s in sites:
-        pat = got[s][0].double()  # [head, n_resp, q0 + n_resp]
+    for site in sites:
+        pat = got[site][0].double()  # [head, n_resp, q0 + n_resp]
         total += pat.mean((0, 1)).cpu()
     return total / len(sites)
 
