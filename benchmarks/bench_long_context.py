@@ -133,8 +133,8 @@ def main() -> None:
             p = subprocess.run([sys.executable, str(Path(__file__)), "--one", m, str(n)],
                                capture_output=True, text=True)  # fmt: skip
             if p.returncode != 0:
-                print(f"| {m} | {n} | | failed: {p.stderr.strip().splitlines()[-1][:120]} | | |",
-                      flush=True)  # fmt: skip
+                why = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1][:120]
+                print(f"| {m} | {n} | | failed: {why} | | |", flush=True)
                 continue
             d = json.loads(p.stdout.strip().splitlines()[-1])
             print(f"| {m} | {d['tokens']} | {d['sources']} | {d['seconds']} | "

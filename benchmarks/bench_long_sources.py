@@ -24,7 +24,7 @@ import torch
 from bench_contextcite import chat_tokenizer, context_citer, make_sources
 
 
-def model_of(layers: int, width: int, positions: int):
+def model_of(layers: int, width: int, positions: int, init: float = 0.02):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import attrlab as al
@@ -38,6 +38,7 @@ def model_of(layers: int, width: int, positions: int):
         num_attention_heads=heads,
         num_key_value_heads=heads,
         max_position_embeddings=positions,
+        initializer_range=init,
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
@@ -60,10 +61,19 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=32)
     ap.add_argument("--cc-batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--init",
+        type=float,
+        default=0.02,
+        help="initializer range (larger: the context matters more to a random model)",
+    )
     ap.add_argument("--skip", nargs="*", default=[])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    model, tok = model_of(a.layers, a.width, 4 * a.sources * a.tokens + 512), chat_tokenizer()
+    model, tok = (
+        model_of(a.layers, a.width, 4 * a.sources * a.tokens + 512, a.init),
+        chat_tokenizer(),
+    )
     lm = al.wrap(model, tok)
     sources = make_sources(a.sources, a.tokens)
     context, query = " ".join(sources), "The capital city?"
@@ -73,7 +83,7 @@ def main() -> None:
     response = list(cc._response_ids)
     assert cc.num_sources == a.sources, (cc.num_sources, a.sources)
     n_ctx_tokens = len(tok(context)["input_ids"])
-    print(f"{a.sources} sources, {n_ctx_tokens} context tokens, {a.layers}x{a.width} llama, "
+    print(f"{a.sources} sources, {n_ctx_tokens} context tokens, {a.layers}x{a.width} llama (init {a.init}), "
           f"{len(response)}-token response, {a.threads} threads", flush=True)  # fmt: skip
     units = al.units.Sources(query=query)
     runs = {

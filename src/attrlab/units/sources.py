@@ -78,6 +78,7 @@ _ABBREVIATIONS = frozenset(
     "jan feb mar apr jun jul aug sep sept oct nov dec".split()
 )
 _SENT_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)")
+_NON_SPACE = re.compile(r"\S")
 
 
 class SourceNotFoundError(InputError):
@@ -97,7 +98,8 @@ def _sentence_spans(line: str, offset: int) -> list[tuple[int, int]]:
         words = line[start : m.start()].split()
         word = words[-1].rstrip(".") if words else ""
         last = word.lower()
-        nxt = line[end:].lstrip()
+        nm = _NON_SPACE.search(line, end)  # the next character (no copy of the rest)
+        nxt = nm.group() if nm else ""
         if (
             m.group().startswith(".")
             and (
@@ -223,6 +225,23 @@ def _locate(context: str, sources: Sequence[Any]) -> list[tuple[int, int]]:
         take(*span)
         cursor = span[1]
     return spans
+
+
+def _longest_token(tokenizer: Any) -> int:
+    """Characters of the longest token in the vocabulary (at least 1), cached on
+    the tokenizer object."""
+    cached = getattr(tokenizer, "_attrlab_longest_token", None)
+    if isinstance(cached, int):
+        return cached
+    try:
+        n = max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
+    except (AttributeError, NotImplementedError, TypeError):
+        return 1 << 30  # unknown: the bound never fires
+    try:
+        tokenizer._attrlab_longest_token = n
+    except AttributeError:
+        pass
+    return n
 
 
 def _token_logprobs(response: Sequence[int]) -> Callable[[Tensor, list[int]], Tensor]:
@@ -423,6 +442,12 @@ class SourcePrompt:
         self, response: str | Sequence[int] | None, max_new_tokens: int, do_sample: bool, seed: int
     ) -> list[int]:
         prompt = self.prompt_text()
+        # a bound that needs no tokenization first: a token covers about as many
+        # characters as its vocabulary entry (x2 margin for normalizers that compose
+        # characters), so a prompt far too long for the model fails at once
+        # (10,000 sources: before tokenizing 70k tokens)
+        per_token = 2 * _longest_token(self.tokenizer)
+        self._check_fits(-(-len(prompt) // per_token), 1, bound=True)
         p_ids = self._encode([prompt])[0]
         # every ablated prompt is (about) as long as the full one at most: check the
         # full prompt's token count before generating or building any ablation
@@ -451,14 +476,16 @@ class SourcePrompt:
         self._check_fits(len(p_ids), len(ids))
         return ids
 
-    def _check_fits(self, n_prompt: int, n_response: int) -> None:
+    def _check_fits(self, n_prompt: int, n_response: int, bound: bool = False) -> None:
         """Raise :class:`ContextTooLongError` if the full prompt and the response do
-        not fit the model's context (checked on token counts, before any forward)."""
+        not fit the model's context (checked on token counts, before any forward;
+        ``bound``: ``n_prompt`` is a lower bound)."""
         n_ctx = self.lm.cfg.n_ctx
         total = n_prompt + n_response - 1
         if n_ctx is not None and total > n_ctx:
             raise ContextTooLongError(
-                f"the prompt with all {self.n_sources} sources has {n_prompt} tokens and the "
+                f"the prompt with all {self.n_sources} sources has {'at least ' * bound}"
+                f"{n_prompt} tokens and the "
                 f"response {n_response}: {total} tokens run, but this model's context is "
                 f"{n_ctx}. Use fewer or shorter sources (or a model with a longer context)."
             )
