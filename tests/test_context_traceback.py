@@ -89,7 +89,8 @@ def test_attntrace_subsampling_averages_over_presence(llama):
     prompt = units.prompt(llama, CTX, resp)
     n = prompt.n_sources
     masks = subsample_masks(n, 0.5, 7, seed=5)
-    assert torch.equal(r.extra["masks"], masks)
+    assert torch.equal(r.extra["subsample_masks"], masks)
+    assert "logprobs" not in r.extra  # no forwards beyond the subsamples
     total, seen = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     for m in masks:
         ids, ranges = prompt.token_ranges(m)

@@ -258,7 +258,8 @@ class AttnTrace(SourceMethod):
             "prefill_chunk": chunk,
         }
         bound.target_name = f"response_attention({prompt.response!r})"
-        return bound.result(scores, self, diag, extra={"masks": masks})
+        # not "masks": the sources kind would run those prompts again for their log-probs
+        return bound.result(scores, self, diag, extra={"subsample_masks": masks})
 
 
 # ---------------------------------------------------------------- TracLLM
