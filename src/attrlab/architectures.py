@@ -413,6 +413,7 @@ CELLS: tuple[Cell, ...] = (
     Cell("atp*", "Heads(per_position=True)", _component("atp*", "heads-per-position")),
     Cell("attention", "sources", _sources("attention")),
     Cell("attnlrp", "tokens", _attnlrp),
+    Cell("attntrace", "sources", _sources("attntrace", subsamples=4)),
     Cell("coar", "heads", _component("coar", "heads", samples=16)),
     Cell("contextcite", "sources", _sources("contextcite", samples=8)),
     Cell("datamodels", "TrainingExamples(retrain=...)", _datamodels),
@@ -441,6 +442,7 @@ CELLS: tuple[Cell, ...] = (
     Cell("smoothgrad", "tokens", _inputs("smoothgrad", "tokens", samples=4)),
     Cell("surrogate", "Features(random SAE)", _features("surrogate", samples=16)),
     Cell("tracin", "TrainingExamples(store)", _store_method("tracin")),
+    Cell("tracllm", "sources", _sources("tracllm", top_k=2, permutations=2)),
     Cell("trak", "TrainingExamples(store)", _store_method("trak")),
     Cell("logit-lens", "`al.logit_lens`", _logit_lens, function=True),
     Cell(

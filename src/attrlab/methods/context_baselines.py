@@ -1,6 +1,9 @@
 """Methods that exist only for ``units="sources"``: a Jensen-Shannon
-divergence score, a one-pass attention score, and a hierarchical (TracLLM-like)
-search for contexts with hundreds of sources. (Leave-one-out over sources is
+divergence score, and two *simplified* baselines: a one-pass attention score
+and a leave-one-group-out hierarchical search. The published methods they
+resemble are :mod:`attrlab.methods.context_traceback` (``attntrace``:
+top-K tokens and context subsampling; ``tracllm``: the informed search with
+its score ensemble); these two stay as cheap baselines. (Leave-one-out over sources is
 ``method="occlusion"``, ContextCite ``method="contextcite"``: the estimators
 every kind shares, on the sources' ``f``.)
 
@@ -10,18 +13,18 @@ method             score of source ``i``                        forwards
 ``jsd``            sum over response tokens of the JSD between  ``n + 1``
                    next-token distributions with and without i
 ``attention``      attention from the response positions to     1 (eager attention)
-                   the tokens of ``i``, averaged over layers
-                   and heads
+                   all tokens of ``i`` (summed), averaged over
+                   layers and heads (simplified; not AttnTrace)
 ``hierarchical``   leave-one-group-out, refining the top groups  ``~ levels * keep *
-                   until single sources (TracLLM-like)           branching``
+                   until single sources (simplified; not         branching``
+                   TracLLM: one score, no pruning of the
+                   context)
 =================  ===========================================  =====================
 
 ``f`` is the response's log-probability (``output="log_prob"``; see
 :func:`attrlab.units.sources.reduce_logprobs`). The JSD score follows
 "Attributing Response to Context: A Jensen-Shannon Divergence Driven
-Mechanistic Study of Context Attribution in Retrieval-Augmented Generation";
-the hierarchical search follows "TracLLM: A Generic Framework for Attributing
-Long Context LLMs" with leave-one-group-out as the group score.
+Mechanistic Study of Context Attribution in Retrieval-Augmented Generation".
 
 Example:
     >>> import attrlab as al
@@ -157,8 +160,9 @@ class JSDScore(SourceMethod):
 
 @register("attention", ("sources",))
 class AttentionScore(SourceMethod):
-    """One forward: the attention paid by the response positions to each source's
-    tokens, averaged over layers, heads and response positions.
+    """Simplified attention baseline (not AttnTrace, which is ``method="attntrace"``):
+    one forward, the attention paid by the response positions to each source's
+    tokens (summed over its tokens), averaged over layers, heads and response positions.
 
     Reads ``blocks.{l}.attn.pattern``, so the model needs eager attention
     (``al.load(..., attn_implementation="eager")``).
@@ -219,7 +223,8 @@ def _split(group: list[int], k: int) -> list[list[int]]:
 
 @register("hierarchical", ("sources",))
 class HierarchicalSearch(SourceMethod):
-    """Hierarchical leave-one-group-out search for long contexts (TracLLM-like).
+    """Simplified hierarchical leave-one-group-out search (not TracLLM, which is
+    ``method="tracllm"``: halving, a score ensemble, pruned sources removed).
 
     The sources are cut into ``branching`` contiguous groups; each group is
     scored by the drop in the response's log-probability when the whole group

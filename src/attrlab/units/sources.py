@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import re
 from collections.abc import Callable, Sequence
@@ -47,6 +48,12 @@ from torch import Tensor
 from ..ablations import Ablation, Remove
 from ..errors import ContextTooLongError, EmptyPromptError, InputError
 from ..model.lock import model_lock
+from ..model.long_context import (
+    LONG_PROMPT,
+    announce,
+    attention_prefill_chunk,
+    long_context_estimate,
+)
 from ..model.prefixes import STRATEGIES, PrefixRunner, Rows, lcp
 from .base import Bound, Units, register_units
 
@@ -71,6 +78,7 @@ _ABBREVIATIONS = frozenset(
     "jan feb mar apr jun jul aug sep sept oct nov dec".split()
 )
 _SENT_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s|$)")
+_NON_SPACE = re.compile(r"\S")
 
 
 class SourceNotFoundError(InputError):
@@ -90,7 +98,8 @@ def _sentence_spans(line: str, offset: int) -> list[tuple[int, int]]:
         words = line[start : m.start()].split()
         word = words[-1].rstrip(".") if words else ""
         last = word.lower()
-        nxt = line[end:].lstrip()
+        nm = _NON_SPACE.search(line, end)  # the next character (no copy of the rest)
+        nxt = nm.group() if nm else ""
         if (
             m.group().startswith(".")
             and (
@@ -158,22 +167,34 @@ def split_text(text: str, by: str = "sentences") -> list[tuple[int, int]]:
 def _locate(context: str, sources: Sequence[Any]) -> list[tuple[int, int]]:
     """Character spans of user-given sources (texts found verbatim, or spans)."""
     spans: list[tuple[int, int]] = []
-    taken: list[tuple[int, int]] = []
+    starts: list[int] = []  # the taken spans, sorted by start (they never overlap)
+    ends: list[int] = []
     cursor = 0
+
+    def free(a: int, b: int) -> bool:
+        k = bisect.bisect_right(starts, a)
+        return (k == 0 or ends[k - 1] <= a) and (k == len(starts) or starts[k] >= b)
+
+    def take(a: int, b: int) -> None:
+        k = bisect.bisect_right(starts, a)
+        starts.insert(k, a)
+        ends.insert(k, b)
+
     for i, s in enumerate(sources):
         if isinstance(s, str):
             if not s.strip():
                 raise InputError(f"source {i} is empty")
             # the first occurrence at or after the previous source, else anywhere free
-            cands = [context.find(s, cursor)]
-            j = context.find(s)
-            while j >= 0:
-                cands.append(j)
-                j = context.find(s, j + 1)
-            hit = next(
-                (c for c in cands if c >= 0 and all(c + len(s) <= a or c >= b for a, b in taken)),
-                None,
-            )
+            # (occurrences are searched lazily: the usual case costs one find)
+            hit = None
+            c = context.find(s, cursor)
+            if c >= 0 and free(c, c + len(s)):
+                hit = c
+            else:
+                c = context.find(s)
+                while c >= 0 and not free(c, c + len(s)):
+                    c = context.find(s, c + 1)
+                hit = c if c >= 0 else None
             if hit is None:
                 found = (
                     "occurs only overlapping another source"
@@ -196,14 +217,31 @@ def _locate(context: str, sources: Sequence[Any]) -> list[tuple[int, int]]:
                 raise InputError(
                     f"source {i}: span {span} is outside the context (0..{len(context)})"
                 )
-            if any(span[0] < b and a < span[1] for a, b in taken):
+            if not free(*span):
                 raise InputError(f"source {i}: span {span} overlaps another source")
         else:
             raise InputError(f"source {i} must be a string or a (start, end) span, got {s!r}")
         spans.append(span)
-        taken.append(span)
+        take(*span)
         cursor = span[1]
     return spans
+
+
+def _longest_token(tokenizer: Any) -> int:
+    """Characters of the longest token in the vocabulary (at least 1), cached on
+    the tokenizer object."""
+    cached = getattr(tokenizer, "_attrlab_longest_token", None)
+    if isinstance(cached, int):
+        return cached
+    try:
+        n = max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
+    except (AttributeError, NotImplementedError, TypeError):
+        return 1 << 30  # unknown: the bound never fires
+    try:
+        tokenizer._attrlab_longest_token = n
+    except AttributeError:
+        pass
+    return n
 
 
 def _token_logprobs(response: Sequence[int]) -> Callable[[Tensor, list[int]], Tensor]:
@@ -288,17 +326,26 @@ class SourcePrompt:
 
     def context_text(self, mask: Any = None) -> str:
         """The context with the sources where ``mask`` is False removed."""
+        return self._context_layout(mask)[0]
+
+    def _context_layout(self, mask: Any = None) -> tuple[str, dict[int, tuple[int, int]]]:
+        """The ablated context and the character span of each kept source in it."""
         keep = [True] * self.n_sources if mask is None else self._mask(mask)
         parts = [self._lead]
+        at = len(self._lead)
+        where: dict[int, tuple[int, int]] = {}
         first = True
         for i in self._order:
             if keep[i]:
                 if not first:
                     parts.append(self._seps[i])
+                    at += len(self._seps[i])
                 parts.append(self.texts[i])
+                where[i] = (at, at + len(self.texts[i]))
+                at += len(self.texts[i])
                 first = False
         parts.append(self._trail)
-        return "".join(parts)
+        return "".join(parts), where
 
     def _render(self, context: str) -> str:
         fields = {"context": context, "query": self.query or ""}
@@ -395,6 +442,12 @@ class SourcePrompt:
         self, response: str | Sequence[int] | None, max_new_tokens: int, do_sample: bool, seed: int
     ) -> list[int]:
         prompt = self.prompt_text()
+        # a bound that needs no tokenization first: a token covers about as many
+        # characters as its vocabulary entry (x2 margin for normalizers that compose
+        # characters), so a prompt far too long for the model fails at once
+        # (10,000 sources: before tokenizing 70k tokens)
+        per_token = 2 * _longest_token(self.tokenizer)
+        self._check_fits(-(-len(prompt) // per_token), 1, bound=True)
         p_ids = self._encode([prompt])[0]
         # every ablated prompt is (about) as long as the full one at most: check the
         # full prompt's token count before generating or building any ablation
@@ -423,14 +476,16 @@ class SourcePrompt:
         self._check_fits(len(p_ids), len(ids))
         return ids
 
-    def _check_fits(self, n_prompt: int, n_response: int) -> None:
+    def _check_fits(self, n_prompt: int, n_response: int, bound: bool = False) -> None:
         """Raise :class:`ContextTooLongError` if the full prompt and the response do
-        not fit the model's context (checked on token counts, before any forward)."""
+        not fit the model's context (checked on token counts, before any forward;
+        ``bound``: ``n_prompt`` is a lower bound)."""
         n_ctx = self.lm.cfg.n_ctx
         total = n_prompt + n_response - 1
         if n_ctx is not None and total > n_ctx:
             raise ContextTooLongError(
-                f"the prompt with all {self.n_sources} sources has {n_prompt} tokens and the "
+                f"the prompt with all {self.n_sources} sources has {'at least ' * bound}"
+                f"{n_prompt} tokens and the "
                 f"response {n_response}: {total} tokens run, but this model's context is "
                 f"{n_ctx}. Use fewer or shorter sources (or a model with a longer context)."
             )
@@ -465,21 +520,47 @@ class SourcePrompt:
 
         Needs a fast tokenizer (offset mappings).
         """
+        ids, ranges = self.token_ranges(None)
+        return ids, [r if r is not None else (0, 0) for r in ranges]
+
+    def token_ranges(self, mask: Any = None) -> tuple[list[int], list[tuple[int, int] | None]]:
+        """Token ids of the prompt with only the sources of ``mask`` kept and, per
+        source, its ``[start, end)`` token range in it (None for a removed source;
+        ``(0, 0)`` for a kept source that got no token of its own).
+
+        Needs a fast tokenizer (offset mappings).
+
+        Example:
+            >>> import attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("llama"))
+            >>> p = al.units.Sources().prompt(lm, "A is red. B is blue.", " red")
+            >>> ids, ranges = p.token_ranges([False, True])
+            >>> ranges[0] is None, ranges[1][1] - ranges[1][0] > 0
+            (True, True)
+        """
+        context, where = self._context_layout(mask)
         mark = "\ue000"
         marked = self._render(mark)
-        prompt = self.prompt_text()
+        prompt = self._render(context)
         off = marked.find(mark)
-        if off < 0 or prompt[off : off + len(self.context)] != self.context:
-            off = prompt.find(self.context)
+        if off < 0 or prompt[off : off + len(context)] != context:
+            off = prompt.find(context)
         if off < 0:
             raise InputError("cannot find the context inside the rendered prompt")
         enc = self.tokenizer(prompt, add_special_tokens=not self.chat, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
-        ranges = []
-        for a, b in self.spans:
-            a, b = a + off, b + off
-            toks = [j for j, (s, e) in enumerate(offsets) if e > s and s < b and e > a]
-            ranges.append((toks[0], toks[-1] + 1) if toks else (0, 0))
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        idx = np.flatnonzero(offsets[:, 1] > offsets[:, 0])  # tokens with text, in order
+        starts, ends = offsets[idx, 0], offsets[idx, 1]
+        ranges: list[tuple[int, int] | None] = []
+        for i in range(self.n_sources):
+            if i not in where:
+                ranges.append(None)
+                continue
+            a, b = where[i][0] + off, where[i][1] + off
+            # the tokens overlapping [a, b): end > a and start < b (offsets increase)
+            lo = int(np.searchsorted(ends, a, side="right"))
+            hi = int(np.searchsorted(starts, b, side="left"))
+            ranges.append((int(idx[lo]), int(idx[hi - 1]) + 1) if hi > lo else (0, 0))
         return list(enc["input_ids"]), ranges
 
     # ------------------------------------------------------------- runs
@@ -505,7 +586,17 @@ class SourcePrompt:
         """
         masks = _as_masks(masks, self.n_sources)
         unique, where = self._distinct_rows(masks)
-        runner = PrefixRunner(self.lm, self.lm.cfg.n_ctx)
+        # long prompts are prefilled in chunks sized to the memory budget (the eager
+        # attention of a chunk is chunk x length per head): memory linear in the length
+        n_resp = len(self.response_ids)
+        longest = max(unique.lengths) + n_resp - 1
+        chunk = attention_prefill_chunk(self.lm, longest)
+        if longest > LONG_PROMPT or (progress and longest > chunk):
+            est = long_context_estimate(self.lm, longest, 0, chunk, kv_copies=2)
+            est += 2 * n_resp * int(self.lm.cfg.d_vocab) * 8  # the response's logits
+            announce(self.lm, f"{len(unique)} ablated prompts of up to {longest} tokens "
+                     f"(prefill chunks of {chunk})", est, progress)  # fmt: skip
+        runner = PrefixRunner(self.lm, self.lm.cfg.n_ctx, chunk=chunk)
         with model_lock(self.lm.model):
             out = runner.run(
                 unique,
