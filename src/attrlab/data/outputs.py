@@ -10,6 +10,7 @@ relates the loss gradient to the value gradient (TRAK's ``Q``):
 - :class:`ClassificationMargin` — ``log(p_y / (1 - p_y))`` of the true class
   (TRAK's choice for classifiers); ``out_to_loss = 1 - p_y`` (exactly: the
   cross-entropy gradient is ``-(1 - p_y)`` times the margin gradient).
+- :class:`ClassLogProb` — ``log p_y`` of a classifier (minus its loss); ``out_to_loss = 1``.
 - :class:`AnswerLogProb` — for causal LMs: the log-probability of the answer
   tokens (minus the loss on them); ``out_to_loss = 1``.
 
@@ -66,6 +67,30 @@ class ClassificationMargin(ModelOutput):
         others = torch.logsumexp(logits.masked_fill(is_y, float("-inf")), dim=-1)
         margin = correct - others
         return margin, torch.sigmoid(-margin).detach()
+
+
+class ClassLogProb(ModelOutput):
+    """Log-probability ``log p_y`` of the true class of a classifier on ``(x, y)`` (minus its
+    cross-entropy loss); ``out_to_loss = 1``. The training-side output of influence functions
+    (:mod:`attrlab.data.influence`): its gradient is exactly minus the loss gradient.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(3, 4)
+        >>> v, q = ClassLogProb()(net, dict(net.named_parameters()), torch.ones(3), torch.tensor(1))
+        >>> bool(v < 0), float(q)
+        (True, 1.0)
+    """
+
+    name = "class_logprob"
+
+    def __call__(  # type: ignore[override]
+        self, model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        logits = functional_call(model, params, (x.unsqueeze(0),)).squeeze(0)  # [classes]
+        is_y = torch.arange(logits.shape[-1], device=logits.device) == y
+        value = (torch.log_softmax(logits, dim=-1) * is_y).sum()
+        return value, torch.ones((), dtype=value.dtype)
 
 
 class AnswerLogProb(ModelOutput):
