@@ -221,7 +221,9 @@ def parity(peer: Any, s: dict[str, Any], batch: int) -> list[dict[str, Any]]:
             inf0 = ad.Influence(store)
             cov = covariances_of(store, inf0.blocks, inf0.root)
             kf = Path(tmp) / f"k-{fisher}.npz"
-            peer.call("fit", strategy="ekfac", fisher=fisher, dtype="float64", batch=batch, save=str(kf))
+            peer.call(
+                "fit", strategy="ekfac", fisher=fisher, dtype="float64", batch=batch, save=str(kf)
+            )
             k = np.load(kf)
             for m, (A, S) in zip(inf0.blocks, cov):
                 for nm, ours in (("activation_covariance", A), ("gradient_covariance", S)):
@@ -242,7 +244,11 @@ def parity(peer: Any, s: dict[str, Any], batch: int) -> list[dict[str, Any]]:
                 if strategy == "kfac":
                     peer.call("fit", strategy="kfac", fisher=fisher, dtype="float64", batch=batch)
                 for damping in (1e-8, None):
-                    ours = ad.Influence(store, strategy, damping=damping).scores(model, queries).numpy()
+                    ours = (
+                        ad.Influence(store, strategy, damping=damping)
+                        .scores(model, queries)
+                        .numpy()
+                    )
                     sf = Path(tmp) / "s.npy"
                     peer.call("score", dtype="float64", damping=damping, batch=batch, save=str(sf))
                     theirs = np.load(sf)
@@ -268,8 +274,9 @@ def parity(peer: Any, s: dict[str, Any], batch: int) -> list[dict[str, Any]]:
 
 
 def timing(peer: Any, s: dict[str, Any], batch: int, repeats: int) -> list[dict[str, Any]]:
-    import attrlab.data as ad
     from _interleave import interleaved, median
+
+    import attrlab.data as ad
 
     model = s["model"].float()
     data = (s["xtr"], s["ytr"])
