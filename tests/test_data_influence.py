@@ -266,3 +266,25 @@ def test_causal_lm_factors_and_attribute(tmp_path):
         damping=1e-3,
     )
     assert k.method == "kfac" and k.params["damping"] == 1e-3
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # Conv1D (weight [in, out]) and nn.Linear
+def test_lm_lambda_from_hooks_equals_lambda_from_stored_gradients(tmp_path, family):
+    """EK-FAC corrections fitted by the hooks (per-example gradients summed over
+    attended tokens) equal those recomputed from the stored per-example gradients
+    laid out as module matrices: checks the layout, the masking and the bias column."""
+    from attrlab.data.influence import eigen_of
+
+    lm = al.wrap(*al.testing.tiny_model(family))
+    docs = ["Paris is a city in France.", "Rome is in Italy.", "Oslo is a cold city in Norway."]
+    data = ad.Examples.from_texts(lm, docs)
+    mods = ad.linear_modules(lm, ["model.layers.1.mlp", "transformer.h.1"])
+    store = ad.fit_factors(lm, data, tmp_path, modules=mods, fisher="empirical", batch_size=2)
+    inf = ad.Influence(store, damping=0.0)
+    feats = torch.from_numpy(store.features()).double()
+    for m, (_, qa, _, qs), (_, _, inv) in zip(
+        inf.blocks, eigen_of(store, inf.blocks, inf.root), inf._preconditioner()
+    ):
+        want = ((qs.T @ m.matrix(feats) @ qa) ** 2).mean(0)
+        torch.testing.assert_close(1.0 / inv, want, rtol=1e-4, atol=1e-6 * float(want.max()))
+    assert any(m.transposed for m in inf.blocks) == (family == "gpt2")

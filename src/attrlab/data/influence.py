@@ -102,6 +102,7 @@ class ModuleBlock:
     bias: bool
     w_offset: int  # start of the weight [d_out, d_in] in the flat gradient
     b_offset: int  # start of the bias [d_out] (-1 without bias)
+    transposed: bool = False  # weight stored [d_in, d_out] (Hugging Face ``Conv1D``)
 
     @property
     def d_in1(self) -> int:
@@ -112,7 +113,10 @@ class ModuleBlock:
         """``[m, P]`` flat gradients -> ``[m, d_out, d_in+1]`` (bias last)."""
         m = flat.shape[0]
         w = flat[:, self.w_offset : self.w_offset + self.d_out * self.d_in]
-        w = w.reshape(m, self.d_out, self.d_in)
+        if self.transposed:
+            w = w.reshape(m, self.d_in, self.d_out).transpose(1, 2)
+        else:
+            w = w.reshape(m, self.d_out, self.d_in)
         if not self.bias:
             return w
         b = flat[:, self.b_offset : self.b_offset + self.d_out].reshape(m, self.d_out, 1)
@@ -121,15 +125,45 @@ class ModuleBlock:
     def scatter(self, mat: Tensor, out: Tensor) -> None:
         """Write ``[m, d_out, d_in+1]`` back into the flat ``out`` ``[m, P]``."""
         m = mat.shape[0]
-        out[:, self.w_offset : self.w_offset + self.d_out * self.d_in] = mat[
-            :, :, : self.d_in
-        ].reshape(m, -1)
+        w = mat[:, :, : self.d_in]
+        if self.transposed:
+            w = w.transpose(1, 2)
+        out[:, self.w_offset : self.w_offset + self.d_out * self.d_in] = w.reshape(m, -1)
         if self.bias:
             out[:, self.b_offset : self.b_offset + self.d_out] = mat[:, :, self.d_in]
 
 
+def is_linear(mod: nn.Module) -> bool:
+    """Whether K-FAC covers ``mod``: an ``nn.Linear``, or Hugging Face's ``Conv1D`` (GPT-2's
+    linear layer with its weight stored transposed, ``[d_in, d_out]``).
+
+    Example:
+        >>> is_linear(torch.nn.Linear(2, 3)), is_linear(torch.nn.Conv1d(2, 3, 1))
+        (True, False)
+    """
+    if isinstance(mod, nn.Linear):
+        return True
+    w = getattr(mod, "weight", None)
+    return (
+        type(mod).__name__ == "Conv1D"
+        and isinstance(w, Tensor)
+        and w.dim() == 2
+        and getattr(mod, "nf", None) == w.shape[1]
+    )
+
+
+def _dims(mod: nn.Module) -> tuple[int, int, bool]:
+    """``(d_in, d_out, transposed)`` of a linear-like module."""
+    w = mod.weight
+    assert isinstance(w, Tensor)
+    if isinstance(mod, nn.Linear):
+        return int(w.shape[1]), int(w.shape[0]), False
+    return int(w.shape[0]), int(w.shape[1]), True
+
+
 def linear_modules(model: nn.Module, modules: Sequence[str] | None = None) -> list[str]:
-    """Names of the ``nn.Linear`` modules to track: all of them, or those under ``modules`` prefixes.
+    """Names of the linear modules to track (``nn.Linear``, and Hugging Face ``Conv1D``):
+    all of them, or those under ``modules`` prefixes.
 
     Raises:
         InputError: no ``nn.Linear`` matches (K-FAC covers linear layers only).
@@ -146,7 +180,7 @@ def linear_modules(model: nn.Module, modules: Sequence[str] | None = None) -> li
     own = {n for n, _ in model.named_parameters()}  # a tied weight is listed once, by its owner
     out = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or not mod.weight.requires_grad:
+        if not is_linear(mod) or not mod.weight.requires_grad:  # type: ignore[union-attr]
             continue
         if (f"{name}.weight" if name else "weight") not in own:
             continue
@@ -157,8 +191,8 @@ def linear_modules(model: nn.Module, modules: Sequence[str] | None = None) -> li
         out.append(name)
     if not out:
         raise InputError(
-            f"no trainable nn.Linear module matches modules={modules!r}: K-FAC/EK-FAC factors "
-            "cover linear layers (name them by prefix, e.g. modules=['transformer.h.3'])"
+            f"no trainable nn.Linear (or Conv1D) module matches modules={modules!r}: K-FAC/EK-FAC "
+            "factors cover linear layers (name them by prefix, e.g. modules=['transformer.h.3'])"
         )
     return out
 
@@ -174,16 +208,18 @@ def _blocks(model: nn.Module, names: Sequence[str], params: Sequence[str]) -> li
     out = []
     for n in names:
         m = mods[n]
-        assert isinstance(m, nn.Linear)
-        bias = m.bias is not None and m.bias.requires_grad
+        b = getattr(m, "bias", None)
+        bias = isinstance(b, Tensor) and b.requires_grad
+        d_in, d_out, transposed = _dims(m)
         out.append(
             ModuleBlock(
                 n,
-                m.in_features,
-                m.out_features,
+                d_in,
+                d_out,
                 bias,
                 offsets[f"{n}.weight" if n else "weight"],
                 offsets[f"{n}.bias" if n else "bias"] if bias else -1,
+                transposed,
             )
         )
     return out
@@ -390,7 +426,7 @@ def fit_factors(
     )
     blocks = _blocks(model, names, store.manifest["params"])
     config = {
-        "modules": [[b.name, b.d_in, b.d_out, b.bias] for b in blocks],
+        "modules": [[b.name, b.d_in, b.d_out, b.bias, b.transposed] for b in blocks],
         "fisher": fisher,
         "seed": int(seed) if fisher == "true" else None,
         "batch_size": batch_size,
@@ -667,7 +703,7 @@ class Influence:
                 offsets[p] = pos
                 pos += named_sizes[p]
             out = []
-            for name, d_in, d_out, bias in self.fit["modules"]:
+            for name, d_in, d_out, bias, transposed in self.fit["modules"]:
                 pre = f"{name}." if name else ""
                 out.append(
                     ModuleBlock(
@@ -677,6 +713,7 @@ class Influence:
                         bias,
                         offsets[pre + "weight"],
                         offsets[pre + "bias"] if bias else -1,
+                        transposed,
                     )
                 )
             self._blocks = out
@@ -684,7 +721,7 @@ class Influence:
 
     def _param_sizes(self) -> dict[str, int]:
         sizes = {}
-        for name, d_in, d_out, bias in self.fit["modules"]:
+        for name, d_in, d_out, bias, _ in self.fit["modules"]:
             pre = f"{name}." if name else ""
             sizes[pre + "weight"] = d_in * d_out
             if bias:
