@@ -150,9 +150,14 @@ class GradCos(_DataMethod):
 class _InfluenceMethod(_DataMethod):
     strategy = "ekfac"
 
-    def __init__(self, damping: float | None = None, fit: str | None = None):
+    def __init__(
+        self, damping: float | None = None, fit: str | None = None, measurement: str = "logprob"
+    ):
+        if measurement not in ("logprob", "margin"):
+            raise InputError(f"measurement must be 'logprob' or 'margin', got {measurement!r}")
         self.damping = damping
         self.fit = fit
+        self.measurement = measurement
 
     def _run(self, lm: Any, queries: Any, target: Any, u: Any) -> Any:
         from ..data.influence import Influence
@@ -163,8 +168,11 @@ class _InfluenceMethod(_DataMethod):
                 f"{self.name} scores against one store written by attrlab.data.fit_factors, "
                 f"got {len(stores)}"
             )
+        from ..data.outputs import AnswerLogProb, AnswerMargin
+
         inf = Influence(stores[0], strategy=self.strategy, damping=self.damping, fit=self.fit)
-        return inf.attribute(u.models(lm, 1)[0], queries, texts=u.texts)
+        out = AnswerLogProb() if self.measurement == "logprob" else AnswerMargin()
+        return inf.attribute(u.models(lm, 1)[0], queries, output=out, texts=u.texts)
 
 
 @register("ekfac", ("train",))
@@ -175,6 +183,8 @@ class Ekfac(_InfluenceMethod):
         damping: added to the corrected eigenvalues; None: 0.1 x their mean per
             module (Kronfluence's heuristic).
         fit: which factor fit of the store (when it holds several).
+        measurement: the query's ``"logprob"`` of the answer (default, as in
+            Kronfluence's LM examples) or its per-token ``"margin"`` summed.
 
     Example:
         >>> Ekfac(damping=1e-3).damping
