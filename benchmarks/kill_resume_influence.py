@@ -114,7 +114,7 @@ def main() -> None:
         kills, finished_early, trail = 0, 0, []
         while kills < a.kills:
             before = progress(cut)
-            mid = files[stage] // (a.kills + 2)  # spread the kills over every stage
+            mid = files[stage] // (a.kills + 5)  # spread the kills over every stage (+ overshoot)
             step = rng.randint(max(1, mid - mid // 3), max(1, mid + mid // 3))
             if run(stage, str(cut), step)[0]:
                 finished_early += 1
