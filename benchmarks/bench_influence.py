@@ -26,6 +26,13 @@ fitting and pairwise scoring, examples/s, interleaved,.
     python benchmarks/bench_influence.py --parity
     python benchmarks/bench_influence.py --timing --repeats 3
     python benchmarks/bench_influence.py            # both
+    python benchmarks/bench_influence.py --lm       # parity on the zoo facts GPT-2
+
+``--lm`` (the peer venv also needs ``transformers``): the zoo facts model in
+float64, ``Conv1D`` layers turned into ``nn.Linear`` on kronfluence's side (it
+tracks ``nn.Linear`` only), the first 64 corpus documents (loss on every
+token), 8 held-out queries (measurement: the answer's log-probability), the
+empirical Fisher, attention masks as kronfluence's ``get_attention_mask``.
 """
 
 from __future__ import annotations
@@ -180,6 +187,135 @@ def serve_peer(setup_file: str, threads: int) -> None:
     serve({"fit": fit, "score": score}, ready={"kronfluence": kronfluence.__version__})
 
 
+def serve_peer_lm(setup_file: str, threads: int) -> None:
+    """Kronfluence side on a zoo LM (GPT-2: its ``Conv1D`` layers become ``nn.Linear``)."""
+    import logging
+
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+    from transformers import GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    sys.path.insert(0, str(HERE))
+    from _peer import serve
+
+    logging.disable(logging.WARNING)
+    torch.set_num_threads(threads)
+    d = torch.load(setup_file)
+    model = GPT2LMHeadModel.from_pretrained(d["path"], attn_implementation="eager").double()
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, Conv1D):
+            lin = torch.nn.Linear(mod.weight.shape[0], mod.weight.shape[1]).double()
+            lin.weight.data = mod.weight.data.T.contiguous()
+            lin.bias.data = mod.bias.data.clone()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+    model.eval()
+
+    def token_ce(batch: Any, model: Any) -> Any:
+        ids, mask, answer = batch
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        ce = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        )
+        return (ce.reshape(ids.shape[0], -1) * answer[:, 1:].to(ce.dtype)).sum()
+
+    class LMTask(Task):
+        def compute_train_loss(self, batch: Any, model: Any, sample: bool = False) -> Any:
+            assert not sample  # the parity run uses the empirical Fisher
+            return token_ce(batch, model)
+
+        def compute_measurement(self, batch: Any, model: Any) -> Any:
+            return token_ce(batch, model)  # minus the answer log-probability
+
+        def get_influence_tracked_modules(self) -> Any:
+            return d["modules"]
+
+        def get_attention_mask(self, batch: Any) -> Any:
+            return batch[1]
+
+    task = LMTask()
+    model = prepare_model(model, task)
+    an = Analyzer("lm", model=model, task=task, cpu=True, disable_tqdm=True,
+                  output_dir=tempfile.mkdtemp(prefix="kronfluence-lm-"))  # fmt: skip
+    train = torch.utils.data.TensorDataset(*d["train"])
+    query = torch.utils.data.TensorDataset(*d["query"])
+    f64 = torch.float64
+
+    def run(a: dict[str, Any]) -> dict[str, Any]:
+        fa = FactorArguments(
+            strategy=a["strategy"], use_empirical_fisher=True, activation_covariance_dtype=f64,
+            gradient_covariance_dtype=f64, per_sample_gradient_dtype=f64, lambda_dtype=f64,
+        )  # fmt: skip
+        an.fit_all_factors("f", dataset=train, per_device_batch_size=8, factor_args=fa,
+                           overwrite_output_dir=True)  # fmt: skip
+        cov = an.load_covariance_matrices("f")
+        arrays = {f"{k}|{m}": t.double().numpy() for k, v in cov.items() for m, t in v.items()}
+        np.savez(a["save"] + ".npz", **arrays)
+        sa = ScoreArguments(damping_factor=a["damping"], per_sample_gradient_dtype=f64,
+                            precondition_dtype=f64, score_dtype=f64)  # fmt: skip
+        an.compute_pairwise_scores("s", "f", query_dataset=query, train_dataset=train,
+                                   per_device_query_batch_size=len(query),
+                                   per_device_train_batch_size=8, score_args=sa,
+                                   overwrite_output_dir=True)  # fmt: skip
+        np.save(a["save"] + ".npy", an.load_pairwise_scores("s")["all_modules"].double().numpy())
+        return {}
+
+    serve({"run": run}, ready={"modules": d["modules"]})
+
+
+def parity_lm(n_docs: int, n_queries: int, modules: str) -> list[dict[str, Any]]:
+    """attrlab vs kronfluence on the zoo facts model (float64, empirical Fisher)."""
+    from _peer import PeerProcess
+
+    import attrlab as al
+    import attrlab.data as ad
+    from attrlab.data.influence import covariances_of
+
+    lm = al.zoo.load("facts")
+    lm.model.double()
+    task = al.zoo.task("facts")
+    corpus = task.corpus()[:n_docs]
+    qs = task.examples(n_queries, seed=0, split="test")
+    docs = ad.Examples.from_texts(lm, [t for _, t in corpus])
+    queries = ad.Examples.from_texts(lm, [q.prompt for q in qs], [q.answer for q in qs])
+    mods = ad.linear_modules(lm, modules.split(","))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-influence-lm-"))
+    setup = tmp / "lm.pt"
+    torch.save({"path": str(al.zoo.model_path("facts")), "modules": mods,
+                "train": docs.batch(0, len(docs)), "query": queries.batch(0, len(queries))},
+               setup)  # fmt: skip
+    print(f"zoo facts GPT-2 (Conv1D -> Linear for kronfluence), {n_docs} documents, "
+          f"{n_queries} queries, modules {mods}", flush=True)  # fmt: skip
+    rows = []
+    with PeerProcess([str(PEER_PY), __file__, "--serve-lm", str(setup)]) as peer:
+        for strategy in ("ekfac", "kfac"):
+            store = ad.fit_factors(lm, docs, tmp / "store", fisher="empirical", modules=mods,
+                                   strategy=strategy, batch_size=8)  # fmt: skip
+            for damping in (1e-8, None):
+                inf = ad.Influence(store, strategy, damping=damping)
+                ours = inf.scores(lm, queries, output=ad.AnswerLogProb()).numpy()
+                peer.call("run", strategy=strategy, damping=damping, save=str(tmp / "k"))
+                theirs = np.load(tmp / "k.npy")
+                if damping is None and strategy == "ekfac":
+                    k = np.load(tmp / "k.npz")
+                    for m, (A, S) in zip(inf.blocks, covariances_of(store, inf.blocks, inf.root)):
+                        for nm, o in (("activation_covariance", A), ("gradient_covariance", S)):
+                            t = k[f"{nm}|{m.name}"] / k[f"num_{nm}_processed|{m.name}"]
+                            t = 0.5 * (t + t.T)
+                            rel = float(np.abs(o - t).max() / np.abs(t).max())
+                            rows.append({"what": f"LM {nm} {m.name}", "max_rel_diff": rel})
+                            print(f"  LM {nm:22s} {m.name}: max rel diff {rel:.2e}", flush=True)
+                sp, sp_rows = spearman_all(ours, theirs)
+                rel = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+                rows.append({"what": f"LM scores {strategy} damping={damping}", "spearman": sp,
+                             "spearman_per_query": sp_rows, "max_rel_diff": rel})  # fmt: skip
+                print(f"  LM scores {strategy} damping={damping}: Spearman {sp:.6f} (per query "
+                      f"{sp_rows:.6f}), max rel diff {rel:.2e}", flush=True)  # fmt: skip
+    return rows
+
+
 # ----------------------------------------------------------------- the parent (attrlab venv)
 def build_setup(hidden: int, epochs: int, n_queries: int, path: Path) -> dict[str, Any]:
     from attrlab.data.digits import load_digits_data, train_mlp
@@ -329,7 +465,12 @@ def timing(peer: Any, s: dict[str, Any], batch: int, repeats: int) -> list[dict[
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--serve", default=None, help="(peer side) the setup file")
+    ap.add_argument("--serve-lm", default=None, help="(peer side) the LM setup file")
     ap.add_argument("--parity", action="store_true")
+    ap.add_argument("--lm", action="store_true", help="parity on the zoo facts LM")
+    ap.add_argument("--lm-docs", type=int, default=64)
+    ap.add_argument("--lm-queries", type=int, default=8)
+    ap.add_argument("--lm-modules", default="transformer.h.1.mlp")
     ap.add_argument("--timing", action="store_true")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=20)
@@ -342,9 +483,18 @@ def main() -> None:
     if a.serve:
         serve_peer(a.serve, a.threads)
         return
+    if a.serve_lm:
+        serve_peer_lm(a.serve_lm, a.threads)
+        return
     torch.set_num_threads(a.threads)
     sys.path.insert(0, str(HERE))
     from _peer import PeerProcess
+
+    if a.lm:
+        rows = parity_lm(a.lm_docs, a.lm_queries, a.lm_modules)
+        if a.json:
+            Path(a.json).write_text(json.dumps({"lm": rows}, indent=1))
+        return
 
     both = not (a.parity or a.timing)
     if not PEER_PY.exists():

@@ -137,7 +137,7 @@ def mislabel(epochs: int, frac: float = 0.05, top: float = 0.10) -> dict[str, An
     return {"found_in_top10pct": out, "n_flipped": int(is_flip.sum()), "top_k": k}
 
 
-def facts(n_queries: int, modules: list[str], batch: int) -> dict[str, Any]:
+def facts(n_queries: int, modules: list[str], batch: int, train_output: str) -> dict[str, Any]:
     """Share of held-out zoo-facts queries with every stating document in the top 10."""
     import attrlab as al
 
@@ -151,15 +151,19 @@ def facts(n_queries: int, modules: list[str], batch: int) -> dict[str, Any]:
         t = time.perf_counter()
         data = ad.Examples.from_texts(lm, [text for _, text in corpus], ids=ids)
         store = ad.fit_factors(
-            lm, data, tmp, modules=modules, batch_size=batch, shard_size=256, progress=True
-        )
+            lm, data, tmp, modules=modules, batch_size=batch, shard_size=256, progress=True,
+            output=ad.AnswerMargin() if train_output == "margin" else None,
+        )  # fmt: skip
         fit_s = time.perf_counter() - t
-        print(f"facts: {len(ids)} documents, factors fitted in {fit_s:.1f}s, modules={modules}")
+        print(f"facts: {len(ids)} documents, factors fitted in {fit_s:.1f}s, modules={modules}, "
+              f"training-side output {train_output}")  # fmt: skip
         out["fit_seconds"] = round(fit_s, 1)
         units = al.units.TrainingExamples(store)
         for method in ("ekfac", "kfac"):
             for measurement in ("logprob", "margin"):
                 for damping in (None, 1e-8):
+                    if train_output == "margin" and measurement == "logprob":
+                        continue
                     t = time.perf_counter()
                     r = al.attribute(
                         lm, [q.prompt for q in queries], target=[q.answer for q in queries],
@@ -191,6 +195,7 @@ def main() -> None:
     ap.add_argument("--facts", action="store_true")
     ap.add_argument("--facts-queries", type=int, default=100)
     ap.add_argument("--facts-modules", default="transformer.h.1")
+    ap.add_argument("--facts-train-output", choices=["logprob", "margin"], default="logprob")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -201,7 +206,7 @@ def main() -> None:
     if a.mislabel:
         out["mislabel"] = mislabel(a.epochs)
     if a.facts:
-        out["facts"] = facts(a.facts_queries, a.facts_modules.split(","), 16)
+        out["facts"] = facts(a.facts_queries, a.facts_modules.split(","), 16, a.facts_train_output)
     print(json.dumps(out, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

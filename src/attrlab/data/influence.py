@@ -356,6 +356,7 @@ def fit_factors(
     model_id: str | None = None,
     mode: str = "auto",
     progress: bool = False,
+    output: ModelOutput | None = None,
 ) -> FeatureStore:
     """Fit K-FAC / EK-FAC factors of ``model`` on ``data`` into the store at ``path`` (resuming).
 
@@ -381,6 +382,11 @@ def fit_factors(
         batch_size, shard_size: examples per batch / per shard file.
         mode: gradient mode of the featurizer (see :class:`GradientFeaturizer`).
         progress: show progress bars.
+        output: the training-side gradient stored and scored against (default:
+            :class:`ClassLogProb` / :class:`AnswerLogProb`, minus the loss: exact
+            influence). :class:`AnswerMargin` gives TRAK's training-side function
+            (its gradient does not vanish on memorized tokens) with the same
+            curvature — a documented departure from the influence function.
 
     Raises:
         InputError: unknown ``strategy`` / ``fisher``, no linear module, bad sizes.
@@ -414,7 +420,7 @@ def fit_factors(
         model,
         data,
         path,
-        output=AnswerLogProb() if lm else ClassLogProb(),
+        output=output or (AnswerLogProb() if lm else ClassLogProb()),
         proj_dim=None,
         modules=params,
         batch_size=batch_size,

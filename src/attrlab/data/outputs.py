@@ -33,6 +33,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 
+def _at_least_f32(t: Tensor) -> Tensor:
+    """Half-precision logits upcast to float32; float64 ones stay float64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class ModelOutput:
     """Base class: ``__call__(model, params, *example) -> (value, out_to_loss)`` for one example."""
 
@@ -114,7 +119,7 @@ class AnswerLogProb(ModelOutput):
             model, params, (), {"input_ids": ids.unsqueeze(0), "attention_mask": mask.unsqueeze(0)}
         )
         logits = out.logits if hasattr(out, "logits") else out[0]
-        logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # [T-1, vocab]
+        logp = torch.log_softmax(_at_least_f32(logits[0, :-1]), dim=-1)  # [T-1, vocab]
         tok_lp = logp.gather(-1, ids[1:, None])[:, 0]  # [T-1]
         value = (tok_lp * answer[1:].to(tok_lp.dtype)).sum()
         return value, torch.ones((), dtype=value.dtype)
@@ -141,7 +146,7 @@ class AnswerMargin(ModelOutput):
         out = functional_call(
             model, params, (), {"input_ids": ids.unsqueeze(0), "attention_mask": mask.unsqueeze(0)}
         )
-        logits = (out.logits if hasattr(out, "logits") else out[0])[0, :-1].float()  # [T-1, vocab]
+        logits = _at_least_f32((out.logits if hasattr(out, "logits") else out[0])[0, :-1])
         is_y = torch.arange(logits.shape[-1], device=logits.device)[None, :] == ids[1:, None]
         correct = (logits * is_y).sum(-1)  # [T-1]
         others = torch.logsumexp(logits.masked_fill(is_y, float("-inf")), dim=-1)
