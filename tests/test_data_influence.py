@@ -288,3 +288,22 @@ def test_lm_lambda_from_hooks_equals_lambda_from_stored_gradients(tmp_path, fami
         want = ((qs.T @ m.matrix(feats) @ qa) ** 2).mean(0)
         torch.testing.assert_close(1.0 / inv, want, rtol=1e-4, atol=1e-6 * float(want.max()))
     assert any(m.transposed for m in inf.blocks) == (family == "gpt2")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_token_scores_sum_to_document_scores(tmp_path, family):
+    lm = al.wrap(*al.testing.tiny_model(family))
+    docs = ["Paris is a city in France.", "Rome is in Italy.", "Oslo is a cold city in Norway."]
+    data = ad.Examples.from_texts(lm, docs)
+    mods = ad.linear_modules(lm, ["model.layers.1.mlp", "transformer.h.1"])
+    store = ad.fit_factors(lm, data, tmp_path, modules=mods, batch_size=2)
+    inf = ad.Influence(store, damping=1e-3)
+    q = ad.Examples.from_texts(lm, ["The capital of France is", "Rome"], [" Paris", " is"])
+    tok = inf.token_scores(lm, q, data)  # [2, 3, T]
+    doc = inf.scores(lm, q)
+    assert tok.shape == (2, 3, data.batch(0, 1)[0].shape[1])
+    torch.testing.assert_close(tok.sum(2), doc, rtol=1e-4, atol=1e-5 * float(doc.abs().max()))
+    pad = data.batch(0, 3)[1] == 0
+    assert float(tok[:, pad].abs().max()) == 0.0  # padding carries nothing
+    with pytest.raises(InputError, match="causal-LM"):
+        inf.token_scores(lm, q, ad.Examples((torch.zeros(2, 3),)))

@@ -508,7 +508,13 @@ class _Fit:
                             )
                             torch.autograd.grad(loss, self.weights, allow_unused=True)
                         bar.update(e - s)
-                        yield [(cap.acts[m.name], cap.grads[m.name], mask) for m in self.blocks]
+                        # a module the batch did not reach (e.g. an unrouted expert) adds nothing
+                        yield [
+                            (cap.acts[m.name], cap.grads[m.name], mask)
+                            if m.name in cap.acts and m.name in cap.grads
+                            else None
+                            for m in self.blocks
+                        ]
 
                 yield a, b, batches()
         finally:
@@ -530,7 +536,10 @@ class _Fit:
             acc_s = [torch.zeros(m.d_out, m.d_out, dtype=torch.float64) for m in self.blocks]
             counts = np.zeros(2 * len(self.blocks))
             for per in batches:
-                for j, (m, (act, grad, mask)) in enumerate(zip(self.blocks, per)):
+                for j, (m, got) in enumerate(zip(self.blocks, per)):
+                    if got is None:
+                        continue
+                    act, grad, mask = got
                     a2, g2, c = _flat_with_bias(act, grad, mask, m.bias)
                     acc_a[j].addmm_(a2.T, a2)
                     acc_s[j].addmm_(g2.T, g2)
@@ -556,8 +565,10 @@ class _Fit:
         for a, b, batches in self._passes("lambda"):
             acc = [torch.zeros(m.d_out, m.d_in1, dtype=torch.float64) for m in self.blocks]
             for per in batches:
-                for j, (m, (act, grad, mask)) in enumerate(zip(self.blocks, per)):
-                    g = _example_grads(act, grad, mask, m.bias)  # [B, out, in1]
+                for j, (m, got) in enumerate(zip(self.blocks, per)):
+                    if got is None:
+                        continue
+                    g = _example_grads(*got, m.bias)  # [B, out, in1]
                     _, qa, _, qs = eig[j]
                     acc[j] += (qs.T @ g @ qa).square().sum(0)
             self._write(f"{self.root}/lambda-{a:09d}-{b:09d}.npy", [t.numpy() for t in acc])
@@ -900,6 +911,66 @@ class Influence:
             query_texts=q.texts,
             diagnostics={"seconds": time.perf_counter() - t0},
         )
+
+    def token_scores(
+        self,
+        model: nn.Module,
+        queries: Examples | Sequence[Tensor],
+        train: Examples,
+        output: ModelOutput | None = None,
+    ) -> Tensor:
+        """Per-token influence ``[m, n, T]`` (float64) of training sequences ``train`` on the queries.
+
+        Entry ``[q, i, t]`` is the part of ``score[q, i]`` carried by position
+        ``t`` of document ``i``: per tracked layer, ``g_t^T L_q a_t`` with
+        ``a_t`` the layer's input at ``t`` (bias column appended), ``g_t`` the
+        gradient of the document's training-side function (the store's
+        output, e.g. its log-likelihood) with respect to the layer's output at
+        ``t`` and ``L_q = H^-1 grad f(q)`` in module-matrix form. Summed over
+        ``t`` it is the document's score (:meth:`scores`), as in Kronfluence's
+        ``compute_per_token_scores``. The documents are recomputed (not read
+        from the store), so ``train`` may be any rows of the training set.
+
+        Raises:
+            InputError: ``train`` is not causal-LM examples, or the store's
+                training-side output is not a known one.
+        """
+        from .outputs import AnswerMargin
+
+        model, _ = _unwrap(model)
+        if not _is_lm(train):
+            raise InputError("token_scores needs causal-LM training examples (Examples.from_texts)")
+        name = self.store.manifest["output"]["name"]
+        outputs = {"answer_logprob": AnswerLogProb, "answer_margin": AnswerMargin}
+        if name not in outputs:
+            raise InputError(f"token_scores needs a causal-LM store, this one scores {name!r}")
+        train_out = outputs[name]()
+        left = self.precondition(self.query_gradients(model, queries, output))  # [m, P]
+        mats = [m.matrix(left) for m in self.blocks]  # [m, out, in1] per module
+        cap = _Capture(model, [b.name for b in self.blocks])
+        params = dict(model.named_parameters())
+        weights = [dict(model.named_modules())[b.name].weight for b in self.blocks]
+        n, width = len(train), int(train.batch(0, 1)[0].shape[1])
+        out = torch.zeros(left.shape[0], n, width, dtype=torch.float64)
+        try:
+            for i in range(n):
+                ex = [t[0] for t in train.batch(i, i + 1)]
+                cap.acts.clear()
+                cap.grads.clear()
+                with torch.enable_grad():
+                    value, _ = train_out(model, params, *ex)
+                    torch.autograd.grad(value, weights, allow_unused=True)
+                for m, lq in zip(self.blocks, mats):
+                    if m.name not in cap.acts or m.name not in cap.grads:
+                        continue
+                    a = cap.acts[m.name][0].double()  # [T, in]
+                    g = cap.grads[m.name][0].double()  # [T, out]
+                    if m.bias:
+                        a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+                    out[:, i] += torch.einsum("qoi,to,ti->qt", lq, g, a)
+        finally:
+            cap.remove()
+        return out
 
     def self_influence(self) -> Tensor:
         """``g_i^T H^-1 g_i`` ``[N]`` (float64) for every training example (no model needed).
