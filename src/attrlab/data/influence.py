@@ -568,7 +568,8 @@ class _Fit:
                 for j, (m, got) in enumerate(zip(self.blocks, per)):
                     if got is None:
                         continue
-                    g = _example_grads(*got, m.bias)  # [B, out, in1]
+                    act, grad, mask = got
+                    g = _example_grads(act, grad, mask, m.bias)  # [B, out, in1]
                     _, qa, _, qs = eig[j]
                     acc[j] += (qs.T @ g @ qa).square().sum(0)
             self._write(f"{self.root}/lambda-{a:09d}-{b:09d}.npy", [t.numpy() for t in acc])
@@ -948,7 +949,7 @@ class Influence:
         left = self.precondition(self.query_gradients(model, queries, output))  # [m, P]
         mats = [m.matrix(left) for m in self.blocks]  # [m, out, in1] per module
         cap = _Capture(model, [b.name for b in self.blocks])
-        params = dict(model.named_parameters())
+        params: dict[str, Tensor] = dict(model.named_parameters())
         weights = [dict(model.named_modules())[b.name].weight for b in self.blocks]
         n, width = len(train), int(train.batch(0, 1)[0].shape[1])
         out = torch.zeros(left.shape[0], n, width, dtype=torch.float64)
