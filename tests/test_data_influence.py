@@ -307,3 +307,29 @@ def test_token_scores_sum_to_document_scores(tmp_path, family):
     assert float(tok[:, pad].abs().max()) == 0.0  # padding carries nothing
     with pytest.raises(InputError, match="causal-LM"):
         inf.token_scores(lm, q, ad.Examples((torch.zeros(2, 3),)))
+
+
+def test_a_layer_no_example_reaches_contributes_nothing(tmp_path):
+    """A tracked layer the forward never calls (e.g. a vision tower under text)
+    has zero curvature: its block is pseudo-inverted, the scores stay finite and
+    equal those without it."""
+
+    class WithIdle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_mlp(5)
+            self.idle = nn.Linear(3, 2).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    m = WithIdle()
+    x, y = torch.randn(16, D_IN, dtype=torch.float64), torch.randint(0, C, (16,))
+    both = ad.fit_factors(m, (x, y), tmp_path / "a", fisher="empirical")
+    only = ad.fit_factors(m, (x, y), tmp_path / "b", fisher="empirical", modules=["net"])
+    for damping in (None, 0.0):
+        s = ad.Influence(both, damping=damping).scores(m, (x[:2], y[:2]))
+        assert torch.isfinite(s).all()
+        if damping is None:  # the heuristic is per layer: the idle one changes nothing
+            want = ad.Influence(only, damping=damping).scores(m, (x[:2], y[:2]))
+            torch.testing.assert_close(s, want)

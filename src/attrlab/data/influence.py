@@ -770,7 +770,11 @@ class Influence:
                     if self.damping is None
                     else self.damping
                 )
-                pre.append((qa, qs, 1.0 / (lm + d)))
+                den = lm + d
+                # zero curvature and no damping (e.g. a layer no training example
+                # reaches, such as a vision tower under text): a pseudo-inverse
+                inv = torch.where(den > 0, 1.0 / den.clamp_min(1e-300), torch.zeros_like(den))
+                pre.append((qa, qs, inv))
             self._pre = pre
         return self._pre
 
