@@ -184,7 +184,12 @@ def serve_peer(setup_file: str, threads: int) -> None:
 
     import kronfluence
 
-    serve({"fit": fit, "score": score}, ready={"kronfluence": kronfluence.__version__})
+    def rss(a: dict[str, Any]) -> dict[str, Any]:
+        import resource
+
+        return {"peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+    serve({"fit": fit, "score": score, "rss": rss}, ready={"kronfluence": kronfluence.__version__})
 
 
 def serve_peer_lm(setup_file: str, threads: int) -> None:
@@ -462,6 +467,47 @@ def timing(peer: Any, s: dict[str, Any], batch: int, repeats: int) -> list[dict[
     return rows
 
 
+def _ours_once(setup_file: str, batch: int) -> None:
+    """One fit + score in this process (for the peak-RSS child)."""
+    import attrlab.data as ad
+    from attrlab.data.digits import DigitsMLP
+
+    torch.set_num_threads(1)
+    d = torch.load(setup_file)
+    model = DigitsMLP(d["hidden"])
+    model.load_state_dict(d["state"])
+    model.eval()
+    store = ad.fit_factors(model, (d["xtr"], d["ytr"]), tempfile.mkdtemp(), batch_size=batch)
+    ad.Influence(store, damping=1e-8).scores(model, (d["xq"], d["yq"]))
+    import resource
+
+    print("@@" + json.dumps({"peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+
+
+def peak_rss(setup_file: Path, batch: int) -> dict[str, float]:
+    """Peak RSS (MiB) of a fresh process that fits EK-FAC factors and scores once, per side
+    (each process reports its own ``ru_maxrss``; the interpreter and imports included)."""
+    import subprocess
+
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import bench_influence as b; "
+            f"b._ours_once({str(setup_file)!r}, {batch})")  # fmt: skip
+    args = json.dumps({"strategy": "ekfac", "fisher": "true", "dtype": "float32", "batch": batch})
+    sargs = json.dumps({"dtype": "float32", "damping": 1e-8, "batch": batch})
+    runs = {
+        "attrlab": ([sys.executable, "-c", code], None),
+        "kronfluence": (
+            [str(PEER_PY), __file__, "--serve", str(setup_file)],
+            f"fit {args}\nscore {sargs}\nrss\nquit\n",
+        ),
+    }
+    out = {}
+    for side, (argv, stdin) in runs.items():
+        r = subprocess.run(argv, input=stdin, text=True, check=True, capture_output=True)
+        last = [ln for ln in r.stdout.splitlines() if ln.startswith("@@")][-1]
+        out[side] = round(json.loads(last[2:])["peak_rss_kb"] / 1024, 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--serve", default=None, help="(peer side) the setup file")
@@ -472,6 +518,7 @@ def main() -> None:
     ap.add_argument("--lm-queries", type=int, default=8)
     ap.add_argument("--lm-modules", default="transformer.h.1.mlp")
     ap.add_argument("--timing", action="store_true")
+    ap.add_argument("--memory", action="store_true", help="peak RSS of one fit + score, per side")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--queries", type=int, default=100)
@@ -507,6 +554,13 @@ def main() -> None:
         flush=True,
     )
     out: dict[str, Any] = {}
+    if a.memory:
+        out["peak_rss_mib"] = peak_rss(setup_file, a.batch)
+        print(f"peak RSS of one EK-FAC fit + score (MiB): {out['peak_rss_mib']}", flush=True)
+        if not (a.parity or a.timing):
+            if a.json:
+                Path(a.json).write_text(json.dumps(out, indent=1))
+            return
     with PeerProcess(
         [str(PEER_PY), __file__, "--serve", str(setup_file), "--threads", str(a.threads)]
     ) as peer:
