@@ -85,6 +85,8 @@ FISHERS = ("true", "empirical")
 #: Kronfluence's heuristic damping: this times the mean eigenvalue of each module
 HEURISTIC_DAMPING_SCALE = 0.1
 StoreLike = Union[FeatureStore, str, Path]
+#: training rows converted to float64 at a time while scoring
+ROWS = 256
 
 
 @dataclass
@@ -872,10 +874,12 @@ class Influence:
                     out[:, a:b] = torch.from_numpy(got)
                     continue
             feats = self.store._read_npy(self.store._rels(a, b)[0], (b - a, self.store.dim))
-            block = left @ torch.from_numpy(feats.astype(np.float64)).T
-            out[:, a:b] = block
+            for r in range(0, b - a, ROWS):  # float64 copies of ROWS training rows at a time
+                rows = torch.from_numpy(feats[r : r + ROWS].astype(np.float64))
+                out[:, a + r : a + r + rows.shape[0]] = left @ rows.T
+            del feats
             if key is not None:
-                self.store.write_array(rel, block.numpy())
+                self.store.write_array(rel, out[:, a:b].numpy())
         return out
 
     def scores(
@@ -985,8 +989,9 @@ class Influence:
         """
         out = torch.zeros(self.store.n, dtype=torch.float64)
         for a, feats, _ in self.store.iter_blocks():
-            g = torch.from_numpy(feats.astype(np.float64))
-            out[a : a + g.shape[0]] = (self.precondition(g) * g).sum(1)
+            for r in range(0, feats.shape[0], ROWS):
+                g = torch.from_numpy(feats[r : r + ROWS].astype(np.float64))
+                out[a + r : a + r + g.shape[0]] = (self.precondition(g) * g).sum(1)
         return out
 
 
