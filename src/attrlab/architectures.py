@@ -94,7 +94,7 @@ def model(family: str) -> Any:
     return wrap(*testing.tiny_model(family, initializer_range=0.3))
 
 
-_STORES: dict[int, Any] = {}
+_STORES: dict[Any, Any] = {}
 
 
 def _store(lm: Any) -> Any:
@@ -107,6 +107,28 @@ def _store(lm: Any) -> Any:
         ex = ad.Examples.from_texts(lm, list(TRAIN_TEXTS), ids=[f"d{i}" for i in range(3)])
         _STORES[id(lm)] = (lm, tmp, ad.featurize(lm, ex, tmp.name, proj_dim=16, progress=False))
     return _STORES[id(lm)][2]
+
+
+def _factor_store(lm: Any) -> Any:
+    """EK-FAC factors of :data:`TRAIN_TEXTS` (one per model, in a temporary directory)."""
+    from . import data as ad
+
+    key = ("factors", id(lm))
+    if key not in _STORES:
+        tmp = tempfile.TemporaryDirectory(prefix="attrlab-architectures-")  # removed at exit
+        ex = ad.Examples.from_texts(lm, list(TRAIN_TEXTS), ids=[f"d{i}" for i in range(3)])
+        _STORES[key] = (lm, tmp, ad.fit_factors(lm, ex, tmp.name, batch_size=3))
+    return _STORES[key][2]
+
+
+def _influence_method(method: str) -> Callable[[Any], None]:
+    def run(lm: Any) -> None:
+        from .units.examples import TrainingExamples
+
+        u = TrainingExamples(_factor_store(lm), texts=list(TRAIN_TEXTS))
+        _finite(_attr(lm, QUERY, " Paris", units=u, method=method), len(TRAIN_TEXTS))
+
+    return run
 
 
 def _transcoders(lm: Any, k: int = 4) -> list[Any]:
@@ -425,6 +447,7 @@ CELLS: tuple[Cell, ...] = (
         "sentences",
         _inputs("expected-gradients", "sentences", CONTEXT, samples=4),
     ),  # fmt: skip
+    Cell("ekfac", "TrainingExamples(fit_factors store)", _influence_method("ekfac")),
     Cell("grad-cos", "TrainingExamples(store)", _store_method("grad-cos")),
     Cell("grad-dot", "TrainingExamples(store)", _store_method("grad-dot")),
     Cell("hierarchical", "sources", _sources("hierarchical")),
@@ -432,6 +455,7 @@ CELLS: tuple[Cell, ...] = (
     Cell("input-x-gradient", "words", _inputs("input-x-gradient", "words")),
     Cell("jsd", "sources", _sources("jsd")),
     Cell("kernelshap", "resid", _component("kernelshap", "resid", samples=16)),
+    Cell("kfac", "TrainingExamples(fit_factors store)", _influence_method("kfac")),
     Cell("lime", "tokens", _inputs("lime", "tokens", samples=16)),
     Cell("occlusion", "Neurons(neurons=[0, 1, 2, 3])", _component("occlusion", "neurons")),
     Cell("patch", "heads", _patch),

@@ -26,7 +26,8 @@ from .featurize import (
     query_features,
     select_params,
 )
-from .outputs import AnswerLogProb, AnswerMargin, ClassificationMargin, ModelOutput
+from .influence import Influence, fit_factors, linear_modules, self_influence
+from .outputs import AnswerLogProb, AnswerMargin, ClassificationMargin, ClassLogProb, ModelOutput
 from .project import Projector
 from .store import FeatureStore
 from .tracin import grad_similarity, tracin
@@ -35,17 +36,22 @@ from .trak import TRAK
 __all__ = [
     "AnswerLogProb",
     "AnswerMargin",
+    "ClassLogProb",
     "ClassificationMargin",
     "Examples",
     "FeatureStore",
     "GradientFeaturizer",
+    "Influence",
     "ModelOutput",
     "Projector",
     "TRAK",
     "checkpoint_hash",
     "featurize",
+    "fit_factors",
     "grad_similarity",
+    "linear_modules",
     "query_features",
     "select_params",
+    "self_influence",
     "tracin",
 ]

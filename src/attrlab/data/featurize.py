@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..model.budget import example_grad_bytes, grad_batch_size, saved_tensor_bytes
 from ..model.offload import has_offload, onloaded, state_items
-from .outputs import AnswerLogProb, AnswerMargin, ClassificationMargin, ModelOutput
+from .outputs import AnswerLogProb, AnswerMargin, ClassificationMargin, ClassLogProb, ModelOutput
 from .project import Projector
 from .store import CLAIM_TIMEOUT, FeatureStore
 
@@ -618,6 +618,7 @@ def query_features(
     if output is None:
         output = {
             "classification_margin": ClassificationMargin,
+            "class_logprob": ClassLogProb,
             "answer_logprob": AnswerLogProb,
             "answer_margin": AnswerMargin,
         }[man["output"]["name"]]()

@@ -10,6 +10,7 @@ relates the loss gradient to the value gradient (TRAK's ``Q``):
 - :class:`ClassificationMargin` — ``log(p_y / (1 - p_y))`` of the true class
   (TRAK's choice for classifiers); ``out_to_loss = 1 - p_y`` (exactly: the
   cross-entropy gradient is ``-(1 - p_y)`` times the margin gradient).
+- :class:`ClassLogProb` — ``log p_y`` of a classifier (minus its loss); ``out_to_loss = 1``.
 - :class:`AnswerLogProb` — for causal LMs: the log-probability of the answer
   tokens (minus the loss on them); ``out_to_loss = 1``.
 
@@ -30,6 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+
+def _at_least_f32(t: Tensor) -> Tensor:
+    """Half-precision logits upcast to float32; float64 ones stay float64."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 class ModelOutput:
@@ -68,6 +74,30 @@ class ClassificationMargin(ModelOutput):
         return margin, torch.sigmoid(-margin).detach()
 
 
+class ClassLogProb(ModelOutput):
+    """Log-probability ``log p_y`` of the true class of a classifier on ``(x, y)`` (minus its
+    cross-entropy loss); ``out_to_loss = 1``. The training-side output of influence functions
+    (:mod:`attrlab.data.influence`): its gradient is exactly minus the loss gradient.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(3, 4)
+        >>> v, q = ClassLogProb()(net, dict(net.named_parameters()), torch.ones(3), torch.tensor(1))
+        >>> bool(v < 0), float(q)
+        (True, 1.0)
+    """
+
+    name = "class_logprob"
+
+    def __call__(  # type: ignore[override]
+        self, model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        logits = functional_call(model, params, (x.unsqueeze(0),)).squeeze(0)  # [classes]
+        is_y = torch.arange(logits.shape[-1], device=logits.device) == y
+        value = (torch.log_softmax(logits, dim=-1) * is_y).sum()
+        return value, torch.ones((), dtype=value.dtype)
+
+
 class AnswerLogProb(ModelOutput):
     """Sum of log-probabilities of the answer tokens of a causal LM example.
 
@@ -89,7 +119,7 @@ class AnswerLogProb(ModelOutput):
             model, params, (), {"input_ids": ids.unsqueeze(0), "attention_mask": mask.unsqueeze(0)}
         )
         logits = out.logits if hasattr(out, "logits") else out[0]
-        logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # [T-1, vocab]
+        logp = torch.log_softmax(_at_least_f32(logits[0, :-1]), dim=-1)  # [T-1, vocab]
         tok_lp = logp.gather(-1, ids[1:, None])[:, 0]  # [T-1]
         value = (tok_lp * answer[1:].to(tok_lp.dtype)).sum()
         return value, torch.ones((), dtype=value.dtype)
@@ -116,7 +146,7 @@ class AnswerMargin(ModelOutput):
         out = functional_call(
             model, params, (), {"input_ids": ids.unsqueeze(0), "attention_mask": mask.unsqueeze(0)}
         )
-        logits = (out.logits if hasattr(out, "logits") else out[0])[0, :-1].float()  # [T-1, vocab]
+        logits = _at_least_f32((out.logits if hasattr(out, "logits") else out[0])[0, :-1])
         is_y = torch.arange(logits.shape[-1], device=logits.device)[None, :] == ids[1:, None]
         correct = (logits * is_y).sum(-1)  # [T-1]
         others = torch.logsumexp(logits.masked_fill(is_y, float("-inf")), dim=-1)

@@ -1,4 +1,5 @@
-"""Training-data attribution methods for ``units="train"``: TRAK, TracIn-CP, gradient dot / cosine.
+"""Training-data attribution methods for ``units="train"``: TRAK, TracIn-CP, gradient dot / cosine,
+EK-FAC / K-FAC influence functions (on a store written by :func:`attrlab.data.fit_factors`).
 
 The maths lives in :mod:`attrlab.data`; these classes connect it to
 ``al.attribute``. The target is the answer text whose log-probability after
@@ -144,3 +145,62 @@ class GradCos(_DataMethod):
 
         stores = u.open()
         return grad_similarity(stores, u.models(lm, len(stores)), queries, "cos", texts=u.texts)
+
+
+class _InfluenceMethod(_DataMethod):
+    strategy = "ekfac"
+
+    def __init__(
+        self, damping: float | None = None, fit: str | None = None, measurement: str = "logprob"
+    ):
+        if measurement not in ("logprob", "margin"):
+            raise InputError(f"measurement must be 'logprob' or 'margin', got {measurement!r}")
+        self.damping = damping
+        self.fit = fit
+        self.measurement = measurement
+
+    def _run(self, lm: Any, queries: Any, target: Any, u: Any) -> Any:
+        from ..data.influence import Influence
+
+        stores = u.open()
+        if len(stores) != 1:
+            raise InputError(
+                f"{self.name} scores against one store written by attrlab.data.fit_factors, "
+                f"got {len(stores)}"
+            )
+        from ..data.outputs import AnswerLogProb, AnswerMargin
+
+        inf = Influence(stores[0], strategy=self.strategy, damping=self.damping, fit=self.fit)
+        out = AnswerLogProb() if self.measurement == "logprob" else AnswerMargin()
+        return inf.attribute(u.models(lm, 1)[0], queries, output=out, texts=u.texts)
+
+
+@register("ekfac", ("train",))
+class Ekfac(_InfluenceMethod):
+    """Influence functions with EK-FAC curvature (``attrlab.data.Influence``).
+
+    Args:
+        damping: added to the corrected eigenvalues; None: 0.1 x their mean per
+            module (Kronfluence's heuristic).
+        fit: which factor fit of the store (when it holds several).
+        measurement: the query's ``"logprob"`` of the answer (default, as in
+            Kronfluence's LM examples) or its per-token ``"margin"`` summed.
+
+    Example:
+        >>> Ekfac(damping=1e-3).damping
+        0.001
+    """
+
+    strategy = "ekfac"
+
+
+@register("kfac", ("train",))
+class Kfac(_InfluenceMethod):
+    """Influence functions with K-FAC curvature ``(S ⊗ A + λI)^-1`` (``attrlab.data.Influence``).
+
+    Example:
+        >>> Kfac().name
+        'kfac'
+    """
+
+    strategy = "kfac"
