@@ -36,6 +36,7 @@ _TASKS: dict[str, str] = {
     "induction": "induction:Induction",
     "facts": "facts:Facts",
     "context_qa": "context_qa:ContextQA",
+    "reasoning": "reasoning:Reasoning",
 }
 
 
