@@ -26,9 +26,9 @@ prompt, :class:`attrlab.units.Trace`):
 * ``method="attention-suppression"`` — the sentence x sentence dependency
   matrix (causal). For each sentence ``i`` every later query position is kept
   from attending to ``i``'s tokens (all heads, all layers, before the
-  softmax); ``M[j, i]`` is the KL divergence of the next-token distribution
-  without vs with the suppression, averaged over the positions of sentence
-  ``j`` (rows = receiving sentence, 0 where ``j <= i``).
+  softmax); ``M[j, i]`` is the KL divergence of the distribution each token of
+  sentence ``j`` is predicted from, without vs with the suppression, averaged
+  over ``j``'s tokens (rows = receiving sentence, 0 where ``j <= i``).
 
 The answer of a rollout is the last sentence of its trace (``answer=`` a
 regular expression takes its last match instead, group 1 if it has one); a
@@ -610,7 +610,10 @@ def suppression_mask(
 
 def suppression_matrix(lm: Any, view: TraceView, batch_size: int | None = None) -> Tensor:
     """``M [n, n]`` (rows = receiving sentence j, columns = suppressed sentence i):
-    mean over the positions of ``j`` of ``KL(p(. | original) || p(. | i suppressed))``.
+    the mean over the tokens ``t`` of sentence ``j`` of
+    ``KL(p(t | prefix, original) || p(t | prefix, i suppressed))``, the
+    distributions the model predicts each of ``j``'s tokens from (the outputs at
+    the positions just before them).
 
     Example:
         >>> import attrlab as al
@@ -639,7 +642,7 @@ def suppression_matrix(lm: Any, view: TraceView, batch_size: int | None = None) 
             for r, i in enumerate(rows):
                 for j in range(i + 1, n):
                     a, b = view.spans[j]
-                    out[j, i] = kl[r, a:b].mean()
+                    out[j, i] = kl[r, a - 1 : b - 1].mean()  # the distributions of j's tokens
     return out
 
 

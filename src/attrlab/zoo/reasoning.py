@@ -1,7 +1,7 @@
 """Reasoning: execute a short program step by step, then state the value asked for.
 
-The prompt is a program of 4-6 assignments over one-letter variables, digits
-and addition modulo 10, and a question; the model writes a chain of thought,
+The prompt is a program of 6 assignments to the variables ``a`` to ``f`` (in
+that order; constants and sums modulo 10), and a question; the model writes a chain of thought,
 one sentence per assignment in program order (a constant is restated, a sum is
 restated with its operands' values, copied from the earlier steps, and its
 value; every step ends with ``<name> is <value> .``), then the answer::
@@ -136,8 +136,8 @@ def build_prompt(program: list[str], ask: str) -> str:
 
 
 class Reasoning(Task):
-    """Programs of 4-6 assignments (mod-10 sums) executed step by step in a
-    chain of thought.
+    """Programs of 6 assignments (``min_steps`` to ``max_steps``; constants and
+    mod-10 sums) executed step by step in a chain of thought.
 
     Example:
         >>> from attrlab.zoo.reasoning import Reasoning
@@ -150,13 +150,13 @@ class Reasoning(Task):
     description = "execute a small program in a chain of thought; known step dependencies"
     ends_with_eos = True
 
-    def __init__(self, min_steps: int = 4, max_steps: int = 6):
+    def __init__(self, min_steps: int = 6, max_steps: int = 6):
         self.min_steps, self.max_steps = min_steps, max_steps
 
     # ------------------------------------------------------------- generation
     def _structure(self, rng: random.Random) -> tuple[list[str], list[tuple[str, Any]]]:
         n = rng.randint(self.min_steps, self.max_steps)
-        names = rng.sample(VARIABLES, n)
+        names = list(VARIABLES[:n])  # in order: the next step's name is the next letter
         stmts: list[tuple[str, Any]] = []
         for i in range(n):
             r = rng.random()
@@ -236,7 +236,7 @@ class Reasoning(Task):
         return self.sample_texts(50), words
 
     # ------------------------------------------------------------- evaluation
-    def accuracy(self, lm: Any, examples: list[Any], max_new_tokens: int = 64) -> float:
+    def accuracy(self, lm: Any, examples: list[Any], max_new_tokens: int = 96) -> float:
         """Fraction of ``examples`` whose greedy trace (by wrapped model ``lm``)
         ends with the correct answer sentence.
 
@@ -277,7 +277,7 @@ def answer_of(trace: str) -> str | None:
     return None
 
 
-def generate_traces(lm: Any, prompts: list[str], max_new_tokens: int = 64) -> list[str]:
+def generate_traces(lm: Any, prompts: list[str], max_new_tokens: int = 96) -> list[str]:
     """Greedy traces of wrapped model ``lm`` for ``prompts`` (batched, stops at
     the end-of-text token), decoded without the prompt.
 
@@ -319,6 +319,49 @@ def auroc(scores: list[float], labels: list[int]) -> float:
         return float("nan")
     wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
     return wins / (len(pos) * len(neg))
+
+
+def _edge_scores(lm: Any, ex: ReasoningExample, units: Any) -> tuple[list[float], list[int]]:
+    """Attention-suppression scores of every pair ``i < j`` of sentences and
+    whether ``i`` is a parent of ``j``."""
+    import attrlab as al
+
+    m = al.attribute(lm, ex.prompt, units=units, method="attention-suppression").scores
+    s, y = [], []
+    for j in range(len(ex.steps)):
+        for i in range(j):
+            s.append(float(m[j, i]))
+            y.append(int(i in ex.parents[j]))
+    return s, y
+
+
+def suppression_auroc(lm: Any, examples: list[ReasoningExample]) -> dict[str, float]:
+    """AUROC of the attention-suppression matrix for the dependency edges, per
+    prompt (mean) and pooled, over the prompts whose greedy trace is correct
+    (cheap: one batched forward per prompt).
+
+    Example:
+        >>> import attrlab as al
+        >>> t = al.zoo.task("reasoning")
+        >>> suppression_auroc(al.zoo.load("reasoning"), t.examples(3))["evaluated"]
+        3
+    """
+    from ..units.trace import Trace
+
+    units = Trace()
+    per, ps, py = [], [], []
+    for ex in examples:
+        if units.prepare(lm, ex.prompt).texts != ex.steps:
+            continue
+        s, y = _edge_scores(lm, ex, units)
+        per.append(auroc(s, y))
+        ps += s
+        py += y
+    return {
+        "evaluated": len(per),
+        "auroc_mean": sum(per) / max(1, len(per)),
+        "auroc_pooled": auroc(ps, py),
+    }
 
 
 def anchor_metrics(
@@ -377,12 +420,7 @@ def anchor_metrics(
         best = max(range(len(steps)), key=lambda i: steps[i])
         top.append(best in ex.answer_deps)
         below.append(max(steps[i] for i in ex.distractors) < min(steps[i] for i in ex.answer_deps))
-        m = al.attribute(lm, ex.prompt, units=units, method="attention-suppression").scores
-        s, y = [], []
-        for j in range(len(ex.steps)):
-            for i in range(j):
-                s.append(float(m[j, i]))
-                y.append(int(i in ex.parents[j]))
+        s, y = _edge_scores(lm, ex, units)
         aurocs.append(auroc(s, y))
         pooled_s += s
         pooled_y += y
