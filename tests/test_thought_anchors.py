@@ -223,6 +223,13 @@ def test_typed_errors(lm, ex):
         al.attribute(lm, [ex.prompt, ex.prompt], units="trace", method="attention-suppression")
 
 
+def test_suppression_refuses_a_model_without_4d_masks():
+    lm = al.wrap(*al.testing.tiny_model("bloom"))
+    units = al.units.Trace(trace=" The cat sat. It slept.")
+    with pytest.raises(al.errors.UnsupportedArchitectureError, match="4-D attention mask"):
+        al.attribute(lm, "Paris is a city.", units=units, method="attention-suppression")
+
+
 def test_auroc_by_hand():
     assert auroc([3, 2, 1, 0], [1, 1, 0, 0]) == 1.0
     assert auroc([0, 1], [1, 0]) == 0.0

@@ -113,7 +113,7 @@ def conditioned_probs(logp: Tensor, token: int, log_q_here: float, log_q_next: f
 
     Example:
         >>> logp = torch.tensor([0.5, 0.3, 0.2]).log()
-        >>> conditioned_probs(logp, 0, math.log(0.5), 0.0).tolist()   # one-token sentence
+        >>> [round(abs(x), 6) for x in conditioned_probs(logp, 0, math.log(0.5), 0.0).tolist()]
         [0.0, 0.6, 0.4]
     """
     p = logp.double().exp()
@@ -320,7 +320,7 @@ class Resampling(Method):
         >>> lm = al.zoo.load("reasoning")
         >>> ex = al.zoo.task("reasoning").examples(1)[0]
         >>> r = al.attribute(lm, ex.prompt, units="trace", method="resampling",
-        ...                  rollouts=4, progress=False)
+        ...                  rollouts=2, progress=False)
         >>> len(r.scores) == len(ex.steps)
         True
     """
@@ -466,7 +466,7 @@ def receiver_heads(
     Example:
         >>> import attrlab as al
         >>> t = al.zoo.task("reasoning")
-        >>> heads = receiver_heads(al.zoo.load("reasoning"), [e.prompt for e in t.examples(3)])
+        >>> heads = receiver_heads(al.zoo.load("reasoning"), [e.prompt for e in t.examples(2)])
         >>> len(heads)
         3
     """
@@ -608,6 +608,27 @@ def suppression_mask(
     return m
 
 
+def _check_4d_masks(lm: Any, ids: Tensor, base: Tensor, dtype: torch.dtype) -> None:
+    """Refuse models whose forward does not take an additive 4-D attention mask
+    (ALiBi models, OPT's positions from the mask): the plain causal mask in 4-D
+    form must give the model's own logits ``base [pos, vocab]``."""
+    from ..errors import UnsupportedArchitectureError
+
+    causal = suppression_mask(ids.shape[1], (0, 0), dtype)[None, None].to(lm.device)
+    why = ""
+    try:
+        same, _ = lm.hf_forward(ids, attention_mask=causal)
+        if not torch.allclose(same[0].float(), base.float(), atol=1e-4, rtol=1e-3):
+            why = "its logits change under an all-causal 4-D mask"
+    except (ValueError, IndexError, RuntimeError, TypeError) as e:
+        why = f"{type(e).__name__}: {e}"
+    if why:
+        raise UnsupportedArchitectureError(
+            f"attention-suppression needs a model whose forward takes an additive 4-D "
+            f"attention mask; {lm.cfg.family} does not ({why}). Use resampling or receiver-heads"
+        )
+
+
 def suppression_matrix(lm: Any, view: TraceView, batch_size: int | None = None) -> Tensor:
     """``M [n, n]`` (rows = receiving sentence j, columns = suppressed sentence i):
     the mean over the tokens ``t`` of sentence ``j`` of
@@ -627,6 +648,7 @@ def suppression_matrix(lm: Any, view: TraceView, batch_size: int | None = None) 
     with torch.no_grad():
         base, _ = lm.hf_forward(ids)
         base_lp = base[0].double().log_softmax(-1)  # [T, vocab]
+        _check_4d_masks(lm, ids, base[0], lm.dtype)
         out = torch.zeros(n, n, dtype=torch.float64)
         bs = batch_size or n
         for s in range(0, n, bs):
