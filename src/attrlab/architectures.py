@@ -187,6 +187,20 @@ def _heads(lm: Any) -> int:
 
 
 # ------------------------------------------------------------------- cells
+def _trace(method: str, **opts: Any) -> Callable[[Any], None]:
+    """A Thought Anchors method on a given 3-sentence trace (rollouts, if any,
+    stop after a few tokens)."""
+
+    def run(lm: Any) -> None:
+        from .units.trace import Trace
+
+        units = Trace(trace=" The cat sat. It was warm. Then it slept.", max_new_tokens=16)
+        r = _attr(lm, "Paris is a city.", units=units, method=method, **opts)
+        _finite(r, 3)
+
+    return run
+
+
 def _component(method: str, units: str, **opts: Any) -> Callable[[Any], None]:
     def run(lm: Any) -> None:
         n = {"heads": _heads(lm), "mlp": lm.cfg.n_layers, "attn": lm.cfg.n_layers}.get(units)
@@ -459,6 +473,9 @@ CELLS: tuple[Cell, ...] = (
     Cell("lime", "tokens", _inputs("lime", "tokens", samples=16)),
     Cell("occlusion", "Neurons(neurons=[0, 1, 2, 3])", _component("occlusion", "neurons")),
     Cell("patch", "heads", _patch),
+    Cell("attention-suppression", "trace", _trace("attention-suppression")),
+    Cell("receiver-heads", "trace", _trace("receiver-heads", top_k=2)),
+    Cell("resampling", "trace", _trace("resampling", rollouts=2, progress=False)),
     Cell("relp", "mlp", _component("relp", "mlp")),
     Cell("saliency", "tokens", _inputs("saliency", "tokens")),
     Cell("shapley", "attn", _component("shapley", "attn", permutations=2)),

@@ -799,6 +799,26 @@ def _lens_panel(r: Attribution, k: int) -> str:
     return body
 
 
+def _trace_matrix_panel(r: Attribution, k: int) -> str:
+    """A sentence x sentence result (attention suppression): the matrix (rows =
+    receiving sentence) and the dependency graph of its strongest entries."""
+    from ..methods.thought_anchors import dependency_graph
+    from .graph import graph_svg
+
+    texts = [str(t) for t in r.units.get("text", [])]
+    labels = [f"S{i}: {t}" for i, t in enumerate(texts)]
+    heat = render_heatmap(
+        r.scores.tolist(), labels, labels, row_title="receiving sentence",
+        col_title="sentence", values=False, vertical_cols=True,
+    )  # fmt: skip
+    graph = graph_svg(dependency_graph(r, k=min(k, 2 * len(texts))))
+    return (
+        f'{heat}<div class="al-note">dependency graph: the strongest entries, '
+        f"sentence -> the later sentence that depends on it</div>"
+        f'<div style="overflow-x:auto">{graph}</div>'
+    )
+
+
 def panel_body(r: Attribution, k: int = 15) -> str:
     """The visualization of one result (without the header and metadata)."""
     kind = r.unit_kind
@@ -806,6 +826,8 @@ def panel_body(r: Attribution, k: int = 15) -> str:
         return _lens_panel(r, k)
     if kind in TOKEN_KINDS:
         return _token_panel(r, k)
+    if kind == "trace" and r.scores.dim() == 2:
+        return _trace_matrix_panel(r, k)
     if kind == "edges" or edge_list(r) and kind in ("circuit", "graph"):
         return _edges_panel(r, k)
     if kind in TEXT_KINDS or ("text" in r.units and kind not in ("heads", "layers")):

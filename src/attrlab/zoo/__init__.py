@@ -36,6 +36,7 @@ _TASKS: dict[str, str] = {
     "induction": "induction:Induction",
     "facts": "facts:Facts",
     "context_qa": "context_qa:ContextQA",
+    "reasoning": "reasoning:Reasoning",
 }
 
 
@@ -56,7 +57,7 @@ def all_tasks() -> list[str]:
     Example:
         >>> import attrlab as al
         >>> al.zoo.all_tasks()
-        ['ioi', 'induction', 'facts', 'context_qa']
+        ['ioi', 'induction', 'facts', 'context_qa', 'reasoning']
     """
     return list(_registry())
 
@@ -73,7 +74,7 @@ def tasks() -> list[str]:
 
 
 def task(name: str) -> Any:
-    """The task generator ``name`` ("ioi", "induction", "facts", "context_qa").
+    """The task generator ``name`` ("ioi", "induction", "facts", "context_qa", "reasoning").
 
     Raises:
         InputError: unknown task name.

@@ -75,6 +75,8 @@ class Task(ABC):
 
     name: str = ""
     description: str = ""
+    #: training texts end with the end-of-text token (the model learns to stop)
+    ends_with_eos: bool = False
 
     def examples(self, n: int, seed: int = 0, split: str = "test") -> list[Any]:
         """``n`` examples of ``split`` ("train" or "test"), reproducible from ``seed``.
@@ -124,6 +126,21 @@ class Task(ABC):
     def training_text(self, ex: Example) -> str:
         """The text the model is trained on for ``ex``: prompt + answer + ending."""
         return ex.prompt + ex.answer + "."
+
+    def accuracy(self, lm: Any, examples: list[Any]) -> float:
+        """Top-1 accuracy of wrapped model ``lm`` on ``examples``: the next token
+        after the prompt is the answer (tasks whose model writes first, such as
+        ``reasoning``, override this).
+
+        Example:
+            >>> import attrlab as al
+            >>> t = al.zoo.task("ioi")
+            >>> 0.0 <= t.accuracy(al.zoo.load("ioi"), t.examples(5)) <= 1.0
+            True
+        """
+        from .train import accuracy
+
+        return accuracy(lm, examples)
 
     def training_stream(self, seed: int = 0) -> Iterator[tuple[str, str | None]]:
         """Endless ``(text, prompt)`` pairs to train on; ``prompt`` is the prefix

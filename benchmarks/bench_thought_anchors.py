@@ -1,0 +1,101 @@
+"""Thought Anchors on the zoo reasoning model: rollout throughput and acceptance.
+
+Part 1 (cost): counterfactual resampling (``method="resampling"``) on held-out
+prompts of the ``reasoning`` zoo task, rollouts per second batched (all
+rollouts of a prefix in one batch, continuing the trace's key/value cache)
+versus one by one (``batch_size=1, reuse_prefix=False``: every rollout
+recomputes its prefix). Both give identical scores (each rollout has its own
+seeded stream); the sides are interleaved (benchmarks/_interleave.py), one
+thread.
+
+Part 2 (acceptance): :func:`attrlab.zoo.reasoning.anchor_metrics` on held-out
+prompts: the top step by counterfactual resampling is a true dependency of the
+answer; every distractor step scores below every true dependency; AUROC of the
+attention-suppression matrix for the dependency edges.
+
+Run: ``python benchmarks/bench_thought_anchors.py [--part 1|2|all] [--prompts 3]
+[--rollouts 16] [--repeats 3] [--acceptance 100] [--acceptance-rollouts 20]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _interleave import interleaved, loadavg  # noqa: E402
+
+import attrlab as al  # noqa: E402
+from attrlab.zoo.reasoning import anchor_metrics  # noqa: E402
+
+
+def part1(prompts: int, rollouts: int, repeats: int) -> dict[str, object]:
+    lm = al.zoo.load("reasoning")
+    exs = al.zoo.task("reasoning").examples(prompts, seed=7)
+    out: dict[str, list[float]] = {}
+    total = {"n": 0}
+
+    def run(batched: bool) -> None:
+        n = 0
+        for ex in exs:
+            kw = {} if batched else {"batch_size": 1, "reuse_prefix": False}
+            r = al.attribute(
+                lm, ex.prompt, units="trace", method="resampling", rollouts=rollouts,
+                progress=False, **kw,
+            )  # fmt: skip
+            n += r.diagnostics["rollouts_total"]
+        total["n"] = n
+
+    times = interleaved(
+        {"batched": lambda: run(True), "one-by-one": lambda: run(False)}, repeats=repeats
+    )
+    for k, v in times.items():
+        out[k] = v
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res = {
+        "rollouts": total["n"],
+        "seconds": med,
+        "rollouts_per_second": {k: total["n"] / s for k, s in med.items()},
+        "speedup": med["one-by-one"] / med["batched"],
+        "load": loadavg(),
+    }
+    print(json.dumps(res, indent=1))
+    return res
+
+
+def part2(n: int, rollouts: int) -> dict[str, object]:
+    lm = al.zoo.load("reasoning")
+    exs = al.zoo.task("reasoning").examples(n, seed=0, split="test")
+    t0 = time.perf_counter()
+    m = anchor_metrics(lm, exs, rollouts=rollouts, seed=0, progress=True)
+    m["seconds"] = time.perf_counter() - t0
+    m["load"] = loadavg()
+    print(json.dumps(m, indent=1))
+    return m
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--part", default="all", choices=["1", "2", "all"])
+    p.add_argument("--prompts", type=int, default=3)
+    p.add_argument("--rollouts", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--acceptance", type=int, default=100)
+    p.add_argument("--acceptance-rollouts", type=int, default=20)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    if a.part in ("1", "all"):
+        part1(a.prompts, a.rollouts, a.repeats)
+    if a.part in ("2", "all"):
+        part2(a.acceptance, a.acceptance_rollouts)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Trace sentences: the sentences of a chain of thought the model writes.
+
+``units="trace"`` (or ``al.units.Trace(max_new_tokens=...)``) makes the units
+the sentences of the model's own greedy continuation of the prompt (or of a
+given ``trace`` text): the reasoning steps that the Thought Anchors methods
+(:mod:`attrlab.methods.thought_anchors`) score. A sentence ends after ``.``,
+``!``, ``?`` or a newline (the split of ``units="sentences"``); generation
+stops at the end-of-text token or after ``max_new_tokens``.
+
+Each generated token belongs to the sentence holding its first non-space
+character; the labels are ``sentence`` (index), ``text``, ``start`` and ``end``
+(token positions of the prepared input, BOS included, end exclusive).
+
+Example:
+    >>> import attrlab as al
+    >>> lm = al.zoo.load("reasoning")
+    >>> ex = al.zoo.task("reasoning").examples(1)[0]
+    >>> view = al.units.Trace().prepare(lm, ex.prompt)
+    >>> view.texts == ex.steps
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ContextTooLongError, InputError
+from .base import Units, register_units
+
+__all__ = ["Trace", "TraceView", "greedy_continuation"]
+
+
+@dataclass
+class TraceView:
+    """A prompt and the trace after it, split into sentences.
+
+    Attributes:
+        ids: token ids of prompt + trace ``[pos]`` (BOS first; no end-of-text token).
+        n_prompt: how many positions are the prompt.
+        prompt: the prompt text.
+        trace: the trace text (decoded continuation).
+        texts: the sentences of the trace.
+        spans: token positions ``(start, end)`` of each sentence in ``ids``.
+        ended: whether the trace ended with the end-of-text token.
+        tokens: each token of ``ids`` decoded on its own.
+    """
+
+    ids: list[int]
+    n_prompt: int
+    prompt: str
+    trace: str
+    texts: list[str]
+    spans: list[tuple[int, int]]
+    ended: bool = True
+    tokens: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        """Number of sentences."""
+        return len(self.texts)
+
+    def labels(self) -> dict[str, list[Any]]:
+        """Unit label columns: ``sentence``, ``text``, ``start``, ``end``."""
+        return {
+            "sentence": list(range(self.n)),
+            "text": list(self.texts),
+            "start": [a for a, _ in self.spans],
+            "end": [b for _, b in self.spans],
+        }
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-able facts for a result's ``meta``."""
+        return {
+            "prompt": self.prompt,
+            "trace": self.trace,
+            "ids": self.ids,
+            "tokens": self.tokens,
+            "n_prompt": self.n_prompt,
+            "ended": self.ended,
+        }
+
+
+def greedy_continuation(lm: Any, ids: list[int], max_new_tokens: int) -> tuple[list[int], bool]:
+    """Greedy tokens after ``ids`` until the end-of-text token (not included)
+    or ``max_new_tokens``, one cached forward per token; ``(tokens, ended)``.
+
+    Example:
+        >>> import attrlab as al
+        >>> lm = al.wrap(*al.testing.tiny_model("llama"))
+        >>> toks, ended = greedy_continuation(lm, lm.encode("a b"), 3)
+        >>> len(toks) <= 3
+        True
+    """
+    eos = getattr(lm.tokenizer, "eos_token_id", None)
+    out: list[int] = []
+    with torch.no_grad():
+        logits, kv = lm.hf_forward(torch.tensor([ids], device=lm.device), use_cache=True)
+        for step in range(max_new_tokens):
+            nxt = int(logits[0, -1].argmax())
+            if eos is not None and nxt == eos:
+                return out, True
+            out.append(nxt)
+            if step + 1 == max_new_tokens:
+                break
+            pos = torch.tensor([[len(ids) + len(out) - 1]], device=lm.device)
+            logits, kv = lm.hf_forward(
+                torch.tensor([[nxt]], device=lm.device),
+                position_ids=pos,
+                kv_cache=kv,
+                use_cache=True,
+            )
+    return out, False
+
+
+def split_sentences(
+    lm: Any, prompt_len: int, trace_ids: list[int]
+) -> tuple[str, list[str], list[tuple[int, int]]]:
+    """``(trace text, sentence texts, token spans)`` of generated ``trace_ids``
+    (positions counted from the start of the prepared input, ``prompt_len`` first)."""
+    from .tokens import Sentences
+
+    tok = lm.tokenizer
+    pieces = [tok.decode([t]) for t in trace_ids]
+    text = "".join(pieces)
+    bounds = Sentences().spans(text)
+    starts: list[int] = []
+    c = 0
+    for p in pieces:  # first non-space character of each token
+        k = len(p) - len(p.lstrip())
+        starts.append(c + k if k < len(p) else c)
+        c += len(p)
+    texts, spans = [], []
+    for a, b in bounds:
+        pos = [i for i, s in enumerate(starts) if a <= s < b]
+        if pos:
+            texts.append(text[a:b])
+            spans.append((prompt_len + pos[0], prompt_len + pos[-1] + 1))
+    return text, texts, spans
+
+
+@register_units("trace")
+class Trace(Units):
+    """One unit per sentence of the trace the model writes after the prompt.
+
+    Args:
+        max_new_tokens: longest trace generated (greedy, stops at end-of-text).
+        trace: a given trace text to use instead of generating one (its tokens
+            are appended to the prompt's).
+
+    Example:
+        >>> import attrlab as al
+        >>> al.units.resolve("trace").kind
+        'trace'
+    """
+
+    target_kind = "raw"
+
+    def __init__(self, max_new_tokens: int = 96, trace: str | None = None):
+        if (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 1
+        ):
+            raise InputError(
+                f"trace: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}"
+            )
+        if trace is not None and not isinstance(trace, str):
+            raise InputError(f"trace: trace must be a string or None, got {type(trace).__name__}")
+        self.max_new_tokens = max_new_tokens
+        self.trace = trace
+
+    def updated(self, **options: Any) -> Trace:
+        """A copy with some options changed."""
+        return Trace(**{**self.params(), **options})
+
+    def resolve_target(self, target: Any, lm: Any) -> Any:
+        return target
+
+    def prepare(self, lm: Any, inputs: Any) -> TraceView:
+        """The prompt, its trace (generated greedily unless given) and the sentences.
+
+        Raises:
+            InputError: not one text prompt, or a trace with no sentence.
+            ContextTooLongError: prompt + trace longer than the model's context.
+        """
+        if isinstance(inputs, (list, tuple)) and len(inputs) == 1:
+            inputs = inputs[0]
+        if not isinstance(inputs, str):
+            raise InputError("units='trace' explain one text prompt at a time; pass a string")
+        ids = lm.tokenize(inputs).input_ids[0].tolist()
+        n_ctx = lm.cfg.n_ctx
+        if self.trace is not None:
+            gen = lm.tokenizer(self.trace, add_special_tokens=False)["input_ids"]
+            ended = True
+        else:
+            if n_ctx is not None and len(ids) >= n_ctx:
+                raise ContextTooLongError(
+                    f"the prompt has {len(ids)} tokens; this model's context is {n_ctx}"
+                )
+            budget = (
+                self.max_new_tokens if n_ctx is None else min(self.max_new_tokens, n_ctx - len(ids))
+            )
+            gen, ended = greedy_continuation(lm, ids, budget)
+        if n_ctx is not None and len(ids) + len(gen) > n_ctx:
+            raise ContextTooLongError(
+                f"prompt + trace is {len(ids) + len(gen)} tokens; this model's context is {n_ctx}"
+            )
+        text, texts, spans = split_sentences(lm, len(ids), gen)
+        if not texts:
+            raise InputError(
+                "the trace has no sentence to attribute (the model wrote nothing); "
+                "check the prompt or give trace='...'"
+            )
+        full = ids + gen
+        return TraceView(
+            ids=full,
+            n_prompt=len(ids),
+            prompt=inputs,
+            trace=text,
+            texts=texts,
+            spans=spans,
+            ended=ended,
+            tokens=lm.to_str_tokens(full),
+        )
