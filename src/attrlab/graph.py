@@ -25,7 +25,7 @@ from typing import Any
 
 from .errors import FileFormatError, InputError, NonFiniteError
 
-__all__ = ["GraphResult"]
+__all__ = ["GraphResult", "dependency_graph"]
 
 FORMAT = "attrlab.graph/1"
 
@@ -214,3 +214,43 @@ class GraphResult:
 
     def _repr_html_(self) -> str:
         return self.to_html()
+
+
+def dependency_graph(result: Any, k: int | None = None) -> GraphResult:
+    """A :class:`~attrlab.graph.GraphResult` of a sentence x sentence result
+    (``attention-suppression``): one node per sentence, an edge ``i -> j`` of
+    weight ``M[j, i]`` for the ``k`` strongest entries (default: ``2 n``).
+
+    Example:
+        >>> import attrlab as al
+        >>> ex = al.zoo.task("reasoning").examples(1)[0]
+        >>> r = al.attribute(al.zoo.load("reasoning"), ex.prompt, units="trace",
+        ...                  method="attention-suppression")
+        >>> g = al.graph.dependency_graph(r, k=3)
+        >>> g.n_edges
+        3
+    """
+    m = result.scores
+    if m.dim() != 2 or m.shape[0] != m.shape[1]:
+        raise InputError(
+            "dependency_graph needs a sentence x sentence result (attention-suppression)"
+        )
+    n = m.shape[0]
+    texts = result.units.get("text") or [str(i) for i in range(n)]
+    ids = [f"S{i}: {t}" for i, t in enumerate(texts)]
+    pairs = sorted(((float(m[j, i]), i, j) for j in range(n) for i in range(j)), reverse=True)
+    pairs = pairs[: (2 * n if k is None else k)]
+    return GraphResult(
+        {"id": ids, "position": list(range(n)), "level": [float(i % 2) for i in range(n)]},
+        {
+            "source": [ids[i] for _, i, _ in pairs],
+            "target": [ids[j] for _, _, j in pairs],
+            "weight": [w for w, _, _ in pairs],
+            "kind": ["attention"] * len(pairs),
+        },
+        method=result.method,
+        target=result.target,
+        params=result.params,
+        model_id=result.model_id,
+        meta={"tokens": texts},
+    )

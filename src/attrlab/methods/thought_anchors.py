@@ -56,6 +56,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..errors import InputError
+from ..graph import dependency_graph  # noqa: F401  (re-exported: the method's graph view)
 from ..units.trace import Trace, TraceView
 from .base import Method, check_float, check_int, register
 
@@ -669,43 +670,4 @@ def suppression_matrix(lm: Any, view: TraceView, batch_size: int | None = None) 
 
 
 # ------------------------------------------------------------------ the graph
-def dependency_graph(result: Any, k: int | None = None) -> Any:
-    """A :class:`~attrlab.graph.GraphResult` of a sentence x sentence result
-    (``attention-suppression``): one node per sentence, an edge ``i -> j`` of
-    weight ``M[j, i]`` for the ``k`` strongest entries (default: ``2 n``).
-
-    Example:
-        >>> import attrlab as al
-        >>> ex = al.zoo.task("reasoning").examples(1)[0]
-        >>> r = al.attribute(al.zoo.load("reasoning"), ex.prompt, units="trace",
-        ...                  method="attention-suppression")
-        >>> g = dependency_graph(r, k=3)
-        >>> g.n_edges
-        3
-    """
-    from ..graph import GraphResult
-
-    m = result.scores
-    if m.dim() != 2 or m.shape[0] != m.shape[1]:
-        raise InputError(
-            "dependency_graph needs a sentence x sentence result (attention-suppression)"
-        )
-    n = m.shape[0]
-    texts = result.units.get("text") or [str(i) for i in range(n)]
-    ids = [f"S{i}: {t}" for i, t in enumerate(texts)]
-    pairs = sorted(((float(m[j, i]), i, j) for j in range(n) for i in range(j)), reverse=True)
-    pairs = pairs[: (2 * n if k is None else k)]
-    return GraphResult(
-        {"id": ids, "position": list(range(n)), "level": [float(i % 2) for i in range(n)]},
-        {
-            "source": [ids[i] for _, i, _ in pairs],
-            "target": [ids[j] for _, _, j in pairs],
-            "weight": [w for w, _, _ in pairs],
-            "kind": ["attention"] * len(pairs),
-        },
-        method=result.method,
-        target=result.target,
-        params=result.params,
-        model_id=result.model_id,
-        meta={"tokens": texts},
-    )
+# dependency_graph (a view of a result: no computation) lives in attrlab.graph

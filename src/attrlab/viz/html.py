@@ -802,7 +802,7 @@ def _lens_panel(r: Attribution, k: int) -> str:
 def _trace_matrix_panel(r: Attribution, k: int) -> str:
     """A sentence x sentence result (attention suppression): the matrix (rows =
     receiving sentence) and the dependency graph of its strongest entries."""
-    from ..methods.thought_anchors import dependency_graph
+    from ..graph import dependency_graph
     from .graph import graph_svg
 
     texts = [str(t) for t in r.units.get("text", [])]
