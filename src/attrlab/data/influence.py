@@ -41,8 +41,11 @@ gradients of the tracked modules as its feature shards (via
 partial sums of ``A`` and ``S``, then the eigendecomposition, then per shard
 the partial sums of ``Λ`` — every file checksummed, atomically written and
 recorded, so a process killed at any instant resumes with the missing pieces
-and gives bit-identical factors. :class:`Influence` scores queries against the
-store shard by shard (``cache=True`` records each shard's score block, so
+and gives bit-identical factors. Under ``torchrun`` (or with ``rank`` /
+``world_size``) each rank computes every stage for its own shards, and rank 0
+combines the covariance shards and eigendecomposes: the same files as one
+process (see :mod:`attrlab.data.distributed`). :class:`Influence` scores
+queries against the store shard by shard (``cache=True`` records each shard's score block, so
 scoring resumes too).
 
 Example:
@@ -87,6 +90,8 @@ HEURISTIC_DAMPING_SCALE = 0.1
 StoreLike = Union[FeatureStore, str, Path]
 #: training rows converted to float64 at a time while scoring
 ROWS = 256
+#: seconds a rank without a process group waits for the other ranks' files
+RANK_WAIT = 24 * 3600.0
 
 
 @dataclass
@@ -359,6 +364,8 @@ def fit_factors(
     mode: str = "auto",
     progress: bool = False,
     output: ModelOutput | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> FeatureStore:
     """Fit K-FAC / EK-FAC factors of ``model`` on ``data`` into the store at ``path`` (resuming).
 
@@ -389,9 +396,20 @@ def fit_factors(
             influence). :class:`AnswerMargin` gives TRAK's training-side function
             (its gradient does not vanish on memorized tokens) with the same
             curvature — a documented departure from the influence function.
+        rank, world_size: this process's share (default: from ``torch.distributed``
+            if a process group is initialized, e.g. under ``torchrun``, else the
+            whole set). Rank ``r`` computes every stage for the shards ``j`` with
+            ``j % world_size == r`` and writes them into the shared store; rank 0
+            sums the covariance shards (in shard order, as a single process does)
+            and eigendecomposes, then writes the fit's index entry. Between the
+            stages the ranks wait for each other (``torch.distributed`` barriers,
+            or, without a process group, by polling the store for the other
+            ranks' files). The files equal a single-process fit's byte for byte.
 
     Raises:
-        InputError: unknown ``strategy`` / ``fisher``, no linear module, bad sizes.
+        InputError: unknown ``strategy`` / ``fisher``, no linear module, bad sizes,
+            or (ranks without a process group) the other ranks' files did not
+            appear within :data:`RANK_WAIT` seconds.
         StoreMismatchError: ``path`` holds a store for another model or dataset.
         NonFiniteError: a factor is NaN/inf (nothing is written for that shard).
 
@@ -402,6 +420,8 @@ def fit_factors(
         >>> [f["strategy"] for f in Influence(s).fits()]
         ['ekfac']
     """
+    from .distributed import dist_info
+
     model, name = _unwrap(model)
     model_id = model_id or name
     if strategy not in STRATEGIES:
@@ -414,6 +434,7 @@ def fit_factors(
         raise InputError("batch_size and shard_size must be positive")
     if len(data) == 0:
         raise InputError("no training examples")
+    r, w, use_dist = dist_info(rank, world_size)
     names = linear_modules(model, modules)
     params = _param_names(model, names)
     lm = _is_lm(data)
@@ -428,6 +449,8 @@ def fit_factors(
         batch_size=batch_size,
         shard_size=shard_size,
         model_id=model_id,
+        rank=rank,
+        world_size=world_size,
         finalize=False,
         mode=mode,
         progress=progress,
@@ -442,17 +465,72 @@ def fit_factors(
     }
     tag = _factor_tag(config)
     root = f"factors/{tag}"
-    index = _read_index(store)
-    if tag not in index:
-        index[tag] = {**config, "tag": tag, "strategy": "kfac"}
-    fit = _Fit(model, data, store, blocks, lm, fisher, seed, batch_size, root, progress)
+    planned = store.planned()
+    mine = [rng for j, rng in enumerate(planned) if j % w == r]
+    fit = _Fit(model, data, store, blocks, lm, fisher, seed, batch_size, root, progress, mine)
+
+    def have(kind: str) -> Any:
+        rels = [f"{root}/{kind}-{a:09d}-{b:09d}.npy" for a, b in planned]
+        return lambda: _recorded(store, rels)
+
     fit.covariances()
-    fit.eigen()
+    _await_ranks(store, have("cov"), use_dist, w, "covariance shards")
+    if r == 0:
+        fit.eigen()
+    _await_ranks(store, lambda: _recorded(store, [f"{root}/eigen.npy"]), use_dist, w, "eigen.npy")
     if strategy == "ekfac":
         fit.lambdas()
-        index[tag]["strategy"] = "ekfac"
-    store.write_file("factors/index.json", json.dumps(index, sort_keys=True).encode())
+        _await_ranks(store, have("lambda"), use_dist, w, "eigenvalue-correction shards")
+    feature_rels = [rel for rng in planned for rel in store._rels(*rng)]
+    _await_ranks(store, lambda: _recorded(store, feature_rels), use_dist, w, "gradient shards")
+
+    def indexed() -> bool:
+        entry = _read_index(store).get(tag)
+        return entry is not None and (strategy == "kfac" or entry["strategy"] == "ekfac")
+
+    if r == 0:
+        index = _read_index(store)  # read now: another fit may have been recorded meanwhile
+        if tag not in index:
+            index[tag] = {**config, "tag": tag, "strategy": "kfac"}
+        if strategy == "ekfac":
+            index[tag]["strategy"] = "ekfac"
+        store.write_file("factors/index.json", json.dumps(index, sort_keys=True).encode())
+    _await_ranks(store, indexed, use_dist, w, "factors/index.json")
     return store
+
+
+def _recorded(store: FeatureStore, rels: Sequence[str]) -> bool:
+    """Whether every file of ``rels`` is recorded in the store with its size (one manifest read)."""
+    store._reload()
+    return all(store._problem(rel) is None for rel in rels)
+
+
+def _await_ranks(
+    store: FeatureStore, ready: Any, use_dist: bool, world_size: int, what: str
+) -> None:
+    """Wait until ``ready()`` (the other ranks wrote their part of a stage).
+
+    One process: ``ready()`` already holds (it computed everything itself).
+    Under ``torch.distributed``: a barrier, after which it must hold. Ranks
+    without a process group poll the store.
+    """
+    if use_dist:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if not ready():
+            raise InputError(f"{store.path}: {what} missing after every rank finished the stage")
+        return
+    deadline = time.monotonic() + RANK_WAIT
+    while not ready():
+        if world_size == 1:
+            raise InputError(f"{store.path}: {what} missing after the stage that writes them")
+        if time.monotonic() > deadline:
+            raise InputError(
+                f"{store.path}: the other ranks' {what} did not appear within {RANK_WAIT:.0f} s: "
+                "start every rank 0..world_size-1 on this store (a rerun resumes)"
+            )
+        time.sleep(0.05)
 
 
 def _read_index(store: FeatureStore) -> dict[str, Any]:
@@ -475,10 +553,12 @@ class _Fit:
         batch_size: int,
         root: str,
         progress: bool,
+        mine: Sequence[tuple[int, int]] | None = None,
     ):
         self.model, self.data, self.store, self.blocks = model, data, store, blocks
         self.lm, self.fisher, self.seed, self.bs = lm, fisher, seed, batch_size
         self.root, self.progress = root, progress
+        self.mine = set(mine) if mine is not None else None  # this rank's shards
         self.weights = [dict(model.named_modules())[b.name].weight for b in blocks]
 
     def _passes(self, kind: str) -> Any:
@@ -486,7 +566,8 @@ class _Fit:
         todo = [
             (a, b)
             for a, b in self.store.planned()
-            if not self.store.has_file(f"{self.root}/{kind}-{a:09d}-{b:09d}.npy")
+            if (self.mine is None or (a, b) in self.mine)
+            and not self.store.has_file(f"{self.root}/{kind}-{a:09d}-{b:09d}.npy")
         ]
         bar = tqdm(
             total=sum(b - a for a, b in todo), disable=not self.progress, desc=kind, unit="ex"
