@@ -128,6 +128,71 @@ def test_self_influence_equals_brute_force(setup, strategy):
     torch.testing.assert_close(r.scores.double(), want, rtol=1e-4, atol=1e-6)
 
 
+def _truncated_scores(inf: ad.Influence, grads: torch.Tensor, rank: int) -> torch.Tensor:
+    """Oracle for ``query_rank``: the dense preconditioned query gradients, each module matrix
+    replaced by its numpy rank-``rank`` SVD truncation, times the stored training gradients."""
+    left = inf.precondition(grads)
+    cut = torch.zeros_like(left)
+    for m in inf.blocks:
+        u, sv, vh = np.linalg.svd(m.matrix(left).numpy(), full_matrices=False)
+        k = min(rank, sv.shape[-1])
+        m.scatter(torch.from_numpy((u[..., :k] * sv[..., None, :k]) @ vh[..., :k, :]), cut)
+    return cut @ torch.from_numpy(inf.store.features().astype(np.float64)).T
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
+def test_low_rank_query_at_full_rank_equals_exact_scores(setup, strategy):
+    net, _, _, xq, yq, store = setup
+    exact = ad.Influence(store, strategy, damping=1e-3).scores(net, (xq, yq))
+    assert [min(m.d_out, m.d_in1) for m in ad.Influence(store).blocks] == [5, 3]
+    for rank in (5, 50):  # every module at full rank (truncated SVD of all singular values)
+        inf = ad.Influence(store, strategy, damping=1e-3, query_rank=rank)
+        got = inf.scores(net, (xq, yq))
+        torch.testing.assert_close(got, exact, rtol=1e-10, atol=1e-12 * float(exact.abs().max()))
+        assert inf.params()["query_rank"] == rank
+
+
+def test_low_rank_query_error_shrinks_as_rank_grows(setup):
+    net, _, _, xq, yq, store = setup
+    exact_inf = ad.Influence(store, damping=1e-3)
+    grads = exact_inf.query_gradients(net, (xq, yq))
+    exact = exact_inf.scores_from_gradients(grads)
+    errs = []
+    for rank in (1, 2, 3, 4, 5):  # module matrices [5, 5] and [3, 6]: rank 5 is full
+        inf = ad.Influence(store, damping=1e-3, query_rank=rank)
+        got = inf.scores_from_gradients(grads)
+        want = _truncated_scores(exact_inf, grads, rank)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * float(want.abs().max()))
+        errs.append(float((got - exact).norm() / exact.norm()))
+    assert errs[0] > 1e-2  # rank 1 loses a visible part of the scores
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < 1e-12
+
+
+def test_low_rank_query_scores_in_chunks_and_cached(tmp_path, monkeypatch):
+    from attrlab.data import influence
+
+    net = make_mlp(4)
+    x, y = torch.randn(24, D_IN, dtype=torch.float64), torch.randint(0, C, (24,))
+    xq, yq = torch.randn(7, D_IN, dtype=torch.float64), torch.randint(0, C, (7,))
+    store = ad.fit_factors(net, (x, y), tmp_path, fisher="empirical", shard_size=8)
+    inf = ad.Influence(store, damping=1e-3, query_rank=2)
+    want = inf.scores_from_gradients(inf.query_gradients(net, (xq, yq)))
+    monkeypatch.setattr(influence, "QUERY_CHUNK", 3)  # query gradients 3 at a time
+    got = inf.scores(net, (xq, yq), cache=True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14 * float(want.abs().max()))
+    cached = [r for r in store.manifest["files"] if r.startswith("scores/")]
+    assert len(cached) == 3  # one block per training shard
+    assert torch.equal(inf.scores(net, (xq, yq), cache=True), got)  # read back from the cache
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True, "2"])
+def test_low_rank_query_typed_error(setup, bad):
+    store = setup[-1]
+    with pytest.raises(InputError, match="query_rank"):
+        ad.Influence(store, query_rank=bad)
+
+
 def _fit_files(store: ad.FeatureStore) -> dict[str, bytes]:
     man = json.loads((store.path / "manifest.json").read_text())
     return {
@@ -266,6 +331,17 @@ def test_causal_lm_factors_and_attribute(tmp_path):
         damping=1e-3,
     )
     assert k.method == "kfac" and k.params["damping"] == 1e-3
+    full = al.attribute(  # query_rank through the façade; 10**6 >= every layer's full rank
+        lm,
+        "The capital of France is",
+        target=" Paris",
+        units=al.units.TrainingExamples(store),
+        method="kfac",
+        damping=1e-3,
+        query_rank=10**6,
+    )
+    assert full.params["query_rank"] == 10**6
+    torch.testing.assert_close(full.scores, k.scores, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])  # Conv1D (weight [in, out]) and nn.Linear

@@ -193,3 +193,94 @@ def test_two_concurrent_featurize_processes_compute_each_shard_once(tmp_path):
     assert np.array_equal(shared.out_to_loss(), ref.out_to_loss())
     assert np.array_equal(shared.gram(), ref.gram())
     assert not list((out / "shards").glob("*.claim"))
+
+
+NF, SHARD_F, BATCH_F = 1200, 200, 64  # 6 shards: 3 per rank
+
+
+def _factor_files(store: ad.FeatureStore) -> dict[str, np.ndarray]:
+    return {
+        rel: store.read_array(rel)
+        for rel in sorted(store.manifest["files"])
+        if rel.startswith("factors/") and rel.endswith(".npy")
+    }
+
+
+@pytest.fixture(scope="module")
+def factor_ref(setup):
+    """A single-process (1 thread) EK-FAC fit of the tiled digits set, true Fisher."""
+    tmp, _ = setup
+    from safetensors.torch import load_file
+
+    from attrlab.data.digits import DigitsMLP
+
+    model = DigitsMLP(8)
+    model.load_state_dict(load_file(str(tmp / "mlp.safetensors")))
+    xtr, ytr, xte, yte = load_digits_data()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = ad.fit_factors(
+            model,
+            tiled_examples(xtr, ytr, NF),
+            tmp / "factors-ref",
+            shard_size=SHARD_F,
+            batch_size=BATCH_F,
+            model_id="digits-mlp",
+        )
+        want = ad.Influence(ref).scores(model, (xte[:5], yte[:5]))
+    finally:
+        torch.set_num_threads(threads)
+    return model, ref, want, (xte[:5], yte[:5])
+
+
+def _factor_cmd(tmp: Path, out: Path) -> list[str]:
+    return [
+        "-m", "attrlab.data.distributed", "--model", str(tmp / "mlp.safetensors"), "--hidden", "8",
+        "--out", str(out), "--examples", str(NF), "--shard-size", str(SHARD_F),
+        "--batch-size", str(BATCH_F), "--threads", "1", "--factors", "ekfac",
+    ]  # fmt: skip
+
+
+def _assert_same_fit(store: ad.FeatureStore, factor_ref) -> None:
+    model, ref, want, queries = factor_ref
+    assert store.complete
+    files, ref_files = _factor_files(store), _factor_files(ref)
+    assert sorted(files) == sorted(ref_files) and len(files) == 2 * (NF // SHARD_F) + 1
+    for rel, arr in ref_files.items():  # covariance sums, eigenbasis, corrections
+        assert np.array_equal(files[rel], arr), rel
+    assert store.read_file("factors/index.json") == ref.read_file("factors/index.json")
+    assert np.array_equal(store.features(), ref.features())
+    assert torch.equal(ad.Influence(store).scores(model, queries), want)
+
+
+def test_fit_factors_two_ranks_under_torchrun_equal_single_process(setup, factor_ref):
+    tmp, _ = setup
+    out = tmp / "factors-dist"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *_factor_cmd(tmp, out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_fit(ad.FeatureStore.open(out), factor_ref)
+
+
+def test_fit_factors_two_ranks_without_process_group_equal_single_process(setup, factor_ref):
+    """``rank``/``world_size`` given, no torch.distributed: the ranks wait for each other
+    through the store."""
+    tmp, _ = setup
+    out = tmp / "factors-ranks"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *_factor_cmd(tmp, out), "--rank", str(r), "--world-size", "2"],
+            env=_env(),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (1, 0)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    _assert_same_fit(ad.FeatureStore.open(out), factor_ref)

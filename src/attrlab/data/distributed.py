@@ -14,6 +14,14 @@ Run the digits example on 2 local processes::
     torchrun --nproc_per_node=2 -m attrlab.data.distributed \
         --model mlp.safetensors --out store/ --examples 20000 --dim 128
 
+:func:`attrlab.data.fit_factors` (K-FAC / EK-FAC influence) runs the same way:
+each rank writes the raw gradients, covariance sums and eigenvalue corrections
+of its shards; rank 0 sums the covariance shards in shard order and
+eigendecomposes, so the factors equal a single process's byte for byte::
+
+    torchrun --nproc_per_node=2 -m attrlab.data.distributed \
+        --model mlp.safetensors --out factors/ --factors ekfac
+
 Example:
     >>> dist_info(None, None)
     (0, 1, False)
@@ -68,7 +76,8 @@ def finalize_distributed(store: FeatureStore, my_ranges: Sequence[tuple[int, int
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Featurize the digits MLP (a safetensors state dict) into a store; works under torchrun."""
+    """Featurize the digits MLP (a safetensors state dict) into a store, or fit its influence
+    factors (``--factors``); works under torchrun."""
     from safetensors.torch import load_file
 
     from .digits import DigitsMLP, load_digits_data, tiled_examples
@@ -89,6 +98,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--shard-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--factors",
+        choices=["ekfac", "kfac"],
+        default=None,
+        help="fit influence factors (attrlab.data.fit_factors) instead of TRAK features",
+    )
+    ap.add_argument("--fisher", choices=["true", "empirical"], default="true")
+    ap.add_argument("--rank", type=int, default=None, help="without torchrun: this process's rank")
+    ap.add_argument("--world-size", type=int, default=None, help="without torchrun: the ranks")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     import torch.distributed as dist
@@ -99,16 +117,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     model.load_state_dict(load_file(a.model))
     xtr, ytr, _, _ = load_digits_data()
     data = tiled_examples(xtr, ytr, a.examples) if a.examples else (xtr, ytr)
-    featurize(
-        model,
-        data,
-        a.out,
-        proj_dim=a.dim,
-        seed=a.seed,
-        batch_size=a.batch_size,
-        shard_size=a.shard_size,
-        model_id="digits-mlp",
-    )
+    if a.factors is not None:
+        from .influence import fit_factors
+
+        fit_factors(
+            model,
+            data,
+            a.out,
+            strategy=a.factors,
+            fisher=a.fisher,
+            seed=a.seed,
+            batch_size=a.batch_size,
+            shard_size=a.shard_size,
+            model_id="digits-mlp",
+            rank=a.rank,
+            world_size=a.world_size,
+        )
+    else:
+        featurize(
+            model,
+            data,
+            a.out,
+            proj_dim=a.dim,
+            seed=a.seed,
+            batch_size=a.batch_size,
+            shard_size=a.shard_size,
+            model_id="digits-mlp",
+            rank=a.rank,
+            world_size=a.world_size,
+        )
     if dist.is_initialized():
         dist.destroy_process_group()
 

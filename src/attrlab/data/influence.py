@@ -41,8 +41,11 @@ gradients of the tracked modules as its feature shards (via
 partial sums of ``A`` and ``S``, then the eigendecomposition, then per shard
 the partial sums of ``Λ`` — every file checksummed, atomically written and
 recorded, so a process killed at any instant resumes with the missing pieces
-and gives bit-identical factors. :class:`Influence` scores queries against the
-store shard by shard (``cache=True`` records each shard's score block, so
+and gives bit-identical factors. Under ``torchrun`` (or with ``rank`` /
+``world_size``) each rank computes every stage for its own shards, and rank 0
+combines the covariance shards and eigendecomposes: the same files as one
+process (see :mod:`attrlab.data.distributed`). :class:`Influence` scores
+queries against the store shard by shard (``cache=True`` records each shard's score block, so
 scoring resumes too).
 
 Example:
@@ -87,6 +90,12 @@ HEURISTIC_DAMPING_SCALE = 0.1
 StoreLike = Union[FeatureStore, str, Path]
 #: training rows converted to float64 at a time while scoring
 ROWS = 256
+#: elements of the intermediate of one low-rank scoring step (``query_rank``)
+LOW_RANK_CHUNK = 1 << 22
+#: queries whose raw gradients are held at once when scoring with ``query_rank``
+QUERY_CHUNK = 64
+#: seconds a rank without a process group waits for the other ranks' files
+RANK_WAIT = 24 * 3600.0
 
 
 @dataclass
@@ -359,6 +368,8 @@ def fit_factors(
     mode: str = "auto",
     progress: bool = False,
     output: ModelOutput | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> FeatureStore:
     """Fit K-FAC / EK-FAC factors of ``model`` on ``data`` into the store at ``path`` (resuming).
 
@@ -389,9 +400,20 @@ def fit_factors(
             influence). :class:`AnswerMargin` gives TRAK's training-side function
             (its gradient does not vanish on memorized tokens) with the same
             curvature — a documented departure from the influence function.
+        rank, world_size: this process's share (default: from ``torch.distributed``
+            if a process group is initialized, e.g. under ``torchrun``, else the
+            whole set). Rank ``r`` computes every stage for the shards ``j`` with
+            ``j % world_size == r`` and writes them into the shared store; rank 0
+            sums the covariance shards (in shard order, as a single process does)
+            and eigendecomposes, then writes the fit's index entry. Between the
+            stages the ranks wait for each other (``torch.distributed`` barriers,
+            or, without a process group, by polling the store for the other
+            ranks' files). The files equal a single-process fit's byte for byte.
 
     Raises:
-        InputError: unknown ``strategy`` / ``fisher``, no linear module, bad sizes.
+        InputError: unknown ``strategy`` / ``fisher``, no linear module, bad sizes,
+            or (ranks without a process group) the other ranks' files did not
+            appear within :data:`RANK_WAIT` seconds.
         StoreMismatchError: ``path`` holds a store for another model or dataset.
         NonFiniteError: a factor is NaN/inf (nothing is written for that shard).
 
@@ -402,6 +424,8 @@ def fit_factors(
         >>> [f["strategy"] for f in Influence(s).fits()]
         ['ekfac']
     """
+    from .distributed import dist_info
+
     model, name = _unwrap(model)
     model_id = model_id or name
     if strategy not in STRATEGIES:
@@ -414,6 +438,7 @@ def fit_factors(
         raise InputError("batch_size and shard_size must be positive")
     if len(data) == 0:
         raise InputError("no training examples")
+    r, w, use_dist = dist_info(rank, world_size)
     names = linear_modules(model, modules)
     params = _param_names(model, names)
     lm = _is_lm(data)
@@ -428,6 +453,8 @@ def fit_factors(
         batch_size=batch_size,
         shard_size=shard_size,
         model_id=model_id,
+        rank=rank,
+        world_size=world_size,
         finalize=False,
         mode=mode,
         progress=progress,
@@ -442,17 +469,72 @@ def fit_factors(
     }
     tag = _factor_tag(config)
     root = f"factors/{tag}"
-    index = _read_index(store)
-    if tag not in index:
-        index[tag] = {**config, "tag": tag, "strategy": "kfac"}
-    fit = _Fit(model, data, store, blocks, lm, fisher, seed, batch_size, root, progress)
+    planned = store.planned()
+    mine = [rng for j, rng in enumerate(planned) if j % w == r]
+    fit = _Fit(model, data, store, blocks, lm, fisher, seed, batch_size, root, progress, mine)
+
+    def have(kind: str) -> Any:
+        rels = [f"{root}/{kind}-{a:09d}-{b:09d}.npy" for a, b in planned]
+        return lambda: _recorded(store, rels)
+
     fit.covariances()
-    fit.eigen()
+    _await_ranks(store, have("cov"), use_dist, w, "covariance shards")
+    if r == 0:
+        fit.eigen()
+    _await_ranks(store, lambda: _recorded(store, [f"{root}/eigen.npy"]), use_dist, w, "eigen.npy")
     if strategy == "ekfac":
         fit.lambdas()
-        index[tag]["strategy"] = "ekfac"
-    store.write_file("factors/index.json", json.dumps(index, sort_keys=True).encode())
+        _await_ranks(store, have("lambda"), use_dist, w, "eigenvalue-correction shards")
+    feature_rels = [rel for rng in planned for rel in store._rels(*rng)]
+    _await_ranks(store, lambda: _recorded(store, feature_rels), use_dist, w, "gradient shards")
+
+    def indexed() -> bool:
+        entry = _read_index(store).get(tag)
+        return entry is not None and (strategy == "kfac" or entry["strategy"] == "ekfac")
+
+    if r == 0:
+        index = _read_index(store)  # read now: another fit may have been recorded meanwhile
+        if tag not in index:
+            index[tag] = {**config, "tag": tag, "strategy": "kfac"}
+        if strategy == "ekfac":
+            index[tag]["strategy"] = "ekfac"
+        store.write_file("factors/index.json", json.dumps(index, sort_keys=True).encode())
+    _await_ranks(store, indexed, use_dist, w, "factors/index.json")
     return store
+
+
+def _recorded(store: FeatureStore, rels: Sequence[str]) -> bool:
+    """Whether every file of ``rels`` is recorded in the store with its size (one manifest read)."""
+    store._reload()
+    return all(store._problem(rel) is None for rel in rels)
+
+
+def _await_ranks(
+    store: FeatureStore, ready: Any, use_dist: bool, world_size: int, what: str
+) -> None:
+    """Wait until ``ready()`` (the other ranks wrote their part of a stage).
+
+    One process: ``ready()`` already holds (it computed everything itself).
+    Under ``torch.distributed``: a barrier, after which it must hold. Ranks
+    without a process group poll the store.
+    """
+    if use_dist:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if not ready():
+            raise InputError(f"{store.path}: {what} missing after every rank finished the stage")
+        return
+    deadline = time.monotonic() + RANK_WAIT
+    while not ready():
+        if world_size == 1:
+            raise InputError(f"{store.path}: {what} missing after the stage that writes them")
+        if time.monotonic() > deadline:
+            raise InputError(
+                f"{store.path}: the other ranks' {what} did not appear within {RANK_WAIT:.0f} s: "
+                "start every rank 0..world_size-1 on this store (a rerun resumes)"
+            )
+        time.sleep(0.05)
 
 
 def _read_index(store: FeatureStore) -> dict[str, Any]:
@@ -475,10 +557,12 @@ class _Fit:
         batch_size: int,
         root: str,
         progress: bool,
+        mine: Sequence[tuple[int, int]] | None = None,
     ):
         self.model, self.data, self.store, self.blocks = model, data, store, blocks
         self.lm, self.fisher, self.seed, self.bs = lm, fisher, seed, batch_size
         self.root, self.progress = root, progress
+        self.mine = set(mine) if mine is not None else None  # this rank's shards
         self.weights = [dict(model.named_modules())[b.name].weight for b in blocks]
 
     def _passes(self, kind: str) -> Any:
@@ -486,7 +570,8 @@ class _Fit:
         todo = [
             (a, b)
             for a, b in self.store.planned()
-            if not self.store.has_file(f"{self.root}/{kind}-{a:09d}-{b:09d}.npy")
+            if (self.mine is None or (a, b) in self.mine)
+            and not self.store.has_file(f"{self.root}/{kind}-{a:09d}-{b:09d}.npy")
         ]
         bar = tqdm(
             total=sum(b - a for a, b in todo), disable=not self.progress, desc=kind, unit="ex"
@@ -653,10 +738,18 @@ class Influence:
             heuristic ``0.1 * mean(eigenvalues)`` per module (Kronfluence's own
             default is ``damping_factor=1e-8``: pass ``damping=1e-8`` to match it).
         fit: which fit of the store (its tag, see :meth:`fits`) when it holds several.
+        query_rank: keep, per module and query, only the rank-``query_rank``
+            truncated SVD of the preconditioned query gradient ``H^-1 grad f``
+            (a ``[d_out, d_in+1]`` matrix), as two thin factors
+            ``[d_out, r]`` and ``[r, d_in+1]`` — Kronfluence's
+            ``query_gradient_low_rank``: memory for many queries. ``None``
+            (default) keeps the full matrices; a rank ``>= min(d_out, d_in+1)``
+            reproduces the exact scores up to float64 round-off. Applies to
+            :meth:`scores` / :meth:`attribute` / :meth:`scores_from_gradients`.
 
     Raises:
-        InputError: unknown strategy, negative damping, a store without factors
-            (or with K-FAC factors only, for ``strategy="ekfac"``).
+        InputError: unknown strategy, negative damping, ``query_rank < 1``, a
+            store without factors (or with K-FAC factors only, for ``strategy="ekfac"``).
 
     Example:
         >>> Influence.__name__
@@ -669,14 +762,24 @@ class Influence:
         strategy: str = "ekfac",
         damping: float | None = None,
         fit: str | None = None,
+        query_rank: int | None = None,
     ):
         if strategy not in STRATEGIES:
             raise InputError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if damping is not None and (not np.isfinite(damping) or damping < 0):
             raise InputError(f"damping must be None (heuristic) or a number >= 0, got {damping!r}")
+        if query_rank is not None and (
+            isinstance(query_rank, bool)
+            or not isinstance(query_rank, (int, np.integer))
+            or query_rank < 1
+        ):
+            raise InputError(
+                f"query_rank must be None (full query gradients) or an integer >= 1, got {query_rank!r}"
+            )
         self.store = _store(store)
         self.strategy = strategy
         self.damping = damping
+        self.query_rank = None if query_rank is None else int(query_rank)
         index = _read_index(self.store)
         if not index:
             raise InputError(
@@ -706,12 +809,15 @@ class Influence:
         return list(_read_index(self.store).values())
 
     def params(self) -> dict[str, Any]:
-        return {
+        p = {
             "strategy": self.strategy,
             "damping": self.damping,
             "fisher": self.fit["fisher"],
             "fit": self.fit["tag"],
         }
+        if self.query_rank is not None:
+            p["query_rank"] = self.query_rank
+        return p
 
     @property
     def blocks(self) -> list[ModuleBlock]:
@@ -802,6 +908,55 @@ class Influence:
             m.scatter(qs @ (rot * inv) @ qa.T, out)
         return out
 
+    def low_rank(self, grads: Tensor, rank: int) -> list[tuple[Tensor, Tensor]]:
+        """Per module, the rank-``rank`` truncated SVD of each preconditioned query gradient.
+
+        Returns ``[(U_r diag(s_r) [m, d_out, r], V_r^T [m, r, d_in+1])]`` (float64,
+        ``r = min(rank, d_out, d_in+1)``) whose products approximate the module
+        matrices of :meth:`precondition` ``(grads)``. Module by module: the full
+        preconditioned gradient is never held at once.
+
+        Example:
+            >>> import tempfile, torch
+            >>> net = torch.nn.Linear(3, 2)
+            >>> s = fit_factors(net, (torch.randn(8, 3), torch.randint(0, 2, (8,))), tempfile.mkdtemp())
+            >>> [(tuple(u.shape), tuple(v.shape)) for u, v in Influence(s).low_rank(torch.randn(4, 8), 1)]
+            [((4, 2, 1), (4, 1, 4))]
+        """
+        if grads.dim() != 2 or grads.shape[1] != self.store.dim:
+            raise InputError(
+                f"gradients of shape {tuple(grads.shape)} for a store of {self.store.dim} parameters"
+            )
+        if rank < 1:
+            raise InputError(f"rank must be >= 1, got {rank}")
+        g = grads.to(torch.float64)
+        out: list[tuple[Tensor, Tensor]] = []
+        for m, (qa, qs, inv) in zip(self.blocks, self._preconditioner()):
+            pre = qs @ ((qs.T @ m.matrix(g) @ qa) * inv) @ qa.T  # [m, out, in1]
+            u, sv, vh = torch.linalg.svd(pre, full_matrices=False)
+            k = min(rank, sv.shape[-1])
+            out.append(((u[..., :k] * sv[..., None, :k]).contiguous(), vh[..., :k, :].contiguous()))
+        return out
+
+    def _low_rank_block(self, factors: list[tuple[Tensor, Tensor]], rows: Tensor) -> Tensor:
+        """Scores ``[m, R]`` of training rows ``[R, P]`` against low-rank query factors:
+        ``sum_k u_k^T G v_k`` per module, in query chunks of bounded memory."""
+        out = torch.zeros(factors[0][0].shape[0], rows.shape[0], dtype=torch.float64)
+        for m, (u, vh) in zip(self.blocks, factors):
+            g = m.matrix(rows)  # [R, out, in1]
+            k = u.shape[-1]
+            small = min(m.d_out, m.d_in1)
+            step = max(1, LOW_RANK_CHUNK // max(1, rows.shape[0] * k * small))
+            for s in range(0, out.shape[0], step):
+                uq, vq = u[s : s + step], vh[s : s + step]
+                if m.d_in1 >= m.d_out:  # contract the wide input side first
+                    t = torch.einsum("roi,qki->qrok", g, vq)  # [q, R, out, k]
+                    out[s : s + step] += torch.einsum("qrok,qok->qr", t, uq)
+                else:
+                    t = torch.einsum("roi,qok->qrki", g, uq)  # [q, R, k, in1]
+                    out[s : s + step] += torch.einsum("qrki,qki->qr", t, vq)
+        return out
+
     def query_gradients(
         self,
         model: nn.Module,
@@ -856,27 +1011,45 @@ class Influence:
         ``score[q, i] = grad f_q^T H^-1 grad log p(z_i)`` (minus the training
         loss gradient): the first-order change of ``f_q`` when example ``i`` is
         up-weighted. ``cache=True`` records each shard's block in the store (a
-        killed scoring run resumes, giving identical scores).
+        killed scoring run resumes, giving identical scores). With ``query_rank``
+        the preconditioned gradients are held as low-rank factors (:meth:`low_rank`).
         """
-        left = self.precondition(grads)
         key = None
         if cache:
-            h = hashlib.blake2b(digest_size=16)
-            h.update(json.dumps(self.params(), sort_keys=True).encode())
+            h = self._hasher()
             h.update(np.ascontiguousarray(grads.to(torch.float64).numpy()).tobytes())
             key = h.hexdigest()
-        out = torch.zeros(grads.shape[0], self.store.n, dtype=torch.float64)
+        if self.query_rank is None:
+            return self._score_pass(self.precondition(grads), grads.shape[0], key)
+        return self._score_pass(self.low_rank(grads, self.query_rank), grads.shape[0], key)
+
+    def _hasher(self) -> Any:
+        """The hash keying cached score blocks, fed with the settings; the caller adds the
+        query gradients' float64 bytes (row blocks in order hash like their concatenation)."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps(self.params(), sort_keys=True).encode())
+        return h
+
+    def _score_pass(
+        self, left: Tensor | list[tuple[Tensor, Tensor]], m: int, key: str | None
+    ) -> Tensor:
+        """One pass over the training shards: ``[m, N]`` scores of preconditioned query
+        gradients ``left`` (``[m, P]``, or the low-rank factors of :meth:`low_rank`)."""
+        out = torch.zeros(m, self.store.n, dtype=torch.float64)
         for a, b in self.store.planned():
             rel = f"scores/{key}/{a:09d}-{b:09d}.npy"
             if key is not None:
-                got = self.store.read_array(rel, (grads.shape[0], b - a))
+                got = self.store.read_array(rel, (m, b - a))
                 if got is not None:
                     out[:, a:b] = torch.from_numpy(got)
                     continue
             feats = self.store._read_npy(self.store._rels(a, b)[0], (b - a, self.store.dim))
             for r in range(0, b - a, ROWS):  # float64 copies of ROWS training rows at a time
                 rows = torch.from_numpy(feats[r : r + ROWS].astype(np.float64))
-                out[:, a + r : a + r + rows.shape[0]] = left @ rows.T
+                if isinstance(left, Tensor):
+                    out[:, a + r : a + r + rows.shape[0]] = left @ rows.T
+                else:
+                    out[:, a + r : a + r + rows.shape[0]] = self._low_rank_block(left, rows)
             del feats
             if key is not None:
                 self.store.write_array(rel, out[:, a:b].numpy())
@@ -890,11 +1063,34 @@ class Influence:
         batch_size: int | None = None,
         cache: bool = False,
     ) -> Tensor:
-        """Scores ``[m, N]`` (float64) of query examples (see :meth:`scores_from_gradients`)."""
+        """Scores ``[m, N]`` (float64) of query examples (see :meth:`scores_from_gradients`).
+
+        With ``query_rank`` the query gradients are computed :data:`QUERY_CHUNK`
+        queries at a time and only their low-rank factors are kept.
+        """
         self.store._require_complete()
         self._preconditioner()  # factor problems surface before the query gradients
-        g = self.query_gradients(model, queries, output, batch_size)
-        return self.scores_from_gradients(g, cache=cache)
+        if self.query_rank is None:
+            g = self.query_gradients(model, queries, output, batch_size)
+            return self.scores_from_gradients(g, cache=cache)
+        q = queries if isinstance(queries, Examples) else Examples(queries)
+        if len(q) == 0:
+            raise InputError("no queries")
+        parts: list[list[tuple[Tensor, Tensor]]] = []
+        h = self._hasher()
+        for s in range(0, len(q), QUERY_CHUNK):
+            g = self.query_gradients(
+                model, q.batch(s, min(len(q), s + QUERY_CHUNK)), output, batch_size, s == 0
+            )
+            if cache:
+                h.update(np.ascontiguousarray(g.numpy()).tobytes())
+            parts.append(self.low_rank(g, self.query_rank))
+            del g
+        factors = [
+            (torch.cat([p[j][0] for p in parts]), torch.cat([p[j][1] for p in parts]))
+            for j in range(len(self.blocks))
+        ]
+        return self._score_pass(factors, len(q), h.hexdigest() if cache else None)
 
     def attribute(
         self,

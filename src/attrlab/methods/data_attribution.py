@@ -151,13 +151,24 @@ class _InfluenceMethod(_DataMethod):
     strategy = "ekfac"
 
     def __init__(
-        self, damping: float | None = None, fit: str | None = None, measurement: str = "logprob"
+        self,
+        damping: float | None = None,
+        fit: str | None = None,
+        measurement: str = "logprob",
+        query_rank: int | None = None,
     ):
         if measurement not in ("logprob", "margin"):
             raise InputError(f"measurement must be 'logprob' or 'margin', got {measurement!r}")
+        if query_rank is not None and (
+            isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 1
+        ):
+            raise InputError(
+                f"query_rank must be None (full query gradients) or an integer >= 1, got {query_rank!r}"
+            )
         self.damping = damping
         self.fit = fit
         self.measurement = measurement
+        self.query_rank = query_rank
 
     def _run(self, lm: Any, queries: Any, target: Any, u: Any) -> Any:
         from ..data.influence import Influence
@@ -170,7 +181,13 @@ class _InfluenceMethod(_DataMethod):
             )
         from ..data.outputs import AnswerLogProb, AnswerMargin
 
-        inf = Influence(stores[0], strategy=self.strategy, damping=self.damping, fit=self.fit)
+        inf = Influence(
+            stores[0],
+            strategy=self.strategy,
+            damping=self.damping,
+            fit=self.fit,
+            query_rank=self.query_rank,
+        )
         out = AnswerLogProb() if self.measurement == "logprob" else AnswerMargin()
         return inf.attribute(u.models(lm, 1)[0], queries, output=out, texts=u.texts)
 
@@ -185,6 +202,8 @@ class Ekfac(_InfluenceMethod):
         fit: which factor fit of the store (when it holds several).
         measurement: the query's ``"logprob"`` of the answer (default, as in
             Kronfluence's LM examples) or its per-token ``"margin"`` summed.
+        query_rank: hold each preconditioned query gradient as its rank-r SVD per
+            module (Kronfluence's ``query_gradient_low_rank``; None: full).
 
     Example:
         >>> Ekfac(damping=1e-3).damping
