@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,35 +118,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     model.load_state_dict(load_file(a.model))
     xtr, ytr, _, _ = load_digits_data()
     data = tiled_examples(xtr, ytr, a.examples) if a.examples else (xtr, ytr)
+    common: dict[str, Any] = {
+        "seed": a.seed,
+        "batch_size": a.batch_size,
+        "shard_size": a.shard_size,
+        "model_id": "digits-mlp",
+        "rank": a.rank,
+        "world_size": a.world_size,
+    }
     if a.factors is not None:
         from .influence import fit_factors
 
-        fit_factors(
-            model,
-            data,
-            a.out,
-            strategy=a.factors,
-            fisher=a.fisher,
-            seed=a.seed,
-            batch_size=a.batch_size,
-            shard_size=a.shard_size,
-            model_id="digits-mlp",
-            rank=a.rank,
-            world_size=a.world_size,
-        )
+        fit_factors(model, data, a.out, strategy=a.factors, fisher=a.fisher, **common)
     else:
-        featurize(
-            model,
-            data,
-            a.out,
-            proj_dim=a.dim,
-            seed=a.seed,
-            batch_size=a.batch_size,
-            shard_size=a.shard_size,
-            model_id="digits-mlp",
-            rank=a.rank,
-            world_size=a.world_size,
-        )
+        featurize(model, data, a.out, proj_dim=a.dim, **common)
     if dist.is_initialized():
         dist.destroy_process_group()
 
