@@ -13,7 +13,12 @@ prompts: the top step by counterfactual resampling is a true dependency of the
 answer; every distractor step scores below every true dependency; AUROC of the
 attention-suppression matrix for the dependency edges.
 
-Run: ``python benchmarks/bench_thought_anchors.py [--part 1|2|all] [--prompts 3]
+Part 3 (removal): the generic estimators over ``units="trace"`` (``f``: the
+answer sentence's log-probability with only the kept steps' text), on the same
+held-out prompts and criteria as part 2 (top step is a true dependency; every
+distractor below every dependency), with seconds and prompts run per method.
+
+Run: ``python benchmarks/bench_thought_anchors.py [--part 1|2|3|all] [--prompts 3]
 [--rollouts 16] [--repeats 3] [--acceptance 100] [--acceptance-rollouts 20]``
 """
 
@@ -81,9 +86,47 @@ def part2(n: int, rollouts: int) -> dict[str, object]:
     return m
 
 
+REMOVAL_METHODS = ("occlusion", "shapley-exact", "kernelshap", "contextcite")
+
+
+def part3(n: int) -> dict[str, object]:
+    lm = al.zoo.load("reasoning")
+    exs = al.zoo.task("reasoning").examples(n, seed=0, split="test")
+    units = al.units.Trace()
+    res: dict[str, object] = {}
+    for method in REMOVAL_METHODS:
+        top, below, secs, prompts, skipped = [], [], 0.0, 0, 0
+        for ex in exs:
+            t0 = time.perf_counter()
+            r = al.attribute(lm, ex.prompt, units=units, method=method)
+            secs += time.perf_counter() - t0
+            if r.units["text"] != ex.steps[: len(ex.program)]:
+                skipped += 1
+                continue
+            steps = r.scores.tolist()
+            prompts += int(r.diagnostics.get("n_prompts", 0))
+            best = max(range(len(steps)), key=lambda i: steps[i])
+            top.append(best in ex.answer_deps)
+            below.append(
+                max(steps[i] for i in ex.distractors) < min(steps[i] for i in ex.answer_deps)
+            )
+        k = max(1, len(top))
+        res[method] = {
+            "evaluated": len(top),
+            "wrong_trace": skipped,
+            "top_is_dependency": sum(top) / k,
+            "distractors_below": sum(below) / k,
+            "seconds_per_prompt": secs / max(1, n),
+            "prompts_run_per_prompt": prompts / k,
+        }
+        print(method, json.dumps(res[method]), flush=True)
+    res["load"] = loadavg()
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", default="all", choices=["1", "2", "all"])
+    p.add_argument("--part", default="all", choices=["1", "2", "3", "all"])
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--rollouts", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
@@ -95,6 +138,8 @@ def main() -> None:
         part1(a.prompts, a.rollouts, a.repeats)
     if a.part in ("2", "all"):
         part2(a.acceptance, a.acceptance_rollouts)
+    if a.part in ("3", "all"):
+        part3(a.acceptance)
 
 
 if __name__ == "__main__":

@@ -960,7 +960,9 @@ class SourcesBound(Bound):
         self.batch_size = batch_size
         self.progress = progress
         self.n = prompt.n_sources
-        self.n_rows = len(prompt.response_ids) if units.per_token else 1
+        self.per_token = bool(getattr(units, "per_token", False))
+        self.strategy = str(getattr(units, "strategy", "auto"))
+        self.n_rows = len(prompt.response_ids) if self.per_token else 1
         self.target_name = f"response_{output}({prompt.response!r})"
         self.stats: dict[str, Any] = {}
         self._memo: dict[bytes, Tensor] = {}  # mask bits -> per-token log-probs [n_response]
@@ -969,7 +971,7 @@ class SourcesBound(Bound):
     def output_tokens(self) -> int:
         """Response tokens each target row sums over (ContextCite's Lasso divides
         its outputs by it)."""
-        return 1 if self.units.per_token else len(self.prompt.response_ids)
+        return 1 if self.per_token else len(self.prompt.response_ids)
 
     def labels(self) -> dict[str, list[Any]]:
         return {"source": list(range(self.n)), "text": list(self.prompt.texts)}
@@ -987,7 +989,7 @@ class SourcesBound(Bound):
                 batch_size=self.batch_size,
                 progress=self.progress,
                 stats=self.stats,
-                strategy=self.units.strategy,
+                strategy=self.strategy,
             )
             for i, row in zip(todo, lp):
                 self._memo[keys[i]] = row
@@ -995,7 +997,7 @@ class SourcesBound(Bound):
 
     def f(self, keep: Tensor) -> Tensor:
         lp = self.logprobs(keep)  # [m, n_response]
-        if not self.units.per_token:
+        if not self.per_token:
             return reduce_logprobs(lp, self.output)[:, None]
         return torch.stack(
             [reduce_logprobs(lp[:, i : i + 1], self.output) for i in range(lp.shape[1])], 1

@@ -11,6 +11,18 @@ Each generated token belongs to the sentence holding its first non-space
 character; the labels are ``sentence`` (index), ``text``, ``start`` and ``end``
 (token positions of the prepared input, BOS included, end exclusive).
 
+Bound to a question (:meth:`Trace.bind`), the kind gives the contract every
+estimator uses, ``f(keep)``: the log-probability of the answer (by default the
+trace's last sentence, as the model wrote it; or a given ``target`` text after
+the whole trace) with only the kept sentences' text left in the trace (the
+ablation is :class:`~attrlab.ablations.Remove`, as for sources: the prompt and
+kept sentences are tokenized again as text). So occlusion, Shapley values,
+KernelSHAP, LIME and ContextCite run over reasoning steps, and ``al.evaluate``
+scores any trace result (LDS, deletion curves) against the same ``f``. The
+prompts are run by the sources' prefix runner
+(:class:`attrlab.model.prefixes.PrefixRunner`), which encodes shared leading
+text once.
+
 Example:
     >>> import attrlab as al
     >>> lm = al.zoo.load("reasoning")
@@ -27,10 +39,12 @@ from typing import Any
 
 import torch
 
+from ..ablations import Ablation, Remove
 from ..errors import ContextTooLongError, InputError
 from .base import Units, register_units
+from .sources import SourcePrompt, SourcesBound, check_output, response_of
 
-__all__ = ["Trace", "TraceView", "greedy_continuation"]
+__all__ = ["Trace", "TraceBound", "TraceView", "greedy_continuation"]
 
 
 @dataclass
@@ -44,6 +58,7 @@ class TraceView:
         trace: the trace text (decoded continuation).
         texts: the sentences of the trace.
         spans: token positions ``(start, end)`` of each sentence in ``ids``.
+        chars: character spans ``(start, end)`` of each sentence in ``trace``.
         ended: whether the trace ended with the end-of-text token.
         tokens: each token of ``ids`` decoded on its own.
     """
@@ -56,6 +71,7 @@ class TraceView:
     spans: list[tuple[int, int]]
     ended: bool = True
     tokens: list[str] = field(default_factory=list)
+    chars: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -117,9 +133,10 @@ def greedy_continuation(lm: Any, ids: list[int], max_new_tokens: int) -> tuple[l
 
 def split_sentences(
     lm: Any, prompt_len: int, trace_ids: list[int]
-) -> tuple[str, list[str], list[tuple[int, int]]]:
-    """``(trace text, sentence texts, token spans)`` of generated ``trace_ids``
-    (positions counted from the start of the prepared input, ``prompt_len`` first)."""
+) -> tuple[str, list[str], list[tuple[int, int]], list[tuple[int, int]]]:
+    """``(trace text, sentence texts, token spans, character spans)`` of generated
+    ``trace_ids`` (token positions counted from the start of the prepared input,
+    ``prompt_len`` first; character spans in the trace text)."""
     from .tokens import Sentences
 
     tok = lm.tokenizer
@@ -132,13 +149,14 @@ def split_sentences(
         k = len(p) - len(p.lstrip())
         starts.append(c + k if k < len(p) else c)
         c += len(p)
-    texts, spans = [], []
+    texts, spans, chars = [], [], []
     for a, b in bounds:
         pos = [i for i, s in enumerate(starts) if a <= s < b]
         if pos:
             texts.append(text[a:b])
             spans.append((prompt_len + pos[0], prompt_len + pos[-1] + 1))
-    return text, texts, spans
+            chars.append((a, b))
+    return text, texts, spans, chars
 
 
 @register_units("trace")
@@ -149,6 +167,9 @@ class Trace(Units):
         max_new_tokens: longest trace generated (greedy, stops at end-of-text).
         trace: a given trace text to use instead of generating one (its tokens
             are appended to the prompt's).
+        output: what ``f`` measures of the answer: ``"log_prob"``,
+            ``"logit_prob"`` or ``"mean_log_prob"`` (as for
+            :class:`~attrlab.units.Sources`); None: the method's preference.
 
     Example:
         >>> import attrlab as al
@@ -156,9 +177,13 @@ class Trace(Units):
         'trace'
     """
 
+    provides = frozenset({"f"})
+    ablations = (Remove,)
     target_kind = "raw"
 
-    def __init__(self, max_new_tokens: int = 96, trace: str | None = None):
+    def __init__(
+        self, max_new_tokens: int = 96, trace: str | None = None, output: str | None = None
+    ):
         if (
             isinstance(max_new_tokens, bool)
             or not isinstance(max_new_tokens, int)
@@ -171,6 +196,7 @@ class Trace(Units):
             raise InputError(f"trace: trace must be a string or None, got {type(trace).__name__}")
         self.max_new_tokens = max_new_tokens
         self.trace = trace
+        self.output = None if output is None else check_output(output)
 
     def updated(self, **options: Any) -> Trace:
         """A copy with some options changed."""
@@ -208,7 +234,7 @@ class Trace(Units):
             raise ContextTooLongError(
                 f"prompt + trace is {len(ids) + len(gen)} tokens; this model's context is {n_ctx}"
             )
-        text, texts, spans = split_sentences(lm, len(ids), gen)
+        text, texts, spans, chars = split_sentences(lm, len(ids), gen)
         if not texts:
             raise InputError(
                 "the trace has no sentence to attribute (the model wrote nothing); "
@@ -224,4 +250,104 @@ class Trace(Units):
             spans=spans,
             ended=ended,
             tokens=lm.to_str_tokens(full),
+            chars=chars,
         )
+
+    def bind(  # type: ignore[override]  # a kind names the bind options it takes
+        self,
+        lm: Any,
+        inputs: Any,
+        target: Any = None,
+        ablation: Ablation | None = None,
+        output: str | None = None,
+        batch_size: int | str | None = None,
+        progress: bool = False,
+    ) -> TraceBound:
+        """The trace's sentences bound to an answer: ``target`` None takes the
+        trace's last sentence as the answer and the sentences before it as the
+        units; a ``target`` (text or token ids) is the answer read after the whole
+        trace, and every sentence is a unit.
+
+        Raises:
+            InputError: no sentence left to attribute, or a bad option.
+
+        Example:
+            >>> import attrlab as al, torch
+            >>> lm = al.zoo.load("reasoning")
+            >>> ex = al.zoo.task("reasoning").examples(1)[0]
+            >>> b = al.units.Trace().bind(lm, ex.prompt)
+            >>> b.n == len(ex.steps) - 1, b.prompt.response.strip() == ex.steps[-1]
+            (True, True)
+            >>> keep = torch.ones(2, b.n, dtype=torch.bool)
+            >>> keep[1, 0] = False                      # drop the first step
+            >>> v = b.f(keep)[:, 0]
+            >>> bool(v[0] > v[1])                       # the answer needs it
+            True
+        """
+        ablation = self.check_ablation(ablation)
+        if (
+            batch_size is not None
+            and batch_size != "auto"
+            and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1)
+        ):
+            raise InputError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
+        out = check_output(self.output or output or "log_prob")
+        view = self.prepare(lm, inputs)
+        response = response_of(target)
+        if response is None:  # the answer is the last sentence
+            if view.n < 2:
+                raise InputError(
+                    f"the trace has {view.n} sentence(s): with the last one as the answer "
+                    "no step is left to attribute; give target='...' (an answer read after "
+                    "the trace) to attribute every sentence"
+                )
+            units = list(range(view.n - 1))
+            cut = view.chars[units[-1]][1]
+            context, response = view.trace[:cut], view.trace[cut:]
+        else:
+            units = list(range(view.n))
+            context = view.trace
+        template = view.prompt.replace("{", "{{").replace("}", "}}") + "{context}"
+        prompt = SourcePrompt(
+            lm, context, [view.chars[i] for i in units], None, template, False, response
+        )
+        return TraceBound(self, ablation, view, units, prompt, out, batch_size or "auto", progress)
+
+
+class TraceBound(SourcesBound):
+    """Trace sentences bound to an answer: ``f(keep)`` is the answer's ``output``
+    (``[m, 1]``) with only the kept sentences in the trace. Labels are the trace's
+    (``sentence``, ``text``, ``start``, ``end``) for the sentences that are units.
+
+    Example:
+        >>> import attrlab as al, torch
+        >>> lm = al.zoo.load("reasoning")
+        >>> b = al.units.Trace().bind(lm, al.zoo.task("reasoning").examples(1)[0].prompt)
+        >>> b.labels()["sentence"] == list(range(b.n))
+        True
+    """
+
+    units: Trace  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        units: Trace,
+        ablation: Ablation | None,
+        view: TraceView,
+        sentences: list[int],
+        prompt: SourcePrompt,
+        output: str,
+        batch_size: int | str,
+        progress: bool,
+    ):
+        super().__init__(units, ablation, prompt, output, batch_size, progress)  # type: ignore[arg-type]
+        self.view = view
+        self.sentences = sentences
+        self.target_name = f"answer_{output}({prompt.response!r})"
+
+    def labels(self) -> dict[str, list[Any]]:
+        cols = self.view.labels()
+        return {k: [v[i] for i in self.sentences] for k, v in cols.items()}
+
+    def meta(self) -> dict[str, Any]:
+        return {**self.view.meta(), "answer": self.prompt.response, "output": self.output}
