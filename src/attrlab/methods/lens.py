@@ -172,7 +172,8 @@ def logit_lens(
     meta: dict[str, Any] = {"positions": positions}
     if lm.tokenizer is not None:
         toks = lm.to_str_tokens(batch.input_ids[0])
-        meta["topk_tokens"] = [lm.to_str_tokens(r) for r in top_ids_t]
+        names = lm.to_str_tokens(top_ids_t)  # one call for every row's top k
+        meta["topk_tokens"] = [names[i : i + k] for i in range(0, len(names), k)]
         meta["target_tokens"] = lm.to_str_tokens(tid.cpu())
     else:
         toks = [str(int(x)) for x in batch.input_ids[0]]

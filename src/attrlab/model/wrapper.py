@@ -257,10 +257,20 @@ class LM:
         return list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def to_str_tokens(self, ids: Tensor | Sequence[int]) -> list[str]:
-        """Each token id decoded on its own."""
+        """Each token id decoded on its own (each distinct id once, in one batch call).
+
+        Example:
+            >>> import attrlab as al
+            >>> lm = al.wrap(*al.testing.tiny_model("gpt2"))
+            >>> ids = lm.encode(" a b a")
+            >>> lm.to_str_tokens(ids) == [lm.tokenizer.decode([i]) for i in ids]
+            True
+        """
         tok = self._require_tokenizer()
-        ids_list = ids.tolist() if isinstance(ids, Tensor) else list(ids)
-        return [tok.decode([int(i)]) for i in ids_list]
+        ids_list = [int(i) for i in (ids.reshape(-1).tolist() if isinstance(ids, Tensor) else ids)]
+        uniq = sorted(set(ids_list))
+        names = dict(zip(uniq, tok.batch_decode([[u] for u in uniq])))
+        return [names[i] for i in ids_list]
 
     def token_id(self, token: str | int) -> int:
         """The id of a single token, given as text or id.
