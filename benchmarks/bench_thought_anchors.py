@@ -18,7 +18,12 @@ answer sentence's log-probability with only the kept steps' text), on the same
 held-out prompts and criteria as part 2 (top step is a true dependency; every
 distractor below every dependency), with seconds and prompts run per method.
 
-Run: ``python benchmarks/bench_thought_anchors.py [--part 1|2|3|all] [--prompts 3]
+Part 4 (suppression variants): pooled and mean AUROC of the attention-suppression
+matrix for the dependency edges, for the defaults and the paper's code's variant
+(temperature 0.6, mean log-KL, outputs at the sentence's positions) and the
+steps between them.
+
+Run: ``python benchmarks/bench_thought_anchors.py [--part 1|2|3|4|all] [--prompts 3]
 [--rollouts 16] [--repeats 3] [--acceptance 100] [--acceptance-rollouts 20]``
 """
 
@@ -124,9 +129,46 @@ def part3(n: int) -> dict[str, object]:
     return res
 
 
+SUPPRESSION_VARIANTS = (
+    (1.0, False, "tokens"),
+    (1.0, False, "at"),
+    (0.6, False, "tokens"),
+    (1.0, True, "tokens"),
+    (0.6, True, "at"),
+)
+
+
+def part4(n: int) -> dict[str, object]:
+    from attrlab.methods.thought_anchors import suppression_matrix
+    from attrlab.zoo.reasoning import auroc
+
+    lm = al.zoo.load("reasoning")
+    exs = al.zoo.task("reasoning").examples(n, seed=0, split="test")
+    units = al.units.Trace()
+    views = [(ex, units.prepare(lm, ex.prompt)) for ex in exs]
+    views = [(ex, v) for ex, v in views if v.texts == ex.steps]
+    res: dict[str, object] = {"evaluated": len(views)}
+    for temp, log_kl, pos in SUPPRESSION_VARIANTS:
+        ps: list[float] = []
+        py: list[int] = []
+        per = []
+        for ex, v in views:
+            m = suppression_matrix(lm, v, None, temp, log_kl, pos)
+            pairs = [(i, j) for j in range(len(ex.steps)) for i in range(j)]
+            s = [float(m[j, i]) for i, j in pairs]
+            y = [int(i in ex.parents[j]) for i, j in pairs]
+            per.append(auroc(s, y))
+            ps += s
+            py += y
+        key = f"temperature={temp} log_kl={log_kl} positions={pos}"
+        res[key] = {"pooled": auroc(ps, py), "mean": sum(per) / max(1, len(per))}
+        print(key, json.dumps(res[key]), flush=True)
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", default="all", choices=["1", "2", "3", "all"])
+    p.add_argument("--part", default="all", choices=["1", "2", "3", "4", "all"])
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--rollouts", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
@@ -140,6 +182,8 @@ def main() -> None:
         part2(a.acceptance, a.acceptance_rollouts)
     if a.part in ("3", "all"):
         part3(a.acceptance)
+    if a.part in ("4", "all"):
+        part4(a.acceptance)
 
 
 if __name__ == "__main__":

@@ -247,3 +247,66 @@ def test_bundled_model_meets_the_acceptance_floors_on_a_subset(lm):
     assert m["distractors_below"] >= 0.75
     a = suppression_auroc(lm, task.examples(40, seed=2))
     assert a["evaluated"] >= 38 and a["auroc_pooled"] >= 0.9
+
+
+@pytest.mark.parametrize("temperature,log_kl,positions", [(0.6, True, "at"), (2.0, False, "at"),
+                                                          (1.0, True, "tokens")])  # fmt: skip
+def test_suppression_options_match_the_deletion_oracle(lm, ex, temperature, log_kl, positions):
+    """The paper's variant (temperature 0.6, mean log-KL, outputs at S_j's own
+    positions) against the same independent oracle: deleting S_i's tokens."""
+    view = al.units.Trace().prepare(lm, ex.prompt)
+    m = suppression_matrix(lm, view, None, temperature, log_kl, positions)
+    ids = torch.tensor(view.ids)
+    shift = 1 if positions == "tokens" else 0
+    with torch.no_grad():
+        base = (lm.hf_forward(ids[None])[0][0].double() / temperature).log_softmax(-1)
+        for i in (0, 2):
+            a, b = view.spans[i]
+            keep = torch.cat([torch.arange(a), torch.arange(b, len(ids))])
+            causal = suppression_mask(len(keep), (0, 0))[None, None]
+            out = lm.hf_forward(ids[keep][None], attention_mask=causal, position_ids=keep[None])
+            lp = (out[0][0].double() / temperature).log_softmax(-1)
+            for j in range(i + 1, view.n):
+                c, d = view.spans[j]
+                ts = range(c - shift, d - shift)
+                # a position inside sentence i still sees it: unchanged
+                sup = torch.stack(
+                    [base[t] if a <= t < b else lp[int((keep == t).nonzero())] for t in ts]
+                )
+                want = base[c - shift : d - shift]
+                kl = (want.exp() * (want - sup)).sum(-1).clamp(min=0)
+                ref = (kl + 1e-9).log() - math.log(1e-9) if log_kl else kl  # the paper: log(KL+eps)
+                assert float(m[j, i]) == pytest.approx(float(ref.mean()), rel=1e-4, abs=1e-6)
+    with pytest.raises(al.errors.InputError, match="positions"):
+        al.attribute(lm, ex.prompt, units="trace", method="attention-suppression", positions="of")
+
+
+def test_similarity_filter_splits_resamples_as_the_paper_does(lm, ex):
+    """A similarity that calls every resample dissimilar is free resampling
+    (different=False); one that calls every resample similar moves them all
+    to the kept side and scores 0."""
+    kw = dict(units="trace", method="resampling", rollouts=3, seed=5, progress=False)
+    free = al.attribute(lm, ex.prompt, different=False, **kw)
+    seen = []
+
+    def never_similar(a, b):
+        seen.append((a, b))
+        return 0.0
+
+    apart = al.attribute(lm, ex.prompt, similarity=never_similar, **kw)
+    assert torch.equal(apart.scores, free.scores)
+    assert apart.diagnostics["resampled_answers"] == free.diagnostics["resampled_answers"]
+    assert apart.diagnostics["dissimilar"] == [3] * len(ex.steps)
+    view = al.units.Trace().prepare(lm, ex.prompt)
+    assert {b for _, b in seen} == set(view.texts)  # compared with the original sentence
+    assert all(a.strip() and a == a.strip() for a, _ in seen)  # a sentence, not the rollout
+    same = al.attribute(lm, ex.prompt, similarity=lambda a, b: 1.0, **kw)
+    assert bool((same.scores == 0).all())
+    assert all(sum(k.values()) == 6 for k in same.diagnostics["kept_answers"])
+    assert same.params["similarity"].endswith("<lambda>")  # JSON-able
+    with pytest.raises(al.errors.InputError, match="similarity"):
+        al.attribute(lm, ex.prompt, similarity="cosine", **kw)
+    with pytest.raises(al.errors.InputError, match="threshold"):
+        al.attribute(lm, ex.prompt, similarity=never_similar, threshold=float("nan"), **kw)
+    with pytest.raises(al.errors.NonFiniteError):
+        al.attribute(lm, ex.prompt, similarity=lambda a, b: float("nan"), **kw)
