@@ -209,3 +209,23 @@ def test_ten_thousand_sources_fail_fast(llama, given):
     seconds, grew = peak_rss_growth(run)
     assert seconds < 2.0
     assert grew is None or grew < 2**30
+
+
+def test_tracllm_and_hierarchical_are_estimators_on_every_f_kind():
+    """Written against f only: over heads, TracLLM's leave-one-out (K >= n) and a
+    fully refined hierarchical search equal occlusion; several target rows are
+    refused with a typed error before any evaluation."""
+    lm = al.wrap(*al.testing.tiny_model("gpt2"))
+    prompt = "When Mary and John went"
+    occ = al.attribute(lm, prompt, " Mary", units="heads", method="occlusion")
+    n = len(occ)
+    tr = al.attribute(lm, prompt, " Mary", units="heads", method="tracllm",
+                      score_funcs=("loo",), loo_weight=1.0, top_k=n)  # fmt: skip
+    hi = al.attribute(lm, prompt, " Mary", units="heads", method="hierarchical",
+                      branching=2, keep=n)  # fmt: skip
+    torch.testing.assert_close(tr.scores.double(), occ.scores.double(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(hi.scores.double(), occ.scores.double(), atol=1e-5, rtol=1e-4)
+    assert tr.unit_kind == "heads" and tr.units == occ.units
+    cont = al.targets.ContinuationLogProb(" Mary and", reduce="none")
+    with pytest.raises(al.errors.InputError, match="one target value"):
+        al.attribute(lm, prompt, cont, units="tokens", method="tracllm")

@@ -15,6 +15,8 @@ import torch
 import attrlab as al
 from attrlab.methods.base import all_methods, methods_for
 from attrlab.methods.gradient import ExpectedGradients, InputXGradient, IntegratedGradients
+from attrlab.methods.context_baselines import HierarchicalSearch
+from attrlab.methods.context_traceback import TracLLM
 from attrlab.methods.perturbation import ExactShapley, KernelShap, Occlusion, ShapleySampling
 from attrlab.methods.surrogate import Coar, Datamodels, Lime, LinearSurrogate
 from attrlab.result import Attribution
@@ -69,6 +71,8 @@ ESTIMATORS = [
     InputXGradient(),
     IntegratedGradients(steps=8),
     ExpectedGradients(samples=64),
+    HierarchicalSearch(branching=2, keep=8),  # every group refined: leave-one-out
+    TracLLM(score_funcs=("loo",), loo_weight=1.0),  # n <= top_k: leave-one-out
 ]
 
 
@@ -127,7 +131,7 @@ def test_availability_is_derived_from_needs_and_provides():
     components = ("heads", "attn", "mlp", "neurons", "experts", "resid", "layers", "features")
     for kind in (*components, "tokens", "words", "sentences", "spans"):
         for m in ("occlusion", "shapley", "shapley-exact", "kernelshap", "lime", "coar",
-                  "datamodels", "contextcite", "surrogate"):  # fmt: skip
+                  "datamodels", "contextcite", "surrogate", "tracllm", "hierarchical"):  # fmt: skip
             assert kind in table[m], (m, kind)
         for m in ("ig", "input-x-gradient", "expected-gradients"):
             assert kind in table[m], (m, kind)

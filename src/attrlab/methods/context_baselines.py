@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,7 @@ from ..errors import IndexRangeError, InputError
 from ..result import Attribution
 from ..units.sources import Sources, SourcesBound
 from .base import Method, check_int, register
+from .perturbation import _Search
 
 __all__ = ["SourceMethod", "JSDScore", "AttentionScore", "HierarchicalSearch", "loo_masks"]
 
@@ -221,23 +223,27 @@ def _split(group: list[int], k: int) -> list[list[int]]:
     return [list(g) for g in np.array_split(np.array(group), min(k, len(group))) if len(g)]
 
 
-@register("hierarchical", ("sources",))
-class HierarchicalSearch(SourceMethod):
+@register("hierarchical")
+class HierarchicalSearch(_Search):
     """Simplified hierarchical leave-one-group-out search (not TracLLM, which is
-    ``method="tracllm"``: halving, a score ensemble, pruned sources removed).
+    ``method="tracllm"``: halving, a score ensemble, pruned units removed).
+    Written against ``f`` only: it runs on every unit kind that provides it,
+    with one target row.
 
-    The sources are cut into ``branching`` contiguous groups; each group is
-    scored by the drop in the response's log-probability when the whole group
-    is removed; the ``keep`` best groups are cut again, until single sources.
-    Sources scored on their own get their leave-one-out score; sources in
-    pruned groups share their group's score evenly (a coarse estimate;
-    ``diagnostics["resolved"]`` says which is which). Forwards grow with
-    ``log(n)``, and each forward holds one context, so memory stays bounded.
+    The units are cut into ``branching`` contiguous groups; each group is
+    scored by the drop in the target when the whole group is ablated (for
+    sources: the response's log-probability with the group removed); the
+    ``keep`` best groups are cut again, until single units. Units scored on
+    their own get their leave-one-out score; units in pruned groups share
+    their group's score evenly (a coarse estimate; ``diagnostics["resolved"]``
+    says which is which). Evaluations grow with ``log(n)``, and each holds one
+    input, so memory stays bounded.
 
     Args:
         branching: groups per split.
         keep: groups refined per level.
-        **common: see :class:`SourceMethod`.
+        **common: ``batch_size``, ``max_new_tokens``, ``progress``,
+            ``memory_budget`` (see :class:`~attrlab.methods.perturbation.Occlusion`).
 
     Example:
         >>> import attrlab as al
@@ -255,12 +261,10 @@ class HierarchicalSearch(SourceMethod):
         self.branching = int(branching)
         self.keep = int(keep)
 
-    def attribute(
-        self, lm: Any, inputs: Any, target: Any, units: Any, counterfactual: Any = None
-    ) -> Attribution:
+    def _scores(
+        self, value_fn: Callable[[Tensor], Tensor], n: int, v_full: Any, v_empty: Any
+    ) -> tuple[Tensor, dict[str, Any]]:
         t0 = time.perf_counter()
-        bound = self.prepare(lm, inputs, target, units, counterfactual)
-        n = bound.n
         scores = torch.zeros(n, dtype=torch.float64)
         resolved = [False] * n
         groups = _split(list(range(n)), self.branching)
@@ -273,7 +277,7 @@ class HierarchicalSearch(SourceMethod):
                 masks[j, g] = False
             if full is None:
                 masks = torch.cat([torch.ones(1, n, dtype=torch.bool), masks])
-            f = bound.f(masks)[:, 0]
+            f = value_fn(masks)[:, 0]
             if full is None:
                 full, f = float(f[0]), f[1:]
             gscore = full - f
@@ -293,4 +297,4 @@ class HierarchicalSearch(SourceMethod):
             "resolved": resolved,
             "seconds": time.perf_counter() - t0,
         }
-        return bound.result(scores, self, diag)
+        return scores[None], diag

@@ -73,6 +73,7 @@ from ..model.wrapper import Batch
 from ..result import Attribution
 from .base import register
 from .context_baselines import SourceMethod
+from .perturbation import _Search
 
 __all__ = [
     "AttnTrace",
@@ -400,10 +401,12 @@ def tracllm_ensemble(
     return np.where(selected, best, 0.0), selected.tolist(), per_func, levels
 
 
-@register("tracllm", ("sources",))
-class TracLLM(SourceMethod):
+@register("tracllm")
+class TracLLM(_Search):
     """TracLLM: the informed search with an ensemble of score functions (see
-    :mod:`attrlab.methods.context_traceback`).
+    :mod:`attrlab.methods.context_traceback`). Written against ``f`` only, so it
+    runs on every unit kind that provides it (sources, reasoning steps, heads,
+    tokens …), with one target row.
 
     Args:
         top_k: groups kept per level and sources reported (the paper's K).
@@ -412,7 +415,8 @@ class TracLLM(SourceMethod):
         beta: share of the marginal contributions denoised Shapley averages.
         loo_weight: LOO's weight in the ensemble (the paper's w).
         seed: the permutations' seed.
-        **common: see :class:`~attrlab.methods.context_baselines.SourceMethod`.
+        **common: ``batch_size``, ``max_new_tokens``, ``progress``,
+            ``memory_budget`` (see :class:`~attrlab.methods.perturbation.Occlusion`).
 
     Example:
         >>> import attrlab as al
@@ -451,27 +455,18 @@ class TracLLM(SourceMethod):
         self.loo_weight = float(loo_weight)
         self.seed = int(seed)
 
-    def attribute(
-        self, lm: Any, inputs: Any, target: Any, units: Any, counterfactual: Any = None
-    ) -> Attribution:
+    def _scores(
+        self, value_fn: Callable[[Tensor], Tensor], n: int, v_full: Any, v_empty: Any
+    ) -> tuple[Tensor, dict[str, Any]]:
         t0 = time.perf_counter()
-        bound = self.prepare(lm, inputs, target, units, counterfactual)
-        if bound.n_rows != 1:
-            raise InputError("tracllm scores the whole response: use per_token=False")
-        n = bound.n
-
-        def f(keep: Tensor) -> Tensor:
-            return bound.f(keep)[:, 0].double()
-
         scores_np, selected, per_func, levels = tracllm_ensemble(
-            f, n, self.top_k, self.score_funcs, self.permutations, self.beta, self.loo_weight,
-            self.seed,
+            lambda keep: value_fn(keep)[:, 0], n, self.top_k, self.score_funcs,
+            self.permutations, self.beta, self.loo_weight, self.seed,
         )  # fmt: skip
-        scores = torch.from_numpy(scores_np)
         diag = {
             "seconds": time.perf_counter() - t0,
             "selected": selected,
             "levels": levels,
             "scores_by_func": per_func,
         }
-        return bound.result(scores, self, diag)
+        return torch.from_numpy(scores_np)[None], diag

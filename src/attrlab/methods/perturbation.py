@@ -155,6 +155,8 @@ class _PerturbationMethod(Estimator):
     needs = frozenset({"f"})
     #: whether ``_scores`` reads ``f(all)`` and ``f(none)`` (evaluated first)
     needs_ends = True
+    #: whether the estimator scores one target row only (a search over one value)
+    single_row = False
     batch_size: int | None = None
     max_new_tokens: int | None = None
     progress: bool = False
@@ -193,6 +195,12 @@ class _PerturbationMethod(Estimator):
         n = bound.n
         if n == 0:
             raise InputError("no units to attribute (every token excluded?)")
+        if self.single_row and bound.n_rows != 1:
+            raise InputError(
+                f"{self.name} searches over one target value, but this question has "
+                f"{bound.n_rows} rows (one per continuation token): sum them "
+                "(reduce='sum', per_token=False) or attribute one token at a time"
+            )
         self.check_units(n)
         calls = {"masks": 0}
 
@@ -230,6 +238,15 @@ class _PerturbationMethod(Estimator):
         ):
             out.append(value_fn(masks[i : i + chunk]))
         return torch.cat(out, 0)
+
+
+class _Search(_PerturbationMethod):
+    """A search over one target value (TracLLM, the hierarchical baseline): it
+    picks its own masks as it goes (no ``f(all)`` / ``f(none)`` first) and
+    refuses questions with several target rows."""
+
+    needs_ends = False
+    single_row = True
 
 
 @register("occlusion")

@@ -679,6 +679,24 @@ def check_output(output: str) -> str:
     return output
 
 
+def check_batch_size(batch_size: Any) -> None:
+    """Refuse a ``batch_size`` that is not None, ``"auto"`` or a positive int.
+
+    Example:
+        >>> check_batch_size("auto")
+        >>> check_batch_size(0)
+        Traceback (most recent call last):
+        ...
+        attrlab.errors.InputError: batch_size must be a positive int or 'auto', got 0
+    """
+    if (
+        batch_size is not None
+        and batch_size != "auto"
+        and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1)
+    ):
+        raise InputError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
+
+
 def response_of(target: Any) -> str | list[int] | None:
     """The response a sources question attributes, from a ``target=``: text,
     token ids (a list or a tensor), an :class:`~attrlab.targets.ContinuationLogProb`,
@@ -915,12 +933,7 @@ class Sources(Units):
             ['A is red.', 'B is blue.']
         """
         ablation = self.check_ablation(ablation)
-        if (
-            batch_size is not None
-            and batch_size != "auto"
-            and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1)
-        ):
-            raise InputError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
+        check_batch_size(batch_size)
         out = check_output(self.output or output or "log_prob")
         prompt = self.prompt(lm, inputs, response_of(target), max_new_tokens or 64)
         return SourcesBound(self, ablation, prompt, out, batch_size or "auto", progress)

@@ -42,7 +42,7 @@ import torch
 from ..ablations import Ablation, Remove
 from ..errors import ContextTooLongError, InputError
 from .base import Units, register_units
-from .sources import SourcePrompt, SourcesBound, check_output, response_of
+from .sources import SourcePrompt, SourcesBound, check_batch_size, check_output, response_of
 
 __all__ = ["Trace", "TraceBound", "TraceView", "greedy_continuation"]
 
@@ -285,12 +285,7 @@ class Trace(Units):
             True
         """
         ablation = self.check_ablation(ablation)
-        if (
-            batch_size is not None
-            and batch_size != "auto"
-            and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1)
-        ):
-            raise InputError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
+        check_batch_size(batch_size)
         out = check_output(self.output or output or "log_prob")
         view = self.prepare(lm, inputs)
         response = response_of(target)
