@@ -326,7 +326,8 @@ def train(
                 }
             )
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val_acc=f"{acc:.3f}")
-            print(json.dumps(log["evals"][-1]), flush=True)
+            if progress:  # one JSON line per evaluation (the log keeps them all)
+                print(json.dumps(log["evals"][-1]), flush=True)
     model.eval()
     log["train_seconds"] = time.perf_counter() - start
     log["test_acc_500"] = score(t.examples(500, seed=0, split="test"))
