@@ -312,3 +312,20 @@ def test_ig_memory_stays_within_the_budget():
         pytest.skip("no /proc/self/statm to measure memory")
     # RSS growth is noisy inside a long test session (allocator state of earlier tests)
     assert min(grew) <= 2.0 * 48 * 2**20, [g / 2**20 for g in grew]
+
+
+def test_pattern_estimate_counts_the_keys_of_a_continued_cache():
+    """A run continuing a key/value cache of P positions caches attention
+    patterns over P + n keys: the estimate's cached part equals the tensors the
+    run returns (it counted only n keys before)."""
+    from attrlab.model.budget import cache_bytes
+
+    lm = al.wrap(*al.testing.tiny_model("gpt2"))
+    ids = torch.randint(0, lm.cfg.d_vocab, (1, 24), generator=torch.Generator().manual_seed(1))
+    _, kv = lm.hf_forward(ids[:, :20], use_cache=True)
+    sites = ["blocks.0.attn.pattern", "blocks.1.attn.pattern"]
+    _, cache = lm.run(ids[:, 20:], cache=sites, kv_cache=kv)
+    real = sum(cache[s].numel() * cache[s].element_size() for s in sites)
+    assert cache[sites[0]].shape[-1] == 24  # keys: 20 cached + 4 new
+    est = cache_bytes(lm, sites, 1, 4, past=20) - cache_bytes(lm, [], 1, 4, past=20)
+    assert est == real, (est, real)

@@ -14,9 +14,9 @@ import torch
 
 import attrlab as al
 from attrlab.methods.base import all_methods, methods_for
-from attrlab.methods.gradient import ExpectedGradients, InputXGradient, IntegratedGradients
 from attrlab.methods.context_baselines import HierarchicalSearch
 from attrlab.methods.context_traceback import TracLLM
+from attrlab.methods.gradient import ExpectedGradients, InputXGradient, IntegratedGradients
 from attrlab.methods.perturbation import ExactShapley, KernelShap, Occlusion, ShapleySampling
 from attrlab.methods.surrogate import Coar, Datamodels, Lime, LinearSurrogate
 from attrlab.result import Attribution

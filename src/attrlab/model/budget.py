@@ -641,13 +641,16 @@ def cache_bytes(
     seq_len: int,
     grad: bool = False,
     logit_positions: int | None = None,
+    past: int = 0,
 ) -> int:
     """Estimated bytes of one ``lm.run`` over ``rows`` rows of ``seq_len``
     positions that caches ``sites``: the cached tensors (in the model's dtype)
     plus the forward's working memory (half of :func:`row_bytes` per row, which
     keeps a 2x margin for batch sizing; under ``grad`` the saved activations of
-    the backward; ``logit_positions`` as in :func:`row_bytes`). Within 50% of
-    the measured peak on the tiny models.
+    the backward; ``logit_positions`` as in :func:`row_bytes`). ``past``: the
+    positions of a key/value cache the run continues (attention patterns then
+    span ``past + seq_len`` keys). Within 50% of the measured peak on the tiny
+    models.
 
     Example:
         >>> import attrlab as al
@@ -659,7 +662,8 @@ def cache_bytes(
     dtype = getattr(lm, "dtype", torch.float32)
     size = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 4
     seq = max(1, int(seq_len))
-    cached = sum(_site_width(lm, s, seq) for s in sites) * seq * size
+    keys = seq + max(0, int(past))  # positions an attention pattern spans
+    cached = sum(_site_width(lm, s, keys) for s in sites) * seq * size
     # row_bytes sizes batches with a 2x margin (two layers' activations live
     # without grad, the backward factor with it); here the expected need, which
     # tests/test_budget.py checks against the measured peak
@@ -679,9 +683,11 @@ def preflight(
     seq_len: int,
     grad: bool = False,
     logit_positions: int | None = None,
+    past: int = 0,
 ) -> int:
     """Estimate a run that caches ``sites`` (:func:`cache_bytes`) and announce it
-    before it starts (``logit_positions``: 1 for a ``last_only`` run): a
+    before it starts (``logit_positions``: 1 for a ``last_only`` run; ``past``:
+    the positions of a key/value cache it continues): a
     :class:`MemoryEstimateWarning` above :data:`ANNOUNCE_BYTES`, a line on
     stderr inside :func:`announcing` when it is the largest so far. Returns the estimate. Called by ``lm.run`` itself.
 
@@ -693,9 +699,10 @@ def preflight(
     """
     if not sites:
         return 0
-    est = cache_bytes(lm, sites, rows, seq_len, grad, logit_positions)
+    est = cache_bytes(lm, sites, rows, seq_len, grad, logit_positions, past)
     msg = (
         f"attrlab: a run caching {len(sites)} sites over {rows} x {seq_len} tokens "
+        f"{f'after {past} cached ' if past else ''}"
         f"{'with gradients ' if grad else ''}will need about {_fmt(est)} "
         f"({_fmt(est // max(1, rows))} per row)"
     )

@@ -509,7 +509,10 @@ class LM:
         if cache_sites:  # say beforehand what a large cache will need
             rows, n_pos = batch.shape
             sites = [s.name for s in cache_sites]
-            preflight(self, sites, rows, n_pos, grad, logit_positions=1 if last_only else None)
+            past = int(kv_cache.get_seq_length()) if hasattr(kv_cache, "get_seq_length") else 0
+            preflight(
+                self, sites, rows, n_pos, grad, logit_positions=1 if last_only else None, past=past
+            )
         session = HookSession(
             self.adapter, cache_sites, ivs, grad, start_layer, start_resid, last_only,
             logit_columns,
