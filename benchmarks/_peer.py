@@ -41,14 +41,24 @@ class PeerProcess:
     """The peer subprocess: started once, then ``call(command, **args)`` per unit."""
 
     def __init__(
-        self, argv: list[str], cwd: str | Path | None = None, env: dict[str, str] | None = None
+        self,
+        argv: list[str],
+        cwd: str | Path | None = None,
+        env: dict[str, str] | None = None,
+        stderr: str | Path | None = None,
     ):
+        """``stderr``: a file for the peer's stderr (its progress bars); None: ours.
+        ``PYTHONPATH`` is not passed on (the peer venv has its own packages)."""
+        base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        self.log_path = None if stderr is None else Path(stderr)
+        self.log = None if self.log_path is None else open(self.log_path, "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
             argv,
             cwd=None if cwd is None else str(cwd),
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={**base, "PYTHONUNBUFFERED": "1", **(env or {})},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=self.log,
             text=True,
         )
         self.ready: dict[str, Any] = self._read()
@@ -61,7 +71,11 @@ class PeerProcess:
                 if "peer_error" in out:
                     raise PeerError(f"peer failed: {out['peer_error']}")
                 return out
-        raise PeerError(f"the peer process ended (exit code {self.proc.wait()}; its stderr above)")
+        where = "its stderr above"
+        if self.log is not None and self.log_path is not None:
+            self.log.flush()
+            where = f"the end of {self.log_path}:\n{self.log_path.read_text()[-2000:]}"
+        raise PeerError(f"the peer process ended (exit code {self.proc.wait()}; {where})")
 
     def call(self, command: str = "run", **args: Any) -> dict[str, Any]:
         """Send one command, wait for its one-line JSON answer."""
@@ -80,6 +94,8 @@ class PeerProcess:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
+        if self.log is not None:
+            self.log.close()
 
     def __enter__(self) -> PeerProcess:
         return self

@@ -54,15 +54,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from _peer import PeerProcess  # noqa: E402
+from _peer import serve as peer_serve  # noqa: E402
+
 OUT = ROOT / "_out" / "bench_patching"
 PEER_PY = ROOT / "_envs" / "tl" / "bin" / "python"
 N_LAYERS, D_MODEL, N_HEADS, VOCAB = 12, 768, 12, 50257
@@ -104,13 +106,13 @@ def _subset(sizes: tuple[int, ...], n: int) -> Any:
 # ------------------------------------------------------------------ peer side
 def serve(n_pos: int, tl_patches: int, threads: int) -> None:
     """TransformerLens side (runs in the TL venv): load the same weights once,
-    then answer JSON commands from stdin, one JSON line each on stdout:
+    then answer commands from stdin (:func:`_peer.serve`):
 
-    * ``{"cmd": "run"}``: one timed ``get_act_patch_attn_head_out_by_pos`` over
-      the ``tl_patches`` subset (all patches if 0) -> ``{"seconds", "n_patches"}``;
-    * ``{"cmd": "values"}``: the last run's head patches, resid_pre patching
-      (on a subset) and per-head DLA, saved as safetensors -> ``{"path"}``;
-    * ``{"cmd": "quit"}``.
+    * ``run``: one timed ``get_act_patch_attn_head_out_by_pos`` over the
+      ``tl_patches`` subset (all patches if 0) -> ``{"seconds", "cpu_seconds", "n_patches"}``;
+    * ``values``: the last run's head patches, resid_pre patching (on a
+      subset) and per-head DLA, saved as safetensors -> ``{"path"}``;
+    * ``quit`` (the :mod:`_peer` protocol).
     """
     import pandas as pd
     import torch
@@ -120,8 +122,6 @@ def serve(n_pos: int, tl_patches: int, threads: int) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     out_dir = _out_dir(n_pos)
-    reply = sys.stdout
-    sys.stdout = sys.stderr  # anything TransformerLens prints stays off the protocol
     torch.set_num_threads(threads)
     hf = GPT2LMHeadModel(GPT2Config(**_config_kwargs()))
     sd = load_file(str(out_dir / "model" / "model.safetensors"))
@@ -147,120 +147,70 @@ def serve(n_pos: int, tl_patches: int, threads: int) -> None:
     n_heads = N_LAYERS * n_pos * N_HEADS if h_idx is None else len(h_idx)
     with torch.no_grad():
         clean_logits, clean_cache = model.run_with_cache(clean)
-    heads = None
+    last: dict[str, Any] = {}
 
-    def send(obj: dict) -> None:
-        reply.write(json.dumps(obj) + "\n")
-        reply.flush()
-
-    send({"ready": True, "n_patches": n_heads})
-    for line in sys.stdin:
-        cmd = json.loads(line).get("cmd")
-        if cmd == "run":
-            t0, c0 = time.perf_counter(), time.process_time()
-            with torch.no_grad():
-                heads = patching.get_act_patch_attn_head_out_by_pos(
-                    model, corrupt, clean_cache, metric, **df(h_idx, ["layer", "pos", "head"])
-                )
-            send(
-                {
-                    "seconds": time.perf_counter() - t0,
-                    "cpu_seconds": time.process_time() - c0,
-                    "n_patches": n_heads,
-                }
+    def head_patches() -> torch.Tensor:
+        with torch.no_grad():
+            return patching.get_act_patch_attn_head_out_by_pos(
+                model, corrupt, clean_cache, metric, **df(h_idx, ["layer", "pos", "head"])
             )
-        elif cmd == "values":
-            with torch.no_grad():
-                if heads is None:
-                    heads = patching.get_act_patch_attn_head_out_by_pos(
-                        model, corrupt, clean_cache, metric, **df(h_idx, ["layer", "pos", "head"])
-                    )
-                resid = patching.get_act_patch_resid_pre(
-                    model, corrupt, clean_cache, metric, **df(r_idx, ["layer", "pos"])
-                )
-                # per-head DLA: head results at the last position, through the frozen final LN
-                stack = clean_cache.stack_head_results(layer=-1, pos_slice=-1)  # [L*H, 1, d]
-                normed = clean_cache.apply_ln_to_stack(stack, layer=-1, pos_slice=-1)
-                direction = model.W_U[:, ANSWER] - model.W_U[:, WRONG]
-                dla = (normed * model.ln_final.w) @ direction  # [L*H, 1]
-                hf_logits = hf(clean).logits
-            out = {
-                "heads_by_pos": heads.contiguous(),  # [L, pos, H] or [n_sampled]
-                "resid_pre": resid.contiguous(),  # [L, pos] or [n_sampled]
-                "dla_heads": dla[:, 0].contiguous(),  # [L*H]
-                "hf_vs_tl_logits": (hf_logits - clean_logits).abs().max().reshape(1),
-            }
-            if h_idx is not None:
-                out["heads_index"] = h_idx
-            if r_idx is not None:
-                out["resid_index"] = r_idx
-            path = out_dir / "peer.safetensors"
-            save_file(out, str(path))
-            send({"path": str(path)})
-        elif cmd == "quit":
-            send({"bye": True})
-            return
-        else:
-            send({"error": f"unknown command {cmd!r}"})
+
+    def run(_: dict) -> dict:
+        t0, c0 = time.perf_counter(), time.process_time()
+        last["heads"] = head_patches()
+        return {
+            "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0,
+            "n_patches": n_heads,
+        }
+
+    def values(_: dict) -> dict:
+        heads = last["heads"] if "heads" in last else head_patches()
+        with torch.no_grad():
+            resid = patching.get_act_patch_resid_pre(
+                model, corrupt, clean_cache, metric, **df(r_idx, ["layer", "pos"])
+            )
+            # per-head DLA: head results at the last position, through the frozen final LN
+            stack = clean_cache.stack_head_results(layer=-1, pos_slice=-1)  # [L*H, 1, d]
+            normed = clean_cache.apply_ln_to_stack(stack, layer=-1, pos_slice=-1)
+            direction = model.W_U[:, ANSWER] - model.W_U[:, WRONG]
+            dla = (normed * model.ln_final.w) @ direction  # [L*H, 1]
+            hf_logits = hf(clean).logits
+        out = {
+            "heads_by_pos": heads.contiguous(),  # [L, pos, H] or [n_sampled]
+            "resid_pre": resid.contiguous(),  # [L, pos] or [n_sampled]
+            "dla_heads": dla[:, 0].contiguous(),  # [L*H]
+            "hf_vs_tl_logits": (hf_logits - clean_logits).abs().max().reshape(1),
+        }
+        if h_idx is not None:
+            out["heads_index"] = h_idx
+        if r_idx is not None:
+            out["resid_index"] = r_idx
+        path = out_dir / "peer.safetensors"
+        save_file(out, str(path))
+        return {"path": str(path)}
+
+    peer_serve({"run": run, "values": values}, ready={"n_patches": n_heads})
 
 
-class Peer:
-    """The TransformerLens process: started once, driven by JSON lines.
+def start_peer(n_pos: int, tl_patches: int, threads: int) -> PeerProcess:
+    """The TransformerLens process (:class:`_peer.PeerProcess`), started once and
+    driven by ``call("run")`` / ``call("values")``; ``ready["n_patches"]`` is the
+    number of patches it times. Its own output goes to ``peer.log``.
 
     Example::
 
-        with Peer(n_pos=16, tl_patches=96, threads=2) as tl:
+        with start_peer(n_pos=16, tl_patches=96, threads=2) as tl:
             tl.call("run")["seconds"]
     """
-
-    def __init__(self, n_pos: int, tl_patches: int, threads: int):
-        if not PEER_PY.exists():
-            raise SystemExit(
-                f"peer environment missing: build {PEER_PY.parent.parent} (see docstring)"
-            )
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        env.pop("PYTHONPATH", None)  # the peer venv has its own packages
-        # the peer's own output (TransformerLens' progress bars) goes to a log file
-        self.log_path = _out_dir(n_pos) / "peer.log"
-        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in __exit__
-        self.proc = subprocess.Popen(
-            [str(PEER_PY), __file__, "--serve", "--n-pos", str(n_pos), "--threads", str(threads),
-             "--tl-patches", str(tl_patches)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
-            cwd=str(ROOT),
-        )  # fmt: skip
-        self.hello = self._read()
-        self.n_patches = int(self.hello["n_patches"])
-
-    def _read(self) -> dict:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            self.log.flush()
-            tail = self.log_path.read_text()[-2000:]
-            raise RuntimeError(f"TransformerLens peer exited (code {self.proc.wait()}):\n{tail}")
-        return json.loads(line)
-
-    def call(self, cmd: str) -> dict:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"cmd": cmd}) + "\n")
-        self.proc.stdin.flush()
-        out = self._read()
-        if "error" in out:
-            raise RuntimeError(out["error"])
-        return out
-
-    def __enter__(self) -> Peer:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.call("quit")
-            self.proc.wait(timeout=30)
-        except Exception:
-            self.proc.kill()
-        self.log.close()
+    if not PEER_PY.exists():
+        raise SystemExit(f"peer environment missing: build {PEER_PY.parent.parent} (see docstring)")
+    argv = [str(PEER_PY), __file__, "--serve", "--n-pos", str(n_pos), "--threads", str(threads),
+            "--tl-patches", str(tl_patches)]  # fmt: skip
+    return PeerProcess(
+        argv, cwd=ROOT, env={"OMP_NUM_THREADS": str(threads)},
+        stderr=_out_dir(n_pos) / "peer.log",
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------ our side
@@ -326,14 +276,14 @@ def measure(
 
         return run
 
-    def theirs(tl: Peer) -> Any:
+    def theirs(tl: PeerProcess) -> Any:
         def run() -> None:
             cpu.setdefault("transformer_lens", []).append(tl.call("run")["cpu_seconds"])
 
         return run
 
     print(f"load before: {loadavg()}", flush=True)
-    with Peer(n_pos, tl_patches, threads) as tl:
+    with start_peer(n_pos, tl_patches, threads) as tl:
         tuned_name = f"attrlab batch_size={TUNED_BATCH}"
         sides = {"attrlab defaults": ours("attrlab defaults")}
         if tuned:
@@ -351,7 +301,7 @@ def measure(
         defaults_sweep = last["attrlab defaults"]
         sweep = last.get(tuned_name, defaults_sweep)
         peer_t = load_file(tl.call("values")["path"])
-        n_peer = tl.n_patches
+        n_peer = int(tl.ready["n_patches"])
     times = {
         n: [t * (scale if n.startswith("attrlab") else n_all / n_peer) for t in ts]
         for n, ts in times.items()
