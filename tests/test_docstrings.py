@@ -1,33 +1,25 @@
-"""Docstring examples of the foundation run, and public entry points have examples."""
+"""Every module's docstring examples run, and public entry points have examples."""
 
 from __future__ import annotations
 
 import doctest
 import importlib
+import pkgutil
 
 import pytest
 
 import attrlab as al
 
-FOUNDATION = [
-    "attrlab.errors",
-    "attrlab.model.sites",
-    "attrlab.model.interventions",
-    "attrlab.model.hooks",
-    "attrlab.model.wrapper",
-    "attrlab.model.loading",
-    "attrlab.model.adapters",
-    "attrlab.model.adapters.base",
-    "attrlab.targets",
-    "attrlab.result",
-    "attrlab.units.base",
-    "attrlab.methods.base",
-    "attrlab.attribute",
-    "attrlab.viz.html",
-]
+
+def _modules() -> list[str]:
+    """Every module of the package (its docstring examples are its documentation)."""
+    names = ["attrlab"]
+    for info in pkgutil.walk_packages(al.__path__, "attrlab."):
+        names.append(info.name)
+    return sorted(names)
 
 
-@pytest.mark.parametrize("name", FOUNDATION)
+@pytest.mark.parametrize("name", _modules())
 def test_doctests(name):
     mod = importlib.import_module(name)
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

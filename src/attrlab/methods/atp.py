@@ -55,7 +55,7 @@ Example:
     ...                  method="atp*",
     ...                  counterfactual="When Mary and John went to the store, Mary gave a drink to")
     >>> sorted(r.extra)
-    ['atp', 'atp_qk', 'graddrop', 'graddrop_by_layer']
+    ['atp', 'atp_qk', 'atp_tail', 'graddrop', 'graddrop_by_layer']
 """
 
 from __future__ import annotations
