@@ -23,7 +23,13 @@ matrix for the dependency edges, for the defaults and the paper's code's variant
 (temperature 0.6, mean log-KL, outputs at the sentence's positions) and the
 steps between them.
 
-Run: ``python benchmarks/bench_thought_anchors.py [--part 1|2|3|4|all] [--prompts 3]
+Part 5 (receiver heads): heads chosen by mean kurtosis over 30 training
+prompts (``receiver_heads``), then on held-out prompts: is the top-scored
+program step a true dependency of the answer (only steps with a sentence at
+least ``min_distance`` later are ranked; chance given), and the AUROC of the
+scores for dependencies vs distractors, per ``min_distance`` and ``top_k``.
+
+Run: ``python benchmarks/bench_thought_anchors.py [--part 1|2|3|4|5|all] [--prompts 3]
 [--rollouts 16] [--repeats 3] [--acceptance 100] [--acceptance-rollouts 20]``
 """
 
@@ -166,9 +172,57 @@ def part4(n: int) -> dict[str, object]:
     return res
 
 
+def part5(n: int) -> dict[str, object]:
+    import math
+
+    from attrlab.methods.thought_anchors import _kurtosis, _patterns, vertical_scores
+    from attrlab.zoo.reasoning import auroc
+
+    lm = al.zoo.load("reasoning")
+    units = al.units.Trace()
+
+    def views(exs: list) -> list:
+        out = []
+        for e in exs:
+            v = units.prepare(lm, e.prompt)
+            if v.texts == e.steps:
+                out.append((e, v, _patterns(lm, v)))
+        return out
+
+    train = views(al.zoo.task("reasoning").examples(30, seed=1, split="train"))
+    test = views(al.zoo.task("reasoning").examples(n, seed=0, split="test"))
+    H = lm.cfg.n_heads
+    res: dict[str, object] = {"evaluated": len(test)}
+    for md in (1, 2, 4):
+        kurt = [_kurtosis(vertical_scores(p, v.spans, md)) for _, v, p in train]
+        k = torch.nanmean(torch.stack(kurt), 0)
+        order = torch.nan_to_num(k, nan=-math.inf).flatten().argsort(descending=True).tolist()
+        for top_k in (3, lm.cfg.n_layers * H):
+            heads = [(o // H, o % H) for o in order[:top_k]]
+            top, chance, ss, ys = [], [], [], []
+            for ex, v, p in test:
+                vert = vertical_scores(p, v.spans, md)
+                sc = torch.nan_to_num(torch.stack([vert[a, b] for a, b in heads]), nan=0.0)
+                sc = sc.mean(0)
+                ranked = [i for i in range(len(ex.program)) if i + md < len(ex.steps)]
+                best = max(ranked, key=lambda i: float(sc[i]))
+                top.append(best in ex.answer_deps)
+                chance.append(sum(i in ex.answer_deps for i in ranked) / len(ranked))
+                ss += [float(sc[i]) for i in ranked]
+                ys += [int(i in ex.answer_deps) for i in ranked]
+            key = f"min_distance={md} top_k={top_k}"
+            res[key] = {
+                "top_is_dependency": sum(top) / len(top),
+                "chance": sum(chance) / len(chance),
+                "auroc_deps_vs_distractors": auroc(ss, ys),
+            }
+            print(key, json.dumps(res[key]), flush=True)
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", default="all", choices=["1", "2", "3", "4", "all"])
+    p.add_argument("--part", default="all", choices=["1", "2", "3", "4", "5", "all"])
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--rollouts", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
@@ -184,6 +238,8 @@ def main() -> None:
         part3(a.acceptance)
     if a.part in ("4", "all"):
         part4(a.acceptance)
+    if a.part in ("5", "all"):
+        part5(a.acceptance)
 
 
 if __name__ == "__main__":

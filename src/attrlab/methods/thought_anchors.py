@@ -509,20 +509,28 @@ def _kurtosis(x: Tensor) -> Tensor:
     return torch.where((ok.sum(-1) >= 2) & (m2 > 0), k, torch.full_like(k, math.nan))
 
 
+#: the paper's code: 20 receiver heads, vertical scores from sentences >= 4 later
+RECEIVER_TOP_K = 20
+RECEIVER_MIN_DISTANCE = 4
+
+
 def receiver_heads(
     lm: Any,
     prompts: Sequence[str],
     units: Trace | None = None,
-    top_k: int = 3,
-    min_distance: int = 1,
+    top_k: int = RECEIVER_TOP_K,
+    min_distance: int = RECEIVER_MIN_DISTANCE,
 ) -> list[tuple[int, int]]:
-    """The ``top_k`` heads ``(layer, head)`` whose vertical scores have the highest
-    kurtosis averaged over the traces of ``prompts`` (the paper's receiver heads).
+    """The ``top_k`` heads ``(layer, head)`` (all heads if the model has fewer)
+    whose vertical scores have the highest kurtosis averaged over the traces of
+    ``prompts`` (the paper's receiver heads; its code's defaults: 20 heads,
+    sentences at least 4 apart).
 
     Example:
         >>> import attrlab as al
         >>> t = al.zoo.task("reasoning")
-        >>> heads = receiver_heads(al.zoo.load("reasoning"), [e.prompt for e in t.examples(2)])
+        >>> lm = al.zoo.load("reasoning")
+        >>> heads = receiver_heads(lm, [e.prompt for e in t.examples(2)], top_k=3)
         >>> len(heads)
         3
     """
@@ -543,17 +551,18 @@ class ReceiverHeads(Method):
     """Sentence scores from receiver heads' attention (see the module docs).
 
     Args:
-        top_k: receiver heads used (chosen on this trace by kurtosis).
+        top_k: receiver heads used (chosen on this trace by kurtosis); None: the
+            paper's 20, or every head of a smaller model.
         heads: ``[(layer, head), ...]`` to use instead (e.g. :func:`receiver_heads`
-            over many prompts).
+            over many prompts, as the paper chooses them).
         min_distance: a sentence's vertical score counts the sentences at least
-            this many later.
+            this many later (the paper's 4; sentences with none score 0).
 
     Example:
         >>> import attrlab as al
         >>> ex = al.zoo.task("reasoning").examples(1)[0]
         >>> r = al.attribute(al.zoo.load("reasoning"), ex.prompt, units="trace",
-        ...                  method="receiver-heads")
+        ...                  method="receiver-heads", top_k=3)
         >>> len(r.diagnostics["receiver_heads"])
         3
     """
@@ -561,9 +570,12 @@ class ReceiverHeads(Method):
     target_kind = "raw"
 
     def __init__(
-        self, top_k: int = 3, heads: Sequence[Sequence[int]] | None = None, min_distance: int = 1
+        self,
+        top_k: int | None = None,
+        heads: Sequence[Sequence[int]] | None = None,
+        min_distance: int = RECEIVER_MIN_DISTANCE,
     ):
-        self.top_k = check_int("receiver-heads", "top_k", top_k)
+        self.top_k = check_int("receiver-heads", "top_k", top_k, optional=True)
         self.heads = None if heads is None else [[int(a), int(b)] for a, b in heads]
         self.min_distance = check_int("receiver-heads", "min_distance", min_distance)
 
@@ -581,8 +593,9 @@ class ReceiverHeads(Method):
                 raise IndexRangeError(
                     f"receiver-heads: heads {bad} out of range ({L} layers x {H} heads)"
                 )
-        elif self.top_k > L * H:
+        elif self.top_k is not None and self.top_k > L * H:
             raise InputError(f"receiver-heads: top_k={self.top_k} but the model has {L * H} heads")
+        top_k = self.top_k if self.top_k is not None else min(RECEIVER_TOP_K, L * H)
         view = _view(lm, inputs, units, self.name)
         vert = vertical_scores(_patterns(lm, view), view.spans, self.min_distance)  # [L, H, n]
         kurt = _kurtosis(vert)  # [L, H]
@@ -590,7 +603,7 @@ class ReceiverHeads(Method):
             chosen = [tuple(h) for h in self.heads]
         else:
             order = torch.nan_to_num(kurt, nan=-math.inf).flatten().argsort(descending=True)
-            chosen = [(o // H, o % H) for o in order[: self.top_k].tolist()]
+            chosen = [(o // H, o % H) for o in order[:top_k].tolist()]
         sel = torch.stack([vert[a, b] for a, b in chosen])  # [k, n]
         no_later = [i for i in range(view.n) if not bool(torch.isfinite(sel[:, i]).all())]
         scores = torch.nan_to_num(sel, nan=0.0).mean(0)
