@@ -145,9 +145,7 @@ class _PrefixLinear(torch.autograd.Function):
         if k is None or grad.dim() != 3:
             return grad @ w, None, None, None, None
         k = min(k, grad.shape[1])
-        lo = 0  # leading positions with no gradient (e.g. the last block: one position)
-        while lo < k and not bool(grad[:, lo].any()):
-            lo += 1
+        lo = _leading_dead(grad, k)  # e.g. the last block: one live position
         if 2 * (k - lo) > grad.shape[1]:  # slicing copies; it pays only for a short live span
             return grad @ w, None, None, None, None  # exact: the dead positions' gradients are 0
         gx = grad.new_zeros(ctx.x_shape) if lo == k else grad.new_empty(ctx.x_shape)
@@ -156,6 +154,23 @@ class _PrefixLinear(torch.autograd.Function):
             gx[:, k:] = 0
             gx[:, lo:k] = grad[:, lo:k] @ w
         return gx, None, None, None, None
+
+
+def _leading_dead(grad: Tensor, k: int) -> int:
+    """How many leading positions of ``grad [batch, pos, d]`` (of the first ``k``)
+    carry no gradient: one look at position 0 (live in every block but the
+    last), else one pass over the first ``k`` positions.
+
+    Example:
+        >>> g = torch.zeros(2, 5, 3); g[:, 3] = 1.0
+        >>> _leading_dead(g, 5), _leading_dead(g, 3), _leading_dead(torch.ones(2, 5, 3), 5)
+        (3, 3, 0)
+    """
+    if k == 0 or bool(grad[:, 0].any()):
+        return 0
+    live = grad[:, :k].ne(0).any(-1).any(0)  # [k]
+    idx = live.nonzero()
+    return int(idx[0, 0]) if idx.numel() else k
 
 
 @contextlib.contextmanager
