@@ -14,7 +14,8 @@ answer; every distractor step scores below every true dependency; AUROC of the
 attention-suppression matrix for the dependency edges.
 
 Part 3 (removal): the generic estimators over ``units="trace"`` (``f``: the
-answer sentence's log-probability with only the kept steps' text), on the same
+answer sentence's log-probability with only the kept steps' text, or with the
+dropped steps' tokens unread by later positions, ``ablation="suppress"``), on the same
 held-out prompts and criteria as part 2 (top step is a true dependency; every
 distractor below every dependency), with seconds and prompts run per method.
 
@@ -97,7 +98,15 @@ def part2(n: int, rollouts: int) -> dict[str, object]:
     return m
 
 
-REMOVAL_METHODS = ("occlusion", "shapley-exact", "kernelshap", "contextcite")
+REMOVAL_METHODS = (
+    ("occlusion", "remove"),
+    ("shapley-exact", "remove"),
+    ("kernelshap", "remove"),
+    ("contextcite", "remove"),
+    ("occlusion", "suppress"),
+    ("shapley-exact", "suppress"),
+    ("kernelshap", "suppress"),
+)
 
 
 def part3(n: int) -> dict[str, object]:
@@ -105,11 +114,11 @@ def part3(n: int) -> dict[str, object]:
     exs = al.zoo.task("reasoning").examples(n, seed=0, split="test")
     units = al.units.Trace()
     res: dict[str, object] = {}
-    for method in REMOVAL_METHODS:
+    for method, ablation in REMOVAL_METHODS:
         top, below, secs, prompts, skipped = [], [], 0.0, 0, 0
         for ex in exs:
             t0 = time.perf_counter()
-            r = al.attribute(lm, ex.prompt, units=units, method=method)
+            r = al.attribute(lm, ex.prompt, units=units, method=method, ablation=ablation)
             secs += time.perf_counter() - t0
             if r.units["text"] != ex.steps[: len(ex.program)]:
                 skipped += 1
@@ -122,7 +131,8 @@ def part3(n: int) -> dict[str, object]:
                 max(steps[i] for i in ex.distractors) < min(steps[i] for i in ex.answer_deps)
             )
         k = max(1, len(top))
-        res[method] = {
+        key = f"{method} ablation={ablation}"
+        res[key] = {
             "evaluated": len(top),
             "wrong_trace": skipped,
             "top_is_dependency": sum(top) / k,
@@ -130,7 +140,7 @@ def part3(n: int) -> dict[str, object]:
             "seconds_per_prompt": secs / max(1, n),
             "prompts_run_per_prompt": prompts / k,
         }
-        print(method, json.dumps(res[method]), flush=True)
+        print(key, json.dumps(res[key]), flush=True)
     res["load"] = loadavg()
     return res
 

@@ -9,6 +9,7 @@ import torch
 
 import attrlab as al
 from attrlab.methods.base import all_methods
+from attrlab.model.attention_masks import suppression_mask
 from attrlab.testing import plain_response_logprobs
 from attrlab.units.base import all_masks
 
@@ -93,3 +94,34 @@ def test_exact_shapley_over_steps_sums_to_the_full_minus_empty(zoo):
     r = al.attribute(lm, ex.prompt, units="trace", method="shapley-exact")
     total = float(b.clean()[0] - b.empty()[0])
     assert float(r.scores.double().sum()) == pytest.approx(total, abs=1e-4)
+
+
+def test_suppress_ablation_equals_deleting_the_steps_with_positions_kept(zoo):
+    """ablation='suppress': the dropped steps stay in the text, no later position
+    reads them. Oracle: the run without their tokens, every other token at its
+    own position id (a causal 4-D mask), reads the same answer log-probability,
+    while the step just before the answer is kept (its last position predicts
+    the answer's first token; dropped, it still does from its own residual)."""
+    lm, ex, _ = zoo
+    b = al.units.Trace().bind(lm, ex.prompt, ablation=al.ablations.Suppress())
+    n = b.n
+    rows = [[1] * n, [0] + [1] * (n - 1), [1, 0, 1, 0] + [1] * (n - 4), [0] * (n - 1) + [1]]
+    masks = torch.tensor(rows, dtype=torch.bool)
+    got = b.f(masks)[:, 0]
+    ids = torch.tensor(b.view.ids)
+    n_ans = len(b.prompt.response_ids)
+    for row, value in zip(masks, got):
+        drop = [b.view.spans[i] for i in range(n) if not row[i]]
+        keep = torch.tensor([t for t in range(len(ids)) if not any(a <= t < c for a, c in drop)])
+        causal = suppression_mask(len(keep), [])[None, None]
+        with torch.no_grad():
+            out = lm.hf_forward(ids[keep][None], attention_mask=causal, position_ids=keep[None])
+        lp = out[0][0, -n_ans - 1 : -1].double().log_softmax(-1)
+        want = lp.gather(-1, ids[-n_ans:, None])[:, 0].sum()
+        assert float(value) == pytest.approx(float(want), abs=1e-4)
+    assert float(got[0]) == pytest.approx(float(b.clean()[0]), abs=1e-9)
+    assert len(set(got.tolist())) == len(rows)  # every mask moves the answer
+    r = al.attribute(lm, ex.prompt, units="trace", method="occlusion", ablation="suppress")
+    assert r.meta["ablation"]["name"] == "suppress" and len(r) == n
+    with pytest.raises(al.errors.UnsupportedAblationError):
+        al.attribute(lm, ex.prompt, units="sources", method="occlusion", ablation="suppress")

@@ -15,10 +15,12 @@ unit kind declares which ablations it supports (``Units.ablations``).
                                     token embeddings (causal tracing)
 ``Token("pad" | "mask" | id)``      input units: the embedding of that token
 ``Remove()``                        sources / spans: dropped from the text
+``Suppress()``                      trace sentences: later positions do not attend
+                                    to their tokens (every head and layer)
 =================================  ==============================================
 
 Strings: ``"zero"``, ``"mean"``, ``"resample"``, ``"noise"``, ``"pad"``,
-``"mask"``, ``"remove"``. ``counterfactual=`` on :func:`attrlab.attribute` is
+``"mask"``, ``"remove"``, ``"suppress"``. ``counterfactual=`` on :func:`attrlab.attribute` is
 shorthand for ``ablation=Counterfactual(...)``; ``reference=`` fills in the
 reference of ``"mean"`` / ``"resample"``.
 
@@ -47,6 +49,7 @@ __all__ = [
     "Noise",
     "Token",
     "Remove",
+    "Suppress",
     "resolve",
     "to_json",
     "from_json",
@@ -175,6 +178,20 @@ class Remove(Ablation):
     name = "remove"
 
 
+@dataclass
+class Suppress(Ablation):
+    """Trace sentences: the text stays, but no later position attends to the
+    ablated sentence's tokens (an additive mask before the softmax, every head
+    and layer), as attention suppression does.
+
+    Example:
+        >>> Suppress().name
+        'suppress'
+    """
+
+    name = "suppress"
+
+
 _CLASSES: dict[str, type[Ablation]] = {
     "zero": Zero,
     "mean": Mean,
@@ -183,6 +200,7 @@ _CLASSES: dict[str, type[Ablation]] = {
     "noise": Noise,
     "token": Token,
     "remove": Remove,
+    "suppress": Suppress,
 }
 
 
@@ -197,7 +215,7 @@ def resolve(
 
     Args:
         spec: ``"zero"``, ``"mean"``, ``"resample"``, ``"noise"``, ``"pad"``,
-            ``"mask"``, ``"remove"``, ``"counterfactual"``, a token id, or an object.
+            ``"mask"``, ``"remove"``, ``"suppress"``, ``"counterfactual"``, a token id, or an object.
         counterfactual: a prompt; alone it means ``Counterfactual(counterfactual)``.
         reference: prompts for ``"mean"`` / ``"resample"``.
         default: returned when nothing is given (the unit kind's default).
@@ -242,7 +260,7 @@ def resolve(
         else:
             raise InputError(
                 f"unknown ablation {spec!r}; choose from zero, mean, resample, noise, pad, "
-                "mask, remove, counterfactual, or pass an al.ablations object"
+                "mask, remove, suppress, counterfactual, or pass an al.ablations object"
             )
     else:
         raise InputError(f"ablation must be a name or an al.ablations object, got {spec!r}")

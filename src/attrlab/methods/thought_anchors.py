@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 from ..errors import InputError
 from ..graph import dependency_graph  # noqa: F401  (re-exported: the method's graph view)
+from ..model.attention_masks import check_4d_masks, suppression_mask
 from ..units.trace import Trace, TraceView
 from .base import Method, check_float, check_int, register
 
@@ -685,46 +686,6 @@ class AttentionSuppression(Method):
         )
 
 
-def suppression_mask(
-    n_pos: int, span: tuple[int, int], dtype: torch.dtype = torch.float32
-) -> Tensor:
-    """Additive attention mask ``[n_pos, n_pos]``: causal, and no position after
-    ``span`` attends to the positions in it.
-
-    Example:
-        >>> m = suppression_mask(4, (1, 2))
-        >>> (m == 0).int().tolist()
-        [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]]
-    """
-    neg = torch.finfo(dtype).min
-    m = torch.zeros(n_pos, n_pos, dtype=dtype)
-    m[torch.triu(torch.ones(n_pos, n_pos, dtype=torch.bool), 1)] = neg
-    a, b = span
-    m[b:, a:b] = neg
-    return m
-
-
-def _check_4d_masks(lm: Any, ids: Tensor, base: Tensor, dtype: torch.dtype) -> None:
-    """Refuse models whose forward does not take an additive 4-D attention mask
-    (ALiBi models, OPT's positions from the mask): the plain causal mask in 4-D
-    form must give the model's own logits ``base [pos, vocab]``."""
-    from ..errors import UnsupportedArchitectureError
-
-    causal = suppression_mask(ids.shape[1], (0, 0), dtype)[None, None].to(lm.device)
-    why = ""
-    try:
-        same, _ = lm.hf_forward(ids, attention_mask=causal)
-        if not torch.allclose(same[0].float(), base.float(), atol=1e-4, rtol=1e-3):
-            why = "its logits change under an all-causal 4-D mask"
-    except (ValueError, IndexError, RuntimeError, TypeError) as e:
-        why = f"{type(e).__name__}: {e}"
-    if why:
-        raise UnsupportedArchitectureError(
-            f"attention-suppression needs a model whose forward takes an additive 4-D "
-            f"attention mask; {lm.cfg.family} does not ({why}). Use resampling or receiver-heads"
-        )
-
-
 #: which outputs stand for sentence ``j`` in :func:`suppression_matrix`
 SUPPRESSION_POSITIONS = ("tokens", "at")
 #: added to a KL before its log (the paper's code)
@@ -759,7 +720,7 @@ def suppression_matrix(
     with torch.no_grad():
         base, _ = lm.hf_forward(ids)
         base_lp = (base[0].double() / temperature).log_softmax(-1)  # [T, vocab]
-        _check_4d_masks(lm, ids, base[0], lm.dtype)
+        check_4d_masks(lm, ids, base[0], "attention-suppression (else: resampling, receiver-heads)")
         out = torch.zeros(n, n, dtype=torch.float64)
         bs = batch_size or n
         for s in range(0, n, bs):

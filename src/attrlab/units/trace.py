@@ -15,8 +15,10 @@ Bound to a question (:meth:`Trace.bind`), the kind gives the contract every
 estimator uses, ``f(keep)``: the log-probability of the answer (by default the
 trace's last sentence, as the model wrote it; or a given ``target`` text after
 the whole trace) with only the kept sentences' text left in the trace (the
-ablation is :class:`~attrlab.ablations.Remove`, as for sources: the prompt and
-kept sentences are tokenized again as text). So occlusion, Shapley values,
+default ablation, :class:`~attrlab.ablations.Remove`, as for sources: the prompt
+and kept sentences are tokenized again as text), or with the dropped sentences
+kept in the text but unread by every later position
+(:class:`~attrlab.ablations.Suppress`, ``ablation="suppress"``). So occlusion, Shapley values,
 KernelSHAP, LIME and ContextCite run over reasoning steps, and ``al.evaluate``
 scores any trace result (LDS, deletion curves) against the same ``f``. The
 prompts are run by the sources' prefix runner
@@ -38,8 +40,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from ..ablations import Ablation, Remove
+from ..ablations import Ablation, Remove, Suppress
 from ..errors import ContextTooLongError, InputError
 from .base import Units, register_units
 from .sources import SourcePrompt, SourcesBound, check_batch_size, check_output, response_of
@@ -178,7 +181,7 @@ class Trace(Units):
     """
 
     provides = frozenset({"f"})
-    ablations = (Remove,)
+    ablations = (Remove, Suppress)
     target_kind = "raw"
 
     def __init__(
@@ -343,6 +346,62 @@ class TraceBound(SourcesBound):
     def labels(self) -> dict[str, list[Any]]:
         cols = self.view.labels()
         return {k: [v[i] for i in self.sentences] for k, v in cols.items()}
+
+    def logprobs(self, keep: Any) -> Tensor:
+        """Per-token log-probabilities of the answer ``[m, n_answer]`` (float64):
+        the sentences removed from the text (``Remove``), or kept in the text but
+        unread by every later position (``Suppress``)."""
+        if not isinstance(self.ablation, Suppress):
+            return super().logprobs(keep)
+        k = self.check_keep(keep).cpu()
+        keys = [bytes(row.numpy().astype("uint8")) for row in k]
+        todo = list({key: i for i, key in enumerate(keys) if key not in self._memo}.values())
+        if todo:
+            for i, row in zip(todo, self._suppressed(k[todo])):
+                self._memo[keys[i]] = row
+        return torch.stack([self._memo[key] for key in keys])
+
+    def _suppressed(self, keep: Tensor) -> Tensor:
+        """The answer's per-token log-probabilities ``[m, n_answer]`` on the full
+        trace with the dropped sentences' tokens masked from every later query."""
+        from ..model.attention_masks import check_4d_masks, suppression_mask
+        from ..model.budget import batch_size_for
+
+        lm, p = self.lm, self.prompt
+        head = p.prompt_ids()[0]
+        if head != self.view.ids[: len(head)]:
+            raise InputError(
+                "the trace does not tokenize again to the tokens the model wrote, so its "
+                "sentences' positions are unknown: use ablation='remove'"
+            )
+        resp = list(p.response_ids)
+        ids = torch.tensor([head + resp], device=lm.device)
+        T, R = ids.shape[1], len(resp)
+        spans = [self.view.spans[i] for i in self.sentences]
+        if not self.stats.get("masks_checked"):
+            with torch.no_grad():
+                base, _ = lm.hf_forward(ids)
+            check_4d_masks(lm, ids, base[0], "ablation='suppress'")
+            self.stats["masks_checked"] = True
+        bs = self.batch_size if isinstance(self.batch_size, int) else None
+        rows = batch_size_for(lm, T, cap=64, batch_size=bs)
+        target = torch.tensor(resp)
+        out = []
+        for s in range(0, keep.shape[0], rows):
+            chunk = keep[s : s + rows]
+            masks = torch.stack(
+                [
+                    suppression_mask(T, [sp for sp, kept in zip(spans, row) if not kept], lm.dtype)
+                    for row in chunk.tolist()
+                ]
+            )[:, None].to(lm.device)
+            with torch.no_grad():
+                logits, _ = lm.hf_forward(ids.repeat(len(chunk), 1), attention_mask=masks)
+            lp = logits[:, T - R - 1 : T - 1].double().log_softmax(-1).cpu()  # [c, R, vocab]
+            out.append(lp.gather(-1, target[None, :, None].expand(len(chunk), R, 1))[..., 0])
+            self.stats["forwards"] = self.stats.get("forwards", 0) + 1
+            self.stats["n_prompts"] = self.stats.get("n_prompts", 0) + len(chunk)
+        return torch.cat(out, 0)
 
     def meta(self) -> dict[str, Any]:
         return {**self.view.meta(), "answer": self.prompt.response, "output": self.output}
