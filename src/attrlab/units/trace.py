@@ -18,12 +18,12 @@ the whole trace) with only the kept sentences' text left in the trace (the
 default ablation, :class:`~attrlab.ablations.Remove`, as for sources: the prompt
 and kept sentences are tokenized again as text), or with the dropped sentences
 kept in the text but unread by every later position
-(:class:`~attrlab.ablations.Suppress`, ``ablation="suppress"``). So occlusion, Shapley values,
-KernelSHAP, LIME and ContextCite run over reasoning steps, and ``al.evaluate``
-scores any trace result (LDS, deletion curves) against the same ``f``. The
-prompts are run by the sources' prefix runner
-(:class:`attrlab.model.prefixes.PrefixRunner`), which encodes shared leading
-text once.
+(:class:`~attrlab.ablations.Suppress`, ``ablation="suppress"``). So
+occlusion, Shapley values, KernelSHAP, LIME and ContextCite run over reasoning
+steps, and ``al.evaluate`` scores any trace result (LDS, deletion curves)
+against the same ``f``. Removal runs its prompts through the sources' prefix
+runner (:class:`attrlab.model.prefixes.PrefixRunner`), which encodes shared
+leading text once; suppression runs the full trace once per chunk of masks.
 
 Example:
     >>> import attrlab as al
@@ -341,6 +341,7 @@ class TraceBound(SourcesBound):
         super().__init__(units, ablation, prompt, output, batch_size, progress)  # type: ignore[arg-type]
         self.view = view
         self.sentences = sentences
+        self._masks_checked = False  # the model takes 4-D attention masks (Suppress)
         self.target_name = f"answer_{output}({prompt.response!r})"
 
     def labels(self) -> dict[str, list[Any]]:
@@ -378,11 +379,11 @@ class TraceBound(SourcesBound):
         ids = torch.tensor([head + resp], device=lm.device)
         T, R = ids.shape[1], len(resp)
         spans = [self.view.spans[i] for i in self.sentences]
-        if not self.stats.get("masks_checked"):
+        if not self._masks_checked:  # once per bound question
             with torch.no_grad():
                 base, _ = lm.hf_forward(ids)
             check_4d_masks(lm, ids, base[0], "ablation='suppress'")
-            self.stats["masks_checked"] = True
+            self._masks_checked = True
         bs = self.batch_size if isinstance(self.batch_size, int) else None
         rows = batch_size_for(lm, T, cap=64, batch_size=bs)
         target = torch.tensor(resp)
