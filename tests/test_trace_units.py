@@ -125,3 +125,12 @@ def test_suppress_ablation_equals_deleting_the_steps_with_positions_kept(zoo):
     assert r.meta["ablation"]["name"] == "suppress" and len(r) == n
     with pytest.raises(al.errors.UnsupportedAblationError):
         al.attribute(lm, ex.prompt, units="sources", method="occlusion", ablation="suppress")
+
+
+def test_suppress_refuses_a_model_without_4d_masks():
+    lm = al.wrap(*al.testing.tiny_model("bloom"))  # ALiBi: no additive 4-D masks
+    units = al.units.Trace(trace=" The cat sat. It slept. It woke.")
+    with pytest.raises(al.errors.UnsupportedArchitectureError, match="ablation='remove'"):
+        al.attribute(lm, "Paris is a city.", units=units, method="occlusion", ablation="suppress")
+    r = al.attribute(lm, "Paris is a city.", units=units, method="occlusion")  # remove: runs
+    assert len(r) == 2

@@ -720,7 +720,9 @@ def suppression_matrix(
     with torch.no_grad():
         base, _ = lm.hf_forward(ids)
         base_lp = (base[0].double() / temperature).log_softmax(-1)  # [T, vocab]
-        check_4d_masks(lm, ids, base[0], "attention-suppression (else: resampling, receiver-heads)")
+        check_4d_masks(
+            lm, ids, base[0], "attention-suppression", "Use resampling or receiver-heads"
+        )
         out = torch.zeros(n, n, dtype=torch.float64)
         bs = batch_size or n
         for s in range(0, n, bs):

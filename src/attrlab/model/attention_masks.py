@@ -45,13 +45,13 @@ def suppression_mask(
     return m
 
 
-def check_4d_masks(lm: Any, ids: Tensor, base: Tensor, what: str) -> None:
+def check_4d_masks(lm: Any, ids: Tensor, base: Tensor, what: str, hint: str = "") -> None:
     """Refuse models whose forward does not take an additive 4-D attention mask
     (ALiBi models, OPT's positions from the mask): the plain causal mask in 4-D
     form must give the model's own logits ``base [pos, vocab]`` on ``ids [1, pos]``.
 
     Raises:
-        UnsupportedArchitectureError: naming ``what`` needs the masks.
+        UnsupportedArchitectureError: naming ``what`` needs the masks (then ``hint``).
 
     Example:
         >>> import attrlab as al
@@ -72,5 +72,5 @@ def check_4d_masks(lm: Any, ids: Tensor, base: Tensor, what: str) -> None:
     if why:
         raise UnsupportedArchitectureError(
             f"{what} needs a model whose forward takes an additive 4-D attention mask; "
-            f"{lm.cfg.family} does not ({why})"
+            f"{lm.cfg.family} does not ({why})" + (f". {hint}" if hint else "")
         )

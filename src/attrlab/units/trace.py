@@ -382,7 +382,7 @@ class TraceBound(SourcesBound):
         if not self._masks_checked:  # once per bound question
             with torch.no_grad():
                 base, _ = lm.hf_forward(ids)
-            check_4d_masks(lm, ids, base[0], "ablation='suppress'")
+            check_4d_masks(lm, ids, base[0], "ablation='suppress'", "Use ablation='remove'")
             self._masks_checked = True
         bs = self.batch_size if isinstance(self.batch_size, int) else None
         rows = batch_size_for(lm, T, cap=64, batch_size=bs)
