@@ -264,7 +264,6 @@ class HierarchicalSearch(_Search):
     def _scores(
         self, value_fn: Callable[[Tensor], Tensor], n: int, v_full: Any, v_empty: Any
     ) -> tuple[Tensor, dict[str, Any]]:
-        t0 = time.perf_counter()
         scores = torch.zeros(n, dtype=torch.float64)
         resolved = [False] * n
         groups = _split(list(range(n)), self.branching)
@@ -295,6 +294,5 @@ class HierarchicalSearch(_Search):
             "full": full,
             "levels": levels,
             "resolved": resolved,
-            "seconds": time.perf_counter() - t0,
         }
         return scores[None], diag

@@ -458,13 +458,11 @@ class TracLLM(_Search):
     def _scores(
         self, value_fn: Callable[[Tensor], Tensor], n: int, v_full: Any, v_empty: Any
     ) -> tuple[Tensor, dict[str, Any]]:
-        t0 = time.perf_counter()
         scores_np, selected, per_func, levels = tracllm_ensemble(
             lambda keep: value_fn(keep)[:, 0], n, self.top_k, self.score_funcs,
             self.permutations, self.beta, self.loo_weight, self.seed,
         )  # fmt: skip
         diag = {
-            "seconds": time.perf_counter() - t0,
             "selected": selected,
             "levels": levels,
             "scores_by_func": per_func,

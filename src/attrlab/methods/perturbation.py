@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -247,6 +248,13 @@ class _Search(_PerturbationMethod):
 
     needs_ends = False
     single_row = True
+
+    def estimate(self, bound: Any) -> tuple[Tensor, dict[str, Any]]:
+        """The search's scores; ``diagnostics["seconds"]`` is its wall time."""
+        t0 = time.perf_counter()
+        scores, diag = super().estimate(bound)
+        diag["seconds"] = time.perf_counter() - t0
+        return scores, diag
 
 
 @register("occlusion")

@@ -997,16 +997,20 @@ class SourcesBound(Bound):
                       key=keys.__getitem__)  # fmt: skip
         todo = list({keys[i]: i for i in todo}.values())  # one run per distinct mask
         if todo:
-            lp = self.prompt.logprobs(
-                k[todo],
-                batch_size=self.batch_size,
-                progress=self.progress,
-                stats=self.stats,
-                strategy=self.strategy,
-            )
-            for i, row in zip(todo, lp):
+            for i, row in zip(todo, self._evaluate(k[todo])):
                 self._memo[keys[i]] = row
         return torch.stack([self._memo[key] for key in keys])
+
+    def _evaluate(self, keep: Tensor) -> Tensor:
+        """Per-token log-probabilities ``[m, n_response]`` of distinct masks (the
+        ablated prompts run by the prefix runner); :meth:`logprobs` memoizes them."""
+        return self.prompt.logprobs(
+            keep,
+            batch_size=self.batch_size,
+            progress=self.progress,
+            stats=self.stats,
+            strategy=self.strategy,
+        )
 
     def f(self, keep: Tensor) -> Tensor:
         lp = self.logprobs(keep)  # [m, n_response]

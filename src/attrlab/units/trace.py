@@ -348,19 +348,13 @@ class TraceBound(SourcesBound):
         cols = self.view.labels()
         return {k: [v[i] for i in self.sentences] for k, v in cols.items()}
 
-    def logprobs(self, keep: Any) -> Tensor:
+    def _evaluate(self, keep: Tensor) -> Tensor:
         """Per-token log-probabilities of the answer ``[m, n_answer]`` (float64):
         the sentences removed from the text (``Remove``), or kept in the text but
         unread by every later position (``Suppress``)."""
-        if not isinstance(self.ablation, Suppress):
-            return super().logprobs(keep)
-        k = self.check_keep(keep).cpu()
-        keys = [bytes(row.numpy().astype("uint8")) for row in k]
-        todo = list({key: i for i, key in enumerate(keys) if key not in self._memo}.values())
-        if todo:
-            for i, row in zip(todo, self._suppressed(k[todo])):
-                self._memo[keys[i]] = row
-        return torch.stack([self._memo[key] for key in keys])
+        if isinstance(self.ablation, Suppress):
+            return self._suppressed(keep)
+        return super()._evaluate(keep)
 
     def _suppressed(self, keep: Tensor) -> Tensor:
         """The answer's per-token log-probabilities ``[m, n_answer]`` on the full
